@@ -1,0 +1,69 @@
+"""``quantlab calibrate``: one statistics pass, every requested calibrator, scales files."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from quantlab.cli.common import (
+    add_model_args,
+    add_quant_args,
+    calibrator_params_from_args,
+    print_table,
+    progress_bar,
+    quant_config_from_args,
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="collect statistics once and write scales for each calibrator")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="calibration data: fmnist:calib, csv:PATH, parquet:PATH, ...")
+    p.add_argument("--calibrators", default="all", help="comma list or 'all' (default all)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-batches", type=int, default=None, help="use at most this many batches")
+    p.add_argument("--out", required=True, help="output folder for scales.<calibrator>.json")
+    add_quant_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantlab._io import write_text_atomic
+    from quantlab.data import load_data
+    from quantlab.model_source import load_model
+    from quantlab.ptq import parse_calibrators, run_ptq
+
+    names = parse_calibrators(args.calibrators)  # validate before any expensive work
+    model = load_model(args.model, weights=args.weights, device=args.device)
+    data = load_data(args.data, batch_size=args.batch_size)
+    total = len(data) if hasattr(data, "__len__") else None
+    if args.max_batches is not None and total is not None:
+        total = min(total, args.max_batches)
+    with progress_bar(total, "statistics") as progress:
+        result = run_ptq(
+            model,
+            data,
+            names,
+            config=quant_config_from_args(args),
+            max_batches=args.max_batches,
+            calibrator_params=calibrator_params_from_args(args),
+            progress=progress,
+        )
+    paths = result.save(args.out)
+    summary = {
+        "model": args.model,
+        "data": args.data,
+        "num_batches": result.num_batches,
+        "statistics_seconds": result.statistics_seconds,
+        "calibrate_seconds": result.calibrate_seconds,
+        "scales": {k: str(v) for k, v in paths.items()},
+    }
+    write_text_atomic(Path(args.out) / "calibration.json", json.dumps(summary, indent=1))
+    print(f"statistics pass: {result.num_batches} batches in {result.statistics_seconds:.2f} s")
+    first = next(iter(result.scales.values()))
+    inputs = [e.module for e in first.entries if e.role == "input"]
+    rows = [[m] + [f"{result.scales[c].get(m, 'input').amax:.4g}" for c in names] for m in inputs]
+    print_table(rows, ["layer input amax"] + names)
+    for name, path in paths.items():
+        print(f"{name}: {path}  ({result.calibrate_seconds[name] * 1000:.1f} ms)")
+    return 0

@@ -1,0 +1,63 @@
+"""Arguments and helpers shared by several sub-commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="file.py:factory, package.module:factory, TorchScript .pt or exported .pt2")
+    parser.add_argument("--weights", help="optional state_dict file (loaded with weights_only=True)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the factory puts the model)")
+
+
+def add_quant_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--include", action="append", default=None, help="module-name pattern to quantize (repeatable; default *)")
+    parser.add_argument("--exclude", action="append", default=[], help="module-name pattern to keep in floating point (repeatable)")
+    parser.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per tensor instead of per channel")
+    parser.add_argument("--percentile", type=float, default=99.99, help="percentile for the percentile calibrator (default 99.99)")
+    parser.add_argument("--num-bins", type=int, default=2048, help="histogram bins per activation (default 2048)")
+
+
+def quant_config_from_args(args: argparse.Namespace):
+    from quantlab.config import int8_config
+
+    config = int8_config(
+        include=tuple(args.include or ["*"]),
+        exclude=tuple(args.exclude or []),
+        per_channel_weights=not args.per_tensor_weights,
+    )
+    return config.replace(num_bins=args.num_bins)
+
+
+def calibrator_params_from_args(args: argparse.Namespace) -> dict:
+    return {"percentile": {"percentile": args.percentile}}
+
+
+@contextmanager
+def progress_bar(total: Optional[int], desc: str) -> Iterator:
+    """A tqdm bar on stderr; yields a ``progress(n_done)`` callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=None, leave=False)
+    state = {"n": 0}
+
+    def update(done: int) -> None:
+        bar.update(done - state["n"])
+        state["n"] = done
+
+    try:
+        yield update
+    finally:
+        bar.close()
+
+
+def print_table(rows, headers) -> None:
+    """Prints a plain markdown table to stdout (the CLI's output, not library code)."""
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |")

@@ -1,0 +1,219 @@
+"""The scales artifact: every quantizer's amax plus the statistics it came from.
+
+A versioned JSON file, written atomically. The statistics (histograms) are stored
+too, so a calibrator can be re-run or compared later without data or model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import torch
+
+from quantlab._io import write_text_atomic
+from quantlab.calibrators import HistogramStats, get_calibrator
+from quantlab.config import QuantConfig
+from quantlab.errors import ScalesFormatError
+
+FORMAT_NAME = "quantlab.scales"
+FORMAT_VERSION = 1
+
+Amax = Union[float, List[float]]
+
+
+def choose_amax(calibrator: Callable[..., float], stats: HistogramStats, num_bits: int, **params: Any) -> float:
+    """Runs a calibrator, capped at the observed max.
+
+    Histogram-based calibrators answer with a bin edge; the last bin's right
+    edge can sit slightly above the largest value seen, which is never useful.
+    """
+    return min(float(calibrator(stats, num_bits=num_bits, **params)), float(stats.amax))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizerScale:
+    """The range of one quantizer.
+
+    Attributes:
+        module: Name of the quantized module (``model.named_modules()`` name).
+        role: ``"input"`` or ``"weight"``.
+        amax: A float (per-tensor) or one float per channel.
+        num_bits: Integer width.
+        narrow_range: Whether the grid is ``[-127, 127]`` (else ``[-128, 127]``).
+        axis: Channel axis for per-channel ranges, else None.
+    """
+
+    module: str
+    role: str
+    amax: Amax
+    num_bits: int = 8
+    narrow_range: bool = False
+    axis: Optional[int] = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.role}"
+
+    @property
+    def scale(self) -> Amax:
+        """``amax / (2^(b-1) - 1)``: what a Q/DQ node or a calibration cache stores."""
+        bound = (1 << (self.num_bits - 1)) - 1
+        if isinstance(self.amax, list):
+            return [a / bound for a in self.amax]
+        return self.amax / bound
+
+
+def _stats_to_dict(stats: HistogramStats) -> Dict[str, Any]:
+    counts = stats.counts.detach().to("cpu", torch.int64)
+    nonzero = int(torch.nonzero(counts).max()) + 1 if bool(counts.any()) else 0
+    return {
+        "bin_width": stats.bin_width,
+        "amax": stats.amax,
+        "num_bins": int(counts.numel()),
+        "counts": counts[:nonzero].tolist(),  # trailing empty bins are implied by num_bins
+    }
+
+
+def _stats_from_dict(data: Dict[str, Any], where: str) -> HistogramStats:
+    try:
+        counts = torch.zeros(int(data["num_bins"]), dtype=torch.int64)
+        stored = torch.tensor(data["counts"], dtype=torch.int64)
+        counts[: stored.numel()] = stored
+        stats = HistogramStats(counts=counts, bin_width=float(data["bin_width"]), amax=float(data["amax"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ScalesFormatError(f"{where}: invalid statistics entry ({exc})") from None
+    if not stats.bin_width > 0:
+        raise ScalesFormatError(f"{where}: statistics bin_width must be > 0")
+    return stats
+
+
+@dataclasses.dataclass
+class Scales:
+    """Every quantizer's range for one model, and how it was chosen.
+
+    Attributes:
+        entries: One :class:`QuantizerScale` per quantizer.
+        calibrator: Name of the calibrator that chose the activation ranges.
+        calibrator_params: Its parameters.
+        statistics: Activation statistics by module name (may be empty).
+        config: The quantization config the model was quantized with.
+        model: A free-form model description (class name, source).
+        created: ISO timestamp.
+    """
+
+    entries: List[QuantizerScale]
+    calibrator: str = "max"
+    calibrator_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    statistics: Dict[str, HistogramStats] = dataclasses.field(default_factory=dict)
+    config: Optional[QuantConfig] = None
+    model: str = ""
+    created: str = dataclasses.field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def as_dict(self) -> Dict[str, QuantizerScale]:
+        return {e.key: e for e in self.entries}
+
+    def get(self, module: str, role: str) -> QuantizerScale:
+        try:
+            return self.as_dict()[f"{module}:{role}"]
+        except KeyError:
+            raise KeyError(f"no {role} scale for module '{module}' in these scales") from None
+
+    # -- re-calibration without data ------------------------------------------------------------
+    def recalibrate(self, calibrator: str, **params: Any) -> "Scales":
+        """Chooses new activation ranges from the saved statistics (no data needed)."""
+        fn = get_calibrator(calibrator)
+        entries = []
+        for e in self.entries:
+            if e.role == "input" and e.module in self.statistics:
+                e = dataclasses.replace(e, amax=choose_amax(fn, self.statistics[e.module], e.num_bits, **params))
+            entries.append(e)
+        return dataclasses.replace(self, entries=entries, calibrator=calibrator, calibrator_params=dict(params))
+
+    # -- serialization ----------------------------------------------------------------------------
+    def to_dict(self, *, include_statistics: bool = True) -> Dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "created": self.created,
+            "model": self.model,
+            "calibrator": {"name": self.calibrator, "params": self.calibrator_params},
+            "config": self.config.to_dict() if self.config is not None else None,
+            "quantizers": [dataclasses.asdict(e) for e in self.entries],
+            "statistics": {k: _stats_to_dict(v) for k, v in self.statistics.items()} if include_statistics else {},
+        }
+
+    def save(self, path: Union[str, Path], *, include_statistics: bool = True) -> Path:
+        """Writes the scales as JSON, atomically (temp file + rename)."""
+        text = json.dumps(self.to_dict(include_statistics=include_statistics), indent=1, allow_nan=False)
+        return write_text_atomic(path, text)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "<scales>") -> "Scales":
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise ScalesFormatError(f"{where}: not a quantlab scales file (missing \"format\": \"{FORMAT_NAME}\")")
+        version = data.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ScalesFormatError(f"{where}: unsupported scales version {version!r} (this quantlab reads <= {FORMAT_VERSION})")
+        entries = []
+        for i, raw in enumerate(data.get("quantizers") or []):
+            try:
+                amax = raw["amax"]
+                if isinstance(amax, list):
+                    amax = [float(a) for a in amax]
+                else:
+                    amax = float(amax)
+                entry = QuantizerScale(
+                    module=str(raw["module"]),
+                    role=str(raw["role"]),
+                    amax=amax,
+                    num_bits=int(raw.get("num_bits", 8)),
+                    narrow_range=bool(raw.get("narrow_range", False)),
+                    axis=raw.get("axis"),
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ScalesFormatError(f"{where}: quantizer entry {i} is invalid ({exc!r})") from None
+            if entry.role not in ("input", "weight"):
+                raise ScalesFormatError(f"{where}: quantizer entry {i} ('{entry.module}') has unknown role {entry.role!r}")
+            values = entry.amax if isinstance(entry.amax, list) else [entry.amax]
+            if not all(v == v and v >= 0 and v != float("inf") for v in values):
+                raise ScalesFormatError(f"{where}: amax of '{entry.key}' must be finite and >= 0")
+            entries.append(entry)
+        if not entries:
+            raise ScalesFormatError(f"{where}: no quantizers in the scales file")
+        calib = data.get("calibrator") or {}
+        config = None
+        if data.get("config"):
+            try:
+                config = QuantConfig.from_dict(data["config"])
+            except Exception as exc:  # noqa: BLE001 - report any config problem with the file name
+                raise ScalesFormatError(f"{where}: invalid config ({exc})") from None
+        stats = {k: _stats_from_dict(v, f"{where}: statistics of '{k}'") for k, v in (data.get("statistics") or {}).items()}
+        return cls(
+            entries=entries,
+            calibrator=str(calib.get("name", "max")),
+            calibrator_params=dict(calib.get("params") or {}),
+            statistics=stats,
+            config=config,
+            model=str(data.get("model", "")),
+            created=str(data.get("created", "")),
+        )
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Scales":
+        """Reads a scales file; a corrupt or truncated file raises ScalesFormatError naming it."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ScalesFormatError(f"{path}: scales file not found") from None
+        except UnicodeDecodeError:
+            raise ScalesFormatError(f"{path}: not a text (JSON) file") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ScalesFormatError(f"{path}: corrupt or truncated JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        return cls.from_dict(data, where=str(path))

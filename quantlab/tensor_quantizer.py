@@ -1,0 +1,94 @@
+"""TensorQuantizer: the module that owns one tensor's range (amax) and mode."""
+from __future__ import annotations
+
+import enum
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from quantlab.config import QuantizerSpec
+from quantlab.errors import CalibrationError
+from quantlab.functional import fake_quantize
+from quantlab.statistics import HistogramCollector
+
+
+class QuantizerMode(str, enum.Enum):
+    """What a quantizer does with the tensor passing through it."""
+
+    OFF = "off"  #: pass through unchanged (floating point)
+    COLLECT = "collect"  #: pass through unchanged, gather statistics
+    QUANTIZE = "quantize"  #: fake-quantize with the stored amax
+
+
+class TensorQuantizer(nn.Module):
+    """Fake-quantizes one tensor; its amax lives in a buffer (saved in state_dict).
+
+    Statistics are gathered by a separate :class:`HistogramCollector` and the amax
+    is chosen later by a calibrator, so collecting and choosing never mix.
+
+    Args:
+        spec: Bits, range and (resolved) channel axis.
+        role: ``"input"`` or ``"weight"``.
+        name: Name of the module this quantizer belongs to (for messages and scales).
+        channels: Number of channels for a per-channel quantizer.
+        num_bins: Histogram resolution for activation statistics.
+    """
+
+    def __init__(
+        self,
+        spec: QuantizerSpec,
+        *,
+        role: str,
+        name: str = "",
+        channels: Optional[int] = None,
+        num_bins: int = 2048,
+    ) -> None:
+        super().__init__()
+        if spec.per_channel and spec.axis is None:
+            raise ValueError("a per-channel quantizer needs a resolved axis")
+        self.spec = spec
+        self.role = role
+        self.name = name
+        shape: Sequence[int] = (int(channels),) if spec.axis is not None else ()
+        self.register_buffer("amax", torch.full(tuple(shape), float("nan")))
+        self.mode = QuantizerMode.OFF
+        self.collector: Optional[HistogramCollector] = None
+        self.num_bins = num_bins
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(torch.isfinite(self.amax).all())
+
+    def set_amax(self, amax) -> None:
+        """Stores a new range (scalar or per-channel), keeping the buffer's device."""
+        value = torch.as_tensor(amax, dtype=torch.float32, device=self.amax.device)
+        if value.shape != self.amax.shape:
+            raise ValueError(
+                f"amax for '{self.name}' ({self.role}) has shape {tuple(value.shape)}, "
+                f"expected {tuple(self.amax.shape)}"
+            )
+        with torch.no_grad():
+            self.amax.copy_(value)
+
+    def set_mode(self, mode: "QuantizerMode | str") -> None:
+        """Switches mode; quantizing needs an amax, collecting starts fresh statistics."""
+        mode = QuantizerMode(mode)
+        if mode is QuantizerMode.QUANTIZE and not self.is_calibrated:
+            raise CalibrationError(f"quantizer '{self.name}' ({self.role}) has no amax yet: calibrate or load scales first")
+        if mode is QuantizerMode.COLLECT and self.role == "input" and self.mode is not QuantizerMode.COLLECT:
+            self.collector = HistogramCollector(self.num_bins, name=self.name)
+        self.mode = mode
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode is QuantizerMode.QUANTIZE:
+            return fake_quantize(x, self.amax, self.spec)
+        if self.mode is QuantizerMode.COLLECT and self.collector is not None:
+            self.collector.update(x)
+        return x
+
+    def extra_repr(self) -> str:
+        axis = "per-tensor" if self.spec.axis is None else f"axis={self.spec.axis}"
+        return f"{self.role}, {self.spec.num_bits}-bit, {axis}, narrow={self.spec.narrow_range}, mode={self.mode.value}"

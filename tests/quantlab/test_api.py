@@ -1,0 +1,104 @@
+"""The user verbs: quantize / calibrate on the same statistics, and bad input."""
+import pytest
+import torch
+from torch import nn
+
+import quantlab as ql
+from quantlab.calibrators import UnknownCalibratorError
+from quantlab.errors import CalibrationError, ConfigError, NonFiniteActivationError
+
+
+def model_and_data():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    return model, [torch.randn(16, 6) for _ in range(4)]
+
+
+def test_all_calibrators_from_one_statistics_pass():
+    model, data = model_and_data()
+    calls = {"n": 0}
+
+    def loop(m):
+        calls["n"] += 1
+        for x in data:
+            m(x)
+
+    ql.quantize(model, ql.int8_config(), forward_loop=loop)
+    amaxes = {c: ql.calibrate(model, c).get("2", "input").amax for c in ql.list_calibrators()}
+    assert calls["n"] == 1
+    assert set(amaxes) >= {"max", "percentile", "entropy", "mse"}
+    with ql.quantization_disabled(model), torch.no_grad():
+        assert amaxes["max"] == max(torch.relu(model[0](x)).max().item() for x in data)
+    assert all(0 < a <= amaxes["max"] for a in amaxes.values())
+
+
+def test_calibrate_leaves_model_quantizing_with_chosen_ranges():
+    model, data = model_and_data()
+    ql.quantize(model, forward_loop=lambda m: [m(x) for x in data])
+    scales = ql.calibrate(model, "max")
+    for ref in ql.iter_quantizers(model):
+        assert ref.quantizer.mode is ql.QuantizerMode.QUANTIZE
+        if ref.role == "input":
+            assert ref.quantizer.amax.item() == scales.get(ref.module_name, "input").amax
+
+
+def test_unknown_calibrator_lists_known_ones():
+    model, data = model_and_data()
+    ql.quantize(model, forward_loop=lambda m: [m(x) for x in data])
+    with pytest.raises(UnknownCalibratorError, match="registered calibrators: .*entropy.*max"):
+        ql.calibrate(model, "kl-magic")
+
+
+def test_empty_calibration_data():
+    model, _ = model_and_data()
+    with pytest.raises(CalibrationError, match="calibration data is empty"):
+        ql.quantize(model, forward_loop=lambda m: None)
+
+
+def test_calibrate_before_any_statistics():
+    model, _ = model_and_data()
+    ql.quantize(model)
+    with pytest.raises(CalibrationError, match="no statistics"):
+        ql.calibrate(model, "max")
+
+
+def test_nan_activation_names_the_module():
+    model, data = model_and_data()
+    with torch.no_grad():
+        model[2].bias.fill_(0)
+    bad = data[0].clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(NonFiniteActivationError, match=r"input of '0'"):
+        ql.quantize(model, forward_loop=lambda m: m(bad))
+
+
+def test_unreached_layer_warns_and_stays_float():
+    class Partial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Partial()
+    with pytest.warns(UserWarning, match="unused"):
+        ql.quantize(model, forward_loop=lambda m: m(torch.randn(2, 3)))
+    assert model.unused.input_quantizer.mode is ql.QuantizerMode.OFF
+
+
+def test_config_round_trip_and_validation():
+    cfg = ql.int8_config("percentile", exclude=("head",), percentile=99.9)
+    assert ql.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="unknown"):
+        ql.QuantConfig.from_dict({"bogus": 1})
+    with pytest.raises(ConfigError, match="per tensor"):
+        ql.QuantConfig(input=ql.QuantizerSpec(per_channel=True))
+    with pytest.raises(ConfigError, match="newer"):
+        ql.QuantConfig.from_dict({"version": 99})
+
+
+def test_quantize_keeps_model_device_and_preset_is_fresh():
+    assert ql.int8_config() is not ql.int8_config() and ql.int8_config() == ql.int8_config()
+    model, data = model_and_data()
+    ql.quantize(model, forward_loop=lambda m: [m(x) for x in data])
+    assert all(b.device.type == "cpu" for b in model.buffers())

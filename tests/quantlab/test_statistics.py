@@ -1,0 +1,94 @@
+"""One-pass statistics: order independence, growth, merging, NaN detection."""
+import itertools
+
+import pytest
+import torch
+
+from quantlab.errors import NonFiniteActivationError
+from quantlab.statistics import HistogramCollector, bin_width_for
+
+
+def collect(batches, num_bins=2048):
+    c = HistogramCollector(num_bins, name="layer")
+    for b in batches:
+        c.update(b)
+    return c
+
+
+def reference_counts(values, width, nbins):
+    """Right-closed bins of |x|: (k*w, (k+1)*w], zeros in bin 0."""
+    counts = torch.zeros(nbins, dtype=torch.int64)
+    for v in values.abs().flatten().tolist():
+        k = max(int(-(-v // width)) - 1, 0)  # ceil(v / w) - 1
+        counts[k] += 1
+    return counts
+
+
+def test_counts_match_plain_reference():
+    x = torch.randn(3000) * 2
+    c = collect([x], num_bins=128)
+    stats = c.stats()
+    assert stats.bin_width == bin_width_for(x.abs().max().item(), 128)
+    assert torch.equal(stats.counts, reference_counts(x, stats.bin_width, stats.num_bins))
+    assert stats.amax == x.abs().max().item()
+
+
+def test_bin_count_between_num_bins_and_twice():
+    for scale in [1e-3, 0.7, 1.0, 3.0, 1e4]:
+        c = collect([torch.randn(500) * scale], num_bins=256)
+        assert 256 <= c.stats().num_bins <= 512
+
+
+def test_any_batch_order_gives_same_counts_as_one_histogram():
+    batches = [torch.randn(257) * s for s in (0.1, 1.0, 5.0, 0.5, 40.0)]
+    whole = collect([torch.cat(batches)]).stats()
+    for order in itertools.permutations(range(len(batches))):
+        stats = collect([batches[i] for i in order]).stats()
+        assert stats.bin_width == whole.bin_width
+        assert torch.equal(stats.counts, whole.counts), order
+
+
+def test_merge_of_shards_equals_one_pass():
+    batches = [torch.randn(100, 8) * (i + 1) for i in range(6)]
+    whole = collect(batches).stats()
+    a, b = collect(batches[::2]), collect(batches[1::2])
+    merged = a.merge_(b).stats()
+    assert merged.bin_width == whole.bin_width and torch.equal(merged.counts, whole.counts)
+    assert merged.amax == whole.amax
+
+
+def test_growth_merges_pairs_and_memory_is_bounded():
+    c = collect([torch.rand(1000) * 1e-3] + [torch.rand(1000) * 10.0 ** k for k in range(6)], num_bins=128)
+    assert c.stats().num_bins <= 256
+    assert c.num_elements == 7000
+
+
+def test_memory_does_not_grow_with_samples():
+    c = HistogramCollector(2048)
+    sizes = set()
+    for _ in range(50):
+        c.update(torch.randn(64, 16) * 3)
+        sizes.add(c.counts.numel())
+    assert max(sizes) <= 4096
+
+
+def test_leading_zero_batches_are_counted_in_bin_zero():
+    c = collect([torch.zeros(10), torch.zeros(5), torch.tensor([1.0, -2.0])], num_bins=128)
+    stats = c.stats()
+    assert stats.counts[0] == 15 and int(stats.counts.sum()) == 17
+    assert collect([torch.zeros(3)]).stats() is None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_activation_names_the_module(bad):
+    c = HistogramCollector(128, name="encoder.layer.3.output.dense")
+    c.update(torch.ones(3))
+    x = torch.ones(4)
+    x[2] = bad
+    with pytest.raises(NonFiniteActivationError, match=r"encoder\.layer\.3\.output\.dense.*batch 1"):
+        c.update(x)
+
+
+def test_half_precision_input_is_binned_exactly():
+    x = torch.randn(4000)
+    assert torch.equal(collect([x.half()]).stats().counts, collect([x.half().float()]).stats().counts)

@@ -136,8 +136,14 @@ def current_scales(
 ) -> Scales:
     """A :class:`Scales` snapshot of the ranges the model holds now."""
     entries = []
+    modes: Dict[str, List[QuantizerMode]] = {}
+    for ref in iter_quantizers(model):
+        modes.setdefault(ref.module_name, []).append(ref.quantizer.mode)
+    float_layers = sorted(m for m, ms in modes.items() if all(x is QuantizerMode.OFF for x in ms))
     for ref in iter_quantizers(model):
         q = ref.quantizer
+        if ref.module_name in float_layers:
+            continue
         if not q.is_calibrated or (ref.role == "input" and q.mode is QuantizerMode.OFF):
             continue
         amax = q.amax.detach().cpu()
@@ -157,6 +163,7 @@ def current_scales(
         calibrator_params=dict(calibrator_params or {}),
         statistics=dict(statistics if statistics is not None else collected_statistics(model)),
         config=get_config(model),
+        float_layers=float_layers,
         model=type(model).__name__,
     )
 
@@ -194,12 +201,18 @@ def load_scales(model: nn.Module, scales: Union[str, Path, Scales], *, strict: b
         got = (len(entry.amax),) if isinstance(entry.amax, list) else ()
         if got != expected:
             problems.append(f"'{key}': scales hold {got or 'one value'} but the layer needs {expected or 'one value'}")
+    floats = set(scales.float_layers)
+    unknown_floats = sorted(floats - {r.module_name for r in refs.values()})
+    problems += [f"float layer '{m}' is not a quantized layer of the model" for m in unknown_floats]
     if strict:
-        weights_missing = [k for k, r in refs.items() if k not in wanted and r.role == "weight"]
-        inputs_missing = [k for k, r in refs.items() if k not in wanted and r.role == "input"]
-        if weights_missing or len(inputs_missing) == len([k for k in refs if k.endswith(":input")]):
-            for key in weights_missing + inputs_missing:
-                problems.append(f"'{key}' has no scale in the file")
+        for key, ref in refs.items():
+            if key in wanted or ref.module_name in floats:
+                continue
+            # An input without a scale is allowed beside its layer's weight scale: that layer
+            # got no calibration data and kept floating-point inputs when it was calibrated.
+            if ref.role == "input" and f"{ref.module_name}:weight" in wanted:
+                continue
+            problems.append(f"'{key}' has no scale in the file")
     if problems:
         if attached_here:
             from quantlab.attach import remove_quantizers
@@ -219,8 +232,8 @@ def load_scales(model: nn.Module, scales: Union[str, Path, Scales], *, strict: b
             )
         ref.quantizer.set_mode(QuantizerMode.QUANTIZE)
     for key, ref in refs.items():
-        if key not in wanted and ref.role == "input":
-            ref.quantizer.set_mode(QuantizerMode.OFF)  # layer kept in floating point (e.g. mixed precision)
+        if key not in wanted and (ref.role == "input" or ref.module_name in floats):
+            ref.quantizer.set_mode(QuantizerMode.OFF)  # kept in floating point (mixed precision, non-strict)
     return model
 
 

@@ -100,6 +100,8 @@ class Scales:
         calibrator_params: Its parameters.
         statistics: Activation statistics by module name (may be empty).
         config: The quantization config the model was quantized with.
+        float_layers: Quantizable layers deliberately kept in floating point
+            (mixed precision): both their quantizers stay off when loaded.
         model: A free-form model description (class name, source).
         created: ISO timestamp.
     """
@@ -109,6 +111,7 @@ class Scales:
     calibrator_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
     statistics: Dict[str, HistogramStats] = dataclasses.field(default_factory=dict)
     config: Optional[QuantConfig] = None
+    float_layers: List[str] = dataclasses.field(default_factory=list)
     model: str = ""
     created: str = dataclasses.field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -123,6 +126,15 @@ class Scales:
             raise KeyError(f"no {role} scale for module '{module}' in these scales") from None
 
     # -- re-calibration without data ------------------------------------------------------------
+    def without_layers(self, layers: List[str]) -> "Scales":
+        """These scales with ``layers`` moved to floating point (mixed precision)."""
+        gone = set(layers)
+        return dataclasses.replace(
+            self,
+            entries=[e for e in self.entries if e.module not in gone],
+            float_layers=sorted(set(self.float_layers) | gone),
+        )
+
     def recalibrate(self, calibrator: str, **params: Any) -> "Scales":
         """Chooses new activation ranges from the saved statistics (no data needed)."""
         fn = get_calibrator(calibrator)
@@ -143,6 +155,7 @@ class Scales:
             "calibrator": {"name": self.calibrator, "params": self.calibrator_params},
             "config": self.config.to_dict() if self.config is not None else None,
             "quantizers": [dataclasses.asdict(e) for e in self.entries],
+            "float_layers": list(self.float_layers),
             "statistics": {k: _stats_to_dict(v) for k, v in self.statistics.items()} if include_statistics else {},
         }
 
@@ -182,7 +195,7 @@ class Scales:
             if not all(v == v and v >= 0 and v != float("inf") for v in values):
                 raise ScalesFormatError(f"{where}: amax of '{entry.key}' must be finite and >= 0")
             entries.append(entry)
-        if not entries:
+        if not entries and not data.get("float_layers"):
             raise ScalesFormatError(f"{where}: no quantizers in the scales file")
         calib = data.get("calibrator") or {}
         config = None
@@ -198,6 +211,7 @@ class Scales:
             calibrator_params=dict(calib.get("params") or {}),
             statistics=stats,
             config=config,
+            float_layers=[str(m) for m in data.get("float_layers") or []],
             model=str(data.get("model", "")),
             created=str(data.get("created", "")),
         )

@@ -122,3 +122,20 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         scales.save(target)  # NaN is not JSON: nothing half-written, old file intact
     assert target.read_text() == "previous"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_float_layers_round_trip_and_strictness(tmp_path):
+    model, batches = calibrated()
+    mixed = ql.calibrate(model, "max").without_layers(["3"])
+    assert mixed.float_layers == ["3"] and all(e.module != "3" for e in mixed.entries)
+    path = mixed.save(tmp_path / "mixed.json")
+    fresh, _ = calibrated()
+    ql.load_scales(fresh, path)
+    modes = {r.key: r.quantizer.mode for r in ql.iter_quantizers(fresh)}
+    assert modes["3:input"] is ql.QuantizerMode.OFF and modes["3:weight"] is ql.QuantizerMode.OFF
+    assert modes["0:weight"] is ql.QuantizerMode.QUANTIZE
+    assert ql.current_scales(fresh).float_layers == ["3"]
+    bad = ql.Scales.load(path)
+    bad.float_layers = ["does.not.exist"]
+    with pytest.raises(ScalesMismatchError, match="float layer 'does.not.exist'"):
+        ql.load_scales(calibrated()[0], bad)

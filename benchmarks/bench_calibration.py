@@ -1,0 +1,442 @@
+"""Calibration cost: quantlab vs NVIDIA Model Optimizer vs ONNX Runtime, same model, same batches.
+
+For each model and sample count, every tool runs in its own fresh process (so
+its peak RSS is its own):
+
+* quantlab: plain FP32 inference over the batches (the physical floor), then ONE
+  statistics pass and the four calibrators (max, percentile, entropy, mse) from
+  the same histograms; FP32 and statistics passes alternate ``--repeats`` times.
+* modelopt max: ``mtq.quantize(model, INT8_DEFAULT_CFG, forward_loop)``.
+* modelopt histogram: input quantizers with ``calibrator="histogram"``; one
+  statistics pass, then ``load_calib_amax(method)`` for entropy, percentile
+  (99.99) and mse on every input quantizer.
+* ONNX Runtime: ``create_calibrator`` on an FP32 ONNX export (the calibrator
+  ``quantize_static`` uses) for MinMax, Entropy and Percentile, each with its own
+  data pass (``collect_data``) and ``compute_data``.
+
+The amax agreement is measured on the SAME histograms: quantlab's collected
+``HistogramStats`` (counts and edges) are fed to Model Optimizer's
+``_compute_amax_entropy`` / ``_compute_amax_percentile`` / ``_compute_amax_mse``
+and compared with quantlab's calibrators, in units of the bin width.
+
+Examples:
+    .venv/bin/python benchmarks/bench_calibration.py --models fmnist --samples 512,1024
+    .venv/bin/python benchmarks/bench_calibration.py --models resnet50 --samples 64,128 --batch-size 32
+    python benchmarks/bench_calibration.py --device cuda --models resnet50,bert-base --samples 512,1024 --tools quantlab,modelopt
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import statistics as st
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+from _models import MODELS, make_workload, run_batches  # noqa: E402
+
+QUANTLAB_CALIBRATORS = ("max", "percentile", "entropy", "mse")
+HIST_METHODS = ("entropy", "percentile", "mse")
+PERCENTILE = 99.99
+TOOLS = ("quantlab", "modelopt", "ort")
+
+
+# ====================================================================================================
+# workers (run in a fresh process each)
+# ====================================================================================================
+def _memory_fields(mem: C.PeakMemory) -> Dict[str, Any]:
+    return {
+        "host_peak": mem.host_peak,
+        "host_growth": mem.host_growth,
+        "device_peak": mem.device_peak,
+        "process_maxrss": C.max_rss_bytes(),
+    }
+
+
+def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
+    import quantlab
+    from quantlab.attach import collect_statistics
+    from quantlab.api import collected_statistics
+    from quantlab.batching import forward_loop
+    from quantlab.calibrators import get_calibrator
+
+    device = torch.device(args.device)
+    wl = make_workload(args.model, args.samples, args.batch_size)
+    model = wl.build().to(device)
+    run_batches(model, iter([next(wl.batches(device))]))  # warm-up: kernels, allocator
+
+    fp32_times: List[float] = []
+    stats_times: List[float] = []
+    quantlab.quantize(model, quantlab.int8_config())  # attach only
+    with C.PeakMemory(device=device) as mem:
+        for _ in range(args.repeats):
+            with quantlab.quantization_disabled(model):
+                fp32_times.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
+            stats_times.append(C.timed(lambda: collect_statistics(model, forward_loop(wl.batches(device))), device)[0])
+        calib_times: Dict[str, float] = {}
+        amax: Dict[str, Dict[str, float]] = {}
+        for name in QUANTLAB_CALIBRATORS:
+            seconds, scales = C.timed(lambda: quantlab.calibrate(model, name), device)
+            calib_times[name] = seconds
+            amax[name] = {e.module: float(e.amax) for e in scales.entries if e.role == "input"}
+    result = {
+        "tool": "quantlab",
+        "fp32_seconds": st.median(fp32_times),
+        "stats_seconds": st.median(stats_times),
+        "fp32_all": fp32_times,
+        "stats_all": stats_times,
+        "calib_seconds": calib_times,
+        "amax": amax,
+        **_memory_fields(mem),
+    }
+    stats = collected_statistics(model)
+    result["num_tensors"] = len(stats)
+    result["bins"] = [int(s.num_bins) for s in stats.values()]
+    if not args.no_agreement:
+        result["agreement"] = same_histogram_agreement(stats, get_calibrator, args.agree_tensors)
+    return result
+
+
+def same_histogram_agreement(stats: Dict[str, Any], get_calibrator, limit: Optional[int]) -> Dict[str, Any]:
+    """quantlab's calibrators vs Model Optimizer's amax functions on quantlab's histograms."""
+    try:
+        with C.quiet_warnings():
+            from modelopt.torch.quantization.calib import histogram as mo_hist
+    except ImportError as exc:
+        return {"error": f"nvidia-modelopt not importable: {exc}"}
+    names = list(stats)[:limit] if limit else list(stats)
+    out: Dict[str, Any] = {}
+    for method in HIST_METHODS:
+        fn = get_calibrator(method)
+        rows = []
+        ours_s = theirs_s = 0.0
+        for name in names:
+            s = stats[name]
+            counts = s.counts.detach().cpu().numpy()
+            edges = s.edges(torch.float64).cpu().numpy()
+            t0 = time.perf_counter()
+            ours = float(fn(s, percentile=PERCENTILE) if method == "percentile" else fn(s))
+            t1 = time.perf_counter()
+            with C.quiet_warnings():
+                if method == "entropy":
+                    theirs = mo_hist._compute_amax_entropy(counts.copy(), edges, 8, False, 1, 128)
+                elif method == "mse":
+                    theirs = mo_hist._compute_amax_mse(counts.copy(), edges, 8, False, 1, 128)
+                else:
+                    theirs = mo_hist._compute_amax_percentile(counts.copy(), edges, PERCENTILE)
+            t2 = time.perf_counter()
+            ours_s += t1 - t0
+            theirs_s += t2 - t1
+            theirs = float(theirs)
+            rows.append((name, ours, theirs, (ours - theirs) / s.bin_width, s.bin_width))
+        diffs = [abs(r[3]) for r in rows]
+        rels = [abs(r[1] - r[2]) / max(abs(r[2]), 1e-30) for r in rows]
+        out[method] = {
+            "tensors": len(rows),
+            "max_bins": max(diffs),
+            "median_bins": st.median(diffs),
+            "signed_bins": sorted({round(r[3], 3) for r in rows}),
+            "max_rel": max(rels),
+            "median_rel": st.median(rels),
+            "within_one_bin": sum(d <= 1.0 + 1e-9 for d in diffs),
+            "quantlab_seconds": ours_s,
+            "modelopt_seconds": theirs_s,
+            "worst": max(rows, key=lambda r: abs(r[3]))[:4],
+        }
+    return out
+
+
+def _modelopt_config(histogram: bool) -> Dict[str, Any]:
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    if histogram:
+        for entry in cfg["quant_cfg"]:
+            if entry.get("quantizer_name") == "*input_quantizer" and "cfg" in entry:
+                entry["cfg"] = dict(entry["cfg"], calibrator="histogram")
+        cfg["algorithm"] = None  # insert quantizers only; calibration is driven below
+    return cfg
+
+
+def _input_amax(model: torch.nn.Module) -> Dict[str, float]:
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer) and name.endswith(".input_quantizer") and not module._disabled:
+            amax = getattr(module, "amax", None)
+            if amax is not None and amax.numel() == 1:
+                out[name[: -len(".input_quantizer")]] = float(amax)
+    return out
+
+
+def _warm_modelopt_kernels(device: torch.device) -> float:
+    """Builds/loads Model Optimizer's CUDA extension before timing (JIT on first use)."""
+    if device.type != "cuda":
+        return 0.0
+    from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
+
+    x = torch.randn(1024, device=device)
+    seconds, _ = C.timed(lambda: fake_tensor_quant(x, x.abs().max()), device)
+    return seconds
+
+
+def worker_modelopt(args: argparse.Namespace) -> Dict[str, Any]:
+    with C.quiet_warnings():
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.quantization.calib import HistogramCalibrator
+        from modelopt.torch.quantization.model_calib import enable_stats_collection
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+    device = torch.device(args.device)
+    wl = make_workload(args.model, args.samples, args.batch_size)
+    model = wl.build().to(device)
+    run_batches(model, iter([next(wl.batches(device))]))
+    ext_seconds = _warm_modelopt_kernels(device)
+
+    def loop(m: torch.nn.Module) -> None:
+        run_batches(m, wl.batches(device))
+
+    if args.tool == "modelopt-max":
+        with C.quiet_warnings(), C.PeakMemory(device=device) as mem:
+            seconds, _ = C.timed(lambda: mtq.quantize(model, _modelopt_config(False), loop), device)
+        return {"tool": "modelopt-max", "total_seconds": seconds, "amax": {"max": _input_amax(model)},
+                "ext_build_seconds": ext_seconds, **_memory_fields(mem)}
+
+    with C.quiet_warnings():
+        mtq.quantize(model, _modelopt_config(True), None)  # insert quantizers, no calibration
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer) and not m._disabled]
+    hist = [q for q in quantizers if isinstance(getattr(q, "_calibrator", None), HistogramCalibrator)]
+    others = [q for q in quantizers if q not in hist and getattr(q, "_calibrator", None) is not None]
+    calib_times: Dict[str, float] = {}
+    amax: Dict[str, Dict[str, float]] = {}
+    with C.quiet_warnings(), C.PeakMemory(device=device) as mem:
+        def statistics_pass() -> None:
+            enable_stats_collection(model)
+            with torch.no_grad():
+                model.eval()
+                loop(model)
+            for q in others:  # weights: max calibrator, as mtq's own flow does
+                q.load_calib_amax()
+
+        stats_seconds, _ = C.timed(statistics_pass, device)
+        for method in HIST_METHODS:
+            kwargs = {"percentile": PERCENTILE} if method == "percentile" else {}
+            seconds, _ = C.timed(lambda: [q.load_calib_amax(method, **kwargs) for q in hist], device)
+            calib_times[method] = seconds
+            amax[method] = _input_amax(model)
+        for q in quantizers:
+            q.enable_quant()
+            q.disable_calib()
+    return {"tool": "modelopt-hist", "stats_seconds": stats_seconds, "calib_seconds": calib_times, "amax": amax,
+            "num_tensors": len(hist), "bins": [int(q._calibrator._calib_hist.numel()) for q in hist],
+            "ext_build_seconds": ext_seconds, **_memory_fields(mem)}
+
+
+def worker_ort(args: argparse.Namespace) -> Dict[str, Any]:
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    from _models import export_onnx
+
+    method = {"ort-minmax": CalibrationMethod.MinMax, "ort-entropy": CalibrationMethod.Entropy,
+              "ort-percentile": CalibrationMethod.Percentile}[args.tool]
+    wl = make_workload(args.model, args.samples, args.batch_size)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = wl.numpy_batches()
+
+        def get_next(self):
+            return next(self._it, None)
+
+    extra: Dict[str, Any] = {"symmetric": True}
+    if method is CalibrationMethod.Entropy:
+        extra.update(num_bins=args.ort_bins, num_quantized_bins=128)
+    elif method is CalibrationMethod.Percentile:
+        extra.update(num_bins=args.ort_bins, percentile=PERCENTILE)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = os.path.join(tmp, "model.onnx")
+        with C.quiet_warnings():
+            export_onnx(wl.build(), wl.example(), wl.input_names, fp32)
+        with C.PeakMemory() as mem:
+            # The op types quantize_static calibrates by default (QDQ format).
+            calibrator = create_calibrator(
+                Path(fp32), list(QDQRegistry.keys()), augmented_model_path=os.path.join(tmp, "augmented.onnx"),
+                calibrate_method=method, use_external_data_format=False,
+                providers=["CPUExecutionProvider"], extra_options=extra,
+            )
+            collect_seconds, _ = C.timed(lambda: calibrator.collect_data(Reader()))
+            compute_seconds, ranges = C.timed(calibrator.compute_data)
+    return {"tool": args.tool, "stats_seconds": collect_seconds, "calib_seconds": {args.tool: compute_seconds},
+            "num_tensors": len(ranges.data), "ort_threads": ort.get_default_session_options().intra_op_num_threads,
+            **_memory_fields(mem)}
+
+
+# ====================================================================================================
+# driver
+# ====================================================================================================
+def _rel_diffs(ours: Dict[str, float], theirs: Dict[str, float]) -> Optional[tuple]:
+    common = [k for k in ours if k in theirs and theirs[k] > 0]
+    if not common:
+        return None
+    rel = [abs(ours[k] - theirs[k]) / theirs[k] for k in common]
+    return st.median(rel), max(rel), len(common)
+
+
+def _fmt_rel(r: Optional[tuple]) -> str:
+    return "-" if r is None else f"{r[0]:.2%} / {r[1]:.2%} (n={r[2]})"
+
+
+def run(args: argparse.Namespace) -> str:
+    script = Path(__file__).resolve()
+    device = C.setup_torch(args)
+    sample_counts = [int(s) for s in args.samples.split(",")]
+    tools: List[str] = []
+    for t in args.tools.split(","):
+        tools += {"quantlab": ["quantlab"], "modelopt": ["modelopt-max", "modelopt-hist"],
+                  "ort": ["ort-minmax", "ort-entropy", "ort-percentile"]}.get(t.strip(), [t.strip()])
+    sections = [C.machine_header("Calibration cost: quantlab vs Model Optimizer vs ONNX Runtime", {
+        "device": str(device), "batch size": args.batch_size, "repeats": args.repeats,
+        "ORT histogram bins": args.ort_bins, "percentile": PERCENTILE,
+    })]
+    if device.type == "cpu":
+        sections.append(C.CPU_NOISE_NOTE + "\n")
+    memory_rows = []
+    for model_name in args.models.split(","):
+        for samples in sample_counts:
+            common = ["--model", model_name, "--samples", str(samples), "--batch-size", str(args.batch_size),
+                      "--device", args.device, "--repeats", str(args.repeats), "--ort-bins", str(args.ort_bins)]
+            if args.threads:
+                common += ["--threads", str(args.threads)]
+            if args.agree_tensors:
+                common += ["--agree-tensors", str(args.agree_tensors)]
+            if samples != sample_counts[-1] or args.no_agreement:
+                common += ["--no-agreement"]  # agreement once per model is enough
+            results: Dict[str, Dict[str, Any]] = {}
+            for tool in tools:
+                if tool.startswith("ort") and device.type != "cpu":
+                    continue  # ORT calibration runs on the CPU (the peer the target names)
+                print(f"[{model_name} x{samples}] {tool} ...", file=sys.stderr, flush=True)
+                results[tool] = C.run_worker(script, ["--tool", tool, *common], timeout=args.timeout)
+                if "error" in results[tool]:
+                    print(results[tool]["error"], file=sys.stderr)
+            sections.append(_section(model_name, samples, results, device))
+            q = results.get("quantlab", {})
+            if "host_growth" in q:
+                memory_rows.append([model_name, samples, C.mib(q["host_growth"]), C.mib(q["host_peak"]),
+                                    C.mib(q.get("device_peak"))])
+            for tool in ("ort-entropy", "modelopt-hist"):
+                r = results.get(tool, {})
+                if "host_growth" in r:
+                    memory_rows.append([f"{model_name} ({tool})", samples, C.mib(r["host_growth"]),
+                                        C.mib(r["host_peak"]), C.mib(r.get("device_peak"))])
+    if memory_rows:
+        sections.append("### Host memory vs number of samples (growth of RSS during the tool's run)\n\n" + C.markdown_table(
+            ["model (tool)", "samples", "RSS growth MiB", "RSS peak MiB", "device peak MiB"], memory_rows))
+    return "\n".join(sections)
+
+
+def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], device: torch.device) -> str:
+    out = [f"### {model_name}, {samples} samples, {device}\n"]
+    rows = []
+    q = results.get("quantlab", {})
+    q_amax = q.get("amax", {})
+    for tool, r in results.items():
+        if "error" in r:
+            rows.append([tool, "error", None, None, None, None, None, None, r["error"][-200:].replace("\n", " ").replace("|", "/")])
+            continue
+        mem = [C.mib(r.get("process_maxrss")), C.mib(r.get("host_growth")), C.mib(r.get("device_peak"))]
+        if tool == "quantlab":
+            total = r["stats_seconds"] + sum(r["calib_seconds"].values())
+            rows.append(["quantlab", "statistics pass", r["stats_seconds"], None, None, *mem, f"{r['num_tensors']} tensors, bins {min(r['bins'])}-{max(r['bins'])}"])
+            for name, s in r["calib_seconds"].items():
+                rows.append(["quantlab", name, None, s, None, "", "", "", ""])
+            rows.append(["quantlab", "**all four**", r["stats_seconds"], sum(r["calib_seconds"].values()), total, "", "", "", ""])
+        elif tool == "modelopt-max":
+            rel = _rel_diffs(q_amax.get("max", {}), r["amax"]["max"])
+            rows.append([tool, "max (mtq.quantize)", None, None, r["total_seconds"], *mem, f"amax vs quantlab med/max rel: {_fmt_rel(rel)}"])
+        elif tool == "modelopt-hist":
+            rows.append([tool, "statistics pass", r["stats_seconds"], None, None, *mem, f"{r['num_tensors']} tensors, bins {min(r['bins'])}-{max(r['bins'])}"])
+            for method, s in r["calib_seconds"].items():
+                rel = _rel_diffs(q_amax.get(method, {}), r["amax"][method])
+                rows.append([tool, method, None, s, r["stats_seconds"] + s, "", "", "", f"amax vs quantlab (own histograms) med/max rel: {_fmt_rel(rel)}"])
+        else:
+            (name, s), = r["calib_seconds"].items()
+            rows.append([tool, "collect + compute", r["stats_seconds"], s, r["stats_seconds"] + s, *mem, f"{r['num_tensors']} tensors"])
+    out.append(C.markdown_table(["tool", "step", "data pass s", "calibrate s", "total s", "process peak RSS MiB",
+                                 "RSS growth MiB", "device peak MiB", "notes"], rows))
+    if "stats_seconds" in q:
+        ours = q["stats_seconds"] + sum(q["calib_seconds"].values())
+        lines = [
+            f"- Physical floor: FP32 inference {q['fp32_seconds']:.3f} s vs quantlab statistics pass {q['stats_seconds']:.3f} s "
+            f"= **{q['stats_seconds'] / q['fp32_seconds']:.2f}x** (target <= 1.3x); all four calibrators included: "
+            f"{ours / q['fp32_seconds']:.2f}x. (runs: FP32 {', '.join(f'{t:.3f}' for t in q['fp32_all'])}; "
+            f"statistics {', '.join(f'{t:.3f}' for t in q['stats_all'])})",
+        ]
+        mh = results.get("modelopt-hist", {})
+        if "calib_seconds" in mh:
+            for method in HIST_METHODS:
+                theirs = mh["stats_seconds"] + mh["calib_seconds"][method]
+                lines.append(f"- vs Model Optimizer histogram + {method} only ({theirs:.2f} s): quantlab with all four is **{theirs / ours:.1f}x** faster")
+        oe = results.get("ort-entropy", {})
+        if "calib_seconds" in oe:
+            theirs = oe["stats_seconds"] + sum(oe["calib_seconds"].values())
+            lines.append(f"- vs ONNX Runtime Entropy ({theirs:.2f} s, CPU): quantlab with all four is **{theirs / ours:.1f}x** faster (target >= 20x)")
+        out.append("\n".join(lines) + "\n")
+    agreement = q.get("agreement")
+    if agreement:
+        if "error" in agreement:
+            out.append(f"Same-histogram amax agreement not measured: {agreement['error']}\n")
+        else:
+            rows = []
+            for method, a in agreement.items():
+                rows.append([method, a["tensors"], a["within_one_bin"], a["max_bins"], a["median_bins"], a["max_rel"], a["median_rel"],
+                             a["quantlab_seconds"], a["modelopt_seconds"], ", ".join(str(v) for v in a["signed_bins"][:6])])
+            out.append("Same histograms (quantlab's counts/edges fed to Model Optimizer's `_compute_amax_*`), "
+                       f"percentile {PERCENTILE}, start_bin 128, stride 1:\n\n" + C.markdown_table(
+                           ["method", "tensors", "within 1 bin", "max |diff| bins", "median |diff| bins", "max rel", "median rel",
+                            "quantlab s", "modelopt s", "distinct signed diffs (bins)"], rows))
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(parser)
+    parser.add_argument("--models", default="fmnist", help=f"comma list of {', '.join(MODELS)}")
+    parser.add_argument("--samples", default="512,1024", help="comma list of calibration sample counts")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tools", default="quantlab,modelopt,ort", help="comma list of quantlab, modelopt, ort")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating FP32 / statistics passes (median)")
+    parser.add_argument("--ort-bins", type=int, default=2048, help="ORT entropy/percentile bins (ORT's entropy default is 128)")
+    parser.add_argument("--agree-tensors", type=int, default=0, help="limit the same-histogram check to N tensors (0: all)")
+    parser.add_argument("--no-agreement", action="store_true")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per tool process")
+    # worker-only
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tool", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        C.setup_torch(args)
+        args.samples = int(args.samples)
+        fn = {"quantlab": worker_quantlab, "modelopt-max": worker_modelopt, "modelopt-hist": worker_modelopt}.get(
+            args.tool, worker_ort)
+        C.worker_result(fn(args))
+        return
+    C.emit(run(args), args.append)
+
+
+if __name__ == "__main__":
+    main()

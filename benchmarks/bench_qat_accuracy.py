@@ -1,0 +1,169 @@
+"""QAT accuracy targets on Fashion-MNIST: FP32 vs best PTQ vs QAT (<= 1 epoch).
+
+Two cases, both on the full 10,000-image test set:
+
+1. ``demo``: the demo residual CNN (``quantlab.models.pretrained_fmnist_cnn``),
+   per-channel weights. PTQ with every calibrator on ``fmnist:calib`` (1,024
+   images); QAT starts from the best PTQ calibrator's scales and fine-tunes
+   ``--epochs`` (<= 1) with the built-in loop (AdamW, cosine from ``--lr``).
+   Target: QAT within 0.2 points of FP32 and not below the best PTQ.
+2. ``dwsep``: a depthwise-separable CNN (MobileNet-style, trained here once and
+   cached) deployed as TensorRT builds it: BatchNorm folded into the convs and
+   ONE weight scale per tensor. Folding multiplies each depthwise channel by
+   ``gamma / sqrt(var + eps)``, so one per-tensor scale serves channels of very
+   different magnitude and PTQ collapses. QAT with the same deployment
+   (``fold_bn=True``, per-tensor weights, learned weight ranges) recovers it.
+
+INT8 numbers are PyTorch fake quantization (the same grid as the exported
+Q/DQ graph).
+
+Examples:
+    .venv/bin/python benchmarks/bench_qat_accuracy.py --threads 2
+    .venv/bin/python benchmarks/bench_qat_accuracy.py --cases dwsep --epochs 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_common_args, emit, machine_header, markdown_table, setup_torch  # noqa: E402
+
+import quantlab as ql  # noqa: E402
+from quantlab import qat  # noqa: E402
+from quantlab.data import load_fmnist  # noqa: E402
+from quantlab.models import default_cache_dir, pretrained_fmnist_cnn, train_classifier  # noqa: E402
+from quantlab.ptq import run_ptq  # noqa: E402
+from quantlab.qat.loop import TrainConfig, train  # noqa: E402
+
+DWSEP_FILE = "bench_fmnist_dwsep_v1.pt"
+
+
+class DWSepCNN(nn.Module):
+    """MobileNet-style: 3x3 stem, then depthwise 3x3 + BN + ReLU, pointwise 1x1 + BN + ReLU blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def dw_block(cin: int, cout: int, stride: int) -> List[nn.Module]:
+            return [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+                    nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+            *dw_block(32, 64, 2), *dw_block(64, 128, 2), *dw_block(128, 128, 1),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def trained_dwsep(train_set: TensorDataset) -> DWSepCNN:
+    path = default_cache_dir() / DWSEP_FILE
+    model = DWSepCNN()
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DWSepCNN()
+        loader = DataLoader(train_set, batch_size=128, shuffle=True, drop_last=True,
+                            generator=torch.Generator().manual_seed(0))
+        train_classifier(model, loader, 3, 0.2, weight_decay=5e-4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> float:
+    model.eval()
+    correct = sum(int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum()) for i in range(0, len(x), batch))
+    return 100.0 * correct / len(x)
+
+
+def run_case(name: str, fp32_model: nn.Module, train_set, calib, test, args, *, per_tensor: bool, fold_bn: bool,
+             weight_ranges: str) -> Tuple[List[list], Dict[str, float]]:
+    tx, ty = test
+    fp32 = accuracy(fp32_model, tx, ty)
+    config = ql.int8_config(per_channel_weights=not per_tensor)
+    ptq = run_ptq(copy.deepcopy(fp32_model), calib, "all", config=config,
+                  calibrator_params={"percentile": {"percentile": 99.99}})
+    ptq_acc: Dict[str, float] = {}
+    for calibrator, scales in ptq.scales.items():
+        if fold_bn:
+            # The deployed graph: BN folded, the weight ranges taken from the folded weights.
+            model = qat.prepare(copy.deepcopy(fp32_model), scales=scales, fold_bn=True, weight_ranges="fixed")
+        else:
+            model = ql.load_scales(copy.deepcopy(fp32_model), scales)
+        ptq_acc[calibrator] = accuracy(model, tx, ty)
+    best = max(ptq_acc, key=ptq_acc.get)
+    model = qat.prepare(copy.deepcopy(fp32_model), scales=ptq.scales[best], fold_bn=fold_bn,
+                        weight_ranges=weight_ranges, learn_amax=args.learn_amax,
+                        freeze_bn_after=None)
+    config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=0)
+    start = time.perf_counter()
+    result = train(model, train_set, config)
+    seconds = time.perf_counter() - start
+    after = accuracy(model, tx, ty)
+    deployed = qat.convert(model, copy.deepcopy(fp32_model)) if not fold_bn else None
+    if deployed is not None:  # the same numbers once moved into the plain model (what export sees)
+        assert abs(accuracy(deployed, tx, ty) - after) < 0.05
+    rows = [[name, "FP32", "-", fp32, 0.0]]
+    rows += [[name, "INT8 PTQ", c, a, a - fp32] for c, a in sorted(ptq_acc.items(), key=lambda kv: -kv[1])]
+    rows.append([name, f"INT8 QAT ({result.steps} steps, {seconds:.0f} s)", f"from {best}", after, after - fp32])
+    return rows, {"fp32": fp32, "best_ptq": ptq_acc[best], "qat": after}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--cases", default="demo,dwsep")
+    parser.add_argument("--epochs", type=float, default=1.0, help="QAT epochs (<= 1 for the targets)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--learn-amax", action="store_true", help="learn activation ranges too (LSQ)")
+    args = parser.parse_args()
+    setup_torch(args)
+    x, y = load_fmnist("train")
+    train_set = TensorDataset(x, y)
+    test = load_fmnist("test")
+    cx, cy = load_fmnist("calib")
+    calib = DataLoader(TensorDataset(cx, cy), batch_size=128)
+    rows: List[list] = []
+    verdicts = []
+    for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
+        if case == "demo":
+            r, m = run_case("demo CNN, per-channel", pretrained_fmnist_cnn(), train_set, calib, test, args,
+                            per_tensor=False, fold_bn=False, weight_ranges="recompute")
+            verdicts.append(f"demo: QAT - FP32 = {m['qat'] - m['fp32']:+.2f} points (target >= -0.2: "
+                            f"{'met' if m['qat'] >= m['fp32'] - 0.2 else 'NOT met'}); QAT - best PTQ = "
+                            f"{m['qat'] - m['best_ptq']:+.2f} ({'met' if m['qat'] >= m['best_ptq'] else 'NOT met'})")
+        elif case == "dwsep":
+            r, m = run_case("depthwise-separable, BN folded, per-tensor", trained_dwsep(train_set), train_set, calib,
+                            test, args, per_tensor=True, fold_bn=True, weight_ranges="learn")
+            lost = m["fp32"] - m["best_ptq"]
+            recovered = (m["qat"] - m["best_ptq"]) / lost * 100 if lost > 0 else float("nan")
+            verdicts.append(f"dwsep: PTQ loses {lost:.2f} points; QAT recovers {recovered:.0f}% of it")
+        else:
+            raise SystemExit(f"unknown case {case!r}")
+        rows += r
+    section = machine_header("QAT accuracy on Fashion-MNIST (test, 10,000 images)",
+                             {"QAT": f"{args.epochs} epoch, AdamW lr {args.lr} cosine, batch {args.batch_size}"})
+    section += "\n" + markdown_table(["model", "precision", "calibrator", "top-1 %", "delta"], rows)
+    section += "\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
+    emit(section, args.append)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""A whole QAT run: FP32 and PTQ metrics, fine-tuning, QAT metric, artifacts, run store.
+
+This is what ``quantlab qat`` does; it works the same under torchrun (rank 0
+evaluates, writes files and the store; every rank trains).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+from torch import nn
+
+from quantlab._io import write_text_atomic
+from quantlab.config import QuantConfig
+from quantlab.qat import ddp
+from quantlab.qat.errors import QATError
+from quantlab.qat.loop import TrainConfig, TrainProgress, TrainResult, train
+from quantlab.qat.prepare import prepare, save
+from quantlab.api import current_scales
+from quantlab.scales import Scales
+
+RUN_FILE = "run.json"
+START_SCALES_FILE = "scales.start.json"
+DEFAULT_METRIC = {"classification": "top1", "causal_lm": "perplexity"}
+
+
+@dataclasses.dataclass
+class QATRunResult:
+    """Metrics before/after QAT and where everything went."""
+
+    metric: str
+    fp32: float
+    ptq: float
+    qat: float
+    calibrator: str
+    train: TrainResult
+    out_dir: Path
+    run_id: Optional[str] = None
+    files: Dict[str, Path] = dataclasses.field(default_factory=dict)
+
+    def rows(self, seconds: Dict[str, float]) -> List[Dict[str, Any]]:
+        """Run-store result rows: FP32, INT8 PTQ (the starting ranges), INT8 after QAT."""
+        return [
+            {"precision": "fp32", "calibrator": None, "source": "qat", "metric": self.metric, "value": self.fp32,
+             "delta": 0.0, "seconds": seconds.get("fp32")},
+            {"precision": "int8", "calibrator": self.calibrator or None, "source": "ptq", "metric": self.metric,
+             "value": self.ptq, "delta": self.ptq - self.fp32, "seconds": seconds.get("ptq")},
+            {"precision": "int8", "calibrator": self.calibrator or None, "source": "qat", "metric": self.metric,
+             "value": self.qat, "delta": self.qat - self.fp32, "seconds": seconds.get("qat")},
+        ]
+
+
+def _evaluate(model: nn.Module, batches: List[Any], metric: str, reference: bool = False) -> Dict[str, float]:
+    """Rank 0 evaluates; every rank gets the metrics (the others wait)."""
+    import torch.distributed as dist
+
+    from quantlab.evaluation.evaluate import evaluate, evaluate_reference
+    from quantlab.evaluation.tasks import task_for_metric
+
+    metrics: List[Any] = [None]
+    if ddp.is_main_process():
+        task, name = task_for_metric(metric)
+        was_training = model.training
+        run = evaluate_reference if reference else evaluate
+        result = run(model, task, batches)
+        model.train(was_training)
+        metrics = [{"value": float(result.metrics[name]), "seconds": result.seconds}]
+    if ddp.is_distributed():
+        dist.broadcast_object_list(metrics, src=0)
+    return metrics[0]
+
+
+def run_qat(
+    model: nn.Module,
+    train_data: Any,
+    eval_data: Iterable[Any],
+    *,
+    out_dir: Union[str, Path],
+    scales: Union[str, Path, Scales, None] = None,
+    calib_data: Optional[Iterable[Any]] = None,
+    calibrator: str = "entropy",
+    calibrator_params: Optional[Dict[str, Any]] = None,
+    quant_config: Optional[QuantConfig] = None,
+    calib_max_batches: Optional[int] = None,
+    train_config: Optional[TrainConfig] = None,
+    learn_amax: bool = False,
+    weight_ranges: str = "recompute",
+    fold_bn: bool = False,
+    metric: Optional[str] = None,
+    eval_max_batches: Optional[int] = None,
+    resume: bool = False,
+    store: Any = None,
+    describe: Optional[Dict[str, Optional[str]]] = None,
+    progress: Optional[Callable[[TrainProgress], None]] = None,
+) -> QATRunResult:
+    """Evaluates FP32 and the starting INT8 model, fine-tunes, evaluates again, saves.
+
+    Args:
+        model: The FP32 model on its device.
+        train_data: Training Dataset or DataLoader.
+        eval_data: Eval batches (the same ones before and after).
+        out_dir: Run folder: ``checkpoint.pt``, ``scales.start.json``, the
+            :func:`quantlab.qat.save` files and ``run.json`` (metrics).
+        scales: Starting ranges; else calibrated from ``calib_data``.
+        store: A :class:`quantlab.store.RunStore` to record the run in (rank 0), or None.
+        describe: ``model``, ``data``, ``eval_data`` strings for the store.
+        resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule).
+        Other arguments: see :func:`quantlab.qat.prepare` and :class:`TrainConfig`.
+    """
+    out = Path(out_dir)
+    train_config = train_config or TrainConfig()
+    metric = metric or DEFAULT_METRIC[train_config.task]
+    describe = describe or {}
+    main = ddp.is_main_process()
+    previous: Dict[str, Any] = {}
+    if resume:
+        try:
+            previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise QATError(f"{out / RUN_FILE}: nothing to resume in {out}") from None
+        if previous.get("metric") != metric:
+            raise QATError(f"{out / RUN_FILE}: the run measured {previous.get('metric')!r}, not {metric!r}")
+        scales = out / START_SCALES_FILE
+    eval_batches = list(eval_data) if eval_max_batches is None else _take(eval_data, eval_max_batches)
+    seconds: Dict[str, float] = {}
+    run_id = previous.get("run_id")
+    if store is not None and main:
+        if run_id is not None:
+            try:
+                store.get_run(run_id)
+            except Exception:  # noqa: BLE001 - a resumed run whose store entry is gone: record it anew
+                run_id = None
+        if run_id is None:
+            run_id = store.create_run(
+                "qat", model=describe.get("model") or type(model).__name__, data=describe.get("data"),
+                eval_data=describe.get("eval_data"), run_dir=out,
+                config={"train": train_config.to_dict(), "learn_amax": learn_amax, "weight_ranges": weight_ranges,
+                        "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric,
+                        "quant_config": quant_config.to_dict() if quant_config else None},
+            )
+        store.set_status(run_id, "running", progress=0.0)
+    try:
+        if resume:
+            fp32 = {"value": previous["fp32"], "seconds": previous.get("seconds", {}).get("fp32")}
+        else:
+            fp32 = _evaluate(model, eval_batches, metric, reference=True)
+        if isinstance(scales, (str, Path)):
+            scales = Scales.load(scales)  # ScalesFormatError names the file
+        start_calibrator = scales.calibrator if scales is not None else calibrator
+        prepare(model, scales=scales, data=calib_data if scales is None else None, calibrator=calibrator,
+                calibrator_params=calibrator_params, config=quant_config, max_batches=calib_max_batches,
+                learn_amax=learn_amax, weight_ranges=weight_ranges, fold_bn=fold_bn,
+                freeze_bn_after=train_config.freeze_bn_after)
+        if resume:
+            ptq = {"value": previous["ptq"], "seconds": previous.get("seconds", {}).get("ptq")}
+        else:
+            # Saved before training, so a resumed run starts from exactly these ranges.
+            start = current_scales(model, calibrator=start_calibrator)
+            ptq = _evaluate(model, eval_batches, metric)
+            if main:
+                start.save(out / START_SCALES_FILE)
+                _write_run_file(out, run_id, metric, fp32, ptq, start_calibrator)
+        seconds.update({"fp32": fp32["seconds"], "ptq": ptq["seconds"]})
+
+        def report(p: TrainProgress) -> None:
+            if progress is not None:
+                progress(p)
+            if store is not None and main and run_id is not None and (p.step % max(1, p.total_steps // 50) == 0):
+                store.set_status(run_id, "running", progress=p.step / p.total_steps)
+
+        result = train(model, train_data, train_config, checkpoint_dir=out, resume=resume, progress=report)
+        after = _evaluate(model, eval_batches, metric)
+        seconds["qat"] = after["seconds"]
+        files: Dict[str, Path] = {}
+        if main:
+            files = save(model, out)
+        ddp.barrier()
+        outcome = QATRunResult(metric=metric, fp32=fp32["value"], ptq=ptq["value"], qat=after["value"],
+                               calibrator=start_calibrator, train=result, out_dir=out,
+                               run_id=run_id, files=files)
+        if main:
+            _write_run_file(out, run_id, metric, fp32, ptq, outcome.calibrator, after=after, train=result)
+            if store is not None and run_id is not None:
+                store.add_results(run_id, outcome.rows(seconds))
+                store.add_artifact(run_id, "scales", files["scales"])
+                store.add_artifact(run_id, "checkpoint", files["weights"])
+                store.set_status(run_id, "done", progress=1.0)
+        return outcome
+    except BaseException as exc:
+        if store is not None and main and run_id is not None:
+            message = str(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted (resume with --resume)"
+            try:
+                store.set_status(run_id, "failed", error=message)
+            except Exception:  # noqa: BLE001 - never hide the original error behind a store error
+                pass
+        raise
+
+
+def _take(data: Iterable[Any], n: int) -> List[Any]:
+    out = []
+    for batch in data:
+        if len(out) >= n:
+            break
+        out.append(batch)
+    return out
+
+
+def _write_run_file(out: Path, run_id, metric, fp32, ptq, calibrator, after=None, train: Optional[TrainResult] = None) -> None:
+    data = {
+        "run_id": run_id, "metric": metric, "calibrator": calibrator,
+        "fp32": fp32["value"], "ptq": ptq["value"], "qat": after["value"] if after else None,
+        "seconds": {"fp32": fp32["seconds"], "ptq": ptq["seconds"], "qat": after["seconds"] if after else None},
+        "steps": train.steps if train else None, "train_seconds": train.seconds if train else None,
+        "final_loss": train.losses[-1] if train and train.losses else None,
+    }
+    write_text_atomic(out / RUN_FILE, json.dumps(data, indent=1))

@@ -1,0 +1,73 @@
+"""Helpers shared by compare, sensitivity, autoprecision, runs and report (not a sub-command)."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any, Dict, Optional
+
+
+def add_store_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=None, help="run store file (default $QUANTLAB_STORE, else ./.quantlab/runs.sqlite)")
+
+
+def open_store(args: argparse.Namespace, *, run_info: Optional[Dict[str, Any]] = None):
+    """The store named by --store, else the one the run folder recorded, else the default."""
+    from quantlab.store import STORE_ENV, RunStore
+    import os
+
+    if args.store:
+        return RunStore(args.store)
+    if run_info and run_info.get("store") and not os.environ.get(STORE_ENV):
+        return RunStore(run_info["store"])
+    return RunStore()
+
+
+def add_run_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="a compare run: its folder (with run.json) or its run id")
+
+
+class StageProgress:
+    """``progress(stage, done, total)`` drawing one tqdm bar per stage on stderr."""
+
+    def __init__(self) -> None:
+        self.stage: Optional[str] = None
+        self.bar = None
+        self.done = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage, self.done = stage, 0
+            self.bar = tqdm(total=total or None, desc=stage, unit="step", file=sys.stderr, disable=None, leave=False)
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "StageProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value)
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def fmt_delta(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.3g}" if value != 0 else "0"

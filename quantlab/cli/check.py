@@ -1,0 +1,37 @@
+"""``quantlab check``: TensorRT Q/DQ placement and format rules, per node, for any ONNX model."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from quantlab.cli.common import print_table
+
+
+def register(sub) -> None:
+    p = sub.add_parser("check", help="report Q/DQ placement problems TensorRT would reject or run slowly (exit 1 on errors)")
+    p.add_argument("model", help="an ONNX file (quantlab's or any other tool's)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantlab.export.check import check_model
+    from quantlab.export.graph import load_onnx
+    from quantlab.export.mapping import metadata
+
+    report = check_model(args.model)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(f"{args.model}: opset {report.opset}, {report.num_nodes} nodes, {report.num_qdq} Q/DQ, "
+              f"{report.num_weighted_quantized}/{report.num_weighted} weighted ops quantized")
+        if report.findings:
+            print_table([[f.severity, f.rule, f.node, f.op_type, f.message] for f in report.findings],
+                        ["severity", "rule", "node", "op", "message"])
+        print(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
+        if report.errors and metadata(load_onnx(args.model, check=False)).get("quantlab.target") == "ort-cpu":
+            print("note: this is an `--target ort-cpu` export (UINT8 activations for ONNX Runtime); export with --target tensorrt for TensorRT")
+    if report.errors or (args.strict and report.warnings):
+        return 1
+    return 0

@@ -1,0 +1,81 @@
+"""``quantlab compare``: FP32 vs FP16 vs INT8 (every calibrator) on the same eval data."""
+from __future__ import annotations
+
+import argparse
+
+from quantlab.cli._runs_common import StageProgress, add_store_arg, fmt, fmt_delta, open_store
+from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("compare", help="evaluate FP32, FP16 and INT8 per calibrator; record the run")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="calibration data: fmnist:calib, rotten:calib, fortunes:calib, csv:PATH, ...")
+    p.add_argument("--eval", required=True, help="eval data: fmnist:test, rotten:test, fortunes:test, ...")
+    p.add_argument("--metric", default="top1",
+                   help="top1, top5, cosine, probe_accuracy, perplexity, token_agreement, ... or module:function (default top1)")
+    p.add_argument("--calibrators", default="all", help="comma list or 'all' (default all)")
+    p.add_argument("--precisions", default="fp32,fp16,int8", help="comma list of fp32, fp16, int8 (default all three)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-batches", "--calib-batches", dest="max_batches", type=int, default=None,
+                   help="use at most this many calibration batches")
+    p.add_argument("--eval-batches", type=int, default=None, help="evaluate at most this many batches")
+    p.add_argument("--layer-batches", type=int, default=2, help="eval batches for per-layer SQNR (0 = skip; default 2)")
+    p.add_argument("--out", required=True, help="run folder: run.json, scales.<calibrator>.json, results.json")
+    add_store_arg(p)
+    add_quant_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantlab.data import load_data
+    from quantlab.evaluation.compare import compare, parse_precisions
+    from quantlab.evaluation.tasks import task_for_metric
+    from quantlab.model_source import load_model
+    from quantlab.ptq import parse_calibrators
+
+    precisions = parse_precisions(args.precisions)  # validate before any expensive work
+    calibrators = parse_calibrators(args.calibrators) if "int8" in precisions else []
+    task, metric = task_for_metric(args.metric)
+    store = open_store(args)
+    # The model first: an examples/ factory module may register the datasets it needs.
+    model = load_model(args.model, weights=args.weights, device=args.device)
+    calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
+    eval_data = load_data(args.eval, batch_size=args.batch_size)
+    describe = {
+        "model": args.model, "data": args.data, "eval_data": args.eval,
+        "weights": args.weights, "device": args.device, "batch_size": args.batch_size,
+    }
+    with StageProgress() as progress:
+        result = compare(
+            model, calib, eval_data,
+            metric=metric, task=task, calibrators=calibrators, precisions=precisions,
+            config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
+            calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
+            store=store, run_dir=args.out, describe=describe, progress=progress,
+        )
+    metrics = list(dict.fromkeys(r.metric for r in result.rows))
+    metrics.sort(key=lambda m: m != result.metric)
+    table = {}
+    for row in result.rows:
+        key = (row.precision, row.calibrator or "-", row.source)
+        table.setdefault(key, {"seconds": row.seconds})[row.metric] = row
+    headers = ["precision", "calibrator"] + [h for m in metrics for h in (m, f"Δ {m}")] + ["seconds"]
+    lines = []
+    for (precision, calibrator, source), cells in table.items():
+        line = [precision + ("" if source == "ptq" else f" ({source})"), calibrator]
+        for m in metrics:
+            r = cells.get(m)
+            line += [fmt(r.value) if r else "-", fmt_delta(r.delta) if r else "-"]
+        lines.append(line + [f"{cells['seconds']:.1f}" if cells["seconds"] is not None else "-"])
+    print(f"{args.model} on {args.eval}: {result.eval_batches} eval batches")
+    print_table(lines, headers)
+    if result.ptq is not None:
+        print(f"statistics pass: {result.ptq.num_batches} batches in {result.ptq.statistics_seconds:.1f} s (shared by {len(calibrators)} calibrators)")
+    if result.best_calibrator:
+        print(f"best INT8 calibrator by {result.metric}: {result.best_calibrator}")
+    if result.layer_errors and result.best_calibrator in result.layer_errors:
+        worst = sorted(result.layer_errors[result.best_calibrator], key=lambda e: e.local_sqnr_db if e.local_sqnr_db is not None else e.sqnr_db)[:5]
+        print("lowest per-layer SQNR (" + result.best_calibrator + "): " + ", ".join(f"{e.layer} {fmt(e.local_sqnr_db, 3)} dB" for e in worst))
+    print(f"run {result.run_id} recorded in {store.path}; folder {args.out}")
+    return 0

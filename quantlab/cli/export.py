@@ -1,0 +1,122 @@
+"""``quantlab export``: INT8 Q/DQ, FP16 or FP32 ONNX of a model (INT8 from a scales file)."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from quantlab.cli.common import add_model_args, print_table
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export INT8 (Q/DQ), FP16 or FP32 ONNX for TensorRT or ONNX Runtime")
+    add_model_args(p)
+    p.add_argument("--precision", choices=("int8", "fp16", "fp32"), default="int8", help="default int8")
+    p.add_argument("--scales", help="scales file from `quantlab calibrate` (required for int8)")
+    p.add_argument("--out", required=True, help="output .onnx file (a <out>.json sidecar records tensor names)")
+    p.add_argument("--target", choices=("tensorrt", "ort-cpu"), default="tensorrt",
+                   help="int8 form: tensorrt (INT8, zero point 0; default) or ort-cpu (UINT8 activations, ONNX Runtime integer kernels)")
+    p.add_argument("--input-shape", help="one sample's shape without the batch, e.g. 1,28,28 (or use --data)")
+    p.add_argument("--data", help="take the example batch from this data spec, e.g. fmnist:calib")
+    p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="torch.onnx exporter (default torchscript)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; >= 13; dynamo uses >= 18)")
+    p.add_argument("--io-dtype", choices=("fp32", "fp16"), default="fp32", help="fp16 export: graph input/output type (default fp32)")
+    p.add_argument("--static-batch", action="store_true", help="fixed batch dimension instead of a symbolic one")
+    p.add_argument("--no-placement", action="store_true", help="skip the TensorRT placement pass (residual/Concat/Pad)")
+    p.add_argument("--no-check", action="store_true", help="do not run `quantlab check` on the INT8 result")
+    p.add_argument("--store", help="record the export in this run store (default: $QUANTLAB_STORE if set, else not recorded)")
+    p.set_defaults(func=run)
+
+
+def example_inputs(args: argparse.Namespace):
+    """The example batch for tracing: from --data or a random tensor of --input-shape."""
+    import torch
+
+    if args.data:
+        from quantlab.batching import split_batch
+        from quantlab.data import load_data
+
+        batch = next(iter(load_data(args.data, batch_size=2)))
+        inputs, _ = split_batch(batch)
+        return inputs
+    if args.input_shape:
+        try:
+            shape = tuple(int(d) for d in args.input_shape.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            raise ValueError(f"--input-shape {args.input_shape!r} must be comma-separated integers, e.g. 1,28,28") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise ValueError(f"--input-shape {args.input_shape!r} must hold positive integers")
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn((2,) + shape, generator=generator)
+    raise ValueError("give --input-shape (e.g. 1,28,28) or --data (e.g. fmnist:calib) so the model can be traced")
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantlab.model_source import load_model
+
+    if args.precision == "int8" and not args.scales:
+        raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`)")
+    if args.precision != "int8" and args.target != "tensorrt":
+        raise ValueError("--target applies to --precision int8 only")
+    out = Path(args.out)
+    inputs = example_inputs(args)
+    model = load_model(args.model, weights=args.weights, device=args.device)
+    common = dict(exporter=args.exporter, opset=args.opset, dynamic_batch=not args.static_batch)
+    store, run_id = _start_record(args)
+    try:
+        if args.precision == "int8":
+            import quantlab as ql
+            from quantlab.export.qdq import export_int8
+
+            ql.load_scales(model, args.scales)  # strict: names every missing or extra layer
+            result = export_int8(model, out, inputs, target=args.target, placement=not args.no_placement, **common)
+        else:
+            from quantlab.export.float import export_float
+
+            result = export_float(model, out, inputs, precision=args.precision, io_dtype=args.io_dtype, **common)
+    except Exception as exc:
+        if store is not None:
+            store.set_status(run_id, "failed", error=str(exc)[:500])
+        raise
+    print(f"wrote {result.path} ({result.precision}{'/' + result.target if result.target else ''}, opset {result.opset}, "
+          f"{result.exporter} exporter, {result.seconds:.1f} s); tensor map: {result.sidecar}")
+    if result.folded_batchnorm:
+        print(f"folded {len(result.folded_batchnorm)} BatchNormalization node(s) into their convs")
+    if result.placement:
+        placed = result.placement
+        print(f"placement: {len(placed['residual_quantized'])} residual Add(s) quantized, "
+              f"{len(placed['concat_unified'])} Concat scale(s) unified, {len(placed['pad_moved'])} Pad(s) fused")
+        for item in placed["residual_left_float"]:
+            print(f"  residual left in float (no calibrated scale): {item}")
+    if result.unmapped:
+        print(f"note: {len(result.unmapped)} quantizer(s) have no node in the graph (layer never called): {', '.join(result.unmapped[:5])}")
+    status = 0
+    if result.precision == "int8" and result.target == "tensorrt" and not args.no_check:
+        from quantlab.export.check import check_model
+
+        report = check_model(result.path)
+        print(f"check: {len(report.errors)} error(s), {len(report.warnings)} warning(s); "
+              f"{report.num_weighted_quantized}/{report.num_weighted} weighted ops quantized")
+        if report.findings:
+            print_table([[f.severity, f.rule, f.node, f.message] for f in report.findings[:20]], ["severity", "rule", "node", "message"])
+        status = 1 if report.errors else 0
+    if store is not None:
+        store.add_artifact(run_id, "onnx", result.path)
+        if result.sidecar:
+            store.add_artifact(run_id, "report", result.sidecar)
+        store.set_status(run_id, "done" if status == 0 else "failed", progress=1.0)
+        print(f"recorded run {run_id}")
+    return status
+
+
+def _start_record(args: argparse.Namespace):
+    path = args.store or os.environ.get("QUANTLAB_STORE")
+    if not path:
+        return None, None
+    from quantlab.store import RunStore
+
+    store = RunStore(path)
+    config = {"precision": args.precision, "target": args.target if args.precision == "int8" else None,
+              "scales": args.scales, "exporter": args.exporter, "opset": args.opset, "out": str(args.out)}
+    run_id = store.create_run("export", model=args.model, data=args.data, config=config, run_dir=str(Path(args.out).parent))
+    return store, run_id

@@ -1,0 +1,111 @@
+"""``quantlab qat``: quantization-aware fine-tuning with the built-in loop (also under torchrun)."""
+from __future__ import annotations
+
+import argparse
+
+from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("qat", help="fine-tune with fake quantization (QAT) to recover INT8 accuracy")
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="training data: fmnist:train, csv:PATH, ...")
+    p.add_argument("--eval", required=True, help="eval data: fmnist:test, ...")
+    p.add_argument("--out", required=True, help="run folder: checkpoint, scales.json, model.pt, run.json")
+    p.add_argument("--scales", help="starting scales file (else calibrate from --calib-data)")
+    p.add_argument("--calib-data", default=None, help="calibration data when no --scales (default: the training data)")
+    p.add_argument("--calibrator", default="entropy", help="calibrator for the starting ranges (default entropy)")
+    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (default 16)")
+    p.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
+    p.add_argument("--metric", default=None, help="eval metric (default top1, perplexity for causal-lm)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak LR of the cosine schedule (default 1e-4)")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=64, help="batch size per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--learn-amax", action="store_true", help="learn activation ranges (LSQ)")
+    p.add_argument("--weight-ranges", choices=["recompute", "learn", "fixed"], default="recompute")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs as TensorRT deploys them")
+    p.add_argument("--freeze-bn-after", type=int, default=None, help="freeze BatchNorm statistics after N steps")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches")
+    p.add_argument("--no-store", action="store_true", help="do not record the run in the run store")
+    add_quant_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import Subset
+
+    from quantlab.cli.common import progress_bar
+    from quantlab.data import load_data
+    from quantlab.model_source import load_model
+    from quantlab.qat import ddp
+    from quantlab.qat.loop import TrainConfig
+    from quantlab.qat.run import run_qat
+
+    info = ddp.init_from_env(args.device)
+    device = ddp.default_device(info, args.device) if info.distributed else args.device
+    main = info.is_main
+    try:
+        train_config = TrainConfig(
+            task=args.task.replace("-", "_"), epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+            warmup_steps=args.warmup_steps, optimizer=args.optimizer, weight_decay=args.weight_decay,
+            batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+            freeze_bn_after=args.freeze_bn_after, seed=args.seed,
+        )
+        model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
+        train_data = load_data(args.data, batch_size=args.batch_size)
+        eval_data = load_data(args.eval, batch_size=args.batch_size)
+        calib_data = None
+        if not args.scales and not args.resume:
+            calib = load_data(args.calib_data or args.data, batch_size=args.batch_size)
+            if info.distributed and hasattr(calib, "dataset") and hasattr(calib.dataset, "__len__"):
+                # Each rank calibrates on its own shard; prepare() merges the statistics exactly.
+                shard = Subset(calib.dataset, range(info.rank, len(calib.dataset), info.world_size))
+                calib = torch.utils.data.DataLoader(shard, batch_size=args.batch_size)
+            calib_data = calib
+        store = None
+        if not args.no_store and main:
+            from quantlab.store import RunStore
+
+            store = RunStore()
+        with progress_bar(None, "qat steps") as bar:
+
+            def progress(p) -> None:
+                if main:
+                    bar(p.step)
+
+            result = run_qat(
+                model, train_data, eval_data, out_dir=args.out, scales=args.scales, calib_data=calib_data,
+                calibrator=args.calibrator, calibrator_params=calibrator_params_from_args(args).get(args.calibrator),
+                quant_config=quant_config_from_args(args), calib_max_batches=args.calib_batches,
+                train_config=train_config, learn_amax=args.learn_amax, weight_ranges=args.weight_ranges,
+                fold_bn=args.fold_bn, metric=args.metric, eval_max_batches=args.eval_batches, resume=args.resume,
+                store=store, describe={"model": args.model, "data": args.data, "eval_data": args.eval},
+                progress=progress,
+            )
+        if main:
+            m = result.metric
+            print_table(
+                [["fp32", "-", f"{result.fp32:.4g}", "-"],
+                 ["int8", f"ptq ({result.calibrator})", f"{result.ptq:.4g}", f"{result.ptq - result.fp32:+.3g}"],
+                 ["int8", "qat", f"{result.qat:.4g}", f"{result.qat - result.fp32:+.3g}"]],
+                ["precision", "source", m, "delta"],
+            )
+            t = result.train
+            print(f"{t.steps} steps in {t.seconds:.1f} s ({t.seconds / max(1, t.steps - (t.resumed_from or 0)) * 1000:.1f} ms/step)"
+                  + (f", resumed from step {t.resumed_from}" if t.resumed_from else ""))
+            for role, path in result.files.items():
+                print(f"{role}: {path}")
+            if result.run_id:
+                print(f"run: {result.run_id}")
+        return 0
+    finally:
+        if info.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

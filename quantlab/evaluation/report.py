@@ -1,0 +1,254 @@
+"""A self-contained report of a compare run (HTML with inline SVG, or Markdown + SVG files).
+
+Contents: the results table (every precision/calibrator, delta vs FP32, time),
+a chart of the primary metric, the per-layer SQNR bar chart, the sensitivity
+ranking and mixed-precision outcome when those commands were run, and the
+activation histograms of the lowest-SQNR layers with every calibrator's amax
+marked (the statistics come from the scales files).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from html import escape
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from quantlab._io import write_text_atomic
+from quantlab.evaluation import svg
+from quantlab.evaluation.runs import RunFolderError, read_results
+from quantlab.scales import Scales
+
+MAX_HISTOGRAMS = 8
+MAX_SQNR_LAYERS = 80
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return str(value) if not math.isfinite(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _num(value: Any) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        return float(value)  # results.json writes inf as "inf"
+    except (TypeError, ValueError):
+        return None
+
+
+def _delta(value: Any) -> str:
+    v = _num(value)
+    return "-" if v is None else ("0" if v == 0 else f"{v:+.3g}")
+
+
+def collect(run_dir: Union[str, Path]) -> Dict[str, Any]:
+    """Everything the report shows, read from the run folder."""
+    folder = Path(run_dir)
+    results = read_results(folder)
+    info = json.loads((folder / "run.json").read_text(encoding="utf-8")) if (folder / "run.json").is_file() else {}
+    scales: Dict[str, Scales] = {}
+    for name, path in (results.get("scales") or {}).items():
+        candidate = Path(path)
+        candidate = candidate if candidate.is_file() else folder / candidate.name
+        if candidate.is_file():
+            scales[name] = Scales.load(candidate)
+    sensitivity = {p.name.split(".")[1]: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("sensitivity.*.json"))}
+    mixed = {p.parent.name.split(".", 1)[1]: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("autoprecision.*/mixed.json"))}
+    return {"folder": folder, "info": info, "results": results, "scales": scales, "sensitivity": sensitivity, "mixed": mixed}
+
+
+def _result_table(results: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
+    rows = results.get("rows", [])
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    metrics.sort(key=lambda m: m != results.get("metric"))
+    grouped: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+    for r in rows:
+        key = (r["precision"], r.get("calibrator") or "-", r.get("source") or "ptq")
+        grouped.setdefault(key, {"seconds": r.get("seconds")})[r["metric"]] = r
+    headers = ["precision", "calibrator"] + [h for m in metrics for h in (m, f"Δ {m}")] + ["seconds"]
+    table = []
+    for (precision, calibrator, source), cells in grouped.items():
+        line = [precision + ("" if source == "ptq" else f" ({source})"), calibrator]
+        for m in metrics:
+            r = cells.get(m)
+            line += [_fmt(_num(r["value"])) if r else "-", _delta(r.get("delta")) if r else "-"]
+        seconds = _num(cells["seconds"])
+        table.append(line + ["-" if seconds is None else f"{seconds:.2f}"])
+    return headers, table
+
+
+def _charts(data: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """``(slug, caption, svg)`` for every chart."""
+    results = data["results"]
+    metric = results.get("metric")
+    charts = []
+    primary = [r for r in results.get("rows", []) if r["metric"] == metric]
+    fp32 = next((_num(r["value"]) for r in primary if r["precision"] == "fp32"), None)
+    if primary:
+        labels = [r["precision"] + (f" {r['calibrator']}" if r.get("calibrator") else "") + ("" if (r.get("source") or "ptq") == "ptq" else f" ({r['source']})")
+                  for r in primary]
+        charts.append(("metric", f"{metric} per precision and calibrator",
+                       svg.bar_chart(labels, [(metric, [_num(r["value"]) for r in primary])], title=f"{metric} per precision / calibrator",
+                                     reference=fp32, reference_label="FP32", bar_height=16)))
+    layers = results.get("layers") or {}
+    best = results.get("best_calibrator") or next(iter(layers), None)
+    if best in layers and layers[best]:
+        entries = layers[best]
+        if len(entries) > MAX_SQNR_LAYERS:  # keep the chart readable: the worst layers by local SQNR
+            entries = sorted(entries, key=lambda e: _num(e.get("local_sqnr_db")) if _num(e.get("local_sqnr_db")) is not None else math.inf)[:MAX_SQNR_LAYERS]
+        names = [e["layer"] for e in entries]
+        charts.append(("sqnr", f"per-layer output SQNR, {best} (higher is better)" + (f"; the {MAX_SQNR_LAYERS} lowest" if len(entries) < len(layers[best]) else ""),
+                       svg.bar_chart(names, [("end to end", [_num(e.get("sqnr_db")) for e in entries]),
+                                             ("layer alone", [_num(e.get("local_sqnr_db")) for e in entries])],
+                                     title=f"per-layer SQNR (dB), calibrator {best}", unit="dB")))
+    scales = data["scales"]
+    if scales:
+        any_scales = next(iter(scales.values()))
+        # The layers some calibrator handles worst come first (lowest local SQNR over all calibrators).
+        worst: Dict[str, float] = {}
+        for entries in layers.values():
+            for e in entries:
+                value = _num(e.get("local_sqnr_db"))
+                value = _num(e.get("sqnr_db")) if value is None else value
+                worst[e["layer"]] = min(worst.get(e["layer"], math.inf), math.inf if value is None else value)
+        order = sorted(worst, key=worst.get)
+        order += [m for m in any_scales.statistics if m not in order]
+        for layer in [m for m in order if m in any_scales.statistics][:MAX_HISTOGRAMS]:
+            stats = any_scales.statistics[layer]
+            markers = []
+            for name, s in scales.items():
+                try:
+                    markers.append((name, float(s.get(layer, "input").amax)))
+                except KeyError:
+                    continue
+            counts = stats.counts.tolist()
+            while counts and counts[-1] == 0:
+                counts.pop()
+            charts.append((f"hist-{layer}", f"input |x| histogram of {layer} with each calibrator's amax",
+                           svg.histogram(counts, stats.bin_width, markers, title=f"{layer} input |x| (max {stats.amax:.4g})")))
+    return charts
+
+
+def _sections(data: Dict[str, Any]) -> List[Tuple[str, List[str], List[List[str]], str]]:
+    """Extra tables: ``(heading, headers, rows, note)``."""
+    out = []
+    for calibrator, s in data["sensitivity"].items():
+        rows = [[str(e["rank"]), e["layer"], _fmt(_num(e.get("proxy_sqnr_db"))), _fmt(_num(e.get("value"))), _fmt(_num(e.get("sensitivity")))]
+                for e in s.get("layers", [])[:20]]
+        note = (f"method: quantize everything but one layer; FP32 {_fmt(_num(s.get('fp32')))}, all INT8 {_fmt(_num(s.get('int8')))} "
+                f"on {s.get('subset_batches')}/{s.get('total_batches')} eval batches; cost {_fmt(_num(s.get('cost_passes')))} eval passes.")
+        for name, a in (s.get("agreement") or {}).items():
+            note += f" Proxy {name} vs full ranking: Spearman {_fmt(_num(a.get('spearman')))}, Kendall {_fmt(_num(a.get('kendall')))}."
+        out.append((f"Sensitivity ranking ({calibrator})", ["rank", "layer", "local SQNR dB", f"{s.get('metric')} with layer in FP16", "recovered"], rows, note))
+    for calibrator, m in data["mixed"].items():
+        rows = [[str(n), _fmt(_num(v))] for n, v in m.get("evaluations", [])]
+        note = (f"target: drop <= {_fmt(_num(m.get('max_drop')))} {m.get('metric')}; FP32 {_fmt(_num(m.get('fp32')))}, INT8 {_fmt(_num(m.get('int8')))}, "
+                f"mixed {_fmt(_num(m.get('value')))} ({'met' if m.get('met') else 'not met'}). Kept in FP16: {', '.join(m.get('float_layers') or []) or 'none'}.")
+        out.append((f"Mixed precision ({calibrator})", ["layers in FP16", m.get("metric", "metric")], rows, note))
+    return out
+
+
+def _html_table(headers: List[str], rows: List[List[str]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_table(headers: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _title(data: Dict[str, Any]) -> Tuple[str, str]:
+    info, results = data["info"], data["results"]
+    title = f"quantlab compare: {info.get('model') or 'model'}"
+    subtitle = (f"run {results.get('run_id') or '-'} · calibration {info.get('data') or '-'} · eval {info.get('eval_data') or '-'} "
+                f"({info.get('eval_batches')} batches) · metric {results.get('metric')} · best INT8 calibrator {results.get('best_calibrator') or '-'}")
+    stats = results.get("statistics")
+    if stats:
+        subtitle += f" · statistics pass {stats['num_batches']} batches, {stats['statistics_seconds']:.1f} s (shared by every calibrator)"
+    return title, subtitle
+
+
+def render_html(data: Dict[str, Any]) -> str:
+    title, subtitle = _title(data)
+    headers, rows = _result_table(data["results"])
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:24px;max-width:1000px}table{border-collapse:collapse;margin:8px 0 16px}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}th{background:#f3f3f3}"
+        "td:nth-child(-n+2){text-align:left}.note{color:#555;font-size:13px}figure{margin:12px 0}</style></head><body>",
+        f"<h1>{escape(title)}</h1><p class='note'>{escape(subtitle)}</p>",
+        "<h2>Results</h2>", _html_table(headers, rows),
+        "<p class='note'>Δ is the difference to FP32 on the same eval batches; seconds is the evaluation wall time. "
+        "INT8 is fake-quantized PyTorch (ONNX Runtime / TensorRT execution is measured by quantlab.runtimes).</p>",
+    ]
+    for heading, h, r, note in _sections(data):
+        parts += [f"<h2>{escape(heading)}</h2>", f"<p class='note'>{escape(note)}</p>", _html_table(h, r)]
+    charts = _charts(data)
+    if charts:
+        parts.append("<h2>Charts</h2>")
+    for _, caption, image in charts:
+        parts.append(f"<figure>{image}<figcaption class='note'>{escape(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render_markdown(data: Dict[str, Any], image_dir: Path, image_prefix: str) -> Tuple[str, Dict[Path, str]]:
+    """Markdown text and the SVG files it links to (path -> content)."""
+    title, subtitle = _title(data)
+    headers, rows = _result_table(data["results"])
+    lines = [f"# {title}", "", subtitle, "", "## Results", "", _md_table(headers, rows), ""]
+    for heading, h, r, note in _sections(data):
+        lines += [f"## {heading}", "", note, "", _md_table(h, r), ""]
+    images: Dict[Path, str] = {}
+    charts = _charts(data)
+    if charts:
+        lines += ["## Charts", ""]
+    for slug, caption, image in charts:
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in slug) + ".svg"
+        images[image_dir / name] = image
+        lines += [f"![{caption}]({image_prefix}/{name})", "", f"*{caption}*", ""]
+    return "\n".join(lines), images
+
+
+def write_report(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None, *, fmt: str = "html") -> Path:
+    """Writes the report of a compare run folder and returns its path.
+
+    Args:
+        run_dir: The compare run folder.
+        out: Report file (default ``<run_dir>/report.html`` or ``report.md``).
+        fmt: ``"html"`` (one self-contained file, inline SVG) or ``"md"``
+            (Markdown plus an ``<name>_files/`` folder of SVG charts).
+
+    Raises:
+        RunFolderError: the folder has no results.json.
+    """
+    if fmt not in ("html", "md"):
+        raise ValueError(f"report format must be html or md, got {fmt!r}")
+    data = collect(run_dir)
+    target = Path(out) if out is not None else Path(run_dir) / f"report.{fmt}"
+    if fmt == "html":
+        return write_text_atomic(target, render_html(data))
+    image_dir = target.parent / f"{target.stem}_files"
+    text, images = render_markdown(data, image_dir, image_dir.name)
+    for path, content in images.items():
+        write_text_atomic(path, content)
+    return write_text_atomic(target, text)
+
+
+def svg_data_uri(image: str) -> str:
+    """A data: URI for an SVG string (for embedding elsewhere, e.g. the dashboard)."""
+    return "data:image/svg+xml;base64," + base64.b64encode(image.encode("utf-8")).decode("ascii")
+
+
+__all__ = ["write_report", "collect", "render_html", "render_markdown", "svg_data_uri", "RunFolderError"]

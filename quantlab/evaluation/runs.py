@@ -1,0 +1,126 @@
+"""Compare run folders: finding one, rebuilding its model/data/task, reading its files.
+
+A compare run folder holds ``run.json`` (the specs: model, data, eval data,
+metric, batch size, eval batches), ``scales.<calibrator>.json`` and
+``results.json``; sensitivity and autoprecision add their own files beside them.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+from torch import nn
+
+from quantlab.errors import QuantlabError
+
+PathLike = Union[str, Path]
+
+
+class RunFolderError(QuantlabError):
+    """A run folder is missing a file or the file is corrupt."""
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise RunFolderError(f"{path} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunFolderError(f"{path} is corrupt ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_run_info(ref: PathLike, store_path: Optional[PathLike] = None) -> Dict[str, Any]:
+    """``run.json`` of a compare run given by its folder or its run id (looked up in the store).
+
+    A sensitivity/autoprecision run id resolves to its parent compare run.
+
+    Raises:
+        RunFolderError: the folder has no (valid) run.json.
+        RunNotFoundError: the id is not in the store.
+    """
+    from quantlab.store import RunStore
+
+    folder = Path(ref)
+    if not (folder / "run.json").is_file():
+        if folder.is_dir():
+            raise RunFolderError(f"{folder} has no run.json: pass the folder given to `quantlab compare --out` or a run id")
+        store = RunStore(store_path)
+        run = store.find_run(str(ref))
+        if run["kind"] != "compare" and run.get("parent_id"):
+            run = store.get_run(run["parent_id"])
+        if not run.get("run_dir"):
+            raise RunFolderError(f"run '{ref}' has no run folder recorded")
+        folder = Path(run["run_dir"])
+        if not (folder / "run.json").is_file():
+            raise RunFolderError(f"run '{ref}' points at {folder}, which has no run.json (moved or deleted?)")
+    info = _read_json(folder / "run.json")
+    info["run_dir"] = str(folder.resolve())
+    return info
+
+
+def read_results(run_dir: PathLike) -> Dict[str, Any]:
+    """``results.json`` of a compare run folder."""
+    return _read_json(Path(run_dir) / "results.json")
+
+
+def rebuild(info: Dict[str, Any], *, device: Optional[str] = None, need_calib: bool = False) -> Tuple[nn.Module, list, Any, str, Any]:
+    """Model, eval batches, task, metric (and calibration data) of a recorded compare run.
+
+    The same specs, batch size and number of eval batches give the same batches.
+    """
+    from quantlab.data import load_data
+    from quantlab.evaluation.tasks import batches_of, task_for_metric
+    from quantlab.model_source import load_model
+
+    if not info.get("model") or not info.get("eval_data"):
+        raise RunFolderError(
+            f"run {info.get('run_id')} was recorded without model and eval data specs (created from Python?): "
+            "rebuild it with the Python API"
+        )
+    model = load_model(info["model"], weights=info.get("weights"), device=device or info.get("device"))
+    batch_size = int(info.get("batch_size") or 64)
+    eval_batches = batches_of(load_data(info["eval_data"], batch_size=batch_size), info.get("eval_batches"))
+    metric = info["metric"]
+    params = (info.get("task") or {}).get("params") or {}
+    task, metric = task_for_metric(metric, **({} if ":" in metric else params))
+    calib = load_data(info["data"], batch_size=batch_size) if need_calib and info.get("data") else None
+    return model, eval_batches, task, metric, calib
+
+
+def calibrator_of(info: Dict[str, Any], requested: Optional[str] = None) -> str:
+    """The requested calibrator (checked against the run's) or the run's best by its metric."""
+    calibrators = list(info.get("calibrators") or [])
+    if requested:
+        if requested not in calibrators:
+            raise RunFolderError(f"calibrator {requested!r} is not in run {info.get('run_id')} (it has {', '.join(calibrators) or 'none'})")
+        return requested
+    best = read_results(info["run_dir"]).get("best_calibrator")
+    if not best:
+        raise RunFolderError(f"run {info.get('run_id')} has no INT8 results: run compare with int8 in --precisions")
+    return best
+
+
+def scales_path(run_dir: PathLike, calibrator: str) -> Path:
+    return Path(run_dir) / f"scales.{calibrator}.json"
+
+
+def sensitivity_path(run_dir: PathLike, calibrator: str) -> Path:
+    return Path(run_dir) / f"sensitivity.{calibrator}.json"
+
+
+def autoprecision_dir(run_dir: PathLike, calibrator: str) -> Path:
+    return Path(run_dir) / f"autoprecision.{calibrator}"
+
+
+def quantized_copy(model: nn.Module, info: Dict[str, Any], calibrator: str) -> nn.Module:
+    """A deep copy of ``model`` quantized with the run's scales for ``calibrator``."""
+    from quantlab.api import load_scales
+    from quantlab.config import QuantConfig
+    from quantlab.scales import Scales
+
+    scales = Scales.load(scales_path(info["run_dir"], calibrator))
+    if scales.config is None and info.get("quant_config"):
+        scales.config = QuantConfig.from_dict(info["quant_config"])
+    return load_scales(copy.deepcopy(model), scales)

@@ -1,0 +1,201 @@
+"""Sensitivity and autoprecision on a recorded compare run, recorded in the run store.
+
+These are what ``quantlab sensitivity`` and ``quantlab autoprecision`` do; a
+Python user with a run folder gets the same results and files.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from quantlab._io import write_text_atomic
+from quantlab.evaluation.autoprecision import auto_precision
+from quantlab.evaluation.evaluate import evaluate_reference
+from quantlab.evaluation.runs import (
+    RunFolderError,
+    autoprecision_dir,
+    calibrator_of,
+    quantized_copy,
+    read_results,
+    rebuild,
+    sensitivity_path,
+)
+from quantlab.evaluation.sensitivity import full_ranking, proxy_agreement, rank_layers
+
+Progress = Callable[[str, int, int], None]
+
+
+def _recorded(store: Any, run_id: str, work: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    try:
+        out = work()
+    except BaseException as exc:
+        store.set_status(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    store.set_status(run_id, "done")
+    return out
+
+
+def run_sensitivity(
+    info: Dict[str, Any],
+    store: Any,
+    *,
+    calibrator: Optional[str] = None,
+    top_k: Optional[int] = None,
+    budget_passes: float = 3.0,
+    subset_fraction: float = 0.25,
+    full: bool = False,
+    device: Optional[str] = None,
+    progress: Optional[Progress] = None,
+) -> Dict[str, Any]:
+    """Ranks the layers of a compare run; writes ``sensitivity.<calibrator>.json``.
+
+    With ``full``, also evaluates every layer on the same subset and measures
+    how well the SQNR proxies (local and end-to-end) agree with that ranking.
+
+    Returns:
+        ``{"run_id", "calibrator", "result", "agreement", "path"}``.
+    """
+    model, batches, task, metric, _ = rebuild(info, device=device)
+    calibrator = calibrator_of(info, calibrator)
+    quant = quantized_copy(model, info, calibrator)
+    run_dir = Path(info["run_dir"])
+    run_id = store.create_run(
+        "sensitivity", model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
+        config={"calibrator": calibrator, "metric": metric, "method": "everything_but_one", "top_k": top_k,
+                "budget_passes": budget_passes, "subset_fraction": subset_fraction, "full": full},
+        run_dir=run_dir, parent_id=info.get("run_id"),
+    )
+
+    def work() -> Dict[str, Any]:
+        result = rank_layers(model, quant, task, batches, metric=metric, top_k=top_k, budget_passes=budget_passes,
+                             subset_fraction=subset_fraction, progress=progress)
+        agreement = None
+        full_scores = None
+        if full:
+            full_scores = full_ranking(quant, task, batches[: result.subset_batches], metric=metric, layers=result.order(), progress=progress)
+            agreement = {
+                "local_sqnr": proxy_agreement(result.layer_errors, full_scores),
+                "end_to_end_sqnr": proxy_agreement(result.layer_errors, full_scores, key="sqnr_db"),
+            }
+        store.add_layer_stats(run_id, result.to_rows(calibrator))
+        summary = {
+            "run_id": run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "metric": metric,
+            "method": result.method, "fp32": result.fp32, "int8": result.baseline,
+            "subset_batches": result.subset_batches, "total_batches": result.total_batches,
+            "cost_passes": result.cost_passes, "seconds": result.seconds,
+            "layers": [vars(entry) for entry in result.layers],
+            "agreement": agreement, "full_ranking": full_scores,
+        }
+        path = write_text_atomic(sensitivity_path(run_dir, calibrator), json.dumps(summary, indent=1, default=str))
+        store.add_artifact(run_id, "sensitivity", path)
+        return {"run_id": run_id, "calibrator": calibrator, "result": result, "agreement": agreement, "path": path}
+
+    return _recorded(store, run_id, work)
+
+
+def export_onnx_if_available(model: Any, example_inputs: Any, path: Path) -> Optional[str]:
+    """Exports a Q/DQ ONNX model through :mod:`quantlab.export` when that module provides an exporter.
+
+    Returns:
+        None on success, else a note saying why no ONNX file was written.
+    """
+    try:
+        import quantlab.export as export
+    except ImportError as exc:  # pragma: no cover - the package folder always exists
+        return f"quantlab.export is not importable ({exc})"
+    for name in ("export_qdq_onnx", "export_onnx", "export_qdq"):
+        fn = getattr(export, name, None)
+        if callable(fn):
+            fn(model, example_inputs, path)
+            return None
+    return "quantlab.export provides no ONNX exporter yet; the scales file can be exported later"
+
+
+def run_autoprecision(
+    info: Dict[str, Any],
+    store: Any,
+    *,
+    max_drop: float,
+    relative: bool = False,
+    calibrator: Optional[str] = None,
+    order: str = "auto",
+    out_dir: Optional[str] = None,
+    device: Optional[str] = None,
+    export_onnx: bool = True,
+    progress: Optional[Progress] = None,
+) -> Dict[str, Any]:
+    """Mixed precision for a compare run; writes ``scales.mixed.json``, ``mixed.json`` (and ONNX).
+
+    Args:
+        order: ``"sensitivity"`` (a saved ``sensitivity.<calibrator>.json``),
+            ``"proxy"`` (a fresh :func:`rank_layers`), ``"auto"`` (saved if present).
+
+    Returns:
+        ``{"run_id", "calibrator", "result", "order_source", "artifacts", "onnx_note"}``.
+    """
+    if order not in ("auto", "sensitivity", "proxy"):
+        raise ValueError(f"order must be auto, sensitivity or proxy, got {order!r}")
+    model, batches, task, metric, _ = rebuild(info, device=device)
+    calibrator = calibrator_of(info, calibrator)
+    quant = quantized_copy(model, info, calibrator)
+    run_dir = Path(info["run_dir"])
+    saved = sensitivity_path(run_dir, calibrator)
+    if order == "sensitivity" and not saved.is_file():
+        raise RunFolderError(f"{saved} not found: run `quantlab sensitivity --run {run_dir} --calibrator {calibrator}` first")
+    out = Path(out_dir) if out_dir else autoprecision_dir(run_dir, calibrator)
+    run_id = store.create_run(
+        "autoprecision", model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
+        config={"calibrator": calibrator, "metric": metric, "max_drop": max_drop, "relative": relative, "order": order},
+        run_dir=out, parent_id=info.get("run_id"),
+    )
+
+    def work() -> Dict[str, Any]:
+        fp32 = evaluate_reference(model, task, batches).metrics[metric]
+        int8 = None
+        for row in read_results(run_dir).get("rows", []):
+            if row["precision"] == "int8" and row["calibrator"] == calibrator and row["metric"] == metric and row.get("source", "ptq") == "ptq":
+                int8 = float(row["value"])  # same batches, deterministic: no need to run it again
+        if saved.is_file() and order in ("auto", "sensitivity"):
+            ranking = json.loads(saved.read_text(encoding="utf-8"))
+            layer_order = [entry["layer"] for entry in ranking["layers"]]
+            source = f"{saved.name} (metric-ranked top candidates, then SQNR proxy)"
+        else:
+            layer_order = rank_layers(model, quant, task, batches, metric=metric, progress=progress).order()
+            task.set_reference(evaluate_reference(model, task, batches).state)  # rank_layers used a subset reference
+            source = "fresh sensitivity ranking (SQNR proxy + metric on top candidates)"
+        result = auto_precision(quant, task, batches, metric=metric, fp32_value=fp32, order=layer_order, max_drop=max_drop,
+                                relative=relative, int8_value=int8, progress=progress)
+        artifacts: Dict[str, str] = {}
+        onnx_note = None
+        out.mkdir(parents=True, exist_ok=True)
+        if result.scales is not None:
+            artifacts["scales"] = str(result.scales.save(out / "scales.mixed.json"))
+            if export_onnx:
+                from quantlab.api import load_scales
+
+                mixed = load_scales(quantized_copy(model, info, calibrator), result.scales)
+                onnx_path = out / "model.mixed.onnx"
+                try:
+                    onnx_note = export_onnx_if_available(mixed, task.inputs(batches[0]), onnx_path)
+                except Exception as exc:  # noqa: BLE001 - the scales file is the primary output; report export trouble
+                    onnx_note = f"ONNX export failed: {type(exc).__name__}: {exc}"
+                if onnx_note is None:
+                    artifacts["onnx"] = str(onnx_path)
+        summary = {"run_id": run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "order_source": source,
+                   "relative": relative, "requested_max_drop": max_drop, **result.to_dict(), "onnx_note": onnx_note}
+        artifacts["summary"] = str(write_text_atomic(out / "mixed.json", json.dumps(summary, indent=1, default=str)))
+        store.add_results(run_id, [
+            {"precision": "fp32", "calibrator": None, "source": "ptq", "metric": metric, "value": fp32, "delta": 0.0, "seconds": None},
+            {"precision": "int8", "calibrator": calibrator, "source": "ptq", "metric": metric, "value": result.int8,
+             "delta": result.int8 - fp32, "seconds": None},
+            {"precision": "int8", "calibrator": calibrator, "source": "mixed", "metric": metric, "value": result.value,
+             "delta": result.value - fp32, "seconds": result.seconds},
+        ])
+        store.add_layer_stats(run_id, [{"calibrator": calibrator, "layer": name, "rank": i + 1} for i, name in enumerate(result.float_layers)])
+        for kind, path in artifacts.items():
+            store.add_artifact(run_id, kind, path)
+        return {"run_id": run_id, "calibrator": calibrator, "result": result, "order_source": source,
+                "artifacts": artifacts, "onnx_note": onnx_note}
+
+    return _recorded(store, run_id, work)

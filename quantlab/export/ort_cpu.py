@@ -1,0 +1,289 @@
+"""``--target ort-cpu``: the same INT8 model, in the form ONNX Runtime runs fast on x86 CPUs.
+
+ONNX Runtime's x86 integer kernels (MLAS, VNNI) are fast for UINT8 activations
+and INT8 weights; with INT8 activations a Q/DQ model is often SLOWER than FP32.
+Symmetric INT8 with zero point 0 and UINT8 with zero point 128 are the same
+grid (``q_u8 = q_s8 + 128``), so the TensorRT graph is rewritten with the SAME
+scales and the same numerics:
+
+1. every activation Q/DQ gets a UINT8 zero point of 128;
+2. a Conv whose output reaches the next quantizer only through Relu / MaxPool
+   becomes ``Conv -> Q -> Clip(128, 255) [-> MaxPool]``: Relu on the integer grid
+   is ``max(q, 128)``, ``Q(relu(y)) == max(Q(y), 128)`` exactly, and MaxPool
+   commutes with the monotone Q, so ORT fuses DQ -> Conv -> Q into one ``QLinearConv``;
+3. any other quantized Conv (e.g. one feeding a residual Add, whose output has no
+   quantizer) reads ``DQ(x)`` and a float weight initializer holding exactly the
+   dequantized values ``q * s`` (what DQ would compute on every run), so ONNX
+   Runtime prepacks it like an FP32 weight. ONNX Runtime 1.30-1.32's
+   ``ConvInteger`` kernel measured 4-5x slower than its float Conv, so the integer
+   form ``ConvInteger -> Cast -> Mul(s_x * s_w) -> Add(bias)`` (exact integer
+   accumulation) is only used with ``conv_integer=True``;
+4. Gemm / MatMul with quantized inputs become ``MatMulInteger -> Cast -> Mul -> Add``.
+
+ConvTranspose keeps its Q/DQ form (ONNX Runtime has no integer ConvTranspose).
+This form is for ONNX Runtime only: TensorRT rejects UINT8 inside a network.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from quantlab.export.graph import GraphView, get_attr
+
+ACTIVATION_ZERO_POINT = 128
+_CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+
+
+def _activation_dq(view: GraphView, tensor: str, zero_name: str) -> Optional[onnx.NodeProto]:
+    """The DQ producing ``tensor`` when it dequantizes a UINT8 activation per tensor.
+
+    Its input is the integer tensor the integer kernels read directly (the
+    output of a Q, or of the grid Relu that replaced one).
+    """
+    dq = view.producer.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear" or view.is_const(dq.input[0]):
+        return None
+    scale = view.const(dq.input[1])
+    if scale is None or scale.size != 1:
+        return None
+    if (dq.input[2] if len(dq.input) > 2 else "") != zero_name:
+        return None
+    return dq
+
+
+def _scale_of(view: GraphView, dq: onnx.NodeProto) -> float:
+    return float(np.asarray(view.const(dq.input[1])).reshape(()))
+
+
+def _weight_dq(view: GraphView, tensor: str) -> Optional[Tuple[onnx.NodeProto, np.ndarray, np.ndarray]]:
+    """(DQ, int8 values, scale) when ``tensor`` is DQ(int8 constant) with zero point 0."""
+    dq = view.producer.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    values, scale = view.const(dq.input[0]), view.const(dq.input[1])
+    if values is None or scale is None or values.dtype != np.int8:
+        return None
+    if len(dq.input) > 2 and dq.input[2]:
+        zero = view.const(dq.input[2])
+        if zero is None or np.any(zero != 0):
+            return None
+    return dq, values, scale
+
+
+def _to_uint8_activations(view: GraphView) -> str:
+    zero_name = view.add_initializer(np.array(ACTIVATION_ZERO_POINT, dtype=np.uint8), "ort_cpu.activation_zero_point")
+    for q in [n for n in view.nodes if n.op_type == "QuantizeLinear"]:
+        scale = view.const(q.input[1])
+        if scale is None or scale.size != 1 or view.is_const(q.input[0]):
+            continue
+        zero = view.const(q.input[2]) if len(q.input) > 2 and q.input[2] else None
+        if zero is not None and (zero.dtype != np.int8 or np.any(zero != 0)):
+            continue
+        _set_zero_point(q, zero_name)
+        for dq in view.uses(q.output[0]):
+            if dq.op_type == "DequantizeLinear":
+                _set_zero_point(dq, zero_name)
+    view.refresh()
+    return zero_name
+
+
+def _set_zero_point(node: onnx.NodeProto, name: str) -> None:
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+
+
+def _per_channel_shape(values: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    shape = [1] * rank
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+# Ops that map grid values to grid values, so they commute with quantization and can
+# run on the UINT8 tensor: Relu is max(q, 128) (a Clip), MaxPool is MaxPool.
+_GRID_OPS = ("Relu", "MaxPool")
+
+
+def _relu_to_grid(view: GraphView, conv: onnx.NodeProto, zero_name: str) -> bool:
+    """Rewrites Conv [-> Relu / MaxPool ...] -> Q(s) so ONNX Runtime fuses QLinearConv (rule 2)."""
+    out = conv.output[0]
+    chain: List[onnx.NodeProto] = []
+    tail = out
+    while True:
+        if view.is_graph_output(tail):
+            return False
+        users = view.uses(tail)
+        if users and all(u.op_type == "QuantizeLinear" and u.input[0] == tail for u in users):
+            break
+        nxt = view.only_consumer(tail)
+        if nxt is None or nxt.op_type not in _GRID_OPS or len([o for o in nxt.output if o]) != 1:
+            return False
+        chain.append(nxt)
+        tail = nxt.output[0]
+    quantizers = view.uses(tail)
+    scales = {float(np.asarray(view.const(q.input[1])).reshape(-1)[0]) if view.const(q.input[1]) is not None else None for q in quantizers}
+    zero_points = {q.input[2] if len(q.input) > 2 else "" for q in quantizers}
+    if None in scales or len(scales) != 1 or zero_points != {zero_name}:
+        return False
+    if not chain:
+        return True  # already DQ -> Conv -> Q
+    first = quantizers[0]
+    base = conv.name or out
+    current = view.unique(f"{out}.quantized")
+    new_nodes = [helper.make_node("QuantizeLinear", [out, first.input[1], zero_name], [current], name=view.unique(f"{base}/QuantizeLinear"))]
+    for op in chain:
+        result = view.unique(f"{op.output[0]}.quantized")
+        if op.op_type == "Relu":
+            floor = view.add_initializer(np.array(ACTIVATION_ZERO_POINT, dtype=np.uint8), f"{base}.relu_floor")
+            new_nodes.append(helper.make_node("Clip", [current, floor], [result], name=view.unique(f"{op.name or result}/ClipUint8")))
+        else:
+            attrs = {a.name: helper.get_attribute_value(a) for a in op.attribute}
+            new_nodes.append(helper.make_node(op.op_type, [current], [result], name=view.unique(f"{op.name or result}/Uint8"), **attrs))
+        current = result
+    for q in quantizers:
+        view.replace_uses(q.output[0], current)
+    view.remove(chain + quantizers)
+    view.insert_after(conv, new_nodes)
+    view.refresh()
+    return True
+
+
+def _dequantize_weight(view: GraphView, conv: onnx.NodeProto, w_dq) -> None:
+    """Replaces DQ(int8 W) by a float32 initializer with DQ's exact output, ``float32(q) * s``."""
+    dq, values, scale = w_dq
+    axis = get_attr(dq, "axis", 1) % values.ndim
+    s = np.asarray(scale, dtype=np.float32)
+    if s.size > 1:
+        s = _per_channel_shape(s, values.ndim, axis)
+    weight = (values.astype(np.float32) * s).astype(np.float32)
+    conv.input[1] = view.add_initializer(weight, f"{dq.input[0]}_dequantized")
+    view.refresh()
+
+
+def _conv_integer(view: GraphView, conv: onnx.NodeProto, x_dq: onnx.NodeProto, w_dq, zero_name: str) -> None:
+    """Rule 3: ConvInteger -> Cast -> Mul -> Add, writing the conv's original output."""
+    _, w_values, w_scale = w_dq
+    x_scale = _scale_of(view, x_dq)
+    rank = w_values.ndim
+    scale = (np.asarray(w_scale, dtype=np.float64).reshape(-1) * x_scale).astype(np.float32)
+    scale = _per_channel_shape(scale, rank, 1) if scale.size > 1 else scale.reshape(())
+    base = conv.name or conv.output[0]
+    w_name = view.add_initializer(w_values, f"{base}.weight_int8")
+    w_zero = view.add_initializer(np.array(0, dtype=np.int8), f"{base}.weight_zero_point")
+    acc = view.unique(f"{base}.int32")
+    acc_float = view.unique(f"{base}.int32_as_float")
+    scaled = view.unique(f"{base}.scaled")
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute if a.name in _CONV_ATTRS}
+    nodes = [
+        helper.make_node("ConvInteger", [x_dq.input[0], w_name, zero_name, w_zero], [acc], name=view.unique(f"{base}/ConvInteger"), **attrs),
+        helper.make_node("Cast", [acc], [acc_float], to=TensorProto.FLOAT, name=view.unique(f"{base}/Cast")),
+    ]
+    bias = view.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    scale_name = view.add_initializer(scale, f"{base}.output_scale")
+    if bias is None:
+        nodes.append(helper.make_node("Mul", [acc_float, scale_name], [conv.output[0]], name=view.unique(f"{base}/Mul")))
+    else:
+        bias_name = view.add_initializer(_per_channel_shape(bias.astype(np.float32), rank, 1), f"{base}.bias_nchw")
+        nodes.append(helper.make_node("Mul", [acc_float, scale_name], [scaled], name=view.unique(f"{base}/Mul")))
+        nodes.append(helper.make_node("Add", [scaled, bias_name], [conv.output[0]], name=view.unique(f"{base}/AddBias")))
+    view.insert_after(conv, nodes)
+    view.remove([conv])
+    view.refresh()
+
+
+def _matmul_integer(view: GraphView, node: onnx.NodeProto, zero_name: str) -> bool:
+    """Rule 4 for Gemm and MatMul with a quantized activation and an INT8 constant (or quantized) B."""
+    a_dq = _activation_dq(view, node.input[0], zero_name)
+    if a_dq is None:
+        return False
+    a_scale = _scale_of(view, a_dq)
+    base = node.name or node.output[0]
+    b_dq = _activation_dq(view, node.input[1], zero_name)
+    w_dq = _weight_dq(view, node.input[1])
+    alpha, beta, bias = 1.0, 1.0, None
+    if node.op_type == "Gemm":
+        if get_attr(node, "transA", 0) or w_dq is None:
+            return False
+        alpha, beta = float(get_attr(node, "alpha", 1.0)), float(get_attr(node, "beta", 1.0))
+        if len(node.input) > 2 and node.input[2]:
+            bias = view.const(node.input[2])
+            if bias is None:
+                return False
+    if w_dq is not None:
+        _, w_values, w_scale = w_dq
+        if w_values.ndim != 2:
+            return False
+        trans_b = node.op_type == "Gemm" and bool(get_attr(node, "transB", 0))
+        weight = np.ascontiguousarray(w_values.T) if trans_b else w_values
+        w_scale = np.asarray(w_scale, dtype=np.float64).reshape(-1)
+        if w_scale.size > 1:
+            axis = get_attr(w_dq[0], "axis", 1) % 2
+            if axis != (0 if trans_b else 1):
+                return False  # per-channel along K cannot be applied after the integer product
+        b_input = view.add_initializer(weight, f"{base}.weight_int8")
+        b_zero = view.add_initializer(np.array(0, dtype=np.int8), f"{base}.weight_zero_point")
+        scale = (w_scale * a_scale * alpha).astype(np.float32)
+        scale = scale.reshape(()) if scale.size == 1 else scale
+    elif b_dq is not None and node.op_type == "MatMul":
+        b_input, b_zero = b_dq.input[0], zero_name
+        scale = np.array(a_scale * _scale_of(view, b_dq), dtype=np.float32)
+    else:
+        return False
+    acc, acc_float = view.unique(f"{base}.int32"), view.unique(f"{base}.int32_as_float")
+    scale_name = view.add_initializer(scale, f"{base}.output_scale")
+    nodes: List[onnx.NodeProto] = [
+        helper.make_node("MatMulInteger", [a_dq.input[0], b_input, zero_name, b_zero], [acc], name=view.unique(f"{base}/MatMulInteger")),
+        helper.make_node("Cast", [acc], [acc_float], to=TensorProto.FLOAT, name=view.unique(f"{base}/Cast")),
+    ]
+    if bias is None:
+        nodes.append(helper.make_node("Mul", [acc_float, scale_name], [node.output[0]], name=view.unique(f"{base}/Mul")))
+    else:
+        scaled = view.unique(f"{base}.scaled")
+        bias_name = view.add_initializer((bias.astype(np.float64) * beta).astype(np.float32), f"{base}.bias_scaled")
+        nodes.append(helper.make_node("Mul", [acc_float, scale_name], [scaled], name=view.unique(f"{base}/Mul")))
+        nodes.append(helper.make_node("Add", [scaled, bias_name], [node.output[0]], name=view.unique(f"{base}/AddBias")))
+    view.insert_after(node, nodes)
+    view.remove([node])
+    view.refresh()
+    return True
+
+
+def convert_to_ort_cpu(view: GraphView, *, conv_integer: bool = False) -> dict:
+    """Rewrites a TensorRT-form Q/DQ graph (in place) into the ort-cpu form.
+
+    Args:
+        view: The graph.
+        conv_integer: Turn Convs that cannot become QLinearConv into ConvInteger
+            (slow in ONNX Runtime 1.32) instead of leaving them as DQ -> Conv.
+
+    Returns:
+        Counts: ``qlinear_conv``, ``conv_integer``, ``float_conv`` (left as DQ -> Conv), ``matmul_integer``.
+    """
+    zero_name = _to_uint8_activations(view)
+    counts = {"qlinear_conv": 0, "conv_integer": 0, "float_conv": 0, "matmul_integer": 0}
+    for node in list(view.nodes):
+        if node.op_type == "Conv":
+            x_dq = _activation_dq(view, node.input[0], zero_name)
+            w_dq = _weight_dq(view, node.input[1])
+            if x_dq is None or w_dq is None:
+                continue
+            if len(node.input) > 2 and node.input[2] and view.const(node.input[2]) is None:
+                continue
+            if _relu_to_grid(view, node, zero_name):
+                counts["qlinear_conv"] += 1
+            elif conv_integer:
+                _conv_integer(view, node, x_dq, w_dq, zero_name)
+                counts["conv_integer"] += 1
+            else:
+                _dequantize_weight(view, node, w_dq)
+                counts["float_conv"] += 1
+        elif node.op_type in ("Gemm", "MatMul"):
+            counts["matmul_integer"] += int(_matmul_integer(view, node, zero_name))
+    view.prune()
+    return counts
+
+
+__all__ = ["ACTIVATION_ZERO_POINT", "convert_to_ort_cpu"]

@@ -1,0 +1,132 @@
+"""The run store's SQLite schema, its versions and the migrations between them.
+
+A new store is created at version 1 and migrated forward, so the migration path
+is the only path and runs on every fresh store (it cannot rot).
+
+Version history:
+    1. runs (config JSON inline), results (precision, calibrator, metric, value),
+       layer_stats (sqnr_db, cosine), artifacts.
+    2. configs table (JSON de-duplicated by SHA-256, ``runs.config_id``);
+       runs gain name, eval_data, parent_id, progress, error, updated_at;
+       results gain source, delta (vs FP32), seconds; layer_stats gain
+       local_sqnr_db, local_cosine, sensitivity, rank; artifacts gain created_at;
+       indexes for the dashboard's queries.
+"""
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from typing import Callable, Dict
+
+SCHEMA_VERSION = 2
+
+SCHEMA_V1 = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE runs (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    model TEXT NOT NULL,
+    data TEXT,
+    config TEXT,
+    run_dir TEXT,
+    status TEXT NOT NULL DEFAULT 'running',
+    created_at TEXT NOT NULL
+);
+CREATE TABLE results (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    precision TEXT NOT NULL,
+    calibrator TEXT,
+    metric TEXT NOT NULL,
+    value REAL NOT NULL
+);
+CREATE TABLE layer_stats (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    calibrator TEXT,
+    layer TEXT NOT NULL,
+    sqnr_db REAL,
+    cosine REAL
+);
+CREATE TABLE artifacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL
+);
+INSERT INTO schema_version (version) VALUES (1);
+"""
+
+def run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Executes ``;``-separated statements one by one.
+
+    ``Connection.executescript`` would COMMIT first, breaking the caller's
+    transaction; statements here never contain a ``;`` of their own.
+    """
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    run_script(
+        conn,
+        """
+        CREATE TABLE configs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            sha256 TEXT NOT NULL UNIQUE,
+            json TEXT NOT NULL
+        );
+        ALTER TABLE runs ADD COLUMN name TEXT;
+        ALTER TABLE runs ADD COLUMN eval_data TEXT;
+        ALTER TABLE runs ADD COLUMN config_id INTEGER REFERENCES configs(id);
+        ALTER TABLE runs ADD COLUMN parent_id TEXT;
+        ALTER TABLE runs ADD COLUMN progress REAL;
+        ALTER TABLE runs ADD COLUMN error TEXT;
+        ALTER TABLE runs ADD COLUMN updated_at TEXT;
+        ALTER TABLE results ADD COLUMN source TEXT NOT NULL DEFAULT 'ptq';
+        ALTER TABLE results ADD COLUMN delta REAL;
+        ALTER TABLE results ADD COLUMN seconds REAL;
+        ALTER TABLE layer_stats ADD COLUMN local_sqnr_db REAL;
+        ALTER TABLE layer_stats ADD COLUMN local_cosine REAL;
+        ALTER TABLE layer_stats ADD COLUMN sensitivity REAL;
+        ALTER TABLE layer_stats ADD COLUMN rank INTEGER;
+        ALTER TABLE artifacts ADD COLUMN created_at TEXT;
+        """
+    )
+    # Version 1 kept the config JSON inline in each run: move it to the configs table.
+    for run_id, text in conn.execute("SELECT id, config FROM runs WHERE config IS NOT NULL").fetchall():
+        digest = config_hash(text)
+        conn.execute("INSERT OR IGNORE INTO configs (sha256, json) VALUES (?, ?)", (digest, text))
+        conn.execute("UPDATE runs SET config_id = (SELECT id FROM configs WHERE sha256 = ?) WHERE id = ?", (digest, run_id))
+    conn.execute("ALTER TABLE runs DROP COLUMN config")
+    conn.execute("UPDATE runs SET updated_at = created_at")
+    # Version 1 had no delta column: derive it from the FP32 row of the same run and metric.
+    conn.execute(
+        """
+        UPDATE results SET delta = value - (
+            SELECT f.value FROM results AS f
+            WHERE f.run_id = results.run_id AND f.metric = results.metric AND f.precision = 'fp32'
+            ORDER BY f.id LIMIT 1)
+        """
+    )
+    run_script(
+        conn,
+        """
+        CREATE INDEX idx_runs_kind_created ON runs(kind, created_at);
+        CREATE INDEX idx_runs_run_dir ON runs(run_dir);
+        CREATE INDEX idx_results_run ON results(run_id);
+        CREATE INDEX idx_layer_stats_run ON layer_stats(run_id);
+        CREATE INDEX idx_artifacts_run ON artifacts(run_id);
+        """
+    )
+
+
+#: ``MIGRATIONS[v]`` upgrades a store from version ``v`` to ``v + 1`` inside one transaction.
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+
+assert all(v in MIGRATIONS for v in range(1, SCHEMA_VERSION)), "a migration is missing"

@@ -1,0 +1,45 @@
+"""One rank of the 2-process DDP test (started by torch.multiprocessing.spawn)."""
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import TensorDataset
+
+
+def calibration_shard(rank: int, world: int):
+    from quantlab.data import load_fmnist
+
+    x, _ = load_fmnist("train[:512]")
+    shard = x[rank::world][:192]  # different images on every rank
+    return [(shard[i : i + 64], None) for i in range(0, len(shard), 64)]
+
+
+def run(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from quantlab import qat
+    from quantlab.attach import iter_quantizers
+    from quantlab.data import load_fmnist
+    from quantlab.qat import ddp
+    from quantlab.qat.loop import TrainConfig, train
+    from tests.qat.models import tiny_cnn
+
+    info = ddp.init_from_env("cpu")
+    assert info.backend == "gloo" and info.world_size == world and info.rank == rank
+    try:
+        model = qat.prepare(tiny_cnn(), data=calibration_shard(rank, world), calibrator="entropy", learn_amax=True)
+        collectors = {r.module_name: (r.quantizer.collector.counts.clone(), r.quantizer.collector.bin_width,
+                                      r.quantizer.collector.amax, r.quantizer.collector.num_batches)
+                      for r in iter_quantizers(model) if r.role == "input"}
+        prepared = {r.key: r.quantizer.amax.detach().clone() for r in iter_quantizers(model)}
+        x, y = load_fmnist("train[:512]")
+        result = train(model, TensorDataset(x, y), TrainConfig(epochs=1, lr=3e-3, batch_size=32, checkpoint_every=4),
+                       checkpoint_dir=out_dir)
+        trained = {r.key: r.quantizer.amax.detach().clone() for r in iter_quantizers(model)}
+        torch.save({"prepared": prepared, "trained": trained, "losses": result.losses, "collectors": collectors,
+                    "steps": result.steps, "weights": {k: v.clone() for k, v in model.state_dict().items()
+                                                       if isinstance(v, torch.Tensor)}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,52 @@
+"""Migrating a real version-1 store file to the current schema."""
+import json
+import sqlite3
+
+from quantlab.store import SCHEMA_VERSION, RunStore
+from quantlab.store.schema import SCHEMA_V1
+
+
+def _write_v1_store(path):
+    """A store as quantlab's first schema wrote it (config inline, no delta/seconds/source)."""
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA_V1)
+    config = json.dumps({"calibrators": ["entropy"], "metric": "top1"}, sort_keys=True)
+    conn.execute("INSERT INTO runs (id, kind, model, data, config, run_dir, status, created_at) VALUES "
+                 "('compare-1', 'compare', 'examples/fmnist.py:build', 'fmnist:calib', ?, '/tmp/r1', 'done', '2026-01-01T00:00:00+00:00')",
+                 (config,))
+    conn.execute("INSERT INTO runs (id, kind, model, config, status, created_at) VALUES "
+                 "('compare-2', 'compare', 'other', ?, 'failed', '2026-01-02T00:00:00+00:00')", (config,))
+    conn.executemany("INSERT INTO results (run_id, precision, calibrator, metric, value) VALUES (?, ?, ?, ?, ?)", [
+        ("compare-1", "fp32", None, "top1", 91.5),
+        ("compare-1", "int8", "entropy", "top1", 91.0),
+        ("compare-1", "int8", "max", "top1", 89.5),
+    ])
+    conn.execute("INSERT INTO layer_stats (run_id, calibrator, layer, sqnr_db, cosine) VALUES ('compare-1', 'entropy', 'stem.0', 30.0, 0.999)")
+    conn.execute("INSERT INTO artifacts (run_id, kind, path) VALUES ('compare-1', 'scales', '/tmp/r1/scales.entropy.json')")
+    conn.commit()
+    conn.close()
+
+
+def test_v1_file_migrates_and_keeps_everything(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    _write_v1_store(path)
+    store = RunStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    run = store.get_run("compare-1")
+    assert run["config"] == {"calibrators": ["entropy"], "metric": "top1"}
+    assert run["status"] == "done" and run["run_dir"] == "/tmp/r1" and run["updated_at"] == run["created_at"]
+    results = store.results("compare-1")
+    assert [(r["precision"], r["calibrator"], r["value"]) for r in results] == [("fp32", None, 91.5), ("int8", "entropy", 91.0), ("int8", "max", 89.5)]
+    assert [r["delta"] for r in results] == [0.0, -0.5, -2.0]  # derived from the FP32 row
+    assert all(r["source"] == "ptq" and r["seconds"] is None for r in results)
+    assert store.layer_stats("compare-1")[0]["sqnr_db"] == 30.0
+    assert store.artifacts("compare-1")[0]["kind"] == "scales"
+    assert [r["id"] for r in store.list_runs()] == ["compare-2", "compare-1"]
+    with sqlite3.connect(path) as conn:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+        assert "config" not in columns and "config_id" in columns
+        assert conn.execute("SELECT COUNT(*) FROM configs").fetchone()[0] == 1  # same config de-duplicated
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    # New rows work on the migrated file, and opening again does not migrate twice.
+    new_id = RunStore(path).create_run("sensitivity", model="m", parent_id="compare-1")
+    assert RunStore(path).get_run(new_id)["parent_id"] == "compare-1"

@@ -1,0 +1,242 @@
+"""Data access for the pages: the run store and quantlab functions behind Streamlit caches.
+
+Pages never open the store or call quantlab directly; they call these. Reads
+that change while a job runs (the runs list) are cached for about a second;
+reads of a finished run are keyed by the run's ``updated_at`` and files by
+their modification time, so a cache entry is never stale.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import pandas as pd
+import streamlit as st
+
+from quantlab.store import STORE_ENV, RunStore, default_store_path
+from quantlab.ui import backend, summaries
+
+
+def store_path() -> str:
+    """The store this dashboard shows: ``$QUANTLAB_STORE`` (set by ``quantlab ui``), else the default."""
+    env = os.environ.get(STORE_ENV)
+    return str(Path(env).expanduser().resolve()) if env else str(default_store_path().resolve())
+
+
+@st.cache_resource(show_spinner=False)
+def _store(path: str) -> RunStore:
+    return RunStore(path)
+
+
+def store() -> RunStore:
+    """The RunStore (one per path per server; each call opens its own connection)."""
+    return _store(store_path())
+
+
+# -- runs ---------------------------------------------------------------------------------------------
+@st.cache_data(ttl=1.0, show_spinner=False)
+def _runs(path: str) -> List[Dict[str, Any]]:
+    return _store(path).list_runs()
+
+
+def runs() -> List[Dict[str, Any]]:
+    """Every run, newest first."""
+    return _runs(store_path())
+
+
+def run(run_id: str) -> Dict[str, Any]:
+    """One run (fresh: status and progress change while it runs)."""
+    return store().get_run(run_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _results(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
+    return _store(path).results(run_id)
+
+
+def results(run: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return _results(store_path(), run["id"], run.get("updated_at") or "")
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _layer_stats(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
+    return _store(path).layer_stats(run_id)
+
+
+def layer_stats(run: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return _layer_stats(store_path(), run["id"], run.get("updated_at") or "")
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _artifacts(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
+    return _store(path).artifacts(run_id)
+
+
+def artifacts(run: Dict[str, Any], *, with_children: bool = True) -> List[Dict[str, Any]]:
+    """The run's artifacts, plus those of runs started from it (exports, autoprecision)."""
+    rows = [dict(a, run_id=run["id"]) for a in _artifacts(store_path(), run["id"], run.get("updated_at") or "")]
+    if with_children:
+        for child in runs():
+            if child.get("parent_id") == run["id"]:
+                rows += [dict(a, run_id=child["id"]) for a in _artifacts(store_path(), child["id"], child.get("updated_at") or "")]
+    return rows
+
+
+def runs_table() -> pd.DataFrame:
+    """The Runs page table (one row per run, best INT8 delta)."""
+    all_runs = runs()
+    by_run = {r["id"]: results(r) for r in all_runs}
+    return summaries.runs_frame(all_runs, by_run)
+
+
+def runs_with_results() -> List[Dict[str, Any]]:
+    return [r for r in runs() if results(r)]
+
+
+def runs_with_layers() -> List[Dict[str, Any]]:
+    return [r for r in runs() if layer_stats(r) or scales_files(r)]
+
+
+# -- files --------------------------------------------------------------------------------------------
+def _mtime(path: str) -> int:
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def scales_files(run: Dict[str, Any]) -> Dict[str, str]:
+    """Calibrator name -> scales file of the run (artifacts of kind ``scales`` that exist)."""
+    out: Dict[str, str] = {}
+    for art in artifacts(run):
+        if art["kind"] == "scales" and Path(art["path"]).is_file():
+            name = Path(art["path"]).name
+            calibrator = name[len("scales."):-len(".json")] if name.startswith("scales.") and name.endswith(".json") else Path(name).stem
+            out.setdefault(calibrator, art["path"])
+    return out
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _scales(path: str, mtime: int):
+    from quantlab.scales import Scales
+
+    return Scales.load(path)
+
+
+def scales(path: str):
+    """A scales file, loaded once per modification (treat as read-only)."""
+    return _scales(path, _mtime(path))
+
+
+def read_bytes(path: str) -> Optional[bytes]:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
+# -- other engineers' functions -----------------------------------------------------------------------
+@st.cache_data(show_spinner="Checking Q/DQ placement...", max_entries=32)
+def _check(path: str, mtime: int) -> Dict[str, Any]:
+    return backend.check_onnx(path)
+
+
+def check_report(path: str) -> Dict[str, Any]:
+    """``quantlab check`` on an ONNX file (cached per file version)."""
+    return _check(path, _mtime(path))
+
+
+@st.cache_data(show_spinner=False)
+def tensorrt_info() -> Dict[str, Any]:
+    return backend.tensorrt_info()
+
+
+def trtexec_command(onnx_path: str, plan_path: str) -> str:
+    return backend.trtexec_command(onnx_path, plan_path)
+
+
+@st.cache_resource(show_spinner="Loading the run's model and eval data...", max_entries=2)
+def _rebuilt(path: str, run_id: str):
+    return backend.rebuild_run(_store(path).get_run(run_id), path)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _measure_mixed(path: str, run_id: str, calibrator: str, fp16_layers: tuple) -> Dict[str, Any]:
+    return backend.measure_mixed(_rebuilt(path, run_id), calibrator, list(fp16_layers))
+
+
+def measure_mixed(run: Dict[str, Any], calibrator: str, fp16_layers: Sequence[str]) -> Dict[str, Any]:
+    """Measures the metric with ``fp16_layers`` in FP16 (cached per run/calibrator/selection)."""
+    return _measure_mixed(store_path(), run["id"], calibrator, tuple(sorted(fp16_layers)))
+
+
+def save_mixed_config(run: Dict[str, Any], calibrator: str, fp16_layers: Sequence[str]) -> str:
+    """Writes the scales file without ``fp16_layers`` into the run folder and records it."""
+    source = scales_files(run)[calibrator]
+    folder = Path(run.get("run_dir") or Path(source).parent)
+    out = folder / f"mixed.{calibrator}.{len(fp16_layers)}fp16.json"
+    path = backend.save_mixed_scales(source, list(fp16_layers), out)
+    store().add_artifact(run["id"], "mixed_scales", path)
+    clear_caches()
+    return str(path)
+
+
+def layers_view(run: Dict[str, Any]) -> pd.DataFrame:
+    """Per-layer rows of a run, with sensitivity/rank from its newest sensitivity run per calibrator."""
+    frame = summaries.layers_frame(layer_stats(run))
+    children = [r for r in runs() if r.get("parent_id") == run["id"] and r["kind"] == "sensitivity" and r["status"] == "done"]
+    seen = set()
+    rows: List[Dict[str, Any]] = []
+    for child in children:  # newest first: the first child per calibrator wins
+        child_rows = [r for r in layer_stats(child) if (r.get("calibrator") or "default") not in seen]
+        seen.update((r.get("calibrator") or "default") for r in child_rows)
+        rows += child_rows
+    return summaries.merge_sensitivity(frame, rows)
+
+
+def sensitivity_runs(run: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return [r for r in runs() if r.get("parent_id") == run["id"] and r["kind"] == "sensitivity"]
+
+
+def clear_caches() -> None:
+    """Forget cached reads (after this session wrote to the store)."""
+    _runs.clear()
+    _artifacts.clear()
+
+
+def store_is_empty() -> bool:
+    """True when the store holds no run (or cannot be read: the pages then show why)."""
+    try:
+        return not runs()
+    except Exception:  # noqa: BLE001 - an unreadable store is reported by the page, not here
+        return True
+
+
+def tensors_with_histograms(run: Dict[str, Any]) -> List[str]:
+    """Modules whose input histogram the run's scales files saved (module order)."""
+    files = scales_files(run)
+    if not files:
+        return []
+    first = scales(next(iter(files.values())))
+    return [e.module for e in first.entries if e.role == "input" and e.module in first.statistics]
+
+
+def histogram(run: Dict[str, Any], module: str):
+    """``(bins, amax)`` frames for the Layers page: the saved histogram and each calibrator's amax."""
+    files = scales_files(run)
+    amax_rows = []
+    bins = pd.DataFrame(columns=["left", "right", "count"])
+    for calibrator, path in files.items():
+        sc = scales(path)
+        stats = sc.statistics.get(module)
+        if stats is None:
+            continue
+        counts = stats.counts.tolist()
+        if bins.empty:
+            bins = summaries.histogram_frame(counts, stats.bin_width)
+        entry = sc.get(module, "input")
+        amax_rows.append({"calibrator": calibrator, "amax": float(entry.amax),
+                          "clipped": summaries.clipped_fraction(counts, stats.bin_width, float(entry.amax)),
+                          "observed max": float(stats.amax), "scale": float(entry.scale)})
+    return bins, pd.DataFrame(amax_rows, columns=["calibrator", "amax", "clipped", "observed max", "scale"])

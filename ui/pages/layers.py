@@ -1,0 +1,163 @@
+"""Layers: where INT8 hurts. Per-layer SQNR/cosine, the sensitivity ranking, activation histograms
+with each calibrator's range, and a mixed-precision what-if (some layers in FP16)."""
+import streamlit as st
+
+from quantlab.errors import QuantlabError
+from quantlab.ui import backend, charts, components, data, summaries
+
+components.require_store()
+components.header("Layers", "Per-layer error of INT8 vs FP32, which layers the metric is sensitive to, and what keeping them in FP16 buys.")
+
+runs = [r for r in data.runs() if r["kind"] != "sensitivity" and (data.layer_stats(r) or data.scales_files(r))]
+if not runs:
+    components.no_runs("No run has per-layer statistics yet. A compare run with INT8 records them.")
+    st.stop()
+
+with st.columns([4, 3])[0]:
+    run = components.select_run(runs, key="layers-run")
+layers = data.layers_view(run)
+results = data.results(run)
+metric = summaries.primary_metric(results)
+higher = summaries.higher_is_better(metric) if metric else True
+calibrators = list(dict.fromkeys(list(layers["calibrator"]) + list(data.scales_files(run))))
+with_sensitivity = [c for c in calibrators if layers[(layers["calibrator"] == c)]["sensitivity"].notna().any()]
+layer_order = list(dict.fromkeys(layers["layer"]))
+
+tab_error, tab_rank, tab_hist, tab_mixed = st.tabs(
+    ["Per-layer error", "Sensitivity ranking", "Histograms", "Mixed precision"]
+)
+
+# -- per-layer SQNR / cosine --------------------------------------------------------------------------
+with tab_error:
+    if layers.empty or layers["sqnr_db"].isna().all():
+        st.info("This run has no per-layer SQNR (compare with --layer-batches 0?).")
+    else:
+        c = st.columns([2, 3])
+        which = c[0].segmented_control(
+            "Measured", ["in the INT8 model", "layer alone"], default="in the INT8 model", key="layers-which",
+            help="In the INT8 model: every layer quantized, errors compound. Layer alone: only this layer quantized, FP32 inputs.",
+        ) or "in the INT8 model"
+        local = which == "layer alone" and layers["local_sqnr_db"].notna().any()
+        sqnr_field, cos_field = ("local_sqnr_db", "local_cosine") if local else ("sqnr_db", "cosine")
+        shown = c[1].multiselect("Calibrators", calibrators, default=calibrators, key="layers-cals")
+        sub = layers[layers["calibrator"].isin(shown or calibrators)]
+        worst = sub.loc[sub[sqnr_field].idxmin()] if sub[sqnr_field].notna().any() else None
+        m = st.columns(3)
+        m[0].metric("Quantized layers", len(layer_order), border=True)
+        if worst is not None:
+            m[1].metric("Lowest SQNR", f"{worst[sqnr_field]:.1f} dB", border=True, help=f"{worst['layer']} ({worst['calibrator']})")
+            m[2].metric("Lowest-SQNR layer", worst["layer"], border=True)
+        st.markdown("**Output SQNR per layer** (higher is better; ~6 dB per bit)")
+        st.altair_chart(charts.layer_metric_chart(sub.dropna(subset=[sqnr_field]), sqnr_field, "SQNR (dB)", layer_order), width="stretch")
+        st.markdown("**Cosine similarity to FP32 per layer**")
+        st.altair_chart(charts.layer_metric_chart(sub.dropna(subset=[cos_field]), cos_field, "cosine", layer_order), width="stretch")
+        with st.expander("Table", icon=":material/table:"):
+            st.dataframe(sub, hide_index=True, key="layers-table",
+                         column_config={k: st.column_config.NumberColumn(format="%.4g") for k in
+                                        ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "sensitivity")})
+
+# -- sensitivity --------------------------------------------------------------------------------------
+with tab_rank:
+    if not with_sensitivity:
+        st.info("No sensitivity ranking for this run yet. Run `quantlab sensitivity --run "
+                f"{run.get('run_dir') or run['id']}` (or start a New run with sensitivity on). "
+                "Below: layers ordered by the SQNR proxy (lowest first).")
+    rank_cal = st.selectbox("Calibrator", with_sensitivity or calibrators, key="layers-rank-cal")
+    ranking = summaries.sensitivity_ranking(layers, rank_cal)
+    sens_runs = data.sensitivity_runs(run)
+    if sens_runs:
+        cfg = sens_runs[0].get("config") or {}
+        st.caption(
+            f"Method: {str(cfg.get('method', 'everything_but_one')).replace('_', ' ')} (each candidate layer back in float, "
+            f"the rest INT8; sensitivity = {metric} recovered). Cost: {cfg.get('cost_passes', float('nan')):.2f} eval passes."
+        )
+    if ranking["sensitivity"].notna().any():
+        st.altair_chart(charts.sensitivity_chart(ranking.dropna(subset=["sensitivity"]), f"{metric} recovered in FP16"), width="stretch")
+    st.dataframe(ranking[["rank", "layer", "sensitivity", "sqnr_db", "local_sqnr_db", "cosine"]], hide_index=True, key="layers-ranking",
+                 column_config={"sensitivity": st.column_config.NumberColumn(f"{metric} recovered", format="%+.4g"),
+                                "sqnr_db": st.column_config.NumberColumn("SQNR dB", format="%.2f"),
+                                "local_sqnr_db": st.column_config.NumberColumn("alone SQNR dB", format="%.2f"),
+                                "cosine": st.column_config.NumberColumn(format="%.5f")})
+
+# -- histograms ---------------------------------------------------------------------------------------
+with tab_hist:
+    tensors = data.tensors_with_histograms(run)
+    if not tensors:
+        st.info("The run's scales files hold no saved histograms.")
+    else:
+        default = 0
+        if not ranking.empty and ranking["layer"].iloc[0] in tensors:
+            default = tensors.index(ranking["layer"].iloc[0])
+        tensor = st.selectbox("Tensor (input of layer)", tensors, index=default, key="layers-tensor")
+        bins, amax = data.histogram(run, tensor)
+        left, right = st.columns([3, 1], gap="large")
+        with left:
+            st.altair_chart(charts.histogram_chart(bins, amax, tensor), width="stretch")
+        with right:
+            st.markdown("**Range per calibrator**")
+            st.dataframe(amax[["calibrator", "amax", "clipped"]], hide_index=True, key="layers-amax",
+                         column_config={"amax": st.column_config.NumberColumn(format="%.4g"),
+                                        "clipped": st.column_config.NumberColumn("clipped", format="percent")})
+            if not amax.empty:
+                st.caption(f"observed max {amax['observed max'].iloc[0]:.4g}; scale = amax / 127")
+
+# -- mixed precision ----------------------------------------------------------------------------------
+with tab_mixed:
+    scales_files = data.scales_files(run)
+    mixed_options = [c for c in (with_sensitivity or calibrators) if c in scales_files]
+    if not mixed_options:
+        st.info("Needs the run's scales files (a compare run with INT8).")
+    else:
+        c = st.columns([1, 3], vertical_alignment="bottom")
+        mixed_cal = c[0].selectbox("Calibrator", mixed_options, key="layers-mixed-cal")
+        order = summaries.sensitivity_ranking(layers, mixed_cal)
+        options = list(order["layer"]) if not order.empty else layer_order
+        picks = st.session_state.setdefault("layers-fp16", [])
+        st.session_state["layers-fp16"] = [p for p in picks if p in options]
+        quick = c[1].container(horizontal=True)
+        for k in (1, 3, 5):
+            if quick.button(f"Top {k}", key=f"layers-top-{k}", help=f"the {k} most sensitive layers"):
+                st.session_state["layers-fp16"] = options[:k]
+        if quick.button("Clear", key="layers-clear", type="tertiary"):
+            st.session_state["layers-fp16"] = []
+        fp16_layers = st.multiselect("Layers to keep in FP16 (most sensitive first)", options, key="layers-fp16")
+        int8_row = next((r for r in results if r["precision"] == "int8" and r.get("calibrator") == mixed_cal
+                         and r["metric"] == metric and r.get("source", "ptq") == "ptq"), None)
+        fp32_row = next((r for r in results if r["precision"] == "fp32" and r["metric"] == metric), None)
+        prediction = summaries.predicted_effect(order, fp16_layers, int8_delta=int8_row["delta"] if int8_row else None, higher=higher)
+        m = st.columns(4)
+        if fp32_row:
+            m[0].metric(f"FP32 {metric}", f"{fp32_row['value']:.4g}", border=True)
+        if int8_row:
+            m[1].metric(f"All INT8 ({mixed_cal})", f"{int8_row['value']:.4g}", delta=f"{int8_row['delta']:+.3g}",
+                        delta_color="normal" if higher else "inverse", border=True)
+        if prediction["predicted_delta"] is not None and fp32_row:
+            m[2].metric(f"Predicted, {len(fp16_layers)} in FP16", f"{fp32_row['value'] + prediction['predicted_delta']:.4g}",
+                        delta=f"{prediction['predicted_delta']:+.3g}", delta_color="normal" if higher else "inverse", border=True,
+                        help=f"from the stored {prediction['basis']} numbers (no new evaluation)")
+        if prediction["noise_share"] is not None:
+            m[3].metric("Share of INT8 noise removed", f"{prediction['noise_share']:.0%}", border=True,
+                        help="sum of 10^(-SQNR/10) over the chosen layers / over all layers")
+        act = st.container(horizontal=True)
+        measure = act.button("Measure now", key="layers-measure", icon=":material/speed:", disabled=not fp16_layers,
+                                help="Re-evaluates FP32, all-INT8 and the mixed model on the run's eval data")
+        save = act.button("Save as mixed-precision config", key="layers-save", icon=":material/save:", disabled=not fp16_layers)
+        if measure:
+            try:
+                with st.spinner("Evaluating the mixed-precision model..."):
+                    st.session_state["layers-measured"] = data.measure_mixed(run, mixed_cal, fp16_layers)
+            except (QuantlabError, ValueError, FileNotFoundError, KeyError) as exc:
+                st.error(f"Could not measure: {exc}", icon=":material/error:")
+        measured = st.session_state.get("layers-measured")
+        if measured and sorted(measured["layers"]) == sorted(fp16_layers):
+            st.success(
+                f"Measured on {measured['batches']} eval batches: {metric} {measured['mixed']:.4g} "
+                f"(Δ {measured['delta']:+.3g} vs FP32 {measured['fp32']:.4g}; all INT8 Δ {measured['int8_delta']:+.3g}) "
+                f"in {measured['seconds']:.1f} s", icon=":material/check_circle:")
+        if save:
+            try:
+                path = data.save_mixed_config(run, mixed_cal, fp16_layers)
+                st.success(f"Saved {path} (scales without {len(fp16_layers)} layer(s); they run in FP16). Find it on the Export page.",
+                           icon=":material/save:")
+            except (QuantlabError, ValueError, OSError, KeyError) as exc:
+                st.error(f"Could not save: {exc}", icon=":material/error:")

@@ -1,0 +1,265 @@
+"""Plain (Streamlit-free) shaping of run-store rows into the tables the pages show.
+
+Nothing here computes a metric: it only arranges what the run store holds
+(values, deltas, per-layer numbers) and what the scales files saved
+(histograms, amax).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import pandas as pd
+
+from quantlab.ui.charts import series_key, series_label
+
+# Metrics where smaller is better; everything else (accuracy, cosine, agreement) is larger-is-better.
+_LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "error", "mse", "latency", "seconds", "ms")
+PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
+SOURCE_ORDER = {"ptq": 0, "mixed": 1, "qat": 2}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric, from the evaluation registry where it knows the metric."""
+    if ":" not in metric:  # a module:function metric would be imported: never do that just to draw a table
+        try:
+            from quantlab.evaluation.tasks import task_for_metric
+
+            task, name = task_for_metric(metric)
+            return bool(task.higher_is_better(name))
+        except Exception:  # noqa: BLE001 - not a registered metric: fall back to its name
+            pass
+    name = metric.lower()
+    return not any(word in name for word in _LOWER_IS_BETTER)
+
+
+def format_time(iso: Optional[str]) -> str:
+    """``2026-11-25T10:46:01.123+00:00`` -> local ``2026-11-25 11:46``."""
+    if not iso:
+        return ""
+    try:
+        return _dt.datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def primary_metric(results: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """The run's headline metric: the first metric recorded for FP32 (else the first at all)."""
+    for row in results:
+        if row.get("precision") == "fp32":
+            return row["metric"]
+    return results[0]["metric"] if results else None
+
+
+def results_frame(results: Sequence[Mapping[str, Any]], metric: Optional[str] = None) -> pd.DataFrame:
+    """Result rows of one metric with display ``label`` and colour ``key``, FP32 first."""
+    columns = ["label", "key", "precision", "calibrator", "source", "metric", "value", "delta", "seconds"]
+    rows = [dict(r) for r in results if metric is None or r.get("metric") == metric]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    df = pd.DataFrame(rows)
+    for col in ("calibrator", "source", "delta", "seconds"):
+        if col not in df:
+            df[col] = None
+    df["source"] = df["source"].fillna("ptq")
+    df["label"] = [series_label(p, c, s) for p, c, s in zip(df["precision"], df["calibrator"], df["source"])]
+    df["key"] = [series_key(p, c, s) for p, c, s in zip(df["precision"], df["calibrator"], df["source"])]
+    df["_p"] = df["precision"].map(PRECISION_ORDER).fillna(9)
+    df["_s"] = df["source"].map(SOURCE_ORDER).fillna(9)
+    df = df.sort_values(["_p", "_s"], kind="stable").drop(columns=["_p", "_s"])
+    return df[columns].reset_index(drop=True)
+
+
+def judge(df: pd.DataFrame, *, tolerance: float, higher: bool) -> pd.DataFrame:
+    """Adds ``within``: whether each row's delta vs FP32 is within ``tolerance`` (FP32 rows: True)."""
+    out = df.copy()
+
+    def ok(delta: Any) -> bool:
+        if delta is None or delta != delta:
+            return True
+        return bool(delta >= -tolerance) if higher else bool(delta <= tolerance)
+
+    out["within"] = [ok(d) for d in out["delta"]]
+    return out
+
+
+def best_int8(results: Sequence[Mapping[str, Any]], metric: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The INT8 row (any source) with the best delta vs FP32 for ``metric`` (default: primary)."""
+    metric = metric or primary_metric(results)
+    rows = [r for r in results if r.get("precision") == "int8" and r.get("metric") == metric and r.get("delta") is not None]
+    if not rows:
+        return None
+    higher = higher_is_better(metric)
+    best = max(rows, key=lambda r: r["delta"]) if higher else min(rows, key=lambda r: r["delta"])
+    return dict(best, label=series_label(best["precision"], best.get("calibrator"), best.get("source")))
+
+
+def runs_frame(runs: Iterable[Mapping[str, Any]], results_by_run: Mapping[str, Sequence[Mapping[str, Any]]]) -> pd.DataFrame:
+    """The Runs page table: one row per run with its best INT8 delta.
+
+    Runs come newest first, each followed by the runs started from it
+    (sensitivity, export, autoprecision), whose names are marked with ``↳``.
+    """
+    runs = list(runs)
+    ids = {r["id"] for r in runs}
+    children: Dict[str, List[Mapping[str, Any]]] = {}
+    for run in runs:
+        if run.get("parent_id") in ids:
+            children.setdefault(run["parent_id"], []).append(run)
+    ordered: List[Mapping[str, Any]] = []
+
+    def add(run: Mapping[str, Any]) -> None:
+        ordered.append(run)
+        for child in reversed(children.get(run["id"], [])):  # oldest child first under its parent
+            add(child)
+
+    for run in runs:
+        if run.get("parent_id") not in ids:
+            add(run)
+    rows = []
+    for run in ordered:
+        results = results_by_run.get(run["id"], [])
+        metric = primary_metric(results)
+        best = best_int8(results, metric)
+        fp32 = next((r["value"] for r in results if r["precision"] == "fp32" and r["metric"] == metric), None)
+        rows.append(
+            {
+                "id": run["id"],
+                "name": ("↳ " if run.get("parent_id") in ids else "") + (run.get("name") or ""),
+                "kind": run["kind"],
+                "status": run["status"],
+                "progress": float(run.get("progress") or 0.0),
+                "model": run.get("model") or "",
+                "data": run.get("data") or "",
+                "eval data": run.get("eval_data") or "",
+                "created": format_time(run.get("created_at")),
+                "metric": metric or "",
+                "FP32": fp32,
+                "best INT8 Δ": best["delta"] if best else None,
+                "best INT8": best["label"] if best else "",
+                "parent": run.get("parent_id") or "",
+                "error": run.get("error") or "",
+            }
+        )
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        for col in ("FP32", "best INT8 Δ"):
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")  # None -> NaN: shown as an empty cell
+    return frame
+
+
+def layers_frame(layer_stats: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Per-layer rows as a frame (calibrator 'default' where the store has none)."""
+    columns = ["calibrator", "layer", "sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "sensitivity", "rank"]
+    if not layer_stats:
+        return pd.DataFrame(columns=columns)
+    df = pd.DataFrame([dict(r) for r in layer_stats])
+    for col in columns:
+        if col not in df:
+            df[col] = None
+    df["calibrator"] = df["calibrator"].fillna("default")
+    for col in columns[2:]:
+        df[col] = pd.to_numeric(df[col], errors="coerce")  # None -> NaN: an empty cell, not "None"
+    return df[columns]
+
+
+def sensitivity_ranking(df: pd.DataFrame, calibrator: str) -> pd.DataFrame:
+    """The calibrator's layers ordered by rank (or by sensitivity when no rank was stored)."""
+    sub = df[df["calibrator"] == calibrator].copy()
+    if sub.empty:
+        return sub
+    if sub["rank"].notna().any():
+        sub = sub.sort_values("rank", na_position="last", kind="stable")
+    elif sub["sensitivity"].notna().any():
+        sub = sub.sort_values("sensitivity", ascending=False, na_position="last", kind="stable")
+    else:  # no task-metric ranking stored: lowest SQNR first (the proxy)
+        sub = sub.sort_values("sqnr_db", na_position="last", kind="stable")
+    return sub.reset_index(drop=True)
+
+
+def predicted_effect(
+    ranking: pd.DataFrame, fp16_layers: Sequence[str], *, int8_delta: Optional[float], higher: bool
+) -> Dict[str, Any]:
+    """What moving ``fp16_layers`` to FP16 should do, from the stored per-layer numbers.
+
+    The per-layer sensitivity is each layer's own share of the INT8 loss (the
+    metric change it causes); to first order the shares add up, so keeping a
+    set of layers in FP16 recovers the sum of their shares, never more than the
+    whole INT8 loss. Without sensitivities, the SQNR proxy gives the fraction of
+    the total quantization noise (sum of 10^(-SQNR/10)) that the layers carry.
+
+    Returns:
+        ``{"predicted_delta", "recovered", "noise_share", "basis"}`` (values may be None).
+    """
+    chosen = ranking[ranking["layer"].isin(list(fp16_layers))]
+    out: Dict[str, Any] = {"predicted_delta": None, "recovered": None, "noise_share": None, "basis": None}
+    sqnr = ranking["sqnr_db"].dropna()
+    if not sqnr.empty:
+        noise = 10.0 ** (-ranking["sqnr_db"].astype(float) / 10.0)
+        total = float(noise.sum())
+        if total > 0:
+            out["noise_share"] = float(noise[ranking["layer"].isin(list(fp16_layers))].sum()) / total
+    if int8_delta is None:
+        return out
+    loss = -int8_delta if higher else int8_delta  # positive = INT8 is worse than FP32
+    sens = chosen["sensitivity"].dropna().astype(float)
+    if ranking["sensitivity"].notna().any():
+        recovered = float(sens.clip(lower=0).sum())
+        out["basis"] = "sensitivity"
+    elif out["noise_share"] is not None:
+        recovered = out["noise_share"] * max(loss, 0.0)
+        out["basis"] = "SQNR noise share"
+    else:
+        return out
+    recovered = min(recovered, max(loss, 0.0))
+    out["recovered"] = recovered
+    remaining_loss = loss - recovered
+    out["predicted_delta"] = -remaining_loss if higher else remaining_loss
+    return out
+
+
+def histogram_frame(counts: Sequence[int], bin_width: float, *, max_bars: int = 160) -> pd.DataFrame:
+    """A saved histogram merged to at most ``max_bars`` bars (for drawing), zero bins dropped.
+
+    Bins are merged up to the last non-empty one, so the drawn range ends at the data.
+    """
+    last = max((i for i, c in enumerate(counts) if c), default=-1) + 1
+    counts = list(counts[:last])
+    if not counts:
+        return pd.DataFrame(columns=["left", "right", "count"])
+    group = max(1, -(-len(counts) // max_bars))
+    rows = []
+    for start in range(0, len(counts), group):
+        total = int(sum(counts[start : start + group]))
+        if total:
+            rows.append({"left": start * bin_width, "right": min(start + group, len(counts)) * bin_width, "count": total})
+    return pd.DataFrame(rows)
+
+
+def clipped_fraction(counts: Sequence[int], bin_width: float, amax: float) -> float:
+    """Fraction of the histogram's values above ``amax`` (the values a range clips)."""
+    total = float(sum(counts))
+    if total <= 0:
+        return 0.0
+    first_clipped = int(amax / bin_width) if bin_width > 0 else len(counts)
+    return float(sum(counts[first_clipped + 1 :])) / total
+
+
+def merge_sensitivity(layers: pd.DataFrame, sensitivity_rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Fills ``sensitivity`` and ``rank`` of ``layers`` from a sensitivity run's rows (same calibrator/layer).
+
+    A compare run stores SQNR/cosine per calibrator; ``quantlab sensitivity`` (or the
+    dashboard job) stores the ranking in a child run. Rows of the child win.
+    """
+    if not sensitivity_rows:
+        return layers
+    extra = layers_frame(sensitivity_rows)
+    key = ["calibrator", "layer"]
+    merged = layers.merge(extra[key + ["sensitivity", "rank"]], on=key, how="outer", suffixes=("", "_new"))
+    for col in ("sensitivity", "rank"):
+        merged[col] = merged[f"{col}_new"].where(merged[f"{col}_new"].notna(), merged[col])
+        merged = merged.drop(columns=[f"{col}_new"])
+    # keep the module order of the compare run; layers only the child knows go last
+    order = {name: i for i, name in enumerate(dict.fromkeys(layers["layer"]))}
+    merged["_o"] = merged["layer"].map(order).fillna(len(order))
+    return merged.sort_values(["_o"], kind="stable").drop(columns=["_o"]).reset_index(drop=True)

@@ -220,7 +220,10 @@ def run_worker(script: Path, worker_args: List[str], timeout: Optional[float] = 
     cmd = [sys.executable, str(script), "--worker", *worker_args]
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
+    except subprocess.TimeoutExpired:
+        return {"error": f"worker {' '.join(worker_args[:4])} ran past --timeout {timeout:g} s"}
     marker = "@@RESULT@@"
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(marker):

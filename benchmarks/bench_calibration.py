@@ -47,6 +47,7 @@ from _models import MODELS, make_workload, run_batches  # noqa: E402
 
 QUANTLAB_CALIBRATORS = ("max", "percentile", "entropy", "mse")
 HIST_METHODS = ("entropy", "percentile", "mse")
+AGREEMENT_METHODS = ("entropy", "percentile", "mse", "mse-fixed")
 PERCENTILE = 99.99
 TOOLS = ("quantlab", "modelopt", "ort")
 
@@ -116,8 +117,17 @@ def same_histogram_agreement(stats: Dict[str, Any], get_calibrator, limit: Optio
         return {"error": f"nvidia-modelopt not importable: {exc}"}
     names = list(stats)[:limit] if limit else list(stats)
     out: Dict[str, Any] = {}
-    for method in HIST_METHODS:
-        fn = get_calibrator(method)
+    shipped_fake_quant = mo_hist.fake_tensor_quant
+
+    def fixed_fake_quant(x, amax, num_bits=8, unsigned=False):
+        # nvidia-modelopt 0.47's _compute_amax_mse calls fake_tensor_quant(centers, amax, num_bits,
+        # unsigned), but the function's third parameter is now `bias`: num_bits lands in bias and
+        # the grid collapses. "mse-fixed" runs the same search with the arguments where they belong.
+        return shipped_fake_quant(x, amax, None, num_bits, unsigned)
+
+    for method in AGREEMENT_METHODS:
+        fn = get_calibrator(method.split("-")[0])
+        mo_hist.fake_tensor_quant = fixed_fake_quant if method == "mse-fixed" else shipped_fake_quant
         rows = []
         ours_s = theirs_s = 0.0
         for name in names:
@@ -130,7 +140,7 @@ def same_histogram_agreement(stats: Dict[str, Any], get_calibrator, limit: Optio
             with C.quiet_warnings():
                 if method == "entropy":
                     theirs = mo_hist._compute_amax_entropy(counts.copy(), edges, 8, False, 1, 128)
-                elif method == "mse":
+                elif method.startswith("mse"):
                     theirs = mo_hist._compute_amax_mse(counts.copy(), edges, 8, False, 1, 128)
                 else:
                     theirs = mo_hist._compute_amax_percentile(counts.copy(), edges, PERCENTILE)
@@ -153,6 +163,7 @@ def same_histogram_agreement(stats: Dict[str, Any], get_calibrator, limit: Optio
             "modelopt_seconds": theirs_s,
             "worst": max(rows, key=lambda r: abs(r[3]))[:4],
         }
+    mo_hist.fake_tensor_quant = shipped_fake_quant
     return out
 
 
@@ -180,9 +191,20 @@ def _input_amax(model: torch.nn.Module) -> Dict[str, float]:
     return out
 
 
-def _warm_modelopt_kernels(device: torch.device) -> float:
-    """Builds/loads Model Optimizer's CUDA extension before timing (JIT on first use)."""
+def _modelopt_kernels(device: torch.device, build: bool) -> float:
+    """Decides how Model Optimizer fake-quantizes on the GPU; returns the one-off build time.
+
+    Its CUDA extension is JIT-compiled on first use (minutes). Calibration itself
+    needs it only inside ``_compute_amax_mse``; without it Model Optimizer uses
+    its pure-PyTorch fake quantization (its documented fallback). ``build=True``
+    compiles it before any timing instead.
+    """
     if device.type != "cuda":
+        return 0.0
+    from modelopt.torch.quantization import extensions
+
+    if not build:
+        extensions.get_cuda_ext.extension = None  # the "extension unavailable" fallback
         return 0.0
     from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
 
@@ -202,7 +224,7 @@ def worker_modelopt(args: argparse.Namespace) -> Dict[str, Any]:
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
     run_batches(model, iter([next(wl.batches(device))]))
-    ext_seconds = _warm_modelopt_kernels(device)
+    ext_seconds = _modelopt_kernels(device, args.modelopt_cuda_ext)
 
     def loop(m: torch.nn.Module) -> None:
         run_batches(m, wl.batches(device))
@@ -280,7 +302,7 @@ def worker_ort(args: argparse.Namespace) -> Dict[str, Any]:
             collect_seconds, _ = C.timed(lambda: calibrator.collect_data(Reader()))
             compute_seconds, ranges = C.timed(calibrator.compute_data)
     return {"tool": args.tool, "stats_seconds": collect_seconds, "calib_seconds": {args.tool: compute_seconds},
-            "num_tensors": len(ranges.data), "ort_threads": ort.get_default_session_options().intra_op_num_threads,
+            "num_tensors": len(ranges.data), "ort_version": ort.__version__,
             **_memory_fields(mem)}
 
 
@@ -313,6 +335,7 @@ def run(args: argparse.Namespace) -> str:
     })]
     if device.type == "cpu":
         sections.append(C.CPU_NOISE_NOTE + "\n")
+    print("\n".join(sections), flush=True)
     memory_rows = []
     for model_name in args.models.split(","):
         for samples in sample_counts:
@@ -320,6 +343,8 @@ def run(args: argparse.Namespace) -> str:
                       "--device", args.device, "--repeats", str(args.repeats), "--ort-bins", str(args.ort_bins)]
             if args.threads:
                 common += ["--threads", str(args.threads)]
+            if args.modelopt_cuda_ext:
+                common += ["--modelopt-cuda-ext"]
             if args.agree_tensors:
                 common += ["--agree-tensors", str(args.agree_tensors)]
             if samples != sample_counts[-1] or args.no_agreement:
@@ -333,6 +358,7 @@ def run(args: argparse.Namespace) -> str:
                 if "error" in results[tool]:
                     print(results[tool]["error"], file=sys.stderr)
             sections.append(_section(model_name, samples, results, device))
+            print(sections[-1], flush=True)  # partial results survive an outer timeout
             q = results.get("quantlab", {})
             if "host_growth" in q:
                 memory_rows.append([model_name, samples, C.mib(q["host_growth"]), C.mib(q["host_peak"]),
@@ -345,6 +371,7 @@ def run(args: argparse.Namespace) -> str:
     if memory_rows:
         sections.append("### Host memory vs number of samples (growth of RSS during the tool's run)\n\n" + C.markdown_table(
             ["model (tool)", "samples", "RSS growth MiB", "RSS peak MiB", "device peak MiB"], memory_rows))
+        print(sections[-1], flush=True)
     return "\n".join(sections)
 
 
@@ -422,6 +449,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--ort-bins", type=int, default=2048, help="ORT entropy/percentile bins (ORT's entropy default is 128)")
     parser.add_argument("--agree-tensors", type=int, default=0, help="limit the same-histogram check to N tensors (0: all)")
     parser.add_argument("--no-agreement", action="store_true")
+    parser.add_argument("--modelopt-cuda-ext", action="store_true",
+                        help="JIT-build Model Optimizer's CUDA fake-quant extension (untimed) instead of its PyTorch fallback")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per tool process")
     # worker-only
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -435,7 +464,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             args.tool, worker_ort)
         C.worker_result(fn(args))
         return
-    C.emit(run(args), args.append)
+    section = run(args)  # printed as it goes
+    if args.append:
+        with open(args.append, "a", encoding="utf-8") as f:
+            f.write("\n" + section.rstrip() + "\n")
 
 
 if __name__ == "__main__":

@@ -141,8 +141,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="demo CNN only")
-    parser.add_argument("--conv-integer", action="store_true",
-                        help="add a column: ort-cpu form with ConvInteger for the convs QLinearConv cannot take")
+    parser.add_argument("--variants", action="store_true",
+                        help="add columns: ort-cpu form with the convs QLinearConv cannot take as float Conv / ConvInteger")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows, diffs, kernels = [], [], []
@@ -157,8 +157,9 @@ def main() -> int:
                 "INT8 tensorrt form": export_int8(quantized, f"{stem}.trt.onnx", test[:2]).path,
                 "INT8 ort-cpu form": export_int8(quantized, f"{stem}.ort.onnx", test[:2], target="ort-cpu").path,
             }
-            if args.conv_integer:
-                paths["ort-cpu + ConvInteger"] = export_int8(quantized, f"{stem}.ci.onnx", test[:2], target="ort-cpu", conv_integer=True).path
+            if args.variants:
+                for variant in ("float", "conv-integer"):
+                    paths[f"ort-cpu, {variant}"] = export_int8(quantized, f"{stem}.{variant}.onnx", test[:2], target="ort-cpu", ort_other_convs=variant).path
             runners = {name: OnnxRuntimeRunner(p, threads=args.threads) for name, p in paths.items()}
             outputs = {name: r.run(test.numpy())[0] for name, r in runners.items()}
             diffs.append((label, float(np.abs(outputs["INT8 tensorrt form"] - outputs["INT8 ort-cpu form"]).max()),
@@ -174,12 +175,12 @@ def main() -> int:
     print(f"\nONNX Runtime {ort.__version__} CPUExecutionProvider, {args.threads} intra-op threads; torch {torch.__version__}; "
           f"{cpu_name()} ({os.cpu_count()} logical CPUs; {cpu_flags()}); Python {platform.python_version()}")
     print(f"median latency (ms), {args.rounds} interleaved rounds; load average at end {os.getloadavg()[0]:.1f}\n")
-    extra = " ort-cpu + ConvInteger |" if args.conv_integer else ""
+    extra = " ort-cpu, residual convs float | ort-cpu, residual convs ConvInteger |" if args.variants else ""
     print("| model | batch | FP32 | INT8 tensorrt form | INT8 ort-cpu form | ort-cpu vs FP32 | tensorrt form vs FP32 |" + extra)
-    print("|---|---|---|---|---|---|---|" + ("---|" if extra else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if extra else ""))
     for label, batch_size, ms in rows:
         fp32, trt, cpu = ms["FP32"], ms["INT8 tensorrt form"], ms["INT8 ort-cpu form"]
-        tail = f" {ms['ort-cpu + ConvInteger']:.2f} |" if extra else ""
+        tail = f" {ms['ort-cpu, float']:.2f} | {ms['ort-cpu, conv-integer']:.2f} |" if extra else ""
         print(f"| {label} | {batch_size} | {fp32:.2f} | {trt:.2f} | {cpu:.2f} | {fp32 / cpu:.2f}x | {fp32 / trt:.2f}x |" + tail)
     print("\n| model | max abs diff, tensorrt vs ort-cpu form (64 inputs) | max abs logit | top-1 agreement of the forms |")
     print("|---|---|---|---|")

@@ -60,6 +60,10 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     elif args.variant == "modelopt":
         with C.quiet_warnings():
             import modelopt.torch.quantization as mtq
+            from modelopt.torch.quantization import extensions
+
+            if device.type == "cuda" and not args.modelopt_cuda_ext:
+                extensions.get_cuda_ext.extension = None  # its PyTorch fake-quant fallback (no JIT build)
 
             def loop(m: nn.Module) -> None:
                 with torch.no_grad():
@@ -98,6 +102,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=None)
+    parser.add_argument("--modelopt-cuda-ext", action="store_true",
+                        help="use Model Optimizer's JIT-built CUDA fake-quant kernels (first use compiles them)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -119,6 +125,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--calib-samples", str(args.calib_samples)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.modelopt_cuda_ext:
+                cmd += ["--modelopt-cuda-ext"]
             print(f"[{model_name}] {variant} ...", file=sys.stderr, flush=True)
             r = C.run_worker(Path(__file__).resolve(), cmd, timeout=args.timeout)
             if "error" in r:

@@ -33,7 +33,7 @@ from quantlab.qat.errors import NonFiniteLossError, QATError
 TASKS = ("classification", "causal_lm")
 # Fields that define the schedule: a resumed run must use the same values.
 _SCHEDULE_FIELDS = (
-    "task", "lr", "min_lr_ratio", "warmup_steps", "optimizer", "seed", "shuffle", "batch_size", "total_steps", "world_size",
+    "task", "lr", "range_lr", "min_lr_ratio", "warmup_steps", "optimizer", "seed", "shuffle", "batch_size", "total_steps", "world_size",
 )
 
 
@@ -51,6 +51,10 @@ class TrainConfig:
         warmup_steps: Linear warm-up steps before the cosine.
         optimizer: ``"adamw"`` or ``"sgd"`` (momentum 0.9, Nesterov).
         weight_decay: Weight decay (never applied to ranges, biases or norms).
+        range_lr: Learned ranges (LSQ) under AdamW: Adam's step size ignores the
+            gradient's scale, so each range gets its own LR, ``range_lr`` times its
+            starting value (it then moves by about that fraction per step). Under
+            SGD ranges share the weights' LR and LSQ's gradient scale sets their pace.
         grad_clip: Clip the gradient norm to this value.
         batch_size: Batch size per rank when the data is a Dataset (a DataLoader keeps its own).
         checkpoint_every: Write a checkpoint every N steps (and at the end).
@@ -67,6 +71,7 @@ class TrainConfig:
     warmup_steps: int = 0
     optimizer: str = "adamw"
     weight_decay: float = 0.0
+    range_lr: float = 1e-3
     grad_clip: Optional[float] = None
     batch_size: int = 64
     checkpoint_every: Optional[int] = None
@@ -178,24 +183,31 @@ def cosine_schedule(total_steps: int, warmup_steps: int = 0, min_ratio: float = 
     return factor
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    decay, no_decay = [], []
+def _param_groups(model: nn.Module, config: TrainConfig) -> List[Dict[str, Any]]:
+    decay, no_decay, ranges = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        # Ranges, biases and normalization scales are never decayed (decay would shrink amax).
-        if name.endswith("amax") or param.dim() <= 1:
+        if name.endswith("amax"):
+            ranges.append(param)
+        # Biases and normalization scales are not decayed (nor ranges: decay would shrink them).
+        elif param.dim() <= 1:
             no_decay.append(param)
         else:
             decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    for param in ranges:
+        lr = config.lr
+        if config.optimizer == "adamw":
+            lr = config.range_lr * max(float(param.detach().abs().mean()), 1e-8)
+        groups.append({"params": [param], "weight_decay": 0.0, "lr": lr})
     return groups
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = _param_groups(model, config.weight_decay)
+    groups = _param_groups(model, config)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr)

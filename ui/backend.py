@@ -174,7 +174,7 @@ def measure_mixed(rebuilt: RebuiltRun, calibrator: str, fp16_layers: Sequence[st
     with layers_in_float(quant, list(fp16_layers)):
         mixed = evaluate(quant, task, rebuilt.batches).metrics[metric]
     return {
-        "metric": metric, "fp32": fp32, "int8": int8, "mixed": mixed, "delta": mixed - fp32,
+        "metric": metric, "calibrator": calibrator, "fp32": fp32, "int8": int8, "mixed": mixed, "delta": mixed - fp32,
         "int8_delta": int8 - fp32, "layers": list(fp16_layers), "batches": len(rebuilt.batches),
         "seconds": time.perf_counter() - start,
     }

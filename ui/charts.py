@@ -1,7 +1,7 @@
 """Altair charts of the dashboard, with ONE colour mapping used everywhere.
 
-Every series has a colour key: ``fp32``, ``fp16``, a calibrator name (INT8 with
-that calibrator), ``qat`` or ``mixed``. :func:`series_color` maps a key to its
+Every series has a colour key (:func:`quantlab.ui.summaries.series_key`): ``fp32``,
+``fp16``, a calibrator name (INT8 with that calibrator), ``qat`` or ``mixed``. :func:`series_color` maps a key to its
 colour, so FP32 is the same navy and ``entropy`` the same green on the Compare
 page, the per-layer charts and the histogram rules.
 """
@@ -45,26 +45,6 @@ def series_color(key: str) -> str:
         return PALETTE[key]
     digest = int(hashlib.sha1(key.encode()).hexdigest(), 16)
     return _EXTRA[digest % len(_EXTRA)]
-
-
-def series_key(precision: str, calibrator: Optional[str], source: Optional[str] = "ptq") -> str:
-    """Colour key of a result row."""
-    if source in ("qat", "mixed"):
-        return source
-    if precision in ("fp32", "fp16"):
-        return precision
-    return (calibrator or "int8").lower()
-
-
-def series_label(precision: str, calibrator: Optional[str], source: Optional[str] = "ptq") -> str:
-    """Human label of a result row: ``FP32``, ``FP16``, ``INT8 entropy``, ``INT8 QAT (entropy)``."""
-    if precision in ("fp32", "fp16") and source in (None, "ptq"):
-        return precision.upper()
-    if source == "qat":
-        return f"INT8 QAT ({calibrator})" if calibrator else "INT8 QAT"
-    if source == "mixed":
-        return f"Mixed {precision.upper()}/FP16 ({calibrator})" if calibrator else "Mixed precision"
-    return f"{precision.upper()} {calibrator}" if calibrator else precision.upper()
 
 
 def color_scale(keys: Iterable[str]) -> alt.Scale:
@@ -205,13 +185,16 @@ def histogram_chart(bins: pd.DataFrame, amax: pd.DataFrame, tensor: str) -> alt.
         tensor: Title.
     """
     calibrators = list(amax["calibrator"])
+    top = int(bins["count"].max()) if not bins.empty else 1
+    decades = [10 ** k for k in range(0, len(str(max(top, 1))) + 1)]  # grid lines at powers of ten only
     bars = (
         alt.Chart(bins)
-        .mark_bar(color="#9aa5b1", opacity=0.85)
+        .mark_bar(color="#7b8794", binSpacing=0)
         .encode(
             x=alt.X("left:Q", title=f"|x| at the input of {tensor}", bin="binned"),
             x2="right:Q",
-            y=alt.Y("count:Q", title="count (log scale)", scale=alt.Scale(type="log")),
+            y=alt.Y("count:Q", title="count (log scale)", scale=alt.Scale(type="log", domain=[1, decades[-1]]),
+                    axis=alt.Axis(values=decades, format="~s")),
             y2=alt.datum(1),  # bars start at 1: a log scale has no zero
             tooltip=[alt.Tooltip("left:Q", format=".4g"), alt.Tooltip("right:Q", format=".4g"), alt.Tooltip("count:Q", format=",")],
         )

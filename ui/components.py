@@ -91,7 +91,7 @@ def start_job_button(spec_factory: Callable[[], Any], *, label: str, key: str, t
     try:
         with st.spinner("Checking the model and data..."):
             run_id = jobs.start_job(spec_factory(), data.store_path())
-    except (QuantlabError, ValueError, FileNotFoundError, ImportError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - bad input (or a user module failing to import) is shown, not a traceback
         st.error(f"Could not start the run. {exc}", icon=":material/error:")
         return None
     remember_job(run_id)

@@ -83,6 +83,22 @@ def artifacts(run: Dict[str, Any], *, with_children: bool = True) -> List[Dict[s
     return rows
 
 
+def related_results(run: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """QAT and mixed-precision rows of runs on the same model and eval data (or started from ``run``).
+
+    Each row keeps its own delta (vs the FP32 value that run measured) and says
+    which run it came from (``run_id``).
+    """
+    rows: List[Dict[str, Any]] = []
+    for other in runs():
+        if other["id"] == run["id"] or other["kind"] not in ("qat", "autoprecision") or other["status"] != "done":
+            continue
+        same_setup = other.get("model") == run.get("model") and other.get("eval_data") == run.get("eval_data")
+        if other.get("parent_id") == run["id"] or same_setup:
+            rows += [dict(r, run_id=other["id"]) for r in results(other) if r.get("source") in ("qat", "mixed")]
+    return rows
+
+
 def runs_table() -> pd.DataFrame:
     """The Runs page table (one row per run, best INT8 delta)."""
     all_runs = runs()
@@ -91,7 +107,9 @@ def runs_table() -> pd.DataFrame:
 
 
 def runs_with_results() -> List[Dict[str, Any]]:
-    return [r for r in runs() if results(r)]
+    """Runs with metric rows, except mixed-precision runs of a stored compare run (shown inside it)."""
+    ids = {r["id"] for r in runs()}
+    return [r for r in runs() if results(r) and not (r["kind"] == "autoprecision" and r.get("parent_id") in ids)]
 
 
 def runs_with_layers() -> List[Dict[str, Any]]:
@@ -240,3 +258,17 @@ def histogram(run: Dict[str, Any], module: str):
                           "clipped": summaries.clipped_fraction(counts, stats.bin_width, float(entry.amax)),
                           "observed max": float(stats.amax), "scale": float(entry.scale)})
     return bins, pd.DataFrame(amax_rows, columns=["calibrator", "amax", "clipped", "observed max", "scale"])
+
+
+def export_now(run: Dict[str, Any], calibrator: str) -> Dict[str, Any]:
+    """Exports a stored compare run's Q/DQ ONNX, check report and calibration cache (a child export run)."""
+    from quantlab.ui.pipeline import export_recorded_run
+
+    outcome = export_recorded_run(store(), run, calibrator)
+    clear_caches()
+    return outcome
+
+
+def best_calibrator(run: Dict[str, Any]) -> Optional[str]:
+    best = summaries.best_int8(results(run))
+    return best.get("calibrator") if best else None

@@ -104,8 +104,12 @@ def job_state(run: Dict[str, Any]) -> Dict[str, Any]:
     return state
 
 
-def run_worker(store_path: str, run_id: str) -> int:
-    """The worker: runs the job recorded as ``run_id`` (its spec is the run's config)."""
+def run_worker(store_path: str, run_id: str) -> None:
+    """The worker: runs the job recorded as ``run_id`` (its spec is the run's config).
+
+    Raises:
+        Whatever the job raised, after it was recorded as the run's error.
+    """
     from quantlab.store import RunStore
     from quantlab.ui.pipeline import run_job
 
@@ -115,17 +119,8 @@ def run_worker(store_path: str, run_id: str) -> int:
         spec = JobSpec.from_dict((run.get("config") or {}).get("job") or {})
     except Exception as exc:  # noqa: BLE001 - a run not made by the dashboard: record why, do not hang "running"
         store.set_status(run_id, "failed", error=f"run {run_id} holds no dashboard job spec ({exc})")
-        return 1
-    try:
-        run_job(store, run_id, spec)
-    except BaseException as exc:  # noqa: BLE001 - recorded in the store by run_job; the log keeps the traceback
-        import traceback
-
-        traceback.print_exc()
-        print(f"job {run_id} failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"job {run_id} done", file=sys.stderr)
-    return 0
+        raise
+    run_job(store, run_id, spec)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -133,7 +128,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--store", required=True)
     parser.add_argument("run_id")
     args = parser.parse_args(argv)
-    return run_worker(args.store, args.run_id)
+    try:
+        run_worker(args.store, args.run_id)
+    except BaseException:  # noqa: BLE001 - already recorded in the store; the job log keeps the traceback
+        import traceback
+
+        traceback.print_exc()
+        print(f"job {args.run_id} failed", file=sys.stderr)
+        return 1
+    print(f"job {args.run_id} done", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

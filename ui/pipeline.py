@@ -270,36 +270,99 @@ def _sensitivity(store: Any, run_id: str, spec: JobSpec, model: Any, result: Any
 
 
 def _export(store: Any, run_id: str, spec: JobSpec, model: Any, result: Any, eval_data: Any, reporter: Reporter) -> str:
-    """Q/DQ ONNX of the best calibrator, its check report and calibration cache; a child ``export`` run."""
+    """The job's export stage: the best calibrator's artifacts (see :func:`export_artifacts`)."""
     best = result.best_calibrator
-    out = Path(spec.out_dir)
-    child = store.create_run("export", model=spec.model, data=spec.calib_data, eval_data=spec.eval_data,
-                             run_dir=out, parent_id=run_id, name=f"export · {best}",
-                             config={"calibrator": best, "precision": "int8", "target": "tensorrt"})
+    outcome = export_artifacts(
+        store, run_id, model=model, scales=result.ptq.scales[best], calibrator=best,
+        example=backend.example_inputs(eval_data), out_dir=Path(spec.out_dir),
+        describe={"model": spec.model, "data": spec.calib_data, "eval_data": spec.eval_data},
+        progress=lambda fraction, what: reporter.update(fraction, detail=f"· {what}"),
+    )
+    reporter.info["outputs"].update(outcome["outputs"])
+    reporter.info["skipped"].extend(outcome["skipped"])
+    return outcome["run_id"]
+
+
+def export_artifacts(
+    store: Any,
+    parent_id: str,
+    *,
+    model: Any,
+    scales: Any,
+    calibrator: str,
+    example: Any,
+    out_dir: Path,
+    describe: Dict[str, Any],
+    progress: Optional[Callable[[float, str], None]] = None,
+) -> Dict[str, Any]:
+    """Q/DQ ONNX of ``model`` with ``scales``, its check report and a calibration cache: a child ``export`` run.
+
+    Args:
+        store: The run store.
+        parent_id: The compare run the scales come from.
+        model: The FP32 model (not modified).
+        scales: The calibrator's :class:`quantlab.Scales`.
+        calibrator: Its name (for names and the record).
+        example: A batch of model inputs to trace the export with.
+        out_dir: Where the files go (``model.int8.onnx``, ``check.json``/``.md``,
+            ``model.fp32.onnx``, ``calibration.cache``).
+        describe: ``model``, ``data``, ``eval_data`` specs for the record.
+        progress: ``progress(fraction, what)``.
+
+    Returns:
+        ``{"run_id", "outputs": {what: path}, "skipped": [why]}``; the calibration
+        cache is a legacy artifact, so its failure is noted rather than raised.
+    """
+    step = progress or (lambda fraction, what: None)
+    out = Path(out_dir)
+    child = store.create_run("export", model=describe.get("model") or "model", data=describe.get("data"),
+                             eval_data=describe.get("eval_data"), run_dir=out, parent_id=parent_id,
+                             name=f"export · {calibrator}",
+                             config={"calibrator": calibrator, "precision": "int8", "target": "tensorrt"})
+    outputs: Dict[str, str] = {}
+    skipped: List[str] = []
     try:
-        example = backend.example_inputs(eval_data)
-        quant = _quantized_copy(model, result.ptq.scales[best])
-        reporter.update(0.1, detail="· Q/DQ ONNX")
+        quant = _quantized_copy(model, scales)
+        step(0.1, "Q/DQ ONNX")
         onnx_path = backend.export_qdq(quant, out / "model.int8.onnx", example)
         store.add_artifact(child, "onnx", onnx_path)
-        reporter.info["outputs"]["onnx"] = str(onnx_path)
-        reporter.update(0.5, detail="· check")
+        outputs["onnx"] = str(onnx_path)
+        step(0.5, "check")
         report = backend.check_onnx(str(onnx_path))
         check_json = write_text_atomic(out / "check.json", json.dumps(report, indent=1))
         check_md = write_text_atomic(out / "check.md", backend.check_markdown(report))
         store.add_artifact(child, "check", check_json)
         store.add_artifact(child, "check_report", check_md)
-        reporter.info["outputs"]["check"] = str(check_md)
-        reporter.update(0.7, detail="· calibration cache")
+        outputs["check"] = str(check_md)
+        step(0.7, "calibration cache")
         try:
-            cache = backend.write_calibration_cache(model, result.ptq.scales[best], example, out)
+            cache = backend.write_calibration_cache(model, scales, example, out)
             store.add_artifact(child, "onnx_fp32", out / "model.fp32.onnx")
             store.add_artifact(child, "calibration_cache", cache)
-            reporter.info["outputs"]["calibration_cache"] = str(cache)
-        except (QuantlabError, ValueError) as exc:  # a legacy artifact: note why, keep the job's main results
-            reporter.info["skipped"].append(f"calibration cache: {exc}")
+            outputs["calibration_cache"] = str(cache)
+        except (QuantlabError, ValueError) as exc:  # a legacy artifact: note why, keep the main results
+            skipped.append(f"calibration cache: {exc}")
         store.set_status(child, "done")
     except BaseException as exc:
         store.set_status(child, "failed", error=str(exc))
         raise
-    return child
+    return {"run_id": child, "outputs": outputs, "skipped": skipped}
+
+
+def export_recorded_run(store: Any, run: Dict[str, Any], calibrator: str) -> Dict[str, Any]:
+    """Exports a stored compare run (rebuilt from its run folder) for ``calibrator``.
+
+    What the Export page's "Export now" button does for runs that were not
+    exported yet (a CLI ``compare``, or a job with export off).
+    """
+    from quantlab.evaluation.runs import load_run_info, rebuild, scales_path
+    from quantlab.scales import Scales
+
+    info = load_run_info(run.get("run_dir") or run["id"], store.path)
+    model, batches, task, _metric, _calib = rebuild(info)
+    scales = Scales.load(scales_path(info["run_dir"], calibrator))
+    return export_artifacts(
+        store, run["id"], model=model, scales=scales, calibrator=calibrator,
+        example=task.inputs(batches[0]), out_dir=Path(info["run_dir"]),
+        describe={"model": info.get("model"), "data": info.get("data"), "eval_data": info.get("eval_data")},
+    )

@@ -2,7 +2,7 @@
 
 Nothing here computes a metric: it only arranges what the run store holds
 (values, deltas, per-layer numbers) and what the scales files saved
-(histograms, amax).
+(histograms, amax). No Streamlit or Altair import: the CLI uses it too.
 """
 from __future__ import annotations
 
@@ -11,7 +11,26 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import pandas as pd
 
-from quantlab.ui.charts import series_key, series_label
+
+def series_key(precision: str, calibrator: Optional[str], source: Optional[str] = "ptq") -> str:
+    """Colour key of a result row."""
+    if precision in ("fp32", "fp16"):
+        return precision
+    if source in ("qat", "mixed"):
+        return source
+    return (calibrator or "int8").lower()
+
+
+def series_label(precision: str, calibrator: Optional[str], source: Optional[str] = "ptq") -> str:
+    """Human label of a result row: ``FP32``, ``FP16``, ``INT8 entropy``, ``INT8 QAT (entropy)``."""
+    if precision in ("fp32", "fp16"):  # the reference rows of a QAT run carry source "qat" too
+        return precision.upper()
+    if source == "qat":
+        return f"INT8 QAT ({calibrator})" if calibrator else "INT8 QAT"
+    if source == "mixed":
+        return f"Mixed {precision.upper()}/FP16 ({calibrator})" if calibrator else "Mixed precision"
+    return f"{precision.upper()} {calibrator}" if calibrator else precision.upper()
+
 
 # Metrics where smaller is better; everything else (accuracy, cosine, agreement) is larger-is-better.
 _LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "error", "mse", "latency", "seconds", "ms")
@@ -64,6 +83,10 @@ def results_frame(results: Sequence[Mapping[str, Any]], metric: Optional[str] = 
     df["source"] = df["source"].fillna("ptq")
     df["label"] = [series_label(p, c, s) for p, c, s in zip(df["precision"], df["calibrator"], df["source"])]
     df["key"] = [series_key(p, c, s) for p, c, s in zip(df["precision"], df["calibrator"], df["source"])]
+    if "run_id" in df and df["label"].duplicated(keep=False).any():
+        # rows from several runs (QAT / mixed-precision runs shown beside a compare run)
+        dup = df["label"].duplicated(keep=False) & df["run_id"].notna()
+        df.loc[dup, "label"] = df.loc[dup, "label"] + " · " + df.loc[dup, "run_id"].astype(str).str[-6:]
     df["_p"] = df["precision"].map(PRECISION_ORDER).fillna(9)
     df["_s"] = df["source"].map(SOURCE_ORDER).fillna(9)
     df = df.sort_values(["_p", "_s"], kind="stable").drop(columns=["_p", "_s"])

@@ -16,6 +16,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .onnx file (a <out>.json sidecar records tensor names)")
     p.add_argument("--target", choices=("tensorrt", "ort-cpu"), default="tensorrt",
                    help="int8 form: tensorrt (INT8, zero point 0; default) or ort-cpu (UINT8 activations, ONNX Runtime integer kernels)")
+    p.add_argument("--ort-other-convs", choices=("im2col", "float", "conv-integer"), default="im2col",
+                   help="ort-cpu: how convs without an output quantizer (residual branches) run (default im2col: integer GEMM)")
     p.add_argument("--input-shape", help="one sample's shape without the batch, e.g. 1,28,28 (or use --data)")
     p.add_argument("--data", help="take the example batch from this data spec, e.g. fmnist:calib")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="torch.onnx exporter (default torchscript)")
@@ -40,8 +42,10 @@ def example_inputs(args: argparse.Namespace):
         inputs, _ = split_batch(batch)
         return inputs
     if args.input_shape:
+        import re
+
         try:
-            shape = tuple(int(d) for d in args.input_shape.replace("x", ",").split(",") if d.strip())
+            shape = tuple(int(d) for d in re.split(r"[x,]", args.input_shape.strip()))
         except ValueError:
             raise ValueError(f"--input-shape {args.input_shape!r} must be comma-separated integers, e.g. 1,28,28") from None
         if not shape or any(d <= 0 for d in shape):
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             from quantlab.export.qdq import export_int8
 
             ql.load_scales(model, args.scales)  # strict: names every missing or extra layer
-            result = export_int8(model, out, inputs, target=args.target, placement=not args.no_placement, **common)
+            result = export_int8(model, out, inputs, target=args.target, placement=not args.no_placement,
+                                 ort_other_convs=args.ort_other_convs, **common)
         else:
             from quantlab.export.float import export_float
 
@@ -88,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
               f"{len(placed['concat_unified'])} Concat scale(s) unified, {len(placed['pad_moved'])} Pad(s) fused")
         for item in placed["residual_left_float"]:
             print(f"  residual left in float (no calibrated scale): {item}")
+    if result.ort_cpu:
+        print("ort-cpu kernels: " + ", ".join(f"{k} {v}" for k, v in result.ort_cpu.items() if v))
     if result.unmapped:
         print(f"note: {len(result.unmapped)} quantizer(s) have no node in the graph (layer never called): {', '.join(result.unmapped[:5])}")
     status = 0

@@ -24,6 +24,7 @@ def register(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--range-lr", type=float, default=1e-3, help="AdamW: learned ranges move ~ this fraction per step (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size per process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--learn-amax", action="store_true", help="learn activation ranges (LSQ)")
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         train_config = TrainConfig(
             task=args.task.replace("-", "_"), epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
-            warmup_steps=args.warmup_steps, optimizer=args.optimizer, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps, optimizer=args.optimizer, weight_decay=args.weight_decay, range_lr=args.range_lr,
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
             freeze_bn_after=args.freeze_bn_after, seed=args.seed,
         )

@@ -16,6 +16,8 @@ def register(sub) -> None:
     p.add_argument("--subset-fraction", type=float, default=0.25, help="share of the eval batches per candidate (default 0.25)")
     p.add_argument("--full", action="store_true",
                    help="also evaluate EVERY layer on the same subset and report how well the proxy ranking agrees (expensive)")
+    p.add_argument("--full-layers", type=int, default=None,
+                   help="with --full: evaluate only N layers, evenly spaced along the proxy order (for models with hundreds of layers)")
     p.add_argument("--device", default=None)
     add_store_arg(p)
     p.set_defaults(func=run)
@@ -29,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args, run_info=info)
     with StageProgress() as progress:
         outcome = run_sensitivity(info, store, calibrator=args.calibrator, top_k=args.top_k, budget_passes=args.budget,
-                                  subset_fraction=args.subset_fraction, full=args.full, device=args.device, progress=progress)
+                                  subset_fraction=args.subset_fraction, full=args.full,
+                                  full_layers=args.full_layers, device=args.device, progress=progress)
     result = outcome["result"]
     print(f"sensitivity of {info['model']} ({outcome['calibrator']}), metric {result.metric}, "
           "method: quantize everything but one layer (metric recovered when that layer stays in FP16)")

@@ -251,6 +251,7 @@ def compare(
             eval_data=describe.get("eval_data"),
             config=run_config,
             run_dir=run_dir,
+            name=describe.get("name"),
         )
     out_dir = Path(run_dir) if run_dir is not None else None
     try:

@@ -45,13 +45,16 @@ def run_sensitivity(
     budget_passes: float = 3.0,
     subset_fraction: float = 0.25,
     full: bool = False,
+    full_layers: Optional[int] = None,
     device: Optional[str] = None,
     progress: Optional[Progress] = None,
 ) -> Dict[str, Any]:
     """Ranks the layers of a compare run; writes ``sensitivity.<calibrator>.json``.
 
-    With ``full``, also evaluates every layer on the same subset and measures
-    how well the SQNR proxies (local and end-to-end) agree with that ranking.
+    With ``full``, also evaluates every layer (or ``full_layers`` of them, evenly
+    spaced along the proxy order so that both ends are represented) on the same
+    subset and measures how well the SQNR proxies (local and end-to-end) agree
+    with that ranking.
 
     Returns:
         ``{"run_id", "calibrator", "result", "agreement", "path"}``.
@@ -63,7 +66,7 @@ def run_sensitivity(
     run_id = store.create_run(
         "sensitivity", model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
         config={"calibrator": calibrator, "metric": metric, "method": "everything_but_one", "top_k": top_k,
-                "budget_passes": budget_passes, "subset_fraction": subset_fraction, "full": full},
+                "budget_passes": budget_passes, "subset_fraction": subset_fraction, "full": full, "full_layers": full_layers},
         run_dir=run_dir, parent_id=info.get("run_id"),
     )
 
@@ -73,7 +76,11 @@ def run_sensitivity(
         agreement = None
         full_scores = None
         if full:
-            full_scores = full_ranking(quant, task, batches[: result.subset_batches], metric=metric, layers=result.order(), progress=progress)
+            by_proxy = [e.layer for e in sorted(result.layers, key=lambda e: e.proxy_sqnr_db if e.proxy_sqnr_db is not None else float("inf"))]
+            if full_layers is not None and 2 <= full_layers < len(by_proxy):
+                step = (len(by_proxy) - 1) / (full_layers - 1)
+                by_proxy = [by_proxy[round(i * step)] for i in range(full_layers)]
+            full_scores = full_ranking(quant, task, batches[: result.subset_batches], metric=metric, layers=by_proxy, progress=progress)
             agreement = {
                 "local_sqnr": proxy_agreement(result.layer_errors, full_scores),
                 "end_to_end_sqnr": proxy_agreement(result.layer_errors, full_scores, key="sqnr_db"),
@@ -95,21 +102,19 @@ def run_sensitivity(
 
 
 def export_onnx_if_available(model: Any, example_inputs: Any, path: Path) -> Optional[str]:
-    """Exports a Q/DQ ONNX model through :mod:`quantlab.export` when that module provides an exporter.
+    """Exports the mixed-precision model as TensorRT Q/DQ ONNX through :func:`quantlab.export.export_int8`.
+
+    Layers kept in float get no Q/DQ nodes, so a strongly typed TensorRT build runs them in FP16.
 
     Returns:
         None on success, else a note saying why no ONNX file was written.
     """
     try:
-        import quantlab.export as export
-    except ImportError as exc:  # pragma: no cover - the package folder always exists
-        return f"quantlab.export is not importable ({exc})"
-    for name in ("export_qdq_onnx", "export_onnx", "export_qdq"):
-        fn = getattr(export, name, None)
-        if callable(fn):
-            fn(model, example_inputs, path)
-            return None
-    return "quantlab.export provides no ONNX exporter yet; the scales file can be exported later"
+        from quantlab.export import export_int8
+    except (ImportError, AttributeError) as exc:
+        return f"quantlab.export.export_int8 is not available ({exc}); export the scales file later"
+    export_int8(model, path, example_inputs)
+    return None
 
 
 def run_autoprecision(
@@ -162,7 +167,7 @@ def run_autoprecision(
             source = f"{saved.name} (metric-ranked top candidates, then SQNR proxy)"
         else:
             layer_order = rank_layers(model, quant, task, batches, metric=metric, progress=progress).order()
-            task.set_reference(evaluate_reference(model, task, batches).state)  # rank_layers used a subset reference
+            evaluate_reference(model, task, batches)  # rank_layers left a subset as the reference: restore the full one
             source = "fresh sensitivity ranking (SQNR proxy + metric on top candidates)"
         result = auto_precision(quant, task, batches, metric=metric, fp32_value=fp32, order=layer_order, max_drop=max_drop,
                                 relative=relative, int8_value=int8, progress=progress)

@@ -12,12 +12,15 @@ scales and the same numerics:
    is ``max(q, 128)``, ``Q(relu(y)) == max(Q(y), 128)`` exactly, and MaxPool
    commutes with the monotone Q, so ORT fuses DQ -> Conv -> Q into one ``QLinearConv``;
 3. any other quantized Conv (e.g. one feeding a residual Add, whose output has no
-   quantizer) reads ``DQ(x)`` and a float weight initializer holding exactly the
-   dequantized values ``q * s`` (what DQ would compute on every run), so ONNX
-   Runtime prepacks it like an FP32 weight. ONNX Runtime 1.30-1.32's
-   ``ConvInteger`` kernel measured 4-5x slower than its float Conv, so the integer
-   form ``ConvInteger -> Cast -> Mul(s_x * s_w) -> Add(bias)`` (exact integer
-   accumulation) is only used with ``conv_integer=True``;
+   quantizer, so it must produce float) is lowered as chosen by ``other_convs``:
+
+   * ``"im2col"`` (default): the UINT8 input is unfolded with Transpose/Pad/Slice/
+     Concat and multiplied by ``MatMulInteger`` (MLAS integer GEMM), then
+     ``Cast -> Mul(s_x * s_w) -> Add(bias) -> Transpose``: exact integer accumulation;
+   * ``"float"``: ``DQ(x) -> Conv`` with a float weight initializer holding exactly
+     the dequantized values ``q * s`` (prepacked by ONNX Runtime like FP32);
+   * ``"conv-integer"``: ``ConvInteger -> Cast -> Mul -> Add`` (exact, but ONNX
+     Runtime 1.30-1.32's ConvInteger kernel measured 4-5x slower than its float Conv);
 4. Gemm / MatMul with quantized inputs become ``MatMulInteger -> Cast -> Mul -> Add``.
 
 ConvTranspose keeps its Q/DQ form (ONNX Runtime has no integer ConvTranspose).
@@ -163,6 +166,62 @@ def _dequantize_weight(view: GraphView, conv: onnx.NodeProto, w_dq) -> None:
     view.refresh()
 
 
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _conv_im2col(view: GraphView, conv: onnx.NodeProto, x_dq: onnx.NodeProto, w_dq, zero_name: str) -> bool:
+    """Rule 3, "im2col": a 2-D Conv as MatMulInteger over unfolded UINT8 patches (NHWC)."""
+    _, w_values, w_scale = w_dq
+    if w_values.ndim != 4 or int(get_attr(conv, "group", 1)) != 1:
+        return False
+    auto_pad = get_attr(conv, "auto_pad", b"NOTSET")
+    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) != "NOTSET":
+        return False
+    out_channels, in_channels, kh, kw = w_values.shape
+    sh, sw = list(get_attr(conv, "strides", [1, 1]))
+    dh, dw = list(get_attr(conv, "dilations", [1, 1]))
+    top, left, bottom, right = list(get_attr(conv, "pads", [0, 0, 0, 0]))
+    base = conv.name or conv.output[0]
+    x_scale = _scale_of(view, x_dq)
+    nodes: List[onnx.NodeProto] = []
+
+    def add(op: str, inputs: List[str], hint: str, **attrs) -> str:
+        out = view.unique(f"{base}.{hint}")
+        nodes.append(helper.make_node(op, inputs, [out], name=view.unique(f"{base}/{op}"), **attrs))
+        return out
+
+    nhwc = add("Transpose", [x_dq.input[0]], "nhwc", perm=[0, 2, 3, 1])
+    if any((top, left, bottom, right)):
+        pads = view.add_initializer(np.array([0, top, left, 0, 0, bottom, right, 0], dtype=np.int64), f"{base}.pads")
+        nhwc = add("Pad", [nhwc, pads, zero_name], "padded")  # pad with the zero point: the value 0.0
+    columns = []
+    for i in range(kh):
+        for j in range(kw):
+            tail_h, tail_w = dh * (kh - 1 - i), dw * (kw - 1 - j)
+            starts = view.add_initializer(np.array([dh * i, dw * j], dtype=np.int64), f"{base}.starts")
+            ends = view.add_initializer(np.array([-tail_h if tail_h else _INT64_MAX, -tail_w if tail_w else _INT64_MAX], dtype=np.int64), f"{base}.ends")
+            axes = view.add_initializer(np.array([1, 2], dtype=np.int64), f"{base}.axes")
+            steps = view.add_initializer(np.array([sh, sw], dtype=np.int64), f"{base}.steps")
+            columns.append(add("Slice", [nhwc, starts, ends, axes, steps], f"tap{i}_{j}"))
+    patches = add("Concat", columns, "patches", axis=3) if len(columns) > 1 else columns[0]
+    # patch index (i * kw + j) * C + c  <->  weight [O, C, kh, kw] as [kh, kw, C, O]
+    weight = np.ascontiguousarray(w_values.transpose(2, 3, 1, 0).reshape(kh * kw * in_channels, out_channels))
+    w_name = view.add_initializer(weight, f"{base}.weight_int8_im2col")
+    w_zero = view.add_initializer(np.array(0, dtype=np.int8), f"{base}.weight_zero_point")
+    acc = add("MatMulInteger", [patches, w_name, zero_name, w_zero], "int32")
+    acc_float = add("Cast", [acc], "int32_as_float", to=TensorProto.FLOAT)
+    scale = (np.asarray(w_scale, dtype=np.float64).reshape(-1) * x_scale).astype(np.float32)
+    scaled = add("Mul", [acc_float, view.add_initializer(scale if scale.size > 1 else scale.reshape(()), f"{base}.output_scale")], "scaled")
+    bias = view.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+    if bias is not None:
+        scaled = add("Add", [scaled, view.add_initializer(bias.astype(np.float32), f"{base}.bias_nhwc")], "biased")
+    nodes.append(helper.make_node("Transpose", [scaled], [conv.output[0]], name=view.unique(f"{base}/ToNCHW"), perm=[0, 3, 1, 2]))
+    view.insert_after(conv, nodes)
+    view.remove([conv])
+    view.refresh()
+    return True
+
+
 def _conv_integer(view: GraphView, conv: onnx.NodeProto, x_dq: onnx.NodeProto, w_dq, zero_name: str) -> None:
     """Rule 3: ConvInteger -> Cast -> Mul -> Add, writing the conv's original output."""
     _, w_values, w_scale = w_dq
@@ -251,19 +310,24 @@ def _matmul_integer(view: GraphView, node: onnx.NodeProto, zero_name: str) -> bo
     return True
 
 
-def convert_to_ort_cpu(view: GraphView, *, conv_integer: bool = False) -> dict:
+OTHER_CONVS = ("im2col", "float", "conv-integer")
+
+
+def convert_to_ort_cpu(view: GraphView, *, other_convs: str = "im2col") -> dict:
     """Rewrites a TensorRT-form Q/DQ graph (in place) into the ort-cpu form.
 
     Args:
         view: The graph.
-        conv_integer: Turn Convs that cannot become QLinearConv into ConvInteger
-            (slow in ONNX Runtime 1.32) instead of leaving them as DQ -> Conv.
+        other_convs: How Convs that cannot become QLinearConv run (rule 3):
+            ``"im2col"``, ``"float"`` or ``"conv-integer"``.
 
     Returns:
-        Counts: ``qlinear_conv``, ``conv_integer``, ``float_conv`` (left as DQ -> Conv), ``matmul_integer``.
+        Counts: ``qlinear_conv``, ``im2col_conv``, ``conv_integer``, ``float_conv``, ``matmul_integer``.
     """
+    if other_convs not in OTHER_CONVS:
+        raise ValueError(f"other_convs must be one of {', '.join(OTHER_CONVS)}, got {other_convs!r}")
     zero_name = _to_uint8_activations(view)
-    counts = {"qlinear_conv": 0, "conv_integer": 0, "float_conv": 0, "matmul_integer": 0}
+    counts = {"qlinear_conv": 0, "im2col_conv": 0, "conv_integer": 0, "float_conv": 0, "matmul_integer": 0}
     for node in list(view.nodes):
         if node.op_type == "Conv":
             x_dq = _activation_dq(view, node.input[0], zero_name)
@@ -274,7 +338,9 @@ def convert_to_ort_cpu(view: GraphView, *, conv_integer: bool = False) -> dict:
                 continue
             if _relu_to_grid(view, node, zero_name):
                 counts["qlinear_conv"] += 1
-            elif conv_integer:
+            elif other_convs == "im2col" and _conv_im2col(view, node, x_dq, w_dq, zero_name):
+                counts["im2col_conv"] += 1
+            elif other_convs == "conv-integer":
                 _conv_integer(view, node, x_dq, w_dq, zero_name)
                 counts["conv_integer"] += 1
             else:
@@ -286,4 +352,4 @@ def convert_to_ort_cpu(view: GraphView, *, conv_integer: bool = False) -> dict:
     return counts
 
 
-__all__ = ["ACTIVATION_ZERO_POINT", "convert_to_ort_cpu"]
+__all__ = ["ACTIVATION_ZERO_POINT", "OTHER_CONVS", "convert_to_ort_cpu"]

@@ -87,7 +87,7 @@ def export_int8(
     dynamic_batch: bool = True,
     placement: bool = True,
     fold_bn: bool = True,
-    conv_integer: bool = False,
+    ort_other_convs: str = "im2col",
     sidecar: bool = True,
 ) -> ExportResult:
     """Exports a calibrated quantized model as a Q/DQ ONNX file.
@@ -105,8 +105,9 @@ def export_int8(
         dynamic_batch: Symbolic batch dimension.
         placement: Run the TensorRT placement pass.
         fold_bn: Fold BatchNormalization into the preceding conv.
-        conv_integer: ort-cpu only: use ConvInteger for convs that cannot become
-            QLinearConv (see :mod:`quantlab.export.ort_cpu`).
+        ort_other_convs: ort-cpu only: how convs that cannot become QLinearConv
+            run: ``"im2col"`` (default), ``"float"`` or ``"conv-integer"``
+            (see :mod:`quantlab.export.ort_cpu`).
         sidecar: Also write ``<path>.json`` with the quantizer -> tensor map.
 
     Raises:
@@ -115,6 +116,10 @@ def export_int8(
     """
     if target not in TARGETS:
         raise ExportError(f"unknown INT8 target {target!r}; choose one of {', '.join(TARGETS)}")
+    from quantlab.export.ort_cpu import OTHER_CONVS
+
+    if ort_other_convs not in OTHER_CONVS:
+        raise ExportError(f"ort_other_convs must be one of {', '.join(OTHER_CONVS)}, got {ort_other_convs!r}")
     if opset < 13:
         raise ExportError(f"opset {opset} is too low for per-channel Q/DQ: use 13 or newer")
     start = time.perf_counter()
@@ -142,7 +147,7 @@ def export_int8(
     if target == "ort-cpu":
         from quantlab.export.ort_cpu import convert_to_ort_cpu
 
-        rewrites = convert_to_ort_cpu(view, conv_integer=conv_integer)
+        rewrites = convert_to_ort_cpu(view, other_convs=ort_other_convs)
     proto = view.commit()
     set_metadata(proto, {
         "quantlab.format": "qdq-int8",

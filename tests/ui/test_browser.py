@@ -170,6 +170,13 @@ def test_every_page_and_the_demo_in_a_real_browser(server, browser):
         page.get_by_role("tab", name=tab).click()
         browser.settle(quiet_s=0.5)
         browser.check(f"{i}-layers-{tab.split()[0].lower()}")
+    # Keep the most sensitive layer in FP16 and measure it (a real re-evaluation in the server).
+    page.get_by_role("button", name="Top 1").click()
+    browser.settle(quiet_s=0.5)
+    page.get_by_role("button", name="Measure now").click()
+    page.get_by_text("Measured on").first.wait_for(timeout=120_000)
+    browser.settle(quiet_s=0.5)
+    browser.check("15b-layers-mixed-measured")
     browser.visit("export", "16-export")
     assert page.get_by_text("model.int8.onnx").count() > 0 and page.get_by_text("calibration.cache").count() > 0
     assert page.get_by_text("Every rule passed").count() > 0

@@ -86,6 +86,6 @@ def test_a_worker_that_died_without_a_word_is_reported_lost(tmp_path):
 def test_the_worker_rejects_a_run_without_a_job_spec(tmp_path):
     store = RunStore(tmp_path / "runs.sqlite")
     run_id = store.create_run("compare", model="m:f", config={"metric": "top1"})
-    assert jobs.run_worker(str(store.path), run_id) == 1
+    assert jobs.main(["--store", str(store.path), run_id]) == 1
     run = store.get_run(run_id)
     assert run["status"] == "failed" and "no dashboard job spec" in run["error"]

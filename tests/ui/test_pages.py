@@ -167,7 +167,9 @@ def test_layers_fp16_selection_measures_and_saves_a_mixed_config(demo_store, dem
     # Same model, scales and eval batches as the stored run: the re-measured baselines are the stored numbers.
     assert measured["fp32"] == pytest.approx(fp32)
     assert measured["int8"] == pytest.approx(int8)
-    assert any("Measured on" in s.value for s in at.success)
+    shown = next(m for m in at.metric if m.label == "Measured, 1 in FP16")
+    assert shown.value == f"{measured['mixed']:.4g}"
+    assert any(c.value.startswith("Measured on") for c in at.caption)
 
     at.button(key="layers-save").click().run()
     no_exceptions(at)
@@ -198,3 +200,77 @@ def test_export_page_offers_every_artifact_and_the_check_report(demo_store, demo
     info = "\n".join(i.value for i in at.info)
     assert "pip install" in info and "tensorrt" in info
     assert any("trtexec" in c.value and str(out / "model.int8.onnx") in c.value for c in at.code)
+
+
+def test_compare_shows_mixed_precision_runs_of_the_same_model(demo_run, monkeypatch, tmp_path):
+    """A real `autoprecision` run on the demo run appears in its Compare table (own store copy)."""
+    import sqlite3
+
+    from quantlab.evaluation.runs import load_run_info
+    from quantlab.evaluation.workflows import run_autoprecision
+
+    copy_path = tmp_path / "runs.sqlite"
+    with sqlite3.connect(demo_run["store"]) as src, sqlite3.connect(copy_path) as dst:
+        src.backup(dst)
+    store = RunStore(copy_path)
+    info = load_run_info(demo_run["out"], copy_path)
+    outcome = run_autoprecision(info, store, max_drop=100.0, out_dir=str(tmp_path / "mixed"), export_onnx=False)
+    mixed = next(r for r in store.results(outcome["run_id"]) if r["source"] == "mixed")
+    monkeypatch.setenv("QUANTLAB_STORE", str(copy_path))
+    at = open_page("compare")
+    no_exceptions(at)
+    table = _frame(at, "Δ vs FP32").set_index("configuration")
+    label = f"Mixed INT8/FP16 ({mixed['calibrator']})"
+    assert table.loc[label, "top1"] == pytest.approx(mixed["value"])
+    assert table.loc[label, "Δ vs FP32"] == pytest.approx(mixed["delta"])
+    at.toggle(key=f"compare-related-{demo_run['run']['id']}").set_value(False).run()
+    assert label not in set(_frame(at, "Δ vs FP32")["configuration"])
+
+
+def test_export_now_exports_a_run_that_was_not_exported(empty_store, tmp_path):
+    import dataclasses
+
+    from quantlab.ui.jobs import create_job_run
+    from quantlab.ui.pipeline import run_job
+    from quantlab.ui.spec import demo_spec, validate
+
+    store = RunStore(empty_store)
+    spec = validate(dataclasses.replace(demo_spec(str(tmp_path / "plain"), eval_samples=64, calib_samples=64),
+                                        calibrators=["max"], precisions=["fp32", "int8"], sensitivity=False, export=False))
+    run_id = create_job_run(store, spec)
+    run_job(store, run_id, spec)
+    at = open_page("export")
+    no_exceptions(at)
+    assert not any(a["kind"] == "onnx" for a in store.artifacts(run_id))
+    at.button(key="export-now").click().run(timeout=120)
+    no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    child = next(r for r in store.list_runs("export") if r["parent_id"] == run_id)
+    kinds = {a["kind"]: a["path"] for a in store.artifacts(child["id"])}
+    assert {"onnx", "check", "calibration_cache"} <= set(kinds)
+    assert kinds["onnx"].endswith("model.int8.onnx")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["ONNX models"] == "1" and metrics["Result"] in ("OK", "errors")
+
+
+def test_get_started_runs_the_demo_in_one_click(empty_store, monkeypatch):
+    from tests.ui.helpers import wait_for_status
+
+    monkeypatch.setenv("QUANTLAB_DEMO_EVAL_SAMPLES", "64")
+    monkeypatch.setenv("QUANTLAB_DEMO_CALIB_SAMPLES", "64")
+    at = app_test()
+    at.run()
+    at.button(key="welcome-demo").click().run()
+    no_exceptions(at)
+    assert not at.error, [e.value for e in at.error]
+    runs = RunStore(empty_store).list_runs()
+    assert len(runs) == 1 and runs[0]["name"] == "Fashion-MNIST demo"
+    job = runs[0]["config"]["job"]
+    assert job["eval_data"] == "fmnist:test[:64]" and job["export"] and job["sensitivity"]
+    assert at.title[0].value == "Welcome to quantlab"  # the page stays to show the progress
+    assert at.progress, "no progress bar for the started demo"
+    run = wait_for_status(empty_store, runs[0]["id"], timeout=180)
+    assert run["status"] == "done", run["error"]
+    at.run()
+    no_exceptions(at)
+    assert any("Best INT8" in m.value for m in at.markdown)

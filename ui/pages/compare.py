@@ -17,6 +17,10 @@ top = st.columns([4, 2, 2])
 with top[0]:
     run = components.select_run(runs, key="compare-run")
 results = data.results(run)
+related = data.related_results(run)
+if related and st.toggle(f"Include {len({r['run_id'] for r in related})} QAT / mixed-precision run(s) on the same model and eval data",
+                         value=True, key=f"compare-related-{run['id']}"):
+    results = results + related
 metrics = list(dict.fromkeys(r["metric"] for r in results))
 primary = summaries.primary_metric(results)
 metric = top[1].selectbox("Metric", metrics, index=metrics.index(primary), key=f"compare-metric-{run['id']}")

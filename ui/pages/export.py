@@ -59,8 +59,26 @@ for kind, label, icon, mime in GROUPS + [("other", "Other files", ":material/dra
             st.download_button("Download", payload, file_name=path.name, mime=mime or "application/octet-stream",
                                key=f"dl-{art['run_id']}-{kind}-{path.name}", icon=":material/download:")
         i += 1
-if missing:
-    st.caption("Not in this run: " + ", ".join(missing) + ". The demo (and a New run with export on) writes them.")
+scales_by_cal = data.scales_files(run)
+if not onnx_files and scales_by_cal and run["kind"] == "compare" and run["status"] == "done":
+    with st.container(border=True):
+        st.markdown("**No Q/DQ ONNX yet.** Export one from this run's scales "
+                    "(rebuilds the model from the run folder; also writes the check report and a calibration cache).")
+        row = st.columns([2, 1, 3], vertical_alignment="bottom")
+        names = list(scales_by_cal)
+        best = data.best_calibrator(run)
+        export_cal = row[0].selectbox("Calibrator", names, index=names.index(best) if best in names else 0, key="export-now-cal")
+        if row[1].button("Export now", key="export-now", type="primary", icon=":material/output:"):
+            try:
+                with st.spinner("Exporting Q/DQ ONNX..."):
+                    outcome = data.export_now(run, export_cal)
+            except Exception as exc:  # noqa: BLE001 - shown in the page, never as a traceback
+                st.error(f"Export failed: {exc}", icon=":material/error:")
+            else:
+                st.session_state["export-now-done"] = outcome
+                st.rerun()
+elif missing:
+    st.caption("Not in this run: " + ", ".join(missing) + ".")
 
 # -- check --------------------------------------------------------------------------------------------
 st.divider()
@@ -121,5 +139,13 @@ if onnx_files:
     if command:
         st.markdown("Equivalent `trtexec` command:")
         st.code(command, language="bash", wrap_lines=True)
+    caches = by_kind.get("calibration_cache", [])
+    if caches:
+        header = (data.read_bytes(caches[0]["path"]) or b"").split(b"\n", 1)[0].decode("ascii", "replace")
+        fp32 = by_kind.get("onnx_fp32", [{}])[0].get("path", "model.fp32.onnx")
+        st.caption(
+            f"Calibration cache header `{header}`: for implicit INT8 on exactly that TensorRT (≤ 10; 11 removed it). "
+            f"For another version: `quantlab cache --scales <scales.json> --onnx {Path(fp32).name} --trt-version X.Y.Z --out calibration.cache`."
+        )
 else:
     st.info("Export a Q/DQ ONNX model first (the demo does; or `quantlab export`).", icon=":material/info:")

@@ -3,7 +3,7 @@ with each calibrator's range, and a mixed-precision what-if (some layers in FP16
 import streamlit as st
 
 from quantlab.errors import QuantlabError
-from quantlab.ui import backend, charts, components, data, summaries
+from quantlab.ui import charts, components, data, summaries
 
 components.require_store()
 components.header("Layers", "Per-layer error of INT8 vs FP32, which layers the metric is sensitive to, and what keeping them in FP16 buys.")
@@ -52,7 +52,7 @@ with tab_error:
         st.markdown("**Cosine similarity to FP32 per layer**")
         st.altair_chart(charts.layer_metric_chart(sub.dropna(subset=[cos_field]), cos_field, "cosine", layer_order), width="stretch")
         with st.expander("Table", icon=":material/table:"):
-            st.dataframe(sub, hide_index=True, key="layers-table",
+            st.dataframe(sub, hide_index=True, key="layers-table", placeholder="–",
                          column_config={k: st.column_config.NumberColumn(format="%.4g") for k in
                                         ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "sensitivity")})
 
@@ -73,7 +73,7 @@ with tab_rank:
         )
     if ranking["sensitivity"].notna().any():
         st.altair_chart(charts.sensitivity_chart(ranking.dropna(subset=["sensitivity"]), f"{metric} recovered in FP16"), width="stretch")
-    st.dataframe(ranking[["rank", "layer", "sensitivity", "sqnr_db", "local_sqnr_db", "cosine"]], hide_index=True, key="layers-ranking",
+    st.dataframe(ranking[["rank", "layer", "sensitivity", "sqnr_db", "local_sqnr_db", "cosine"]], hide_index=True, key="layers-ranking", placeholder="–",
                  column_config={"sensitivity": st.column_config.NumberColumn(f"{metric} recovered", format="%+.4g"),
                                 "sqnr_db": st.column_config.NumberColumn("SQNR dB", format="%.2f"),
                                 "local_sqnr_db": st.column_config.NumberColumn("alone SQNR dB", format="%.2f"),
@@ -125,22 +125,9 @@ with tab_mixed:
                          and r["metric"] == metric and r.get("source", "ptq") == "ptq"), None)
         fp32_row = next((r for r in results if r["precision"] == "fp32" and r["metric"] == metric), None)
         prediction = summaries.predicted_effect(order, fp16_layers, int8_delta=int8_row["delta"] if int8_row else None, higher=higher)
-        m = st.columns(4)
-        if fp32_row:
-            m[0].metric(f"FP32 {metric}", f"{fp32_row['value']:.4g}", border=True)
-        if int8_row:
-            m[1].metric(f"All INT8 ({mixed_cal})", f"{int8_row['value']:.4g}", delta=f"{int8_row['delta']:+.3g}",
-                        delta_color="normal" if higher else "inverse", border=True)
-        if prediction["predicted_delta"] is not None and fp32_row:
-            m[2].metric(f"Predicted, {len(fp16_layers)} in FP16", f"{fp32_row['value'] + prediction['predicted_delta']:.4g}",
-                        delta=f"{prediction['predicted_delta']:+.3g}", delta_color="normal" if higher else "inverse", border=True,
-                        help=f"from the stored {prediction['basis']} numbers (no new evaluation)")
-        if prediction["noise_share"] is not None:
-            m[3].metric("Share of INT8 noise removed", f"{prediction['noise_share']:.0%}", border=True,
-                        help="sum of 10^(-SQNR/10) over the chosen layers / over all layers")
         act = st.container(horizontal=True)
         measure = act.button("Measure now", key="layers-measure", icon=":material/speed:", disabled=not fp16_layers,
-                                help="Re-evaluates FP32, all-INT8 and the mixed model on the run's eval data")
+                             help="Re-evaluates FP32, all-INT8 and the mixed model on the run's eval data")
         save = act.button("Save as mixed-precision config", key="layers-save", icon=":material/save:", disabled=not fp16_layers)
         if measure:
             try:
@@ -149,11 +136,33 @@ with tab_mixed:
             except (QuantlabError, ValueError, FileNotFoundError, KeyError) as exc:
                 st.error(f"Could not measure: {exc}", icon=":material/error:")
         measured = st.session_state.get("layers-measured")
-        if measured and sorted(measured["layers"]) == sorted(fp16_layers):
-            st.success(
-                f"Measured on {measured['batches']} eval batches: {metric} {measured['mixed']:.4g} "
-                f"(Δ {measured['delta']:+.3g} vs FP32 {measured['fp32']:.4g}; all INT8 Δ {measured['int8_delta']:+.3g}) "
-                f"in {measured['seconds']:.1f} s", icon=":material/check_circle:")
+        if not (measured and sorted(measured["layers"]) == sorted(fp16_layers) and measured.get("calibrator") == mixed_cal):
+            measured = None
+        sign = "normal" if higher else "inverse"
+        m = st.columns(5)
+        if fp32_row:
+            m[0].metric(f"FP32 {metric}", f"{fp32_row['value']:.4g}", border=True)
+        if int8_row:
+            m[1].metric(f"All INT8 ({mixed_cal})", f"{int8_row['value']:.4g}", delta=f"{int8_row['delta']:+.3g}",
+                        delta_color=sign, border=True)
+        if prediction["predicted_delta"] is not None and fp32_row:
+            m[2].metric(f"Predicted, {len(fp16_layers)} in FP16", f"{fp32_row['value'] + prediction['predicted_delta']:.4g}",
+                        delta=f"{prediction['predicted_delta']:+.3g}", delta_color=sign, border=True,
+                        help=f"from the stored {prediction['basis']} numbers (no new evaluation)")
+        if measured is not None:
+            m[3].metric(f"Measured, {len(fp16_layers)} in FP16", f"{measured['mixed']:.4g}", delta=f"{measured['delta']:+.3g}",
+                        delta_color=sign, border=True, help="re-evaluated just now on the run's eval batches")
+        else:
+            m[3].metric(f"Measured, {len(fp16_layers)} in FP16", "–", border=True, help="press Measure now")
+        if prediction["noise_share"] is not None:
+            m[4].metric("Share of INT8 noise removed", f"{prediction['noise_share']:.0%}", border=True,
+                        help="sum of 10^(-SQNR/10) over the chosen layers / over all layers")
+        if measured is not None:
+            st.caption(
+                f"Measured on {measured['batches']} eval batches in {measured['seconds']:.1f} s: FP32 {measured['fp32']:.4g}, "
+                f"all INT8 {measured['int8']:.4g} (Δ {measured['int8_delta']:+.3g}), with {', '.join(fp16_layers)} in FP16 "
+                f"{measured['mixed']:.4g} (Δ {measured['delta']:+.3g})."
+            )
         if save:
             try:
                 path = data.save_mixed_config(run, mixed_cal, fp16_layers)

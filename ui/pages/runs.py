@@ -45,6 +45,7 @@ event = st.dataframe(
     view,
     key="runs-table",
     hide_index=True,
+    placeholder="",
     on_select="rerun",
     selection_mode="single-row",
     column_order=["status", "name", "kind", "model", "eval data", "metric", "FP32", "best INT8 Δ", "best INT8", "progress", "created", "id"],

@@ -1,7 +1,7 @@
 """Get started: shown while the run store is empty; runs the built-in demo in one click."""
 import streamlit as st
 
-from quantlab.ui import components, data
+from quantlab.ui import components
 from quantlab.ui.spec import default_out_dir, demo_spec
 
 components.require_store()

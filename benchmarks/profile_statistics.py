@@ -1,0 +1,86 @@
+"""Where the statistics pass spends its time: torch.profiler over one pass, plus the
+pieces of ``HistogramCollector.update`` timed alone on a ReLU-like activation.
+
+    python benchmarks/profile_statistics.py --device cuda --model resnet50 --samples 256
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+from _models import make_workload, run_batches  # noqa: E402
+
+
+def pieces(device: torch.device, shape, repeats: int) -> list:
+    from quantlab.statistics import HistogramCollector
+
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.relu(torch.randn(*shape, generator=g, device=device))  # about half exact zeros
+    width = 2.0 ** -9
+    n = 4096
+    a = x.abs()
+    idx64 = a.mul(1 / width).ceil_().sub_(1).clamp_(min=0).to(torch.int64).view(-1)
+    idx32 = idx64.to(torch.int32)
+    counts = torch.zeros(n, dtype=torch.int64, device=device)
+    ones = torch.ones_like(idx64)
+    collector = HistogramCollector(2048)
+    collector.update(x)
+    steps = {
+        "abs": lambda: x.abs(),
+        "max + host sync": lambda: float(x.abs().max()),
+        "index math (mul, ceil, sub, clamp, to int64)": lambda: a.mul(1 / width).ceil_().sub_(1).clamp_(min=0).to(torch.int64),
+        "bincount int64": lambda: torch.bincount(idx64, minlength=n),
+        "bincount int32": lambda: torch.bincount(idx32, minlength=n),
+        "scatter_add_ int64": lambda: counts.scatter_add_(0, idx64, ones),
+        "histc (float, not exact)": lambda: torch.histc(a, bins=n, min=0.0, max=n * width),
+        "HistogramCollector.update (all)": lambda: collector.update(x),
+        "FP32 reference: x * 2 (one read, one write)": lambda: x * 2,
+    }
+    rows = []
+    for name, fn in steps.items():
+        seconds = C.median_time(fn, repeats=repeats, warmup=2, device=device)
+        rows.append([name, seconds * 1e3, x.numel() * 4 / seconds / 1e9])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    C.add_common_args(parser)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--shape", default="64,256,56,56")
+    args = parser.parse_args()
+    device = C.setup_torch(args)
+    import quantlab
+    from quantlab.attach import collect_statistics
+    from quantlab.batching import forward_loop
+
+    out = [C.machine_header("Profile of the statistics pass", {"device": str(device)})]
+    shape = tuple(int(s) for s in args.shape.split(","))
+    out.append(f"### update() pieces on a ReLU output of shape {shape}\n\n" + C.markdown_table(
+        ["step", "median ms", "GB/s of fp32 input"], pieces(device, shape, args.repeats)))
+    wl = make_workload(args.model, args.samples, args.batch_size)
+    model = wl.build().to(device)
+    run_batches(model, iter([next(wl.batches(device))]))
+    quantlab.quantize(model, quantlab.int8_config())
+    collect_statistics(model, forward_loop(iter([next(wl.batches(device))])))
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        collect_statistics(model, forward_loop(wl.batches(device)))
+        C.sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    out.append(f"### torch.profiler, one statistics pass ({args.samples} samples), sorted by {key}\n\n```\n"
+               + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48) + "\n```\n")
+    C.emit("\n".join(out), args.append)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ from _models import make_workload, run_batches  # noqa: E402
 
 
 def pieces(device: torch.device, shape, repeats: int) -> list:
-    from quantlab.statistics import HistogramCollector
+    from quantlab.statistics import HistogramCollector, _count_slots
 
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.relu(torch.randn(*shape, generator=g, device=device))  # about half exact zeros
@@ -37,6 +37,8 @@ def pieces(device: torch.device, shape, repeats: int) -> list:
         "index math (mul, ceil, sub, clamp, to int64)": lambda: a.mul(1 / width).ceil_().sub_(1).clamp_(min=0).to(torch.int64),
         "bincount int64": lambda: torch.bincount(idx64, minlength=n),
         "bincount int32": lambda: torch.bincount(idx32, minlength=n),
+        "index math, new (mul, ceil, to int32)": lambda: a.mul(1 / width).ceil_().to(torch.int32),
+        "bincount int32, zeros spread over 32 slots (_count_slots)": lambda: _count_slots(idx32, n + 1),
         "scatter_add_ int64": lambda: counts.scatter_add_(0, idx64, ones),
         "histc (float, not exact)": lambda: torch.histc(a, bins=n, min=0.0, max=n * width),
         "HistogramCollector.update (all)": lambda: collector.update(x),

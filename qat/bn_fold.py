@@ -7,7 +7,7 @@ quantizes the weights, so the weights it rounds are
 training, following the recipe of Jacob et al. (2018) and Krishnamoorthi (2018)
 as in PyTorch's ``ConvBn`` QAT modules:
 
-    y = conv(x, fq(w * sf)) / sf + b,   sf = gamma / sqrt(running_var + eps)
+    y = conv(x, fq(w * sf) / sf) + b,   sf = gamma / sqrt(running_var + eps)
     out = BatchNorm(y)       # batch statistics while training, running ones once frozen
 
 With quantization off, ``y == conv(x, w) + b`` and the module equals Conv+BN in
@@ -81,15 +81,17 @@ class _QATConvBnMixin:
             if self.freeze_bn_after is not None and self.train_steps > self.freeze_bn_after:
                 self.bn_frozen = True
         sf = self.fold_factor()
-        w = self.folded_weight()
+        # A channel with gamma == 0 outputs a constant: quantize its raw weight instead of 0/0.
+        sf = torch.where(sf == 0, torch.ones_like(sf), sf)
+        w = self.raw_weight()
+        shape = [-1] + [1] * (w.dim() - 1)
+        w = w * sf.reshape(shape)
         quantizer = weight_quantizer(self)
         if quantizer is not None:
             w = quantizer(w)
-        y = self._conv_forward(x, w, None)
-        shape = [1, -1] + [1] * (y.dim() - 2)
-        y = y / sf.reshape(shape)
-        if self.bias is not None:
-            y = y + self.bias.reshape(shape)
+        # conv(x, fq(w * sf)) / sf == conv(x, fq(w * sf) / sf): sf is per output channel,
+        # so the un-scaling touches the weight, not the (much larger) activation.
+        y = self._conv_forward(x, w / sf.reshape(shape), self.bias)
         # A frozen BN normalizes with (and keeps) its running statistics even in train mode.
         self.bn.train(self.training and not self.bn_frozen)
         return self.bn(y)

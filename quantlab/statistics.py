@@ -32,6 +32,30 @@ def bin_width_for(amax: float, num_bins: int) -> float:
     return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
 
 
+# On CUDA, exact zeros are counted in this many separate slots (see _count_slots).
+_ZERO_LANES = 32
+
+
+def _count_slots(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """``torch.bincount(slots, minlength=num_slots)`` for a flat int tensor with values < num_slots.
+
+    After a ReLU about half of the values are exact zeros, all in slot 0. On the
+    GPU their atomic increments of one counter serialize (bincount ran at ~50
+    GB/s, three quarters of the statistics pass of a ResNet-50). Giving each of
+    32 neighbouring elements its own zero slot removes that hot spot; the spare
+    slots are summed back into slot 0, so the counts are identical.
+    """
+    if slots.is_cuda and slots.numel() % _ZERO_LANES == 0:
+        lanes = torch.arange(num_slots, num_slots + _ZERO_LANES, dtype=slots.dtype, device=slots.device)
+        grouped = slots.view(-1, _ZERO_LANES)
+        spread = torch.where(grouped == 0, lanes, grouped).view(-1)
+        counts = torch.bincount(spread, minlength=num_slots + _ZERO_LANES)
+        out = counts[:num_slots].clone()
+        out[0] += counts[num_slots:].sum()
+        return out
+    return torch.bincount(slots, minlength=num_slots)
+
+
 def _merge_pairs(counts: torch.Tensor, times: int) -> torch.Tensor:
     for _ in range(times):
         if counts.numel() % 2:
@@ -91,10 +115,8 @@ class HistogramCollector:
         # for exact zeros. Counting it directly and folding slot 0 into bin 0 gives the same
         # counts as bincount(clamp(ceil - 1, 0)) with two fewer passes over the tensor; int32
         # (the slot is at most len(counts)) halves the bytes bincount reads.
-        num_bins = self.counts.numel()
-        slots = torch.bincount(a.mul_(1.0 / self.bin_width).ceil_().to(torch.int32).view(-1), minlength=num_bins + 1)
-        self.counts += slots[1 : num_bins + 1]
-        self.counts[0] += slots[0]
+        idx = a.mul_(1.0 / self.bin_width).ceil_().sub_(1.0).clamp_(min=0.0).to(torch.int64).view(-1)
+        self.counts += torch.bincount(idx, minlength=self.counts.numel())
 
     def _fit_range(self, device: torch.device) -> None:
         """Chooses the width for the running max, merging or appending bins."""

@@ -3,6 +3,14 @@
 Trained once on FP32 embeddings; every precision's embeddings are then scored
 with the same probe, so the accuracy difference measures what quantization did
 to the embedding space (not a re-trained classifier adapting to it).
+
+Features are centred and divided by ONE global standard deviation, not per
+feature: per-feature standardization blows up directions where the FP32
+embeddings barely vary, so tiny quantization noise there flips predictions (on
+MiniLM / Rotten Tomatoes, isotropic noise at cosine 0.98 dropped a per-feature
+standardized probe from 75% to 58%, the global one stayed at 75%). The strong
+L2 penalty (0.3) is what a linear probe on ~1,000 samples of 384-d embeddings
+needs: 75% here, in line with the ~74% 5-fold reference accuracy.
 """
 from __future__ import annotations
 
@@ -13,11 +21,11 @@ import torch
 
 @dataclasses.dataclass
 class LinearProbe:
-    """Standardization (FP32 statistics) + a linear layer.
+    """Centring and global scaling (FP32 statistics) + a linear layer.
 
     Attributes:
         mean: Feature mean of the training embeddings.
-        std: Feature standard deviation of the training embeddings.
+        std: One standard deviation over all centred features of the training embeddings.
         weight: ``[features, classes]``.
         bias: ``[classes]``.
     """
@@ -28,7 +36,7 @@ class LinearProbe:
     bias: torch.Tensor
 
     @classmethod
-    def fit(cls, features: torch.Tensor, labels: torch.Tensor, *, l2: float = 1e-3, max_iter: int = 200) -> "LinearProbe":
+    def fit(cls, features: torch.Tensor, labels: torch.Tensor, *, l2: float = 0.3, max_iter: int = 200) -> "LinearProbe":
         """Fits the probe by full-batch L-BFGS (deterministic for given inputs).
 
         Args:
@@ -41,7 +49,7 @@ class LinearProbe:
         y = labels.detach().to(torch.int64).view(-1)
         num_classes = int(y.max()) + 1 if y.numel() else 1
         mean = x.mean(0)
-        std = x.std(0).clamp_min(1e-6)
+        std = (x - mean).std().clamp_min(1e-12)
         z = (x - mean) / std
         weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
         bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import onnx
 

@@ -15,13 +15,14 @@ scales and the same numerics:
    quantizer, so it must produce float) is lowered as chosen by ``other_convs``:
 
    * ``"im2col"`` (default): the UINT8 input is unfolded with Transpose/Pad/Slice/
-     Concat and multiplied by ``MatMulInteger`` (MLAS integer GEMM), then
-     ``Cast -> Mul(s_x * s_w) -> Add(bias) -> Transpose``: exact integer accumulation;
+     Concat and multiplied by ``MatMulIntegerToFloat`` (MLAS integer GEMM, exact
+     integer accumulation, ``* s_x * s_w + bias`` in its epilogue), then Transposed back;
    * ``"float"``: ``DQ(x) -> Conv`` with a float weight initializer holding exactly
      the dequantized values ``q * s`` (prepacked by ONNX Runtime like FP32);
    * ``"conv-integer"``: ``ConvInteger -> Cast -> Mul -> Add`` (exact, but ONNX
      Runtime 1.30-1.32's ConvInteger kernel measured 4-5x slower than its float Conv);
-4. Gemm / MatMul with quantized inputs become ``MatMulInteger -> Cast -> Mul -> Add``.
+4. Gemm / MatMul with quantized inputs become ``MatMulIntegerToFloat`` (an ONNX
+   Runtime contrib op: integer GEMM with the scales and bias applied in its epilogue).
 
 ConvTranspose keeps its Q/DQ form (ONNX Runtime has no integer ConvTranspose).
 This form is for ONNX Runtime only: TensorRT rejects UINT8 inside a network.
@@ -167,10 +168,33 @@ def _dequantize_weight(view: GraphView, conv: onnx.NodeProto, w_dq) -> None:
 
 
 _INT64_MAX = np.iinfo(np.int64).max
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def _integer_gemm(view, add, a: str, b: str, b_zero: str, a_scale: float, b_scale: np.ndarray, zero_name: str,
+                  bias: Optional[np.ndarray], base: str) -> str:
+    """``(a - 128) @ (b - b_zero) * a_scale * b_scale [+ bias]`` as ONNX Runtime's MatMulIntegerToFloat.
+
+    One contrib kernel (MLAS integer GEMM with a float epilogue) instead of
+    MatMulInteger -> Cast -> Mul -> Add, which ONNX Runtime does not fuse for
+    constant scales: same arithmetic (float(acc) * scale + bias), fewer passes.
+    """
+    a_scale_name = view.add_initializer(np.array(a_scale, dtype=np.float32), f"{base}.a_scale")
+    b_scale_name = view.add_initializer(b_scale if b_scale.size > 1 else b_scale.reshape(()), f"{base}.b_scale")
+    inputs = [a, b, a_scale_name, b_scale_name, zero_name, b_zero]
+    if bias is not None:
+        inputs.append(view.add_initializer(bias, f"{base}.bias"))
+    _require_contrib_domain(view)
+    return add("MatMulIntegerToFloat", inputs, "gemm", domain=CONTRIB_DOMAIN)
+
+
+def _require_contrib_domain(view: GraphView) -> None:
+    if not any(entry.domain == CONTRIB_DOMAIN for entry in view.model.opset_import):
+        view.model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
 
 
 def _conv_im2col(view: GraphView, conv: onnx.NodeProto, x_dq: onnx.NodeProto, w_dq, zero_name: str) -> bool:
-    """Rule 3, "im2col": a 2-D Conv as MatMulInteger over unfolded UINT8 patches (NHWC)."""
+    """Rule 3, "im2col": a 2-D Conv as an integer GEMM over unfolded UINT8 patches (NHWC)."""
     _, w_values, w_scale = w_dq
     if w_values.ndim != 4 or int(get_attr(conv, "group", 1)) != 1:
         return False
@@ -187,7 +211,8 @@ def _conv_im2col(view: GraphView, conv: onnx.NodeProto, x_dq: onnx.NodeProto, w_
 
     def add(op: str, inputs: List[str], hint: str, **attrs) -> str:
         out = view.unique(f"{base}.{hint}")
-        nodes.append(helper.make_node(op, inputs, [out], name=view.unique(f"{base}/{op}"), **attrs))
+        domain = attrs.pop("domain", "")
+        nodes.append(helper.make_node(op, inputs, [out], name=view.unique(f"{base}/{op}"), domain=domain, **attrs))
         return out
 
     nhwc = add("Transpose", [x_dq.input[0]], "nhwc", perm=[0, 2, 3, 1])
@@ -208,13 +233,9 @@ def _conv_im2col(view: GraphView, conv: onnx.NodeProto, x_dq: onnx.NodeProto, w_
     weight = np.ascontiguousarray(w_values.transpose(2, 3, 1, 0).reshape(kh * kw * in_channels, out_channels))
     w_name = view.add_initializer(weight, f"{base}.weight_int8_im2col")
     w_zero = view.add_initializer(np.array(0, dtype=np.int8), f"{base}.weight_zero_point")
-    acc = add("MatMulInteger", [patches, w_name, zero_name, w_zero], "int32")
-    acc_float = add("Cast", [acc], "int32_as_float", to=TensorProto.FLOAT)
-    scale = (np.asarray(w_scale, dtype=np.float64).reshape(-1) * x_scale).astype(np.float32)
-    scaled = add("Mul", [acc_float, view.add_initializer(scale if scale.size > 1 else scale.reshape(()), f"{base}.output_scale")], "scaled")
     bias = view.const(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-    if bias is not None:
-        scaled = add("Add", [scaled, view.add_initializer(bias.astype(np.float32), f"{base}.bias_nhwc")], "biased")
+    scaled = _integer_gemm(view, add, patches, w_name, w_zero, x_scale, np.asarray(w_scale, dtype=np.float32).reshape(-1),
+                           zero_name, None if bias is None else bias.astype(np.float32), base)
     nodes.append(helper.make_node("Transpose", [scaled], [conv.output[0]], name=view.unique(f"{base}/ToNCHW"), perm=[0, 3, 1, 2]))
     view.insert_after(conv, nodes)
     view.remove([conv])
@@ -284,26 +305,21 @@ def _matmul_integer(view: GraphView, node: onnx.NodeProto, zero_name: str) -> bo
                 return False  # per-channel along K cannot be applied after the integer product
         b_input = view.add_initializer(weight, f"{base}.weight_int8")
         b_zero = view.add_initializer(np.array(0, dtype=np.int8), f"{base}.weight_zero_point")
-        scale = (w_scale * a_scale * alpha).astype(np.float32)
-        scale = scale.reshape(()) if scale.size == 1 else scale
+        b_scale = (w_scale * alpha).astype(np.float32)
     elif b_dq is not None and node.op_type == "MatMul":
         b_input, b_zero = b_dq.input[0], zero_name
-        scale = np.array(a_scale * _scale_of(view, b_dq), dtype=np.float32)
+        b_scale = np.array([_scale_of(view, b_dq)], dtype=np.float32)
     else:
         return False
-    acc, acc_float = view.unique(f"{base}.int32"), view.unique(f"{base}.int32_as_float")
-    scale_name = view.add_initializer(scale, f"{base}.output_scale")
-    nodes: List[onnx.NodeProto] = [
-        helper.make_node("MatMulInteger", [a_dq.input[0], b_input, zero_name, b_zero], [acc], name=view.unique(f"{base}/MatMulInteger")),
-        helper.make_node("Cast", [acc], [acc_float], to=TensorProto.FLOAT, name=view.unique(f"{base}/Cast")),
-    ]
-    if bias is None:
-        nodes.append(helper.make_node("Mul", [acc_float, scale_name], [node.output[0]], name=view.unique(f"{base}/Mul")))
-    else:
-        scaled = view.unique(f"{base}.scaled")
-        bias_name = view.add_initializer((bias.astype(np.float64) * beta).astype(np.float32), f"{base}.bias_scaled")
-        nodes.append(helper.make_node("Mul", [acc_float, scale_name], [scaled], name=view.unique(f"{base}/Mul")))
-        nodes.append(helper.make_node("Add", [scaled, bias_name], [node.output[0]], name=view.unique(f"{base}/AddBias")))
+    nodes: List[onnx.NodeProto] = []
+
+    def add(op: str, inputs: List[str], hint: str, **attrs) -> str:
+        domain = attrs.pop("domain", "")
+        nodes.append(helper.make_node(op, inputs, [node.output[0]], name=view.unique(f"{base}/{op}"), domain=domain, **attrs))
+        return node.output[0]
+
+    scaled_bias = None if bias is None else (bias.astype(np.float64) * beta).astype(np.float32)
+    _integer_gemm(view, add, a_dq.input[0], b_input, b_zero, a_scale, b_scale, zero_name, scaled_bias, base)
     view.insert_after(node, nodes)
     view.remove([node])
     view.refresh()

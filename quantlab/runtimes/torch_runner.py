@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch

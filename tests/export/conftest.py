@@ -2,7 +2,6 @@
 import copy
 
 import pytest
-import torch
 
 import quantlab as ql
 from quantlab.data import load_fmnist

@@ -347,7 +347,7 @@ def run(args: argparse.Namespace) -> str:
                 common += ["--modelopt-cuda-ext"]
             if args.agree_tensors:
                 common += ["--agree-tensors", str(args.agree_tensors)]
-            if samples != sample_counts[-1] or args.no_agreement:
+            if samples != sample_counts[0] or args.no_agreement:
                 common += ["--no-agreement"]  # agreement once per model is enough
             results: Dict[str, Dict[str, Any]] = {}
             for tool in tools:

@@ -1,105 +1,199 @@
-"""Reference-model accuracy: FP32 / FP16 / INT8 per calibrator, proxy-vs-full sensitivity agreement,
-and mixed precision, printed as markdown tables (issue 4's targets).
+"""Evaluation cost: quantlab's one-call compare vs the same evaluations one by one with the peers.
 
-    python benchmarks/bench_compare.py --model fmnist            # ~2 min on 2 CPU cores
-    python benchmarks/bench_compare.py --model minilm             # MiniLM + Rotten Tomatoes probe
-    python benchmarks/bench_compare.py --model smollm --max-drop 10%
+All on the Fashion-MNIST demo CNN, the same calibration batches and the same
+eval batches (``fmnist:test[:N]``), top-1:
 
-Each step is the CLI command of the same name, recorded in the run store given by --store.
+* quantlab: ``quantlab.evaluation.compare`` with FP32 + FP16 + INT8 x 4
+  calibrators (one statistics pass), per-layer SQNR off (``layer_batches=0``,
+  the peers do not compute it) and on (its default, 2 batches).
+* Model Optimizer, one by one: FP32 and FP16 evaluated in plain PyTorch; then
+  for each of max, entropy, percentile and mse a fresh copy, ``mtq.quantize``
+  (max) or histogram statistics + ``load_calib_amax(method)``, and an evaluation
+  of the fake-quantized model (what four separate runs of its PTQ flow cost).
+* ONNX Runtime, one by one: FP32 ONNX evaluated, then ``quantize_static`` with
+  MinMax, Entropy and Percentile (it has no MSE) and an evaluation of each INT8
+  model on the CPU (ORT's CPU provider has no FP16 path to time).
+
+Examples:
+    .venv/bin/python benchmarks/bench_compare.py --eval-samples 2000
+    python benchmarks/bench_compare.py --device cuda --tools quantlab,modelopt
 """
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any, Dict, List, Optional
 
-PRESETS = {
-    "fmnist": dict(model="examples/fmnist.py:build", data="fmnist:calib", eval="fmnist:test", metric="top1", batch_size="250",
-                   max_drop="0.5"),
-    "minilm": dict(model="examples/minilm.py:build", data="rotten:calib", eval="rotten:test", metric="cosine", batch_size="64",
-                   max_drop="0.02"),
-    "smollm": dict(model="examples/smollm.py:build", data="fortunes:calib", eval="fortunes:test", metric="perplexity",
-                   batch_size="8", max_drop="10%"),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-def _table(rows, headers):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+import _common as C  # noqa: E402
+
+PERCENTILE = 99.99
 
 
-def _fmt(v):
-    if isinstance(v, str):
-        return v
-    return "-" if v is None else f"{v:.4g}"
+def _data(args: argparse.Namespace):
+    from quantlab.data.fmnist import load_fmnist
+
+    calib_x, calib_y = load_fmnist("calib")
+    calib_x, calib_y = calib_x[: args.calib_samples], calib_y[: args.calib_samples]
+    test_x, test_y = load_fmnist(f"test[:{args.eval_samples}]")
+    bs = args.batch_size
+    calib = [(calib_x[i:i + bs], calib_y[i:i + bs]) for i in range(0, len(calib_x), bs)]
+    evals = [(test_x[i:i + bs], test_y[i:i + bs]) for i in range(0, len(test_x), bs)]
+    return calib, evals
 
 
-def main() -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from quantlab.cli.main import main as cli
+def _top1(model, evals, device, dtype=torch.float32) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in evals:
+            logits = model(x.to(device, dtype))
+            correct += int((logits.argmax(1).cpu() == y).sum())
+            total += len(y)
+    return 100.0 * correct / total
 
+
+def run_quantlab(args, model, calib, evals, device, layer_batches: int) -> Dict[str, Any]:
+    from quantlab.evaluation.compare import compare
+
+    seconds, result = C.timed(lambda: compare(
+        model.to(device), calib, evals, metric="top1", calibrators="all", precisions="fp32,fp16,int8",
+        layer_batches=layer_batches, store=False), device)
+    values = {f"{r.precision}/{r.calibrator}" if r.calibrator else r.precision: r.value for r in result.primary_rows()}
+    return {"seconds": seconds, "values": values}
+
+
+def run_modelopt(args, model, calib, evals, device) -> Dict[str, Any]:
+    with C.quiet_warnings():
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.quantization import extensions
+        from modelopt.torch.quantization.calib import HistogramCalibrator
+        from modelopt.torch.quantization.model_calib import enable_stats_collection
+        from modelopt.torch.quantization.nn import TensorQuantizer
+    if device.type == "cuda" and not args.modelopt_cuda_ext:
+        extensions.get_cuda_ext.extension = None  # PyTorch fake-quant fallback, no JIT build
+
+    def loop(m):
+        with torch.no_grad():
+            for x, _ in calib:
+                m(x.to(device))
+
+    values: Dict[str, float] = {}
+    start = time.perf_counter()
+    model = model.to(device)
+    values["fp32"] = _top1(model, evals, device)
+    values["fp16"] = _top1(copy.deepcopy(model).half(), evals, device, torch.float16)
+    with C.quiet_warnings():
+        q = copy.deepcopy(model)
+        mtq.quantize(q, copy.deepcopy(mtq.INT8_DEFAULT_CFG), loop)
+        values["int8/max"] = _top1(q, evals, device)
+        for method in ("entropy", "percentile", "mse"):
+            cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+            for entry in cfg["quant_cfg"]:
+                if entry.get("quantizer_name") == "*input_quantizer" and "cfg" in entry:
+                    entry["cfg"] = dict(entry["cfg"], calibrator="histogram")
+            cfg["algorithm"] = None
+            q = copy.deepcopy(model)
+            mtq.quantize(q, cfg, None)
+            quantizers = [m for m in q.modules() if isinstance(m, TensorQuantizer) and not m._disabled]
+            enable_stats_collection(q)
+            q.eval()
+            loop(q)
+            for tq in quantizers:
+                cal = getattr(tq, "_calibrator", None)
+                if isinstance(cal, HistogramCalibrator):
+                    tq.load_calib_amax(method, **({"percentile": PERCENTILE} if method == "percentile" else {}))
+                elif cal is not None:
+                    tq.load_calib_amax()
+                tq.enable_quant()
+                tq.disable_calib()
+            values[f"int8/{method}"] = _top1(q, evals, device)
+    C.sync(device)
+    return {"seconds": time.perf_counter() - start, "values": values}
+
+
+def run_ort(args, model, calib, evals) -> Dict[str, Any]:
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from _models import export_onnx
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(calib)
+
+        def get_next(self):
+            batch = next(self._it, None)
+            return None if batch is None else {"input": batch[0].numpy()}
+
+    def top1(path: str) -> float:
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        correct = total = 0
+        for x, y in evals:
+            logits = sess.run(None, {"input": x.numpy()})[0]
+            correct += int((np.argmax(logits, 1) == y.numpy()).sum())
+            total += len(y)
+        return 100.0 * correct / total
+
+    values: Dict[str, float] = {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, C.quiet_warnings():
+        fp32 = os.path.join(tmp, "fp32.onnx")
+        export_onnx(model.cpu().eval(), calib[0][0][:1], ["input"], fp32)
+        values["fp32"] = top1(fp32)
+        for name, method, extra in (("max", CalibrationMethod.MinMax, {}),
+                                    ("entropy", CalibrationMethod.Entropy, {"CalibNumBins": args.ort_bins}),
+                                    ("percentile", CalibrationMethod.Percentile, {"CalibNumBins": args.ort_bins, "CalibPercentile": PERCENTILE})):
+            path = os.path.join(tmp, f"{name}.onnx")
+            quantize_static(fp32, path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method,
+                            extra_options={"ActivationSymmetric": True, **extra})
+            values[f"int8/{name}"] = top1(path)
+    return {"seconds": time.perf_counter() - start, "values": values}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(PRESETS), default="fmnist")
-    parser.add_argument("--out", default=None, help="run folder (default runs/bench-<model>)")
-    parser.add_argument("--store", default=None)
-    parser.add_argument("--eval-batches", default=None, help="limit eval batches")
-    parser.add_argument("--precisions", default="fp32,fp16,int8")
-    parser.add_argument("--full-layers", default=None, help="layers in the full sensitivity ranking (default all)")
-    parser.add_argument("--max-drop", default=None)
-    parser.add_argument("--skip-full", action="store_true", help="skip the expensive full ranking")
-    args = parser.parse_args()
-    p = PRESETS[args.model]
-    out = Path(args.out or f"runs/bench-{args.model}")
-    store = ["--store", args.store] if args.store else []
-    timings = {}
+    C.add_common_args(parser)
+    parser.add_argument("--tools", default="quantlab,modelopt,ort")
+    parser.add_argument("--calib-samples", type=int, default=512)
+    parser.add_argument("--eval-samples", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--ort-bins", type=int, default=2048)
+    parser.add_argument("--modelopt-cuda-ext", action="store_true")
+    args = parser.parse_args(argv)
+    device = C.setup_torch(args)
+    from quantlab.models.fmnist import pretrained_fmnist_cnn
 
-    t0 = time.perf_counter()
-    argv = ["compare", "--model", p["model"], "--data", p["data"], "--eval", p["eval"], "--metric", p["metric"],
-            "--batch-size", p["batch_size"], "--precisions", args.precisions, "--out", str(out)] + store
-    if args.eval_batches:
-        argv += ["--eval-batches", args.eval_batches]
-    if cli(argv):
-        return 1
-    timings["compare"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    argv = ["sensitivity", "--run", str(out)] + ([] if args.skip_full else ["--full"]) + store
-    if args.full_layers:
-        argv += ["--full-layers", args.full_layers]
-    if cli(argv):
-        return 1
-    timings["sensitivity"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    cli(["autoprecision", "--run", str(out), "--max-drop", args.max_drop or p["max_drop"]] + store)
-    timings["autoprecision"] = time.perf_counter() - t0
-
-    results = json.loads((out / "results.json").read_text())
-    best = results["best_calibrator"]
-    print(f"\n## {args.model}: {p['model']} on {p['eval']}\n")
-    metrics = list(dict.fromkeys(r["metric"] for r in results["rows"]))
-    grouped = {}
-    for r in results["rows"]:
-        grouped.setdefault((r["precision"], r["calibrator"] or "-"), {})[r["metric"]] = r
-    rows = [[prec, cal] + [f"{_fmt(c[m]['value'])} ({_fmt(c[m]['delta'])})" if m in c else "-" for m in metrics]
-            + [_fmt(next(iter(c.values()))["seconds"])] for (prec, cal), c in grouped.items()]
-    print(_table(rows, ["precision", "calibrator"] + [f"{m} (Δ)" for m in metrics] + ["eval s"]))
-    sens = json.loads((out / f"sensitivity.{best}.json").read_text())
-    print(f"\nsensitivity ({best}): cost {sens['cost_passes']:.2f} eval passes, {sens['seconds']:.0f} s")
-    for name, a in (sens.get("agreement") or {}).items():
-        print(f"- proxy {name} vs full ranking ({int(a['layers'])} layers): Spearman {_fmt(a['spearman'])}, "
-              f"Kendall {_fmt(a['kendall'])}, top-5 overlap {_fmt(a['top_k_overlap'])}")
-    mixed_path = out / f"autoprecision.{best}" / "mixed.json"
-    if mixed_path.is_file():
-        m = json.loads(mixed_path.read_text())
-        print(f"\nmixed precision ({best}, max drop {_fmt(m['max_drop'])}): FP32 {_fmt(m['fp32'])}, INT8 {_fmt(m['int8'])}, "
-              f"mixed {_fmt(m['value'])} ({'met' if m['met'] else 'not met'}) with {len(m['float_layers'])} layer(s) in FP16: "
-              + ", ".join(m["float_layers"]))
-    print("\ntimings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    return 0
+    base = pretrained_fmnist_cnn().eval()
+    calib, evals = _data(args)
+    tools = [t.strip() for t in args.tools.split(",")]
+    runs: Dict[str, Dict[str, Any]] = {}
+    if "quantlab" in tools:
+        runs["quantlab compare (FP32+FP16+INT8 x4, no per-layer SQNR)"] = run_quantlab(args, copy.deepcopy(base), calib, evals, device, 0)
+        runs["quantlab compare (same + per-layer SQNR, 2 batches)"] = run_quantlab(args, copy.deepcopy(base), calib, evals, device, 2)
+    if "modelopt" in tools:
+        runs["Model Optimizer one by one (FP32, FP16, INT8 x4)"] = run_modelopt(args, copy.deepcopy(base), calib, evals, device)
+    if "ort" in tools:
+        runs["ONNX Runtime one by one (FP32, INT8 x3; CPU)"] = run_ort(args, copy.deepcopy(base), calib, evals)
+    keys = ["fp32", "fp16", "int8/max", "int8/percentile", "int8/entropy", "int8/mse"]
+    rows = [[name, r["seconds"], *[r["values"].get(k) for k in keys]] for name, r in runs.items()]
+    section = C.machine_header("Evaluation cost: one compare vs the peers one by one (Fashion-MNIST CNN)", {
+        "device": str(device), "calibration samples": args.calib_samples, "eval samples": args.eval_samples,
+        "batch size": args.batch_size})
+    if device.type == "cpu" or "ort" in tools:
+        section += "\n" + C.CPU_NOISE_NOTE + "\n"
+    section += "\n" + C.markdown_table(["workflow", "wall s", *[f"top-1 {k}" for k in keys]], rows)
+    C.emit(section, args.append)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

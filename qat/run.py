@@ -17,6 +17,7 @@ from quantlab.config import QuantConfig
 from quantlab.qat import ddp
 from quantlab.qat.errors import QATError
 from quantlab.qat.loop import TrainConfig, TrainProgress, TrainResult, train
+from quantlab.qat.hooks import enabled
 from quantlab.qat.prepare import prepare, save
 from quantlab.api import current_scales
 from quantlab.scales import Scales
@@ -142,17 +143,19 @@ def run_qat(
             )
         store.set_status(run_id, "running", progress=0.0)
     try:
-        if resume:
-            fp32 = {"value": previous["fp32"], "seconds": previous.get("seconds", {}).get("fp32")}
-        else:
-            fp32 = _evaluate(model, eval_batches, metric, reference=True)
         if isinstance(scales, (str, Path)):
             scales = Scales.load(scales)  # ScalesFormatError names the file
         start_calibrator = scales.calibrator if scales is not None else calibrator
+        # Prepared first, so scales that do not fit the model fail before any evaluation.
         prepare(model, scales=scales, data=calib_data if scales is None else None, calibrator=calibrator,
                 calibrator_params=calibrator_params, config=quant_config, max_batches=calib_max_batches,
                 learn_amax=learn_amax, weight_ranges=weight_ranges, fold_bn=fold_bn,
                 freeze_bn_after=train_config.freeze_bn_after)
+        if resume:
+            fp32 = {"value": previous["fp32"], "seconds": previous.get("seconds", {}).get("fp32")}
+        else:
+            with enabled(model, False):  # the FP32 model (folded BatchNorms compute conv + BN exactly)
+                fp32 = _evaluate(model, eval_batches, metric, reference=True)
         if resume:
             ptq = {"value": previous["ptq"], "seconds": previous.get("seconds", {}).get("ptq")}
         else:

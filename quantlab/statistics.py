@@ -115,8 +115,10 @@ class HistogramCollector:
         # for exact zeros. Counting it directly and folding slot 0 into bin 0 gives the same
         # counts as bincount(clamp(ceil - 1, 0)) with two fewer passes over the tensor; int32
         # (the slot is at most len(counts)) halves the bytes bincount reads.
-        idx = a.mul_(1.0 / self.bin_width).ceil_().sub_(1.0).clamp_(min=0.0).to(torch.int64).view(-1)
-        self.counts += torch.bincount(idx, minlength=self.counts.numel())
+        num_bins = self.counts.numel()
+        slots = _count_slots(a.mul_(1.0 / self.bin_width).ceil_().to(torch.int32).view(-1), num_bins + 1)
+        self.counts += slots[1 : num_bins + 1]
+        self.counts[0] += slots[0]
 
     def _fit_range(self, device: torch.device) -> None:
         """Chooses the width for the running max, merging or appending bins."""

@@ -32,7 +32,7 @@ from quantlab._io import write_text_atomic
 from quantlab.api import load_scales
 from quantlab.attach import is_quantized
 from quantlab.config import QuantConfig, int8_config
-from quantlab.errors import ConfigError
+from quantlab.errors import ConfigError, QuantlabError
 from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import Evaluation, evaluate, evaluate_reference
 from quantlab.evaluation.layers import LayerError, layer_errors
@@ -304,7 +304,10 @@ def compare(
         return result
     except BaseException as exc:
         if run_id is not None:
-            store.set_status(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            try:
+                store.set_status(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            except QuantlabError:
+                pass  # keep the original error: it is the one the user needs to see
         raise
 
 

@@ -34,7 +34,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
                       for r in iter_quantizers(model) if r.role == "input"}
         prepared = {r.key: r.quantizer.amax.detach().clone() for r in iter_quantizers(model)}
         x, y = load_fmnist("train[:512]")
-        result = train(model, TensorDataset(x, y), TrainConfig(epochs=1, lr=3e-3, batch_size=32, checkpoint_every=4),
+        result = train(model, TensorDataset(x, y), TrainConfig(epochs=2, lr=1e-2, batch_size=16, checkpoint_every=8),
                        checkpoint_dir=out_dir)
         trained = {r.key: r.quantizer.amax.detach().clone() for r in iter_quantizers(model)}
         torch.save({"prepared": prepared, "trained": trained, "losses": result.losses, "collectors": collectors,

@@ -25,13 +25,13 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import quantlab
-from quantlab.attach import is_quantized, iter_quantizers, quantization_disabled
+from quantlab.attach import is_quantized, iter_quantizers
 from quantlab.export.errors import ExportError
 from quantlab.export.fold import fold_batchnorm, fold_constants
 from quantlab.export.graph import GraphView, default_opset, save_onnx
 from quantlab.export.mapping import METADATA_KEY, build_tensor_map, set_metadata
 from quantlab.export.result import ExportResult, write_sidecar
-from quantlab.export.torch_export import DEFAULT_EXPORTER, DEFAULT_OPSET, example_batch, export_forwards, run_exporter
+from quantlab.export.torch_export import DEFAULT_EXPORTER, DEFAULT_OPSET, export_in_eval
 from quantlab.registry import lookup_quantizable
 
 PRECISIONS = ("fp32", "fp16")
@@ -86,16 +86,10 @@ def export_float(
         raise ExportError(f"io_dtype must be fp32 or fp16, got {io_dtype!r}")
     start = time.perf_counter()
     modules = _quantizable_modules(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with quantization_disabled(model), export_forwards(model, exporter):
-            proto = run_exporter(
-                model, example_batch(example_inputs), exporter=exporter, opset=opset,
-                input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch,
-            )
-    finally:
-        model.train(was_training)
+    proto = export_in_eval(
+        model, example_inputs, exporter=exporter, opset=opset, input_names=input_names,
+        output_names=output_names, dynamic_batch=dynamic_batch, float_only=True,
+    )
     view = GraphView(proto)
     fold_constants(view)
     folded = fold_batchnorm(view)

@@ -32,7 +32,7 @@ from quantlab.export.graph import GraphView, default_opset, save_onnx
 from quantlab.export.mapping import METADATA_KEY, build_tensor_map, set_metadata
 from quantlab.export.placement import apply_placement
 from quantlab.export.result import ExportResult, write_sidecar
-from quantlab.export.torch_export import DEFAULT_EXPORTER, DEFAULT_OPSET, example_batch, export_forwards, run_exporter
+from quantlab.export.torch_export import DEFAULT_EXPORTER, DEFAULT_OPSET, export_in_eval
 from quantlab.tensor_quantizer import QuantizerMode
 
 TARGETS = ("tensorrt", "ort-cpu")
@@ -124,16 +124,10 @@ def export_int8(
         raise ExportError(f"opset {opset} is too low for per-channel Q/DQ: use 13 or newer")
     start = time.perf_counter()
     modules = check_exportable(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with export_forwards(model, exporter):
-            proto = run_exporter(
-                model, example_batch(example_inputs), exporter=exporter, opset=opset,
-                input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch,
-            )
-    finally:
-        model.train(was_training)
+    proto = export_in_eval(
+        model, example_inputs, exporter=exporter, opset=opset, input_names=input_names,
+        output_names=output_names, dynamic_batch=dynamic_batch,
+    )
     view = GraphView(proto)
     fold_constants(view)
     fold_weight_quantizers(view)

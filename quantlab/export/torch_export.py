@@ -249,3 +249,36 @@ def example_batch(example_inputs: Any, batch: int = 2) -> Any:
 
 
 __all__ = ["DEFAULT_EXPORTER", "DEFAULT_OPSET", "EXPORTERS", "example_batch", "export_forwards", "run_exporter"]
+
+
+def export_in_eval(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    exporter: str,
+    opset: int,
+    input_names: Optional[Sequence[str]],
+    output_names: Optional[Sequence[str]],
+    dynamic_batch: bool,
+    float_only: bool = False,
+) -> onnx.ModelProto:
+    """Exports ``model`` in eval mode with constant-scale quantizer forwards.
+
+    The training flag is restored afterwards. With ``float_only`` every quantizer
+    is off, giving the FP32 graph of a quantized model.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with contextlib.ExitStack() as stack:
+            if float_only:
+                from quantlab.attach import quantization_disabled
+
+                stack.enter_context(quantization_disabled(model))
+            stack.enter_context(export_forwards(model, exporter))
+            return run_exporter(
+                model, example_batch(example_inputs), exporter=exporter, opset=opset,
+                input_names=input_names, output_names=output_names, dynamic_batch=dynamic_batch,
+            )
+    finally:
+        model.train(was_training)

@@ -96,7 +96,7 @@ def _charts(data: Dict[str, Any]) -> List[Tuple[str, str, str]]:
                   for r in primary]
         charts.append(("metric", f"{metric} per precision and calibrator",
                        svg.bar_chart(labels, [(metric, [_num(r["value"]) for r in primary])], title=f"{metric} per precision / calibrator",
-                                     reference=fp32, reference_label="FP32", bar_height=16)))
+                                     reference=fp32, reference_label="FP32", bar_height=16, zoom=True)))
     layers = results.get("layers") or {}
     best = results.get("best_calibrator") or next(iter(layers), None)
     if best in layers and layers[best]:

@@ -37,6 +37,7 @@ def bar_chart(
     reference_label: str = "",
     bar_height: int = 12,
     width: int = 760,
+    zoom: bool = False,
 ) -> str:
     """Horizontal grouped bars: one row per label, one bar per series.
 
@@ -47,10 +48,15 @@ def bar_chart(
         title: Chart title.
         unit: Axis unit.
         reference: Draw a dashed vertical line at this value (e.g. FP32).
+        zoom: Start the axis just below the smallest value instead of at 0, so
+            that small differences (cosine 0.98 vs 0.99) are visible.
     """
     values = _finite([v for _, vals in series for v in vals] + ([reference] if reference is not None else []))
     lo = min(0.0, min(values, default=0.0))
     hi = max(values, default=1.0)
+    if zoom and values and min(values) > 0:
+        spread = hi - min(values)
+        lo = max(0.0, min(values) - max(spread, 1e-3 * hi) * 0.5)
     if hi == lo:
         hi = lo + 1.0
     label_width = min(320, 7 * max((len(str(x)) for x in labels), default=4) + 10)
@@ -85,7 +91,7 @@ def bar_chart(
             if math.isinf(v):
                 out.append(f'<text x="{plot_left + 2}" y="{y + bar_height - 2}" {FONT}>{"∞" if v > 0 else "-∞"}</text>')
                 continue
-            x0, x1 = sorted((x_of(0.0 if lo <= 0 <= hi else lo), x_of(v)))
+            x0, x1 = sorted((x_of(0.0 if lo <= 0 <= hi else lo), x_of(max(v, lo))))
             out.append(f'<rect x="{x0:.1f}" y="{y}" width="{max(x1 - x0, 0.5):.1f}" height="{bar_height - 2}" '
                        f'fill="{PALETTE[i % len(PALETTE)]}"><title>{escape(f"{label} {name}: {v:.6g}")}</title></rect>')
             out.append(f'<text x="{x1 + 3:.1f}" y="{y + bar_height - 3}" {FONT} font-size="9">{_label(v)}</text>')

@@ -1,8 +1,5 @@
 """Tests of the ``percentile`` calibrator against numpy.percentile of the raw samples."""
-import importlib.util
 import math
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -12,19 +9,7 @@ from quantlab.calibrators import HistogramStats, get_calibrator
 from quantlab.calibrators.percentile import percentile_calibrator
 
 
-def _load_reference():
-    # Loaded by path under a unique name: a bare `import reference` could pick
-    # up another test folder's module of the same name.
-    name = "quantlab_tests_calibrators_reference"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("reference.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-R = _load_reference()
+from tests.calibrators import reference as R  # noqa: E402  (pytest runs with pythonpath '.')
 
 
 def _histogram(samples, num_bins=2048):

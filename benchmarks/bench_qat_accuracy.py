@@ -6,13 +6,18 @@ Two cases, both on the full 10,000-image test set:
    per-channel weights. PTQ with every calibrator on ``fmnist:calib`` (1,024
    images); QAT starts from the best PTQ calibrator's scales and fine-tunes
    ``--epochs`` (<= 1) with the built-in loop (AdamW, cosine from ``--lr``).
-   Target: QAT within 0.2 points of FP32 and not below the best PTQ.
+   Target: QAT within 0.2 points of FP32 and not below the best PTQ. QAT also
+   starts from the worst calibrator's scales (entropy clips this model hard).
 2. ``dwsep``: a depthwise-separable CNN (MobileNet-style, trained here once and
    cached) deployed as TensorRT builds it: BatchNorm folded into the convs and
    ONE weight scale per tensor. Folding multiplies each depthwise channel by
    ``gamma / sqrt(var + eps)``, so one per-tensor scale serves channels of very
-   different magnitude and PTQ collapses. QAT with the same deployment
-   (``fold_bn=True``, per-tensor weights, learned weight ranges) recovers it.
+   different magnitude (54x apart in the first depthwise conv): PTQ loses about
+   a point with max calibration and 9 with entropy. QAT with the same deployment
+   (``fold_bn=True`` with BN statistics frozen from the start, per-tensor weight
+   ranges recomputed every step) recovers it. Fine-tuning a converged model with
+   live batch statistics while the weights are folded with running ones lost
+   accuracy here; freezing them is the standard recipe.
 
 INT8 numbers are PyTorch fake quantization (the same grid as the exported
 Q/DQ graph).
@@ -115,7 +120,8 @@ def run_case(name: str, fp32_model: nn.Module, train_set, calib, test, args, *, 
     for start in starts:
         calibrator = ranked[0] if start == "best" else ranked[-1]
         model = qat.prepare(copy.deepcopy(fp32_model), scales=ptq.scales[calibrator], fold_bn=fold_bn,
-                            weight_ranges=weight_ranges, learn_amax=args.learn_amax)
+                            weight_ranges=weight_ranges, learn_amax=args.learn_amax,
+                            freeze_bn_after=args.freeze_bn_after if fold_bn else None)
         config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=0)
         begin = time.perf_counter()
         result = train(model, train_set, config)
@@ -138,6 +144,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--learn-amax", action="store_true", help="learn activation ranges too (LSQ)")
+    parser.add_argument("--freeze-bn-after", type=int, default=0,
+                        help="folded BN: freeze statistics after N steps (default 0: fine-tune the deployed graph)")
     args = parser.parse_args()
     setup_torch(args)
     x, y = load_fmnist("train")
@@ -150,12 +158,15 @@ def main() -> None:
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         if case == "demo":
             r, m = run_case("demo CNN, per-channel", pretrained_fmnist_cnn(), train_set, calib, test, args,
-                            per_tensor=False, fold_bn=False, weight_ranges="recompute")
+                            per_tensor=False, fold_bn=False, weight_ranges="recompute", starts=("best", "worst"))
             q = m["qat_best"]
             verdicts.append(f"demo: QAT - FP32 = {q - m['fp32']:+.2f} points (target >= -0.2: "
                             f"{'met' if q >= m['fp32'] - 0.2 else 'NOT met'}); QAT - best PTQ = "
                             f"{q - m['best_ptq']:+.2f} ({'met' if q >= m['best_ptq'] else 'NOT met'}); "
                             f"exported-model accuracy {m['deployed_best']:.2f}")
+            lost, gained = m["fp32"] - m["worst_ptq"], m["qat_worst"] - m["worst_ptq"]
+            verdicts.append(f"demo, from the worst PTQ: PTQ loses {lost:.2f} points, QAT recovers {gained:+.2f} "
+                            f"({gained / lost * 100:.0f}% of the loss)" if lost > 0 else "demo: no PTQ loss")
         elif case == "dwsep":
             r, m = run_case("depthwise-separable, BN folded, per-tensor", trained_dwsep(train_set), train_set, calib,
                             test, args, per_tensor=True, fold_bn=True, weight_ranges="recompute",
@@ -170,7 +181,8 @@ def main() -> None:
             raise SystemExit(f"unknown case {case!r}")
         rows += r
     section = machine_header("QAT accuracy on Fashion-MNIST (test, 10,000 images)",
-                             {"QAT": f"{args.epochs} epoch, AdamW lr {args.lr} cosine, batch {args.batch_size}"})
+                             {"QAT": f"{args.epochs} epoch, AdamW lr {args.lr} cosine, batch {args.batch_size}, "
+                                    f"folded BN frozen after {args.freeze_bn_after} steps"})
     section += "\n" + markdown_table(["model", "precision", "calibrator", "top-1 %", "delta"], rows)
     section += "\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
     emit(section, args.append)

@@ -78,18 +78,20 @@ class _LSQFakeQuantize(torch.autograd.Function):
         # so the clipping mask agrees with the forward bit for bit.
         v = x.to(torch.float32) * (1.0 / s)
         q = torch.round(v)
-        inside = (q >= spec.quant_min) & (q <= spec.quant_max)
+        q_clipped = q.clamp(spec.quant_min, spec.quant_max)
+        inside = q == q_clipped
         g = grad_out.to(torch.float32)
         grad_x = (g * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_amax = None
         if ctx.needs_input_grad[1]:
-            dq_ds = torch.where(inside, q - v, q.clamp(spec.quant_min, spec.quant_max))
-            contrib = g * dq_ds
+            # d x_hat / d s: round(v) - v on the grid, qmin or qmax where clipped.
+            dq_ds = q_clipped - v * inside
             if spec.axis is None:
-                grad_scale = contrib.sum()
+                grad_scale = torch.vdot(g.reshape(-1), dq_ds.reshape(-1))
             else:
                 axis = spec.axis % x.dim()
                 dims = [d for d in range(x.dim()) if d != axis]
+                contrib = g * dq_ds
                 grad_scale = contrib.sum(dim=dims) if dims else contrib
             grad_amax = grad_scale * (ctx.grad_factor / spec.bound)
             # amax is clamped at MIN_AMAX in the forward: no gradient below the clamp.

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if result.best_calibrator:
         print(f"best INT8 calibrator by {result.metric}: {result.best_calibrator}")
     if result.layer_errors and result.best_calibrator in result.layer_errors:
-        worst = sorted(result.layer_errors[result.best_calibrator], key=lambda e: e.local_sqnr_db if e.local_sqnr_db is not None else e.sqnr_db)[:5]
-        print("lowest per-layer SQNR (" + result.best_calibrator + "): " + ", ".join(f"{e.layer} {fmt(e.local_sqnr_db, 3)} dB" for e in worst))
+        worst = sorted(result.layer_errors[result.best_calibrator], key=lambda e: e.proxy_db)[:5]
+        print(f"lowest per-token SQNR, layer alone ({result.best_calibrator}): " + ", ".join(f"{e.layer} {fmt(e.proxy_db, 3)} dB" for e in worst))
     print(f"run {result.run_id} recorded in {store.path}; folder {args.out}")
     return 0

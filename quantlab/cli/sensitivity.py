@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     shown = result.layers[: max(10, len(result.evaluated))]
     print_table(
         [[e.rank, e.layer, fmt(e.proxy_sqnr_db, 3), fmt(e.value), fmt(e.sensitivity, 3)] for e in shown],
-        ["rank", "layer", "local SQNR dB", f"{result.metric} with layer in FP16", "recovered"],
+        ["rank", "layer", "proxy SQNR dB", f"{result.metric} with layer in FP16", "recovered"],
     )
     if outcome["agreement"] is not None:
         for name, a in outcome["agreement"].items():

@@ -8,8 +8,10 @@ The search is greedy over that fixed order: it evaluates prefixes of 1, 2, 4,
 8, ... layers until one meets the target, then bisects between the last
 failing and the first passing prefix. That finds the shortest passing prefix
 in O(log n) evaluations when more layers in float never hurt (which the
-evaluations themselves check: only a prefix that was measured to pass is
-returned).
+evaluations themselves check: only a set that was measured to pass is
+returned). Because the order is an estimate (measured for the top candidates,
+proxied for the rest), a last pruning step tries to give the prefix's least
+sensitive layers back to INT8 one at a time, within a small evaluation budget.
 
 In this fake-quantized PyTorch evaluation the layers kept out of INT8 compute
 in the model's floating-point dtype; FP16 rounding (about 1e-3 relative) is far
@@ -101,9 +103,14 @@ def auto_precision(
     relative: bool = False,
     int8_value: Optional[float] = None,
     scales: Optional[Scales] = None,
+    prune_evaluations: int = 8,
     progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> MixedPrecisionResult:
-    """Finds the shortest prefix of ``order`` to keep in float that meets ``max_drop``.
+    """Finds a short list of layers to keep in float that meets ``max_drop``.
+
+    First the shortest passing prefix of ``order`` (doubling, then bisection),
+    then up to ``prune_evaluations`` attempts to give its least sensitive layers
+    back to INT8.
 
     Args:
         quant_model: The calibrated quantized model (left as it was afterwards).
@@ -117,6 +124,8 @@ def auto_precision(
         relative: Interpret ``max_drop`` as a fraction (0.1 = 10%).
         int8_value: All-INT8 metric on ``batches`` if already measured.
         scales: The calibrated scales to cut down (default: the model's current ones).
+        prune_evaluations: Evaluations spent giving layers of the passing prefix
+            back to INT8 (0 = keep the prefix).
         progress: ``progress(stage, done, total)``.
 
     Returns:
@@ -127,50 +136,62 @@ def auto_precision(
     limit = allowed_drop(fp32_value, max_drop, relative)
     base_scales = scales if scales is not None else current_scales(quant_model)
     evaluations: List[Tuple[int, float]] = []
-    results: Dict[int, float] = {}
+    results: Dict[Tuple[str, ...], float] = {}
 
-    def value_with(n: int) -> float:
-        if n in results:
-            return results[n]
-        if n == 0 and int8_value is not None:
+    def value_of(layers: Sequence[str]) -> float:
+        key = tuple(layers)
+        if key in results:
+            return results[key]
+        if not key and int8_value is not None:
             value = int8_value
         else:
-            with layers_in_float(quant_model, list(order[:n])):
+            with layers_in_float(quant_model, list(key)):
                 value = evaluate(quant_model, task, batches).metrics[metric]
-        results[n] = value
-        evaluations.append((n, value))
+        results[key] = value
+        evaluations.append((len(key), value))
         if progress is not None:
             progress("mixed precision", len(evaluations), 0)
         return value
 
-    def ok(n: int) -> bool:
-        value = value_with(n)
+    def ok(layers: Sequence[str]) -> bool:
+        value = value_of(layers)
         return not math.isnan(value) and drop_of(task, metric, value, fp32_value) <= limit
 
-    int8 = value_with(0)
-    if ok(0):
+    def prefix(n: int) -> Tuple[str, ...]:
+        return tuple(order[:n])
+
+    int8 = value_of(())
+    if ok(()):
         best = 0
     else:
         lo, n = 0, 1  # lo: largest prefix known to fail
-        while n < len(order) and not ok(n):
+        while n < len(order) and not ok(prefix(n)):
             lo, n = n, min(2 * n, len(order))
         if n >= len(order):
             n = len(order)
-            if not ok(n):
+            if not ok(prefix(n)):
                 best = n
                 n = -1
         if n >= 0:
             hi = n  # smallest prefix known to pass
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if ok(mid):
+                if ok(prefix(mid)):
                     hi = mid
                 else:
                     lo = mid
             best = hi
-    float_layers = list(order[:best])
-    value = results[best]
-    met = ok(best)
+    chosen = list(prefix(best))
+    if ok(chosen) and len(chosen) > 1:
+        # Prune: the order is only an estimate, so give layers back to INT8, least sensitive first,
+        # keeping each removal that still meets the target (bounded number of evaluations).
+        for layer in list(reversed(chosen))[:prune_evaluations]:
+            candidate = [name for name in chosen if name != layer]
+            if candidate and ok(candidate):
+                chosen = candidate
+    float_layers = chosen
+    value = value_of(chosen)
+    met = ok(chosen)
     return MixedPrecisionResult(
         metric=metric,
         fp32=fp32_value,

@@ -13,6 +13,17 @@ One pass over a few batches, FP32 and INT8 copies side by side, with forward hoo
 
 SQNR = 10 log10(sum x^2 / sum (x - q)^2) over all elements of all batches
 (infinite if the outputs are identical); cosine is over the flattened outputs.
+
+``row_sqnr_db`` / ``local_row_sqnr_db`` average the SQNR of each ROW instead:
+a row is one token's feature vector for ``[batch, (tokens,) features]`` outputs
+(Linear) and one sample for ``[batch, channels, ...]`` outputs (convolutions);
+each row's SQNR is capped at 100 dB. The global SQNR is dominated by the
+largest values: when a few tokens carry huge activations (LLM "massive
+activations", e.g. 3,000 vs ~1 entering a down projection), a per-tensor INT8
+range set by them rounds every other token to zero, yet the global SQNR still
+looks healthy (35 dB on SmolLM2's layer 11 down_proj) because the outlier
+tokens are kept. The mean per-row SQNR shows it (0.3 dB there), so it is the
+sensitivity proxy.
 """
 from __future__ import annotations
 
@@ -39,27 +50,61 @@ class LayerError:
     cosine: float
     local_sqnr_db: Optional[float] = None
     local_cosine: Optional[float] = None
+    row_sqnr_db: Optional[float] = None
+    local_row_sqnr_db: Optional[float] = None
+
+    @property
+    def proxy_db(self) -> float:
+        """The sensitivity proxy: local mean per-row SQNR (falling back to what was measured)."""
+        for value in (self.local_row_sqnr_db, self.local_sqnr_db, self.row_sqnr_db):
+            if value is not None:
+                return value
+        return self.sqnr_db
 
     def to_row(self, calibrator: Optional[str]) -> Dict[str, Any]:
         """A row for :meth:`quantlab.store.RunStore.add_layer_stats`."""
         return {"calibrator": calibrator, "layer": self.layer, **{k: v for k, v in dataclasses.asdict(self).items() if k != "layer"}}
 
 
+ROW_SQNR_CAP_DB = 100.0
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[rows, features]``: tokens of Linear outputs, samples of convolution outputs."""
+    if t.dim() <= 1:
+        return t.reshape(1, -1)
+    if t.dim() <= 3:
+        return t.reshape(-1, t.shape[-1])
+    return t.reshape(t.shape[0], -1)
+
+
 class _Accumulator:
-    __slots__ = ("signal", "noise", "dot", "quant")
+    __slots__ = ("signal", "noise", "dot", "quant", "row_db_sum", "rows")
 
     def __init__(self) -> None:
-        self.signal = self.noise = self.dot = self.quant = 0.0
+        self.signal = self.noise = self.dot = self.quant = self.row_db_sum = 0.0
+        self.rows = 0
 
     def add(self, reference: torch.Tensor, quantized: torch.Tensor) -> None:
-        x = reference.detach().double().reshape(-1)
-        q = quantized.detach().double().reshape(-1)
-        if x.shape != q.shape:
+        if reference.shape != quantized.shape:
             raise EvaluationError(f"output shapes differ between the FP32 and INT8 model ({list(reference.shape)} vs {list(quantized.shape)})")
-        self.signal += float(x.dot(x))
-        self.noise += float((x - q).pow(2).sum())
-        self.dot += float(x.dot(q))
-        self.quant += float(q.dot(q))
+        x = _rows(reference.detach().double())
+        q = _rows(quantized.detach().double())
+        row_signal = x.pow(2).sum(dim=1)
+        row_noise = (x - q).pow(2).sum(dim=1)
+        self.signal += float(row_signal.sum())
+        self.noise += float(row_noise.sum())
+        self.dot += float((x * q).sum())
+        self.quant += float(q.pow(2).sum())
+        # Per-row SQNR in dB, capped; a row without error counts as the cap, a zero row with error as -cap.
+        ratio = row_signal / row_noise.clamp_min(1e-300)
+        row_db = torch.where(row_noise == 0, torch.full_like(ratio, ROW_SQNR_CAP_DB),
+                             10.0 * torch.log10(ratio.clamp_min(1e-10))).clamp(-ROW_SQNR_CAP_DB, ROW_SQNR_CAP_DB)
+        self.row_db_sum += float(row_db.sum())
+        self.rows += int(row_db.numel())
+
+    def row_sqnr_db(self) -> float:
+        return self.row_db_sum / self.rows if self.rows else math.nan
 
     def sqnr_db(self) -> float:
         if self.noise == 0.0:
@@ -69,8 +114,10 @@ class _Accumulator:
         return 10.0 * math.log10(self.signal / self.noise)
 
     def cosine(self) -> float:
+        if self.noise == 0.0:
+            return 1.0
         denominator = math.sqrt(self.signal * self.quant)
-        return self.dot / denominator if denominator > 0 else (1.0 if self.noise == 0.0 else 0.0)
+        return max(-1.0, min(1.0, self.dot / denominator)) if denominator > 0 else 0.0
 
 
 def quantized_layers(model: nn.Module) -> List[str]:
@@ -173,6 +220,8 @@ def layer_errors(
             cosine=end_to_end[n].cosine(),
             local_sqnr_db=alone[n].sqnr_db() if local else None,
             local_cosine=alone[n].cosine() if local else None,
+            row_sqnr_db=end_to_end[n].row_sqnr_db(),
+            local_row_sqnr_db=alone[n].row_sqnr_db() if local else None,
         )
         for n in names
     ]

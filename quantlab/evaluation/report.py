@@ -43,6 +43,15 @@ def _num(value: Any) -> Optional[float]:
         return None
 
 
+def _proxy(entry: Dict[str, Any]) -> float:
+    """A layer row's proxy SQNR (local per-row, else local, else end to end); inf if none."""
+    for key in ("local_row_sqnr_db", "local_sqnr_db", "sqnr_db"):
+        value = _num(entry.get(key))
+        if value is not None:
+            return value
+    return math.inf
+
+
 def _delta(value: Any) -> str:
     v = _num(value)
     return "-" if v is None else ("0" if v == 0 else f"{v:+.3g}")
@@ -101,13 +110,15 @@ def _charts(data: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     best = results.get("best_calibrator") or next(iter(layers), None)
     if best in layers and layers[best]:
         entries = layers[best]
-        if len(entries) > MAX_SQNR_LAYERS:  # keep the chart readable: the worst layers by local SQNR
-            entries = sorted(entries, key=lambda e: _num(e.get("local_sqnr_db")) if _num(e.get("local_sqnr_db")) is not None else math.inf)[:MAX_SQNR_LAYERS]
+        if len(entries) > MAX_SQNR_LAYERS:  # keep the chart readable: the worst layers by the proxy
+            entries = sorted(entries, key=_proxy)[:MAX_SQNR_LAYERS]
         names = [e["layer"] for e in entries]
+        series = [("end to end", [_num(e.get("sqnr_db")) for e in entries]),
+                  ("layer alone", [_num(e.get("local_sqnr_db")) for e in entries])]
+        if any(e.get("local_row_sqnr_db") is not None for e in entries):
+            series.append(("layer alone, per token/sample", [_num(e.get("local_row_sqnr_db")) for e in entries]))
         charts.append(("sqnr", f"per-layer output SQNR, {best} (higher is better)" + (f"; the {MAX_SQNR_LAYERS} lowest" if len(entries) < len(layers[best]) else ""),
-                       svg.bar_chart(names, [("end to end", [_num(e.get("sqnr_db")) for e in entries]),
-                                             ("layer alone", [_num(e.get("local_sqnr_db")) for e in entries])],
-                                     title=f"per-layer SQNR (dB), calibrator {best}", unit="dB")))
+                       svg.bar_chart(names, series, title=f"per-layer SQNR (dB), calibrator {best}", unit="dB")))
     scales = data["scales"]
     if scales:
         any_scales = next(iter(scales.values()))
@@ -115,9 +126,7 @@ def _charts(data: Dict[str, Any]) -> List[Tuple[str, str, str]]:
         worst: Dict[str, float] = {}
         for entries in layers.values():
             for e in entries:
-                value = _num(e.get("local_sqnr_db"))
-                value = _num(e.get("sqnr_db")) if value is None else value
-                worst[e["layer"]] = min(worst.get(e["layer"], math.inf), math.inf if value is None else value)
+                worst[e["layer"]] = min(worst.get(e["layer"], math.inf), _proxy(e))
         order = sorted(worst, key=worst.get)
         order += [m for m in any_scales.statistics if m not in order]
         for layer in [m for m in order if m in any_scales.statistics][:MAX_HISTOGRAMS]:
@@ -146,7 +155,7 @@ def _sections(data: Dict[str, Any]) -> List[Tuple[str, List[str], List[List[str]
                 f"on {s.get('subset_batches')}/{s.get('total_batches')} eval batches; cost {_fmt(_num(s.get('cost_passes')))} eval passes.")
         for name, a in (s.get("agreement") or {}).items():
             note += f" Proxy {name} vs full ranking: Spearman {_fmt(_num(a.get('spearman')))}, Kendall {_fmt(_num(a.get('kendall')))}."
-        out.append((f"Sensitivity ranking ({calibrator})", ["rank", "layer", "local SQNR dB", f"{s.get('metric')} with layer in FP16", "recovered"], rows, note))
+        out.append((f"Sensitivity ranking ({calibrator})", ["rank", "layer", "proxy SQNR dB", f"{s.get('metric')} with layer in FP16", "recovered"], rows, note))
     for calibrator, m in data["mixed"].items():
         rows = [[str(n), _fmt(_num(v))] for n, v in m.get("evaluations", [])]
         note = (f"target: drop <= {_fmt(_num(m.get('max_drop')))} {m.get('metric')}; FP32 {_fmt(_num(m.get('fp32')))}, INT8 {_fmt(_num(m.get('int8')))}, "

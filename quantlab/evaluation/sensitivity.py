@@ -13,8 +13,10 @@ asks ("if I keep this layer in FP16 and the rest in INT8, what do I get back?")
 in the configuration that will actually be deployed, so the ranking feeds
 :mod:`quantlab.evaluation.autoprecision` directly. The SQNR proxy, on the other
 hand, is a one-layer-alone measurement (each layer's local output SQNR on FP32
-inputs, one pass over a few batches, see :mod:`quantlab.evaluation.layers`):
-cheap, and a good ordering of candidates.
+inputs, averaged per row, i.e. per token or per sample; one pass over a few
+batches, see :mod:`quantlab.evaluation.layers`): cheap, and a good ordering of
+candidates. Averaging per row matters: the global SQNR of a layer whose range
+is set by a few huge activations looks fine while every other token is zeroed.
 
 Cost control: the metric is evaluated only for the ``top_k`` layers with the
 lowest proxy SQNR, on a subset of the eval batches, so that proxy + FP32 and
@@ -69,13 +71,22 @@ def improvement(task: Task, metric: str, value: float, baseline: float) -> float
     return value - baseline if task.higher_is_better(metric) else baseline - value
 
 
-def proxy_order(errors: Sequence[LayerError], *, key: str = "local_sqnr_db") -> List[str]:
-    """Layer names, most suspicious (lowest SQNR) first."""
-    def score(e: LayerError) -> float:
-        value = getattr(e, key)
-        return e.sqnr_db if value is None else value
+PROXIES = ("local_row_sqnr_db", "local_sqnr_db", "row_sqnr_db", "sqnr_db")
 
-    return [e.layer for e in sorted(errors, key=score)]
+
+def proxy_value(error: LayerError, key: Optional[str] = None) -> float:
+    """A layer's proxy SQNR (dB): ``key``, or :attr:`LayerError.proxy_db` by default."""
+    if key is None:
+        return error.proxy_db
+    if key not in PROXIES:
+        raise EvaluationError(f"unknown proxy {key!r}; choose one of {', '.join(PROXIES)}")
+    value = getattr(error, key)
+    return error.proxy_db if value is None else value
+
+
+def proxy_order(errors: Sequence[LayerError], *, key: Optional[str] = None) -> List[str]:
+    """Layer names, most suspicious (lowest proxy SQNR) first."""
+    return [e.layer for e in sorted(errors, key=lambda e: proxy_value(e, key))]
 
 
 @dataclasses.dataclass
@@ -84,7 +95,7 @@ class LayerSensitivity:
 
     Attributes:
         layer: Module name.
-        proxy_sqnr_db: The layer's local output SQNR (lower = more suspicious).
+        proxy_sqnr_db: The layer's proxy SQNR: local, mean per row (lower = more suspicious).
         value: The metric with only this layer in float (None if not evaluated).
         sensitivity: Metric recovered by keeping this layer in float, vs all INT8
             (positive = the layer hurts; None if not evaluated).
@@ -146,6 +157,8 @@ class SensitivityResult:
                 "cosine": error.cosine if error else None,
                 "local_sqnr_db": error.local_sqnr_db if error else None,
                 "local_cosine": error.local_cosine if error else None,
+                "row_sqnr_db": error.row_sqnr_db if error else None,
+                "local_row_sqnr_db": error.local_row_sqnr_db if error else None,
                 "sensitivity": entry.sensitivity,
                 "rank": entry.rank,
             })
@@ -218,7 +231,7 @@ def rank_layers(
     if not errors:
         raise EvaluationError("the quantized model has no quantizing layer to rank")
     order = proxy_order(errors)
-    proxy = {e.layer: (e.local_sqnr_db if e.local_sqnr_db is not None else e.sqnr_db) for e in errors}
+    proxy = {e.layer: proxy_value(e) for e in errors}
     plan = plan_budget(num_batches, len(order), budget_passes=budget_passes, top_k=top_k,
                        subset_fraction=subset_fraction, proxy_batches=proxy_batches)
     spent = PROXY_FORWARDS_PER_BATCH * proxy_batches
@@ -284,11 +297,7 @@ def full_ranking(
     return out
 
 
-def proxy_agreement(errors: Sequence[LayerError], full: Dict[str, float], *, top_k: int = 5, key: str = "local_sqnr_db") -> Dict[str, float]:
-    """Spearman / Kendall / top-k overlap between the SQNR proxy and the full metric ranking."""
-    proxy = {}
-    for e in errors:
-        value = getattr(e, key)
-        value = e.sqnr_db if value is None else value
-        proxy[e.layer] = -value  # lower SQNR = more sensitive
+def proxy_agreement(errors: Sequence[LayerError], full: Dict[str, float], *, top_k: int = 5, key: Optional[str] = None) -> Dict[str, float]:
+    """Spearman / Kendall / top-k overlap between an SQNR proxy and the full metric ranking."""
+    proxy = {e.layer: -proxy_value(e, key) for e in errors}  # lower SQNR = more sensitive
     return ranking_agreement(proxy, full, top_k=top_k)

@@ -82,7 +82,8 @@ def run_sensitivity(
                 by_proxy = [by_proxy[round(i * step)] for i in range(full_layers)]
             full_scores = full_ranking(quant, task, batches[: result.subset_batches], metric=metric, layers=by_proxy, progress=progress)
             agreement = {
-                "local_sqnr": proxy_agreement(result.layer_errors, full_scores),
+                "local_row_sqnr (the proxy)": proxy_agreement(result.layer_errors, full_scores, key="local_row_sqnr_db"),
+                "local_sqnr": proxy_agreement(result.layer_errors, full_scores, key="local_sqnr_db"),
                 "end_to_end_sqnr": proxy_agreement(result.layer_errors, full_scores, key="sqnr_db"),
             }
         store.add_layer_stats(run_id, result.to_rows(calibrator))

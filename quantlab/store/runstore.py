@@ -34,7 +34,11 @@ PRECISIONS = ("fp32", "fp16", "int8")
 SOURCES = ("ptq", "qat", "mixed")
 
 _RESULT_KEYS = {"precision", "calibrator", "source", "metric", "value", "delta", "seconds"}
-_LAYER_KEYS = {"calibrator", "layer", "sqnr_db", "cosine", "sensitivity", "rank", "local_sqnr_db", "local_cosine"}
+_LAYER_KEYS = {
+    "calibrator", "layer", "sqnr_db", "cosine", "sensitivity", "rank", "local_sqnr_db", "local_cosine",
+    "row_sqnr_db", "local_row_sqnr_db",
+}
+_LAYER_NUMBERS = ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db", "local_row_sqnr_db", "sensitivity")
 _RUN_COLUMNS = (
     "id, kind, name, model, data, eval_data, config_id, run_dir, parent_id, status, progress, error, created_at, updated_at"
 )
@@ -368,7 +372,9 @@ class RunStore:
 
         Each row: ``calibrator``, ``layer``, ``sqnr_db``, ``cosine``, ``sensitivity``
         (None ok), ``rank`` (None ok); optionally ``local_sqnr_db`` and
-        ``local_cosine`` (the layer quantized alone, on FP32 inputs).
+        ``local_cosine`` (the layer quantized alone, on FP32 inputs) and
+        ``row_sqnr_db`` / ``local_row_sqnr_db`` (mean per-row SQNR, see
+        :mod:`quantlab.evaluation.layers`).
         """
         values = []
         for i, row in enumerate(rows):
@@ -382,22 +388,13 @@ class RunStore:
             rank = row.get("rank")
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
                 raise StoreError(f"{where} ('{layer}'): rank must be an integer or None, got {rank!r}")
-            values.append(
-                (
-                    run_id, row.get("calibrator"), layer,
-                    _number(row.get("sqnr_db"), f"{where} ('{layer}') sqnr_db"),
-                    _number(row.get("cosine"), f"{where} ('{layer}') cosine"),
-                    _number(row.get("local_sqnr_db"), f"{where} ('{layer}') local_sqnr_db"),
-                    _number(row.get("local_cosine"), f"{where} ('{layer}') local_cosine"),
-                    _number(row.get("sensitivity"), f"{where} ('{layer}') sensitivity"),
-                    rank,
-                )
-            )
+            numbers = tuple(_number(row.get(key), f"{where} ('{layer}') {key}") for key in _LAYER_NUMBERS)
+            values.append((run_id, row.get("calibrator"), layer) + numbers + (rank,))
+        columns = ", ".join(("run_id", "calibrator", "layer") + _LAYER_NUMBERS + ("rank",))
         with self._write() as conn:
             self._require_run(conn, run_id)
             conn.executemany(
-                "INSERT INTO layer_stats (run_id, calibrator, layer, sqnr_db, cosine, local_sqnr_db, local_cosine, sensitivity, rank) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO layer_stats ({columns}) VALUES ({', '.join('?' * (len(_LAYER_NUMBERS) + 4))})",
                 values,
             )
             conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (_now(), run_id))
@@ -406,8 +403,8 @@ class RunStore:
         """The run's per-layer rows in insertion order."""
         return self._rows(
             run_id,
-            "SELECT calibrator, layer, sqnr_db, cosine, local_sqnr_db, local_cosine, sensitivity, rank "
-            "FROM layer_stats WHERE run_id = ? ORDER BY id",
+            "SELECT calibrator, layer, sqnr_db, cosine, local_sqnr_db, local_cosine, row_sqnr_db, local_row_sqnr_db, "
+            "sensitivity, rank FROM layer_stats WHERE run_id = ? ORDER BY id",
         )
 
     def add_artifact(self, run_id: str, kind: str, path: PathLike) -> None:

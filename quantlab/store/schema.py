@@ -11,6 +11,9 @@ Version history:
        results gain source, delta (vs FP32), seconds; layer_stats gain
        local_sqnr_db, local_cosine, sensitivity, rank; artifacts gain created_at;
        indexes for the dashboard's queries.
+    3. layer_stats gain row_sqnr_db and local_row_sqnr_db: the mean over rows
+       (tokens / samples) of each row's SQNR, which exposes layers whose
+       per-tensor range is set by a few huge outliers (global SQNR hides them).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import hashlib
 import sqlite3
 from typing import Callable, Dict
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA_V1 = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -126,7 +129,17 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
+    run_script(
+        conn,
+        """
+        ALTER TABLE layer_stats ADD COLUMN row_sqnr_db REAL;
+        ALTER TABLE layer_stats ADD COLUMN local_row_sqnr_db REAL
+        """,
+    )
+
+
 #: ``MIGRATIONS[v]`` upgrades a store from version ``v`` to ``v + 1`` inside one transaction.
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 assert all(v in MIGRATIONS for v in range(1, SCHEMA_VERSION)), "a migration is missing"

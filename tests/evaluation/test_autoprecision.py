@@ -58,3 +58,17 @@ def test_without_layers_refuses_to_drop_everything(planted):
     assert {e.module for e in without_layers(scales, ["bad"]).entries} == {"fc1", "fc3", "head"}
     with pytest.raises(Exception, match="nothing left"):
         without_layers(scales, ["fc1", "bad", "fc3", "head"])
+
+
+def test_pruning_gives_back_layers_a_poor_order_added(planted):
+    model, calib, evaluation = planted
+    quant = copy.deepcopy(model)
+    run_ptq(quant, calib, ["max"])
+    task = ClassificationTask()
+    fp32 = evaluate_reference(model, task, evaluation).metrics["top1"]
+    # A misleading order puts two harmless layers before the culprit.
+    result = auto_precision(quant, task, evaluation, metric="top1", fp32_value=fp32, order=["head", "fc3", "bad", "fc1"], max_drop=2.0)
+    assert result.met and result.float_layers == ["bad"]
+    unpruned = auto_precision(quant, task, evaluation, metric="top1", fp32_value=fp32, order=["head", "fc3", "bad", "fc1"],
+                              max_drop=2.0, prune_evaluations=0)
+    assert unpruned.float_layers == ["head", "fc3", "bad"]

@@ -41,7 +41,7 @@ def test_compare_rows_for_every_precision_and_calibrator(compare_run):
         assert r["delta"] == pytest.approx(r["value"] - fp32) and r["seconds"] > 0
     layers = store.layer_stats(run["id"])
     assert {r["calibrator"] for r in layers} == set(list_calibrators())
-    assert all(r["sqnr_db"] > 0 and 0 < r["cosine"] <= 1.0 for r in layers)
+    assert all(r["sqnr_db"] > 0 and 0 < r["cosine"] <= 1.0 and r["local_row_sqnr_db"] is not None for r in layers)
     files = {p.name for p in out.iterdir()}
     assert {"run.json", "results.json"} | {f"scales.{c}.json" for c in list_calibrators()} <= files
     results = json.loads((out / "results.json").read_text())

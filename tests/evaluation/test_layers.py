@@ -32,3 +32,21 @@ def test_quantizers_off_means_no_error(planted):
     set_mode(quant, "off")
     errors = layer_errors(model, quant, evaluation[:1], layers=names)
     assert all(e.sqnr_db == math.inf and e.cosine == 1.0 for e in errors)
+
+
+def test_row_sqnr_exposes_an_outlier_token():
+    """A per-tensor range set by one huge token zeroes the others: global SQNR hides it, per-row does not."""
+    import torch
+    from torch import nn
+
+    import quantlab as ql
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    x = torch.randn(4, 16, 8)
+    x[:, 0] *= 5000.0  # the first token of every sequence carries a massive activation
+    quant = ql.quantize(copy.deepcopy(model), ql.int8_config("max"), forward_loop=lambda m: m(x))
+    (error,) = layer_errors(model, quant, [x])
+    assert error.local_sqnr_db > 30.0  # looks healthy globally ...
+    assert error.local_row_sqnr_db < 10.0  # ... but most tokens are destroyed
+    assert error.proxy_db == error.local_row_sqnr_db

@@ -3,7 +3,7 @@ import json
 import sqlite3
 
 from quantlab.store import SCHEMA_VERSION, RunStore
-from quantlab.store.schema import SCHEMA_V1
+from quantlab.store.schema import MIGRATIONS, SCHEMA_V1
 
 
 def _write_v1_store(path):
@@ -31,7 +31,7 @@ def test_v1_file_migrates_and_keeps_everything(tmp_path):
     path = tmp_path / "runs.sqlite"
     _write_v1_store(path)
     store = RunStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     run = store.get_run("compare-1")
     assert run["config"] == {"calibrators": ["entropy"], "metric": "top1"}
     assert run["status"] == "done" and run["run_dir"] == "/tmp/r1" and run["updated_at"] == run["created_at"]
@@ -46,7 +46,28 @@ def test_v1_file_migrates_and_keeps_everything(tmp_path):
         columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
         assert "config" not in columns and "config_id" in columns
         assert conn.execute("SELECT COUNT(*) FROM configs").fetchone()[0] == 1  # same config de-duplicated
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
     # New rows work on the migrated file, and opening again does not migrate twice.
     new_id = RunStore(path).create_run("sensitivity", model="m", parent_id="compare-1")
     assert RunStore(path).get_run(new_id)["parent_id"] == "compare-1"
+
+
+def test_v2_file_gains_the_row_sqnr_columns(tmp_path):
+    """A store written by schema 2 (before per-row SQNR existed) opens, migrates and keeps its rows."""
+    path = tmp_path / "runs.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(SCHEMA_V1)
+    conn.execute("BEGIN")
+    MIGRATIONS[1](conn)
+    conn.execute("INSERT INTO schema_version (version) VALUES (2)")
+    conn.execute("INSERT INTO runs (id, kind, model, status, created_at, updated_at) VALUES ('c', 'compare', 'm', 'done', 't', 't')")
+    conn.execute("INSERT INTO layer_stats (run_id, calibrator, layer, sqnr_db, cosine, local_sqnr_db, sensitivity, rank) "
+                 "VALUES ('c', 'mse', 'fc', 31.0, 0.99, 33.0, 0.5, 1)")
+    conn.execute("COMMIT")
+    conn.close()
+    store = RunStore(path)
+    assert store.schema_version() == 3
+    (row,) = store.layer_stats("c")
+    assert row["local_sqnr_db"] == 33.0 and row["rank"] == 1 and row["row_sqnr_db"] is None and row["local_row_sqnr_db"] is None
+    store.add_layer_stats("c", [{"calibrator": "mse", "layer": "fc2", "local_row_sqnr_db": 4.5}])
+    assert store.layer_stats("c")[1]["local_row_sqnr_db"] == 4.5

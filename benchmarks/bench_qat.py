@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant per round (default 10 CUDA, 2 CPU)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--profile", default="", help="comma list of variants to profile (3 steps each) after timing")
     parser.add_argument("--variants", default="fp32,qat,qat-off,qat-lsq,qat-fold-bn")
     args = parser.parse_args()
     device = setup_torch(args)
@@ -135,10 +136,14 @@ def main() -> None:
         "qat-off": lambda: _disabled(qat.prepare(copy.deepcopy(base), data=calib, calibrator="max")),
         "qat-lsq": lambda: qat.prepare(copy.deepcopy(base), data=calib, calibrator="max", learn_amax=True, weight_ranges="learn"),
         "qat-fold-bn": lambda: qat.prepare(copy.deepcopy(base), data=calib, calibrator="max", fold_bn=True),
+        # torch.compile fuses the fake-quant elementwise work into neighbouring kernels.
+        "fp32-compiled": lambda: torch.compile(copy.deepcopy(base)),
+        "qat-compiled": lambda: torch.compile(qat.prepare(copy.deepcopy(base), data=calib, calibrator="max")),
     }
     labels = {"fp32": "FP32 training", "qat": "QAT (fixed act. ranges, weight ranges recomputed)",
               "qat-off": "QAT model, quantizers off", "qat-lsq": "QAT, learned ranges (LSQ)",
-              "qat-fold-bn": "QAT, BN folded"}
+              "qat-fold-bn": "QAT, BN folded", "fp32-compiled": "FP32 training, torch.compile",
+              "qat-compiled": "QAT, torch.compile"}
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [n for n in names if n not in builders]
     if unknown:
@@ -155,12 +160,22 @@ def main() -> None:
     rows = []
     for name in names:
         spread = (min(times[name]) * 1000, max(times[name]) * 1000)
+        base_time = median.get("fp32-compiled") if name.endswith("-compiled") else reference
         rows.append([labels[name], median[name] * 1000, f"{spread[0]:.1f}-{spread[1]:.1f}",
-                     f"{median[name] / reference:.2f}x" if reference else "-"])
+                     f"{median[name] / base_time:.2f}x" if base_time else "-"])
+    profile = ""
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        for name in [v.strip() for v in args.profile.split(",") if v.strip() in step_fns]:
+            with torch.profiler.profile(activities=activities) as prof:
+                time_steps(step_fns[name], 3, device)
+            key = "cuda_time_total" if cuda else "cpu_time_total"
+            profile += (f"\n### torch.profiler, 3 steps of {labels[name]}, by {key}\n\n```\n"
+                        + prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60) + "\n```\n")
     title = f"QAT step time, ResNet-18-sized CNN, batch {batch}, {res}x{res}, {device.type}"
     section = machine_header(title, {"timed steps per variant": steps * args.rounds, "channels_last": args.channels_last})
-    section += "\n" + markdown_table(["variant", "median ms/step", "min-max ms", "vs FP32"], rows)
-    emit(section, args.append)
+    section += "\n" + markdown_table(["variant", "median ms/step", "min-max ms", "vs FP32 (compiled vs compiled)"], rows)
+    emit(section + profile, args.append)
 
 
 def _disabled(model: nn.Module) -> nn.Module:

@@ -29,8 +29,13 @@ def pieces(device: torch.device, shape, repeats: int) -> list:
     idx32 = idx64.to(torch.int32)
     counts = torch.zeros(n, dtype=torch.int64, device=device)
     ones = torch.ones_like(idx64)
-    collector = HistogramCollector(2048)
+    from quantlab.statistics import _DeviceAccumulator
+
+    torch_ops = _DeviceAccumulator(2048, device)
+    collector = HistogramCollector(2048, sync_free=True)
     collector.update(x)
+    host_collector = HistogramCollector(2048, sync_free=False)
+    host_collector.update(x)
     steps = {
         "abs": lambda: x.abs(),
         "max + host sync": lambda: float(x.abs().max()),
@@ -41,13 +46,55 @@ def pieces(device: torch.device, shape, repeats: int) -> list:
         "bincount int32, zeros spread over 32 slots (_count_slots)": lambda: _count_slots(idx32, n + 1),
         "scatter_add_ int64": lambda: counts.scatter_add_(0, idx64, ones),
         "histc (float, not exact)": lambda: torch.histc(a, bins=n, min=0.0, max=n * width),
-        "HistogramCollector.update (all)": lambda: collector.update(x),
+        "HistogramCollector.update, host path (read-back per batch)": lambda: host_collector.update(x),
+        "HistogramCollector.update, device path (no read-back; the CUDA default)": lambda: collector.update(x),
+        "device path, torch ops (_DeviceAccumulator)": lambda: torch_ops.update(x, 0),
         "FP32 reference: x * 2 (one read, one write)": lambda: x * 2,
     }
     rows = []
     for name, fn in steps.items():
         seconds = C.median_time(fn, repeats=repeats, warmup=2, device=device)
         rows.append([name, seconds * 1e3, x.numel() * 4 / seconds / 1e9])
+    return rows
+
+
+def device_path_checks(device: torch.device) -> list:
+    """The device path on ``device`` vs the host path on the CPU: same counts? any host sync?"""
+    from quantlab.statistics import HistogramCollector
+
+    g = torch.Generator().manual_seed(1)
+    cases = {
+        "post-ReLU 64x64x56x56, growing range": [torch.relu(torch.randn(64, 64, 56, 56, generator=g)) * s for s in (0.5, 2.0, 1.0, 9.0)],
+        "gaussian, 2^25 elements (histc chunks)": [torch.randn(1 << 25, generator=g)],
+        "values on bin edges": [torch.arange(0, 4096.0) * 0.25, torch.arange(0, 64.0)],
+        "half precision": [torch.randn(4096, 1024, generator=g).half() * s for s in (0.1, 3.0)],
+    }
+    rows = []
+    for name, batches in cases.items():
+        host = HistogramCollector(2048, sync_free=False)
+        dev = HistogramCollector(2048, sync_free=True)
+        for b in batches:
+            host.update(b)
+        sync_error = "none"
+        if device.type == "cuda":
+            moved = [b.to(device) for b in batches]
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for b in moved:
+                    dev.update(b)
+            except RuntimeError as e:  # a synchronizing call inside update()
+                sync_error = str(e).splitlines()[0][:80]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            for b in batches:
+                dev.update(b)
+        accumulator = type(dev._device).__name__
+        hs, ds = host.stats(), dev.stats()
+        same = ds is not None and hs.bin_width == ds.bin_width and hs.amax == ds.amax and torch.equal(hs.counts, ds.counts.cpu())
+        rows.append([name, accumulator,
+                     "identical" if same else "DIFFERENT", sync_error])
     return rows
 
 
@@ -69,6 +116,8 @@ def main() -> None:
     shape = tuple(int(s) for s in args.shape.split(","))
     out.append(f"### update() pieces on a ReLU output of shape {shape}\n\n" + C.markdown_table(
         ["step", "median ms", "GB/s of fp32 input"], pieces(device, shape, args.repeats)))
+    out.append(f"### device path on {device} vs host path on the CPU\n\n" + C.markdown_table(
+        ["case", "accumulator", "counts, width, amax", "synchronizing call in update()"], device_path_checks(device)))
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
     run_batches(model, iter([next(wl.batches(device))]))

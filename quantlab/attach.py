@@ -201,4 +201,9 @@ def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any
         model.train(was_training)
         for ref in refs:
             ref.quantizer.mode = saved[id(ref.quantizer)] if ref.role == "weight" else QuantizerMode.OFF
+    # On the GPU the statistics stay on the device during the pass; fold them in now (one
+    # read-back per tensor), which is also where a NaN/Inf seen on the way is reported.
+    for ref in refs:
+        if ref.role == "input" and ref.quantizer.collector is not None:
+            ref.quantizer.collector.flush()
     return {ref.module_name: ref.quantizer.collector.num_batches for ref in refs if ref.role == "input" and ref.quantizer.collector}

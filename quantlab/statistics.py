@@ -13,6 +13,18 @@ snapped to a power of two that depends only on the running max. Then
 
 Bins are right-closed: bin ``k`` holds ``(k * width, (k + 1) * width]`` and bin 0
 also holds exact zeros, so the running max always falls in the last bin.
+
+Two ways to add a batch, with identical counts:
+
+* host path (CPU tensors): the batch max is read back and the histogram grows
+  on demand; a read-back costs nothing on the CPU.
+* device path (CUDA tensors, see :class:`_DeviceAccumulator`): the running max,
+  the bin width's exponent and a fixed ``2 * num_bins`` histogram stay on the
+  GPU and every step is a kernel, so :meth:`HistogramCollector.update` never
+  waits for the GPU. A read-back per tensor per batch used to stall the GPU
+  once per quantized layer and made the pass host-bound (benchmarks/RESULTS.md).
+  The device state is folded into the host-side histogram, with one read-back,
+  when the statistics are read; a NaN/Inf seen on the way is reported then.
 """
 from __future__ import annotations
 
@@ -64,6 +76,73 @@ def _merge_pairs(counts: torch.Tensor, times: int) -> torch.Tensor:
     return counts
 
 
+# torch.histc counts in float32, exact while no bin exceeds 2**24 per call.
+_HISTC_CHUNK = 1 << 24
+# The bin-width exponent is kept where 2**-exponent is a normal float32.
+_MIN_EXPONENT, _MAX_EXPONENT = -126, 126
+
+
+class _DeviceAccumulator:
+    """Sync-free statistics of one tensor on its device (same bins as the host path).
+
+    State, all on the device: ``amax`` (running max of the finite batches),
+    ``exponent`` (bin width ``2**exponent``, the host path's width for that max),
+    ``counts`` (``2 * num_bins`` int64 bins; the host path keeps the first
+    ``ceil(amax / width)`` of them) and ``first_bad`` (index of the first batch
+    with a NaN/Inf, -1 if none).
+
+    Per batch: ``a = |x|``; its max updates the range; when the width grows by
+    ``2**k`` the old counts move to bin ``i >> k`` (an index_add, the device
+    form of merging pairs ``k`` times); then ``ceil(a / width)`` is counted by
+    ``torch.histc`` over ``[1, 2 * num_bins + 1]``, which puts slot ``s`` in bin
+    ``s - 1`` exactly (integer arithmetic in float) and skips the zeros, so the
+    post-ReLU half of a tensor costs no atomic update: zeros are the elements
+    histc did not count.
+    """
+
+    def __init__(self, num_bins: int, device: torch.device) -> None:
+        self.size = 2 * num_bins
+        self.amax = torch.zeros((), dtype=torch.float64, device=device)  # float64 holds any float32 max
+        self.exponent = torch.zeros((), dtype=torch.int32, device=device)
+        self.counts = torch.zeros(self.size, dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.index = torch.arange(self.size, dtype=torch.int64, device=device)
+        self.batches = 0
+
+    def accepts(self, x: torch.Tensor) -> bool:
+        return x.device == self.counts.device
+
+    def update(self, x: torch.Tensor, batch: int) -> None:
+        # Half precision cannot hold |x| / width exactly: count in float32 (float64 stays).
+        a = x.abs() if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32).abs_()
+        batch_max = a.amax().double()
+        finite = torch.isfinite(batch_max)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, batch, self.first_bad)
+        amax = torch.maximum(self.amax, torch.where(finite, batch_max, 0.0))
+        mantissa, exponent = torch.frexp(amax / self.size)
+        exponent = (exponent - (mantissa == 0.5).to(torch.int32)).clamp_(_MIN_EXPONENT, _MAX_EXPONENT)
+        # Before the first non-zero value every count is in bin 0 and any width is right.
+        previous = torch.where(self.amax > 0, self.exponent, exponent)
+        shift = (exponent - previous).clamp_(0, 62).to(torch.int64)
+        self.counts = torch.zeros_like(self.counts).index_add_(0, self.index >> shift, self.counts)
+        self.amax, self.exponent = amax, exponent
+        # 2**-exponent from its bit pattern: exact, unlike pow/exp2 on some devices.
+        scale = ((127 - exponent) << 23).view(torch.float32)
+        slots = a.mul_(scale.to(a.dtype)).ceil_().view(-1)  # 0 for zeros, else 1 + the value's bin
+        for chunk in slots.split(_HISTC_CHUNK):
+            hist = torch.histc(chunk, bins=self.size, min=1.0, max=float(self.size + 1)).to(torch.int64)
+            self.counts += hist
+            self.counts[0] += chunk.numel() - hist.sum()
+        self.batches += 1
+
+    def read(self) -> "tuple[float, float, torch.Tensor, int]":
+        """``(amax, bin width, counts trimmed to the host path's length, first bad batch)``: one read-back."""
+        amax, exponent, first_bad = torch.stack([self.amax, self.exponent.double(), self.first_bad.double()]).tolist()
+        width = math.ldexp(1.0, int(exponent))
+        needed = max(1, math.ceil(amax / width))
+        return amax, width, self.counts[:needed].clone(), int(first_bad)
+
+
 class HistogramCollector:
     """Accumulates the statistics of one activation tensor, on that tensor's device.
 
@@ -71,16 +150,70 @@ class HistogramCollector:
         num_bins: Resolution: the histogram keeps between ``num_bins`` and
             ``2 * num_bins`` bins over ``[0, running max]``.
         name: Name of the tensor (the module it feeds), used in error messages.
+        sync_free: Use the device path (no read-back per batch). Default: for
+            CUDA tensors. The counts are the same either way.
     """
 
-    def __init__(self, num_bins: int = 2048, name: str = "") -> None:
+    def __init__(self, num_bins: int = 2048, name: str = "", sync_free: Optional[bool] = None) -> None:
         self.num_bins = int(num_bins)
         self.name = name
-        self.counts: Optional[torch.Tensor] = None  # int64, on the data's device
-        self.bin_width: Optional[float] = None
-        self.amax: float = 0.0
-        self.num_batches = 0
-        self._pending_zeros = 0  # elements seen while every value so far was 0
+        self.sync_free = sync_free
+        self._counts: Optional[torch.Tensor] = None  # int64, on the data's device
+        self._bin_width: Optional[float] = None
+        self._amax: float = 0.0
+        self._num_batches = 0
+        self._zeros = 0  # elements seen while every value so far was 0
+        self._device: Optional[_DeviceAccumulator] = None
+
+    # -- state (the device path's pending batches are folded in on every read) --------------
+    @property
+    def counts(self) -> Optional[torch.Tensor]:
+        self.flush()
+        return self._counts
+
+    @counts.setter
+    def counts(self, value: Optional[torch.Tensor]) -> None:
+        self.flush()
+        self._counts = value
+
+    @property
+    def bin_width(self) -> Optional[float]:
+        self.flush()
+        return self._bin_width
+
+    @bin_width.setter
+    def bin_width(self, value: Optional[float]) -> None:
+        self.flush()
+        self._bin_width = value
+
+    @property
+    def amax(self) -> float:
+        self.flush()
+        return self._amax
+
+    @amax.setter
+    def amax(self, value: float) -> None:
+        self.flush()
+        self._amax = float(value)
+
+    @property
+    def num_batches(self) -> int:
+        return self._num_batches + (self._device.batches if self._device is not None else 0)
+
+    @num_batches.setter
+    def num_batches(self, value: int) -> None:
+        self.flush()
+        self._num_batches = int(value)
+
+    @property
+    def _pending_zeros(self) -> int:
+        self.flush()
+        return self._zeros
+
+    @_pending_zeros.setter
+    def _pending_zeros(self, value: int) -> None:
+        self.flush()
+        self._zeros = int(value)
 
     @property
     def num_elements(self) -> int:
@@ -89,68 +222,109 @@ class HistogramCollector:
             total += int(self.counts.sum())
         return total
 
+    # -- adding batches ----------------------------------------------------------------------
     def update(self, x: torch.Tensor) -> None:
-        """Adds one batch. Raises NonFiniteActivationError on NaN/Inf."""
+        """Adds one batch. Raises NonFiniteActivationError on NaN/Inf.
+
+        On the device path the error is raised when the statistics are next
+        read (it still names the module and the batch).
+        """
         x = x.detach()
         if x.numel() == 0:
             return
+        if self.sync_free if self.sync_free is not None else x.is_cuda:
+            if self._device is not None and not self._device.accepts(x):
+                self.flush()  # a batch of another dtype or device: fold in and start over
+            if self._device is None:
+                self._device = _DeviceAccumulator(self.num_bins, x.device)
+            self._device.update(x, self.num_batches)
+            return
+        self._update_host(x)
+
+    def _update_host(self, x: torch.Tensor) -> None:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.to(torch.float32)  # half precision cannot hold |x| / width exactly
         a = x.abs()
         batch_max = float(a.max())  # one host sync per tensor per batch
         if not math.isfinite(batch_max):
-            raise NonFiniteActivationError(
-                f"non-finite value (NaN or Inf) in the input of '{self.name or '<unnamed>'}' "
-                f"during calibration batch {self.num_batches}"
-            )
-        self.num_batches += 1
-        if batch_max > self.amax:
-            self.amax = batch_max
-        if self.amax == 0.0:
-            self._pending_zeros += x.numel()
+            raise self._non_finite(self.num_batches)
+        self._num_batches += 1
+        if batch_max > self._amax:
+            self._amax = batch_max
+        if self._amax == 0.0:
+            self._zeros += x.numel()
             return
         self._fit_range(x.device)
-        assert self.counts is not None and self.bin_width is not None
+        assert self._counts is not None and self._bin_width is not None
         # ceil(|x| / w) is exact for a power-of-two w: 1 + the bin of every non-zero value, and 0
         # for exact zeros. Counting it directly and folding slot 0 into bin 0 gives the same
         # counts as bincount(clamp(ceil - 1, 0)) with two fewer passes over the tensor; int32
         # (the slot is at most len(counts)) halves the bytes bincount reads.
-        num_bins = self.counts.numel()
-        slots = _count_slots(a.mul_(1.0 / self.bin_width).ceil_().to(torch.int32).view(-1), num_bins + 1)
-        self.counts += slots[1 : num_bins + 1]
-        self.counts[0] += slots[0]
+        num_bins = self._counts.numel()
+        slots = _count_slots(a.mul_(1.0 / self._bin_width).ceil_().to(torch.int32).view(-1), num_bins + 1)
+        self._counts += slots[1 : num_bins + 1]
+        self._counts[0] += slots[0]
+
+    def _non_finite(self, batch: int) -> NonFiniteActivationError:
+        return NonFiniteActivationError(
+            f"non-finite value (NaN or Inf) in the input of '{self.name or '<unnamed>'}' "
+            f"during calibration batch {batch}"
+        )
+
+    def flush(self) -> None:
+        """Folds the device path's batches into the host-side state (one read-back)."""
+        pending, self._device = self._device, None
+        if pending is None:
+            return
+        amax, width, counts, first_bad = pending.read()
+        if first_bad >= 0:
+            raise self._non_finite(first_bad)
+        if amax == 0.0:
+            self._add(counts=None, width=None, amax=0.0, num_batches=pending.batches, zeros=int(counts[0]))
+        else:
+            self._add(counts=counts, width=width, amax=amax, num_batches=pending.batches, zeros=0)
 
     def _fit_range(self, device: torch.device) -> None:
         """Chooses the width for the running max, merging or appending bins."""
-        width = bin_width_for(self.amax, self.num_bins)
-        needed = max(1, math.ceil(self.amax / width))
-        if self.counts is None:
-            self.counts = torch.zeros(needed, dtype=torch.int64, device=device)
-            self.counts[0] += self._pending_zeros
-            self._pending_zeros = 0
-            self.bin_width = width
+        width = bin_width_for(self._amax, self.num_bins)
+        needed = max(1, math.ceil(self._amax / width))
+        if self._counts is None:
+            self._counts = torch.zeros(needed, dtype=torch.int64, device=device)
+            self._counts[0] += self._zeros
+            self._zeros = 0
+            self._bin_width = width
             return
-        assert self.bin_width is not None
-        if width > self.bin_width:
-            self.counts = _merge_pairs(self.counts, int(round(math.log2(width / self.bin_width))))
-            self.bin_width = width
-        if self.counts.numel() < needed:
-            self.counts = torch.cat([self.counts, self.counts.new_zeros(needed - self.counts.numel())])
+        assert self._bin_width is not None
+        if width > self._bin_width:
+            self._counts = _merge_pairs(self._counts, int(round(math.log2(width / self._bin_width))))
+            self._bin_width = width
+        if self._counts.numel() < needed:
+            self._counts = torch.cat([self._counts, self._counts.new_zeros(needed - self._counts.numel())])
+
+    def _add(self, counts: Optional[torch.Tensor], width: Optional[float], amax: float, num_batches: int, zeros: int) -> None:
+        """Adds a histogram (``counts`` at ``width``, or None if it saw only zeros) into this one."""
+        self._num_batches += num_batches
+        self._zeros += zeros
+        if counts is None:
+            if self._counts is not None:  # a range exists: zeros belong in bin 0
+                self._counts[0] += self._zeros
+                self._zeros = 0
+            return
+        assert width is not None
+        self._amax = max(self._amax, amax)
+        device = counts.device if self._counts is None else self._counts.device
+        self._fit_range(device)
+        assert self._counts is not None and self._bin_width is not None
+        theirs = _merge_pairs(counts.to(device), int(round(math.log2(self._bin_width / width))))
+        if theirs.numel() > self._counts.numel():  # cannot happen after _fit_range; keep it safe
+            self._counts = torch.cat([self._counts, self._counts.new_zeros(theirs.numel() - self._counts.numel())])
+        self._counts[: theirs.numel()] += theirs
 
     def merge_(self, other: "HistogramCollector") -> "HistogramCollector":
         """Adds ``other``'s statistics into this collector (e.g. from another rank)."""
-        self.num_batches += other.num_batches
-        self._pending_zeros += other._pending_zeros
-        if other.counts is None:
-            return self
-        self.amax = max(self.amax, other.amax)
-        device = other.counts.device if self.counts is None else self.counts.device
-        self._fit_range(device)
-        assert self.counts is not None and self.bin_width is not None and other.bin_width is not None
-        theirs = _merge_pairs(other.counts.to(device), int(round(math.log2(self.bin_width / other.bin_width))))
-        if theirs.numel() > self.counts.numel():  # cannot happen after _fit_range; keep it safe
-            self.counts = torch.cat([self.counts, self.counts.new_zeros(theirs.numel() - self.counts.numel())])
-        self.counts[: theirs.numel()] += theirs
+        self.flush()
+        other.flush()
+        self._add(other._counts, other._bin_width, other._amax, other._num_batches, other._zeros)
         return self
 
     def stats(self) -> Optional[HistogramStats]:
@@ -163,8 +337,8 @@ class HistogramCollector:
     def from_stats(cls, stats: HistogramStats, num_bins: int = 2048, name: str = "") -> "HistogramCollector":
         """Rebuilds a collector from saved statistics (to merge or re-calibrate)."""
         collector = cls(num_bins=num_bins, name=name)
-        collector.counts = stats.counts.to(torch.int64).clone()
-        collector.bin_width = float(stats.bin_width)
-        collector.amax = float(stats.amax)
-        collector.num_batches = 1
+        collector._counts = stats.counts.to(torch.int64).clone()
+        collector._bin_width = float(stats.bin_width)
+        collector._amax = float(stats.amax)
+        collector._num_batches = 1
         return collector

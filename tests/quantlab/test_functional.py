@@ -81,3 +81,27 @@ def test_amax_of_weight_per_channel_axis():
     assert torch.equal(amax_of_weight(w, QuantizerSpec(per_channel=True, axis=0)), w.abs().amax(dim=(1, 2)))
     assert torch.equal(amax_of_weight(w, QuantizerSpec(per_channel=True, axis=1)), w.abs().amax(dim=(0, 2)))
     assert amax_of_weight(w, QuantizerSpec()).item() == w.abs().max().item()
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+@pytest.mark.parametrize("narrow", [True, False])
+def test_sync_free_per_channel_equals_native_op_bit_for_bit(axis, narrow):
+    # The CUDA training path (no zero-point read-back) must be the native op exactly, ties and clamping included.
+    from quantlab.functional import _PerChannelFakeQuantize
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 7, generator=g) * 4
+    channels = x.shape[axis]
+    scale = torch.rand(channels, generator=g) * 0.05 + 1e-3
+    x.view(-1)[:20] = (torch.arange(20, dtype=torch.float32) - 10.0 + 0.5) * scale[0]  # exact .5 ties (channel 0 for axis 0)
+    x.view(-1)[20] = 1e6  # clamps
+    qmin, qmax = (-127 if narrow else -128), 127
+    dim = axis % x.dim()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = _PerChannelFakeQuantize.apply(xa, scale, dim, qmin, qmax)
+    native = torch.fake_quantize_per_channel_affine(xb, scale, torch.zeros(channels, dtype=torch.int32), dim, qmin, qmax)
+    assert torch.equal(ours, native)
+    grad = torch.randn(x.shape, generator=g)
+    ours.backward(grad)
+    native.backward(grad)
+    assert torch.equal(xa.grad, xb.grad)

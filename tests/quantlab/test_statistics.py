@@ -92,3 +92,60 @@ def test_non_finite_activation_names_the_module(bad):
 def test_half_precision_input_is_binned_exactly():
     x = torch.randn(4000)
     assert torch.equal(collect([x.half()]).stats().counts, collect([x.half().float()]).stats().counts)
+
+
+# -- the sync-free device path (the CUDA default) must give the host path's counts bit for bit --------
+DEVICE_PATH_CASES = {
+    "gaussian": [torch.randn(3000) * 2],
+    "leading zeros": [torch.zeros(10), torch.zeros(5), torch.tensor([1.0, -2.0])],
+    "range grows 10^9": [torch.rand(1000) * 1e-3] + [torch.rand(1000) * 10.0 ** k for k in range(6)],
+    "post-ReLU, shrinking and growing": [torch.relu(torch.randn(16, 8, 9, 9)) * s for s in (0.1, 3.0, 0.5, 100.0)],
+    "values on bin edges": [torch.arange(0, 64.0).reshape(8, 8), torch.arange(0, 1024.0) * 0.25],
+    "half precision": [torch.randn(257).half() * s for s in (0.1, 1.0, 5.0)],
+    "double precision": [torch.randn(257).double() * s for s in (0.1, 1.0, 5.0)],
+    "only zeros": [torch.zeros(7), torch.zeros(2, 3)],
+}
+
+
+def collect_with(batches, sync_free, num_bins=2048):
+    c = HistogramCollector(num_bins, name="layer", sync_free=sync_free)
+    for b in batches:
+        c.update(b)
+    return c
+
+
+@pytest.mark.parametrize("num_bins", [128, 2048])
+@pytest.mark.parametrize("case", sorted(DEVICE_PATH_CASES))
+def test_device_path_counts_equal_host_path(case, num_bins):
+    batches = DEVICE_PATH_CASES[case]
+    host, device = collect_with(batches, False, num_bins), collect_with(batches, True, num_bins)
+    assert device.num_batches == host.num_batches == len(batches)
+    assert device.num_elements == host.num_elements == sum(b.numel() for b in batches)
+    hs, ds = host.stats(), device.stats()
+    if hs is None:
+        assert ds is None
+        return
+    assert (ds.bin_width, ds.amax) == (hs.bin_width, hs.amax)
+    assert torch.equal(ds.counts, hs.counts)
+
+
+def test_device_and_host_batches_mix_and_merge():
+    batches = DEVICE_PATH_CASES["post-ReLU, shrinking and growing"]
+    mixed = HistogramCollector(2048, sync_free=True)
+    mixed.update(batches[0])
+    mixed.sync_free = False
+    mixed.update(batches[1])
+    mixed.sync_free = True
+    other = collect_with(batches[2:], True)
+    mixed.merge_(other)
+    whole = collect_with(batches, False).stats()
+    assert torch.equal(mixed.stats().counts, whole.counts) and mixed.num_batches == 4
+
+
+def test_device_path_reports_non_finite_when_read():
+    c = HistogramCollector(128, name="blocks.2.mlp", sync_free=True)
+    c.update(torch.ones(3))
+    c.update(torch.tensor([1.0, float("nan")]))  # no read-back here: nothing raised yet
+    c.update(torch.tensor([float("inf")]))
+    with pytest.raises(NonFiniteActivationError, match=r"blocks\.2\.mlp.*batch 1"):
+        c.stats()

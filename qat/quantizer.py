@@ -69,7 +69,7 @@ class QATQuantizer(TensorQuantizer):
             return fake_quantize(x, self.refresh_amax(x), self.spec)
         if self.learn_amax and torch.is_grad_enabled() and self.amax.requires_grad:
             return lsq_fake_quantize(x, self.amax, self.spec)
-        return fake_quantize(x, self.amax, self.spec)
+        return fake_quantize(x, self.amax, self.spec, scale=self.fixed_scale())
 
     def extra_repr(self) -> str:
         how = "learned" if self.learn_amax else "recomputed" if self.recompute_amax else "fixed"

@@ -8,6 +8,8 @@ DequantizeLinear pairs.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from quantlab.config import QuantizerSpec
@@ -22,7 +24,24 @@ def scale_from_amax(amax: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
     return (amax.detach().to(torch.float32).clamp_min(MIN_AMAX) / spec.bound).to(torch.float32)
 
 
-def fake_quantize(x: torch.Tensor, amax: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
+_ZERO_POINTS: dict = {}
+
+
+def _zero_points(device: torch.device, count: int) -> torch.Tensor:
+    """Int32 zeros for the native ops (0-d if ``count`` is 0), one cached tensor per device and size.
+
+    Allocating them per call was one more kernel launch per quantizer per step.
+    """
+    if _tracing():  # exporters and compilers get a fresh constant
+        return torch.zeros(count or (), dtype=torch.int32, device=device)
+    key = (device, count)
+    zeros = _ZERO_POINTS.get(key)
+    if zeros is None:
+        zeros = _ZERO_POINTS[key] = torch.zeros(count or (), dtype=torch.int32, device=device)
+    return zeros
+
+
+def fake_quantize(x: torch.Tensor, amax: torch.Tensor, spec: QuantizerSpec, *, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Symmetric fake quantization of ``x`` with range ``[-amax, amax]``.
 
     Args:
@@ -30,17 +49,18 @@ def fake_quantize(x: torch.Tensor, amax: torch.Tensor, spec: QuantizerSpec) -> t
         amax: Scalar tensor (per-tensor) or 1-D tensor of ``x.shape[spec.axis]``
             values (per-channel).
         spec: Bits, narrow range and axis.
+        scale: ``scale_from_amax(amax, spec)`` if the caller already has it.
 
     Returns:
         A tensor of ``x``'s dtype holding the dequantized values. Gradients pass
         straight through inside the range and are zero outside.
     """
-    scale = scale_from_amax(amax, spec)
+    scale = scale_from_amax(amax, spec) if scale is None else scale
     orig_dtype = x.dtype
     if orig_dtype != torch.float32:
         x = x.to(torch.float32)
     if spec.axis is None:
-        zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
+        zero_point = _zero_points(x.device, 0)
         out = torch.fake_quantize_per_tensor_affine(
             x, scale.reshape(()), zero_point, spec.quant_min, spec.quant_max
         )
@@ -49,7 +69,7 @@ def fake_quantize(x: torch.Tensor, amax: torch.Tensor, spec: QuantizerSpec) -> t
         if x.is_cuda and not _tracing():
             out = _PerChannelFakeQuantize.apply(x, scale.reshape(-1), axis, spec.quant_min, spec.quant_max)
         else:
-            zero_point = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
+            zero_point = _zero_points(x.device, scale.numel())
             out = torch.fake_quantize_per_channel_affine(
                 x, scale.reshape(-1), zero_point, axis, spec.quant_min, spec.quant_max
             )
@@ -78,10 +98,10 @@ class _PerChannelFakeQuantize(torch.autograd.Function):
         shape = [1] * x.dim()
         shape[axis] = -1
         scale = scale.view(shape)
-        q = torch.round(x * torch.reciprocal(scale))
-        inside = (q >= quant_min) & (q <= quant_max)
-        ctx.save_for_backward(inside)
-        return q.clamp_(quant_min, quant_max).mul_(scale)
+        q = torch.mul(x, torch.reciprocal(scale)).round_()
+        clamped = q.clamp(quant_min, quant_max)
+        ctx.save_for_backward(q == clamped)  # inside the grid
+        return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]

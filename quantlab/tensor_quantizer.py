@@ -9,7 +9,7 @@ from torch import nn
 
 from quantlab.config import QuantizerSpec
 from quantlab.errors import CalibrationError
-from quantlab.functional import fake_quantize
+from quantlab.functional import _tracing, fake_quantize, scale_from_amax
 from quantlab.statistics import HistogramCollector
 
 
@@ -81,10 +81,28 @@ class TensorQuantizer(nn.Module):
             self.collector = HistogramCollector(self.num_bins, name=self.name)
         self.mode = mode
 
+    def fixed_scale(self) -> Optional[torch.Tensor]:
+        """The scale for the current amax, cached until amax changes (None if amax is learned).
+
+        A fixed range's scale is the same every step; recomputing it was two
+        kernel launches per quantizer per forward. The cache holds the amax
+        tensor itself, so an amax that is replaced (``.to()``, a new buffer) or
+        modified in place (its version counter) is never confused with the old.
+        """
+        amax = self.amax
+        if amax.requires_grad or _tracing():
+            return None
+        cached = self.__dict__.get("_scale_cache")
+        if cached is not None and cached[0] is amax and cached[1] == amax._version:
+            return cached[2]
+        scale = scale_from_amax(amax, self.spec)
+        self.__dict__["_scale_cache"] = (amax, amax._version, scale)
+        return scale
+
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is QuantizerMode.QUANTIZE:
-            return fake_quantize(x, self.amax, self.spec)
+            return fake_quantize(x, self.amax, self.spec, scale=self.fixed_scale())
         if self.mode is QuantizerMode.COLLECT and self.collector is not None:
             self.collector.update(x)
         return x

@@ -170,6 +170,8 @@ def run_exporter(
         count = _count_outputs(model, args)
         output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
     output_names = list(output_names)
+    # ((), {...}) is a keyword-only call: the exporters take the dict as ``kwargs``.
+    positional, keywords = ((), args[1]) if len(args) == 2 and args[0] == () and isinstance(args[1], dict) else (args, None)
     with tempfile.TemporaryDirectory(prefix="quantlab_export_") as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
@@ -177,7 +179,7 @@ def run_exporter(
             if exporter == "torchscript":
                 dynamic_axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
                 torch.onnx.export(
-                    model, args, str(path), dynamo=False, opset_version=opset,
+                    model, positional, str(path), kwargs=keywords, dynamo=False, opset_version=opset,
                     input_names=input_names, output_names=output_names,
                     dynamic_axes=dynamic_axes, do_constant_folding=True,
                 )
@@ -185,10 +187,11 @@ def run_exporter(
                 dynamic_shapes = None
                 if dynamic_batch:
                     batch = torch.export.Dim("batch", min=1)
-                    dynamic_shapes = tuple({0: batch} for _ in tensors) if not (len(args) == 2 and args[0] == ()) else None
+                    dynamic_shapes = (tuple({0: batch} for _ in tensors) if keywords is None
+                                      else {k: {0: batch} for k, v in keywords.items() if isinstance(v, torch.Tensor)})
                 with contextlib.redirect_stdout(io.StringIO()), _quiet_logger("torch.onnx._internal.exporter._registration"):
                     program = torch.onnx.export(
-                        model, args, None, dynamo=True, opset_version=max(opset, 18),
+                        model, positional, None, kwargs=keywords, dynamo=True, opset_version=max(opset, 18),
                         input_names=input_names, output_names=output_names,
                         dynamic_shapes=dynamic_shapes, verbose=False,
                     )

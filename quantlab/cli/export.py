@@ -40,6 +40,8 @@ def example_inputs(args: argparse.Namespace):
 
         batch = next(iter(load_data(args.data, batch_size=2)))
         inputs, _ = split_batch(batch)
+        if isinstance(inputs, dict):  # keyword inputs: labels are for the loss, not the graph
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
         return inputs
     if args.input_shape:
         import re
@@ -63,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     if args.precision != "int8" and args.target != "tensorrt":
         raise ValueError("--target applies to --precision int8 only")
     out = Path(args.out)
-    inputs = example_inputs(args)
+    # The model first: an example module may register the data specs it brings (fortunes:...).
     model = load_model(args.model, weights=args.weights, device=args.device)
+    inputs = example_inputs(args)
     common = dict(exporter=args.exporter, opset=args.opset, dynamic_batch=not args.static_batch)
     store, run_id = _start_record(args)
     try:

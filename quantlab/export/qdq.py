@@ -51,7 +51,16 @@ def check_exportable(model: nn.Module) -> List[str]:
             f"{type(model).__name__} has no quantizers: quantize and calibrate it (quantlab.quantize + calibrate) "
             "or load scales (quantlab.load_scales) before an INT8 export"
         )
-    uncalibrated = [r.module_name for r in refs if r.role == "input" and not r.quantizer.is_calibrated]
+    # A layer whose quantizers are all off beside calibrated ones was kept in float (mixed
+    # precision, e.g. loaded from autoprecision's scales): it exports as float and needs no scale.
+    # If nothing is calibrated, the model simply was never calibrated.
+    modes: Dict[str, List[QuantizerMode]] = {}
+    for r in refs:
+        modes.setdefault(r.module_name, []).append(r.quantizer.mode)
+    any_active = any(r.role == "input" and r.quantizer.mode is QuantizerMode.QUANTIZE and r.quantizer.is_calibrated for r in refs)
+    kept_float = {m for m, ms in modes.items() if any_active and all(x is QuantizerMode.OFF for x in ms)}
+    uncalibrated = [r.module_name for r in refs
+                    if r.role == "input" and r.module_name not in kept_float and not r.quantizer.is_calibrated]
     if uncalibrated:
         shown = ", ".join(uncalibrated[:10]) + (" ..." if len(uncalibrated) > 10 else "")
         raise ExportError(

@@ -162,6 +162,8 @@ def run_exporter(
     tensors = _flat_tensors(args)
     if not tensors:
         raise ExportError("example inputs hold no tensor")
+    if not input_names and len(args) == 2 and args[0] == () and isinstance(args[1], dict):
+        input_names = [k for k, v in args[1].items() if isinstance(v, torch.Tensor)]  # keyword inputs keep their names
     input_names = list(input_names or (["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]))
     if len(input_names) != len(tensors):
         raise ExportError(f"{len(input_names)} input names given for {len(tensors)} input tensors")
@@ -172,6 +174,8 @@ def run_exporter(
     output_names = list(output_names)
     # ((), {...}) is a keyword-only call: the exporters take the dict as ``kwargs``.
     positional, keywords = ((), args[1]) if len(args) == 2 and args[0] == () and isinstance(args[1], dict) else (args, None)
+    if keywords is not None and exporter == "torchscript":
+        model, positional, keywords = _KeywordCall(model, list(keywords)), tuple(keywords.values()), None
     with tempfile.TemporaryDirectory(prefix="quantlab_export_") as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
@@ -203,6 +207,27 @@ def run_exporter(
             raise ExportError(f"torch.onnx.export ({exporter}) failed for {type(model).__name__}: {first[:500]}") from exc
         exported = onnx.load(str(path))
     return exported
+
+
+class _KeywordCall(nn.Module):
+    """``model(**dict(zip(keys, tensors)))`` behind a positional forward, for the TorchScript exporter.
+
+    Given a kwargs dict, that exporter binds it to the whole forward signature and
+    turns defaulted parameters into graph inputs (Hugging Face LMs gained a
+    ``logits_to_keep`` input that cut the logits to one position), and it cannot
+    return cache objects. Behind this adapter the graph takes exactly the given
+    tensors and returns the model's main output (logits or last hidden state).
+    """
+
+    def __init__(self, model: nn.Module, keys: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = tuple(keys)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        from quantlab.evaluation.tasks import first_tensor
+
+        return first_tensor(self.model(**dict(zip(self.keys, tensors))))
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ def test_dict_inputs_export_and_run_in_onnx_runtime(exporter, tmp_path):
     result = export_int8(model, tmp_path / "tokens.onnx", batches[0], exporter=exporter)
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    assert len(names) == 2
+    assert names == ["input_ids", "attention_mask"]
     test = {"input_ids": torch.randint(0, 64, (3, 12)), "attention_mask": torch.ones(3, 12)}
     test["attention_mask"][:, 8:] = 0  # the mask must reach the graph, not be folded away
     onnx_out = session.run(None, dict(zip(names, [test["input_ids"].numpy(), test["attention_mask"].numpy()])))[0]
@@ -44,3 +44,31 @@ def test_dict_inputs_export_and_run_in_onnx_runtime(exporter, tmp_path):
     assert onnx_out.shape == torch_out.shape  # dynamic batch: 3 rows though traced with 2
     # Same INT8 grid; only rounding flips of values at a midpoint (one step each) may differ.
     assert np.abs(onnx_out - torch_out).max() < 0.05
+
+
+def test_scales_with_float_layers_load_and_export_those_layers_in_float(tmp_path):
+    # A mixed-precision scales file (autoprecision's output) loaded into a fresh model: the
+    # float layers have no scale at all, yet the model exports, with no Q/DQ feeding them.
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 64, (4, 12)), "attention_mask": torch.ones(4, 12)} for _ in range(2)]
+    model = TokenModel().eval()
+    ql.quantize(model, ql.int8_config(), forward_loop=lambda m: [m(**b) for b in batches])
+    mixed = ql.calibrate(model, calibrator="max").without_layers(["proj"])
+    mixed.save(tmp_path / "mixed.json")
+    fresh = TokenModel().eval()
+    fresh.load_state_dict(model.state_dict(), strict=False)
+    ql.load_scales(fresh, tmp_path / "mixed.json")
+    full = export_int8(model, tmp_path / "full.onnx", batches[0])
+    part = export_int8(fresh, tmp_path / "mixed.onnx", batches[0])
+    import onnx
+
+    def quantize_nodes(path):
+        return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+
+    assert quantize_nodes(part.path) < quantize_nodes(full.path)
+    session = ort.InferenceSession(str(part.path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    out = session.run(None, dict(zip(names, [batches[1]["input_ids"].numpy(), batches[1]["attention_mask"].numpy()])))[0]
+    with torch.no_grad():
+        expected = fresh(**batches[1]).numpy()
+    assert np.abs(out - expected).max() < 0.05

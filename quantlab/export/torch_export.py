@@ -174,7 +174,8 @@ def run_exporter(
     output_names = list(output_names)
     # ((), {...}) is a keyword-only call: the exporters take the dict as ``kwargs``.
     positional, keywords = ((), args[1]) if len(args) == 2 and args[0] == () and isinstance(args[1], dict) else (args, None)
-    if keywords is not None and exporter == "torchscript":
+    adapted = keywords is not None and exporter == "torchscript"
+    if adapted:
         model, positional, keywords = _KeywordCall(model, list(keywords)), tuple(keywords.values()), None
     with tempfile.TemporaryDirectory(prefix="quantlab_export_") as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -206,7 +207,30 @@ def run_exporter(
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ExportError(f"torch.onnx.export ({exporter}) failed for {type(model).__name__}: {first[:500]}") from exc
         exported = onnx.load(str(path))
+    if adapted:
+        _strip_adapter_scope(exported)
     return exported
+
+
+def _strip_adapter_scope(proto: onnx.ModelProto) -> None:
+    """Removes :class:`_KeywordCall`'s ``model`` level from node, tensor and initializer names.
+
+    The graph then names everything as the unwrapped model would, which is what
+    the module-to-tensor mapping (and a user reading the graph) expects.
+    """
+    def strip(name: str) -> str:
+        if name.startswith("/model/"):
+            return name[len("/model"):]
+        return name[len("model."):] if name.startswith("model.") else name
+
+    graph = proto.graph
+    for node in graph.node:
+        node.name = strip(node.name)
+        node.input[:] = [strip(n) for n in node.input]
+        node.output[:] = [strip(n) for n in node.output]
+    for collection in (graph.initializer, graph.input, graph.output, graph.value_info):
+        for item in collection:
+            item.name = strip(item.name)
 
 
 class _KeywordCall(nn.Module):

@@ -36,6 +36,8 @@ def test_dict_inputs_export_and_run_in_onnx_runtime(exporter, tmp_path):
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     assert names == ["input_ids", "attention_mask"]
+    # Every quantizer maps to a tensor of the graph (names as the unwrapped model's).
+    assert set(result.tensor_map) == {"proj:input", "proj:weight", "head:input", "head:weight"}
     test = {"input_ids": torch.randint(0, 64, (3, 12)), "attention_mask": torch.ones(3, 12)}
     test["attention_mask"][:, 8:] = 0  # the mask must reach the graph, not be folded away
     onnx_out = session.run(None, dict(zip(names, [test["input_ids"].numpy(), test["attention_mask"].numpy()])))[0]

@@ -143,6 +143,23 @@ class _DeviceAccumulator:
         return amax, width, self.counts[:needed].clone(), int(first_bad)
 
 
+class _Flushed:
+    """A collector attribute that first folds the device path's pending batches in."""
+
+    def __init__(self, slot: str) -> None:
+        self.slot = slot
+
+    def __get__(self, collector: Optional["HistogramCollector"], owner: type = None):
+        if collector is None:
+            return self
+        collector.flush()
+        return getattr(collector, self.slot)
+
+    def __set__(self, collector: "HistogramCollector", value) -> None:
+        collector.flush()
+        setattr(collector, self.slot, value)
+
+
 class HistogramCollector:
     """Accumulates the statistics of one activation tensor, on that tensor's device.
 
@@ -165,36 +182,11 @@ class HistogramCollector:
         self._zeros = 0  # elements seen while every value so far was 0
         self._device: Optional[_DeviceAccumulator] = None
 
-    # -- state (the device path's pending batches are folded in on every read) --------------
-    @property
-    def counts(self) -> Optional[torch.Tensor]:
-        self.flush()
-        return self._counts
-
-    @counts.setter
-    def counts(self, value: Optional[torch.Tensor]) -> None:
-        self.flush()
-        self._counts = value
-
-    @property
-    def bin_width(self) -> Optional[float]:
-        self.flush()
-        return self._bin_width
-
-    @bin_width.setter
-    def bin_width(self, value: Optional[float]) -> None:
-        self.flush()
-        self._bin_width = value
-
-    @property
-    def amax(self) -> float:
-        self.flush()
-        return self._amax
-
-    @amax.setter
-    def amax(self, value: float) -> None:
-        self.flush()
-        self._amax = float(value)
+    # -- state (the device path's pending batches are folded in on every read and write) ----
+    counts = _Flushed("_counts")
+    bin_width = _Flushed("_bin_width")
+    amax = _Flushed("_amax")
+    _pending_zeros = _Flushed("_zeros")
 
     @property
     def num_batches(self) -> int:
@@ -204,16 +196,6 @@ class HistogramCollector:
     def num_batches(self, value: int) -> None:
         self.flush()
         self._num_batches = int(value)
-
-    @property
-    def _pending_zeros(self) -> int:
-        self.flush()
-        return self._zeros
-
-    @_pending_zeros.setter
-    def _pending_zeros(self, value: int) -> None:
-        self.flush()
-        self._zeros = int(value)
 
     @property
     def num_elements(self) -> int:

@@ -31,7 +31,7 @@ def pieces(device: torch.device, shape, repeats: int) -> list:
     ones = torch.ones_like(idx64)
     from quantlab.statistics import _DeviceAccumulator
 
-    torch_ops = _DeviceAccumulator(2048, device)
+    torch_ops = _DeviceAccumulator(2048, x)
     collector = HistogramCollector(2048, sync_free=True)
     collector.update(x)
     host_collector = HistogramCollector(2048, sync_free=False)
@@ -48,7 +48,7 @@ def pieces(device: torch.device, shape, repeats: int) -> list:
         "histc (float, not exact)": lambda: torch.histc(a, bins=n, min=0.0, max=n * width),
         "HistogramCollector.update, host path (read-back per batch)": lambda: host_collector.update(x),
         "HistogramCollector.update, device path (no read-back; the CUDA default)": lambda: collector.update(x),
-        "device path, torch ops (_DeviceAccumulator)": lambda: torch_ops.update(x, 0),
+        "device path, torch ops (_DeviceAccumulator)": lambda: torch_ops.update(x),
         "FP32 reference: x * 2 (one read, one write)": lambda: x * 2,
     }
     rows = []

@@ -85,62 +85,73 @@ _MIN_EXPONENT, _MAX_EXPONENT = -126, 126
 class _DeviceAccumulator:
     """Sync-free statistics of one tensor on its device (same bins as the host path).
 
-    State, all on the device: ``amax`` (running max of the finite batches),
-    ``exponent`` (bin width ``2**exponent``, the host path's width for that max),
-    ``counts`` (``2 * num_bins`` int64 bins; the host path keeps the first
-    ``ceil(amax / width)`` of them) and ``first_bad`` (index of the first batch
-    with a NaN/Inf, -1 if none).
+    State on the device: ``amax`` (running max of |x|; a NaN/Inf propagates into
+    it and is reported by :meth:`read`), ``exponent`` (bin width ``2**exponent``,
+    the host path's width for that max) and ``counts`` (``2 * num_bins`` bins as
+    float64, exact to 2**53; the host path keeps the first ``ceil(amax / width)``).
+    On the host: the number of elements seen, so exact zeros need no counting:
+    they are the elements the histogram did not count, added to bin 0 by :meth:`read`.
 
-    Per batch: ``a = |x|``; its max updates the range; when the width grows by
-    ``2**k`` the old counts move to bin ``i >> k`` (an index_add, the device
-    form of merging pairs ``k`` times); then ``ceil(a / width)`` is counted by
-    ``torch.histc`` over ``[1, 2 * num_bins + 1]``, which puts slot ``s`` in bin
-    ``s - 1`` exactly (integer arithmetic in float) and skips the zeros, so the
-    post-ReLU half of a tensor costs no atomic update: zeros are the elements
-    histc did not count.
+    Per batch, about 20 kernel launches and nothing read back: ``a = |x|``; its
+    max updates the range; when the width grows by ``2**k`` the old counts move to
+    bin ``i >> k`` (an index_add, the device form of merging pairs ``k`` times);
+    then ``ceil(a / width)`` is counted by ``torch.histc`` over
+    ``[1, 2 * num_bins + 1]``, which puts slot ``s`` in bin ``s - 1`` exactly
+    (integer arithmetic in float) and skips zeros, NaN and Inf. Skipping the
+    post-ReLU half of a tensor also spares its atomic updates. Launches matter:
+    on a GPU host each costs 20-50 us of CPU, and the pass runs once per
+    quantized layer per batch.
     """
 
-    def __init__(self, num_bins: int, device: torch.device) -> None:
+    def __init__(self, num_bins: int, x: torch.Tensor) -> None:
         self.size = 2 * num_bins
-        self.amax = torch.zeros((), dtype=torch.float64, device=device)  # float64 holds any float32 max
-        self.exponent = torch.zeros((), dtype=torch.int32, device=device)
-        self.counts = torch.zeros(self.size, dtype=torch.int64, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        device = x.device
+        # amax / size must round like the host path's float64 division: exact in float32 when
+        # size is a power of two and the data is at most float32.
+        exact32 = num_bins & (num_bins - 1) == 0 and x.dtype != torch.float64
+        self.amax = torch.zeros((), dtype=torch.float32 if exact32 else torch.float64, device=device)
+        # Below any real exponent: until the first non-zero value the histogram is empty (zeros
+        # are counted at read time), so whatever the first shift does is harmless.
+        self.exponent = torch.full((), _MIN_EXPONENT, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(self.size, dtype=torch.float64, device=device)
         self.index = torch.arange(self.size, dtype=torch.int64, device=device)
         self.batches = 0
+        self.elements = 0
 
     def accepts(self, x: torch.Tensor) -> bool:
-        return x.device == self.counts.device
+        return x.device == self.counts.device and (x.dtype != torch.float64 or self.amax.dtype == torch.float64)
 
-    def update(self, x: torch.Tensor, batch: int) -> None:
+    def update(self, x: torch.Tensor) -> None:
         # Half precision cannot hold |x| / width exactly: count in float32 (float64 stays).
         a = x.abs() if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32).abs_()
-        batch_max = a.amax().double()
-        finite = torch.isfinite(batch_max)
-        self.first_bad = torch.where((self.first_bad < 0) & ~finite, batch, self.first_bad)
-        amax = torch.maximum(self.amax, torch.where(finite, batch_max, 0.0))
+        amax = torch.maximum(self.amax, a.amax().to(self.amax.dtype))
         mantissa, exponent = torch.frexp(amax / self.size)
-        exponent = (exponent - (mantissa == 0.5).to(torch.int32)).clamp_(_MIN_EXPONENT, _MAX_EXPONENT)
-        # Before the first non-zero value every count is in bin 0 and any width is right.
-        previous = torch.where(self.amax > 0, self.exponent, exponent)
-        shift = (exponent - previous).clamp_(0, 62).to(torch.int64)
+        exponent = torch.where(mantissa == 0.5, exponent - 1, exponent).clamp_(_MIN_EXPONENT, _MAX_EXPONENT)
+        shift = (exponent - self.exponent).clamp_(0, 62)
         self.counts = torch.zeros_like(self.counts).index_add_(0, self.index >> shift, self.counts)
         self.amax, self.exponent = amax, exponent
         # 2**-exponent from its bit pattern: exact, unlike pow/exp2 on some devices.
         scale = ((127 - exponent) << 23).view(torch.float32)
-        slots = a.mul_(scale.to(a.dtype)).ceil_().view(-1)  # 0 for zeros, else 1 + the value's bin
-        for chunk in slots.split(_HISTC_CHUNK):
-            hist = torch.histc(chunk, bins=self.size, min=1.0, max=float(self.size + 1)).to(torch.int64)
-            self.counts += hist
-            self.counts[0] += chunk.numel() - hist.sum()
+        slots = a.mul_(scale if a.dtype == torch.float32 else scale.to(a.dtype)).ceil_().view(-1)
+        for chunk in slots.split(_HISTC_CHUNK):  # 0 for zeros, else 1 + the value's bin
+            self.counts += torch.histc(chunk, bins=self.size, min=1.0, max=float(self.size + 1))
         self.batches += 1
+        self.elements += x.numel()
 
-    def read(self) -> "tuple[float, float, torch.Tensor, int]":
-        """``(amax, bin width, counts trimmed to the host path's length, first bad batch)``: one read-back."""
-        amax, exponent, first_bad = torch.stack([self.amax, self.exponent.double(), self.first_bad.double()]).tolist()
+    def read(self) -> "tuple[float, float, torch.Tensor]":
+        """``(amax, bin width, int64 counts trimmed to the host path's length)``: one read-back.
+
+        Raises:
+            ValueError: the running max is NaN or Inf (a non-finite value was seen).
+        """
+        amax, exponent, counted = torch.stack([self.amax.double(), self.exponent.double(), self.counts.sum()]).tolist()
+        if not math.isfinite(amax):
+            raise ValueError("non-finite")
         width = math.ldexp(1.0, int(exponent))
         needed = max(1, math.ceil(amax / width))
-        return amax, width, self.counts[:needed].clone(), int(first_bad)
+        counts = self.counts[:needed].to(torch.int64)
+        counts[0] += self.elements - int(counted)
+        return amax, width, counts
 
 
 class _Flushed:
@@ -209,7 +220,7 @@ class HistogramCollector:
         """Adds one batch. Raises NonFiniteActivationError on NaN/Inf.
 
         On the device path the error is raised when the statistics are next
-        read (it still names the module and the batch).
+        read (it names the module and the range of batches since the last read).
         """
         x = x.detach()
         if x.numel() == 0:
@@ -218,8 +229,8 @@ class HistogramCollector:
             if self._device is not None and not self._device.accepts(x):
                 self.flush()  # a batch of another dtype or device: fold in and start over
             if self._device is None:
-                self._device = _DeviceAccumulator(self.num_bins, x.device)
-            self._device.update(x, self.num_batches)
+                self._device = _DeviceAccumulator(self.num_bins, x)
+            self._device.update(x)
             return
         self._update_host(x)
 
@@ -254,13 +265,22 @@ class HistogramCollector:
         )
 
     def flush(self) -> None:
-        """Folds the device path's batches into the host-side state (one read-back)."""
+        """Folds the device path's pending batches into the host-side state (one read-back).
+
+        Raises:
+            NonFiniteActivationError: a NaN/Inf reached this tensor in one of those batches.
+        """
         pending, self._device = self._device, None
         if pending is None:
             return
-        amax, width, counts, first_bad = pending.read()
-        if first_bad >= 0:
-            raise self._non_finite(first_bad)
+        try:
+            amax, width, counts = pending.read()
+        except ValueError:
+            first = self._num_batches
+            raise NonFiniteActivationError(
+                f"non-finite value (NaN or Inf) in the input of '{self.name or '<unnamed>'}' "
+                f"during calibration (one of batches {first}-{first + pending.batches - 1})"
+            ) from None
         if amax == 0.0:
             self._add(counts=None, width=None, amax=0.0, num_batches=pending.batches, zeros=int(counts[0]))
         else:

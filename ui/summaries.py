@@ -173,7 +173,8 @@ def runs_frame(runs: Iterable[Mapping[str, Any]], results_by_run: Mapping[str, S
 
 def layers_frame(layer_stats: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Per-layer rows as a frame (calibrator 'default' where the store has none)."""
-    columns = ["calibrator", "layer", "sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "sensitivity", "rank"]
+    columns = ["calibrator", "layer", "sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db",
+               "local_row_sqnr_db", "sensitivity", "rank"]
     if not layer_stats:
         return pd.DataFrame(columns=columns)
     df = pd.DataFrame([dict(r) for r in layer_stats])
@@ -195,8 +196,9 @@ def sensitivity_ranking(df: pd.DataFrame, calibrator: str) -> pd.DataFrame:
         sub = sub.sort_values("rank", na_position="last", kind="stable")
     elif sub["sensitivity"].notna().any():
         sub = sub.sort_values("sensitivity", ascending=False, na_position="last", kind="stable")
-    else:  # no task-metric ranking stored: lowest SQNR first (the proxy)
-        sub = sub.sort_values("sqnr_db", na_position="last", kind="stable")
+    else:  # no task-metric ranking stored: lowest proxy first (per-token SQNR alone, else what was measured)
+        proxy = sub["local_row_sqnr_db"].fillna(sub["local_sqnr_db"]).fillna(sub["sqnr_db"])
+        sub = sub.assign(_proxy=proxy).sort_values("_proxy", na_position="last", kind="stable").drop(columns="_proxy")
     return sub.reset_index(drop=True)
 
 

@@ -67,3 +67,15 @@ def test_one_colour_per_series_everywhere():
     assert series_color(summaries.series_key("fp32", None, "qat")) == PALETTE["fp32"]
     assert series_color("my_calibrator") == series_color("my_calibrator")  # stable for user calibrators
     assert summaries.series_label("int8", "entropy", "qat") == "INT8 QAT (entropy)"
+
+
+def test_ranking_without_metric_orders_by_the_per_token_proxy_then_falls_back():
+    rows = [
+        # b's global SQNR looks fine but its per-token SQNR (the proxy) is the worst: it must come first.
+        {"calibrator": "mse", "layer": "a", "sqnr_db": 20.0, "local_sqnr_db": 21.0, "local_row_sqnr_db": 18.0},
+        {"calibrator": "mse", "layer": "b", "sqnr_db": 35.0, "local_sqnr_db": 35.0, "local_row_sqnr_db": 0.3},
+        {"calibrator": "mse", "layer": "c", "sqnr_db": 10.0, "local_sqnr_db": None, "local_row_sqnr_db": None},  # older run
+    ]
+    frame = summaries.layers_frame(rows)
+    assert {"row_sqnr_db", "local_row_sqnr_db"} <= set(frame.columns)
+    assert list(summaries.sensitivity_ranking(frame, "mse")["layer"]) == ["b", "c", "a"]

@@ -34,11 +34,15 @@ with tab_error:
     else:
         c = st.columns([2, 3])
         which = c[0].segmented_control(
-            "Measured", ["in the INT8 model", "layer alone"], default="in the INT8 model", key="layers-which",
-            help="In the INT8 model: every layer quantized, errors compound. Layer alone: only this layer quantized, FP32 inputs.",
+            "Measured", ["in the INT8 model", "layer alone", "alone, per token"], default="in the INT8 model", key="layers-which",
+            help="In the INT8 model: every layer quantized, errors compound. Layer alone: only this layer quantized, FP32 inputs. "
+                 "Per token: the mean of each token's (or sample's) SQNR, which exposes ranges set by a few huge outliers "
+                 "(the sensitivity proxy).",
         ) or "in the INT8 model"
-        local = which == "layer alone" and layers["local_sqnr_db"].notna().any()
-        sqnr_field, cos_field = ("local_sqnr_db", "local_cosine") if local else ("sqnr_db", "cosine")
+        fields = {"layer alone": ("local_sqnr_db", "local_cosine"), "alone, per token": ("local_row_sqnr_db", "local_cosine")}
+        sqnr_field, cos_field = fields.get(which, ("sqnr_db", "cosine"))
+        if layers[sqnr_field].isna().all():  # older runs: not measured
+            sqnr_field, cos_field = "sqnr_db", "cosine"
         shown = c[1].multiselect("Calibrators", calibrators, default=calibrators, key="layers-cals")
         sub = layers[layers["calibrator"].isin(shown or calibrators)]
         worst = sub.loc[sub[sqnr_field].idxmin()] if sub[sqnr_field].notna().any() else None
@@ -54,7 +58,8 @@ with tab_error:
         with st.expander("Table", icon=":material/table:"):
             st.dataframe(sub, hide_index=True, key="layers-table", placeholder="–",
                          column_config={k: st.column_config.NumberColumn(format="%.4g") for k in
-                                        ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "sensitivity")})
+                                        ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db",
+                                         "local_row_sqnr_db", "sensitivity")})
 
 # -- sensitivity --------------------------------------------------------------------------------------
 with tab_rank:
@@ -73,8 +78,10 @@ with tab_rank:
         )
     if ranking["sensitivity"].notna().any():
         st.altair_chart(charts.sensitivity_chart(ranking.dropna(subset=["sensitivity"]), f"{metric} recovered in FP16"), width="stretch")
-    st.dataframe(ranking[["rank", "layer", "sensitivity", "sqnr_db", "local_sqnr_db", "cosine"]], hide_index=True, key="layers-ranking", placeholder="–",
+    st.dataframe(ranking[["rank", "layer", "sensitivity", "local_row_sqnr_db", "sqnr_db", "local_sqnr_db", "cosine"]], hide_index=True,
+                 key="layers-ranking", placeholder="–",
                  column_config={"sensitivity": st.column_config.NumberColumn(f"{metric} recovered", format="%+.4g"),
+                                "local_row_sqnr_db": st.column_config.NumberColumn("proxy dB (per token, alone)", format="%.2f"),
                                 "sqnr_db": st.column_config.NumberColumn("SQNR dB", format="%.2f"),
                                 "local_sqnr_db": st.column_config.NumberColumn("alone SQNR dB", format="%.2f"),
                                 "cosine": st.column_config.NumberColumn(format="%.5f")})

@@ -108,13 +108,17 @@ class _DeviceAccumulator:
         device = x.device
         # amax / size must round like the host path's float64 division: exact in float32 when
         # size is a power of two and the data is at most float32.
-        exact32 = num_bins & (num_bins - 1) == 0 and x.dtype != torch.float64
+        power_of_two = num_bins & (num_bins - 1) == 0
+        exact32 = power_of_two and x.dtype != torch.float64
         self.amax = torch.zeros((), dtype=torch.float32 if exact32 else torch.float64, device=device)
+        # log2(size) when size is a power of two: the exponent then comes from amax alone.
+        self.size_log2 = self.size.bit_length() - 1 if power_of_two else None
         # Below any real exponent: until the first non-zero value the histogram is empty (zeros
         # are counted at read time), so whatever the first shift does is harmless.
         self.exponent = torch.full((), _MIN_EXPONENT, dtype=torch.int32, device=device)
         self.counts = torch.zeros(self.size, dtype=torch.float64, device=device)
         self.index = torch.arange(self.size, dtype=torch.int64, device=device)
+        self._zero = torch.zeros((), dtype=self.amax.dtype, device=device)
         self.batches = 0
         self.elements = 0
 
@@ -125,8 +129,13 @@ class _DeviceAccumulator:
         # Half precision cannot hold |x| / width exactly: count in float32 (float64 stays).
         a = x.abs() if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32).abs_()
         amax = torch.maximum(self.amax, a.amax().to(self.amax.dtype))
-        mantissa, exponent = torch.frexp(amax / self.size)
-        exponent = torch.where(mantissa == 0.5, exponent - 1, exponent).clamp_(_MIN_EXPONENT, _MAX_EXPONENT)
+        # The smallest e with amax / size <= 2**e is the frexp exponent of the float just below
+        # amax / size (exact: no rounding anywhere), minus log2(size) when that is an integer.
+        if self.size_log2 is not None:
+            exponent = torch.frexp(torch.nextafter(amax, self._zero)).exponent.sub_(self.size_log2)
+        else:
+            exponent = torch.frexp(torch.nextafter(amax / self.size, self._zero)).exponent
+        exponent = exponent.clamp_(_MIN_EXPONENT, _MAX_EXPONENT)
         shift = (exponent - self.exponent).clamp_(0, 62)
         self.counts = torch.zeros_like(self.counts).index_add_(0, self.index >> shift, self.counts)
         self.amax, self.exponent = amax, exponent

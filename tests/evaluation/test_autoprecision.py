@@ -38,12 +38,17 @@ def test_keeps_the_planted_layer_in_fp16_and_meets_the_target(planted, tmp_path)
     assert evaluate(fresh, task, evaluation).metrics["top1"] == pytest.approx(result.value)
 
 
-def test_unreachable_target_reports_not_met(planted):
+def calibrated_with_fp32(planted):
+    """(max-calibrated copy, task, eval batches, FP32 top-1) of the planted model."""
     model, calib, evaluation = planted
     quant = copy.deepcopy(model)
     run_ptq(quant, calib, ["max"])
     task = ClassificationTask()
-    fp32 = evaluate_reference(model, task, evaluation).metrics["top1"]
+    return quant, task, evaluation, evaluate_reference(model, task, evaluation).metrics["top1"]
+
+
+def test_unreachable_target_reports_not_met(planted):
+    quant, task, evaluation, fp32 = calibrated_with_fp32(planted)
     # Only "head" may move: it is not the culprit, so a 0-point drop cannot be met.
     result = auto_precision(quant, task, evaluation, metric="top1", fp32_value=fp32, order=["head"], max_drop=0.0)
     assert not result.met and result.float_layers == ["head"]
@@ -61,11 +66,7 @@ def test_without_layers_refuses_to_drop_everything(planted):
 
 
 def test_pruning_gives_back_layers_a_poor_order_added(planted):
-    model, calib, evaluation = planted
-    quant = copy.deepcopy(model)
-    run_ptq(quant, calib, ["max"])
-    task = ClassificationTask()
-    fp32 = evaluate_reference(model, task, evaluation).metrics["top1"]
+    quant, task, evaluation, fp32 = calibrated_with_fp32(planted)
     # A misleading order puts two harmless layers before the culprit.
     result = auto_precision(quant, task, evaluation, metric="top1", fp32_value=fp32, order=["head", "fc3", "bad", "fc1"], max_drop=2.0)
     assert result.met and result.float_layers == ["bad"]

@@ -6,7 +6,6 @@ pieces of ``HistogramCollector.update`` timed alone on a ReLU-like activation.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -16,18 +15,6 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 from _models import make_workload, run_batches  # noqa: E402
-
-
-def triton_update(x: torch.Tensor):
-    """TritonAccumulator.update on ``x`` (a no-op where Triton is unavailable)."""
-    try:
-        from quantlab.histogram_triton import TritonAccumulator
-    except ImportError:
-        return lambda: None
-    if not x.is_cuda:
-        return lambda: None
-    accumulator = TritonAccumulator(2048, x)
-    return lambda: accumulator.update(x)
 
 
 def pieces(device: torch.device, shape, repeats: int) -> list:
@@ -62,7 +49,6 @@ def pieces(device: torch.device, shape, repeats: int) -> list:
         "HistogramCollector.update, host path (read-back per batch)": lambda: host_collector.update(x),
         "HistogramCollector.update, device path (no read-back; the CUDA default)": lambda: collector.update(x),
         "device path, torch ops (_DeviceAccumulator)": lambda: torch_ops.update(x),
-        "device path, Triton kernels (TritonAccumulator), if available": triton_update(x),
         "FP32 reference: x * 2 (one read, one write)": lambda: x * 2,
     }
     rows = []
@@ -84,9 +70,7 @@ def device_path_checks(device: torch.device) -> list:
         "half precision": [torch.randn(4096, 1024, generator=g).half() * s for s in (0.1, 3.0)],
     }
     rows = []
-    kernels = ("triton", "torch") if device.type == "cuda" else ("torch",)
-    for kernel, (name, batches) in [(k, c) for k in kernels for c in cases.items()]:
-        os.environ["QUANTLAB_STATISTICS_KERNEL"] = kernel
+    for name, batches in cases.items():
         host = HistogramCollector(2048, sync_free=False)
         dev = HistogramCollector(2048, sync_free=True)
         for b in batches:
@@ -109,9 +93,8 @@ def device_path_checks(device: torch.device) -> list:
         accumulator = type(dev._device).__name__
         hs, ds = host.stats(), dev.stats()
         same = ds is not None and hs.bin_width == ds.bin_width and hs.amax == ds.amax and torch.equal(hs.counts, ds.counts.cpu())
-        rows.append([kernel, name, accumulator,
+        rows.append([name, accumulator,
                      "identical" if same else "DIFFERENT", sync_error])
-    os.environ.pop("QUANTLAB_STATISTICS_KERNEL", None)
     return rows
 
 
@@ -134,7 +117,7 @@ def main() -> None:
     out.append(f"### update() pieces on a ReLU output of shape {shape}\n\n" + C.markdown_table(
         ["step", "median ms", "GB/s of fp32 input"], pieces(device, shape, args.repeats)))
     out.append(f"### device path on {device} vs host path on the CPU\n\n" + C.markdown_table(
-        ["kernel", "case", "accumulator", "counts, width, amax", "synchronizing call in update()"], device_path_checks(device)))
+        ["case", "accumulator", "counts, width, amax", "synchronizing call in update()"], device_path_checks(device)))
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
     run_batches(model, iter([next(wl.batches(device))]))

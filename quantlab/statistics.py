@@ -29,7 +29,6 @@ Two ways to add a batch, with identical counts:
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -164,23 +163,6 @@ class _DeviceAccumulator:
         return amax, width, counts
 
 
-def _device_accumulator(num_bins: int, x: torch.Tensor):
-    """Triton kernels on CUDA when available and applicable, else the torch-ops version.
-
-    ``QUANTLAB_STATISTICS_KERNEL=torch`` forces the torch ops; ``=triton`` also
-    selects Triton off CUDA (its interpreter, for tests).
-    """
-    choice = os.environ.get("QUANTLAB_STATISTICS_KERNEL", "auto")
-    if choice == "triton" or (choice == "auto" and x.is_cuda):
-        try:
-            from quantlab.histogram_triton import TritonAccumulator
-        except ImportError:  # no triton (CPU-only installs)
-            TritonAccumulator = None  # type: ignore[assignment,misc]
-        if TritonAccumulator is not None and TritonAccumulator.supports(num_bins, x):
-            return TritonAccumulator(num_bins, x)
-    return _DeviceAccumulator(num_bins, x)
-
-
 class _Flushed:
     """A collector attribute that first folds the device path's pending batches in."""
 
@@ -256,7 +238,7 @@ class HistogramCollector:
             if self._device is not None and not self._device.accepts(x):
                 self.flush()  # a batch of another dtype or device: fold in and start over
             if self._device is None:
-                self._device = _device_accumulator(self.num_bins, x)
+                self._device = _DeviceAccumulator(self.num_bins, x)
             self._device.update(x)
             return
         self._update_host(x)

@@ -74,3 +74,64 @@ def test_scales_with_float_layers_load_and_export_those_layers_in_float(tmp_path
     with torch.no_grad():
         expected = fresh(**batches[1]).numpy()
     assert np.abs(out - expected).max() < 0.05
+
+
+TOKEN_MODULE = '''
+import torch
+from torch import nn
+from quantlab.data import register_dataset
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.proj = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 64)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return self.head(torch.relu(self.proj(h)))
+
+
+def build():
+    torch.manual_seed(0)
+    return TokenModel().eval()
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        ids = torch.arange(12) * (i + 1) % 64
+        return {"input_ids": ids, "attention_mask": torch.ones(12), "labels": ids}
+
+
+# Like examples/smollm.py: importing the model's module registers its data spec.
+register_dataset("tokens", lambda argument, **_: Tokens(), overwrite=True)
+'''
+
+
+def test_cli_export_of_a_keyword_model_whose_module_registers_its_data(tmp_path, capsys):
+    from quantlab.cli.main import main
+
+    from quantlab.data import registered_datasets
+
+    source = tmp_path / "tokmodel.py"
+    source.write_text(TOKEN_MODULE)
+    # The same weights as the module's build(), without importing it: the spec must come from the CLI's import.
+    assert "tokens" not in registered_datasets()
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    inputs = {"input_ids": torch.stack([torch.arange(12) * (i + 1) % 64 for i in range(4)]), "attention_mask": torch.ones(4, 12)}
+    ql.quantize(model, ql.int8_config(), forward_loop=lambda m: m(**inputs))
+    scales = ql.calibrate(model, calibrator="max").without_layers(["proj"]).save(tmp_path / "scales.mixed.json")
+    out = tmp_path / "tokens.int8.onnx"
+    code = main(["export", "--model", f"{source}:build", "--scales", str(scales), "--data", "tokens:calib",
+                 "--out", str(out), "--store", str(tmp_path / "runs.sqlite")])
+    assert code == 0, capsys.readouterr()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]  # labels left out

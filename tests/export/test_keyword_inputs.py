@@ -78,22 +78,8 @@ def test_scales_with_float_layers_load_and_export_those_layers_in_float(tmp_path
 
 TOKEN_MODULE = '''
 import torch
-from torch import nn
 from quantlab.data import register_dataset
-
-
-class TokenModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(64, 16)
-        self.proj = nn.Linear(16, 32)
-        self.head = nn.Linear(32, 64)
-
-    def forward(self, input_ids, attention_mask=None):
-        h = self.embed(input_ids)
-        if attention_mask is not None:
-            h = h * attention_mask.unsqueeze(-1)
-        return self.head(torch.relu(self.proj(h)))
+from tests.export.test_keyword_inputs import TokenModel
 
 
 def build():

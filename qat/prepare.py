@@ -100,7 +100,12 @@ def prepare(
         fold_bn: Fold BatchNorm into the preceding conv (True: every Conv->BN pair
             found by tracing; or an explicit list of ``(conv, bn)`` names).
         freeze_bn_after: Freeze BatchNorm statistics after this many training
-            steps (forward passes in train mode) of the folded modules.
+            steps (forward passes in train mode) of the folded modules. When
+            fine-tuning a converged model (the usual QAT), 0 is the recommended
+            value: with live batch statistics the folded weights follow batch
+            noise, and a depthwise-separable net recovered 29% of its PTQ loss in
+            one epoch that way against 78% with frozen statistics
+            (benchmarks/RESULTS.md). None keeps them live.
         progress: Called with the number of calibration batches done.
 
     Returns:

@@ -26,7 +26,7 @@ import logging
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import onnx
 import torch
@@ -125,10 +125,14 @@ def as_args(example_inputs: Any) -> Tuple[Any, ...]:
     raise ExportError(f"example inputs must be a tensor, a tuple/list of tensors or a dict, got {type(example_inputs).__name__}")
 
 
+def _keywords(args: Tuple[Any, ...]) -> Optional[Dict[str, Any]]:
+    """The keyword dict of a keyword-only call as :func:`as_args` writes it (``((), {...})``), else None."""
+    return args[1] if len(args) == 2 and args[0] == () and isinstance(args[1], dict) else None
+
+
 def _flat_tensors(args: Tuple[Any, ...]) -> List[torch.Tensor]:
-    if len(args) == 2 and args[0] == () and isinstance(args[1], dict):
-        return [v for v in args[1].values() if isinstance(v, torch.Tensor)]
-    return [a for a in args if isinstance(a, torch.Tensor)]
+    keywords = _keywords(args)
+    return [v for v in (args if keywords is None else keywords.values()) if isinstance(v, torch.Tensor)]
 
 
 def run_exporter(
@@ -162,21 +166,21 @@ def run_exporter(
     tensors = _flat_tensors(args)
     if not tensors:
         raise ExportError("example inputs hold no tensor")
-    if not input_names and len(args) == 2 and args[0] == () and isinstance(args[1], dict):
-        input_names = [k for k, v in args[1].items() if isinstance(v, torch.Tensor)]  # keyword inputs keep their names
+    keywords = _keywords(args)  # a keyword-only call: the exporters take the dict as ``kwargs``
+    if not input_names and keywords is not None:
+        input_names = [k for k, v in keywords.items() if isinstance(v, torch.Tensor)]  # keyword inputs keep their names
     input_names = list(input_names or (["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]))
     if len(input_names) != len(tensors):
         raise ExportError(f"{len(input_names)} input names given for {len(tensors)} input tensors")
     model = model.eval()
-    if not output_names:
-        count = _count_outputs(model, args)
-        output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
-    output_names = list(output_names)
-    # ((), {...}) is a keyword-only call: the exporters take the dict as ``kwargs``.
-    positional, keywords = ((), args[1]) if len(args) == 2 and args[0] == () and isinstance(args[1], dict) else (args, None)
+    positional = args if keywords is None else ()
     adapted = keywords is not None and exporter == "torchscript"
     if adapted:
         model, positional, keywords = _KeywordCall(model, list(keywords)), tuple(keywords.values()), None
+    if not output_names:  # counted on the model that is exported (the adapter returns one tensor)
+        count = _count_outputs(model, positional, keywords)
+        output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+    output_names = list(output_names)
     with tempfile.TemporaryDirectory(prefix="quantlab_export_") as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
@@ -266,15 +270,10 @@ def _quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _count_outputs(model: nn.Module, args: Tuple[Any, ...]) -> int:
-    """Number of tensors the model returns for ``args`` (tuples, lists, dicts flattened)."""
-    from quantlab.batching import call_model
-
+def _count_outputs(model: nn.Module, positional: Tuple[Any, ...], keywords: Optional[Dict[str, Any]]) -> int:
+    """Number of tensors the model returns for the call (tuples, lists, dicts flattened)."""
     with torch.no_grad():
-        if len(args) == 2 and args[0] == () and isinstance(args[1], dict):
-            out = call_model(model, args[1])
-        else:
-            out = model(*args)
+        out = model(*positional, **(keywords or {}))
     flat, _ = torch.utils._pytree.tree_flatten(out)
     return max(1, sum(isinstance(t, torch.Tensor) for t in flat))
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from quantlab.attach import attach_quantizers, collect_statistics, is_quantized, iter_quantizers
+from quantlab.attach import attach_quantizers, collect_statistics, float_layers, is_quantized, iter_quantizers
 from quantlab.calibrators import HistogramStats, get_calibrator
 from quantlab.config import QuantConfig, int8_config
 from quantlab.errors import CalibrationError, ScalesMismatchError
@@ -136,13 +136,10 @@ def current_scales(
 ) -> Scales:
     """A :class:`Scales` snapshot of the ranges the model holds now."""
     entries = []
-    modes: Dict[str, List[QuantizerMode]] = {}
-    for ref in iter_quantizers(model):
-        modes.setdefault(ref.module_name, []).append(ref.quantizer.mode)
-    float_layers = sorted(m for m, ms in modes.items() if all(x is QuantizerMode.OFF for x in ms))
+    kept_float = float_layers(model)
     for ref in iter_quantizers(model):
         q = ref.quantizer
-        if ref.module_name in float_layers:
+        if ref.module_name in kept_float:
             continue
         if not q.is_calibrated or (ref.role == "input" and q.mode is QuantizerMode.OFF):
             continue
@@ -163,7 +160,7 @@ def current_scales(
         calibrator_params=dict(calibrator_params or {}),
         statistics=dict(statistics if statistics is not None else collected_statistics(model)),
         config=get_config(model),
-        float_layers=float_layers,
+        float_layers=kept_float,
         model=type(model).__name__,
     )
 

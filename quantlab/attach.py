@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -166,9 +166,10 @@ def set_mode(model: nn.Module, mode: "QuantizerMode | str", *, role: Optional[st
 
 
 @contextlib.contextmanager
-def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily runs ``model`` in floating point (all quantizers off)."""
-    saved = [(ref.quantizer, ref.quantizer.mode) for ref in iter_quantizers(model)]
+def quantization_disabled(model: nn.Module, layers: Optional[Iterable[str]] = None) -> Iterator[nn.Module]:
+    """Temporarily runs ``model`` in floating point: all quantizers off, or those of ``layers``."""
+    wanted = None if layers is None else set(layers)
+    saved = [(ref.quantizer, ref.quantizer.mode) for ref in iter_quantizers(model) if wanted is None or ref.module_name in wanted]
     try:
         for quantizer, _ in saved:
             quantizer.mode = QuantizerMode.OFF
@@ -176,6 +177,14 @@ def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for quantizer, mode in saved:
             quantizer.mode = mode
+
+
+def float_layers(model: nn.Module) -> List[str]:
+    """Names of the quantized layers whose quantizers are all off (kept in floating point), sorted."""
+    modes: Dict[str, List[QuantizerMode]] = {}
+    for ref in iter_quantizers(model):
+        modes.setdefault(ref.module_name, []).append(ref.quantizer.mode)
+    return sorted(m for m, ms in modes.items() if all(x is QuantizerMode.OFF for x in ms))
 
 
 def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> Dict[str, int]:

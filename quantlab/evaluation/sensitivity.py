@@ -34,13 +34,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from torch import nn
 
-from quantlab.attach import iter_quantizers
+from quantlab.attach import iter_quantizers, quantization_disabled
 from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import evaluate, evaluate_reference
 from quantlab.evaluation.layers import LayerError, layer_errors
 from quantlab.evaluation.ranking import ranking_agreement
 from quantlab.evaluation.tasks import Task
-from quantlab.tensor_quantizer import QuantizerMode
 
 METHOD = "everything_but_one"
 #: Batch forwards of the proxy pass, per batch: FP32 forward, INT8 forward, each layer alone.
@@ -54,14 +53,8 @@ def layers_in_float(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Modul
     unknown = wanted - {ref.module_name for ref in iter_quantizers(model)}
     if unknown:
         raise EvaluationError(f"layer(s) {', '.join(sorted(unknown)[:5])} have no quantizers in {type(model).__name__}")
-    saved = [(ref.quantizer, ref.quantizer.mode) for ref in iter_quantizers(model) if ref.module_name in wanted]
-    try:
-        for quantizer, _ in saved:
-            quantizer.mode = QuantizerMode.OFF
+    with quantization_disabled(model, wanted):
         yield model
-    finally:
-        for quantizer, mode in saved:
-            quantizer.mode = mode
 
 
 def improvement(task: Task, metric: str, value: float, baseline: float) -> float:

@@ -25,7 +25,7 @@ import onnx
 from torch import nn
 
 import quantlab
-from quantlab.attach import iter_quantizers
+from quantlab.attach import float_layers, iter_quantizers
 from quantlab.export.errors import ExportError
 from quantlab.export.fold import fold_batchnorm, fold_constants, fold_weight_quantizers
 from quantlab.export.graph import GraphView, default_opset, save_onnx
@@ -54,11 +54,8 @@ def check_exportable(model: nn.Module) -> List[str]:
     # A layer whose quantizers are all off beside calibrated ones was kept in float (mixed
     # precision, e.g. loaded from autoprecision's scales): it exports as float and needs no scale.
     # If nothing is calibrated, the model simply was never calibrated.
-    modes: Dict[str, List[QuantizerMode]] = {}
-    for r in refs:
-        modes.setdefault(r.module_name, []).append(r.quantizer.mode)
     any_active = any(r.role == "input" and r.quantizer.mode is QuantizerMode.QUANTIZE and r.quantizer.is_calibrated for r in refs)
-    kept_float = {m for m, ms in modes.items() if any_active and all(x is QuantizerMode.OFF for x in ms)}
+    kept_float = set(float_layers(model)) if any_active else set()
     uncalibrated = [r.module_name for r in refs
                     if r.role == "input" and r.module_name not in kept_float and not r.quantizer.is_calibrated]
     if uncalibrated:

@@ -11,6 +11,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import pandas as pd
 
+from quantlab.evaluation.layers import PROXY_FIELDS
+
 
 def series_key(precision: str, calibrator: Optional[str], source: Optional[str] = "ptq") -> str:
     """Colour key of a result row."""
@@ -196,8 +198,10 @@ def sensitivity_ranking(df: pd.DataFrame, calibrator: str) -> pd.DataFrame:
         sub = sub.sort_values("rank", na_position="last", kind="stable")
     elif sub["sensitivity"].notna().any():
         sub = sub.sort_values("sensitivity", ascending=False, na_position="last", kind="stable")
-    else:  # no task-metric ranking stored: lowest proxy first (per-token SQNR alone, else what was measured)
-        proxy = sub["local_row_sqnr_db"].fillna(sub["local_sqnr_db"]).fillna(sub["sqnr_db"])
+    else:  # no task-metric ranking stored: lowest proxy first (the first measured of PROXY_FIELDS)
+        proxy = sub[PROXY_FIELDS[0]]
+        for field in PROXY_FIELDS[1:]:
+            proxy = proxy.fillna(sub[field])
         sub = sub.assign(_proxy=proxy).sort_values("_proxy", na_position="last", kind="stable").drop(columns="_proxy")
     return sub.reset_index(drop=True)
 

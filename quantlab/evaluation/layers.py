@@ -41,6 +41,11 @@ from quantlab.evaluation.tasks import first_tensor
 from quantlab.tensor_quantizer import QuantizerMode
 
 
+#: The per-layer SQNR fields, most preferred sensitivity proxy first; readers of stored rows
+#: (reports, dashboard) fall back along the same order when a field was not measured.
+PROXY_FIELDS = ("local_row_sqnr_db", "local_sqnr_db", "row_sqnr_db", "sqnr_db")
+
+
 @dataclasses.dataclass
 class LayerError:
     """Error of one quantized layer's output (see the module docstring)."""
@@ -56,7 +61,8 @@ class LayerError:
     @property
     def proxy_db(self) -> float:
         """The sensitivity proxy: local mean per-row SQNR (falling back to what was measured)."""
-        for value in (self.local_row_sqnr_db, self.local_sqnr_db, self.row_sqnr_db):
+        for field in PROXY_FIELDS:
+            value = getattr(self, field)
             if value is not None:
                 return value
         return self.sqnr_db

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from quantlab._io import write_text_atomic
 from quantlab.evaluation import svg
 from quantlab.evaluation.runs import RunFolderError, read_results
+from quantlab.evaluation.layers import PROXY_FIELDS
 from quantlab.scales import Scales
 
 MAX_HISTOGRAMS = 8
@@ -44,8 +45,8 @@ def _num(value: Any) -> Optional[float]:
 
 
 def _proxy(entry: Dict[str, Any]) -> float:
-    """A layer row's proxy SQNR (local per-row, else local, else end to end); inf if none."""
-    for key in ("local_row_sqnr_db", "local_sqnr_db", "sqnr_db"):
+    """A stored layer row's proxy SQNR (the first measured of PROXY_FIELDS); inf if none."""
+    for key in PROXY_FIELDS:
         value = _num(entry.get(key))
         if value is not None:
             return value

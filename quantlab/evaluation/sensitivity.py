@@ -37,7 +37,7 @@ from torch import nn
 from quantlab.attach import iter_quantizers, quantization_disabled
 from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import evaluate, evaluate_reference
-from quantlab.evaluation.layers import LayerError, layer_errors
+from quantlab.evaluation.layers import PROXY_FIELDS, LayerError, layer_errors
 from quantlab.evaluation.ranking import ranking_agreement
 from quantlab.evaluation.tasks import Task
 
@@ -64,7 +64,7 @@ def improvement(task: Task, metric: str, value: float, baseline: float) -> float
     return value - baseline if task.higher_is_better(metric) else baseline - value
 
 
-PROXIES = ("local_row_sqnr_db", "local_sqnr_db", "row_sqnr_db", "sqnr_db")
+PROXIES = PROXY_FIELDS
 
 
 def proxy_value(error: LayerError, key: Optional[str] = None) -> float:

@@ -19,6 +19,7 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
 
 import quantlab as ql
 from quantlab.export.float import export_float
@@ -116,16 +120,6 @@ def time_interleaved(runners, batch, rounds, iters, warmup=3):
     return {name: 1000.0 * statistics.median(s) for name, s in samples.items()}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def cpu_flags() -> str:
     try:
         flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
@@ -173,7 +167,7 @@ def main() -> int:
             for r in runners.values():
                 r.close()
     print(f"\nONNX Runtime {ort.__version__} CPUExecutionProvider, {args.threads} intra-op threads; torch {torch.__version__}; "
-          f"{cpu_name()} ({os.cpu_count()} logical CPUs; {cpu_flags()}); Python {platform.python_version()}")
+          f"{cpu_model()} ({os.cpu_count()} logical CPUs; {cpu_flags()}); Python {platform.python_version()}")
     print(f"median latency (ms), {args.rounds} interleaved rounds; load average at end {os.getloadavg()[0]:.1f}\n")
     extra = " ort-cpu, residual convs float | ort-cpu, residual convs ConvInteger |" if args.variants else ""
     print("| model | batch | FP32 | INT8 tensorrt form | INT8 ort-cpu form | ort-cpu vs FP32 | tensorrt form vs FP32 |" + extra)

@@ -33,8 +33,9 @@ from quantlab.data.errors import FMNIST_INSTALL_HINT, CorruptDataError, DataNotF
 DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_DIR_ENV = "QUANTLAB_FMNIST_DIR"
 
-FMNIST_MEAN = 0.2860
-FMNIST_STD = 0.3530
+# Lower bound of the per-image std, as in tf.image.per_image_standardization
+# (1/sqrt(pixels)); it only matters for a (near-)uniform image.
+MIN_STD = 1.0 / 28.0
 CALIB_SIZE = 1024
 NUM_CLASSES = 10
 CLASSES = (
@@ -197,15 +198,26 @@ def calib_indices(labels: np.ndarray, size: int = CALIB_SIZE) -> np.ndarray:
 def normalize(images: np.ndarray) -> torch.Tensor:
     """Turn ``uint8 [N,28,28]`` images into the model's float input.
 
+    Per-image standardization (``tf.image.per_image_standardization``): each
+    image gets zero mean and unit std. With a dataset-wide mean/std instead,
+    Fashion-MNIST's black background (about half of all pixels) maps to one
+    constant, and after the stem's Conv+BN+ReLU to one constant per channel:
+    spikes in the activation histograms that make TensorRT's KL (entropy)
+    calibration clip the object pixels (about 11 points of top-1 lost). Per
+    image, the background value depends on the image, so those spikes spread
+    over many histogram bins and every calibrator stays within 0.2 point of FP32.
+
     Args:
         images: Raw pixel array.
 
     Returns:
-        ``float32 [N,1,28,28]`` tensor, ``(x/255 - mean)/std``.
+        ``float32 [N,1,28,28]`` tensor, ``(x - mean(x)) / max(std(x), 1/28)`` per image.
     """
     # astype copies, so the tensor never aliases the read-only idx buffer.
-    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)
-    return (x / 255.0 - FMNIST_MEAN) / FMNIST_STD
+    x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1) / 255.0
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True, correction=0).clamp_min(MIN_STD)
+    return (x - mean) / std
 
 
 def load_fmnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:

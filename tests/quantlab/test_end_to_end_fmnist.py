@@ -24,14 +24,12 @@ def fmnist():
 
 
 def test_ptq_on_real_fashion_mnist(fmnist, capsys):
-    """All four calibrators from one pass, scored on the 10,000 test images.
+    """All four calibrators from one pass, scored on the 10,000 test images: each within 1.0 point.
 
-    Measured (2026-11-25, demo weights fmnist_cnn_v2): FP32 92.0, max/percentile/mse within
-    0.1 point, entropy about 11 points lower. TensorRT's KL method (entropy) clips 12.7% of the
-    values entering ``down1``: Fashion-MNIST's constant background turns into one constant
-    activation per channel after Conv+BN+ReLU, and those spikes make KL prefer a threshold just
-    past them. tests/calibrators proves the calibrator equals the reference algorithm, so this is
-    the method's behaviour on this data, not a bug; the test pins the loss for the other three.
+    Measured (2026-11-25, demo weights fmnist_cnn_v3, per-image standardized input): FP32 90.71,
+    entropy 90.60, max 90.79, mse 90.66, percentile 90.65. With the earlier dataset-wide
+    normalization (v2) entropy lost about 11 points: the constant background became spikes in the
+    histograms that TensorRT's KL method clips at (benchmarks/diagnose_calibrator.py).
     """
     (calib_x, calib_y), (test_x, test_y) = fmnist
     model = pretrained_fmnist_cnn()
@@ -45,7 +43,6 @@ def test_ptq_on_real_fashion_mnist(fmnist, capsys):
         accuracy[name] = top1(model, test_x, test_y)
     with capsys.disabled():
         print(f"\nFashion-MNIST top-1 (10,000 test images): FP32 {fp32:.2f} | " + " | ".join(f"{k} {v:.2f}" for k, v in accuracy.items()))
-    for name in ("max", "percentile", "mse"):
+    for name in ("max", "percentile", "entropy", "mse"):
         assert fp32 - accuracy[name] <= 1.0, (name, accuracy)
     assert fp32 - max(accuracy.values()) <= 0.5
-    assert 50.0 < accuracy["entropy"] < fp32 + 0.5  # runs and stays a classifier; see docstring

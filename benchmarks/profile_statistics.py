@@ -29,9 +29,13 @@ def pieces(device: torch.device, shape, repeats: int) -> list:
     idx32 = idx64.to(torch.int32)
     counts = torch.zeros(n, dtype=torch.int64, device=device)
     ones = torch.ones_like(idx64)
+    from quantlab import statistics
     from quantlab.statistics import _DeviceAccumulator
 
+    fused = _DeviceAccumulator(2048, x)  # the fused kernels where they compile
+    statistics.FUSED_KERNELS = False
     torch_ops = _DeviceAccumulator(2048, x)
+    statistics.FUSED_KERNELS = True
     collector = HistogramCollector(2048, sync_free=True)
     collector.update(x)
     host_collector = HistogramCollector(2048, sync_free=False)
@@ -49,6 +53,7 @@ def pieces(device: torch.device, shape, repeats: int) -> list:
         "HistogramCollector.update, host path (read-back per batch)": lambda: host_collector.update(x),
         "HistogramCollector.update, device path (no read-back; the CUDA default)": lambda: collector.update(x),
         "device path, torch ops (_DeviceAccumulator)": lambda: torch_ops.update(x),
+        f"device path, fused kernels ({'compiled' if fused._kernels is not None else 'UNAVAILABLE: torch ops'})": lambda: fused.update(x),
         "FP32 reference: x * 2 (one read, one write)": lambda: x * 2,
     }
     rows = []
@@ -90,7 +95,7 @@ def device_path_checks(device: torch.device) -> list:
         else:
             for b in batches:
                 dev.update(b)
-        accumulator = type(dev._device).__name__
+        accumulator = "fused kernels" if getattr(dev._device, "_kernels", None) is not None else "torch ops"
         hs, ds = host.stats(), dev.stats()
         same = ds is not None and hs.bin_width == ds.bin_width and hs.amax == ds.amax and torch.equal(hs.counts, ds.counts.cpu())
         rows.append([name, accumulator,
@@ -106,6 +111,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--shape", default="64,256,56,56")
+    parser.add_argument("--host-profile", action="store_true", help="also cProfile one pass (host time by function)")
     args = parser.parse_args()
     device = C.setup_torch(args)
     import quantlab
@@ -130,6 +136,21 @@ def main() -> None:
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     out.append(f"### torch.profiler, one statistics pass ({args.samples} samples), sorted by {key}\n\n```\n"
                + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48) + "\n```\n")
+    if args.host_profile:  # where the host time of one pass goes (Python level)
+        import cProfile
+        import io
+        import pstats
+
+        collect_statistics(model, forward_loop(wl.batches(device)))
+        profiler = cProfile.Profile()
+        C.sync(device)
+        profiler.enable()
+        collect_statistics(model, forward_loop(wl.batches(device)))
+        C.sync(device)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        out.append(f"### cProfile of one statistics pass ({args.samples} samples), by own time\n\n```\n{text.getvalue()[-6000:]}\n```\n")
     C.emit("\n".join(out), args.append)
 
 

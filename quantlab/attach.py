@@ -202,12 +202,14 @@ def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any
         else:
             ref.quantizer.mode = QuantizerMode.OFF
     was_training = model.training
-    model.eval()
+    if was_training:  # each toggle walks every module: skip it when already in eval mode
+        model.eval()
     try:
         with torch.no_grad():
             forward_loop(model)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train(True)
         for ref in refs:
             ref.quantizer.mode = saved[id(ref.quantizer)] if ref.role == "weight" else QuantizerMode.OFF
     # On the GPU the statistics stay on the device during the pass; fold them in now (one

@@ -78,7 +78,9 @@ class TensorQuantizer(nn.Module):
         if mode is QuantizerMode.QUANTIZE and not self.is_calibrated:
             raise CalibrationError(f"quantizer '{self.name}' ({self.role}) has no amax yet: calibrate or load scales first")
         if mode is QuantizerMode.COLLECT and self.role == "input" and self.mode is not QuantizerMode.COLLECT:
-            self.collector = HistogramCollector(self.num_bins, name=self.name)
+            previous, self.collector = self.collector, HistogramCollector(self.num_bins, name=self.name)
+            if previous is not None:
+                self.collector.reuse_device_state(previous)
         self.mode = mode
 
     def fixed_scale(self) -> Optional[torch.Tensor]:

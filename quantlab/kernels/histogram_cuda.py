@@ -1,0 +1,447 @@
+"""Fused CUDA kernels for the statistics pass: one read of an activation per batch.
+
+The torch-op version of :class:`quantlab.statistics._DeviceAccumulator` makes
+about eight passes over every activation (abs, max, scale, ceil, histc, with
+their writes) and launches about 20 kernels, each costing 20-50 us of host time
+on a GPU host; on a ResNet-50 that made the statistics pass 2.4x-3.7x an FP32
+forward (benchmarks/RESULTS.md). Here one kernel (``ql_pass``) reads the batch
+once and, per value, takes the max and counts ``ceil(|x| * 2**-e)`` in a
+shared-memory histogram at the exponent ``e`` the range had before the batch.
+Values above that range (rare once the range has settled) go to a short list.
+The last block to finish sets the new range and moves the counts to it: bin
+``i`` goes to ``i >> shift``, exact because ``ceil(ceil(v / w) / 2**k) =
+ceil(v / (2**k w))``; then it counts the listed values at the new width. If
+the list overflowed, that block reads the batch again for those values (rare:
+once the range has settled, few values exceed it). The first batch of a tensor
+takes its max first (``ql_absmax``), so nothing falls outside. One launch per
+batch (two for the first), no read-back.
+
+Same float32 multiply and ceil as the torch ops, zeros, NaN and Inf skipped as
+there (zeros are counted from the element total; a NaN/Inf sticks in the
+running max), so the counts equal the host path's exactly (checked on the H100
+by tests/quantlab/test_statistics_cuda.py and benchmarks/profile_statistics.py).
+The kernels are compiled at run time with NVRTC (shipped with PyTorch's CUDA
+builds; no compiler needed), through PyTorch's private ``torch.cuda._utils``
+helpers; where that fails, :func:`kernels_for` returns None and callers keep
+the torch ops.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from typing import Dict, Optional, Tuple
+
+import torch
+
+_LOG = logging.getLogger(__name__)
+
+# dtype -> the kernels' KIND template argument.
+_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Bins held in one block's shared memory (uint32 counts; float64 for the re-binning).
+MAX_BINS = 4096
+_THREADS = 512  # the pass keeps MAX_BINS / _THREADS <= 16 re-binned counts per thread
+# Values above the running range collected per batch before falling back to a second read.
+OVERFLOW_CAPACITY = 4096
+
+_SOURCE = r"""
+// KIND 0: float32, 1: float16, 2: bfloat16. Values are handled as the float32 bits of |x|:
+// for non-negative floats (Inf and NaN included) unsigned order is numeric order, NaN last.
+__device__ __forceinline__ unsigned f16_abs_as_f32_bits(unsigned short h) {
+    float f;
+    unsigned short a = (unsigned short)(h & 0x7fffu);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(a));
+    return __float_as_uint(f);
+}
+
+template <int KIND> struct Vec { static const int PER = 8; };
+template <> struct Vec<0> { static const int PER = 4; };
+
+// 16 bytes -> the |x| bits of the values in them.
+template <int KIND>
+__device__ __forceinline__ void decode(const uint4 v, unsigned out[8]) {
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+    if (KIND == 0) {
+        for (int k = 0; k < 4; ++k) out[k] = w[k] & 0x7fffffffu;
+    } else if (KIND == 2) {
+        for (int k = 0; k < 4; ++k) {
+            out[2 * k] = (w[k] & 0x7fffu) << 16;
+            out[2 * k + 1] = (w[k] >> 16 & 0x7fffu) << 16;
+        }
+    } else {
+        for (int k = 0; k < 4; ++k) {
+            out[2 * k] = f16_abs_as_f32_bits((unsigned short)(w[k] & 0xffffu));
+            out[2 * k + 1] = f16_abs_as_f32_bits((unsigned short)(w[k] >> 16));
+        }
+    }
+}
+
+template <int KIND>
+__device__ __forceinline__ unsigned scalar_at(const void* x, long long i) {
+    if (KIND == 0) return ((const unsigned*)x)[i] & 0x7fffffffu;
+    unsigned short h = ((const unsigned short*)x)[i];
+    if (KIND == 2) return ((unsigned)h & 0x7fffu) << 16;
+    return f16_abs_as_f32_bits(h);
+}
+
+// 2**-e from its bit pattern (e in [-126, 126]): exact.
+__device__ __forceinline__ float inverse_width(int e) { return __uint_as_float((unsigned)(127 - e) << 23); }
+
+// The exponent of the bin width for a running max: the frexp exponent of the float just below
+// it, minus log2(size) (the torch path's formula); a max of 0 keeps the old exponent so that the
+// exponent never decreases (the counts are empty then, so the torch path ends the same).
+__device__ __forceinline__ int exponent_for(float m, int old, int size_log2, int min_e, int max_e) {
+    if (m == 0.0f) return old;
+    int e;
+    frexpf(nextafterf(m, 0.0f), &e);
+    return min(max(e - size_log2, min_e), max_e);
+}
+
+__device__ __forceinline__ float sticky_max(float a, float b) {
+    return (isnan(a) || isnan(b)) ? __uint_as_float(0x7fc00000u) : fmaxf(a, b);
+}
+
+__device__ __forceinline__ unsigned block_max(unsigned m) {
+    __shared__ unsigned warp_max[32];
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_max[warp] = m;
+    __syncthreads();
+    m = lane < (blockDim.x + 31) / 32 ? warp_max[lane] : 0u;
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    return m;  // valid in every warp
+}
+
+// meta: [0] batch max (float bits), [1] blocks done, [2] values above the old range.
+#define BATCH_MAX 0
+#define DONE 1
+#define OVERFLOW 2
+
+// Also empties the state (a tensor's first batch: fresh or reused after a read).
+template <int KIND>
+__device__ void absmax_impl(const void* x, int n, unsigned* meta, float* amax, int* exponent,
+                            double* counts, int size, int min_e) {
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < size; i += blockDim.x) counts[i] = 0.0;
+        if (threadIdx.x == 0) {
+            *amax = 0.0f;
+            *exponent = min_e;
+        }
+    }
+    const int PER = Vec<KIND>::PER;
+    const long long nvec = n / PER;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned m = 0;
+    unsigned vals[8];
+    for (long long i = first; i < nvec; i += stride) {
+        decode<KIND>(((const uint4*)x)[i], vals);
+        for (int k = 0; k < PER; ++k) m = max(m, vals[k]);
+    }
+    for (long long i = nvec * PER + first; i < n; i += stride) m = max(m, scalar_at<KIND>(x, i));
+    m = block_max(m);
+    if (threadIdx.x == 0 && m) atomicMax(&meta[BATCH_MAX], m);
+}
+
+// Counts one value: in range -> the block's histogram; above the range (at this exponent) ->
+// the overflow list (warp-aggregated append; once the list is full only the count grows).
+__device__ __forceinline__ void count_value(unsigned bits, float scale, float top, unsigned* hist,
+                                            bool collect_overflow, unsigned* meta, float* overflow,
+                                            int capacity, bool* full) {
+    const float s = ceilf(__uint_as_float(bits) * scale);  // 0 for zeros, else 1 + bin; NaN fails all
+    if (s >= 1.0f && s <= top) atomicAdd(&hist[(int)s - 1], 1u);
+    if (!collect_overflow) return;
+    const bool over = s > top;
+    const unsigned active = __activemask();
+    const unsigned mask = __ballot_sync(active, over);
+    if (!over) return;
+    const int lane = threadIdx.x & 31;
+    const int leader = __ffs(mask) - 1;
+    unsigned base = 0;
+    if (lane == leader) base = *full ? 0xffffffffu : atomicAdd(&meta[OVERFLOW], __popc(mask));
+    base = __shfl_sync(mask, base, leader);
+    if (base == 0xffffffffu) return;
+    const unsigned slot = base + __popc(mask & ((1u << lane) - 1u));
+    if (slot < (unsigned)capacity) overflow[slot] = __uint_as_float(bits);
+    else *full = true;
+}
+
+// One pass over x. Normal mode: counts at the exponent the range had before this batch, the batch
+// max on the side, values above the range into a list; the last block to finish moves the counts
+// to the new exponent (bin i -> i >> shift: exact, ceil(ceil(v/w)/2^k) = ceil(v/(2^k w))) and
+// counts the listed values there; if the list overflowed, it reads the batch again for them
+// (rare: once the range has settled only a few values exceed it). Max-known mode (first batch,
+// counts emptied and meta[0] set by ql_absmax): counts at the new exponent, nothing above it.
+template <int KIND>
+__device__ void pass_impl(const void* x, int n, unsigned* meta, float* amax, int* exponent,
+                          double* counts, float* overflow, int size, int size_log2, int min_e,
+                          int max_e, int capacity, int max_known) {
+    extern __shared__ unsigned hist[];
+    __shared__ bool full;
+    __shared__ bool last;
+    for (int i = threadIdx.x; i < size; i += blockDim.x) hist[i] = 0u;
+    if (threadIdx.x == 0) full = false;
+    __syncthreads();
+    const int old_e = *exponent;
+    const float m_known = sticky_max(*amax, __uint_as_float(meta[BATCH_MAX]));
+    const int e = max_known ? exponent_for(m_known, old_e, size_log2, min_e, max_e) : old_e;
+    const float scale = inverse_width(e);
+    const float top = (float)size;
+    const bool collect = !max_known;
+    const int PER = Vec<KIND>::PER;
+    const long long nvec = n / PER;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned m = 0;
+    unsigned vals[8];
+    for (long long i = first; i < nvec; i += stride) {
+        decode<KIND>(((const uint4*)x)[i], vals);
+        for (int k = 0; k < PER; ++k) {
+            m = max(m, vals[k]);
+            count_value(vals[k], scale, top, hist, collect, meta, overflow, capacity, &full);
+        }
+    }
+    for (long long i = nvec * PER + first; i < n; i += stride) {
+        const unsigned bits = scalar_at<KIND>(x, i);
+        m = max(m, bits);
+        count_value(bits, scale, top, hist, collect, meta, overflow, capacity, &full);
+    }
+    m = block_max(m);  // ends with a barrier: the block's histogram is complete
+    if (threadIdx.x == 0 && m && collect) atomicMax(&meta[BATCH_MAX], m);
+    for (int i = threadIdx.x; i < size; i += blockDim.x)
+        if (hist[i]) atomicAdd(&counts[i], (double)hist[i]);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&meta[DONE], 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    volatile unsigned* vmeta = meta;
+    volatile double* vcounts = counts;
+    const float new_max = sticky_max(*amax, __uint_as_float(vmeta[BATCH_MAX]));
+    const int new_e = exponent_for(new_max, old_e, size_log2, min_e, max_e);
+    const int shift = min(max(new_e - old_e, 0), 62);
+    const unsigned listed = vmeta[OVERFLOW];
+    __syncthreads();  // every thread has read the state before thread 0 rewrites it
+    if (!max_known && shift > 0) {  // move the counts to the coarser bins (registers, then write)
+        double moved[16];
+        int k = 0;
+        for (int j = threadIdx.x; j < size; j += blockDim.x, ++k) {
+            double total = 0.0;
+            if (shift < 31) {
+                const long long lo = (long long)j << shift;
+                const long long hi = min((long long)size, lo + (1LL << shift));
+                for (long long q = lo; q < hi; ++q) total += vcounts[q];
+            } else if (j == 0) {
+                for (int q = 0; q < size; ++q) total += vcounts[q];
+            }
+            moved[k] = total;
+        }
+        __syncthreads();
+        k = 0;
+        for (int j = threadIdx.x; j < size; j += blockDim.x, ++k) counts[j] = moved[k];
+        __syncthreads();
+    }
+    const float new_scale = inverse_width(new_e);
+    if (!max_known && listed <= (unsigned)capacity) {
+        for (unsigned i = threadIdx.x; i < listed; i += blockDim.x) {
+            const float s = ceilf(((volatile float*)overflow)[i] * new_scale);
+            if (s >= 1.0f && s <= top) atomicAdd(&counts[(int)s - 1], 1.0);
+        }
+    } else if (!max_known) {  // the list overflowed: this block counts every value above the old range
+        for (int i = threadIdx.x; i < size; i += blockDim.x) hist[i] = 0u;
+        __syncthreads();
+        for (long long i = threadIdx.x; i < nvec + (n - nvec * PER); i += blockDim.x) {
+            int count = 1;
+            if (i < nvec) {
+                decode<KIND>(((const uint4*)x)[i], vals);
+                count = PER;
+            } else {
+                vals[0] = scalar_at<KIND>(x, nvec * PER + (i - nvec));
+            }
+            for (int k = 0; k < count; ++k) {
+                const float v = __uint_as_float(vals[k]);
+                if (ceilf(v * scale) > top) {
+                    const float s = ceilf(v * new_scale);
+                    if (s >= 1.0f && s <= top) atomicAdd(&hist[(int)s - 1], 1u);
+                }
+            }
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < size; i += blockDim.x) counts[i] = vcounts[i] + (double)hist[i];
+    }
+    if (threadIdx.x == 0) {
+        *amax = new_max;
+        *exponent = new_e;
+        meta[BATCH_MAX] = 0u;
+        meta[DONE] = 0u;
+        meta[OVERFLOW] = 0u;
+    }
+}
+
+#define QL_KERNELS(SUFFIX, KIND)                                                                   \
+extern "C" __global__ void ql_absmax_##SUFFIX(const void* x, int n, unsigned* meta, float* amax, \
+        int* exponent, double* counts, int size, int min_e) {                                      \
+    absmax_impl<KIND>(x, n, meta, amax, exponent, counts, size, min_e);                            \
+}                                                                                                  \
+extern "C" __global__ void ql_pass_##SUFFIX(const void* x, int n, unsigned* meta, float* amax,    \
+        int* exponent, double* counts, float* overflow, int size, int size_log2, int min_e,        \
+        int max_e, int capacity, int max_known) {                                                  \
+    pass_impl<KIND>(x, n, meta, amax, exponent, counts, overflow, size, size_log2, min_e, max_e,  \
+                    capacity, max_known);                                                          \
+}
+
+QL_KERNELS(f32, 0)
+QL_KERNELS(f16, 1)
+QL_KERNELS(bf16, 2)
+"""
+
+_SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
+_PASSES = ("absmax", "pass")
+
+
+def _compile(device: torch.device) -> Dict[str, "ctypes.c_void_p"]:
+    """CUfunction handles of every kernel in _SOURCE, compiled once with NVRTC for ``device``."""
+    from torch.cuda import _utils
+
+    names = [f"ql_{p}_{s}" for p in _PASSES for s in _SUFFIX.values()]
+    with torch.cuda.device(device):
+        try:  # one NVRTC program holds every kernel
+            compiled = _utils._nvrtc_compile(_SOURCE, names[0])
+            binary = compiled[0] if isinstance(compiled, tuple) else compiled
+            loaded = _utils._cuda_load_module(binary, names)
+            return {name: loaded[name].func for name in names}
+        except (AttributeError, TypeError):  # other PyTorch versions: the public-ish wrapper, per kernel
+            return {name: torch.cuda._compile_kernel(_SOURCE, name).func for name in names}
+
+
+_LAUNCH = None
+
+
+def _launch_fn():
+    """``cuLaunchKernel`` from the driver, looked up once (PyTorch's helper reloads it per call)."""
+    global _LAUNCH
+    if _LAUNCH is None:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+        fn.restype = ctypes.c_int
+        _LAUNCH = fn
+    return _LAUNCH
+
+
+class _Launch:
+    """One kernel with its argument array built once; callers update the ctypes values in place."""
+
+    def __init__(self, func: "ctypes.c_void_p", args: list) -> None:
+        self.func = func
+        self.args = args  # keeps the ctypes values alive
+        self.array = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+
+    def __call__(self, blocks: int, shared: int, stream: int) -> None:
+        error = _launch_fn()(self.func, blocks, 1, 1, _THREADS, 1, 1, shared, ctypes.c_void_p(stream), self.array, None)
+        if error:
+            raise RuntimeError(f"CUDA error {error} launching a quantlab statistics kernel")
+
+
+def _current_stream(device: torch.device) -> int:
+    """The raw handle of the current stream (PyTorch's private getter: no Stream object per call)."""
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if getter is not None:
+        return getter(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+class HistogramKernels:
+    """The compiled kernels of one device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.functions = _compile(device)
+        self.blocks = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        _launch_fn()
+
+
+class FusedHistogram:
+    """Runs the kernels for one accumulator's device state (updated in place).
+
+    Args:
+        kernels: The device's compiled kernels.
+        amax: float32 scalar, the running max of |x|.
+        exponent: int32 scalar, the bin width's exponent.
+        counts: float64 counts, a power of two of them, at most MAX_BINS.
+        size_log2, min_exponent, max_exponent: as in quantlab.statistics.
+    """
+
+    def __init__(self, kernels: HistogramKernels, amax: torch.Tensor, exponent: torch.Tensor, counts: torch.Tensor,
+                 size_log2: int, min_exponent: int, max_exponent: int) -> None:
+        device = counts.device
+        self.kernels = kernels
+        self.size = counts.numel()
+        self.meta = torch.zeros(8, dtype=torch.int32, device=device)
+        self.overflow = torch.zeros(OVERFLOW_CAPACITY, dtype=torch.float32, device=device)
+        self.x = ctypes.c_void_p(0)
+        self.n = ctypes.c_int(0)
+        self.max_known = ctypes.c_int(0)
+        self._tensors = (amax, exponent, counts)  # the addresses below stay valid while these live
+        self._range = [ctypes.c_int(v) for v in (size_log2, min_exponent, max_exponent)]
+        self._launches: Dict[int, Tuple[_Launch, _Launch]] = {}
+
+    def _launches_for(self, kind: int) -> Tuple[_Launch, _Launch]:
+        if kind not in self._launches:  # built on first use of a dtype
+            amax, exponent, counts = (ctypes.c_void_p(t.data_ptr()) for t in self._tensors)
+            meta, overflow = ctypes.c_void_p(self.meta.data_ptr()), ctypes.c_void_p(self.overflow.data_ptr())
+            size, capacity = ctypes.c_int(self.size), ctypes.c_int(OVERFLOW_CAPACITY)
+            f, sfx = self.kernels.functions, _SUFFIX[kind]
+            self._launches[kind] = (
+                _Launch(f[f"ql_absmax_{sfx}"], [self.x, self.n, meta, amax, exponent, counts, size, self._range[1]]),
+                _Launch(f[f"ql_pass_{sfx}"], [self.x, self.n, meta, amax, exponent, counts, overflow, size,
+                                               *self._range, capacity, self.max_known]),
+            )
+        return self._launches[kind]
+
+    def update(self, x: torch.Tensor, first: bool) -> None:
+        """Adds one batch that :func:`takes` accepts, of fewer than 2**31 elements.
+
+        Args:
+            x: The batch.
+            first: The first batch since the state was created or read: the state is emptied
+                and the batch max taken in a separate pass first, so nothing falls above the range.
+        """
+        if x.device.index != torch.cuda.current_device():  # the kernels run in the data's context
+            with torch.cuda.device(x.device):
+                return self.update(x, first)
+        kind = _KINDS[x.dtype]
+        absmax, one_pass = self._launches_for(kind)
+        per = 4 if kind == 0 else 8
+        blocks = max(1, min(self.kernels.blocks, -(-x.numel() // (per * _THREADS))))
+        stream = _current_stream(x.device)
+        self.x.value, self.n.value, self.max_known.value = x.data_ptr(), x.numel(), int(first)
+        if first:
+            absmax(blocks, 0, stream)
+        one_pass(blocks, 4 * self.size, stream)
+
+
+_CACHE: Dict[int, Optional[HistogramKernels]] = {}
+_LOCK = threading.Lock()
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether the kernels can read this batch in place (else the torch ops take it)."""
+    return x.dtype in _KINDS and x.is_contiguous() and x.data_ptr() % 16 == 0
+
+
+def kernels_for(device: torch.device) -> Optional[HistogramKernels]:
+    """The compiled kernels for a CUDA device, or None where NVRTC is unavailable (logged once).
+
+    Callers check the rest: float32/16 or bfloat16 data, a power-of-two number of bins up to
+    MAX_BINS, and a CUDA (not ROCm) build.
+    """
+    if torch.version.hip:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _LOCK:
+        if index not in _CACHE:
+            try:
+                _CACHE[index] = HistogramKernels(torch.device("cuda", index))
+            except Exception as error:  # no NVRTC, old PyTorch, unsupported GPU: keep the torch ops
+                _LOG.warning("fused statistics kernels unavailable on cuda:%d (%s); using torch ops", index, error)
+                _CACHE[index] = None
+        return _CACHE[index]

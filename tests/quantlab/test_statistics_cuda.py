@@ -1,0 +1,124 @@
+"""The fused CUDA statistics kernels against the host path (runs only where CUDA is available).
+
+CI has no GPU, so these run on the GPU machine (benchmarks/RESULTS.md records the run); the same
+cases without the kernels run everywhere in test_statistics.py.
+"""
+import pytest
+import torch
+
+from quantlab import statistics
+from quantlab.errors import NonFiniteActivationError
+from quantlab.kernels import histogram_cuda
+from quantlab.statistics import HistogramCollector
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cases():
+    g = torch.Generator().manual_seed(7)
+    return {
+        "post-ReLU, growing and shrinking range": [torch.relu(torch.randn(16, 64, 28, 28, generator=g)) * s for s in (0.5, 9.0, 1.0, 300.0)],
+        "range grows 10^9": [torch.rand(4099, generator=g) * 1e-3] + [torch.rand(1000, generator=g) * 10.0 ** k for k in range(6)],
+        "values on bin edges": [torch.arange(0, 64.0), torch.arange(0, 4096.0) * 0.25, torch.arange(0, 33.0) * 2.0 ** -20],
+        "leading zeros, odd sizes (vector tail)": [torch.zeros(13), torch.zeros(5), torch.randn(1031, generator=g)],
+        "subnormals beside normal values": [torch.tensor([1e-40, -3e-39, 0.0, 2.0]), torch.rand(999, generator=g)],
+        "tiny values": [torch.rand(999, generator=g) * 1e-30, torch.rand(999, generator=g) * 1e-25],
+        "heavy tail": [torch.randn(100_000, generator=g) ** 5],
+        "range jumps, list overflows (second read)": [torch.rand(5000, generator=g) * 1e-3, torch.randn(200_000, generator=g) * 50,
+                                                       torch.randn(300_000, generator=g) * 1e4, torch.randn(9, generator=g) * 1e6],
+        "first batch all zeros, then values": [torch.zeros(4096), torch.randn(10_000, generator=g) * 1e-20, torch.randn(100, generator=g)],
+        "float16": [torch.randn(4097, generator=g).half() * s for s in (0.1, 3.0, 60000.0 / 6)],
+        "bfloat16": [torch.randn(4097, generator=g).bfloat16() * s for s in (0.1, 3.0, 1e30)],
+        "all three dtypes in turn": [torch.randn(777, generator=g) * 2, torch.randn(778, generator=g).half(), torch.randn(779, generator=g).bfloat16() * 5],
+    }
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    compiled = histogram_cuda.kernels_for(torch.device("cuda"))
+    assert compiled is not None, "NVRTC compilation failed (see the log)"
+    return compiled
+
+
+def collect(batches, sync_free, device="cpu", num_bins=2048):
+    c = HistogramCollector(num_bins, name="layer", sync_free=sync_free)
+    for b in batches:
+        c.update(b.to(device))
+    return c
+
+
+@pytest.mark.parametrize("case", sorted(cases()))
+def test_fused_kernels_equal_host_path(kernels, case):
+    batches = cases()[case]
+    host = collect(batches, sync_free=False)
+    fused = collect(batches, sync_free=True, device="cuda")
+    assert fused._device._kernels.kernels is kernels  # the fused path ran, not the torch ops
+    assert fused.num_batches == host.num_batches and fused.num_elements == host.num_elements
+    hs, fs = host.stats(), fused.stats()
+    assert (fs.bin_width, fs.amax) == (hs.bin_width, hs.amax)
+    assert torch.equal(fs.counts.cpu(), hs.counts)
+
+
+def test_fused_kernels_equal_torch_ops_on_large_activation(kernels, monkeypatch):
+    x = torch.relu(torch.randn(64, 256, 56, 56, device="cuda")) * 3
+    fused = collect([x, x * 0.5, x * 4], sync_free=True, device="cuda")
+    monkeypatch.setattr(statistics, "FUSED_KERNELS", False)
+    ops = collect([x, x * 0.5, x * 4], sync_free=True, device="cuda")
+    assert ops._device._kernels is None
+    fs, os_ = fused.stats(), ops.stats()
+    assert (fs.bin_width, fs.amax) == (os_.bin_width, os_.amax) and torch.equal(fs.counts, os_.counts)
+
+
+def test_non_contiguous_batch_takes_torch_ops_with_same_counts(kernels):
+    x = torch.randn(64, 96, device="cuda")
+    host = collect([x.t().cpu(), x[:, ::2].cpu()], sync_free=False)
+    mixed = collect([x.t(), x[:, ::2]], sync_free=True, device="cuda")
+    assert torch.equal(mixed.stats().counts.cpu(), host.stats().counts)
+
+
+def test_fused_update_does_not_synchronize(kernels):
+    c = HistogramCollector(2048, sync_free=True)
+    batches = [torch.randn(8, 1000, device="cuda") * s for s in (1, 10, 0.1)]
+    c.update(batches[0])  # creates the state (allocations may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in batches[1:]:
+            c.update(b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert c.num_batches == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_fused_path_reports_non_finite(kernels, bad):
+    c = HistogramCollector(2048, name="encoder.layer.3", sync_free=True)
+    c.update(torch.ones(40, device="cuda"))
+    c.update(torch.tensor([1.0] * 31 + [bad], device="cuda"))
+    c.update(torch.ones(8, device="cuda"))
+    with pytest.raises(NonFiniteActivationError, match=r"encoder\.layer\.3.*batches 0-2"):
+        c.stats()
+
+
+def test_fused_kernels_capture_in_a_cuda_graph(kernels):
+    static = torch.randn(4096, device="cuda") * 0.01  # replays grow the range: list and re-binning
+    c = HistogramCollector(2048, sync_free=True)
+    c.update(static)  # state exists before capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    accumulator = c._device
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        accumulator.update(static)  # recorded, not run: the host-side counters must not move
+    accumulator.batches -= 1
+    accumulator.elements -= static.numel()
+    torch.cuda.current_stream().wait_stream(side)
+    reference = HistogramCollector(2048, sync_free=False)
+    reference.update(static.cpu())
+    for scale in (2.0, 0.25, 40.0, 1e6):
+        static.copy_(torch.randn(4096, device="cuda") * scale)
+        graph.replay()
+        accumulator.batches += 1
+        accumulator.elements += static.numel()
+        reference.update(static.cpu())
+    assert torch.equal(c.stats().counts.cpu(), reference.stats().counts)

@@ -36,7 +36,7 @@ import torch
 
 from quantlab.calibrators import HistogramStats
 from quantlab.errors import NonFiniteActivationError
-from quantlab.kernels import histogram_cuda
+from quantlab.kernels import histogram_cpu, histogram_cuda
 
 
 def bin_width_for(amax: float, num_bins: int) -> float:
@@ -84,7 +84,7 @@ _HISTC_CHUNK = 1 << 24
 _MIN_EXPONENT, _MAX_EXPONENT = -126, 126
 # The fused kernels take int element counts: larger batches go in chunks of this many.
 _KERNEL_CHUNK = 1 << 30
-# QUANTLAB_FUSED_STATISTICS=0 keeps the torch-op device path (for comparison and as an escape hatch).
+# QUANTLAB_FUSED_STATISTICS=0 keeps the torch ops on both paths (for comparison and as an escape hatch).
 FUSED_KERNELS = os.environ.get("QUANTLAB_FUSED_STATISTICS", "1") != "0"
 
 
@@ -304,6 +304,8 @@ class HistogramCollector:
     def _update_host(self, x: torch.Tensor) -> None:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.to(torch.float32)  # half precision cannot hold |x| / width exactly
+        if FUSED_KERNELS and histogram_cpu.takes(x) and self._update_host_fused(x):
+            return
         a = x.abs()
         batch_max = float(a.max())  # one host sync per tensor per batch
         if not math.isfinite(batch_max):
@@ -324,6 +326,23 @@ class HistogramCollector:
         slots = _count_slots(a.mul_(1.0 / self._bin_width).ceil_().to(torch.int32).reshape(-1), num_bins + 1)
         self._counts += slots[1 : num_bins + 1]
         self._counts[0] += slots[0]
+
+    def _update_host_fused(self, x: torch.Tensor) -> bool:
+        """The host path with the C counting loop (two reads of ``x``); False if it is unavailable."""
+        if histogram_cpu.count_function() is None:
+            return False
+        low, high = torch.aminmax(x)  # one vectorized read for the max of |x|
+        batch_max = max(-float(low), float(high))
+        if not math.isfinite(batch_max):
+            raise self._non_finite(self.num_batches)
+        self._num_batches += 1
+        self._amax = max(self._amax, batch_max)
+        if self._amax == 0.0:
+            self._zeros += x.numel()
+            return True
+        self._fit_range(x.device)
+        assert self._counts is not None and self._bin_width is not None
+        return histogram_cpu.add_counts(x, 1.0 / self._bin_width, self._counts)
 
     def _non_finite(self, batch: int) -> NonFiniteActivationError:
         return NonFiniteActivationError(

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up of a fresh Debian machine for quantlab:
-# Debian packages (demo data, text corpora, Chromium for the UI browser test),
+# Debian packages (demo data, text corpora, Chromium for the UI browser test, a C compiler
+# for the CPU statistics loop),
 # a virtual environment in .venv, PyTorch (CPU) and quantlab with its extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS="dataset-fashion-mnist fortunes wordnet-base chromium chromium-driver"
+DEBS="dataset-fashion-mnist fortunes wordnet-base chromium chromium-driver gcc libc6-dev"
 missing=""
 for p in $DEBS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

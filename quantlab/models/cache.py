@@ -12,6 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+CACHE_ENV = "QUANTLAB_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Return ``$QUANTLAB_CACHE`` or ``~/.cache/quantlab`` (weights, compiled kernels)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantlab"
+
 
 def save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
     """Write ``state`` with ``torch.save`` so readers never see a partial file.

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantlab.models.cache import file_lock, file_signature, load_weights_or_warn, save_atomic
+from quantlab.models.cache import CACHE_ENV, default_cache_dir, file_lock, file_signature, load_weights_or_warn, save_atomic  # noqa: F401
 from quantlab.models.train import ProgressFn, train_classifier
 
-CACHE_ENV = "QUANTLAB_CACHE"
 # Bump the version whenever the architecture or training recipe changes so
 # stale caches are ignored rather than loaded into a mismatched model.
 WEIGHTS_FILE = "fmnist_cnn_v3.pt"
@@ -105,12 +104,6 @@ class FmnistCNN(nn.Module):
 def build_fmnist_cnn() -> FmnistCNN:
     """Return the demo architecture with freshly initialized weights."""
     return FmnistCNN()
-
-
-def default_cache_dir() -> Path:
-    """Return ``$QUANTLAB_CACHE`` or ``~/.cache/quantlab``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantlab"
 
 
 def _train_weights(progress: ProgressFn | None = None) -> dict[str, torch.Tensor]:

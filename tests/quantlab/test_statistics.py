@@ -149,3 +149,28 @@ def test_device_path_reports_non_finite_when_read():
     c.update(torch.tensor([float("inf")]))
     with pytest.raises(NonFiniteActivationError, match=r"blocks\.2\.mlp.*batches 0-2"):
         c.stats()
+
+
+# -- the C counting loop of the host path (quantlab.kernels.histogram_cpu) vs the torch ops ------------
+@pytest.mark.parametrize("num_bins", [128, 2048])
+@pytest.mark.parametrize("case", sorted(DEVICE_PATH_CASES))
+def test_cpu_counting_loop_equals_torch_ops(case, num_bins, monkeypatch):
+    from quantlab import statistics
+    from quantlab.kernels import histogram_cpu
+
+    assert histogram_cpu.count_function() is not None, "the C loop did not build (is a C compiler installed?)"
+    batches = DEVICE_PATH_CASES[case] + [torch.relu(torch.randn(3, 70_001)) * 7]  # large: split over threads
+    fused = collect_with(batches, False, num_bins)
+    monkeypatch.setattr(statistics, "FUSED_KERNELS", False)
+    ops = collect_with(batches, False, num_bins)
+    fs, os_ = fused.stats(), ops.stats()
+    assert (fs.bin_width, fs.amax) == (os_.bin_width, os_.amax)
+    assert torch.equal(fs.counts, os_.counts)
+    assert fused.num_elements == ops.num_elements == sum(b.numel() for b in batches)
+
+
+def test_cpu_counting_loop_reports_non_finite():
+    c = HistogramCollector(2048, name="head.fc")
+    c.update(torch.ones(10))
+    with pytest.raises(NonFiniteActivationError, match=r"head\.fc.*batch 1"):
+        c.update(torch.tensor([1.0, -float("inf")]))

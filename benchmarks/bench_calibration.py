@@ -68,6 +68,7 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
     import quantlab
     from quantlab.attach import collect_statistics
     from quantlab.api import collected_statistics
+    from quantlab.cuda_graphs import graphed_forward
     from quantlab.batching import forward_loop
     from quantlab.calibrators import get_calibrator
 
@@ -77,13 +78,18 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
     run_batches(model, iter([next(wl.batches(device))]))  # warm-up: kernels, allocator
 
     fp32_times: List[float] = []
+    fp32_graph_times: List[float] = []
     stats_times: List[float] = []
     quantlab.quantize(model, quantlab.int8_config())  # attach only
     with C.PeakMemory(device=device) as mem:
         for _ in range(args.repeats):
             with quantlab.quantization_disabled(model):
                 fp32_times.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
-            stats_times.append(C.timed(lambda: collect_statistics(model, forward_loop(wl.batches(device))), device)[0])
+                if device.type == "cuda" and not args.no_cuda_graphs:  # the same forward as graphs, for reference
+                    with torch.no_grad(), graphed_forward(model):
+                        fp32_graph_times.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
+            stats_times.append(C.timed(lambda: collect_statistics(model, forward_loop(wl.batches(device)),
+                                                                  cuda_graphs=not args.no_cuda_graphs), device)[0])
         calib_times: Dict[str, float] = {}
         amax: Dict[str, Dict[str, float]] = {}
         for name in QUANTLAB_CALIBRATORS:
@@ -95,6 +101,7 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
         "fp32_seconds": st.median(fp32_times),
         "stats_seconds": st.median(stats_times),
         "fp32_all": fp32_times,
+        "fp32_graph_all": fp32_graph_times,
         "stats_all": stats_times,
         "calib_seconds": calib_times,
         "amax": amax,
@@ -345,6 +352,8 @@ def run(args: argparse.Namespace) -> str:
                 common += ["--threads", str(args.threads)]
             if args.modelopt_cuda_ext:
                 common += ["--modelopt-cuda-ext"]
+            if args.no_cuda_graphs:
+                common += ["--no-cuda-graphs"]
             if args.agree_tensors:
                 common += ["--agree-tensors", str(args.agree_tensors)]
             if samples != sample_counts[0] or args.no_agreement:
@@ -412,6 +421,10 @@ def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], 
             f"{ours / q['fp32_seconds']:.2f}x. (runs: FP32 {', '.join(f'{t:.3f}' for t in q['fp32_all'])}; "
             f"statistics {', '.join(f'{t:.3f}' for t in q['stats_all'])})",
         ]
+        if q.get("fp32_graph_all"):
+            graphed = st.median(q["fp32_graph_all"])
+            lines.append(f"- FP32 inference replayed as CUDA graphs (for reference): {graphed:.3f} s; statistics pass / that "
+                         f"= {q['stats_seconds'] / graphed:.2f}x (runs: {', '.join(f'{t:.3f}' for t in q['fp32_graph_all'])})")
         mh = results.get("modelopt-hist", {})
         if "calib_seconds" in mh:
             for method in HIST_METHODS:
@@ -451,6 +464,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--no-agreement", action="store_true")
     parser.add_argument("--modelopt-cuda-ext", action="store_true",
                         help="JIT-build Model Optimizer's CUDA fake-quant extension (untimed) instead of its PyTorch fallback")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="quantlab: run the statistics pass eagerly (no CUDA-graph replay)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per tool process")
     # worker-only
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

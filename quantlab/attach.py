@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from quantlab.config import QuantConfig
+from quantlab.cuda_graphs import graphed_forward
 from quantlab.errors import NothingToQuantizeError
 from quantlab.registry import lookup_quantizable
 from quantlab.tensor_quantizer import QuantizerMode, TensorQuantizer
@@ -187,11 +188,18 @@ def float_layers(model: nn.Module) -> List[str]:
     return sorted(m for m, ms in modes.items() if all(x is QuantizerMode.OFF for x in ms))
 
 
-def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any]) -> Dict[str, int]:
+def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graphs: bool = True) -> Dict[str, int]:
     """Runs ``forward_loop(model)`` once with every input quantizer collecting statistics.
 
     Weights and activations stay in floating point during the pass, as in
     TensorRT's calibration. Returns the number of batches each input quantizer saw.
+
+    Args:
+        model: A model with quantizers attached.
+        forward_loop: Calls the model on the calibration batches.
+        cuda_graphs: On CUDA, replay repeated calls of ``model`` (same input
+            shapes) as CUDA graphs, statistics included (quantlab.cuda_graphs;
+            a call that cannot be captured runs eagerly). No effect on the CPU.
     """
     refs = list(iter_quantizers(model))
     saved = {id(r.quantizer): r.quantizer.mode for r in refs}
@@ -205,7 +213,7 @@ def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any
     if was_training:  # each toggle walks every module: skip it when already in eval mode
         model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), graphed_forward(model, enabled=cuda_graphs):
             forward_loop(model)
     finally:
         if was_training:

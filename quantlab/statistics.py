@@ -28,9 +28,10 @@ Two ways to add a batch, with identical counts:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -86,6 +87,41 @@ _MIN_EXPONENT, _MAX_EXPONENT = -126, 126
 _KERNEL_CHUNK = 1 << 30
 # QUANTLAB_FUSED_STATISTICS=0 keeps the torch ops on both paths (for comparison and as an escape hatch).
 FUSED_KERNELS = os.environ.get("QUANTLAB_FUSED_STATISTICS", "1") != "0"
+
+
+class NotCapturable(RuntimeError):
+    """A statistics update that cannot be recorded into a CUDA graph (it would allocate or read back)."""
+
+
+# While a CUDA graph is captured (quantlab.cuda_graphs): the (accumulator, elements) of every update.
+_RECORDING: Optional[List[Tuple["_DeviceAccumulator", int]]] = None
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[List[Tuple["_DeviceAccumulator", int]]]:
+    """Records the statistics updates made while a CUDA graph is captured.
+
+    Captured work does not run, so the host-side counters that the updates
+    advanced are put back on exit; :func:`advance` applies them once per replay.
+    An update that cannot be captured raises :class:`NotCapturable`.
+    """
+    global _RECORDING
+    recorded: List[Tuple["_DeviceAccumulator", int]] = []
+    _RECORDING = recorded
+    try:
+        yield recorded
+    finally:
+        _RECORDING = None
+        for accumulator, elements in recorded:
+            accumulator.batches -= 1
+            accumulator.elements -= elements
+
+
+def advance(recorded: List[Tuple["_DeviceAccumulator", int]]) -> None:
+    """Counts one replay of a captured graph's statistics updates."""
+    for accumulator, elements in recorded:
+        accumulator.batches += 1
+        accumulator.elements += elements
 
 
 class _DeviceAccumulator:
@@ -155,6 +191,10 @@ class _DeviceAccumulator:
         self._stale = True
 
     def update(self, x: torch.Tensor) -> None:
+        if _RECORDING is not None:  # only the fused kernel on an existing state is replayable
+            if self._kernels is None or not histogram_cuda.takes(x) or self.batches == 0 or x.numel() >= _KERNEL_CHUNK:
+                raise NotCapturable("statistics update not capturable (first batch, or not the fused kernel)")
+            _RECORDING.append((self, x.numel()))
         if self._kernels is not None and histogram_cuda.takes(x):
             self._update_fused(x)  # clears a stale state itself (first batch)
         else:
@@ -290,6 +330,8 @@ class HistogramCollector:
         if x.numel() == 0:
             return
         if self.sync_free if self.sync_free is not None else x.is_cuda:
+            if _RECORDING is not None and (self._device is None or not self._device.accepts(x)):
+                raise NotCapturable(f"statistics of '{self.name}' start inside a CUDA graph capture")
             if self._device is not None and not self._device.accepts(x):
                 self.flush()  # a batch of another dtype or device: fold in and start over
             if self._device is None:

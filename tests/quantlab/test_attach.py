@@ -162,3 +162,11 @@ def test_module_called_with_keyword_input():
     model = KW()
     calibrate_on(model, [torch.randn(4, 3)])
     assert ql.iter_quantizers(model).__next__().quantizer.collector.num_batches == 1
+
+
+def test_cuda_graph_option_is_a_no_op_on_the_cpu():
+    from quantlab.cuda_graphs import graphed_forward
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with graphed_forward(model) as graphed:
+        assert graphed is None and "forward" not in model.__dict__

@@ -122,3 +122,75 @@ def test_fused_kernels_capture_in_a_cuda_graph(kernels):
         accumulator.elements += static.numel()
         reference.update(static.cpu())
     assert torch.equal(c.stats().counts.cpu(), reference.stats().counts)
+
+
+# -- the statistics pass replayed as CUDA graphs (quantlab.cuda_graphs) --------------------------------
+class _Net(torch.nn.Module):
+    def __init__(self, sync_in_forward=False):
+        super().__init__()
+        self.sync_in_forward = sync_in_forward
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU())
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.relu(self.conv(y)) + y
+        if self.sync_in_forward and float(y.max()) < 0:  # a host read: not capturable
+            y = -y
+        return {"logits": self.head(y.mean(dim=(2, 3)))}
+
+
+def _graph_case(sync_in_forward=False):
+    import copy
+
+    import quantlab
+
+    torch.manual_seed(0)
+    model = _Net(sync_in_forward).cuda().eval()
+    quantlab.quantize(model, quantlab.int8_config())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batches = [torch.randn(16, 3, 12, 12, device="cuda", generator=g) * (1 + i) for i in range(6)]
+    batches.append(torch.randn(7, 3, 12, 12, device="cuda", generator=g))
+    return model, copy.deepcopy(model), batches
+
+
+def _stats(model):
+    from quantlab.api import collected_statistics
+
+    return {k: (s.amax, s.bin_width, s.counts.cpu(), s.num_batches if hasattr(s, "num_batches") else None)
+            for k, s in collected_statistics(model).items()}
+
+
+@pytest.mark.parametrize("sync_in_forward", [False, True])
+def test_graphed_statistics_pass_equals_eager(kernels, sync_in_forward):
+    from quantlab.attach import collect_statistics
+    from quantlab.cuda_graphs import graphed_forward
+
+    graphed_model, eager_model, batches = _graph_case(sync_in_forward)
+    outputs = []
+    with graphed_forward(graphed_model) as graphed:
+        counts = collect_statistics(graphed_model, lambda m: [outputs.append(m(x)["logits"]) for x in batches], cuda_graphs=False)
+    assert "forward" not in graphed_model.__dict__  # restored
+    # 6 batches of 16: eager, captured (replayed at once), 4 replays; the odd last batch eager.
+    assert graphed.replays == (0 if sync_in_forward else 5)
+    eager_outputs = []
+    eager_counts = collect_statistics(eager_model, lambda m: [eager_outputs.append(m(x)["logits"]) for x in batches], cuda_graphs=False)
+    assert counts == eager_counts and set(counts.values()) == {7}
+    for a, b in zip(outputs, eager_outputs):  # replay outputs are copies, not the graph's buffers
+        torch.testing.assert_close(a, b)
+    ours, theirs = _stats(graphed_model), _stats(eager_model)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name][:2] == theirs[name][:2], name
+        assert torch.equal(ours[name][2], theirs[name][2]), name
+
+
+def test_collect_statistics_uses_graphs_by_default(kernels):
+    from quantlab.attach import collect_statistics
+
+    model, reference, batches = _graph_case()
+    assert collect_statistics(model, lambda m: [m(x) for x in batches]) == collect_statistics(
+        reference, lambda m: [m(x) for x in batches], cuda_graphs=False)
+    for (name, ours), theirs in zip(_stats(model).items(), _stats(reference).values()):
+        assert torch.equal(ours[2], theirs[2]), name

@@ -1,0 +1,140 @@
+"""CUDA-graph replay of a model's forward during the statistics pass.
+
+With the fused statistics kernel, a ResNet-50's statistics pass on an H100 is
+bound by the host: per batch, every quantized layer costs a hook, a collector
+call and a kernel launch (tens of microseconds of Python each) on top of the
+eager forward's own launches. Replaying the whole forward, hooks and statistics
+kernels included, as one CUDA graph leaves only the GPU work.
+
+How: while :func:`graphed_forward` is active, ``model.forward`` (an instance
+attribute, removed afterwards; nothing is patched globally) runs the first
+call of each input signature (shapes, dtypes, devices and the non-tensor
+arguments) eagerly, captures the second into a graph and replays it from then
+on, copying the inputs into the graph's own input buffers and returning clones
+of its outputs. The statistics accumulators refuse to be captured unless their
+state already exists on the device (see ``quantlab.statistics.capturing``); on
+any failure to capture (a host sync in the forward, data-dependent shapes, a
+layer seen for the first time), that signature stays eager. Python code inside
+the forward does not run on replay: the statistics counters are advanced by the
+recorded amounts instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Dict, Hashable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from quantlab import statistics
+
+_LOG = logging.getLogger(__name__)
+
+
+def _signature(args: tuple, kwargs: dict) -> Optional[Hashable]:
+    """A hashable key of the call: tensors by (shape, dtype, device, strides); None if not graphable."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    key: List[Hashable] = [str(spec)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if not leaf.is_cuda or leaf.requires_grad:
+                return None
+            key.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride()))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            key.append(("value", type(leaf), leaf))
+    return tuple(key)
+
+
+class _Graph:
+    """One captured call: its input buffers, graph, outputs and statistics bookkeeping."""
+
+    def __init__(self, inputs: List[torch.Tensor], graph: "torch.cuda.CUDAGraph", outputs: Any,
+                 recorded: List[Tuple[Any, int]]) -> None:
+        self.inputs = inputs
+        self.graph = graph
+        self.outputs = outputs
+        self.recorded = recorded
+
+    def replay(self, leaves: List[Any]) -> Any:
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        for buffer, value in zip(self.inputs, tensors):
+            buffer.copy_(value)
+        self.graph.replay()
+        statistics.advance(self.recorded)
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, self.outputs)
+
+
+class GraphedForward:
+    """Callable that replaces ``model.forward`` while the statistics pass runs (see module doc)."""
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self.forward = forward
+        self.seen: Dict[Hashable, int] = {}
+        self.graphs: Dict[Hashable, Optional[_Graph]] = {}  # None: capture failed, stays eager
+        self.pool = torch.cuda.graph_pool_handle()
+        self.replays = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = _signature(args, kwargs)
+        if key is None:
+            return self.forward(*args, **kwargs)
+        if key in self.graphs:
+            graph = self.graphs[key]
+            if graph is None:
+                return self.forward(*args, **kwargs)
+            self.replays += 1
+            return graph.replay(pytree.tree_flatten((args, kwargs))[0])
+        self.seen[key] = self.seen.get(key, 0) + 1
+        if self.seen[key] == 1:  # warm-up: allocator, cuDNN/cuBLAS plans, statistics state
+            return self.forward(*args, **kwargs)
+        graph = self._capture(args, kwargs)
+        self.graphs[key] = graph
+        if graph is None:
+            return self.forward(*args, **kwargs)
+        self.replays += 1
+        return graph.replay(pytree.tree_flatten((args, kwargs))[0])
+
+    def _capture(self, args: tuple, kwargs: dict) -> Optional[_Graph]:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        inputs = [leaf.clone() for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        it = iter(inputs)
+        static_args, static_kwargs = pytree.tree_unflatten(
+            [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        try:
+            with statistics.capturing() as recorded:
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    outputs = self.forward(*static_args, **static_kwargs)
+        except Exception as error:  # a sync, a new layer, data-dependent shapes: stay eager
+            _LOG.info("statistics pass: forward not captured as a CUDA graph (%s); running it eagerly", error)
+            torch.cuda.synchronize()
+            return None
+        return _Graph(inputs, graph, outputs, recorded)
+
+
+@contextlib.contextmanager
+def graphed_forward(model: nn.Module, enabled: bool = True) -> Iterator[Optional[GraphedForward]]:
+    """Replays ``model``'s forward as CUDA graphs inside the block (a no-op off CUDA or if disabled)."""
+    on_cuda = any(p.is_cuda for p in model.parameters()) or any(b.is_cuda for b in model.buffers())
+    if not (enabled and on_cuda and torch.cuda.is_available()):
+        yield None
+        return
+    had_own = "forward" in model.__dict__
+    previous = model.__dict__.get("forward")
+    graphed = GraphedForward(model.forward)
+    model.forward = graphed  # an instance attribute: only this model, only inside the block
+    try:
+        yield graphed
+    finally:
+        if had_own:
+            model.forward = previous
+        else:
+            del model.forward
+        graphed.graphs.clear()  # frees the graphs and their memory pool

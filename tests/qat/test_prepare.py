@@ -72,7 +72,12 @@ def test_learnable_activation_ranges_get_lsq_gradients(scales_file, fmnist_small
     x, y = test[0]
     nn.functional.cross_entropy(model(x), y).backward()
     assert amax.grad is not None and amax.grad.item() != 0.0
-    _train_steps(model, test, steps=3, lr=0.05)
+    # Adam: the step does not scale with the gradient, which is small when few values clip.
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for x, y in test[:3]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
     assert amax.item() != start.item()
     assert qat.set_amax_trainable(model, False) == len([n for n, _ in model.named_parameters() if n.endswith("amax")])
     assert not amax.requires_grad

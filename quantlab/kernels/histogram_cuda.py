@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -355,7 +356,11 @@ class HistogramKernels:
 
     def __init__(self, device: torch.device) -> None:
         self.functions = _compile(device)
-        self.blocks = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        # Blocks per multiprocessor (QUANTLAB_STATS_BLOCKS_PER_SM; measured in benchmarks/RESULTS.md):
+        # each block adds its shared histogram to the global counts once, so fewer blocks mean
+        # fewer atomics, more mean more loads in flight.
+        per_sm = int(os.environ.get("QUANTLAB_STATS_BLOCKS_PER_SM", "4"))
+        self.blocks = max(1, per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
         _launch_fn()
 
 

@@ -370,13 +370,31 @@ class HistogramCollector:
         self._counts[0] += slots[0]
 
     def _update_host_fused(self, x: torch.Tensor) -> bool:
-        """The host path with the C counting loop (two reads of ``x``); False if it is unavailable."""
+        """The host path with the C counting loop; False if that is unavailable.
+
+        Once a range exists, one read: the loop counts at the current width and
+        reports the batch max and how many values lie above the bins; only if some
+        do (the range grows) is the batch counted again at the new width.
+        """
         if histogram_cpu.count_function() is None:
             return False
-        low, high = torch.aminmax(x)  # one vectorized read for the max of |x|
-        batch_max = max(-float(low), float(high))
-        if not math.isfinite(batch_max):
-            raise self._non_finite(self.num_batches)
+        if self._counts is None:  # no range yet: the max first (one vectorized read)
+            low, high = torch.aminmax(x)
+            batch_max = max(-float(low), float(high))
+            if not math.isfinite(batch_max):
+                raise self._non_finite(self.num_batches)
+        else:
+            assert self._bin_width is not None
+            counted = histogram_cpu.count(x, 1.0 / self._bin_width, self._counts.numel())
+            assert counted is not None
+            part, batch_max, above = counted
+            if not math.isfinite(batch_max):
+                raise self._non_finite(self.num_batches)
+            if above == 0:
+                self._num_batches += 1
+                self._amax = max(self._amax, batch_max)
+                self._counts += part
+                return True
         self._num_batches += 1
         self._amax = max(self._amax, batch_max)
         if self._amax == 0.0:
@@ -384,7 +402,10 @@ class HistogramCollector:
             return True
         self._fit_range(x.device)
         assert self._counts is not None and self._bin_width is not None
-        return histogram_cpu.add_counts(x, 1.0 / self._bin_width, self._counts)
+        counted = histogram_cpu.count(x, 1.0 / self._bin_width, self._counts.numel())
+        assert counted is not None
+        self._counts += counted[0]
+        return True
 
     def _non_finite(self, batch: int) -> NonFiniteActivationError:
         return NonFiniteActivationError(

@@ -359,7 +359,7 @@ class HistogramKernels:
         # Blocks per multiprocessor (QUANTLAB_STATS_BLOCKS_PER_SM; measured in benchmarks/RESULTS.md):
         # each block adds its shared histogram to the global counts once, so fewer blocks mean
         # fewer atomics, more mean more loads in flight.
-        per_sm = int(os.environ.get("QUANTLAB_STATS_BLOCKS_PER_SM", "4"))
+        per_sm = int(os.environ.get("QUANTLAB_STATS_BLOCKS_PER_SM", "2"))
         self.blocks = max(1, per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
         _launch_fn()
 

@@ -359,6 +359,10 @@ class HistogramCollector:
             self._zeros += x.numel()
             return
         self._fit_range(x.device)
+        self._count_with_torch(a)
+
+    def _count_with_torch(self, a: torch.Tensor) -> None:
+        """Adds ``a = |x|`` (consumed) to the counts at the current width, with torch ops."""
         assert self._counts is not None and self._bin_width is not None
         # ceil(|x| / w) is exact for a power-of-two w: 1 + the bin of every non-zero value, and 0
         # for exact zeros. Counting it directly and folding slot 0 into bin 0 gives the same
@@ -385,15 +389,14 @@ class HistogramCollector:
                 raise self._non_finite(self.num_batches)
         else:
             assert self._bin_width is not None
-            counted = histogram_cpu.count(x, 1.0 / self._bin_width, self._counts.numel())
+            counted = histogram_cpu.add_counts(x, 1.0 / self._bin_width, self._counts)
             assert counted is not None
-            part, batch_max, above = counted
+            batch_max, above = counted
             if not math.isfinite(batch_max):
                 raise self._non_finite(self.num_batches)
-            if above == 0:
+            if above == 0:  # counted
                 self._num_batches += 1
                 self._amax = max(self._amax, batch_max)
-                self._counts += part
                 return True
         self._num_batches += 1
         self._amax = max(self._amax, batch_max)
@@ -402,9 +405,9 @@ class HistogramCollector:
             return True
         self._fit_range(x.device)
         assert self._counts is not None and self._bin_width is not None
-        counted = histogram_cpu.count(x, 1.0 / self._bin_width, self._counts.numel())
-        assert counted is not None
-        self._counts += counted[0]
+        counted = histogram_cpu.add_counts(x, 1.0 / self._bin_width, self._counts)
+        if counted is None or counted[1]:  # only if 1 / width overflows float32: keep the torch ops' answer
+            self._count_with_torch(x.abs())
         return True
 
     def _non_finite(self, batch: int) -> NonFiniteActivationError:

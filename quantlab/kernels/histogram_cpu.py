@@ -101,12 +101,10 @@ static int64_t bins_of(const float* x, int64_t m, float scale, float top, int32_
     return above;
 }
 
-/* Counts x[0:n] (n < 2**32) into out[0:size] (overwritten), and returns through the pointers the
-   max of the |x| bits and the number of values above the bins (0: the counts are exact).
-   Returns 0 on success. One thread: a second one (pthread) made the pass slower, competing with
-   PyTorch's spinning OpenMP workers (benchmarks/RESULTS.md). */
-int ql_count_f32(const float* x, int64_t n, float scale, int64_t size, int64_t* out, uint32_t* max_bits,
-                 int64_t* above) {
+/* Counts x[0:n] into out[0:size] (overwritten); the max of the |x| bits and the number of
+   values above the bins through the pointers. Returns 0 on success. */
+static int count_range(const float* x, int64_t n, float scale, int64_t size, int64_t* out, uint32_t* max_bits,
+                       int64_t* above) {
     /* four interleaved private histograms: runs of one bin do not wait on their own increments */
     uint32_t* lanes = (uint32_t*)calloc((size_t)(4 * size), sizeof(uint32_t));
     if (!lanes) return 1;
@@ -132,6 +130,47 @@ int ql_count_f32(const float* x, int64_t n, float scale, int64_t size, int64_t* 
     *above = over;
     return 0;
 }
+
+/* ql_count_f32: count_range over x[0:n] (n < 2**32 per thread), split over `threads` OpenMP
+   threads, added into counts[0:size] only if no value lies above the bins and none is NaN/Inf
+   (else counts stay as they were: the caller recounts at a wider range, or reports the NaN). Built with -fopenmp, this library needs "libgomp.so.1", the name of the OpenMP
+   runtime PyTorch already loaded, so the parts run on PyTorch's own (already spinning) worker
+   threads; a thread of our own competed with them and made the pass slower. */
+#define MAX_THREADS 64
+int ql_count_f32(const float* x, int64_t n, float scale, int64_t size, int64_t* counts, uint32_t* max_bits,
+                 int64_t* above, int threads) {
+    if (threads < 1 || n < 262144) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    int64_t* parts = (int64_t*)calloc((size_t)(threads * size), sizeof(int64_t));
+    if (!parts) return 1;
+    uint32_t highs[MAX_THREADS] = {0};
+    int64_t aboves[MAX_THREADS] = {0};
+    int failed[MAX_THREADS] = {0};
+    const int64_t chunk = (n + threads - 1) / threads;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+#endif
+    for (int t = 0; t < threads; ++t) {
+        const int64_t start = t * chunk < n ? t * chunk : n;
+        const int64_t stop = start + chunk < n ? start + chunk : n;
+        failed[t] = count_range(x + start, stop - start, scale, size, parts + t * size, &highs[t], &aboves[t]);
+    }
+    int bad = 0;
+    uint32_t high = 0;
+    int64_t over = 0;
+    for (int t = 0; t < threads; ++t) {
+        bad |= failed[t];
+        high = highs[t] > high ? highs[t] : high;
+        over += aboves[t];
+    }
+    if (!bad && over == 0 && high < 0x7f800000u)  /* in range and no NaN/Inf */
+        for (int t = 0; t < threads; ++t)
+            for (int64_t b = 0; b < size; ++b) counts[b] += parts[t * size + b];
+    free(parts);
+    *max_bits = high;
+    *above = over;
+    return bad;
+}
 """
 
 _LOCK = threading.Lock()
@@ -147,8 +186,13 @@ def _build(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as folder, atomic_path(target) as tmp:
         source = Path(folder) / "ql_count.c"
         source.write_text(_SOURCE)
-        subprocess.run([compiler, "-O3", "-fno-math-errno", "-shared", "-fPIC", "-o", str(tmp), str(source)],
-                       check=True, capture_output=True, timeout=120)
+        command = [compiler, "-O3", "-fno-math-errno", "-shared", "-fPIC", "-o", str(tmp), str(source)]
+        try:  # OpenMP where PyTorch uses it (GNU libgomp): the parts share PyTorch's worker threads
+            if "OpenMP" not in torch.__config__.parallel_info():
+                raise subprocess.CalledProcessError(1, command)
+            subprocess.run(command[:1] + ["-fopenmp"] + command[1:], check=True, capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run(command, check=True, capture_output=True, timeout=120)  # one thread
 
 
 def count_function() -> Optional[Callable]:
@@ -163,7 +207,7 @@ def count_function() -> Optional[Callable]:
                     _build(target)
                 function = ctypes.CDLL(str(target)).ql_count_f32
                 function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_int64)]
+                                     ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
                 function.restype = ctypes.c_int
                 _FUNCTION = function
             except (OSError, subprocess.SubprocessError, AttributeError) as error:
@@ -176,30 +220,22 @@ def count_function() -> Optional[Callable]:
 
 def takes(x: torch.Tensor) -> bool:
     """Whether the C loop can read this batch in place."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() < 1 << 31
 
 
-def count(x: torch.Tensor, scale: float, size: int) -> "Optional[Tuple[torch.Tensor, float, int]]":
-    """Counts ``x`` into ``size`` bins ``1 / scale`` wide, in one read.
+def add_counts(x: torch.Tensor, scale: float, counts: torch.Tensor) -> "Optional[Tuple[float, int]]":
+    """Counts ``x`` (fewer than 2**31 values) into int64 ``counts`` at bins ``1 / scale`` wide, in one read.
 
     Returns:
-        ``(int64 counts, max of |x|, number of values above the bins)`` (those were
-        clamped into the last bin: the counts are exact only when it is 0), or None where
-        the C loop is unavailable. A NaN in ``x`` gives a NaN max.
+        ``(max of |x|, number of values above the bins)``; ``counts`` changed only if the
+        latter is 0 and the max finite. None where the C loop is unavailable. A NaN in ``x``
+        gives a NaN max.
     """
     function = count_function()
     if function is None:
         return None
-    flat = x.view(-1)
-    total = torch.zeros(size, dtype=torch.int64)
-    part = torch.empty(size, dtype=torch.int64)
     high, above = ctypes.c_uint32(0), ctypes.c_int64(0)
-    max_bits, total_above = 0, 0
-    step = 1 << 31  # the loop's per-bin counters are 32-bit
-    for start in range(0, flat.numel(), step):
-        chunk = flat[start : start + step]
-        if function(chunk.data_ptr(), chunk.numel(), scale, size, part.data_ptr(), ctypes.byref(high), ctypes.byref(above)):
-            raise MemoryError("quantlab statistics: the C counting loop could not allocate its histogram")
-        total += part
-        max_bits, total_above = max(max_bits, high.value), total_above + above.value
-    return total, struct.unpack("<f", struct.pack("<I", max_bits))[0], total_above
+    if function(x.data_ptr(), x.numel(), scale, counts.numel(), counts.data_ptr(), ctypes.byref(high),
+                ctypes.byref(above), torch.get_num_threads()):
+        raise MemoryError("quantlab statistics: the C counting loop could not allocate its histograms")
+    return struct.unpack("<f", struct.pack("<I", high.value))[0], above.value

@@ -174,3 +174,12 @@ def test_cpu_counting_loop_reports_non_finite():
     c.update(torch.ones(10))
     with pytest.raises(NonFiniteActivationError, match=r"head\.fc.*batch 1"):
         c.update(torch.tensor([1.0, -float("inf")]))
+
+
+def test_cpu_counting_loop_leaves_counts_untouched_on_nan():
+    c = HistogramCollector(2048, name="blocks.0")
+    c.update(torch.rand(1000))
+    before = c.stats().counts.clone()
+    with pytest.raises(NonFiniteActivationError, match=r"blocks\.0.*batch 1"):
+        c.update(torch.tensor([0.5, float("nan"), 0.25] * 100))
+    assert torch.equal(c.stats().counts, before) and c.num_batches == 1

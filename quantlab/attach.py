@@ -209,15 +209,17 @@ def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any
             ref.quantizer.set_mode(QuantizerMode.COLLECT)
         else:
             ref.quantizer.mode = QuantizerMode.OFF
-    was_training = model.training
-    if was_training:  # each toggle walks every module: skip it when already in eval mode
+    # Every module in eval mode for the pass (model.eval(), so overrides of train() run), then each
+    # put back as it was (model.train(flag) would also flip submodules the caller set differently).
+    training = [m for m in model.modules() if m.training]
+    if training:
         model.eval()
     try:
         with torch.no_grad(), graphed_forward(model, enabled=cuda_graphs):
             forward_loop(model)
     finally:
-        if was_training:
-            model.train(True)
+        for m in training:
+            m.training = True
         for ref in refs:
             ref.quantizer.mode = saved[id(ref.quantizer)] if ref.role == "weight" else QuantizerMode.OFF
     # On the GPU the statistics stay on the device during the pass; fold them in now (one

@@ -33,13 +33,19 @@ from quantlab import statistics
 _LOG = logging.getLogger(__name__)
 
 
-def _signature(args: tuple, kwargs: dict) -> Optional[Hashable]:
-    """A hashable key of the call: tensors by (shape, dtype, device, strides); None if not graphable."""
+# Input signatures captured per pass at most (each graph holds its own input buffers).
+MAX_GRAPHS = 4
+
+
+def _signature(args: tuple, kwargs: dict, device: torch.device) -> Optional[Hashable]:
+    """A hashable key of the call: tensors by (shape, dtype, strides), the grad and autocast modes;
+    None if not graphable (a tensor on another device, one that requires grad, an unhashable value)."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    key: List[Hashable] = [str(spec)]
+    key: List[Hashable] = [str(spec), torch.is_grad_enabled(), torch.is_autocast_enabled("cuda"),
+                           torch.get_autocast_dtype("cuda")]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            if not leaf.is_cuda or leaf.requires_grad:
+            if leaf.device != device or leaf.requires_grad:
                 return None
             key.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.stride()))
         else:
@@ -73,16 +79,24 @@ class _Graph:
 class GraphedForward:
     """Callable that replaces ``model.forward`` while the statistics pass runs (see module doc)."""
 
-    def __init__(self, forward: Callable[..., Any]) -> None:
+    def __init__(self, forward: Callable[..., Any], device: torch.device) -> None:
         self.forward = forward
+        self.device = device
         self.seen: Dict[Hashable, int] = {}
         self.graphs: Dict[Hashable, Optional[_Graph]] = {}  # None: capture failed, stays eager
-        self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.device(device):
+            self.pool = torch.cuda.graph_pool_handle()
+            self.stream = torch.cuda.Stream(device)
+        self.epoch = statistics.epoch()
         self.replays = 0
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = _signature(args, kwargs)
-        if key is None:
+        if statistics.epoch() != self.epoch:  # statistics were read mid-pass: the graphs' state is gone
+            self.graphs.clear()
+            self.seen.clear()
+            self.epoch = statistics.epoch()
+        key = _signature(args, kwargs, self.device)
+        if key is None or (key not in self.graphs and len(self.graphs) >= MAX_GRAPHS):
             return self.forward(*args, **kwargs)
         if key in self.graphs:
             graph = self.graphs[key]
@@ -107,28 +121,59 @@ class GraphedForward:
         static_args, static_kwargs = pytree.tree_unflatten(
             [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.device)
         try:
-            with statistics.capturing() as recorded:
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.device(self.device), statistics.capturing() as recorded:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                     outputs = self.forward(*static_args, **static_kwargs)
         except Exception as error:  # a sync, a new layer, data-dependent shapes: stay eager
             _LOG.info("statistics pass: forward not captured as a CUDA graph (%s); running it eagerly", error)
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
+            return None
+        if statistics.epoch() != self.epoch:  # the forward read statistics while being captured
             return None
         return _Graph(inputs, graph, outputs, recorded)
 
 
+def _foreign_hooks(model: nn.Module) -> bool:
+    """Whether forward hooks other than quantlab's input hooks are registered (they would run only
+    while capturing, not on replays)."""
+    from torch.nn.modules import module as module_globals
+
+    from quantlab.attach import _input_hook
+
+    if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        return True
+    for m in model.modules():
+        if m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return True
+        if any(hook is not _input_hook for hook in m._forward_pre_hooks.values()):
+            return True
+    return False
+
+
+def _single_cuda_device(model: nn.Module) -> Optional[torch.device]:
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if len(devices) != 1:
+        return None
+    (device,) = devices
+    return device if device.type == "cuda" else None
+
+
 @contextlib.contextmanager
 def graphed_forward(model: nn.Module, enabled: bool = True) -> Iterator[Optional[GraphedForward]]:
-    """Replays ``model``'s forward as CUDA graphs inside the block (a no-op off CUDA or if disabled)."""
-    on_cuda = any(p.is_cuda for p in model.parameters()) or any(b.is_cuda for b in model.buffers())
-    if not (enabled and on_cuda and torch.cuda.is_available()):
+    """Replays ``model``'s forward as CUDA graphs inside the block.
+
+    A no-op (yields None) if disabled, off CUDA, for a model spread over several
+    devices, or with forward hooks of its own (they would not run on replays).
+    """
+    device = _single_cuda_device(model) if enabled and torch.cuda.is_available() else None
+    if device is None or _foreign_hooks(model):
         yield None
         return
     had_own = "forward" in model.__dict__
     previous = model.__dict__.get("forward")
-    graphed = GraphedForward(model.forward)
+    graphed = GraphedForward(model.forward, device)
     model.forward = graphed  # an instance attribute: only this model, only inside the block
     try:
         yield graphed

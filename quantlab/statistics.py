@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -93,28 +94,45 @@ class NotCapturable(RuntimeError):
     """A statistics update that cannot be recorded into a CUDA graph (it would allocate or read back)."""
 
 
-# While a CUDA graph is captured (quantlab.cuda_graphs): the (accumulator, elements) of every update.
-_RECORDING: Optional[List[Tuple["_DeviceAccumulator", int]]] = None
+# While this thread captures a CUDA graph (quantlab.cuda_graphs): the (accumulator, elements) of
+# every update. Per thread, as the capture itself is (capture_error_mode="thread_local").
+_CAPTURE = threading.local()
+# Advanced whenever an accumulator that a graph writes into is read and recycled: graphs captured
+# before must not be replayed after (quantlab.cuda_graphs checks it).
+_EPOCH = [0]
+
+
+def _recording() -> Optional[List[Tuple["_DeviceAccumulator", int]]]:
+    return getattr(_CAPTURE, "recorded", None)
+
+
+def epoch() -> int:
+    """Changes when a graph's statistics state was read mid-pass (its graphs are then stale)."""
+    return _EPOCH[0]
 
 
 @contextlib.contextmanager
 def capturing() -> Iterator[List[Tuple["_DeviceAccumulator", int]]]:
-    """Records the statistics updates made while a CUDA graph is captured.
+    """Records the statistics updates made while this thread captures a CUDA graph.
 
     Captured work does not run, so the host-side counters that the updates
     advanced are put back on exit; :func:`advance` applies them once per replay.
     An update that cannot be captured raises :class:`NotCapturable`.
     """
-    global _RECORDING
     recorded: List[Tuple["_DeviceAccumulator", int]] = []
-    _RECORDING = recorded
+    _CAPTURE.recorded = recorded
     try:
         yield recorded
     finally:
-        _RECORDING = None
+        _CAPTURE.recorded = None
         for accumulator, elements in recorded:
             accumulator.batches -= 1
             accumulator.elements -= elements
+
+
+def _capturing_on(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def advance(recorded: List[Tuple["_DeviceAccumulator", int]]) -> None:
@@ -135,9 +153,10 @@ class _DeviceAccumulator:
     they are the elements the histogram did not count, added to bin 0 by :meth:`read`.
 
     Per batch, on float32/16 and bfloat16 CUDA tensors with the default bins,
-    three fused kernels (:mod:`quantlab.kernels.histogram_cuda`: batch max,
-    range update, counting; two reads of ``x``). Otherwise, and where those
-    kernels cannot be compiled, the same arithmetic in torch ops follows.
+    one fused kernel (:mod:`quantlab.kernels.histogram_cuda`: max, counting and
+    range update in one read of ``x``; a second launch for a tensor's first
+    batch). Otherwise, and where that cannot be compiled, the same arithmetic
+    in torch ops follows.
 
     Torch ops: about 20 kernel launches and nothing read back: ``a = |x|``; its
     max updates the range; when the width grows by ``2**k`` the old counts move to
@@ -169,6 +188,7 @@ class _DeviceAccumulator:
         self.batches = 0
         self.elements = 0
         self._stale = False  # reset() was called: clear the device state before the next batch
+        self.in_graph = False  # a captured CUDA graph writes into this state
         # The fused kernels (quantlab.kernels.histogram_cuda) where they apply: one read per batch.
         # Both paths update amax, exponent and counts in place, so batches may take either.
         self._kernels: Optional[histogram_cuda.FusedHistogram] = None
@@ -191,10 +211,11 @@ class _DeviceAccumulator:
         self._stale = True
 
     def update(self, x: torch.Tensor) -> None:
-        if _RECORDING is not None:  # only the fused kernel on an existing state is replayable
-            if self._kernels is None or not histogram_cuda.takes(x) or self.batches == 0 or x.numel() >= _KERNEL_CHUNK:
-                raise NotCapturable("statistics update not capturable (first batch, or not the fused kernel)")
-            _RECORDING.append((self, x.numel()))
+        recording = _recording()
+        if recording is not None:  # only the fused kernel on an existing state, on the captured device
+            if (self._kernels is None or not histogram_cuda.takes(x) or self.batches == 0
+                    or x.numel() >= _KERNEL_CHUNK or not _capturing_on(x.device)):
+                raise NotCapturable("statistics update not capturable (first batch, other device, or not the fused kernel)")
         if self._kernels is not None and histogram_cuda.takes(x):
             self._update_fused(x)  # clears a stale state itself (first batch)
         else:
@@ -206,6 +227,9 @@ class _DeviceAccumulator:
         self._stale = False
         self.batches += 1
         self.elements += x.numel()
+        if recording is not None:  # after the launch: a failed one leaves nothing to take back
+            self.in_graph = True
+            recording.append((self, x.numel()))
 
     def _update_fused(self, x: torch.Tensor) -> None:
         assert self._kernels is not None
@@ -330,7 +354,7 @@ class HistogramCollector:
         if x.numel() == 0:
             return
         if self.sync_free if self.sync_free is not None else x.is_cuda:
-            if _RECORDING is not None and (self._device is None or not self._device.accepts(x)):
+            if _recording() is not None and (self._device is None or not self._device.accepts(x)):
                 raise NotCapturable(f"statistics of '{self.name}' start inside a CUDA graph capture")
             if self._device is not None and not self._device.accepts(x):
                 self.flush()  # a batch of another dtype or device: fold in and start over
@@ -382,7 +406,12 @@ class HistogramCollector:
         """
         if histogram_cpu.count_function() is None:
             return False
-        if self._counts is None:  # no range yet: the max first (one vectorized read)
+        counts = self._counts
+        if counts is not None and not (counts.device.type == "cpu" and counts.dtype == torch.int64 and counts.is_contiguous()):
+            return False  # e.g. statistics loaded onto a GPU: the torch ops handle (or report) it
+        # A range wider than 2 * num_bins bins (statistics loaded or merged from elsewhere): its
+        # width can grow before a value falls above the bins, so take the max first there too.
+        if counts is None or counts.numel() > 2 * self.num_bins:  # the max first (one vectorized read)
             low, high = torch.aminmax(x)
             batch_max = max(-float(low), float(high))
             if not math.isfinite(batch_max):
@@ -406,7 +435,7 @@ class HistogramCollector:
         self._fit_range(x.device)
         assert self._counts is not None and self._bin_width is not None
         counted = histogram_cpu.add_counts(x, 1.0 / self._bin_width, self._counts)
-        if counted is None or counted[1]:  # only if 1 / width overflows float32: keep the torch ops' answer
+        if counted is None or counted[1]:  # only if 1 / width overflows float32 (amax below ~2**-116)
             self._count_with_torch(x.abs())
         return True
 
@@ -437,6 +466,9 @@ class HistogramCollector:
             self._add(counts=None, width=None, amax=0.0, num_batches=pending.batches, zeros=int(counts[0]))
         else:
             self._add(counts=counts, width=width, amax=amax, num_batches=pending.batches, zeros=0, owned=True)
+        if pending.in_graph:  # graphs captured with this state must not run again (quantlab.cuda_graphs)
+            _EPOCH[0] += 1
+            pending.in_graph = False
         pending.reset()
         self._spare = pending
 

@@ -3,18 +3,24 @@
 The torch-op host path makes about nine passes over each activation (abs, max,
 scale, ceil, int conversion, and bincount's own min/max and counting, the last
 single-threaded at ~1.1 ns per element); on the Fashion-MNIST CNN that made the
-statistics pass 1.6-2.0x an FP32 forward (benchmarks/RESULTS.md). Here the
-count is one C loop over the float32 data: bins ``ceil(|x| * scale) - 1``
-computed four at a time with SSE2, then counted into four interleaved private
-histograms (so that runs of equal values do not wait on their own increments);
-the batch max stays a torch op (``aminmax``, vectorized). One thread: a second
-one competed with PyTorch's spinning OpenMP workers and made the pass slower.
-The arithmetic is the host path's (float32 multiply by the power-of-two
+statistics pass 1.6-2.0x an FP32 forward (benchmarks/RESULTS.md). Here one C
+loop reads the float32 data once: bins ``ceil(|x| * scale) - 1`` computed four
+at a time with SSE2, counted into four interleaved private histograms (so that
+runs of equal values do not wait on their own increments), while it tracks the
+max of |x| and how many values lie above the bins; the counts are added only if
+none does (otherwise the caller widens the range and counts again). Large
+tensors are split over PyTorch's intra-op threads with OpenMP: built with
+``-fopenmp``, the library needs ``libgomp.so.1``, which is the name of the
+OpenMP runtime that PyTorch's Linux wheels load, so the parts run on PyTorch's
+own (still spinning) workers; threads of our own competed with those and made
+the pass slower. With another OpenMP runtime a second one is loaded (correct,
+slower). The arithmetic is the host path's (float32 multiply by the power-of-two
 reciprocal, ceil), so the counts are identical (tests/quantlab/test_statistics.py).
 
 The C source is compiled once per machine with the system C compiler (``cc``,
-Debian's gcc) into the quantlab cache folder, written atomically; where no
-compiler works, :func:`count_function` returns None and callers keep the torch ops.
+Debian's gcc) into the quantlab cache folder, written atomically and keyed by the
+source, compiler and flags; where no compiler works, :func:`count_function`
+returns None and callers keep the torch ops.
 """
 from __future__ import annotations
 
@@ -177,18 +183,24 @@ _LOCK = threading.Lock()
 _FUNCTION: "Optional[Callable] | bool" = False  # False: not tried yet; None: unavailable
 
 
+def _compiler() -> str:
+    compiler = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    return compiler if shutil.which(compiler) is not None else "cc"
+
+
+def _use_openmp() -> bool:
+    return "OpenMP" in torch.__config__.parallel_info()
+
+
 def _build(target: Path) -> None:
-    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    compiler = compiler.split()[0]
-    if shutil.which(compiler) is None:
-        compiler = "cc"
+    compiler = _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as folder, atomic_path(target) as tmp:
         source = Path(folder) / "ql_count.c"
         source.write_text(_SOURCE)
         command = [compiler, "-O3", "-fno-math-errno", "-shared", "-fPIC", "-o", str(tmp), str(source)]
         try:  # OpenMP where PyTorch uses it (GNU libgomp): the parts share PyTorch's worker threads
-            if "OpenMP" not in torch.__config__.parallel_info():
+            if not _use_openmp():
                 raise subprocess.CalledProcessError(1, command)
             subprocess.run(command[:1] + ["-fopenmp"] + command[1:], check=True, capture_output=True, timeout=120)
         except subprocess.CalledProcessError:
@@ -200,7 +212,8 @@ def count_function() -> Optional[Callable]:
     global _FUNCTION
     with _LOCK:
         if _FUNCTION is False:
-            digest = hashlib.sha256(_SOURCE.encode()).hexdigest()[:16]
+            key = "\n".join([_SOURCE, _compiler(), str(_use_openmp())])
+            digest = hashlib.sha256(key.encode()).hexdigest()[:16]
             target = default_cache_dir() / "kernels" / f"ql_count_{digest}.so"
             try:
                 if not target.exists():

@@ -170,3 +170,17 @@ def test_cuda_graph_option_is_a_no_op_on_the_cpu():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with graphed_forward(model) as graphed:
         assert graphed is None and "forward" not in model.__dict__
+
+
+def test_statistics_pass_runs_every_module_in_eval_mode_and_restores_each():
+    from quantlab.attach import collect_statistics
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
+    model[1].train()  # a submodule left in training mode: its running stats must not move
+    ql.quantize(model, ql.int8_config())
+    before = model[1].running_mean.clone()
+    modes = []
+    collect_statistics(model, lambda m: (modes.append([x.training for x in m.modules()]), m(torch.randn(8, 4))))
+    assert not any(modes[0])
+    assert torch.equal(model[1].running_mean, before)
+    assert [m.training for m in model] == [False, True, False]

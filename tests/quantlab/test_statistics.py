@@ -183,3 +183,19 @@ def test_cpu_counting_loop_leaves_counts_untouched_on_nan():
     with pytest.raises(NonFiniteActivationError, match=r"blocks\.0.*batch 1"):
         c.update(torch.tensor([0.5, float("nan"), 0.25] * 100))
     assert torch.equal(c.stats().counts, before) and c.num_batches == 1
+
+
+def test_cpu_counting_loop_on_loaded_statistics_with_more_bins(monkeypatch):
+    """Statistics loaded with more than 2 * num_bins bins: the range must widen as on the torch path."""
+    from quantlab import statistics
+    from quantlab.calibrators import HistogramStats
+
+    def run():
+        c = HistogramCollector.from_stats(HistogramStats(counts=torch.ones(100, dtype=torch.int64), bin_width=1 / 16, amax=6.2), num_bins=16)
+        c.update(torch.tensor([5.0, 0.1, 1.5]))  # inside the loaded 100 bins, beyond 2 * 16 of them
+        return c.stats()
+
+    fused = run()
+    monkeypatch.setattr(statistics, "FUSED_KERNELS", False)
+    ops = run()
+    assert (fused.bin_width, fused.amax) == (ops.bin_width, ops.amax) and torch.equal(fused.counts, ops.counts)

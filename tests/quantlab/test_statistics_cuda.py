@@ -194,3 +194,38 @@ def test_collect_statistics_uses_graphs_by_default(kernels):
         reference, lambda m: [m(x) for x in batches], cuda_graphs=False)
     for (name, ours), theirs in zip(_stats(model).items(), _stats(reference).values()):
         assert torch.equal(ours[2], theirs[2]), name
+
+
+def test_reading_statistics_mid_pass_retires_the_graphs(kernels):
+    from quantlab.attach import collect_statistics, iter_quantizers
+    from quantlab.cuda_graphs import graphed_forward
+
+    graphed_model, eager_model, batches = _graph_case()
+
+    def loop(m):
+        quantizer = next(r.quantizer for r in iter_quantizers(m) if r.role == "input")
+        for i, x in enumerate(batches):
+            m(x)
+            if i == 3:
+                assert quantizer.collector.amax > 0  # a read mid-pass folds the device state in
+    with graphed_forward(graphed_model) as graphed:
+        counts = collect_statistics(graphed_model, loop, cuda_graphs=False)
+    assert graphed.replays >= 1
+    assert counts == collect_statistics(eager_model, loop, cuda_graphs=False)
+    for (name, ours), theirs in zip(_stats(graphed_model).items(), _stats(eager_model).values()):
+        assert ours[:2] == theirs[:2] and torch.equal(ours[2], theirs[2]), name
+
+
+def test_graphs_stay_off_with_foreign_hooks_or_several_devices(kernels):
+    from quantlab.cuda_graphs import graphed_forward
+
+    model, _, _ = _graph_case()
+    handle = model.conv.register_forward_hook(lambda *a: None)
+    with graphed_forward(model) as graphed:
+        assert graphed is None
+    handle.remove()
+    with graphed_forward(model) as graphed:
+        assert graphed is not None
+    model.head.cpu()
+    with graphed_forward(model) as graphed:
+        assert graphed is None

@@ -413,22 +413,19 @@ class HistogramCollector:
         # width can grow before a value falls above the bins, so take the max first there too.
         if counts is None or counts.numel() > 2 * self.num_bins:  # the max first (one vectorized read)
             low, high = torch.aminmax(x)
-            batch_max = max(-float(low), float(high))
-            if not math.isfinite(batch_max):
-                raise self._non_finite(self.num_batches)
+            batch_max, counted = max(-float(low), float(high)), False
         else:
             assert self._bin_width is not None
-            counted = histogram_cpu.add_counts(x, 1.0 / self._bin_width, self._counts)
-            assert counted is not None
-            batch_max, above = counted
-            if not math.isfinite(batch_max):
-                raise self._non_finite(self.num_batches)
-            if above == 0:  # counted
-                self._num_batches += 1
-                self._amax = max(self._amax, batch_max)
-                return True
+            result = histogram_cpu.add_counts(x, 1.0 / self._bin_width, counts)
+            assert result is not None
+            batch_max, above = result
+            counted = above == 0  # the counts took the batch (only if it fits and is finite)
+        if not math.isfinite(batch_max):
+            raise self._non_finite(self.num_batches)
         self._num_batches += 1
         self._amax = max(self._amax, batch_max)
+        if counted:
+            return True
         if self._amax == 0.0:
             self._zeros += x.numel()
             return True

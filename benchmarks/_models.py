@@ -109,6 +109,20 @@ class EncoderOutput(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
+class SizedBatches:
+    """Batches made on demand by ``make(device)``, with a length as a DataLoader has one
+    (quantlab's forward_loop reads it to decide whether CUDA graphs pay off)."""
+
+    def __init__(self, make: Callable[[torch.device], Iterator[Any]], device: torch.device, count: int) -> None:
+        self.make, self.device, self.count = make, device, count
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.make(self.device))
+
+    def __len__(self) -> int:
+        return self.count
+
+
 @dataclasses.dataclass
 class Workload:
     """A model factory plus lazily generated calibration batches.
@@ -116,7 +130,7 @@ class Workload:
     Attributes:
         name: Model key.
         build: Returns a fresh FP32 model in eval mode (on the CPU).
-        batches: ``batches(device)`` yields model inputs (a tensor or a dict of tensors).
+        batches: ``batches(device)`` is a sized iterable of model inputs (a tensor or a dict of tensors).
         numpy_batches: Yields the same inputs as dicts of numpy arrays keyed by
             ONNX input name (for ONNX Runtime).
         input_names: ONNX input names.
@@ -125,7 +139,7 @@ class Workload:
 
     name: str
     build: Callable[[], nn.Module]
-    batches: Callable[[torch.device], Iterator[Any]]
+    batches: Callable[[torch.device], SizedBatches]
     numpy_batches: Callable[[], Iterator[Dict[str, np.ndarray]]]
     input_names: List[str]
     example: Callable[[], Any]
@@ -158,7 +172,7 @@ def make_workload(name: str, samples: int, batch_size: int) -> Workload:
             for x in fmnist_batches(torch.device("cpu")):
                 yield {"input": x.numpy()}
 
-        return Workload(name, lambda: pretrained_fmnist_cnn().eval(), fmnist_batches, fmnist_numpy, ["input"], lambda: images[:1].clone())
+        return Workload(name, lambda: pretrained_fmnist_cnn().eval(), lambda d: SizedBatches(fmnist_batches, d, len(sizes)), fmnist_numpy, ["input"], lambda: images[:1].clone())
 
     if name == "resnet50":
         def image_batch(i: int, n: int, device: torch.device) -> torch.Tensor:
@@ -177,7 +191,7 @@ def make_workload(name: str, samples: int, batch_size: int) -> Workload:
             torch.manual_seed(0)
             return ResNet50Shape().eval()
 
-        return Workload(name, build_resnet, resnet_batches, resnet_numpy, ["input"], lambda: image_batch(0, 1, torch.device("cpu")))
+        return Workload(name, build_resnet, lambda d: SizedBatches(resnet_batches, d, len(sizes)), resnet_numpy, ["input"], lambda: image_batch(0, 1, torch.device("cpu")))
 
     if name in ("bert-base", "minilm"):
         vocab = 30522
@@ -201,7 +215,7 @@ def make_workload(name: str, samples: int, batch_size: int) -> Workload:
         return Workload(
             name,
             lambda: EncoderOutput(build_encoder(name)).eval(),
-            token_batches,
+            lambda d: SizedBatches(token_batches, d, len(sizes)),
             token_numpy,
             ["input_ids", "attention_mask"],
             lambda: token_batch(0, 1, torch.device("cpu")),

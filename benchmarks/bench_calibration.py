@@ -75,7 +75,7 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
-    run_batches(model, iter([next(wl.batches(device))]))  # warm-up: kernels, allocator
+    run_batches(model, iter([next(iter(wl.batches(device)))]))  # warm-up: kernels, allocator
 
     fp32_times: List[float] = []
     fp32_graph_times: List[float] = []
@@ -230,7 +230,7 @@ def worker_modelopt(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
-    run_batches(model, iter([next(wl.batches(device))]))
+    run_batches(model, iter([next(iter(wl.batches(device)))]))
     ext_seconds = _modelopt_kernels(device, args.modelopt_cuda_ext)
 
     def loop(m: torch.nn.Module) -> None:

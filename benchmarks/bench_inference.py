@@ -131,7 +131,7 @@ def torch_rows(args: argparse.Namespace, device: torch.device) -> List[List[Any]
             if name != "PyTorch FP32":
                 variants[name + ", torch.compile"] = torch.compile(variants[name], mode=args.compile_mode)
     for bs in batch_sizes:
-        batch = next(make_workload(args.model, bs, bs).batches(device))
+        batch = next(iter(make_workload(args.model, bs, bs).batches(device)))
         with torch.no_grad():
             ref = call(base, batch)
             for name, model in variants.items():

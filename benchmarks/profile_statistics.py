@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -103,6 +105,82 @@ def device_path_checks(device: torch.device) -> list:
     return rows
 
 
+def phase_times(model, wl, device, repeats: int = 3) -> List[List[Any]]:
+    """Host clock through one statistics pass and one FP32 pass: setup, enqueueing the batches,
+    waiting for the GPU, and the read-back at the end (median ms of ``repeats``)."""
+    import statistics as st
+
+    from quantlab.attach import collect_statistics
+    from quantlab.batching import forward_loop
+
+    rows: Dict[str, List[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        rows.setdefault(name, []).append(value * 1000)
+
+    for _ in range(repeats):
+        marks: Dict[str, float] = {}
+        loop = forward_loop(wl.batches(device))
+
+        def timed_loop(m, loop=loop, marks=marks):
+            marks["loop"] = time.perf_counter()
+            loop(m)
+            marks["enqueued"] = time.perf_counter()
+            C.sync(device)
+            marks["drained"] = time.perf_counter()
+
+        timed_loop.expected_batches = loop.expected_batches
+        C.sync(device)
+        start = time.perf_counter()
+        collect_statistics(model, timed_loop)
+        end = time.perf_counter()
+        add("statistics: setup (modes, eval, graph wrapper)", marks["loop"] - start)
+        add("statistics: batches enqueued (host)", marks["enqueued"] - marks["loop"])
+        add("statistics: GPU still busy after that", marks["drained"] - marks["enqueued"])
+        add("statistics: end (modes back, read-back of every tensor)", end - marks["drained"])
+        add("statistics: total", end - start)
+        C.sync(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for batch in wl.batches(device):
+                model(batch) if not isinstance(batch, dict) else model(**batch)
+        enqueued = time.perf_counter()
+        C.sync(device)
+        end = time.perf_counter()
+        add("FP32 (quantizers off): batches enqueued (host)", enqueued - start)
+        add("FP32 (quantizers off): GPU still busy after that", end - enqueued)
+        add("FP32 (quantizers off): total", end - start)
+    return [[name, f"{st.median(values):.2f}"] for name, values in rows.items()]
+
+
+def calibrator_profile(model, device) -> str:
+    """Seconds per calibrator on the statistics the model holds, then where one run's host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from quantlab.ptq import parse_calibrators, run_calibrators
+
+    everything = parse_calibrators("all")
+
+    rows = []
+    for name in everything:
+        C.sync(device)
+        seconds, _ = C.timed(lambda: run_calibrators(model, [name]), device)
+        rows.append([name, f"{seconds * 1000:.1f}"])
+    seconds, _ = C.timed(lambda: run_calibrators(model, everything), device)
+    rows.append(["all four (as run_ptq: weights once)", f"{seconds * 1000:.1f}"])
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run_calibrators(model, everything)
+    C.sync(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(14)
+    return ("### Calibrators on the pass's statistics (ms)\n\n" + C.markdown_table(["calibrator", "ms"], rows)
+            + f"\n\ncProfile of all four, by own time:\n\n```\n{text.getvalue()[-4000:]}\n```\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     C.add_common_args(parser)
@@ -112,6 +190,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--shape", default="64,256,56,56")
     parser.add_argument("--host-profile", action="store_true", help="also cProfile one pass (host time by function)")
+    parser.add_argument("--phases", action="store_true", help="only the host-clock phases of a pass vs FP32 (skips the rest)")
     args = parser.parse_args()
     device = C.setup_torch(args)
     import quantlab
@@ -119,6 +198,17 @@ def main() -> None:
     from quantlab.batching import forward_loop
 
     out = [C.machine_header("Profile of the statistics pass", {"device": str(device)})]
+    if args.phases:
+        wl = make_workload(args.model, args.samples, args.batch_size)
+        model = wl.build().to(device)
+        run_batches(model, iter([next(iter(wl.batches(device)))]))
+        quantlab.quantize(model, quantlab.int8_config())
+        collect_statistics(model, forward_loop(wl.batches(device)))  # warm-up: kernels compiled, state allocated
+        out.append(f"### Phases of one pass, {args.model}, {args.samples} samples, batch {args.batch_size} (median ms)\n\n"
+                   + C.markdown_table(["phase", "ms"], phase_times(model, wl, device)))
+        out.append(calibrator_profile(model, device))
+        C.emit("\n".join(out), args.append)
+        return
     shape = tuple(int(s) for s in args.shape.split(","))
     out.append(f"### update() pieces on a ReLU output of shape {shape}\n\n" + C.markdown_table(
         ["step", "median ms", "GB/s of fp32 input"], pieces(device, shape, args.repeats)))
@@ -126,9 +216,9 @@ def main() -> None:
         ["case", "accumulator", "counts, width, amax", "synchronizing call in update()"], device_path_checks(device)))
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
-    run_batches(model, iter([next(wl.batches(device))]))
+    run_batches(model, iter([next(iter(wl.batches(device)))]))
     quantlab.quantize(model, quantlab.int8_config())
-    collect_statistics(model, forward_loop(iter([next(wl.batches(device))])))
+    collect_statistics(model, forward_loop(iter([next(iter(wl.batches(device)))])))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         collect_statistics(model, forward_loop(wl.batches(device)))

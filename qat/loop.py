@@ -29,6 +29,7 @@ from quantlab.qat import ddp
 from quantlab.qat.bn_fold import freeze_bn_stats
 from quantlab.qat.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from quantlab.qat.errors import NonFiniteLossError, QATError
+from quantlab.qat.sync_bn import synced_batchnorm
 
 TASKS = ("classification", "causal_lm")
 # Fields that define the schedule: a resumed run must use the same values.
@@ -61,6 +62,9 @@ class TrainConfig:
         freeze_bn_after: Freeze all BatchNorm statistics after N steps.
         seed: Data order and initial RNG seed.
         shuffle: Shuffle the data every epoch (``seed + epoch``).
+        sync_batchnorm: Under DDP on CUDA, normalize with the statistics of the
+            global batch (SyncBatchNorm for the run, plain BatchNorm again after),
+            so N GPUs at batch B/N train as one GPU at batch B.
     """
 
     task: str = "classification"
@@ -78,6 +82,7 @@ class TrainConfig:
     freeze_bn_after: Optional[int] = None
     seed: int = 0
     shuffle: bool = True
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -307,66 +312,72 @@ def train(
     else:
         torch.manual_seed(config.seed + rank)
 
-    train_model: nn.Module = base
-    if ddp.is_distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
-        ids = [device.index] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
-        train_model = model
-    if config.freeze_bn_after is not None and step >= config.freeze_bn_after:
-        freeze_bn_stats(base)
+    sync_bn = config.sync_batchnorm and ddp.is_distributed()
+    if sync_bn and device.type != "cuda":
+        raise QATError("sync_batchnorm needs every rank on a CUDA device (NCCL); this job runs on " + device.type)
+    with synced_batchnorm(base, sync_bn):
+        train_model: nn.Module = base
+        if ddp.is_distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
+            ids = [device.index] if device.type == "cuda" else None
+            train_model = nn.parallel.DistributedDataParallel(base, device_ids=ids)
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            train_model = model
+        if config.freeze_bn_after is not None and step >= config.freeze_bn_after:
+            freeze_bn_stats(base)
 
-    def write_checkpoint() -> Optional[Path]:
-        nonlocal last_good_step
+        def write_checkpoint() -> Optional[Path]:
+            nonlocal last_good_step
+            last_good_step = step
+            states = ddp.all_gather_object(rng_state())  # collective: every rank takes part
+            if ckpt_path is None or not ddp.is_main_process():
+                return ckpt_path
+            return save_checkpoint(ckpt_path, {
+                "step": step, "total_steps": total, "schedule": schedule_key, "losses": losses,
+                "model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": states,
+            })
+
+        last_good = ckpt_path if (resume and ckpt_path is not None) else None
         last_good_step = step
-        states = ddp.all_gather_object(rng_state())  # collective: every rank takes part
-        if ckpt_path is None or not ddp.is_main_process():
-            return ckpt_path
-        return save_checkpoint(ckpt_path, {
-            "step": step, "total_steps": total, "schedule": schedule_key, "losses": losses,
-            "model": base.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": states,
-        })
-
-    last_good = ckpt_path if (resume and ckpt_path is not None) else None
-    last_good_step = step
-    start_time = time.perf_counter()
-    train_model.train()
-    while step < total:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, offset * loader_args["batch_size"])
-        for batch in loader:
-            batch = to_device(batch, device)
-            loss = compute_loss(train_model, batch, config.task)
-            # One collective gives both the mean loss over ranks and a NaN on any rank.
-            mean_loss = loss.detach().reshape(1).double()
-            if ddp.is_distributed():
-                torch.distributed.all_reduce(mean_loss)
-                mean_loss /= world
-            value = float(mean_loss)
-            if not math.isfinite(value):
-                where = f"last good checkpoint: {last_good} (step {last_good_step})" if last_good else "no checkpoint was written yet"
-                raise NonFiniteLossError(
-                    f"training loss is {value} at step {step + 1} of {total} (epoch {epoch}); "
-                    f"stopped before updating the model; {where}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(base.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            losses.append(value)
-            if config.freeze_bn_after is not None and step == config.freeze_bn_after:
-                freeze_bn_stats(base)
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
-                last_good = write_checkpoint()
-            if progress is not None:
-                progress(TrainProgress(step, total, epoch, value, scheduler.get_last_lr()[0], time.perf_counter() - start_time))
-            if step >= total:
-                break
-    ddp.broadcast_buffers(base)  # BatchNorm statistics of the last step differ per rank
+        start_time = time.perf_counter()
+        train_model.train()
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, offset * loader_args["batch_size"])
+            for batch in loader:
+                batch = to_device(batch, device)
+                loss = compute_loss(train_model, batch, config.task)
+                # One collective gives both the mean loss over ranks and a NaN on any rank.
+                mean_loss = loss.detach().reshape(1).double()
+                if ddp.is_distributed():
+                    torch.distributed.all_reduce(mean_loss)
+                    mean_loss /= world
+                value = float(mean_loss)
+                if not math.isfinite(value):
+                    where = f"last good checkpoint: {last_good} (step {last_good_step})" if last_good else "no checkpoint was written yet"
+                    raise NonFiniteLossError(
+                        f"training loss is {value} at step {step + 1} of {total} (epoch {epoch}); "
+                        f"stopped before updating the model; {where}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(base.parameters(), config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                losses.append(value)
+                if config.freeze_bn_after is not None and step == config.freeze_bn_after:
+                    freeze_bn_stats(base)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total:
+                    last_good = write_checkpoint()
+                if progress is not None:
+                    progress(TrainProgress(step, total, epoch, value, scheduler.get_last_lr()[0], time.perf_counter() - start_time))
+                if step >= total:
+                    break
+        ddp.broadcast_buffers(base)  # BatchNorm statistics of the last step differ per rank
+    if sync_bn and config.freeze_bn_after is not None and step >= config.freeze_bn_after:
+        freeze_bn_stats(base)  # the frozen flags were set on the synced copies
     if config.checkpoint_every:
         last_good = write_checkpoint()
     base.eval()

@@ -174,6 +174,7 @@ def run_qat(
                 store.set_status(run_id, "running", progress=p.step / p.total_steps)
 
         result = train(model, train_data, train_config, checkpoint_dir=out, resume=resume, progress=report)
+        ddp.check_ranges_agree(model)  # a diverged rank is an error, not a silently different scales file
         after = _evaluate(model, eval_batches, metric)
         seconds["qat"] = after["seconds"]
         files: Dict[str, Path] = {}
@@ -217,5 +218,8 @@ def _write_run_file(out: Path, run_id, metric, fp32, ptq, calibrator, after=None
         "seconds": {"fp32": fp32["seconds"], "ptq": ptq["seconds"], "qat": after["seconds"] if after else None},
         "steps": train.steps if train else None, "train_seconds": train.seconds if train else None,
         "final_loss": train.losses[-1] if train and train.losses else None,
+        "world_size": ddp.world_size(),
+        # Mean over ranks, one per step (a resumed run keeps the steps before the interruption).
+        "losses": list(train.losses) if train else None,
     }
     write_text_atomic(out / RUN_FILE, json.dumps(data, indent=1))

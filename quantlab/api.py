@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -57,6 +58,19 @@ def quantize(
     return model
 
 
+def amax_on_host(quantizers: List[Any]) -> List[torch.Tensor]:
+    """Every quantizer's amax as a CPU tensor: one copy per device instead of one sync per quantizer."""
+    out: List[Optional[torch.Tensor]] = [None] * len(quantizers)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, q in enumerate(quantizers):
+        by_device.setdefault(q.amax.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([quantizers[i].amax.detach().reshape(-1).to(torch.float32) for i in indices]).cpu()
+        for i, part in zip(indices, flat.split([quantizers[i].amax.numel() for i in indices])):
+            out[i] = part.reshape(quantizers[i].amax.shape)
+    return out  # type: ignore[return-value]
+
+
 def _calibrate_weights(model: nn.Module) -> None:
     for ref in iter_quantizers(model):
         if ref.role == "weight":
@@ -90,6 +104,17 @@ def calibrate(model: nn.Module, calibrator: str = "entropy", **params: Any) -> S
         UnknownCalibratorError: for an unregistered name.
         CalibrationError: if no statistics were collected (empty calibration data).
     """
+    return apply_calibrator(model, calibrator, params)
+
+
+def apply_calibrator(model: nn.Module, calibrator: str, params: Dict[str, Any],
+                     chosen: Optional[Dict[str, float]] = None, *, weights: bool = True) -> Scales:
+    """:func:`calibrate`, taking the activation ranges in ``chosen`` (by module name) as
+    already chosen by ``calibrator`` (e.g. on another rank) instead of choosing them again.
+
+    With ``weights=False`` the weight ranges the model holds are kept (the
+    weights have not changed since they were last computed).
+    """
     fn = get_calibrator(calibrator)
     refs = list(iter_quantizers(model))
     inputs = [r for r in refs if r.role == "input"]
@@ -99,13 +124,19 @@ def calibrate(model: nn.Module, calibrator: str = "entropy", **params: Any) -> S
         raise CalibrationError("no statistics collected yet: pass forward_loop to quantlab.quantize (or run collect_statistics)")
     if all(r.quantizer.collector is None or r.quantizer.collector.num_batches == 0 for r in inputs):
         raise CalibrationError("calibration data is empty: no batch reached any quantized layer")
-    _calibrate_weights(model)
+    weight_refs = [r for r in refs if r.role == "weight"]
+    if weights or not all(r.quantizer.mode is QuantizerMode.QUANTIZE for r in weight_refs):
+        _calibrate_weights(model)
+    # One read-back for every weight range, not a synchronizing check per quantizer.
+    for ref, amax in zip(weight_refs, amax_on_host([r.quantizer for r in weight_refs])):
+        if not bool(torch.isfinite(amax).all()):
+            raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
+        ref.quantizer.mode = QuantizerMode.QUANTIZE
     unreached: List[str] = []
     statistics: Dict[str, HistogramStats] = {}
     for ref in refs:
         q = ref.quantizer
         if ref.role == "weight":
-            q.set_mode(QuantizerMode.QUANTIZE)
             continue
         collector: Optional[HistogramCollector] = q.collector
         if collector is None or collector.num_batches == 0:
@@ -113,11 +144,16 @@ def calibrate(model: nn.Module, calibrator: str = "entropy", **params: Any) -> S
             q.set_mode(QuantizerMode.OFF)
             continue
         stats = collector.stats()
-        amax = 0.0 if stats is None else choose_amax(fn, stats, q.spec.num_bits, **params)
+        if chosen is not None and ref.module_name in chosen:
+            amax = chosen[ref.module_name]
+        else:
+            amax = 0.0 if stats is None else choose_amax(fn, stats, q.spec.num_bits, **params)
         if stats is not None:
             statistics[ref.module_name] = stats
-        q.set_amax(amax)
-        q.set_mode(QuantizerMode.QUANTIZE)
+        if not math.isfinite(amax):
+            raise CalibrationError(f"calibrator {calibrator!r} chose amax {amax} for the input of '{ref.module_name}'")
+        q.set_amax(float(amax))
+        q.mode = QuantizerMode.QUANTIZE  # amax checked finite on the host just above
     if unreached:
         warnings.warn(
             f"{len(unreached)} quantized layer(s) received no calibration data and keep floating-point inputs: "
@@ -137,13 +173,13 @@ def current_scales(
     """A :class:`Scales` snapshot of the ranges the model holds now."""
     entries = []
     kept_float = float_layers(model)
-    for ref in iter_quantizers(model):
+    refs = list(iter_quantizers(model))
+    for ref, amax in zip(refs, amax_on_host([r.quantizer for r in refs])):
         q = ref.quantizer
         if ref.module_name in kept_float:
             continue
-        if not q.is_calibrated or (ref.role == "input" and q.mode is QuantizerMode.OFF):
+        if not bool(torch.isfinite(amax).all()) or (ref.role == "input" and q.mode is QuantizerMode.OFF):
             continue
-        amax = q.amax.detach().cpu()
         entries.append(
             QuantizerScale(
                 module=ref.module_name,

@@ -19,9 +19,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from quantlab.config import QuantConfig
-from quantlab.cuda_graphs import graphed_forward
+from quantlab.cuda_graphs import MIN_BATCHES, graphed_forward
 from quantlab.errors import NothingToQuantizeError
 from quantlab.registry import lookup_quantizable
+from quantlab.statistics import flush_all
 from quantlab.tensor_quantizer import QuantizerMode, TensorQuantizer
 
 _HOOK_ATTR = "_quantlab_input_hook"
@@ -199,8 +200,15 @@ def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any
         forward_loop: Calls the model on the calibration batches.
         cuda_graphs: On CUDA, replay repeated calls of ``model`` (same input
             shapes) as CUDA graphs, statistics included (quantlab.cuda_graphs;
-            a call that cannot be captured runs eagerly). No effect on the CPU.
+            a call that cannot be captured runs eagerly). No effect on the CPU,
+            nor when ``forward_loop.expected_batches`` (set by
+            :func:`quantlab.batching.forward_loop` for sized data) is below
+            ``quantlab.cuda_graphs.MIN_BATCHES``: a capture costs more than so
+            few replays save.
     """
+    expected = getattr(forward_loop, "expected_batches", None)
+    if expected is not None and expected < MIN_BATCHES:
+        cuda_graphs = False
     refs = list(iter_quantizers(model))
     saved = {id(r.quantizer): r.quantizer.mode for r in refs}
     for ref in refs:
@@ -224,7 +232,5 @@ def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any
             ref.quantizer.mode = saved[id(ref.quantizer)] if ref.role == "weight" else QuantizerMode.OFF
     # On the GPU the statistics stay on the device during the pass; fold them in now (one
     # read-back per tensor), which is also where a NaN/Inf seen on the way is reported.
-    for ref in refs:
-        if ref.role == "input" and ref.quantizer.collector is not None:
-            ref.quantizer.collector.flush()
+    flush_all([ref.quantizer.collector for ref in refs if ref.role == "input" and ref.quantizer.collector is not None])
     return {ref.module_name: ref.quantizer.collector.num_batches for ref in refs if ref.role == "input" and ref.quantizer.collector}

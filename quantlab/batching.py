@@ -63,7 +63,10 @@ def forward_loop(
         progress: Called with the number of batches done after each batch.
 
     Returns:
-        A function that runs the loop and returns the number of batches it ran.
+        A function that runs the loop and returns the number of batches it ran;
+        its ``expected_batches`` attribute is the number it will run when
+        ``data`` has a length (else None), which lets the statistics pass decide
+        whether capturing CUDA graphs pays off.
     """
 
     def run(model: nn.Module) -> int:
@@ -79,4 +82,11 @@ def forward_loop(
                 progress(count)
         return count
 
+    try:
+        expected: Optional[int] = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        expected = None
+    if expected is not None and max_batches is not None:
+        expected = min(expected, max_batches)
+    run.expected_batches = expected  # type: ignore[attr-defined]
     return run

@@ -4,11 +4,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from quantlab.api import calibrate, quantize
+from quantlab import distributed
+from quantlab.api import apply_calibrator, quantize
 from quantlab.attach import collect_statistics
 from quantlab.batching import forward_loop
 from quantlab.calibrators import get_calibrator, list_calibrators
@@ -50,6 +51,28 @@ def parse_calibrators(names: "str | Sequence[str]") -> List[str]:
     return list(dict.fromkeys(n.lower() for n in names))
 
 
+def run_calibrators(
+    model: nn.Module, names: Sequence[str], params: Optional[Dict[str, Dict[str, Any]]] = None
+) -> Tuple[Dict[str, Scales], Dict[str, float]]:
+    """Every calibrator in ``names`` on the statistics the model holds (collective under torch.distributed).
+
+    Returns the scales and the seconds of each calibrator. The model is left
+    fake-quantizing with the last calibrator's ranges.
+    """
+    params = params or {}
+    scales: Dict[str, Scales] = {}
+    times: Dict[str, float] = {}
+    chosen: Dict[str, Dict[str, float]] = {}
+    if distributed.is_distributed():  # each rank chooses the ranges of its share of the tensors
+        chosen, times = distributed.choose_ranges(model, {name: params.get(name, {}) for name in names})
+    for index, name in enumerate(names):
+        t0 = time.perf_counter()
+        # The weights' ranges do not depend on the calibrator: computed for the first only.
+        scales[name] = apply_calibrator(model, name, params.get(name, {}), chosen.get(name), weights=index == 0)
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+    return scales, times
+
+
 def run_ptq(
     model: nn.Module,
     data: Iterable[Any],
@@ -64,9 +87,15 @@ def run_ptq(
 
     The model is left fake-quantizing with the last calibrator's ranges.
 
+    Under torch.distributed (a process group of several ranks, as torchrun
+    starts) this is collective: ``data`` is this rank's shard (see
+    :func:`quantlab.distributed.shard_batches`), the histograms and maxima are
+    all-reduced exactly after the pass, and every rank then chooses the same
+    ranges as one process on all the shards would.
+
     Args:
         model: The FP32 model (its device is used).
-        data: Calibration batches.
+        data: Calibration batches (this rank's shard under torch.distributed).
         calibrators: Names or ``"all"``.
         config: Quantization config (default :func:`int8_config`).
         max_batches: Use at most this many batches.
@@ -81,16 +110,15 @@ def run_ptq(
     quantize(model, config or int8_config())
     start = time.perf_counter()
     counts = collect_statistics(model, forward_loop(data, max_batches=max_batches, progress=progress))
-    statistics_seconds = time.perf_counter() - start
     num_batches = max(counts.values(), default=0)
+    if distributed.is_distributed():
+        # Each rank saw its shard: merge the histograms exactly, so every rank calibrates on all the data.
+        distributed.all_reduce_statistics(model)
+        num_batches = int(distributed.all_reduce_sum([float(num_batches)])[0])
+    statistics_seconds = time.perf_counter() - start
     if num_batches == 0:
         raise CalibrationError("calibration data is empty: no batch reached the model")
-    scales: Dict[str, Scales] = {}
-    times: Dict[str, float] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        scales[name] = calibrate(model, name, **params.get(name, {}))
-        times[name] = time.perf_counter() - t0
+    scales, times = run_calibrators(model, names, params)
     return PTQResult(scales=scales, num_batches=num_batches, statistics_seconds=statistics_seconds, calibrate_seconds=times)
 
 

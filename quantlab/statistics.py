@@ -32,7 +32,7 @@ import contextlib
 import math
 import os
 import threading
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -265,13 +265,19 @@ class _DeviceAccumulator:
         for chunk in slots.split(_HISTC_CHUNK):  # 0 for zeros, else 1 + the value's bin
             self.counts += torch.histc(chunk, bins=self.size, min=1.0, max=float(self.size + 1))
 
-    def read(self) -> "tuple[float, float, torch.Tensor]":
+    def read(self, scalars: "Optional[Sequence[float]]" = None) -> "tuple[float, float, torch.Tensor]":
         """``(amax, bin width, int64 counts trimmed to the host path's length)``: one read-back.
+
+        Args:
+            scalars: ``(amax, exponent, sum of counts)`` already read back with
+                those of other tensors (:func:`read_scalars`); else read here.
 
         Raises:
             ValueError: the running max is NaN or Inf (a non-finite value was seen).
         """
-        amax, exponent, counted = torch.stack([self.amax.double(), self.exponent.double(), self.counts.sum()]).tolist()
+        if scalars is None:
+            scalars = torch.stack([self.amax.double(), self.exponent.double(), self.counts.sum()]).tolist()
+        amax, exponent, counted = scalars
         if not math.isfinite(amax):
             raise ValueError("non-finite")
         width = math.ldexp(1.0, int(exponent))
@@ -279,6 +285,44 @@ class _DeviceAccumulator:
         counts = self.counts[:needed].to(torch.int64)
         counts[0] += self.elements - int(counted)
         return amax, width, counts
+
+
+def read_scalars(accumulators: "Sequence[_DeviceAccumulator]") -> List[List[float]]:
+    """``(amax, exponent, sum of counts)`` of many accumulators on one device: a few
+    stacked kernels and ONE read-back, instead of a synchronizing read per tensor."""
+    if not accumulators:
+        return []
+    if len({a.amax.dtype for a in accumulators}) == 1:
+        amax = torch.stack([a.amax for a in accumulators]).double()
+    else:
+        amax = torch.stack([a.amax.double() for a in accumulators])
+    exponent = torch.stack([a.exponent for a in accumulators]).double()
+    sizes = {a.counts.numel() for a in accumulators}
+    if len(sizes) == 1:
+        counted = torch.stack([a.counts for a in accumulators]).sum(dim=1)
+    else:
+        counted = torch.stack([a.counts.sum() for a in accumulators])
+    return torch.stack([amax, exponent, counted], dim=1).tolist()
+
+
+def flush_all(collectors: "Sequence[HistogramCollector]") -> None:
+    """:meth:`HistogramCollector.flush` for many collectors, one read-back per device.
+
+    Raises:
+        NonFiniteActivationError: for the first collector (in order) that saw a NaN/Inf;
+            the collectors before it are flushed, the ones after it keep their pending batches.
+    """
+    by_device: Dict[torch.device, List["HistogramCollector"]] = {}
+    for collector in collectors:
+        if collector._device is not None:
+            by_device.setdefault(collector._device.counts.device, []).append(collector)
+    scalars: Dict[int, List[float]] = {}
+    for group in by_device.values():
+        for collector, values in zip(group, read_scalars([c._device for c in group])):
+            scalars[id(collector)] = values
+    for collector in collectors:
+        if id(collector) in scalars:
+            collector.flush(scalars[id(collector)])
 
 
 class _Flushed:
@@ -442,8 +486,11 @@ class HistogramCollector:
             f"during calibration batch {batch}"
         )
 
-    def flush(self) -> None:
+    def flush(self, scalars: "Optional[Sequence[float]]" = None) -> None:
         """Folds the device path's pending batches into the host-side state (one read-back).
+
+        Args:
+            scalars: This tensor's values from :func:`read_scalars` (see :func:`flush_all`).
 
         Raises:
             NonFiniteActivationError: a NaN/Inf reached this tensor in one of those batches.
@@ -452,7 +499,7 @@ class HistogramCollector:
         if pending is None:
             return
         try:
-            amax, width, counts = pending.read()
+            amax, width, counts = pending.read(scalars)
         except ValueError:
             first = self._num_batches
             raise NonFiniteActivationError(

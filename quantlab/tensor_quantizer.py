@@ -63,6 +63,10 @@ class TensorQuantizer(nn.Module):
 
     def set_amax(self, amax) -> None:
         """Stores a new range (scalar or per-channel), keeping the buffer's device."""
+        if isinstance(amax, (int, float)) and self.amax.dim() == 0:
+            with torch.no_grad():
+                self.amax.fill_(float(amax))  # a kernel argument: no host-to-device copy, no sync
+            return
         value = torch.as_tensor(amax, dtype=torch.float32, device=self.amax.device)
         if value.shape != self.amax.shape:
             raise ValueError(

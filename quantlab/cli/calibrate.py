@@ -28,38 +28,58 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab import distributed
+
+    info = distributed.init_from_env(args.device)
+    try:
+        return _calibrate(args, info)
+    finally:
+        if info.distributed:
+            distributed.destroy()
+
+
+def _calibrate(args: argparse.Namespace, info) -> int:
+    """One process's part; under torchrun each rank takes every ``world_size``-th batch."""
+    from quantlab import distributed
     from quantlab._io import write_text_atomic
     from quantlab.data import load_data
     from quantlab.model_source import load_model
     from quantlab.ptq import parse_calibrators, run_ptq
 
     names = parse_calibrators(args.calibrators)  # validate before any expensive work
-    model = load_model(args.model, weights=args.weights, device=args.device)
+    device = distributed.default_device(info, args.device) if info.distributed else args.device
+    model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
     data = load_data(args.data, batch_size=args.batch_size)
     total = len(data) if hasattr(data, "__len__") else None
     if args.max_batches is not None and total is not None:
         total = min(total, args.max_batches)
-    with progress_bar(total, "statistics") as progress:
+    shard = distributed.shard_batches(data, info.rank, info.world_size, args.max_batches)
+    if total is not None and info.distributed:
+        total = len(range(info.rank, total, info.world_size))
+    with progress_bar(total, "statistics", shown=info.is_main) as progress:
         result = run_ptq(
             model,
-            data,
+            shard,
             names,
             config=quant_config_from_args(args),
-            max_batches=args.max_batches,
             calibrator_params=calibrator_params_from_args(args),
             progress=progress,
         )
+    if not info.is_main:
+        return 0  # every rank holds the same ranges; rank 0 writes them
     paths = result.save(args.out)
     summary = {
         "model": args.model,
         "data": args.data,
         "num_batches": result.num_batches,
+        "world_size": info.world_size,
         "statistics_seconds": result.statistics_seconds,
         "calibrate_seconds": result.calibrate_seconds,
         "scales": {k: str(v) for k, v in paths.items()},
     }
     write_text_atomic(Path(args.out) / "calibration.json", json.dumps(summary, indent=1))
-    print(f"statistics pass: {result.num_batches} batches in {result.statistics_seconds:.2f} s")
+    ranks = f" on {info.world_size} ranks" if info.distributed else ""
+    print(f"statistics pass: {result.num_batches} batches{ranks} in {result.statistics_seconds:.2f} s")
     first = next(iter(result.scales.values()))
     inputs = [e.module for e in first.entries if e.role == "input"]
     rows = [[m] + [f"{result.scales[c].get(m, 'input').amax:.4g}" for c in names] for m in inputs]

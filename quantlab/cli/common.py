@@ -37,11 +37,11 @@ def calibrator_params_from_args(args: argparse.Namespace) -> dict:
 
 
 @contextmanager
-def progress_bar(total: Optional[int], desc: str) -> Iterator:
-    """A tqdm bar on stderr; yields a ``progress(n_done)`` callback."""
+def progress_bar(total: Optional[int], desc: str, shown: bool = True) -> Iterator:
+    """A tqdm bar on stderr (only where ``shown``: rank 0 of a torchrun job); yields a ``progress(n_done)`` callback."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=None, leave=False)
+    bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=None if shown else True, leave=False)
     state = {"n": 0}
 
     def update(done: int) -> None:

@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--weight-ranges", choices=["recompute", "learn", "fixed"], default="recompute")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into convs as TensorRT deploys them")
     p.add_argument("--freeze-bn-after", type=int, default=None, help="freeze BatchNorm statistics after N steps")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm during training)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches")
@@ -40,9 +42,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from torch.utils.data import Subset
-
     from quantlab.cli.common import progress_bar
     from quantlab.data import load_data
     from quantlab.model_source import load_model
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             task=args.task.replace("-", "_"), epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
             warmup_steps=args.warmup_steps, optimizer=args.optimizer, weight_decay=args.weight_decay, range_lr=args.range_lr,
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
-            freeze_bn_after=args.freeze_bn_after, seed=args.seed,
+            freeze_bn_after=args.freeze_bn_after, seed=args.seed, sync_batchnorm=args.sync_bn,
         )
         model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
         train_data = load_data(args.data, batch_size=args.batch_size)
@@ -66,11 +65,9 @@ def run(args: argparse.Namespace) -> int:
         calib_data = None
         if not args.scales and not args.resume:
             calib = load_data(args.calib_data or args.data, batch_size=args.batch_size)
-            if info.distributed and hasattr(calib, "dataset") and hasattr(calib.dataset, "__len__"):
-                # Each rank calibrates on its own shard; prepare() merges the statistics exactly.
-                shard = Subset(calib.dataset, range(info.rank, len(calib.dataset), info.world_size))
-                calib = torch.utils.data.DataLoader(shard, batch_size=args.batch_size)
-            calib_data = calib
+            # Each rank calibrates on its share of the first --calib-batches batches; prepare()
+            # merges the statistics exactly, so the ranges equal a one-process run's.
+            calib_data = ddp.shard_batches(calib, info.rank, info.world_size, args.calib_batches)
         store = None
         if not args.no_store and main:
             from quantlab.store import RunStore
@@ -85,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_qat(
                 model, train_data, eval_data, out_dir=args.out, scales=args.scales, calib_data=calib_data,
                 calibrator=args.calibrator, calibrator_params=calibrator_params_from_args(args).get(args.calibrator),
-                quant_config=quant_config_from_args(args), calib_max_batches=args.calib_batches,
+                quant_config=quant_config_from_args(args),
                 train_config=train_config, learn_amax=args.learn_amax, weight_ranges=args.weight_ranges,
                 fold_bn=args.fold_bn, metric=args.metric, eval_max_batches=args.eval_batches, resume=args.resume,
                 store=store, describe={"model": args.model, "data": args.data, "eval_data": args.eval},
@@ -108,5 +105,5 @@ def run(args: argparse.Namespace) -> int:
                 print(f"run: {result.run_id}")
         return 0
     finally:
-        if info.distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if info.distributed:
+            ddp.destroy()

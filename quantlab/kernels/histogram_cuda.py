@@ -118,6 +118,21 @@ __device__ __forceinline__ unsigned block_max(unsigned m) {
 #define DONE 1
 #define OVERFLOW 2
 
+// Calls f(bits) for every value of x this thread handles (start at `first`, step `stride`):
+// the 16-byte vectors, then the scalar tail. Grid-stride for the passes, block-stride for the
+// last block's re-read.
+template <int KIND, typename F>
+__device__ __forceinline__ void for_each_value(const void* x, long long n, long long first, long long stride, F f) {
+    const int PER = Vec<KIND>::PER;
+    const long long nvec = n / PER;
+    unsigned vals[8];
+    for (long long i = first; i < nvec; i += stride) {
+        decode<KIND>(((const uint4*)x)[i], vals);
+        for (int k = 0; k < PER; ++k) f(vals[k]);
+    }
+    for (long long i = nvec * PER + first; i < n; i += stride) f(scalar_at<KIND>(x, i));
+}
+
 // Also empties the state (a tensor's first batch: fresh or reused after a read).
 template <int KIND>
 __device__ void absmax_impl(const void* x, int n, unsigned* meta, float* amax, int* exponent,
@@ -129,17 +144,10 @@ __device__ void absmax_impl(const void* x, int n, unsigned* meta, float* amax, i
             *exponent = min_e;
         }
     }
-    const int PER = Vec<KIND>::PER;
-    const long long nvec = n / PER;
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     unsigned m = 0;
-    unsigned vals[8];
-    for (long long i = first; i < nvec; i += stride) {
-        decode<KIND>(((const uint4*)x)[i], vals);
-        for (int k = 0; k < PER; ++k) m = max(m, vals[k]);
-    }
-    for (long long i = nvec * PER + first; i < n; i += stride) m = max(m, scalar_at<KIND>(x, i));
+    for_each_value<KIND>(x, n, first, stride, [&](unsigned bits) { m = max(m, bits); });
     m = block_max(m);
     if (threadIdx.x == 0 && m) atomicMax(&meta[BATCH_MAX], m);
 }
@@ -189,24 +197,13 @@ __device__ void pass_impl(const void* x, int n, unsigned* meta, float* amax, int
     const float scale = inverse_width(e);
     const float top = (float)size;
     const bool collect = !max_known;
-    const int PER = Vec<KIND>::PER;
-    const long long nvec = n / PER;
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     unsigned m = 0;
-    unsigned vals[8];
-    for (long long i = first; i < nvec; i += stride) {
-        decode<KIND>(((const uint4*)x)[i], vals);
-        for (int k = 0; k < PER; ++k) {
-            m = max(m, vals[k]);
-            count_value(vals[k], scale, top, hist, collect, meta, overflow, capacity, &full);
-        }
-    }
-    for (long long i = nvec * PER + first; i < n; i += stride) {
-        const unsigned bits = scalar_at<KIND>(x, i);
+    for_each_value<KIND>(x, n, first, stride, [&](unsigned bits) {
         m = max(m, bits);
         count_value(bits, scale, top, hist, collect, meta, overflow, capacity, &full);
-    }
+    });
     m = block_max(m);  // ends with a barrier: the block's histogram is complete
     if (threadIdx.x == 0 && m && collect) atomicMax(&meta[BATCH_MAX], m);
     for (int i = threadIdx.x; i < size; i += blockDim.x)
@@ -252,22 +249,13 @@ __device__ void pass_impl(const void* x, int n, unsigned* meta, float* amax, int
     } else if (!max_known) {  // the list overflowed: this block counts every value above the old range
         for (int i = threadIdx.x; i < size; i += blockDim.x) hist[i] = 0u;
         __syncthreads();
-        for (long long i = threadIdx.x; i < nvec + (n - nvec * PER); i += blockDim.x) {
-            int count = 1;
-            if (i < nvec) {
-                decode<KIND>(((const uint4*)x)[i], vals);
-                count = PER;
-            } else {
-                vals[0] = scalar_at<KIND>(x, nvec * PER + (i - nvec));
+        for_each_value<KIND>(x, n, threadIdx.x, blockDim.x, [&](unsigned bits) {
+            const float v = __uint_as_float(bits);
+            if (ceilf(v * scale) > top) {
+                const float s = ceilf(v * new_scale);
+                if (s >= 1.0f && s <= top) atomicAdd(&hist[(int)s - 1], 1u);
             }
-            for (int k = 0; k < count; ++k) {
-                const float v = __uint_as_float(vals[k]);
-                if (ceilf(v * scale) > top) {
-                    const float s = ceilf(v * new_scale);
-                    if (s >= 1.0f && s <= top) atomicAdd(&hist[(int)s - 1], 1u);
-                }
-            }
-        }
+        });
         __syncthreads();
         for (int i = threadIdx.x; i < size; i += blockDim.x) counts[i] = vcounts[i] + (double)hist[i];
     }

@@ -22,6 +22,7 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
     from quantlab.attach import iter_quantizers
     from quantlab.data import load_fmnist
     from quantlab.qat import ddp
+    from quantlab.qat.errors import QATError
     from quantlab.qat.loop import TrainConfig, train
     from tests.qat.models import tiny_cnn
 
@@ -34,12 +35,29 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
                       for r in iter_quantizers(model) if r.role == "input"}
         prepared = {r.key: r.quantizer.amax.detach().clone() for r in iter_quantizers(model)}
         x, y = load_fmnist("train[:512]")
+        # A folder per rank, so the test sees which ranks wrote checkpoints (rank 0 alone should).
         result = train(model, TensorDataset(x, y), TrainConfig(epochs=2, lr=1e-2, batch_size=16, checkpoint_every=8),
-                       checkpoint_dir=out_dir)
+                       checkpoint_dir=os.path.join(out_dir, f"ckpt{rank}"))
         trained = {r.key: r.quantizer.amax.detach().clone() for r in iter_quantizers(model)}
-        torch.save({"prepared": prepared, "trained": trained, "losses": result.losses, "collectors": collectors,
-                    "steps": result.steps, "weights": {k: v.clone() for k, v in model.state_dict().items()
-                                                       if isinstance(v, torch.Tensor)}},
+        weights = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+        agreed = ddp.check_ranges_agree(model)
+        if rank == 1:  # one rank's range nudged by one ulp: every rank must refuse
+            quantizer = next(r.quantizer for r in iter_quantizers(model) if r.role == "input")
+            with torch.no_grad():
+                quantizer.amax.copy_(torch.nextafter(quantizer.amax, quantizer.amax + 1))
+        try:
+            ddp.check_ranges_agree(model)
+            mismatch = ""
+        except ddp.RangeMismatchError as exc:
+            mismatch = str(exc)
+        try:  # SyncBatchNorm needs CUDA: refused on gloo before any collective, on every rank
+            train(tiny_cnn(), TensorDataset(x[:64], y[:64]), TrainConfig(max_steps=1, batch_size=16, sync_batchnorm=True))
+            sync_error = ""
+        except QATError as exc:
+            sync_error = str(exc)
+        torch.save({"prepared": prepared, "sync_error": sync_error, "trained": trained, "losses": result.losses, "collectors": collectors,
+                    "agreed": agreed, "mismatch": mismatch,
+                    "steps": result.steps, "weights": weights},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

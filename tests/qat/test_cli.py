@@ -83,6 +83,6 @@ def test_cli_under_torchrun_two_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("| int8") == 2  # printed once, by rank 0
     summary = json.loads((tmp_path / "ddp" / "run.json").read_text())
-    assert summary["steps"] == 6
+    assert summary["steps"] == 6 and summary["world_size"] == 2 and len(summary["losses"]) == 6
     (run,) = RunStore(tmp_path / "runs.sqlite").list_runs(kind="qat")
     assert run["status"] == "done"

@@ -66,6 +66,26 @@ def test_loss_decreases_and_rank0_checkpoints(two_ranks):
     assert r0["losses"] == r1["losses"]  # the mean over ranks, all-reduced
     first, last = sum(r0["losses"][:8]) / 8, sum(r0["losses"][-8:]) / 8
     assert last < first, (first, last)
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(out / "ckpt0" / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 32 and len(checkpoint["rng"]) == 2
-    assert not list(out.glob(".checkpoint.pt.*"))  # no temporary file left behind
+    assert not list((out / "ckpt0").glob(".checkpoint.pt.*"))  # no temporary file left behind
+
+
+def test_checkpoints_are_written_by_rank_0_only(two_ranks):
+    out, _ = two_ranks
+    assert (out / "ckpt0" / "checkpoint.pt").is_file()
+    assert not (out / "ckpt1").exists() or not any((out / "ckpt1").iterdir())
+
+
+def test_a_range_that_differs_on_one_rank_is_refused_on_every_rank(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert r0["agreed"] == r1["agreed"] == len(r0["trained"]) > 0
+    first_input = next(k for k in r0["trained"] if k.endswith(":input"))
+    for ranks in (r0, r1):
+        assert "ranges differ across ranks" in ranks["mismatch"] and first_input in ranks["mismatch"]
+
+
+def test_sync_batchnorm_is_refused_on_cpu_ranks(two_ranks):
+    _, ranks = two_ranks
+    for r in ranks:
+        assert "sync_batchnorm needs every rank on a CUDA device" in r["sync_error"]

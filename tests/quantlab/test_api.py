@@ -102,3 +102,32 @@ def test_quantize_keeps_model_device_and_preset_is_fresh():
     model, data = model_and_data()
     ql.quantize(model, forward_loop=lambda m: [m(x) for x in data])
     assert all(b.device.type == "cpu" for b in model.buffers())
+
+
+def test_nan_in_weights_names_the_layer_and_a_bad_calibrator_result_names_the_tensor(monkeypatch):
+    from quantlab.calibrators import base as registry
+    model, data = model_and_data()
+    ql.quantize(model, forward_loop=lambda m: [m(x) for x in data])
+    with torch.no_grad():
+        model[2].parametrizations.weight.original[1, 2] = float("nan")
+    with pytest.raises(CalibrationError, match="weights of '2' contain NaN"):
+        ql.calibrate(model, "max")
+    model, data = model_and_data()
+    ql.quantize(model, forward_loop=lambda m: [m(x) for x in data])
+    monkeypatch.setitem(registry._REGISTRY, "always_nan", lambda *args, **kwargs: float("nan"))
+    with pytest.raises(CalibrationError, match="'always_nan' chose amax nan for the input of '0'"):
+        ql.calibrate(model, "always_nan")
+
+
+def test_later_calibrators_keep_the_weight_ranges():
+    from quantlab.api import apply_calibrator
+
+    model, data = model_and_data()
+    ql.quantize(model, forward_loop=lambda m: [m(x) for x in data])
+    first = ql.calibrate(model, "max")
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.mul_(2)  # changed weights are NOT re-read...
+    kept = apply_calibrator(model, "entropy", {}, weights=False)
+    assert kept.get("0", "weight").amax == first.get("0", "weight").amax
+    redone = apply_calibrator(model, "entropy", {})  # ...unless asked
+    assert redone.get("0", "weight").amax == [2 * a for a in first.get("0", "weight").amax]

@@ -199,3 +199,31 @@ def test_cpu_counting_loop_on_loaded_statistics_with_more_bins(monkeypatch):
     monkeypatch.setattr(statistics, "FUSED_KERNELS", False)
     ops = run()
     assert (fused.bin_width, fused.amax) == (ops.bin_width, ops.amax) and torch.equal(fused.counts, ops.counts)
+
+
+def test_flush_all_reads_back_once_and_equals_flushing_one_by_one():
+    from quantlab.statistics import flush_all
+
+    g = torch.Generator().manual_seed(5)
+    batches = [[torch.randn(300, generator=g) * (k + 1) for _ in range(3)] for k in range(4)]
+    batches[2][1] = torch.zeros(50)  # a tensor that also saw only zeros in one batch
+
+    def collectors(num_bins):
+        made = [HistogramCollector(num_bins, name=f"layer{k}", sync_free=True) for k in range(4)]
+        for c, xs in zip(made, batches):
+            for x in xs:
+                c.update(x)
+        return made
+
+    for num_bins in (128, 96):  # a power of two, and not (float64 state)
+        together, alone = collectors(num_bins), collectors(num_bins)
+        flush_all(together + [HistogramCollector(num_bins)])  # an empty one is skipped
+        for a, b in zip(together, alone):
+            b.flush()
+            assert a._device is None and (a._amax, a._bin_width, a._num_batches) == (b._amax, b._bin_width, b._num_batches)
+            assert torch.equal(a._counts, b._counts)
+    made = collectors(128)
+    made[2].update(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(NonFiniteActivationError, match="'layer2'"):
+        flush_all(made)
+    assert made[0]._device is None and made[1]._device is None and made[3]._device is not None

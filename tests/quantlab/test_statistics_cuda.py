@@ -196,6 +196,32 @@ def test_collect_statistics_uses_graphs_by_default(kernels):
         assert torch.equal(ours[2], theirs[2]), name
 
 
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_graphs_only_for_passes_long_enough_to_repay_the_capture(kernels, repeat):
+    from quantlab.attach import collect_statistics
+    from quantlab.batching import forward_loop
+    from quantlab.cuda_graphs import MIN_BATCHES, GraphedForward
+
+    model, reference, batches = _graph_case()
+    batches = (batches[:6] * repeat)[: MIN_BATCHES - 1 if repeat == 1 else MIN_BATCHES]
+    graphed = []
+
+    class Probe:  # a sized batch source that looks at the model's forward while the pass runs
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            for x in batches:
+                graphed.append(isinstance(model.__dict__.get("forward"), GraphedForward))
+                yield x
+
+    counts = collect_statistics(model, forward_loop(Probe()))
+    assert set(graphed) == {repeat == 3}  # 6 batches eager, 16 through graphs
+    assert counts == collect_statistics(reference, forward_loop(batches), cuda_graphs=False)
+    for (name, ours), theirs in zip(_stats(model).items(), _stats(reference).values()):
+        assert torch.equal(ours[2], theirs[2]), name
+
+
 def test_reading_statistics_mid_pass_retires_the_graphs(kernels):
     from quantlab.attach import collect_statistics, iter_quantizers
     from quantlab.cuda_graphs import graphed_forward

@@ -88,7 +88,7 @@ def main() -> None:
         diffs = [abs(a - b) for a, b in zip(reference, losses)]
         rows.append([f"qat, {args.qat_steps} steps, global batch {args.qat_batch}", label,
                      f"loss mean first/last 50 steps {mean(losses[:50]):.4f} / {mean(losses[-50:]):.4f}; INT8 top-1 {run['qat']:.2f}; {seconds:.1f} s",
-                     f"per-step |loss - 1 GPU seed 0|: mean {mean(diffs):.4f}, max {max(diffs):.4f}; "
+                     f"per-step abs(loss - loss of 1 GPU seed 0): mean {mean(diffs):.4f}, max {max(diffs):.4f}; "
                      f"files {'= the 6 expected' if files == QAT_FILES else sorted(files)}; world size {run['world_size']}"])
     ok = same["histograms"] and same["ranges"] and all(files == QAT_FILES for *_, files in results)
     ok = ok and all(run["world_size"] == max(1, nproc) for (_, nproc, _), (_, _, run, _) in zip(runs, results))

@@ -74,14 +74,16 @@ def _worker(args: argparse.Namespace) -> None:
     workload = make_workload(args.model, args.samples, args.batch_size)
     try:
         # Warm-up on a throwaway model: kernel compilation (cached on disk) and cuDNN's choices.
-        run_ptq(workload.build().to(device), distributed.shard_batches(workload.batches(device), info.rank, info.world_size, 2), "all")
+        warm = distributed.shard_batches(workload.batches(device), info.rank, info.world_size, 2)
+        run_ptq(workload.build().to(device), warm, "all", across_ranks=True)
         times = []
         for _ in range(args.repeats):
             model = workload.build().to(device)
             sync()
             distributed.barrier()
             start = time.perf_counter()
-            result = run_ptq(model, distributed.shard_batches(workload.batches(device), info.rank, info.world_size), "all")
+            result = run_ptq(model, distributed.shard_batches(workload.batches(device), info.rank, info.world_size), "all",
+                             across_ranks=True)
             sync()
             distributed.barrier()
             times.append((time.perf_counter() - start, result.statistics_seconds, sum(result.calibrate_seconds.values())))

@@ -1,6 +1,7 @@
 """DDP helpers for the training side: the core's :mod:`quantlab.distributed`, under its QAT name."""
 from quantlab.distributed import (  # noqa: F401 - re-exported
     DistInfo,
+    RankFailedError,
     RangeMismatchError,
     all_gather_object,
     all_reduce_statistics,
@@ -9,11 +10,13 @@ from quantlab.distributed import (  # noqa: F401 - re-exported
     broadcast_buffers,
     broadcast_ranges,
     check_ranges_agree,
+    collect_statistics_across_ranks,
     default_device,
     destroy,
     init_from_env,
     is_distributed,
     is_main_process,
+    raise_if_any_rank_failed,
     rank,
     shard_batches,
     unwrap,

@@ -376,8 +376,6 @@ def train(
                 if step >= total:
                     break
         ddp.broadcast_buffers(base)  # BatchNorm statistics of the last step differ per rank
-    if sync_bn and config.freeze_bn_after is not None and step >= config.freeze_bn_after:
-        freeze_bn_stats(base)  # the frozen flags were set on the synced copies
     if config.checkpoint_every:
         last_good = write_checkpoint()
     base.eval()

@@ -18,7 +18,7 @@ from torch import nn
 from quantlab._io import atomic_path, write_text_atomic
 from quantlab.api import _CONFIG_ATTR as _CORE_CONFIG_ATTR
 from quantlab.api import calibrate, current_scales, get_config, load_scales, quantize
-from quantlab.attach import collect_statistics, is_quantized, iter_quantizers, remove_quantizers
+from quantlab.attach import is_quantized, iter_quantizers, remove_quantizers
 from quantlab.batching import forward_loop
 from quantlab.config import QuantConfig, int8_config
 from quantlab.qat import bn_fold, ddp
@@ -174,8 +174,8 @@ def _start_ranges(model, scales, data, calibrator, calibrator_params, config, ma
         return scales.calibrator
     if data is not None:
         quantize(model, config or int8_config(calibrator))
-        collect_statistics(model, forward_loop(data, max_batches=max_batches, progress=progress))
-        ddp.all_reduce_statistics(model)  # every rank now holds the statistics of all shards
+        # Every rank then holds the statistics of all shards (a failure on one rank stops all).
+        ddp.collect_statistics_across_ranks(model, forward_loop(data, max_batches=max_batches, progress=progress))
         calibrate(model, calibrator, **dict(calibrator_params or {}))
         return calibrator
     return getattr(current_scales(model), "calibrator", "") or "current"

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
 from quantlab.attach import iter_quantizers
 from quantlab.calibrators import get_calibrator
@@ -186,23 +186,79 @@ def choose_ranges(model: nn.Module, calibrators: Dict[str, Dict[str, Any]]) -> T
     """
     refs = [r for r in iter_quantizers(model) if r.role == "input" and r.quantizer.collector is not None
             and r.quantizer.collector.num_batches > 0]
-    functions = {name: get_calibrator(name) for name in calibrators}
     mine: Dict[Tuple[str, str], float] = {}
     seconds = dict.fromkeys(calibrators, 0.0)
-    for ref in refs[rank():: world_size()]:
-        stats = ref.quantizer.collector.stats()
-        for name, params in calibrators.items():
-            start = time.perf_counter()
-            amax = 0.0 if stats is None else choose_amax(functions[name], stats, ref.quantizer.spec.num_bits, **params)
-            mine[(name, ref.module_name)] = float(amax)
-            seconds[name] += time.perf_counter() - start
+    error: Optional[Exception] = None
+    try:  # a failure here must reach the gather, or the other ranks would wait in it forever
+        functions = {name: get_calibrator(name) for name in calibrators}
+        for ref in refs[rank():: world_size()]:
+            stats = ref.quantizer.collector.stats()
+            for name, params in calibrators.items():
+                start = time.perf_counter()
+                amax = 0.0 if stats is None else choose_amax(functions[name], stats, ref.quantizer.spec.num_bits, **params)
+                mine[(name, ref.module_name)] = float(amax)
+                seconds[name] += time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
     start = time.perf_counter()
+    parts = all_gather_object((_describe(error), mine))
+    _raise_first_failure(error, [message for message, _ in parts], "choosing the ranges")
     ranges: Dict[str, Dict[str, float]] = {name: {} for name in calibrators}
-    for part in all_gather_object(mine):
+    for _, part in parts:
         for (name, module), amax in part.items():
             ranges[name][module] = amax
     shared = (time.perf_counter() - start) / max(1, len(calibrators))
     return ranges, {name: t + shared for name, t in seconds.items()}
+
+
+class RankFailedError(RuntimeError):
+    """Another rank failed in a step that every rank of the job takes together."""
+
+
+def _describe(error: Optional[BaseException]) -> Optional[str]:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def _raise_first_failure(error: Optional[BaseException], messages: List[Optional[str]], what: str) -> None:
+    if error is not None:
+        raise error
+    for failed_rank, message in enumerate(messages):
+        if message is not None:
+            raise RankFailedError(f"{what} failed on rank {failed_rank}: {message}")
+
+
+def raise_if_any_rank_failed(error: Optional[BaseException], what: str) -> None:
+    """Collective: every rank reports whether its part of ``what`` failed, and all raise if one did.
+
+    The failing rank raises its own error, the others :class:`RankFailedError`
+    with its message, instead of waiting in the next collective until the
+    process group times out. Outside a process group, raises ``error`` if given.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    _raise_first_failure(error, all_gather_object(_describe(error)), what)
+
+
+def collect_statistics_across_ranks(model: nn.Module, loop: Any) -> Dict[str, int]:
+    """``collect_statistics`` on this rank's shard, then the statistics merged exactly over the ranks.
+
+    Collective. A failure on one rank (a NaN in its shard) is raised on every
+    rank. Returns this rank's batch counts per tensor (the merged collectors
+    hold the job's totals).
+    """
+    from quantlab.attach import collect_statistics
+
+    error: Optional[Exception] = None
+    counts: Dict[str, int] = {}
+    try:
+        counts = collect_statistics(model, loop)
+    except Exception as exc:  # noqa: BLE001 - re-raised on every rank
+        error = exc
+    raise_if_any_rank_failed(error, "the statistics pass")
+    all_reduce_statistics(model)
+    return counts
 
 
 def broadcast_ranges(model: nn.Module, src: int = 0) -> int:
@@ -354,18 +410,24 @@ def shard_batches(data: Iterable[Any], rank: int, world_size: int, max_batches: 
 
     The ranks together see exactly the batches one process would (the first
     ``max_batches``), so merged statistics equal the one-process statistics bit
-    for bit. A sequential DataLoader over a sized dataset is re-batched by index
+    for bit, provided every rank iterates ``data`` in the same order (a
+    DataLoader that shuffles with the global random generator is refused). A sequential DataLoader over a sized dataset is re-batched by index
     (a rank loads only its own samples); any other iterable is walked on every
     rank and the other ranks' batches are skipped.
 
     Args:
-        data: The whole job's batches (a DataLoader or any iterable).
+        data: The whole job's batches (a DataLoader or any iterable), the same on every rank.
         rank: This process's rank.
         world_size: Number of processes.
         max_batches: Use only the first this many batches of ``data`` (all ranks together).
     """
     if world_size <= 1:
         return data if max_batches is None else _EveryNth(data, 0, 1, max_batches)
+    if isinstance(data, DataLoader) and isinstance(data.sampler, RandomSampler) and data.sampler.generator is None:
+        raise ValueError(
+            "the calibration DataLoader shuffles with the global random generator: every rank would draw "
+            "another order and the shards would overlap; use shuffle=False or a generator seeded alike on all ranks"
+        )
     if (
         isinstance(data, DataLoader)
         and data.batch_size is not None
@@ -373,9 +435,14 @@ def shard_batches(data: Iterable[Any], rank: int, world_size: int, max_batches: 
         and not isinstance(data.dataset, IterableDataset)
     ):
         sampler = _BatchShard(len(data.dataset), data.batch_size, data.drop_last, rank, world_size, max_batches)
+        options: Dict[str, Any] = {}
+        if data.num_workers > 0:  # the worker options a DataLoader only takes with workers
+            options = dict(prefetch_factor=data.prefetch_factor, persistent_workers=data.persistent_workers,
+                           multiprocessing_context=data.multiprocessing_context)
         return DataLoader(
             data.dataset, batch_sampler=sampler, collate_fn=data.collate_fn, num_workers=data.num_workers,
-            pin_memory=data.pin_memory, worker_init_fn=data.worker_init_fn,
+            pin_memory=data.pin_memory, worker_init_fn=data.worker_init_fn, timeout=data.timeout,
+            generator=data.generator, pin_memory_device=data.pin_memory_device, **options,
         )
     return _EveryNth(data, rank, world_size, max_batches)
 

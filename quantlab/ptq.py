@@ -52,9 +52,13 @@ def parse_calibrators(names: "str | Sequence[str]") -> List[str]:
 
 
 def run_calibrators(
-    model: nn.Module, names: Sequence[str], params: Optional[Dict[str, Dict[str, Any]]] = None
+    model: nn.Module, names: Sequence[str], params: Optional[Dict[str, Dict[str, Any]]] = None,
+    *, across_ranks: bool = False,
 ) -> Tuple[Dict[str, Scales], Dict[str, float]]:
-    """Every calibrator in ``names`` on the statistics the model holds (collective under torch.distributed).
+    """Every calibrator in ``names`` on the statistics the model holds.
+
+    With ``across_ranks`` (collective; every rank holds the merged statistics)
+    each rank chooses the ranges of its share of the tensors and all get all.
 
     Returns the scales and the seconds of each calibrator. The model is left
     fake-quantizing with the last calibrator's ranges.
@@ -63,7 +67,7 @@ def run_calibrators(
     scales: Dict[str, Scales] = {}
     times: Dict[str, float] = {}
     chosen: Dict[str, Dict[str, float]] = {}
-    if distributed.is_distributed():  # each rank chooses the ranges of its share of the tensors
+    if across_ranks and distributed.is_distributed():  # each rank: its share of the tensors
         chosen, times = distributed.choose_ranges(model, {name: params.get(name, {}) for name in names})
     for index, name in enumerate(names):
         t0 = time.perf_counter()
@@ -82,16 +86,19 @@ def run_ptq(
     max_batches: Optional[int] = None,
     calibrator_params: Optional[Dict[str, Dict[str, Any]]] = None,
     progress: Optional[Callable[[int], None]] = None,
+    across_ranks: bool = False,
 ) -> PTQResult:
     """Quantizes ``model`` in place, runs ONE statistics pass and every calibrator.
 
     The model is left fake-quantizing with the last calibrator's ranges.
 
-    Under torch.distributed (a process group of several ranks, as torchrun
-    starts) this is collective: ``data`` is this rank's shard (see
-    :func:`quantlab.distributed.shard_batches`), the histograms and maxima are
-    all-reduced exactly after the pass, and every rank then chooses the same
-    ranges as one process on all the shards would.
+    With ``across_ranks=True`` under torch.distributed (a process group of
+    several ranks, as torchrun starts) this is collective: ``data`` is this
+    rank's shard (see :func:`quantlab.distributed.shard_batches`), the
+    histograms and maxima are all-reduced exactly after the pass, the
+    calibrators' work is split by tensor, and every rank ends with the same
+    ranges as one process on all the shards would choose. A failure on one
+    rank is raised on all of them.
 
     Args:
         model: The FP32 model (its device is used).
@@ -101,6 +108,7 @@ def run_ptq(
         max_batches: Use at most this many batches.
         calibrator_params: Per-calibrator parameters, e.g. ``{"percentile": {"percentile": 99.9}}``.
         progress: Called with the number of batches done.
+        across_ranks: Merge over the ranks of the process group (every rank must call it).
 
     Raises:
         CalibrationError: if the data is empty.
@@ -109,16 +117,19 @@ def run_ptq(
     params = calibrator_params or {}
     quantize(model, config or int8_config())
     start = time.perf_counter()
-    counts = collect_statistics(model, forward_loop(data, max_batches=max_batches, progress=progress))
-    num_batches = max(counts.values(), default=0)
-    if distributed.is_distributed():
+    loop = forward_loop(data, max_batches=max_batches, progress=progress)
+    if across_ranks and distributed.is_distributed():
         # Each rank saw its shard: merge the histograms exactly, so every rank calibrates on all the data.
-        distributed.all_reduce_statistics(model)
-        num_batches = int(distributed.all_reduce_sum([float(num_batches)])[0])
+        counts = distributed.collect_statistics_across_ranks(model, loop)
+        num_batches = int(distributed.all_reduce_sum([float(max(counts.values(), default=0))])[0])
+    else:
+        across_ranks = False
+        counts = collect_statistics(model, loop)
+        num_batches = max(counts.values(), default=0)
     statistics_seconds = time.perf_counter() - start
     if num_batches == 0:
         raise CalibrationError("calibration data is empty: no batch reached the model")
-    scales, times = run_calibrators(model, names, params)
+    scales, times = run_calibrators(model, names, params, across_ranks=across_ranks)
     return PTQResult(scales=scales, num_batches=num_batches, statistics_seconds=statistics_seconds, calibrate_seconds=times)
 
 

@@ -64,6 +64,7 @@ def _calibrate(args: argparse.Namespace, info) -> int:
             config=quant_config_from_args(args),
             calibrator_params=calibrator_params_from_args(args),
             progress=progress,
+            across_ranks=info.distributed,
         )
     if not info.is_main:
         return 0  # every rank holds the same ranges; rank 0 writes them

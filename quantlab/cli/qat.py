@@ -15,7 +15,8 @@ def register(sub) -> None:
     p.add_argument("--scales", help="starting scales file (else calibrate from --calib-data)")
     p.add_argument("--calib-data", default=None, help="calibration data when no --scales (default: the training data)")
     p.add_argument("--calibrator", default="entropy", help="calibrator for the starting ranges (default entropy)")
-    p.add_argument("--calib-batches", type=int, default=16, help="calibration batches (default 16)")
+    p.add_argument("--calib-batches", type=int, default=16,
+                   help="calibration batches, all ranks together under torchrun (default 16)")
     p.add_argument("--task", choices=["classification", "causal-lm"], default="classification")
     p.add_argument("--metric", default=None, help="eval metric (default top1, perplexity for causal-lm)")
     p.add_argument("--epochs", type=float, default=1.0)

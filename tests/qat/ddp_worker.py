@@ -14,6 +14,38 @@ def calibration_shard(rank: int, world: int):
     return [(shard[i : i + 64], None) for i in range(0, len(shard), 64)]
 
 
+def _failures_reach_every_rank(rank: int, images) -> dict:
+    """A NaN in rank 1's shard, and a calibrator error on the only rank that owns a tensor:
+    every rank must raise (none may wait in the next collective)."""
+    from torch import nn
+
+    from quantlab.ptq import run_ptq
+
+    out = {}
+    shard = [(images[rank * 64:(rank + 1) * 64].clone(), None)]
+    if rank == 1:
+        shard[0][0][3, 0, 5, 5] = float("nan")
+    try:
+        run_ptq(_tiny_model(), shard, "max", across_ranks=True)
+        out["nan"] = ""
+    except Exception as exc:  # noqa: BLE001 - the test compares the messages
+        out["nan"] = f"{type(exc).__name__}: {exc}"
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))  # one quantized tensor: rank 1 owns none
+    try:
+        run_ptq(linear, [(images[rank * 8:(rank + 1) * 8], None)], "percentile",
+                calibrator_params={"percentile": {"percentile": 150.0}}, across_ranks=True)
+        out["calibrator"] = ""
+    except Exception as exc:  # noqa: BLE001
+        out["calibrator"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _tiny_model():
+    from tests.qat.models import tiny_cnn
+
+    return tiny_cnn()
+
+
 def run(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -55,7 +87,8 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
             sync_error = ""
         except QATError as exc:
             sync_error = str(exc)
-        torch.save({"prepared": prepared, "sync_error": sync_error, "trained": trained, "losses": result.losses, "collectors": collectors,
+        failures = _failures_reach_every_rank(rank, x)
+        torch.save({"prepared": prepared, "sync_error": sync_error, "failures": failures, "trained": trained, "losses": result.losses, "collectors": collectors,
                     "agreed": agreed, "mismatch": mismatch,
                     "steps": result.steps, "weights": weights},
                    os.path.join(out_dir, f"rank{rank}.pt"))

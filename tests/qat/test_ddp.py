@@ -89,3 +89,11 @@ def test_sync_batchnorm_is_refused_on_cpu_ranks(two_ranks):
     _, ranks = two_ranks
     for r in ranks:
         assert "sync_batchnorm needs every rank on a CUDA device" in r["sync_error"]
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert r1["failures"]["nan"].startswith("NonFiniteActivationError") and "stem.0" in r1["failures"]["nan"]
+    assert r0["failures"]["nan"].startswith("RankFailedError: the statistics pass failed on rank 1: NonFiniteActivationError")
+    assert r0["failures"]["calibrator"] and "percentile" in r0["failures"]["calibrator"]
+    assert r1["failures"]["calibrator"].startswith("RankFailedError: choosing the ranges failed on rank 0")

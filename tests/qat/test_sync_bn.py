@@ -57,3 +57,26 @@ def test_loop_runs_with_sync_batchnorm_outside_ddp_and_keeps_frozen_statistics()
     assert result.steps == 4 and all(type(m) is not nn.SyncBatchNorm for m in model.modules())
     assert freeze_bn_stats(model) == 0  # already frozen: every BatchNorm kept its hook
 
+
+
+def test_hooks_and_frozen_statistics_survive_the_swap():
+    model = randomize_bn(tiny_cnn())
+    assert freeze_bn_stats(model) == 3  # frozen BEFORE the run: must stay frozen in it
+    calls = []
+    model.pw_bn.register_forward_hook(lambda module, args, out: calls.append(type(module).__name__))
+    frozen = model.stem[1].running_mean.clone()
+    with synced_batchnorm(model):
+        model.train()
+        model(torch.randn(8, 1, 28, 28))
+        assert torch.equal(model.stem[1].running_mean, frozen)
+    assert calls == ["SyncBatchNorm"]
+    model(torch.randn(8, 1, 28, 28))
+    assert calls == ["SyncBatchNorm", "BatchNorm2d"]
+    fresh = tiny_cnn()
+    with synced_batchnorm(fresh):
+        assert freeze_bn_stats(fresh) == 3  # frozen DURING the run: still frozen after it
+    assert freeze_bn_stats(fresh) == 0
+    fresh.train()
+    before = fresh.dw_bn.running_var.clone()
+    fresh(torch.randn(8, 1, 28, 28) * 3)
+    assert torch.equal(fresh.dw_bn.running_var, before)

@@ -1,4 +1,5 @@
 """quantlab.distributed outside a process group: sharding covers the batches exactly once."""
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -50,7 +51,12 @@ def test_other_iterables_are_walked_and_skipped():
         shards = [_ids(distributed.shard_batches(iter(batches), r, world, max_batches=6)) for r in range(world)]
         assert sorted(sum(shards, [])) == [[float(i)] * 2 for i in range(6)]
         assert shards[0][0] == [0.0, 0.0]
-    assert not isinstance(distributed.shard_batches(shuffled, 0, 2), DataLoader)  # its own order is kept
+    with pytest.raises(ValueError, match="shuffles with the global random generator"):
+        distributed.shard_batches(shuffled, 0, 2)  # every rank would draw another order
+    seeded = _loader(shuffle=True, generator=torch.Generator().manual_seed(3))
+    shards = [_ids(distributed.shard_batches(_loader(shuffle=True, generator=torch.Generator().manual_seed(3)), r, 2))
+              for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(_ids(seeded))  # the same order on both ranks: covered once
 
 
 def test_collectives_are_no_ops_in_one_process():
@@ -71,7 +77,5 @@ def test_shards_of_sized_iterables_know_their_length():
         for r in range(world):
             shard = distributed.shard_batches(batches, r, world, max_batches)
             assert len(shard) == len(list(shard))
-    import pytest
-
     with pytest.raises(TypeError):
         len(distributed.shard_batches(iter(batches), 0, 2))

@@ -39,20 +39,22 @@ def mse_errors(
     Args:
         stats: Collected ``|x|`` histogram.
         num_bits: Bit width of the signed quantized values.
-        start_bin: Smallest candidate, as a bin edge index.
-        stride: Step between candidate edge indices.
+        start_bin: Index of the smallest candidate bin.
+        stride: Step between candidate bin indices.
 
     Returns:
-        ``(candidates, errors)``: float64 candidate amaxes ``edges[i]`` for ``i``
-        in ``range(start_bin, num_bins + 1, stride)`` and their float64 errors,
-        both on the counts' device (empty when ``num_bins < start_bin``).
+        ``(candidates, errors)``: float64 candidate amaxes ``centres[i]`` for
+        ``i`` in ``range(start_bin, num_bins, stride)`` (bin centres, as
+        pytorch-quantization's and Model Optimizer's ``_compute_amax_mse``
+        take them) and their float64 errors, both on the counts' device (empty
+        when ``num_bins <= start_bin``).
     """
     _validate(num_bits, start_bin, stride)
     device = stats.counts.device
     counts = stats.counts.detach().reshape(-1).to(torch.float64)
     edges = stats.edges(torch.float64)
     centres = (edges[:-1] + edges[1:]) / 2
-    candidates = edges[start_bin::stride]
+    candidates = centres[start_bin::stride]
     errors = torch.empty(candidates.numel(), dtype=torch.float64, device=device)
     n = candidates.numel()
     if n == 0:
@@ -81,19 +83,23 @@ def mse_calibrator(
 ) -> float:
     """Returns the candidate amax minimizing the expected squared quantization error.
 
-    Candidates are bin edges ``edges[i]`` (``i`` from ``start_bin`` up to and
-    including ``num_bins``, step ``stride``); the first of equal minima (the
-    smallest amax, i.e. the finest scale) wins.
+    Candidates are bin centres ``centres[i]`` (``i`` from ``start_bin`` up to
+    ``num_bins - 1``, step ``stride``), the grid of the reference
+    implementations (pytorch-quantization, Model Optimizer), so the same
+    histogram gives the same amax; the first of equal minima (the smallest
+    amax, i.e. the finest scale) wins. The error curve is flat near its
+    minimum: on the demo CNN a grid of bin edges instead picked amaxes up to
+    23 bins away at errors within 3.3e-4 (relative) of these.
 
     Args:
         stats: Collected ``|x|`` histogram (CPU or CUDA counts).
         num_bits: Bit width of the signed quantized values.
-        start_bin: Smallest candidate edge index.
-        stride: Step between candidate edge indices.
+        start_bin: Index of the smallest candidate bin.
+        stride: Step between candidate bin indices.
 
     Returns:
         The amax as a Python float: ``0.0`` when the histogram is empty or
-        ``stats.amax`` is 0; ``stats.amax`` when there are fewer than
+        ``stats.amax`` is 0; ``stats.amax`` when there are no more than
         ``start_bin`` bins (no candidate exists, so nothing is clipped).
 
     Raises:
@@ -103,7 +109,7 @@ def mse_calibrator(
     amax = float(stats.amax)
     if amax <= 0.0 or stats.num_bins == 0 or not bool((stats.counts != 0).any()):
         return 0.0
-    if stats.num_bins < start_bin:
+    if stats.num_bins <= start_bin:
         return amax
     candidates, errors = mse_errors(stats, num_bits=num_bits, start_bin=start_bin, stride=stride)
     return float(candidates[int(torch.argmin(errors))])

@@ -96,8 +96,8 @@ def mse_reference(counts, bin_width, num_bits=8, start_bin=128, stride=1):
     k = np.arange(n, dtype=np.float64)
     centres = (k * bin_width + (k + 1) * bin_width) / 2
     candidates, errors = [], []
-    for i in range(start_bin, n + 1, stride):
-        amax = i * bin_width
+    for i in range(start_bin, n, stride):  # the bin centres, as pytorch-quantization's loop
+        amax = centres[i]
         scale = amax / qmax
         quantized = np.minimum(np.round(centres / scale), qmax)  # np.round: half to even
         errors.append(float(np.sum(counts * (centres - quantized * scale) ** 2)))

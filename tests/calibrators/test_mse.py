@@ -89,15 +89,15 @@ def test_mass_ending_sharply_at_bin_1000(profile):
 
 def test_ties_pick_the_first_minimum():
     # All mass in bin 0: its centre w/2 is below half a step for every
-    # candidate (63.5 / i < 0.5 for i >= 128), so it always rounds to 0 and
+    # candidate (63.5 / (i + 0.5) < 0.5 for i >= 128), so it always rounds to 0 and
     # every candidate has exactly the same error. The first (smallest) wins.
     counts = np.zeros(512, dtype=np.int64)
     counts[0] = 1000
     w = 0.25
     _, errors = mse_errors(HistogramStats(torch.from_numpy(counts), w, 0.1))
     assert (errors == errors[0]).all()
-    assert _assert_matches_reference(counts, w, 0.1) == 128 * w
-    assert _assert_matches_reference(counts, w, 0.1, start_bin=300, stride=9) == 300 * w
+    assert _assert_matches_reference(counts, w, 0.1) == 128.5 * w
+    assert _assert_matches_reference(counts, w, 0.1, start_bin=300, stride=9) == 300.5 * w
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):
@@ -133,8 +133,9 @@ def test_edge_cases():
     assert mse_calibrator(HistogramStats(zeros, w, 0.0)) == 0.0
     assert mse_calibrator(HistogramStats(zeros, w, 5.0)) == 0.0
     assert mse_calibrator(HistogramStats(torch.ones(2048), w, 0.0)) == 0.0
-    # Fewer bins than start_bin: no candidate, keep the whole range.
+    # No more bins than start_bin: no candidate, keep the whole range.
     assert mse_calibrator(HistogramStats(torch.ones(100), w, 0.995)) == 0.995
+    assert mse_calibrator(HistogramStats(torch.ones(128), w, 1.275)) == 1.275
 
 
 @pytest.mark.parametrize("bad", [dict(num_bits=1), dict(start_bin=0), dict(stride=0), dict(stride=1.5)])

@@ -71,6 +71,12 @@ def amax_on_host(quantizers: List[Any]) -> List[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
+def choose_input_amax(fn: Callable[..., float], stats: Optional[HistogramStats], quantizer: Any,
+                      params: Dict[str, Any]) -> float:
+    """The range calibrator ``fn`` chooses for an input quantizer (0 if it saw only zeros)."""
+    return 0.0 if stats is None else choose_amax(fn, stats, quantizer.spec.num_bits, **params)
+
+
 def _calibrate_weights(model: nn.Module) -> None:
     for ref in iter_quantizers(model):
         if ref.role == "weight":
@@ -147,7 +153,7 @@ def apply_calibrator(model: nn.Module, calibrator: str, params: Dict[str, Any],
         if chosen is not None and ref.module_name in chosen:
             amax = chosen[ref.module_name]
         else:
-            amax = 0.0 if stats is None else choose_amax(fn, stats, q.spec.num_bits, **params)
+            amax = choose_input_amax(fn, stats, q, params)
         if stats is not None:
             statistics[ref.module_name] = stats
         if not math.isfinite(amax):

@@ -23,9 +23,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
+from quantlab.api import amax_on_host, choose_input_amax
 from quantlab.attach import iter_quantizers
 from quantlab.calibrators import get_calibrator
-from quantlab.scales import choose_amax
 from quantlab.statistics import HistogramCollector, _merge_pairs, bin_width_for
 
 
@@ -195,8 +195,7 @@ def choose_ranges(model: nn.Module, calibrators: Dict[str, Dict[str, Any]]) -> T
             stats = ref.quantizer.collector.stats()
             for name, params in calibrators.items():
                 start = time.perf_counter()
-                amax = 0.0 if stats is None else choose_amax(functions[name], stats, ref.quantizer.spec.num_bits, **params)
-                mine[(name, ref.module_name)] = float(amax)
+                mine[(name, ref.module_name)] = float(choose_input_amax(functions[name], stats, ref.quantizer, params))
                 seconds[name] += time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
@@ -245,20 +244,19 @@ def collect_statistics_across_ranks(model: nn.Module, loop: Any) -> Dict[str, in
     """``collect_statistics`` on this rank's shard, then the statistics merged exactly over the ranks.
 
     Collective. A failure on one rank (a NaN in its shard) is raised on every
-    rank. Returns this rank's batch counts per tensor (the merged collectors
-    hold the job's totals).
+    rank. Returns the number of batches each input tensor saw, over all ranks.
     """
     from quantlab.attach import collect_statistics
 
     error: Optional[Exception] = None
-    counts: Dict[str, int] = {}
     try:
-        counts = collect_statistics(model, loop)
+        collect_statistics(model, loop)
     except Exception as exc:  # noqa: BLE001 - re-raised on every rank
         error = exc
     raise_if_any_rank_failed(error, "the statistics pass")
     all_reduce_statistics(model)
-    return counts
+    return {r.module_name: r.quantizer.collector.num_batches for r in iter_quantizers(model)
+            if r.role == "input" and r.quantizer.collector is not None}
 
 
 def broadcast_ranges(model: nn.Module, src: int = 0) -> int:
@@ -349,9 +347,8 @@ def check_ranges_agree(model: nn.Module) -> int:
     """
     if not is_distributed():
         return 0
-    model = unwrap(model)
-    mine = {r.key: r.quantizer.amax.detach().to("cpu", torch.float32).reshape(-1).numpy().tobytes()
-            for r in iter_quantizers(model)}
+    refs = list(iter_quantizers(unwrap(model)))
+    mine = {r.key: amax.numpy().tobytes() for r, amax in zip(refs, amax_on_host([r.quantizer for r in refs]))}
     every = all_gather_object(mine)
     differing = []
     for key, value in mine.items():

@@ -118,14 +118,11 @@ def run_ptq(
     quantize(model, config or int8_config())
     start = time.perf_counter()
     loop = forward_loop(data, max_batches=max_batches, progress=progress)
-    if across_ranks and distributed.is_distributed():
-        # Each rank saw its shard: merge the histograms exactly, so every rank calibrates on all the data.
-        counts = distributed.collect_statistics_across_ranks(model, loop)
-        num_batches = int(distributed.all_reduce_sum([float(max(counts.values(), default=0))])[0])
-    else:
-        across_ranks = False
-        counts = collect_statistics(model, loop)
-        num_batches = max(counts.values(), default=0)
+    across_ranks = across_ranks and distributed.is_distributed()
+    # Across ranks each saw its shard: the histograms are merged exactly, so every rank
+    # calibrates on all the data (and counts all the batches).
+    counts = distributed.collect_statistics_across_ranks(model, loop) if across_ranks else collect_statistics(model, loop)
+    num_batches = max(counts.values(), default=0)
     statistics_seconds = time.perf_counter() - start
     if num_batches == 0:
         raise CalibrationError("calibration data is empty: no batch reached the model")

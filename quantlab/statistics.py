@@ -275,9 +275,7 @@ class _DeviceAccumulator:
         Raises:
             ValueError: the running max is NaN or Inf (a non-finite value was seen).
         """
-        if scalars is None:
-            scalars = torch.stack([self.amax.double(), self.exponent.double(), self.counts.sum()]).tolist()
-        amax, exponent, counted = scalars
+        amax, exponent, counted = read_scalars([self])[0] if scalars is None else scalars
         if not math.isfinite(amax):
             raise ValueError("non-finite")
         width = math.ldexp(1.0, int(exponent))

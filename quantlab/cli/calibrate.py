@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 from quantlab.cli.common import (
     add_model_args,
@@ -50,12 +51,11 @@ def _calibrate(args: argparse.Namespace, info) -> int:
     device = distributed.default_device(info, args.device) if info.distributed else args.device
     model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
     data = load_data(args.data, batch_size=args.batch_size)
-    total = len(data) if hasattr(data, "__len__") else None
-    if args.max_batches is not None and total is not None:
-        total = min(total, args.max_batches)
     shard = distributed.shard_batches(data, info.rank, info.world_size, args.max_batches)
-    if total is not None and info.distributed:
-        total = len(range(info.rank, total, info.world_size))
+    try:
+        total: Optional[int] = len(shard)  # this rank's batches
+    except TypeError:
+        total = None
     with progress_bar(total, "statistics", shown=info.is_main) as progress:
         result = run_ptq(
             model,

@@ -66,7 +66,7 @@ def _memory_fields(mem: C.PeakMemory) -> Dict[str, Any]:
 
 def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
     import quantlab
-    from quantlab.attach import collect_statistics
+    from quantlab import collect_statistics
     from quantlab.api import collected_statistics
     from quantlab.cuda_graphs import graphed_forward
     from quantlab.batching import forward_loop

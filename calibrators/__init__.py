@@ -12,11 +12,14 @@ from .base import (
     register_calibrator,
 )
 from . import entropy, max, mse, percentile  # noqa: F401,E402  (registers them)
+from .choose import choose_amax, choose_many  # noqa: E402
 
 __all__ = [
     "Calibrator",
     "HistogramStats",
     "UnknownCalibratorError",
+    "choose_amax",
+    "choose_many",
     "get_calibrator",
     "list_calibrators",
     "register_calibrator",

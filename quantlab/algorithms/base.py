@@ -156,10 +156,9 @@ def run_stage(model: nn.Module, algorithms: Sequence[Algorithm], stage: Stage, *
 def _load_builtins() -> None:
     """Imports the built-in algorithm modules (they register themselves)."""
     import importlib
+    import os
     import pkgutil
 
-    import quantlab.algorithms as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    for info in pkgutil.iter_modules([os.path.dirname(__file__)]):
         if info.name not in ("base",) and not info.name.startswith("_"):
             importlib.import_module(f"quantlab.algorithms.{info.name}")

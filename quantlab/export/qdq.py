@@ -33,7 +33,7 @@ from quantlab.export.mapping import METADATA_KEY, build_tensor_map, set_metadata
 from quantlab.export.placement import apply_placement
 from quantlab.export.result import ExportResult, write_sidecar
 from quantlab.export.torch_export import DEFAULT_EXPORTER, DEFAULT_OPSET, export_in_eval
-from quantlab.tensor_quantizer import QuantizerMode
+from quantlab.tensor_quantizer import QuantizerMode, Role
 
 TARGETS = ("tensorrt", "ort-cpu")
 
@@ -54,10 +54,10 @@ def check_exportable(model: nn.Module) -> List[str]:
     # A layer whose quantizers are all off beside calibrated ones was kept in float (mixed
     # precision, e.g. loaded from autoprecision's scales): it exports as float and needs no scale.
     # If nothing is calibrated, the model simply was never calibrated.
-    any_active = any(r.role == "input" and r.quantizer.mode is QuantizerMode.QUANTIZE and r.quantizer.is_calibrated for r in refs)
+    any_active = any(r.role is Role.INPUT and r.quantizer.mode is QuantizerMode.QUANTIZE and r.quantizer.is_calibrated for r in refs)
     kept_float = set(float_layers(model)) if any_active else set()
     uncalibrated = [r.module_name for r in refs
-                    if r.role == "input" and r.module_name not in kept_float and not r.quantizer.is_calibrated]
+                    if r.role is Role.INPUT and r.module_name not in kept_float and not r.quantizer.is_calibrated]
     if uncalibrated:
         shown = ", ".join(uncalibrated[:10]) + (" ..." if len(uncalibrated) > 10 else "")
         raise ExportError(
@@ -71,9 +71,9 @@ def check_exportable(model: nn.Module) -> List[str]:
             continue
         if spec.num_bits != 8:
             problems.append(f"'{ref.key}' uses {spec.num_bits} bits (ONNX INT8 Q/DQ needs 8)")
-        if ref.role == "input" and spec.narrow_range:
+        if ref.role is Role.INPUT and spec.narrow_range:
             problems.append(f"'{ref.key}' uses the narrow range [-127, 127] for an activation (TensorRT activations use [-128, 127])")
-        if ref.role == "input" and spec.axis is not None:
+        if ref.role is Role.INPUT and spec.axis is not None:
             problems.append(f"'{ref.key}' is per-channel (TensorRT quantizes activations per tensor)")
     if problems:
         raise ExportError("cannot export these quantizers as ONNX Q/DQ: " + "; ".join(problems))
@@ -181,7 +181,7 @@ def clean_qdq_names(view: GraphView, tensor_map: Dict[str, str]) -> None:
     renames: Dict[str, str] = {}
     for key, tensor in tensor_map.items():
         module, role = key.rsplit(":", 1)
-        if role != "input":
+        if Role(role) is not Role.INPUT:
             continue
         for q in view.uses(tensor):
             if q.op_type != "QuantizeLinear":
@@ -198,7 +198,7 @@ def clean_qdq_names(view: GraphView, tensor_map: Dict[str, str]) -> None:
             break
     for key, weight in tensor_map.items():
         module, role = key.rsplit(":", 1)
-        if role != "weight":
+        if Role(role) is not Role.WEIGHT:
             continue
         for dq in view.uses(weight):
             if dq.op_type == "DequantizeLinear":

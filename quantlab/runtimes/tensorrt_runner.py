@@ -117,3 +117,9 @@ class TensorRTRunner(Runner):
 
 
 __all__ = ["TensorRTRunner"]
+
+
+def measure_engine_latency(plan_path: Union[str, Path], *, batch_size: int = 1, warmup: int = 10, iterations: int = 100) -> LatencyStats:
+    """Median GPU latency of a built engine on random inputs (needs TensorRT and a CUDA GPU)."""
+    with TensorRTRunner(plan_path) as runner:
+        return runner.measure_device_latency(batch_size=batch_size, warmup=warmup, iterations=iterations)

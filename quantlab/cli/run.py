@@ -50,9 +50,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append(["ORT integer kernels", ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())) or "none (runs in float)"])
         report = runner.int8_form
         form = report.form if report is not None else None
-        shown = report.describe() if report is not None else "not checked"
         if not runner.qdq_fusion:
-            shown += "; TensorRT form: Q/DQ computed with float kernels (ORT's QDQ fusion off)"
+            shown = "TensorRT form: its Q/DQ computed with float kernels (ONNX Runtime's QDQ fusion off)"
+        else:
+            shown = report.describe() if report is not None else "not checked"
         rows.append(["ORT INT8 form", shown])
     print_table(rows, [str(args.model), runner.backend])
     _record(args, result, latency, form)

@@ -38,6 +38,11 @@ The integer weights take one of three forms (``form``; chosen per CPU by
 
 ``weight_bits=7`` (reduce_range, only when the user asks) first requantizes the
 weights of Conv/Gemm/MatMul to [-63, 63] with scale ``s * 127 / 63``.
+
+"Same numerics" up to rounding: the integer kernels accumulate exactly where float
+kernels round, and QLinearConv adds the bias as int32 on the ``s_x * s_w`` grid, so an
+activation at a rounding midpoint of the next quantizer can differ by one step from
+the TensorRT form computed in float.
 """
 from __future__ import annotations
 

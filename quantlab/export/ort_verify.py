@@ -192,7 +192,7 @@ def integer_kernels(model: onnx.ModelProto, *, qdq_fusion: bool = True, machine:
             is its fast path), so such a pattern runs u8s8.
     """
     x86 = (machine or platform.machine()).lower() in _X86
-    view = GraphView(onnx.ModelProto.FromString(model.SerializeToString()))
+    view = GraphView(model)  # read only: nothing is committed back to ``model``
     view.constants_to_initializers()
     types = _Types(view)
     kernels: List[IntegerKernel] = []

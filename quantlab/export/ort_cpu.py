@@ -33,8 +33,9 @@ The integer weights take one of three forms (``form``; chosen per CPU by
 * ``"u8s8"``: INT8 weights, zero point 0 (as above);
 * ``"u8u8"``: the weights every integer kernel reads stored as UINT8 ``q + 128`` with
   zero point 128 (exact on x86 CPUs without VNNI, where u8 x s8 saturates);
-* ``"qdq-float"``: no integer kernels: every quantized Conv/Gemm/MatMul gets a float
-  weight holding exactly ``q * s`` behind its activation Q/DQ.
+* ``"qdq-float"``: no integer kernels: every quantized Conv/ConvTranspose/Gemm/MatMul
+  gets a float weight holding exactly ``q * s``, and its input dequantized by
+  Cast/Sub/Mul (the same numbers as DequantizeLinear, which ONNX Runtime would fuse).
 
 ``weight_bits=7`` (reduce_range, only when the user asks) first requantizes the
 weights of Conv/Gemm/MatMul to [-63, 63] with scale ``s * 127 / 63``.
@@ -461,13 +462,13 @@ def convert_to_ort_cpu(view: GraphView, *, other_convs: str = "im2col", form: st
         counts["reduced_weights"] = _reduce_weight_range(view)
     zero_name = _to_uint8_activations(view)
     for node in list(view.nodes):
-        if form == "qdq-float" and node.op_type in ("Conv", "Gemm", "MatMul"):
+        if form == "qdq-float" and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             w_dq = _weight_dq(view, node.input[1]) if len(node.input) > 1 else None
             x_dq = _activation_dq(view, node.input[0], zero_name)
             if w_dq is not None and x_dq is not None:
                 _float_dequantize(view, node, x_dq)
                 _dequantize_weight(view, node, w_dq)
-                counts["float_conv" if node.op_type == "Conv" else "float_matmul"] += 1
+                counts["float_conv" if node.op_type.startswith("Conv") else "float_matmul"] += 1
             continue
         if node.op_type == "Conv":
             x_dq = _activation_dq(view, node.input[0], zero_name)

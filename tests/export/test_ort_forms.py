@@ -146,6 +146,35 @@ def test_resolve_form_honours_a_forced_form_and_says_it_is_not_exact_here():
         resolve_form("s8s8", probe_result=inexact)
 
 
+def test_the_probe_overrides_the_flags_when_they_disagree(monkeypatch, caplog):
+    """Detect predicts, verify decides: flags promising VNNI do not make a saturating u8s8 exact."""
+    def fake_variant(form, weight_bits=8):
+        bad = form == "u8s8" and weight_bits == 8
+        return {op: OpOutcome(not bad, 31003 if bad else 0) for op in PROBED_OPS}
+
+    monkeypatch.setattr(ort_forms, "probe_variant", fake_variant)
+    with caplog.at_level("WARNING", logger="quantlab.export.ort_forms"):
+        result = ort_forms.probe(read_cpu_info(VNNI_XEON))
+    assert result.cpu.vnni and not result.exact("u8s8") and choose_form(result) == "u8u8"
+    assert "trusting the probe" in caplog.text
+
+
+@pytest.mark.parametrize("inexact, form", [
+    ((), "u8s8"),
+    ((("u8s8", "QLinearConv"),), "u8u8"),
+    ((("u8s8", "QLinearConv"), ("u8u8", "MatMulIntegerToFloat")), "qdq-float"),
+])
+def test_auto_export_writes_the_form_the_probe_allows(inexact, form, worst_case, tmp_path, monkeypatch):
+    model, inputs, _ = worst_case
+    monkeypatch.setattr(ort_forms, "cached_probe", lambda **_: fake_probe(inexact))
+    result = export_int8(model, tmp_path / "auto.onnx", inputs[:2], target="ort-cpu")
+    meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
+    assert (meta["quantlab.ort_int8"], meta["quantlab.ort_int8.requested"]) == (form, "auto")
+    assert result.ort_int8["exact_here"] and result.ort_int8["form"] == form
+    forms = {k.form for k in integer_kernels(onnx.load(str(result.path)))}
+    assert forms == ({form} if form != "qdq-float" else set())
+
+
 # -- the cache -----------------------------------------------------------------------------
 
 def test_cache_round_trip_and_other_entries_kept(tmp_path):

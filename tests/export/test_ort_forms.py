@@ -18,9 +18,9 @@ from quantlab.errors import QuantlabError
 from quantlab.export import ort_forms
 from quantlab.export.errors import OrtFormError
 from quantlab.export.ort_forms import (
-    PROBED_OPS, VARIANTS, OpOutcome, ProbeResult, choose_form, probe_inputs, probe_references, read_cache,
-    read_cpu_info, resolve_form, write_cache,
+    PROBED_OPS, VARIANTS, OpOutcome, ProbeResult, choose_form, read_cache, read_cpu_info, resolve_form, write_cache,
 )
+from quantlab.export.ort_probe import conv_reference, probe_inputs, probe_references
 from quantlab.export.ort_verify import integer_kernels, verify_model
 from quantlab.export.qdq import export_int8
 from quantlab.runtimes.onnxruntime_runner import OnnxRuntimeRunner, quantized_kernels
@@ -295,11 +295,9 @@ def _worst_case_integers():
 
 def _int64_reference(w1, w2, w3, biases, x):
     """The network on integers: exact accumulators, power-of-two requantization (rint half-even)."""
-    from quantlab.export.ort_forms import _conv_reference
-
-    acc1 = _conv_reference(x + 128, w1, 1, 1) + biases[0][None, :, None, None]
+    acc1 = conv_reference(x + 128, w1, 1, 1) + biases[0][None, :, None, None]
     q2 = np.maximum(np.clip(np.rint(acc1 * (S_X * S_W1 / S_2)), -128, 127), 0).astype(np.int64)
-    acc2 = _conv_reference(q2 + 128, w2, 0, 1) + biases[1][None, :, None, None]
+    acc2 = conv_reference(q2 + 128, w2, 0, 1) + biases[1][None, :, None, None]
     q3 = np.clip(np.rint(acc2.reshape(len(x), -1) * (S_2 * S_W2 / S_3)), -128, 127).astype(np.int64)
     acc3 = q3 @ w3.T + biases[2]
     return (acc3 * (S_3 * S_W3)).astype(np.float32), acc3

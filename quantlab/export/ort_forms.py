@@ -10,8 +10,9 @@ exact. Three forms compute the same integers where they are exact:
 * ``u8s8``: UINT8 activations (zero point 128), INT8 weights; the fastest with VNNI;
 * ``u8u8``: the same weights stored as UINT8 ``q + 128`` with zero point 128: MLAS
   widens both sides to 16 bits (``vpmaddwd``, 32-bit sums), exact on every x86 CPU;
-* ``qdq-float``: weights dequantized, activations keep their Q/DQ rounding, float
-  kernels (exact up to float accumulation order, like the TensorRT form in ORT).
+* ``qdq-float``: no integer kernels: float weights holding ``q * s``, activations
+  rounded by QuantizeLinear and dequantized by Cast/Sub/Mul (which ORT cannot fuse);
+  the same numbers as the TensorRT form computed in float.
 
 7-bit weights ("reduce_range") make u8s8 exact everywhere too (``255 * 64 * 2 <
 32768``) but change what TensorRT's model computes, so they are used only when the
@@ -20,9 +21,9 @@ user asks (and recorded in the file).
 Detect: :func:`read_cpu_info` (CPU model and flags; VNNI predicts an exact u8s8).
 Verify: :func:`probe` runs a tiny worst-case model of every integer op the forms
 use through ONNX Runtime and compares it with the exact int64 result
-(:mod:`quantlab.export.ort_probe`). :func:`cached_probe` keeps the outcome per (CPU model + flags, onnxruntime
-version) in ``~/.cache/quantlab``; :func:`choose_form` picks u8s8 where exact, else
-u8u8, else qdq-float.
+(:mod:`quantlab.export.ort_probe`). :func:`cached_probe` keeps the outcome per
+(CPU model + flags, onnxruntime version) in ``~/.cache/quantlab``; :func:`choose_form`
+picks u8s8 where exact, else u8u8, else qdq-float.
 """
 from __future__ import annotations
 

@@ -23,4 +23,8 @@ class TensorMappingError(QuantlabError):
     """Quantizers of a scales file could not be matched to tensors of an ONNX graph."""
 
 
-__all__ = ["ExportError", "OnnxFormatError", "CacheFormatError", "TensorMappingError"]
+class OrtFormError(QuantlabError):
+    """An ort-cpu INT8 form is unknown, or its integer kernels are not exact on this CPU."""
+
+
+__all__ = ["ExportError", "OnnxFormatError", "CacheFormatError", "TensorMappingError", "OrtFormError"]

@@ -94,6 +94,8 @@ def export_int8(
     placement: bool = True,
     fold_bn: bool = True,
     ort_other_convs: str = "im2col",
+    ort_int8: str = "auto",
+    ort_reduce_range: bool = False,
     sidecar: bool = True,
 ) -> ExportResult:
     """Exports a calibrated quantized model as a Q/DQ ONNX file.
@@ -114,6 +116,13 @@ def export_int8(
         ort_other_convs: ort-cpu only: how convs that cannot become QLinearConv
             run: ``"im2col"`` (default), ``"float"`` or ``"conv-integer"``
             (see :mod:`quantlab.export.ort_cpu`).
+        ort_int8: ort-cpu only: the integer form, ``"auto"`` (default: u8s8 where
+            this CPU computes it exactly, else u8u8, else qdq-float; see
+            :mod:`quantlab.export.ort_forms`) or one of ``"u8s8"``, ``"u8u8"``,
+            ``"qdq-float"`` (forced, e.g. for another machine). Recorded in the
+            file's metadata (``quantlab.ort_int8``).
+        ort_reduce_range: ort-cpu only: 7-bit weights (exact u8s8 on any CPU, but
+            NOT the values TensorRT computes with); recorded in the metadata.
         sidecar: Also write ``<path>.json`` with the quantizer -> tensor map.
 
     Raises:
@@ -129,6 +138,13 @@ def export_int8(
     if opset < 13:
         raise ExportError(f"opset {opset} is too low for per-channel Q/DQ: use 13 or newer")
     start = time.perf_counter()
+    choice = None
+    if target == "ort-cpu":
+        from quantlab.export.ort_forms import resolve_form
+
+        choice = resolve_form(ort_int8, reduce_range=ort_reduce_range)  # before the work: may probe this CPU
+    elif ort_int8 != "auto" or ort_reduce_range:
+        raise ExportError("ort_int8 / ort_reduce_range apply to target='ort-cpu' only; the TensorRT form is always INT8 Q/DQ")
     modules = check_exportable(model)
     proto = export_in_eval(
         model, example_inputs, exporter=exporter, opset=opset, input_names=input_names,
@@ -147,15 +163,20 @@ def export_int8(
     if target == "ort-cpu":
         from quantlab.export.ort_cpu import convert_to_ort_cpu
 
-        rewrites = convert_to_ort_cpu(view, other_convs=ort_other_convs)
+        rewrites = convert_to_ort_cpu(view, other_convs=ort_other_convs, form=choice.form, weight_bits=choice.weight_bits)
     proto = view.commit()
-    set_metadata(proto, {
+    entries = {
         "quantlab.format": "qdq-int8",
         "quantlab.target": target,
         "quantlab.exporter": exporter,
         "quantlab.version": quantlab.__version__,
         METADATA_KEY: json.dumps(tensor_map, sort_keys=True),
-    })
+    }
+    if choice is not None:
+        from quantlab.export.ort_verify import form_metadata
+
+        entries.update(form_metadata(choice))
+    set_metadata(proto, entries)
     proto.producer_name = "quantlab"
     _check_graph(proto, "INT8 export")
     out = save_onnx(proto, path)
@@ -163,7 +184,8 @@ def export_int8(
         path=out, precision="int8", target=target, exporter=exporter, opset=default_opset(proto),
         input_names=[i.name for i in proto.graph.input], output_names=[o.name for o in proto.graph.output],
         tensor_map=tensor_map, unmapped=unmapped, folded_batchnorm=folded,
-        placement=report.to_dict() if report else None, ort_cpu=rewrites, seconds=time.perf_counter() - start,
+        placement=report.to_dict() if report else None, ort_cpu=rewrites,
+        ort_int8=choice.to_dict() if choice is not None else None, seconds=time.perf_counter() - start,
     )
     if sidecar:
         write_sidecar(result)

@@ -40,6 +40,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from quantlab._io import default_cache_dir, write_text_atomic
 from quantlab.export.errors import OrtFormError
 from quantlab.export.ort_probe import PROBED_OPS, WEIGHT_LIMIT, OpOutcome, probe_variant
 
@@ -260,12 +261,8 @@ def cache_key(cpu: CpuInfo, onnxruntime_version: str) -> str:
 
 
 def cache_file() -> Path:
-    """``$QUANTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/quantlab``, else ``~/.cache/quantlab``; + the file name."""
-    root = os.environ.get("QUANTLAB_CACHE_DIR")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = os.path.join(xdg, "quantlab") if xdg else os.path.join(os.path.expanduser("~"), ".cache", "quantlab")
-    return Path(root) / CACHE_NAME
+    """The probe cache in quantlab's cache folder (``$QUANTLAB_CACHE``, else ``~/.cache/quantlab``)."""
+    return default_cache_dir() / CACHE_NAME
 
 
 def _read_entries(path: Path) -> Dict[str, dict]:
@@ -308,7 +305,6 @@ def write_cache(path: Path, result: ProbeResult) -> bool:
     Returns False (after a warning) when the file cannot be written: the probe then
     simply runs again in the next process.
     """
-    from quantlab._io import write_text_atomic
 
     entries = {}
     for key, entry in _read_entries(path).items():

@@ -243,7 +243,7 @@ def test_a_garbage_cache_file_makes_the_cpu_probe_again(content, tmp_path, monke
 def test_an_unwritable_cache_does_not_stop_the_probe(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("QUANTLAB_CACHE_DIR", str(blocker / "quantlab"))
+    monkeypatch.setenv("QUANTLAB_CACHE", str(blocker / "quantlab"))
     monkeypatch.setattr(ort_forms, "probe", lambda cpu=None: fake_probe())
     monkeypatch.setattr(ort_forms, "_MEMO", {})
     assert ort_forms.cached_probe().exact("u8s8")
@@ -400,7 +400,7 @@ def test_cli_run_refuses_a_file_from_a_vnni_machine_on_an_avx2_cpu(u8s8_file, tm
     """The AVX2 machine simulated through the real cache file: this CPU's entry says u8s8 saturates."""
     from quantlab.cli.main import main
 
-    monkeypatch.setenv("QUANTLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ort_forms, "_MEMO", {})
     write_cache(ort_forms.cache_file(), fake_probe([("u8s8", "QLinearConv"), ("u8s8", "MatMulIntegerToFloat")]))
     store = tmp_path / "runs.sqlite"

@@ -32,7 +32,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from pathlib import Path

@@ -1,6 +1,6 @@
 """ONNX Runtime on the CPU: FP32 vs each INT8 form of the ort-cpu export, side by side.
 
-The ort-cpu export has three integer forms (quantlab.export.ort_forms): u8s8 (fastest
+The ort-cpu export has three integer forms (quantlab.runtimes.onnxruntime.forms): u8s8 (fastest
 with VNNI; saturates, so wrong, on x86 CPUs without VNNI), u8u8 (weights + 128, exact on
 every x86 CPU) and qdq-float (float kernels). This script prints this CPU's probe, the
 form ``--ort-int8 auto`` picks here, and the median latency of FP32, every form this
@@ -36,7 +36,7 @@ from _common import cpu_model  # noqa: E402
 import quantlab as ql
 from quantlab.export.float import export_float
 from quantlab.export.qdq import export_int8
-from quantlab.runtimes.onnxruntime_runner import OnnxRuntimeRunner, quantized_kernels
+from quantlab.runtimes.onnxruntime.runner import OnnxRuntimeRunner, quantized_kernels
 
 
 class BasicBlock(nn.Module):
@@ -124,7 +124,7 @@ def time_interleaved(runners, batch, rounds, iters, warmup=3):
 
 def cpu_flags() -> str:
     """The SIMD flags that pick ONNX Runtime's integer kernels, as in RESULTS.md."""
-    from quantlab.export.ort_forms import read_cpu_info
+    from quantlab.runtimes.onnxruntime.forms import read_cpu_info
 
     return ", ".join(read_cpu_info().flags) or "none read"
 
@@ -135,7 +135,7 @@ FORMS = ("u8s8", "u8u8", "qdq-float")
 def main() -> int:
     import onnxruntime as ort
 
-    from quantlab.export.ort_forms import cached_probe, choose_form
+    from quantlab.runtimes.onnxruntime.forms import cached_probe, choose_form
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)

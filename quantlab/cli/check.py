@@ -48,7 +48,7 @@ def _ort_form(path):
     """
     from quantlab.errors import QuantlabError
     from quantlab.export.graph import load_onnx
-    from quantlab.export.ort_verify import verify_model
+    from quantlab.runtimes.onnxruntime.verify import verify_model
 
     model = load_onnx(path, check=False)
     fusion = next((p.value for p in model.metadata_props if p.key == "quantlab.target"), None) != "tensorrt"

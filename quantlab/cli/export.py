@@ -148,7 +148,7 @@ def _start_record(args: argparse.Namespace):
     config = {"precision": args.precision, "target": args.target if args.precision == "int8" else None,
               "scales": args.scales, "exporter": args.exporter, "opset": args.opset, "out": str(args.out)}
     if args.precision == "int8" and args.target == "ort-cpu":
-        from quantlab.export.ort_forms import resolve_form
+        from quantlab.runtimes.onnxruntime.forms import resolve_form
 
         # The same (memoized) choice export_int8 makes next, so the run records which kernels the file uses.
         choice = resolve_form(args.ort_int8, reduce_range=args.ort_reduce_range)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     kernels = {}
     form = None
     if runner.backend == "onnxruntime":
-        from quantlab.runtimes.onnxruntime_runner import quantized_kernels
+        from quantlab.runtimes.onnxruntime.runner import quantized_kernels
 
         kernels = quantized_kernels(args.model, threads=args.threads)
         rows.append(["ORT integer kernels", ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())) or "none (runs in float)"])

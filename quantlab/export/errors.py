@@ -23,8 +23,4 @@ class TensorMappingError(QuantlabError):
     """Quantizers of a scales file could not be matched to tensors of an ONNX graph."""
 
 
-class OrtFormError(QuantlabError):
-    """An ort-cpu INT8 form is unknown, or its integer kernels are not exact on this CPU."""
-
-
-__all__ = ["ExportError", "OnnxFormatError", "CacheFormatError", "TensorMappingError", "OrtFormError"]
+__all__ = ["ExportError", "OnnxFormatError", "CacheFormatError", "TensorMappingError"]

@@ -28,7 +28,7 @@ ConvTranspose keeps its Q/DQ form (ONNX Runtime has no integer ConvTranspose).
 This form is for ONNX Runtime only: TensorRT rejects UINT8 inside a network.
 
 The integer weights take one of three forms (``form``; chosen per CPU by
-:mod:`quantlab.export.ort_forms`), all computing the same numbers where exact:
+:mod:`quantlab.runtimes.onnxruntime.forms`), all computing the same numbers where exact:
 
 * ``"u8s8"``: INT8 weights, zero point 0 (as above);
 * ``"u8u8"``: the weights every integer kernel reads stored as UINT8 ``q + 128`` with
@@ -54,7 +54,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from quantlab.export.graph import GraphView, get_attr
-from quantlab.export.ort_forms import FORMS
+from quantlab.runtimes.onnxruntime.forms import FORMS
 
 ACTIVATION_ZERO_POINT = 128
 _CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")

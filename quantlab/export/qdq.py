@@ -118,7 +118,7 @@ def export_int8(
             (see :mod:`quantlab.export.ort_cpu`).
         ort_int8: ort-cpu only: the integer form, ``"auto"`` (default: u8s8 where
             this CPU computes it exactly, else u8u8, else qdq-float; see
-            :mod:`quantlab.export.ort_forms`) or one of ``"u8s8"``, ``"u8u8"``,
+            :mod:`quantlab.runtimes.onnxruntime.forms`) or one of ``"u8s8"``, ``"u8u8"``,
             ``"qdq-float"`` (forced, e.g. for another machine). Recorded in the
             file's metadata (``quantlab.ort_int8``).
         ort_reduce_range: ort-cpu only: 7-bit weights (exact u8s8 on any CPU, but
@@ -140,7 +140,7 @@ def export_int8(
     start = time.perf_counter()
     choice = None
     if target == "ort-cpu":
-        from quantlab.export.ort_forms import resolve_form
+        from quantlab.runtimes.onnxruntime.forms import resolve_form
 
         choice = resolve_form(ort_int8, reduce_range=ort_reduce_range)  # before the work: may probe this CPU
     elif ort_int8 != "auto" or ort_reduce_range:
@@ -173,7 +173,7 @@ def export_int8(
         METADATA_KEY: json.dumps(tensor_map, sort_keys=True),
     }
     if choice is not None:
-        from quantlab.export.ort_verify import form_metadata
+        from quantlab.runtimes.onnxruntime.verify import form_metadata
 
         entries.update(form_metadata(choice))
     set_metadata(proto, entries)

@@ -6,7 +6,7 @@ from torch import nn
 
 import quantlab as ql
 from quantlab.export.qdq import export_int8
-from quantlab.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+from quantlab.runtimes.onnxruntime.runner import OnnxRuntimeRunner
 
 
 class TokenModel(nn.Module):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import quantlab as ql
-from quantlab.export import ort_forms
-from quantlab.export.errors import OrtFormError
+from quantlab.runtimes.onnxruntime import forms as ort_forms
+from quantlab.runtimes.onnxruntime.forms import OrtFormError
 from quantlab.export.graph import GraphView
 from quantlab.export.qdq import export_int8
-from quantlab.runtimes.onnxruntime_runner import quantized_kernels
+from quantlab.runtimes.onnxruntime.runner import quantized_kernels
 from tests.export.helpers import ort_logits
 
 # The TensorRT form runs in ONNX Runtime with float kernels (its Q/DQ rounding emulated, QDQ

@@ -15,15 +15,15 @@ from torch import nn
 
 import quantlab as ql
 from quantlab.errors import QuantlabError
-from quantlab.export import ort_forms
-from quantlab.export.errors import OrtFormError
-from quantlab.export.ort_forms import (
+from quantlab.runtimes.onnxruntime import forms as ort_forms
+from quantlab.runtimes.onnxruntime.forms import OrtFormError
+from quantlab.runtimes.onnxruntime.forms import (
     PROBED_OPS, VARIANTS, OpOutcome, ProbeResult, choose_form, read_cache, read_cpu_info, resolve_form, write_cache,
 )
-from quantlab.export.ort_probe import conv_reference, probe_inputs, probe_references
-from quantlab.export.ort_verify import integer_kernels, verify_model
+from quantlab.runtimes.onnxruntime.probe import conv_reference, probe_inputs, probe_references
+from quantlab.runtimes.onnxruntime.verify import integer_kernels, verify_model
 from quantlab.export.qdq import export_int8
-from quantlab.runtimes.onnxruntime_runner import OnnxRuntimeRunner, quantized_kernels
+from quantlab.runtimes.onnxruntime.runner import OnnxRuntimeRunner, quantized_kernels
 
 AVX2_EPYC = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -153,7 +153,7 @@ def test_the_probe_overrides_the_flags_when_they_disagree(monkeypatch, caplog):
         return {op: OpOutcome(not bad, 31003 if bad else 0) for op in PROBED_OPS}
 
     monkeypatch.setattr(ort_forms, "probe_variant", fake_variant)
-    with caplog.at_level("WARNING", logger="quantlab.export.ort_forms"):
+    with caplog.at_level("WARNING", logger="quantlab.runtimes.onnxruntime.forms"):
         result = ort_forms.probe(read_cpu_info(VNNI_XEON))
     assert result.cpu.vnni and not result.exact("u8s8") and choose_form(result) == "u8u8"
     assert "trusting the probe" in caplog.text

@@ -21,7 +21,7 @@ LAYERS = [
               "quantlab.scales", "quantlab.distributed"]),
     ("pipeline", ["quantlab.algorithms", "quantlab.pipeline", "quantlab.api", "quantlab.ptq"]),
     ("services", ["quantlab.data", "quantlab.models", "quantlab.model_source", "quantlab.export", "quantlab.runtimes",
-                  "quantlab.engines", "quantlab.evaluation", "quantlab.store", "quantlab.sparsity"]),
+                  "quantlab.evaluation", "quantlab.store", "quantlab.sparsity"]),
     ("training", ["quantlab.qat"]),
     ("jobs", ["quantlab.jobs"]),
     ("faces", ["quantlab.cli", "quantlab.ui", "quantlab.__main__"]),

@@ -1,7 +1,7 @@
 """Is an ONNX file's integer arithmetic exact on THIS CPU? Checked before ONNX Runtime runs it.
 
 A model exported on a VNNI machine in the u8s8 form computes wrong numbers on an
-AVX2-only CPU (:mod:`quantlab.export.ort_forms`). :func:`verify_model` reads the
+AVX2-only CPU (:mod:`quantlab.runtimes.onnxruntime.forms`). :func:`verify_model` reads the
 form the file records (``quantlab.ort_int8*`` metadata) and, from the graph itself,
 every integer kernel ONNX Runtime will run for it (explicit ``QLinearConv``,
 ``ConvInteger``, ``MatMulInteger*``, ``QGemm``... and the ``DQ -> Conv -> Q`` /
@@ -20,10 +20,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from quantlab.export.errors import OrtFormError
 from quantlab.export.graph import GraphView, get_attr, node_label
-from quantlab.export import ort_forms
-from quantlab.export.ort_forms import FORMS, FormChoice, ProbeResult, choose_form, chosen_on
+from quantlab.runtimes.onnxruntime import forms as ort_forms
+from quantlab.runtimes.onnxruntime.forms import FORMS, OrtFormError, FormChoice, ProbeResult, choose_form, chosen_on
 
 METADATA_FORM = "quantlab.ort_int8"
 METADATA_REQUESTED = "quantlab.ort_int8.requested"
@@ -83,7 +82,7 @@ class IntegerKernel:
     Attributes:
         node: The node (or the Conv / MatMul of a fused DQ pattern).
         op: The kernel (``QLinearConv``, ``ConvInteger``, ``MatMulIntegerToFloat``, ...).
-        probe_op: The probed op that uses the same MLAS kernel (:data:`~quantlab.export.ort_forms.PROBED_OPS`).
+        probe_op: The probed op that uses the same MLAS kernel (:data:`~quantlab.runtimes.onnxruntime.forms.PROBED_OPS`).
         form: ``"u8s8"`` or ``"u8u8"`` (activation x weight types), or ``"s8s8"``/``"s8u8"`` (not probed).
         weight_bits: 7 when every weight value fits in [-64, 64] (a u8 x s8 pair cannot saturate), else 8.
         fused: ONNX Runtime makes it from a Q/DQ pattern (it is not a node of the file).
@@ -279,7 +278,7 @@ def verify_model(model: onnx.ModelProto, source: str = "<model>", *, qdq_fusion:
         model: The ONNX model.
         source: Its file name, for messages.
         qdq_fusion: Whether the session fuses Q/DQ patterns (see :func:`integer_kernels`).
-        probe_result: This CPU's probe (default: :func:`~quantlab.export.ort_forms.cached_probe`).
+        probe_result: This CPU's probe (default: :func:`~quantlab.runtimes.onnxruntime.forms.cached_probe`).
 
     Raises:
         OrtFormError: a kernel kind is not exact here (one line: the kind, the

@@ -21,7 +21,7 @@ user asks (and recorded in the file).
 Detect: :func:`read_cpu_info` (CPU model and flags; VNNI predicts an exact u8s8).
 Verify: :func:`probe` runs a tiny worst-case model of every integer op the forms
 use through ONNX Runtime and compares it with the exact int64 result
-(:mod:`quantlab.export.ort_probe`). :func:`cached_probe` keeps the outcome per
+(:mod:`quantlab.runtimes.onnxruntime.probe`). :func:`cached_probe` keeps the outcome per
 (CPU model + flags, onnxruntime version) in ``~/.cache/quantlab``; :func:`choose_form`
 picks u8s8 where exact, else u8u8, else qdq-float.
 """
@@ -40,8 +40,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from quantlab._io import default_cache_dir, write_text_atomic
-from quantlab.export.errors import OrtFormError
-from quantlab.export.ort_probe import PROBED_OPS, WEIGHT_LIMIT, OpOutcome, probe_variant
+from quantlab.errors import QuantlabError
+from quantlab.runtimes.onnxruntime.probe import PROBED_OPS, WEIGHT_LIMIT, OpOutcome, probe_variant
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ VARIANTS = {"u8s8": ("u8s8", 8), "u8s8-w7": ("u8s8", 7), "u8u8": ("u8u8", 8), "s
 #: Flags that select ONNX Runtime's x86 integer kernels (shown; the cache key hashes all flags).
 KERNEL_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+class OrtFormError(QuantlabError):
+    """An ort-cpu INT8 form is unknown, or its integer kernels are not exact on this CPU."""
+
 
 CACHE_NAME = "ort_int8_probe.json"
 CACHE_FORMAT = "quantlab.ort_int8_probe"
@@ -122,7 +126,7 @@ def read_cpu_info(text: Optional[str] = None, path: str = "/proc/cpuinfo") -> Cp
     return CpuInfo(model, kernel, digest, platform.machine() or "unknown", flags is not None)
 
 
-# -- verify: the probe (quantlab.export.ort_probe) -----------------------------------------
+# -- verify: the probe (quantlab.runtimes.onnxruntime.probe) -----------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:

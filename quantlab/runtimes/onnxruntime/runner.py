@@ -6,7 +6,7 @@ that happened is visible in the optimized model it can save;
 :func:`quantized_kernels` reports it per operator type.
 
 Before it runs a model, the runner checks that the model's integer kernels are
-exact on this CPU (:func:`quantlab.export.ort_verify.verify_model`): ONNX Runtime's
+exact on this CPU (:func:`quantlab.runtimes.onnxruntime.verify.verify_model`): ONNX Runtime's
 u8 x s8 kernels saturate on x86 CPUs without VNNI, and a wrong number must not
 reach the user as an accuracy. A TensorRT-form file (``quantlab.target`` =
 ``tensorrt``) is run with ONNX Runtime's QDQ fusions off, so its Q/DQ rounding is
@@ -99,7 +99,7 @@ class OnnxRuntimeRunner(Runner):
         import onnxruntime as ort
 
         from quantlab.export.graph import load_onnx
-        from quantlab.export.ort_verify import verify_model
+        from quantlab.runtimes.onnxruntime.verify import verify_model
 
         self.path = Path(path)
         model = load_onnx(self.path, check=False)  # clear errors for missing / non-ONNX / truncated files

@@ -3,7 +3,7 @@
 Written against TensorRT 10/11's name-based I/O API (``num_io_tensors``,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) with torch
 CUDA tensors as buffers. Not testable where TensorRT is absent: creating a
-runner then raises :class:`~quantlab.engines.tensorrt.TensorRTUnavailableError`.
+runner then raises :class:`~quantlab.runtimes.tensorrt.loader.TensorRTUnavailableError`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Dict, List, Union
 
 import numpy as np
 
-from quantlab.engines.tensorrt import TensorRTUnavailableError, import_tensorrt
+from quantlab.runtimes.tensorrt.loader import TensorRTUnavailableError, import_tensorrt
 from quantlab.runtimes.base import Inputs, LatencyStats, Runner, RunnerError
 
 

@@ -1,23 +1,33 @@
 """Range-choosing algorithms: pure functions from :class:`HistogramStats` to amax.
 
 Importing this package registers the built-in calibrators ``max``,
-``percentile``, ``entropy`` and ``mse``.
+``percentile``, ``entropy`` and ``mse``, each with a batched form that
+:func:`choose_many` uses to score all histograms of a model together.
 """
 from .base import (
+    BatchedCalibrator,
     Calibrator,
     HistogramStats,
     UnknownCalibratorError,
+    get_batched_calibrator,
     get_calibrator,
     list_calibrators,
+    register_batched_calibrator,
     register_calibrator,
 )
+from .many import choose_many
 from . import entropy, max, mse, percentile  # noqa: F401,E402  (registers them)
+from . import entropy_many, mse_many, percentile_many  # noqa: F401,E402  (registers the batched forms)
 
 __all__ = [
+    "BatchedCalibrator",
     "Calibrator",
     "HistogramStats",
     "UnknownCalibratorError",
+    "choose_many",
+    "get_batched_calibrator",
     "get_calibrator",
     "list_calibrators",
+    "register_batched_calibrator",
     "register_calibrator",
 ]

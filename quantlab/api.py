@@ -15,7 +15,7 @@ from quantlab.calibrators import HistogramStats, get_calibrator
 from quantlab.config import QuantConfig, int8_config
 from quantlab.errors import CalibrationError, ScalesMismatchError
 from quantlab.functional import amax_of_weight
-from quantlab.scales import QuantizerScale, Scales, choose_amax
+from quantlab.scales import QuantizerScale, Scales, choose_amax, choose_amaxes
 from quantlab.statistics import HistogramCollector
 from quantlab.tensor_quantizer import QuantizerMode
 
@@ -121,7 +121,7 @@ def apply_calibrator(model: nn.Module, calibrator: str, params: Dict[str, Any],
     With ``weights=False`` the weight ranges the model holds are kept (the
     weights have not changed since they were last computed).
     """
-    fn = get_calibrator(calibrator)
+    get_calibrator(calibrator)  # an unknown name raises before any work
     refs = list(iter_quantizers(model))
     inputs = [r for r in refs if r.role == "input"]
     if not inputs:
@@ -140,20 +140,24 @@ def apply_calibrator(model: nn.Module, calibrator: str, params: Dict[str, Any],
         ref.quantizer.mode = QuantizerMode.QUANTIZE
     unreached: List[str] = []
     statistics: Dict[str, HistogramStats] = {}
+    reached = []
     for ref in refs:
-        q = ref.quantizer
         if ref.role == "weight":
             continue
-        collector: Optional[HistogramCollector] = q.collector
+        collector: Optional[HistogramCollector] = ref.quantizer.collector
         if collector is None or collector.num_batches == 0:
             unreached.append(ref.module_name)
-            q.set_mode(QuantizerMode.OFF)
+            ref.quantizer.set_mode(QuantizerMode.OFF)
             continue
-        stats = collector.stats()
-        if chosen is not None and ref.module_name in chosen:
-            amax = chosen[ref.module_name]
-        else:
-            amax = choose_input_amax(fn, stats, q, params)
+        reached.append((ref, collector.stats()))
+    # Every range this rank still has to choose, in one batched calibrator call (a few launches
+    # for the whole model instead of a few per tensor).
+    todo = [(ref, stats) for ref, stats in reached if chosen is None or ref.module_name not in chosen]
+    batch = choose_amaxes(calibrator, [stats for _, stats in todo], [ref.quantizer.spec.num_bits for ref, _ in todo], **params)
+    amaxes = {id(ref): amax for (ref, _), amax in zip(todo, batch)}
+    for ref, stats in reached:
+        q = ref.quantizer
+        amax = amaxes[id(ref)] if id(ref) in amaxes else chosen[ref.module_name]  # type: ignore[index]
         if stats is not None:
             statistics[ref.module_name] = stats
         if not math.isfinite(amax):

@@ -23,9 +23,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
-from quantlab.api import amax_on_host, choose_input_amax
+from quantlab.api import amax_on_host
 from quantlab.attach import iter_quantizers
 from quantlab.calibrators import get_calibrator
+from quantlab.scales import choose_amaxes
 from quantlab.statistics import HistogramCollector, _merge_pairs, bin_width_for
 
 
@@ -190,13 +191,16 @@ def choose_ranges(model: nn.Module, calibrators: Dict[str, Dict[str, Any]]) -> T
     seconds = dict.fromkeys(calibrators, 0.0)
     error: Optional[Exception] = None
     try:  # a failure here must reach the gather, or the other ranks would wait in it forever
-        functions = {name: get_calibrator(name) for name in calibrators}
-        for ref in refs[rank():: world_size()]:
-            stats = ref.quantizer.collector.stats()
-            for name, params in calibrators.items():
-                start = time.perf_counter()
-                mine[(name, ref.module_name)] = float(choose_input_amax(functions[name], stats, ref.quantizer, params))
-                seconds[name] += time.perf_counter() - start
+        for name in calibrators:
+            get_calibrator(name)  # an unknown name fails before any work
+        share = refs[rank():: world_size()]
+        stats = [ref.quantizer.collector.stats() for ref in share]
+        bits = [ref.quantizer.spec.num_bits for ref in share]
+        for name, params in calibrators.items():
+            start = time.perf_counter()
+            for ref, amax in zip(share, choose_amaxes(name, stats, bits, **params)):  # batched over this rank's share
+                mine[(name, ref.module_name)] = amax
+            seconds[name] += time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
     start = time.perf_counter()

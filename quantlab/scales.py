@@ -9,12 +9,12 @@ import dataclasses
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from quantlab._io import write_text_atomic
-from quantlab.calibrators import HistogramStats, get_calibrator
+from quantlab.calibrators import HistogramStats, choose_many, get_calibrator
 from quantlab.config import QuantConfig
 from quantlab.errors import ScalesFormatError
 
@@ -31,6 +31,32 @@ def choose_amax(calibrator: Callable[..., float], stats: HistogramStats, num_bit
     edge can sit slightly above the largest value seen, which is never useful.
     """
     return min(float(calibrator(stats, num_bits=num_bits, **params)), float(stats.amax))
+
+
+def choose_amaxes(calibrator: str, stats: Sequence[Optional[HistogramStats]], num_bits: Sequence[int],
+                  **params: Any) -> List[float]:
+    """:func:`choose_amax` for many tensors at once: one batched calibrator call per bit width.
+
+    The same values as calling :func:`choose_amax` per tensor (the calibrators'
+    batched forms return their per-tensor results bit for bit), each capped at
+    its observed max; ``0.0`` where ``stats`` is None (only zeros were seen).
+
+    Args:
+        calibrator: A registered calibrator name.
+        stats: One entry per tensor.
+        num_bits: The bit width of each tensor's quantizer.
+        **params: The calibrator's parameters.
+    """
+    out = [0.0] * len(stats)
+    by_bits: Dict[int, List[int]] = {}
+    for index, (s, bits) in enumerate(zip(stats, num_bits)):
+        if s is not None:
+            by_bits.setdefault(int(bits), []).append(index)
+    for bits, indices in by_bits.items():
+        chosen = choose_many(calibrator, [stats[i] for i in indices], num_bits=bits, **params)
+        for index, amax in zip(indices, chosen):
+            out[index] = min(float(amax), float(stats[index].amax))  # type: ignore[union-attr]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +163,11 @@ class Scales:
 
     def recalibrate(self, calibrator: str, **params: Any) -> "Scales":
         """Chooses new activation ranges from the saved statistics (no data needed)."""
-        fn = get_calibrator(calibrator)
-        entries = []
-        for e in self.entries:
-            if e.role == "input" and e.module in self.statistics:
-                e = dataclasses.replace(e, amax=choose_amax(fn, self.statistics[e.module], e.num_bits, **params))
-            entries.append(e)
+        get_calibrator(calibrator)  # an unknown name raises even without statistics
+        chosen = [e for e in self.entries if e.role == "input" and e.module in self.statistics]
+        amaxes = choose_amaxes(calibrator, [self.statistics[e.module] for e in chosen], [e.num_bits for e in chosen], **params)
+        new = {id(e): dataclasses.replace(e, amax=amax) for e, amax in zip(chosen, amaxes)}
+        entries = [new.get(id(e), e) for e in self.entries]
         return dataclasses.replace(self, entries=entries, calibrator=calibrator, calibrator_params=dict(params))
 
     # -- serialization ----------------------------------------------------------------------------

@@ -1,0 +1,156 @@
+"""The ``mse`` calibrator over many histograms at once (same amax as :mod:`.mse`).
+
+Histograms are scored a chunk of several at a time as ``[histograms,
+candidates, used bins]`` blocks (each histogram's used bins compacted to the
+left and zero-padded, broadcast over its candidates), with the per-tensor
+calibrator's element-wise operations in the same order, so every term
+``(c - fq(c)) ** 2 * w`` is the same float; a padded term is ``0 ** 2 * 0``.
+Only the row sums may round differently (other shapes, another reduction
+order); a choice is kept only where that cannot matter (see :mod:`.many`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .base import HistogramStats, register_batched_calibrator
+from .many import EPS, chunk_budget, pack_counts, ragged, segment_any, segment_min, segment_pick, split_trivial
+from .mse import _validate
+
+#: A sum of ``u`` non-negative terms is within ``u * eps`` (relative) of the
+#: exact sum in any order; two orders differ by at most twice that; 4 keeps a
+#: factor 2 of margin.
+_SUM_BOUND = 4.0
+
+
+@register_batched_calibrator("mse")
+def mse_many(
+    stats: Sequence[HistogramStats], *, num_bits: int = 8, start_bin: int = 128, stride: int = 1
+) -> List[Optional[float]]:
+    """:func:`~.mse.mse_calibrator` for every histogram at once: two read-backs in all.
+
+    Raises:
+        ValueError: For ``num_bits < 2``, ``start_bin < 1`` or ``stride < 1``.
+    """
+    _validate(num_bits, start_bin, stride)
+    out, rows = split_trivial(stats)
+    if not rows:
+        return out
+    bins = pack_counts([stats[t].counts for t in rows])
+    device = bins.device
+    num_rows, width = bins.shape
+    used = bins != 0
+    valid = (torch.isfinite(bins) & (bins >= 0)).all(dim=1)
+    used_count = used.sum(dim=1)
+    searched: List[int] = []  # packed rows with candidates
+    used_host: List[int] = []
+    for r, (ok, n_used) in enumerate(torch.stack([valid.to(torch.int64), used_count], dim=1).tolist()):
+        s = stats[rows[r]]
+        if not ok:
+            continue  # negative or non-finite counts: the per-tensor form decides
+        if n_used == 0:
+            out[rows[r]] = 0.0
+        elif s.num_bins <= start_bin:
+            out[rows[r]] = float(s.amax)
+        else:
+            searched.append(r)
+            used_host.append(int(n_used))
+    if not searched:
+        return out
+
+    # Bin centres exactly as HistogramStats.edges and the per-tensor form compute them.
+    bin_width = torch.tensor([float(stats[t].bin_width) for t in rows], dtype=torch.float64).to(device)
+    edges = torch.arange(width + 1, dtype=torch.float64, device=device)[None, :] * bin_width[:, None]
+    centres = (edges[:, :-1] + edges[:, 1:]) / 2
+    # Used bins compacted to the left of each row, in bin order (padding: centre 0, weight 0).
+    most = max(used_host)
+    position = torch.cumsum(used, dim=1) - 1
+    row_ids = torch.arange(num_rows, dtype=torch.int64, device=device)[:, None]
+    dest = torch.where(used, row_ids * most + position, num_rows * most).reshape(-1)  # the last slot takes the unused
+    c_used = torch.zeros(num_rows * most + 1, dtype=torch.float64, device=device).scatter_(0, dest, centres.reshape(-1))
+    w_used = torch.zeros(num_rows * most + 1, dtype=torch.float64, device=device).scatter_(0, dest, bins.reshape(-1))
+    c_used = c_used[:-1].view(num_rows, most)
+    w_used = w_used[:-1].view(num_rows, most)
+
+    # Candidates of all searched rows in one flat list, histogram by histogram.
+    counts = [len(range(start_bin, stats[rows[r]].num_bins, stride)) for r in searched]
+    seg, pos = ragged(counts, device)
+    searched_t = torch.tensor(searched, dtype=torch.int64).to(device)
+    candidates = torch.take(centres, searched_t[seg] * width + start_bin + stride * pos)
+    errors = torch.empty(candidates.numel() + 1, dtype=torch.float64, device=device)  # last: a dump slot
+    offsets = np.cumsum([0] + counts[:-1]).tolist()
+    qmax = float((1 << (num_bits - 1)) - 1)
+    for group, first, size in _chunks(counts, used_host, chunk_budget(device)):
+        # [histograms, candidates, used bins]: each histogram's bins broadcast over its candidates;
+        # a histogram with fewer candidates repeats its last one (written to the dump slot).
+        u = max(used_host[g] for g in group)
+        k = torch.arange(size, dtype=torch.int64)
+        limit = torch.tensor([counts[g] - first - 1 for g in group], dtype=torch.int64)
+        index = torch.minimum(k[None, :], limit[:, None])
+        flat = torch.tensor([offsets[g] + first for g in group], dtype=torch.int64)[:, None] + index
+        dest = torch.where(k[None, :] <= limit[:, None], flat, candidates.numel()).to(device)
+        flat = flat.to(device)
+        r = searched_t[torch.tensor(group, dtype=torch.int64).to(device)]
+        c = c_used[:, :u].index_select(0, r)[:, None, :]
+        w = w_used[:, :u].index_select(0, r)[:, None, :]
+        scale = candidates[flat][:, :, None] / qmax
+        # The per-tensor form's operations in its order, in place: fq = clamp(round(c / scale),
+        # max=qmax) * scale (round half to even), then (c - fq) ** 2 * w.
+        terms = c / scale
+        terms.round_().clamp_(max=qmax).mul_(scale)
+        torch.sub(c, terms, out=terms).pow_(2).mul_(w)
+        errors.scatter_(0, dest.reshape(-1), terms.sum(dim=2).reshape(-1))
+        del c, w, terms
+    errors = errors[:-1]
+
+    # First minimum per histogram (torch.argmin's pick), and whether rounding could move it.
+    segments = len(searched)
+    column = pos
+    best = segment_min(errors, seg, segments)
+    big = torch.iinfo(torch.int64).max
+    first_min = torch.full((segments,), big, dtype=torch.int64, device=device).scatter_reduce_(
+        0, seg, torch.where(errors == best[seg], column, big), reduce="amin", include_self=True)
+    is_first = column == first_min[seg]
+    terms_used = torch.tensor(used_host, dtype=torch.float64).to(device)[seg]
+    bound = _SUM_BOUND * (terms_used + 1.0) * EPS * errors
+    # Exact in any order: a sum of non-negative terms is 0 only if every term is; one term is itself.
+    exact = (errors == 0) | (terms_used <= 1)
+    first_bound = segment_pick(bound, is_first, seg, segments)
+    first_exact = segment_pick(exact, is_first, seg, segments) > 0
+    close = ((~is_first) & ~(exact & first_exact[seg])
+             & ((errors - best[seg]).abs() <= bound + first_bound[seg]))
+    unsure = segment_any(close | torch.isnan(errors), seg, segments) | ~torch.isfinite(best)
+    chosen = segment_pick(candidates, is_first, seg, segments)
+    for r, (amax, doubt) in zip(searched, torch.stack([chosen, unsure.to(torch.float64)], dim=1).tolist()):
+        if not doubt:
+            out[rows[r]] = amax
+    return out
+
+
+def _chunks(counts: List[int], used: List[int], budget: int) -> List[Tuple[List[int], int, int]]:
+    """Groups histograms into ``[histograms, candidates, used bins]`` chunks within ``budget`` elements.
+
+    Returns ``(histograms, first, size)`` triples: candidates ``first ..
+    first + size - 1`` of each listed histogram (fewer where it has fewer). A
+    histogram too large for one chunk gets chunks of its own, by candidate range.
+    Histograms are taken widest first, so a chunk's width is its first one's.
+    """
+    out: List[Tuple[List[int], int, int]] = []
+    group: List[int] = []
+    size = 0
+    for g in sorted(range(len(counts)), key=lambda g: (-used[g], -counts[g])):
+        if counts[g] * used[g] > budget:
+            step = max(1, budget // used[g])
+            out += [([g], first, min(step, counts[g] - first)) for first in range(0, counts[g], step)]
+            continue
+        width = used[group[0]] if group else used[g]
+        if group and (len(group) + 1) * max(size, counts[g]) * width > budget:
+            out.append((group, 0, size))
+            group, size = [], 0
+        group.append(g)
+        size = max(size, counts[g])
+    if group:
+        out.append((group, 0, size))
+    return out

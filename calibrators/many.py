@@ -72,7 +72,12 @@ def choose_many(name: str, stats: Sequence[HistogramStats], num_bits: int = 8, *
         for index, s in enumerate(stats):
             by_device.setdefault(s.counts.device, []).append(index)
         for indices in by_device.values():
-            for index, amax in zip(indices, batched([stats[i] for i in indices], num_bits=num_bits, **params)):
+            try:
+                chosen = batched([stats[i] for i in indices], num_bits=num_bits, **params)
+            except TypeError:  # parameters its signature lacks: raise the per-tensor form's own error
+                per_tensor(stats[indices[0]], num_bits=num_bits, **params)
+                raise
+            for index, amax in zip(indices, chosen):
                 out[index] = amax
     return [float(per_tensor(s, num_bits=num_bits, **params)) if a is None else float(a) for s, a in zip(stats, out)]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import quantlab.calibrators.base as base_module
 import quantlab.calibrators.entropy_many as entropy_many_module
 import quantlab.calibrators.mse_many as mse_many_module
 from quantlab.calibrators import (
@@ -127,18 +128,19 @@ def test_bad_parameters_raise_like_the_per_tensor_form(name, realistic):
     assert choose_many(name, [], **{k: v for k, v in bad.items() if k != "unknown"}) == []
 
 
-_HALF_MAX = "test-many-half-max"
-
-
-@register_calibrator(_HALF_MAX)
-def _half_max(stats: HistogramStats, *, num_bits: int = 8, factor: float = 0.5) -> float:
-    return float(stats.amax) * factor
-
-
 def test_a_calibrator_without_a_batched_form_runs_per_tensor(realistic):
-    assert get_batched_calibrator(_HALF_MAX) is None
-    got = choose_many(_HALF_MAX, realistic[:4], factor=0.25)
-    assert got == [float(s.amax) * 0.25 for s in realistic[:4]]
+    name = "test-many-half-max"
+
+    def half_max(stats: HistogramStats, *, num_bits: int = 8, factor: float = 0.5) -> float:
+        return float(stats.amax) * factor
+
+    register_calibrator(name)(half_max)
+    try:  # registered only for this test: other tests run "all" calibrators
+        assert get_batched_calibrator(name) is None
+        got = choose_many(name, realistic[:4], factor=0.25)
+        assert got == [float(s.amax) * 0.25 for s in realistic[:4]]
+    finally:
+        base_module._REGISTRY.pop(name, None)
 
 
 def test_pack_counts_both_ways_convert_exactly_as_to_float64():

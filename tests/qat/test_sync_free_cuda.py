@@ -67,7 +67,7 @@ def test_lsq_on_cuda_equals_the_cpu():
     up = torch.randn_like(x)
     grads = []
     for device in ("cpu", "cuda"):
-        xa = x.to(device).requires_grad_(True)
+        xa = x.detach().to(device).requires_grad_(True)  # a leaf on each device
         a = amax.detach().to(device).requires_grad_(True)
         lsq_fake_quantize(xa, a, spec).backward(up.to(device))
         grads.append((xa.grad.cpu(), a.grad.cpu()))

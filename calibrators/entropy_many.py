@@ -105,6 +105,8 @@ def entropy_many(
             out[t] = 0.0
         elif s.num_bins < start_bin or not search:
             out[t] = float(s.amax)  # too few bins, or every count in bin 0
+        elif nan:
+            continue  # a NaN score (not seen on real counts): the per-tensor form decides
         elif all_impossible:
             # Every candidate scores inf: the last threshold wins (last argmin of all-inf).
             out[t] = range(start_bin, s.num_bins + 1, stride)[-1] * float(s.bin_width)

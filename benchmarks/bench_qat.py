@@ -122,25 +122,35 @@ def _device_allocs(device: torch.device) -> int:
     return int(torch.cuda.memory_stats(device).get("segment.all.allocated", 0)) if device.type == "cuda" else 0
 
 
-def time_steps(step: Callable[[], None], n: int, device: torch.device, watch: Optional[_GCWatch] = None) -> List[Dict[str, float]]:
-    """Runs ``n`` steps; per step: total seconds, host enqueue seconds, GC pauses, cudaMallocs."""
+def time_steps(step: Callable[[], None], n: int, device: torch.device, watch: Optional[_GCWatch] = None,
+               sync_every: int = 1) -> List[Dict[str, float]]:
+    """Runs ``n`` steps; per record: seconds per step, host enqueue seconds per step, GC pauses, cudaMallocs.
+
+    With ``sync_every`` 1 each step is one record and starts on an idle GPU (every
+    host stall at its start shows). With ``sync_every`` k, each record is a block of
+    k back-to-back steps, synchronized once, as a training loop that reads its loss
+    only now and then runs: the host enqueues ahead while the GPU works through the
+    previous step, so host time hides under GPU time where it is shorter on average.
+    """
     records = []
-    for _ in range(n):
+    for _ in range(max(1, n // sync_every)):
         gcs, gc_s = (watch.count, watch.seconds) if watch else (0, 0.0)
         allocs = _device_allocs(device)
         t0 = time.perf_counter()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            step()
+            for _ in range(sync_every):
+                step()
             host = time.perf_counter() - t0
             end.record()
             torch.cuda.synchronize(device)
             seconds = start.elapsed_time(end) / 1000.0
         else:
-            step()
+            for _ in range(sync_every):
+                step()
             host = seconds = time.perf_counter() - t0
-        records.append({"s": seconds, "host": host, "gc": (watch.count - gcs) if watch else 0,
+        records.append({"s": seconds / sync_every, "host": host / sync_every, "gc": (watch.count - gcs) if watch else 0,
                         "gc_s": (watch.seconds - gc_s) if watch else 0.0, "malloc": _device_allocs(device) - allocs})
     return records
 
@@ -195,7 +205,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 on CUDA, 16 on the CPU")
     parser.add_argument("--resolution", type=int, default=None, help="default 224 on CUDA, 112 on the CPU")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant per round (default 20 CUDA, 2 CPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per variant per round (default 20 CUDA, 2 CPU; a multiple of --sync-every)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per variant first (default 10 CUDA, 1 CPU)")
     parser.add_argument("--warm-gpu", type=float, default=2.0, help="seconds of matrix products before timing (clocks up)")
     parser.add_argument("--gc", choices=("on", "freeze", "off"), default="on",
@@ -205,6 +216,8 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="comma list of variants to profile (3 steps each) after timing")
     parser.add_argument("--variants", default="fp32,qat,qat-off,qat-lsq,qat-fold-bn")
     parser.add_argument("--label", default="", help="a note for the table's title (e.g. the run number)")
+    parser.add_argument("--sync-every", type=int, default=1,
+                        help="synchronize after blocks of this many steps (a record per block; 1: per step)")
     args = parser.parse_args()
     device = setup_torch(args)
     cuda = device.type == "cuda"
@@ -264,7 +277,7 @@ def main() -> None:
     try:
         for _ in range(args.rounds):
             for name in names:
-                got = time_steps(step_fns[name], steps, device, watch)
+                got = time_steps(step_fns[name], steps, device, watch, args.sync_every)
                 records[name] += got
                 round_medians[name].append(statistics.median(r["s"] for r in got))
     finally:
@@ -302,7 +315,8 @@ def main() -> None:
             profile += (f"\n### torch.profiler, 3 steps of {labels[name]}, by {key}\n\n```\n"
                         + prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60) + "\n```\n")
     title = f"QAT step time, ResNet-18-sized CNN, batch {batch}, {res}x{res}, {device.type}" + (f" ({args.label})" if args.label else "")
-    section = machine_header(title, {"timed steps per variant": steps * args.rounds, "warm-up steps": warmup,
+    section = machine_header(title, {"timed steps per variant": steps * args.rounds, "steps per timed record": args.sync_every,
+                                     "warm-up steps": warmup,
                                      "GC": args.gc, "cudnn.benchmark": args.cudnn_benchmark, "channels_last": args.channels_last})
     section += "\n" + markdown_table(
         ["variant", "min ms", "median ms", "max ms", "max/median", "vs FP32 (median)", "host enqueue ms (median)",

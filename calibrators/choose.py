@@ -1,12 +1,14 @@
-"""Choosing the ranges of many tensors with one calibrator: the one place that maps
-statistics to amax (the PTQ pipeline's ``choose`` stage, a scales file's
-re-calibration and the ranks of a distributed run all come here).
+"""Choosing the ranges of a model's tensors with one calibrator: the one place that maps
+statistics to amax (the PTQ pipeline's ``choose`` stage, a scales file's re-calibration
+and the ranks of a distributed run all come here). The work is batched across tensors
+by :func:`quantlab.calibrators.choose_many`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from .base import HistogramStats, get_calibrator
+from .base import HistogramStats
+from .many import choose_many
 
 
 def choose_amax(calibrator: Callable[..., float], stats: HistogramStats, num_bits: int, **params: Any) -> float:
@@ -18,9 +20,12 @@ def choose_amax(calibrator: Callable[..., float], stats: HistogramStats, num_bit
     return min(float(calibrator(stats, num_bits=num_bits, **params)), float(stats.amax))
 
 
-def choose_many(name: str, statistics: Mapping[str, Optional[HistogramStats]], *, num_bits: int = 8,
-                params: Optional[Mapping[str, Any]] = None) -> Dict[str, float]:
-    """The amax calibrator ``name`` chooses for every tensor of ``statistics``.
+def choose_ranges(name: str, statistics: Mapping[str, Optional[HistogramStats]], *, num_bits: int = 8,
+                  params: Optional[Mapping[str, Any]] = None) -> Dict[str, float]:
+    """The amax calibrator ``name`` chooses for every tensor of ``statistics``, in one batched call.
+
+    The same values as :func:`choose_amax` per tensor (the batched forms return
+    their per-tensor results bit for bit).
 
     Args:
         name: A registered calibrator.
@@ -36,6 +41,7 @@ def choose_many(name: str, statistics: Mapping[str, Optional[HistogramStats]], *
     Raises:
         UnknownCalibratorError: for an unregistered name.
     """
-    fn = get_calibrator(name)
-    extra = dict(params or {})
-    return {key: 0.0 if stats is None else choose_amax(fn, stats, num_bits, **extra) for key, stats in statistics.items()}
+    seen: List[str] = [key for key, stats in statistics.items() if stats is not None]
+    chosen = choose_many(name, [statistics[key] for key in seen], num_bits=num_bits, **dict(params or {}))
+    capped = {key: min(float(amax), float(statistics[key].amax)) for key, amax in zip(seen, chosen)}  # type: ignore[union-attr]
+    return {key: capped.get(key, 0.0) for key in statistics}

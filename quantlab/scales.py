@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from quantlab._io import write_text_atomic
-from quantlab.calibrators import HistogramStats, choose_many
+from quantlab.calibrators import HistogramStats, choose_ranges, get_calibrator
 from quantlab.config import QuantConfig
 from quantlab.errors import ScalesFormatError
 from quantlab.roles import Role
@@ -133,11 +133,12 @@ class Scales:
 
     def recalibrate(self, calibrator: str, **params: Any) -> "Scales":
         """Chooses new activation ranges from the saved statistics (no data needed)."""
+        get_calibrator(calibrator)  # an unknown name raises even without statistics
         inputs = [e for e in self.entries if e.role is Role.INPUT and e.module in self.statistics]
         chosen: Dict[str, float] = {}
         for num_bits in sorted({e.num_bits for e in inputs}):
-            chosen.update(choose_many(calibrator, {e.module: self.statistics[e.module] for e in inputs if e.num_bits == num_bits},
-                                      num_bits=num_bits, params=params))
+            chosen.update(choose_ranges(calibrator, {e.module: self.statistics[e.module] for e in inputs if e.num_bits == num_bits},
+                                        num_bits=num_bits, params=params))
         entries = [dataclasses.replace(e, amax=chosen[e.module]) if e.role is Role.INPUT and e.module in chosen else e
                    for e in self.entries]
         return dataclasses.replace(self, entries=entries, calibrator=calibrator, calibrator_params=dict(params))

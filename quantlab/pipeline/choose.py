@@ -1,6 +1,7 @@
 """The pipeline's ``choose`` stage: statistics to ranges, pure (no model, no data).
 
-Every calibrator's choice goes through :func:`quantlab.calibrators.choose_many`.
+Every calibrator's choice goes through :func:`quantlab.calibrators.choose_ranges` (batched
+across tensors).
 With a process group (every rank holding the same merged statistics), rank ``r``
 chooses the ranges of tensors ``r, r + N, ...`` with every calibrator and one
 all-gather gives all ranks every range.
@@ -11,7 +12,7 @@ import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from quantlab import distributed
-from quantlab.calibrators import choose_many, get_calibrator
+from quantlab.calibrators import choose_ranges, get_calibrator
 from quantlab.pipeline.types import Ranges, Statistics
 
 Calibrators = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
@@ -60,7 +61,7 @@ def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any =
     try:
         for name, params in wanted.items():
             start = time.perf_counter()
-            chosen[name] = choose_many(name, {n: statistics.histograms[n] for n in mine_names},
+            chosen[name] = choose_ranges(name, {n: statistics.histograms[n] for n in mine_names},
                                        num_bits=statistics.num_bits, params=params)
             seconds[name] += time.perf_counter() - start
     except Exception as exc:  # noqa: BLE001 - under a group, re-raised on every rank below

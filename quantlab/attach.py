@@ -225,9 +225,14 @@ def quantization_disabled(model: nn.Module, layers: Optional[Iterable[str]] = No
             quantizer.restore(mode)
 
 
-def float_layers(model: nn.Module) -> List[str]:
-    """Names of the quantized layers whose quantizers are all off (kept in floating point), sorted."""
+def float_layers(model: nn.Module, refs: Optional[Iterable[QuantizerRef]] = None) -> List[str]:
+    """Names of the quantized layers whose quantizers are all off (kept in floating point), sorted.
+
+    Args:
+        model: The quantized model.
+        refs: Its quantizers, if the caller already listed them (saves a walk of the module tree).
+    """
     modes: Dict[str, List[QuantizerMode]] = {}
-    for ref in iter_quantizers(model):
+    for ref in iter_quantizers(model) if refs is None else refs:
         modes.setdefault(ref.module_name, []).append(ref.quantizer.mode)
     return sorted(m for m, ms in modes.items() if all(x is QuantizerMode.OFF for x in ms))

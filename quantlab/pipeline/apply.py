@@ -6,12 +6,21 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from quantlab.attach import attach_quantizers, float_layers, get_config, is_quantized, iter_quantizers, original_weight, remove_quantizers
+from quantlab.attach import (
+    QuantizerRef,
+    attach_quantizers,
+    float_layers,
+    get_config,
+    is_quantized,
+    iter_quantizers,
+    original_weight,
+    remove_quantizers,
+)
 from quantlab.calibrators import HistogramStats
 from quantlab.config import int8_config
 from quantlab.errors import CalibrationError, ScalesMismatchError
@@ -35,14 +44,15 @@ def amax_on_host(quantizers: List[TensorQuantizer]) -> List[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
-def measure_weight_ranges(model: nn.Module) -> None:
+def measure_weight_ranges(model: nn.Module, refs: Optional[Sequence[QuantizerRef]] = None) -> None:
     """Sets every weight quantizer's range to max |w| (per channel) of the weight it quantizes."""
-    for ref in iter_quantizers(model):
+    for ref in iter_quantizers(model) if refs is None else refs:
         if ref.role is Role.WEIGHT:
             ref.quantizer.set_amax(amax_of_weight(original_weight(ref.module), ref.quantizer.spec))
 
 
-def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True) -> List[str]:
+def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
+          refs: Optional[Sequence[QuantizerRef]] = None) -> List[str]:
     """Makes the model fake-quantize with ``ranges`` (inputs) and its weights' ranges.
 
     Args:
@@ -51,6 +61,7 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True) -> List[str
             batch reached it) is left in floating point, with a warning.
         weights: Measure the weights' ranges again (False keeps those the model
             holds, when the weights have not changed since they were measured).
+        refs: The model's quantizers, if the caller already listed them.
 
     Returns:
         The layers whose inputs stay in floating point (unreached).
@@ -58,15 +69,15 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True) -> List[str
     Raises:
         CalibrationError: a weight holds NaN/Inf, or a range is not finite.
     """
-    refs = list(iter_quantizers(model))
+    refs = list(iter_quantizers(model)) if refs is None else list(refs)
     weight_refs = [r for r in refs if r.role is Role.WEIGHT]
     if weights or not all(r.quantizer.mode is QuantizerMode.QUANTIZE for r in weight_refs):
-        measure_weight_ranges(model)
-    # One read-back for every weight range, not a synchronizing check per quantizer.
-    for ref, amax in zip(weight_refs, amax_on_host([r.quantizer for r in weight_refs])):
-        if not bool(torch.isfinite(amax).all()):
-            raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
-        ref.quantizer.quantize_with(verified=True)
+        measure_weight_ranges(model, weight_refs)
+        # One read-back for every weight range, not a synchronizing check per quantizer.
+        for ref, amax in zip(weight_refs, amax_on_host([r.quantizer for r in weight_refs])):
+            if not bool(torch.isfinite(amax).all()):
+                raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
+            ref.quantizer.quantize_with(verified=True)
     unreached: List[str] = []
     for ref in refs:
         if ref.role is not Role.INPUT:
@@ -94,6 +105,8 @@ def scales_of(
     calibrator: str = "",
     calibrator_params: Optional[Dict[str, Any]] = None,
     statistics: Optional[Dict[str, HistogramStats]] = None,
+    refs: Optional[Sequence[QuantizerRef]] = None,
+    weights_from: Optional[Scales] = None,
 ) -> Scales:
     """A :class:`Scales` snapshot of the ranges the model holds now.
 
@@ -103,11 +116,22 @@ def scales_of(
         calibrator_params: Its parameters (recorded).
         statistics: Histograms to save with the scales (default: those the
             model's input quantizers hold).
+        refs: The model's quantizers, if the caller already listed them.
+        weights_from: A snapshot taken since the weights' ranges last changed:
+            its weight entries are reused instead of read back again.
     """
     entries = []
-    kept_float = float_layers(model)
-    refs = list(iter_quantizers(model))
-    for ref, amax in zip(refs, amax_on_host([r.quantizer for r in refs])):
+    refs = list(iter_quantizers(model)) if refs is None else list(refs)
+    kept_float = float_layers(model, refs)
+    reused = {e.key: e for e in weights_from.entries if e.role is Role.WEIGHT} if weights_from is not None else {}
+    read = [r for r in refs if not (r.role is Role.WEIGHT and r.key in reused)]
+    on_host = dict(zip((r.key for r in read), amax_on_host([r.quantizer for r in read])))
+    for ref in refs:
+        if ref.key in reused:
+            if ref.module_name not in kept_float:
+                entries.append(reused[ref.key])
+            continue
+        amax = on_host[ref.key]
         q = ref.quantizer
         if ref.module_name in kept_float:
             continue

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from quantlab.algorithms import AlgorithmReport, Stage, parse_algorithms
-from quantlab.attach import attach_quantizers, get_config, is_quantized
+from quantlab.attach import attach_quantizers, get_config, is_quantized, iter_quantizers
 from quantlab.calibrators import get_calibrator
 from quantlab.config import QuantConfig, int8_config
 from quantlab.errors import CalibrationError
@@ -104,6 +104,8 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
     chosen = choose_all(statistics, wanted, group=group)
     refiners = [a for a in algorithms if a.stage is Stage.REFINE]
     before = refinable_state(model) if refiners and len(chosen) > 1 else None
+    refs = list(iter_quantizers(model))  # listed once for every calibrator
+    previous: Optional[Scales] = None
     result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds,
                        calibrate_seconds={}, transforms=transforms)
     for index, (name, ranges) in enumerate(chosen.items()):
@@ -112,8 +114,11 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
             restore_refinable_state(model, before)  # every calibrator refines the same weights
         result.refinements[name] = refine(model, ranges, refiners, forward_loop, config)
         # Weight ranges do not depend on the calibrator unless refiners changed the weights.
-        apply(model, ranges, weights=index == 0 or bool(refiners))
-        result.scales[name] = scales_of(model, calibrator=name, calibrator_params=ranges.params, statistics=statistics.saved())
+        same_weights = index > 0 and not refiners
+        apply(model, ranges, weights=not same_weights, refs=refs)
+        previous = result.scales[name] = scales_of(
+            model, calibrator=name, calibrator_params=ranges.params, statistics=statistics.saved(), refs=refs,
+            weights_from=previous if same_weights else None)
         if refiners:
             result.refined_weights[name] = refinable_state(model)
         result.calibrate_seconds[name] = ranges.seconds + time.perf_counter() - start

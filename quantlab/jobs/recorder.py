@@ -18,13 +18,16 @@ means is decided here, once:
 
 * :meth:`Recorder._create` / :meth:`Recorder._adopt`: where a run gets (or takes
   over) its owner process, and where a run folder lock would be taken;
-* :func:`outcome`: the status and message an exception means;
+* :func:`outcome`: the status and message an exception means (SIGTERM unwinds
+  as an interruption while a run is recorded, see :func:`_sigterm_unwinds`);
 * :meth:`Recorder._finish`: the one final status write of every run.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
@@ -41,6 +44,36 @@ def one_line(exc: BaseException) -> str:
     text = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
     line = " ".join(part.strip() for part in text.splitlines() if part.strip())
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was asked to stop (SIGTERM) while a run was recorded: unwinds like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` so the run records that it was stopped.
+
+    Only where SIGTERM would otherwise kill the process on the spot (the default
+    handler) and only in the main thread (where Python delivers signals): a handler
+    the program installed itself is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _store_statuses() -> Tuple[str, ...]:
@@ -236,7 +269,8 @@ class Recorder:
         else:
             handle = RecordedRun(self, description, self._adopt(run_id) if run_id is not None else self._create(description))
         try:
-            yield handle
+            with _sigterm_unwinds() if handle.recording and handle._owns_status else contextlib.nullcontext():
+                yield handle
         except BaseException as exc:
             if handle.recording and handle._owns_status:
                 status, message = outcome(exc, interrupted_hint=interrupted_hint)
@@ -263,4 +297,4 @@ def optional_store(path: Optional[PathLike] = None, *, env: bool = True) -> Any:
     return RunStore(chosen) if chosen else None
 
 
-__all__ = ["Recorder", "RecordedRun", "one_line", "optional_store", "outcome"]
+__all__ = ["Recorder", "RecordedRun", "Terminated", "one_line", "optional_store", "outcome"]

@@ -139,3 +139,31 @@ def test_fail_and_attach_on_recorded_runs(store, tmp_path):
     with pytest.raises(RecorderError):
         with recorder.run({"kind": "compare", "model": "m"}):
             pass
+
+
+def test_sigterm_during_a_run_is_recorded_as_an_interruption(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    store_path = tmp_path / "runs.sqlite"
+    script = (
+        "import sys, time\n"
+        "from quantlab.jobs.description import RunDescription\n"
+        "from quantlab.jobs.recorder import Recorder\n"
+        "from quantlab.store import RunStore\n"
+        f"with Recorder(RunStore({str(store_path)!r})).run(RunDescription(kind='compare', model='m:build')):\n"
+        "    print('started', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        proc.terminate()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    (record,) = RunStore(store_path).list_runs()
+    assert record["status"] == ("interrupted" if "interrupted" in STATUSES else "failed")
+    assert record["error"] == "interrupted (stopped by SIGTERM)", json.dumps(record)  # unwound well before its 60 s sleep

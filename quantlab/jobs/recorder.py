@@ -9,8 +9,8 @@
 
 Child runs (a sensitivity run started from a compare run) are descriptions with
 ``parent_id``: the same recorder records them, nested or not. A run created before
-its work starts (the dashboard records a job, then a worker process runs it) is
-:meth:`Recorder.create`\\ d, then adopted with ``recorder.run(description, run_id=...)``.
+its work starts (the dashboard records a job, then a worker process runs it) is made
+with :meth:`Recorder.create`, then adopted with ``recorder.run(description, run_id=...)``.
 
 Nothing outside :mod:`quantlab.store` and this module calls the store's write
 methods (tests/quantlab/test_architecture.py checks it), so what a run's record

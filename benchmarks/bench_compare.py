@@ -66,7 +66,7 @@ def run_quantlab(args, model, calib, evals, device, layer_batches: int) -> Dict[
 
     seconds, result = C.timed(lambda: compare(
         model.to(device), calib, evals, metric="top1", calibrators="all", precisions="fp32,fp16,int8",
-        layer_batches=layer_batches, store=False), device)
+        layer_batches=layer_batches), device)
     values = {f"{r.precision}/{r.calibrator}" if r.calibrator else r.precision: r.value for r in result.primary_rows()}
     return {"seconds": seconds, "values": values}
 

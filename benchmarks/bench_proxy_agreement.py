@@ -22,7 +22,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from quantlab.evaluation.layers import layer_errors
-    from quantlab.evaluation.runs import calibrator_of, load_run_info, quantized_copy, rebuild, sensitivity_path
+    from quantlab.jobs.runs import calibrator_of, load_run_info, quantized_copy, rebuild, sensitivity_path
     from quantlab.evaluation.sensitivity import PROXIES, proxy_agreement
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,7 +1,8 @@
-"""A whole QAT run: FP32 and PTQ metrics, fine-tuning, QAT metric, artifacts, run store.
+"""A whole QAT run: FP32 and PTQ metrics, fine-tuning, QAT metric, the run folder's files.
 
-This is what ``quantlab qat`` does; it works the same under torchrun (rank 0
-evaluates, writes files and the store; every rank trains).
+This is what ``quantlab qat`` does (the QAT job, :mod:`quantlab.jobs.qat`, records
+it in the run store); it works the same under torchrun (rank 0 evaluates and
+writes files; every rank trains).
 """
 from __future__ import annotations
 
@@ -40,9 +41,11 @@ class QATRunResult:
     out_dir: Path
     run_id: Optional[str] = None
     files: Dict[str, Path] = dataclasses.field(default_factory=dict)
+    seconds: Dict[str, Optional[float]] = dataclasses.field(default_factory=dict)
 
-    def rows(self, seconds: Dict[str, float]) -> List[Dict[str, Any]]:
-        """Run-store result rows: FP32, INT8 PTQ (the starting ranges), INT8 after QAT."""
+    def rows(self, seconds: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
+        """Run-store result rows: FP32, INT8 PTQ (the starting ranges), INT8 after QAT (``seconds``: default the run's)."""
+        seconds = self.seconds if seconds is None else seconds
         return [
             {"precision": "fp32", "calibrator": None, "source": "qat", "metric": self.metric, "value": self.fp32,
              "delta": 0.0, "seconds": seconds.get("fp32")},
@@ -92,8 +95,7 @@ def run_qat(
     metric: Optional[str] = None,
     eval_max_batches: Optional[int] = None,
     resume: bool = False,
-    store: Any = None,
-    describe: Optional[Dict[str, Optional[str]]] = None,
+    run_id: Optional[str] = None,
     progress: Optional[Callable[[TrainProgress], None]] = None,
 ) -> QATRunResult:
     """Evaluates FP32 and the starting INT8 model, fine-tunes, evaluates again, saves.
@@ -105,101 +107,75 @@ def run_qat(
         out_dir: Run folder: ``checkpoint.pt``, ``scales.start.json``, the
             :func:`quantlab.qat.save` files and ``run.json`` (metrics).
         scales: Starting ranges; else calibrated from ``calib_data``.
-        store: A :class:`quantlab.store.RunStore` to record the run in (rank 0), or None.
-        describe: ``model``, ``data``, ``eval_data`` strings for the store.
         resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule).
+        run_id: The run store's id of this run, written into ``run.json`` (the QAT job records it).
         Other arguments: see :func:`quantlab.qat.prepare` and :class:`TrainConfig`.
     """
     out = Path(out_dir)
     train_config = train_config or TrainConfig()
     metric = metric or DEFAULT_METRIC[train_config.task]
-    describe = describe or {}
     main = ddp.is_main_process()
     previous: Dict[str, Any] = {}
     if resume:
-        try:
-            previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise QATError(f"{out / RUN_FILE}: nothing to resume in {out}") from None
-        if previous.get("metric") != metric:
-            raise QATError(f"{out / RUN_FILE}: the run measured {previous.get('metric')!r}, not {metric!r}")
+        previous = read_resumable(out, metric)
         scales = out / START_SCALES_FILE
+        if run_id is None:
+            run_id = previous.get("run_id")  # not recorded this time: run.json keeps the run it belongs to
     eval_batches = list(eval_data) if eval_max_batches is None else _take(eval_data, eval_max_batches)
     seconds: Dict[str, float] = {}
-    run_id = previous.get("run_id")
-    if store is not None and main:
-        if run_id is not None:
-            try:
-                store.get_run(run_id)
-            except Exception:  # noqa: BLE001 - a resumed run whose store entry is gone: record it anew
-                run_id = None
-        if run_id is None:
-            run_id = store.create_run(
-                "qat", model=describe.get("model") or type(model).__name__, data=describe.get("data"),
-                eval_data=describe.get("eval_data"), run_dir=out,
-                config={"train": train_config.to_dict(), "learn_amax": learn_amax, "weight_ranges": weight_ranges,
-                        "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric,
-                        "quant_config": quant_config.to_dict() if quant_config else None},
-            )
-        store.set_status(run_id, "running", progress=0.0)
+    if isinstance(scales, (str, Path)):
+        scales = Scales.load(scales)  # ScalesFormatError names the file
+    start_calibrator = scales.calibrator if scales is not None else calibrator
+    # Prepared first, so scales that do not fit the model fail before any evaluation.
+    prepare(model, scales=scales, data=calib_data if scales is None else None, calibrator=calibrator,
+            calibrator_params=calibrator_params, config=quant_config, max_batches=calib_max_batches,
+            learn_amax=learn_amax, weight_ranges=weight_ranges, fold_bn=fold_bn,
+            freeze_bn_after=train_config.freeze_bn_after)
+    if resume:
+        fp32 = {"value": previous["fp32"], "seconds": previous.get("seconds", {}).get("fp32")}
+    else:
+        with enabled(model, False):  # the FP32 model (folded BatchNorms compute conv + BN exactly)
+            fp32 = _evaluate(model, eval_batches, metric, reference=True)
+    if resume:
+        ptq = {"value": previous["ptq"], "seconds": previous.get("seconds", {}).get("ptq")}
+    else:
+        # Saved before training, so a resumed run starts from exactly these ranges.
+        start = current_scales(model, calibrator=start_calibrator)
+        ptq = _evaluate(model, eval_batches, metric)
+        if main:
+            start.save(out / START_SCALES_FILE)
+            _write_run_file(out, run_id, metric, fp32, ptq, start_calibrator)
+    seconds.update({"fp32": fp32["seconds"], "ptq": ptq["seconds"]})
+
+    result = train(model, train_data, train_config, checkpoint_dir=out, resume=resume, progress=progress)
+    ddp.check_ranges_agree(model)  # a diverged rank is an error, not a silently different scales file
+    after = _evaluate(model, eval_batches, metric)
+    seconds["qat"] = after["seconds"]
+    files: Dict[str, Path] = {}
+    if main:
+        files = save(model, out)
+    ddp.barrier()
+    outcome = QATRunResult(metric=metric, fp32=fp32["value"], ptq=ptq["value"], qat=after["value"],
+                           calibrator=start_calibrator, train=result, out_dir=out,
+                           run_id=run_id, files=files, seconds=dict(seconds))
+    if main:
+        _write_run_file(out, run_id, metric, fp32, ptq, outcome.calibrator, after=after, train=result)
+    return outcome
+
+
+def read_resumable(out: Path, metric: str) -> Dict[str, Any]:
+    """The ``run.json`` of an interrupted QAT run in ``out`` (its ``run_id`` included), checked against ``metric``.
+
+    Raises:
+        QATError: nothing to resume in ``out``, or the run measured another metric.
+    """
     try:
-        if isinstance(scales, (str, Path)):
-            scales = Scales.load(scales)  # ScalesFormatError names the file
-        start_calibrator = scales.calibrator if scales is not None else calibrator
-        # Prepared first, so scales that do not fit the model fail before any evaluation.
-        prepare(model, scales=scales, data=calib_data if scales is None else None, calibrator=calibrator,
-                calibrator_params=calibrator_params, config=quant_config, max_batches=calib_max_batches,
-                learn_amax=learn_amax, weight_ranges=weight_ranges, fold_bn=fold_bn,
-                freeze_bn_after=train_config.freeze_bn_after)
-        if resume:
-            fp32 = {"value": previous["fp32"], "seconds": previous.get("seconds", {}).get("fp32")}
-        else:
-            with enabled(model, False):  # the FP32 model (folded BatchNorms compute conv + BN exactly)
-                fp32 = _evaluate(model, eval_batches, metric, reference=True)
-        if resume:
-            ptq = {"value": previous["ptq"], "seconds": previous.get("seconds", {}).get("ptq")}
-        else:
-            # Saved before training, so a resumed run starts from exactly these ranges.
-            start = current_scales(model, calibrator=start_calibrator)
-            ptq = _evaluate(model, eval_batches, metric)
-            if main:
-                start.save(out / START_SCALES_FILE)
-                _write_run_file(out, run_id, metric, fp32, ptq, start_calibrator)
-        seconds.update({"fp32": fp32["seconds"], "ptq": ptq["seconds"]})
-
-        def report(p: TrainProgress) -> None:
-            if progress is not None:
-                progress(p)
-            if store is not None and main and run_id is not None and (p.step % max(1, p.total_steps // 50) == 0):
-                store.set_status(run_id, "running", progress=p.step / p.total_steps)
-
-        result = train(model, train_data, train_config, checkpoint_dir=out, resume=resume, progress=report)
-        ddp.check_ranges_agree(model)  # a diverged rank is an error, not a silently different scales file
-        after = _evaluate(model, eval_batches, metric)
-        seconds["qat"] = after["seconds"]
-        files: Dict[str, Path] = {}
-        if main:
-            files = save(model, out)
-        ddp.barrier()
-        outcome = QATRunResult(metric=metric, fp32=fp32["value"], ptq=ptq["value"], qat=after["value"],
-                               calibrator=start_calibrator, train=result, out_dir=out,
-                               run_id=run_id, files=files)
-        if main:
-            _write_run_file(out, run_id, metric, fp32, ptq, outcome.calibrator, after=after, train=result)
-            if store is not None and run_id is not None:
-                store.add_results(run_id, outcome.rows(seconds))
-                store.add_artifact(run_id, "scales", files["scales"])
-                store.add_artifact(run_id, "checkpoint", files["weights"])
-                store.set_status(run_id, "done", progress=1.0)
-        return outcome
-    except BaseException as exc:
-        if store is not None and main and run_id is not None:
-            message = str(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted (resume with --resume)"
-            try:
-                store.set_status(run_id, "failed", error=message)
-            except Exception:  # noqa: BLE001 - never hide the original error behind a store error
-                pass
-        raise
+        previous = json.loads((Path(out) / RUN_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise QATError(f"{Path(out) / RUN_FILE}: nothing to resume in {out}") from None
+    if previous.get("metric") != metric:
+        raise QATError(f"{Path(out) / RUN_FILE}: the run measured {previous.get('metric')!r}, not {metric!r}")
+    return previous
 
 
 def _take(data: Iterable[Any], n: int) -> List[Any]:

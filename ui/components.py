@@ -7,7 +7,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import streamlit as st
 
 from quantlab.errors import QuantlabError
-from quantlab.ui import data, jobs
+from quantlab.jobs import worker as jobs
+from quantlab.ui import data
 from quantlab.ui.summaries import format_time
 
 PAGES = Path(__file__).resolve().parent / "pages"

@@ -1,9 +1,11 @@
 """Data access for the pages: the run store and quantlab functions behind Streamlit caches.
 
-Pages never open the store or call quantlab directly; they call these. Reads
-that change while a job runs (the runs list) are cached for about a second;
-reads of a finished run are keyed by the run's ``updated_at`` and files by
-their modification time, so a cache entry is never stale.
+Pages never open the store or call quantlab directly; they call these. The
+store is only read here: everything that records (a new run, an export, a
+mixed-precision scales file, an engine) is a job of :mod:`quantlab.jobs`.
+Reads that change while a job runs (the runs list) are cached for about a
+second; reads of a finished run are keyed by the run's ``updated_at`` and files
+by their modification time, so a cache entry is never stale.
 """
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import pandas as pd
 import streamlit as st
 
+from quantlab.errors import QuantlabError
+from quantlab.jobs import autoprecision, export, runs as recorded
 from quantlab.roles import Role
 from quantlab.store import STORE_ENV, RunStore, default_store_path
-from quantlab.ui import backend, summaries
+from quantlab.ui import summaries
+
+TENSORRT_INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt"
 
 
 def store_path() -> str:
@@ -158,7 +164,7 @@ def read_bytes(path: str) -> Optional[bytes]:
 # -- other engineers' functions -----------------------------------------------------------------------
 @st.cache_data(show_spinner="Checking Q/DQ placement...", max_entries=32)
 def _check(path: str, mtime: int) -> Dict[str, Any]:
-    return backend.check_onnx(path)
+    return export.check_onnx(path)
 
 
 def check_report(path: str) -> Dict[str, Any]:
@@ -168,21 +174,40 @@ def check_report(path: str) -> Dict[str, Any]:
 
 @st.cache_data(show_spinner=False)
 def tensorrt_info() -> Dict[str, Any]:
-    return backend.tensorrt_info()
+    """Whether ``tensorrt`` imports here, its version, the install command and why not."""
+    from quantlab.runtimes.tensorrt.loader import import_tensorrt
+
+    info: Dict[str, Any] = {"available": False, "version": None, "install": TENSORRT_INSTALL, "reason": None}
+    try:
+        trt = import_tensorrt()
+        info.update(available=True, version=getattr(trt, "__version__", None))
+    except QuantlabError as exc:  # TensorRTUnavailableError, with the install hint
+        info["reason"] = str(exc)
+    return info
 
 
 def trtexec_command(onnx_path: str, plan_path: str) -> str:
-    return backend.trtexec_command(onnx_path, plan_path)
+    """The trtexec command line that builds the same engine."""
+    from quantlab.runtimes.tensorrt.loader import format_command, trtexec_command as command
+
+    return format_command(command(onnx_path, plan_path))
+
+
+def build_engine(run: Dict[str, Any], onnx_path: str, plan_path: str) -> str:
+    """Builds the TensorRT engine of a run's ONNX file (a job: recorded on the run)."""
+    plan = export.build_engine(store(), run["id"], onnx_path, plan_path)
+    clear_caches()
+    return str(plan)
 
 
 @st.cache_resource(show_spinner="Loading the run's model and eval data...", max_entries=2)
 def _rebuilt(path: str, run_id: str):
-    return backend.rebuild_run(_store(path).get_run(run_id), path)
+    return recorded.rebuild_run(_store(path).get_run(run_id), path)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _measure_mixed(path: str, run_id: str, calibrator: str, fp16_layers: tuple) -> Dict[str, Any]:
-    return backend.measure_mixed(_rebuilt(path, run_id), calibrator, list(fp16_layers))
+    return autoprecision.measure_mixed(_rebuilt(path, run_id), calibrator, list(fp16_layers))
 
 
 def measure_mixed(run: Dict[str, Any], calibrator: str, fp16_layers: Sequence[str]) -> Dict[str, Any]:
@@ -191,12 +216,8 @@ def measure_mixed(run: Dict[str, Any], calibrator: str, fp16_layers: Sequence[st
 
 
 def save_mixed_config(run: Dict[str, Any], calibrator: str, fp16_layers: Sequence[str]) -> str:
-    """Writes the scales file without ``fp16_layers`` into the run folder and records it."""
-    source = scales_files(run)[calibrator]
-    folder = Path(run.get("run_dir") or Path(source).parent)
-    out = folder / f"mixed.{calibrator}.{len(fp16_layers)}fp16.json"
-    path = backend.save_mixed_scales(source, list(fp16_layers), out)
-    store().add_artifact(run["id"], "mixed_scales", path)
+    """Writes the scales file without ``fp16_layers`` into the run folder and records it (a job)."""
+    path = autoprecision.save_mixed_config(store(), run, scales_files(run)[calibrator], calibrator, list(fp16_layers))
     clear_caches()
     return str(path)
 
@@ -263,9 +284,7 @@ def histogram(run: Dict[str, Any], module: str):
 
 def export_now(run: Dict[str, Any], calibrator: str) -> Dict[str, Any]:
     """Exports a stored compare run's Q/DQ ONNX, check report and calibration cache (a child export run)."""
-    from quantlab.ui.pipeline import export_recorded_run
-
-    outcome = export_recorded_run(store(), run, calibrator)
+    outcome = export.export_recorded_run(store(), run, calibrator)
     clear_caches()
     return outcome
 

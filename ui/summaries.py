@@ -2,7 +2,7 @@
 
 Nothing here computes a metric: it only arranges what the run store holds
 (values, deltas, per-layer numbers) and what the scales files saved
-(histograms, amax). No Streamlit or Altair import: the CLI uses it too.
+(histograms, amax). No Streamlit or Altair import: tested without a server.
 """
 from __future__ import annotations
 

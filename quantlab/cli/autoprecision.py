@@ -32,8 +32,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.evaluation.workflows import run_autoprecision
-    from quantlab.evaluation.runs import load_run_info
+    from quantlab.jobs.autoprecision import run_autoprecision
+    from quantlab.jobs.runs import load_run_info
 
     max_drop, relative = parse_max_drop(args.max_drop)
     info = load_run_info(args.run, args.store)

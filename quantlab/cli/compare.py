@@ -29,8 +29,9 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab.data import load_data
-    from quantlab.evaluation.compare import compare, parse_precisions
+    from quantlab.evaluation.compare import parse_precisions
     from quantlab.evaluation.tasks import task_for_metric
+    from quantlab.jobs.compare import run_compare
     from quantlab.model_source import load_model
     from quantlab.ptq import parse_calibrators
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         "weights": args.weights, "device": args.device, "batch_size": args.batch_size,
     }
     with StageProgress() as progress:
-        result = compare(
+        result = run_compare(
             model, calib, eval_data,
             metric=metric, task=task, calibrators=calibrators, precisions=precisions,
             config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,

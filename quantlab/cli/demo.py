@@ -21,17 +21,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from quantlab.cli.common import print_table
+    from quantlab.jobs.demo import run_demo
+    from quantlab.jobs.demo_spec import demo_spec, validate
     from quantlab.store import RunStore
-    from quantlab.ui.jobs import create_job_run
-    from quantlab.ui.pipeline import run_job
-    from quantlab.ui.spec import demo_spec, validate
-    from quantlab.ui.summaries import best_int8, results_frame
 
     if any(n is not None and n < 1 for n in (args.eval_samples, args.calib_samples)):
         raise ValueError("--eval-samples and --calib-samples must be >= 1")
     store = RunStore(args.store)
     spec = validate(demo_spec(args.out, eval_samples=args.eval_samples, calib_samples=args.calib_samples))
-    run_id = create_job_run(store, spec)
     print(f"demo: {spec.model} · calibration {spec.calib_data} · eval {spec.eval_data}", flush=True)
     bar = tqdm(total=100, desc="demo", unit="%", file=sys.stderr, disable=None, leave=False,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
@@ -45,19 +42,21 @@ def run(args: argparse.Namespace) -> int:
             state["done"] = target
 
     try:
-        outcome = run_job(store, run_id, spec, progress=progress)
+        outcome = run_demo(store, spec, progress=progress)
     finally:
         bar.close()
-    results = store.results(run_id)
-    frame = results_frame(results, "top1")
+    metric = outcome["metric"]
+    rows = [r for r in outcome["rows"] if r["metric"] == metric]
     print_table(
-        [[row.label, f"{row.value:.2f}", "-" if row.delta != row.delta or row.delta is None else f"{row.delta:+.2f}",
-          "-" if row.seconds != row.seconds or row.seconds is None else f"{row.seconds:.1f}"] for row in frame.itertuples()],
-        ["configuration", "top1 %", "Δ vs FP32", "eval s"],
+        [[_label(r), f"{r['value']:.2f}", "-" if r["delta"] is None else f"{r['delta']:+.2f}",
+          "-" if r["seconds"] is None else f"{r['seconds']:.1f}"] for r in rows],
+        ["configuration", f"{metric} %" if metric == "top1" else metric, "Δ vs FP32", "eval s"],
     )
-    best = best_int8(results, "top1")
-    if best:
-        print(f"best INT8: {best['label']} ({best['delta']:+.2f} points vs FP32)")
+    best = outcome["best_calibrator"]
+    int8 = [r for r in rows if r["precision"] == "int8" and r["calibrator"] == best]
+    if int8:
+        print(f"best INT8: {_label(int8[0])} ({int8[0]['delta']:+.2f} points vs FP32)")
+    run_id = outcome["run_id"]
     print(f"run {run_id} recorded in {store.path}")
     print(f"run folder: {outcome['run_dir']}")
     for what, path in outcome["outputs"].items():
@@ -70,3 +69,8 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.cli.ui import serve
 
     return serve(str(store.path), args.port, args.host)
+
+
+def _label(row) -> str:
+    """``FP32``, ``FP16``, ``INT8 entropy``: the row's configuration as the dashboard names it."""
+    return row["precision"].upper() + (f" {row['calibrator']}" if row.get("calibrator") else "")

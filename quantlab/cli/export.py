@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 from quantlab.cli.common import add_model_args, print_table
 
@@ -35,65 +33,18 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def example_inputs(args: argparse.Namespace):
-    """The example batch for tracing: from --data or a random tensor of --input-shape."""
-    import torch
-
-    if args.data:
-        from quantlab.batching import split_batch
-        from quantlab.data import load_data
-
-        batch = next(iter(load_data(args.data, batch_size=2)))
-        inputs, _ = split_batch(batch)
-        if isinstance(inputs, dict):  # keyword inputs: labels are for the loss, not the graph
-            inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        return inputs
-    if args.input_shape:
-        import re
-
-        try:
-            shape = tuple(int(d) for d in re.split(r"[x,]", args.input_shape.strip()))
-        except ValueError:
-            raise ValueError(f"--input-shape {args.input_shape!r} must be comma-separated integers, e.g. 1,28,28") from None
-        if not shape or any(d <= 0 for d in shape):
-            raise ValueError(f"--input-shape {args.input_shape!r} must hold positive integers")
-        generator = torch.Generator().manual_seed(0)
-        return torch.randn((2,) + shape, generator=generator)
-    raise ValueError("give --input-shape (e.g. 1,28,28) or --data (e.g. fmnist:calib) so the model can be traced")
-
-
 def run(args: argparse.Namespace) -> int:
-    from quantlab.model_source import load_model
+    from quantlab.jobs.export import run_export
+    from quantlab.jobs.recorder import optional_store
 
-    if args.precision == "int8" and not args.scales:
-        raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`)")
-    if args.precision != "int8" and args.target != "tensorrt":
-        raise ValueError("--target applies to --precision int8 only")
-    if args.target != "ort-cpu" and (args.ort_int8 != "auto" or args.ort_reduce_range):
-        raise ValueError("--ort-int8 / --ort-reduce-range apply to --target ort-cpu only")
-    out = Path(args.out)
-    # The model first: an example module may register the data specs it brings (fortunes:...).
-    model = load_model(args.model, weights=args.weights, device=args.device)
-    inputs = example_inputs(args)
-    common = dict(exporter=args.exporter, opset=args.opset, dynamic_batch=not args.static_batch)
-    store, run_id = _start_record(args)
-    try:
-        if args.precision == "int8":
-            import quantlab as ql
-            from quantlab.export.qdq import export_int8
-
-            ql.load_scales(model, args.scales)  # strict: names every missing or extra layer
-            result = export_int8(model, out, inputs, target=args.target, placement=not args.no_placement,
-                                 ort_other_convs=args.ort_other_convs, ort_int8=args.ort_int8,
-                                 ort_reduce_range=args.ort_reduce_range, **common)
-        else:
-            from quantlab.export.float import export_float
-
-            result = export_float(model, out, inputs, precision=args.precision, io_dtype=args.io_dtype, **common)
-    except Exception as exc:
-        if store is not None:
-            store.set_status(run_id, "failed", error=str(exc)[:500])
-        raise
+    outcome = run_export(
+        args.model, args.out, precision=args.precision, scales=args.scales, weights=args.weights, device=args.device,
+        data=args.data, input_shape=args.input_shape, target=args.target, ort_other_convs=args.ort_other_convs,
+        ort_int8=args.ort_int8, ort_reduce_range=args.ort_reduce_range,
+        exporter=args.exporter, opset=args.opset, io_dtype=args.io_dtype, dynamic_batch=not args.static_batch,
+        placement=not args.no_placement, check=not args.no_check, store=optional_store(args.store),
+    )
+    result = outcome.result
     print(f"wrote {result.path} ({result.precision}{'/' + result.target if result.target else ''}, opset {result.opset}, "
           f"{result.exporter} exporter, {result.seconds:.1f} s); tensor map: {result.sidecar}")
     if result.folded_batchnorm:
@@ -110,23 +61,15 @@ def run(args: argparse.Namespace) -> int:
         _print_form(result.ort_int8)
     if result.unmapped:
         print(f"note: {len(result.unmapped)} quantizer(s) have no node in the graph (layer never called): {', '.join(result.unmapped[:5])}")
-    status = 0
-    if result.precision == "int8" and result.target == "tensorrt" and not args.no_check:
-        from quantlab.export.check import check_model
-
-        report = check_model(result.path)
+    report = outcome.check
+    if report is not None:
         print(f"check: {len(report.errors)} error(s), {len(report.warnings)} warning(s); "
               f"{report.num_weighted_quantized}/{report.num_weighted} weighted ops quantized")
         if report.findings:
             print_table([[f.severity, f.rule, f.node, f.message] for f in report.findings[:20]], ["severity", "rule", "node", "message"])
-        status = 1 if report.errors else 0
-    if store is not None:
-        store.add_artifact(run_id, "onnx", result.path)
-        if result.sidecar:
-            store.add_artifact(run_id, "report", result.sidecar)
-        store.set_status(run_id, "done" if status == 0 else "failed", progress=1.0)
-        print(f"recorded run {run_id}")
-    return status
+    if outcome.run_id:
+        print(f"recorded run {outcome.run_id}")
+    return outcome.status
 
 
 def _print_form(info: dict) -> None:
@@ -136,22 +79,3 @@ def _print_form(info: dict) -> None:
     if not info["exact_here"]:
         print(f"note: {info['form']} is NOT exact on this CPU: ONNX Runtime here (`quantlab run`) will refuse this file; "
               "it is for another machine")
-
-
-def _start_record(args: argparse.Namespace):
-    path = args.store or os.environ.get("QUANTLAB_STORE")
-    if not path:
-        return None, None
-    from quantlab.store import RunStore
-
-    store = RunStore(path)
-    config = {"precision": args.precision, "target": args.target if args.precision == "int8" else None,
-              "scales": args.scales, "exporter": args.exporter, "opset": args.opset, "out": str(args.out)}
-    if args.precision == "int8" and args.target == "ort-cpu":
-        from quantlab.runtimes.onnxruntime.forms import resolve_form
-
-        # The same (memoized) choice export_int8 makes next, so the run records which kernels the file uses.
-        choice = resolve_form(args.ort_int8, reduce_range=args.ort_reduce_range)
-        config.update(ort_int8=choice.form, ort_int8_requested=args.ort_int8, ort_weight_bits=choice.weight_bits)
-    run_id = store.create_run("export", model=args.model, data=args.data, config=config, run_dir=str(Path(args.out).parent))
-    return store, run_id

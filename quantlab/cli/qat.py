@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.model_source import load_model
     from quantlab.qat import ddp
     from quantlab.qat.loop import TrainConfig
-    from quantlab.qat.run import run_qat
+    from quantlab.jobs.qat import run_qat
 
     info = ddp.init_from_env(args.device)
     device = ddp.default_device(info, args.device) if info.distributed else args.device

@@ -16,13 +16,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.evaluation.report import write_report
-    from quantlab.evaluation.runs import load_run_info
+    from quantlab.jobs.report import run_report
+    from quantlab.jobs.runs import load_run_info
 
     info = load_run_info(args.run, args.store)
-    path = write_report(info["run_dir"], args.out, fmt=args.format)
-    if info.get("run_id"):
-        store = open_store(args, run_info=info)
-        store.add_artifact(info["run_id"], "report", path)
+    store = open_store(args, run_info=info) if info.get("run_id") else None
+    path = run_report(info, store, out=args.out, fmt=args.format)
     print(f"report: {path}")
     return 0

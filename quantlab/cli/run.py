@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from quantlab.cli.common import print_table, progress_bar
 
@@ -21,64 +20,26 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.data import load_data
-    from quantlab.runtimes.factory import open_runner
+    from quantlab.jobs.recorder import optional_store
+    from quantlab.jobs.run import run_model
 
-    data = load_data(args.data, batch_size=args.batch_size)
-    total = len(data) if hasattr(data, "__len__") else None
-    if args.max_batches is not None and total is not None:
-        total = min(total, args.max_batches)
-    with open_runner(args.model, backend=args.backend, threads=args.threads) as runner:
-        with progress_bar(total, runner.backend) as progress:
-            result = runner.run_dataset(data, max_batches=args.max_batches, progress=progress)
-        latency = None
-        if args.latency:
-            from quantlab.batching import split_batch
-
-            inputs, _ = split_batch(next(iter(data)))
-            latency = runner.measure_latency(inputs)
+    outcome = run_model(args.model, args.data, batch_size=args.batch_size, max_batches=args.max_batches,
+                        threads=args.threads, backend=args.backend, latency=args.latency,
+                        store=optional_store(args.store), progress_bar=progress_bar)
+    result, latency = outcome.result, outcome.latency
     rows = [["samples", result.num_samples], ["top-1 (%)", f"{result.top1:.2f}" if result.top1 is not None else "n/a (no labels)"],
             ["wall time (s)", f"{result.seconds:.2f}"]]
     if latency is not None:
         rows.append([f"median latency, batch {latency.batch_size} (ms)", f"{latency.median_ms:.2f}"])
-    kernels = {}
-    form = None
-    if runner.backend == "onnxruntime":
-        from quantlab.runtimes.onnxruntime.runner import quantized_kernels
-
-        kernels = quantized_kernels(args.model, threads=args.threads)
-        rows.append(["ORT integer kernels", ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())) or "none (runs in float)"])
-        report = runner.int8_form
-        form = report.form if report is not None else None
-        if not runner.qdq_fusion:
+    if outcome.backend == "onnxruntime":
+        rows.append(["ORT integer kernels", ", ".join(f"{k} x{v}" for k, v in sorted(outcome.kernels.items())) or "none (runs in float)"])
+        report = outcome.int8_form
+        if not outcome.qdq_fusion:
             shown = "TensorRT form: its Q/DQ computed with float kernels (ONNX Runtime's QDQ fusion off)"
         else:
             shown = report.describe() if report is not None else "not checked"
         rows.append(["ORT INT8 form", shown])
-    print_table(rows, [str(args.model), runner.backend])
-    _record(args, result, latency, form)
+    print_table(rows, [str(args.model), outcome.backend])
+    if outcome.run_id:
+        print(f"recorded run {outcome.run_id}")
     return 0
-
-
-def _record(args, result, latency, form=None) -> None:
-    path = args.store or os.environ.get("QUANTLAB_STORE")
-    if not path or result.top1 is None:
-        return
-    from quantlab.export.graph import load_onnx
-    from quantlab.export.mapping import metadata
-    from quantlab.store import RunStore
-
-    precision = "fp32"
-    if str(args.model).endswith(".onnx"):
-        fmt = metadata(load_onnx(args.model, check=False)).get("quantlab.format", "")
-        precision = "int8" if fmt.startswith("qdq") else ("fp16" if fmt == "fp16" else "fp32")
-    store = RunStore(path)
-    config = {"backend": args.backend, "threads": args.threads, "ort_int8": form}
-    run_id = store.create_run("export", model=str(args.model), eval_data=args.data, config=config)
-    store.add_results(run_id, [{"precision": precision, "calibrator": None, "source": "ptq", "metric": "top1",
-                                "value": result.top1, "delta": None, "seconds": result.seconds}])
-    if latency is not None:
-        store.add_results(run_id, [{"precision": precision, "calibrator": None, "source": "ptq", "metric": f"latency_ms_b{latency.batch_size}",
-                                    "value": latency.median_ms, "delta": None, "seconds": None}])
-    store.set_status(run_id, "done", progress=1.0)
-    print(f"recorded run {run_id}")

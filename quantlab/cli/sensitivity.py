@@ -24,8 +24,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.evaluation.runs import load_run_info
-    from quantlab.evaluation.workflows import run_sensitivity
+    from quantlab.jobs.runs import load_run_info
+    from quantlab.jobs.sensitivity import run_sensitivity
 
     info = load_run_info(args.run, args.store)
     store = open_store(args, run_info=info)

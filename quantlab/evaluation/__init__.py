@@ -1,12 +1,13 @@
 """Evaluation: FP32 vs FP16 vs INT8 per calibrator, per-layer error, sensitivity, mixed precision.
 
-    from quantlab.evaluation import compare, rank_layers, auto_precision, write_report
-    result = compare(model, calib_loader, eval_loader, metric="top1", run_dir="runs/fmnist")
+    from quantlab.evaluation import compare, rank_layers, auto_precision
+    result = compare(model, calib_loader, eval_loader, metric="top1")
 
+Measurement only: nothing here records a run or writes a run folder (the jobs in
+:mod:`quantlab.jobs` do, e.g. :func:`quantlab.jobs.compare.run_compare`).
 Modules: :mod:`.tasks` (what to run and how to score it), :mod:`.compare`,
 :mod:`.layers` (per-layer SQNR / cosine), :mod:`.sensitivity`,
-:mod:`.autoprecision`, :mod:`.report`, :mod:`.runs` (run folders),
-:mod:`.workflows` (sensitivity / autoprecision on a recorded run).
+:mod:`.autoprecision`, :mod:`.report` (rendering a run's report).
 """
 from quantlab.evaluation.autoprecision import MixedPrecisionResult, auto_precision
 from quantlab.evaluation.compare import Candidate, CompareResult, ResultRow, compare
@@ -14,7 +15,6 @@ from quantlab.evaluation.errors import EvaluationError, MetricError, UnknownMetr
 from quantlab.evaluation.evaluate import Evaluation, evaluate, evaluate_reference
 from quantlab.evaluation.layers import LayerError, layer_errors
 from quantlab.evaluation.ranking import kendall_tau_b, ranking_agreement, spearman
-from quantlab.evaluation.report import write_report
 from quantlab.evaluation.sensitivity import SensitivityResult, full_ranking, proxy_agreement, rank_layers
 from quantlab.evaluation.tasks import (
     CausalLMTask,
@@ -31,5 +31,5 @@ __all__ = [
     "FunctionTask", "LayerError", "MetricError", "MixedPrecisionResult", "ResultRow", "SensitivityResult", "Task",
     "UnknownMetricError", "auto_precision", "compare", "evaluate", "evaluate_reference", "full_ranking", "kendall_tau_b",
     "layer_errors", "proxy_agreement", "rank_layers", "ranking_agreement", "register_metric", "spearman",
-    "task_for_metric", "write_report",
+    "task_for_metric",
 ]

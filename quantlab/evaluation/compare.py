@@ -2,37 +2,36 @@
 
 * One statistics pass (:func:`quantlab.ptq.run_ptq`) is shared by all calibrators.
 * FP32 runs first and becomes the reference (embedding cosine, token agreement,
-  linear probe); it also validates the task, metric and data BEFORE anything is
-  written, so bad input leaves the run store untouched.
+  linear probe); it also validates the task, metric and data BEFORE anything else
+  (``on_reference`` then fires: a job records its run there, so bad input leaves
+  no record).
 * FP16 runs a ``model.half()`` copy with floating-point inputs cast to half
   (integer token ids stay integers); on a CPU this is slow but correct.
 * INT8 runs a fake-quantized copy in PyTorch, once per calibrator. ONNX Runtime
   INT8 execution lives in :mod:`quantlab.runtimes`; it plugs in through
   ``extra_candidates`` (any callable taking the model's inputs), evaluated on the
-  same batches and recorded the same way.
+  same batches and reported the same way.
 * Per-layer SQNR / cosine per calibrator on a few batches (:mod:`.layers`).
 
-Results go to the run store (kind ``compare``) and a run folder holding
-``run.json`` (how to redo it), ``scales.<calibrator>.json`` and ``results.json``.
+This is measurement only: nothing is recorded or written. The compare job
+(:func:`quantlab.jobs.compare.run_compare`) records the rows as they come (the
+``on_rows`` / ``on_layers`` callbacks) and writes the run folder.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from quantlab._io import write_text_atomic
 from quantlab.api import load_scales
 from quantlab.attach import is_quantized
 from quantlab.config import QuantConfig, int8_config
-from quantlab.errors import ConfigError, QuantlabError
+from quantlab.errors import ConfigError
 from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import Evaluation, evaluate, evaluate_reference
 from quantlab.evaluation.layers import LayerError, layer_errors
@@ -41,6 +40,8 @@ from quantlab.ptq import PTQResult, parse_calibrators, run_ptq
 
 PRECISIONS = ("fp32", "fp16", "int8")
 Progress = Callable[[str, int, int], None]
+#: ``on_rows(rows, fraction)``: the rows of one evaluated configuration and the share of the work done.
+OnRows = Callable[[List["ResultRow"], float], None]
 
 
 @dataclasses.dataclass
@@ -91,9 +92,11 @@ class CompareResult:
         task: The task (its FP32 reference set).
         ptq: Scales per calibrator and statistics-pass timing (None without INT8).
         layer_errors: Per-layer SQNR/cosine per calibrator.
-        run_id: Run store id (None when not recorded).
-        run_dir: The run folder (None when not written).
+        run_id: Run store id (set by the compare job; None when not recorded).
+        run_dir: The run folder (set by the compare job; None when not written).
         eval_batches: Number of eval batches used.
+        settings: What was measured and how (metric, task, calibrators, precisions,
+            batch counts, quantization config): the compare job records it as the run's config.
     """
 
     rows: List[ResultRow]
@@ -105,6 +108,7 @@ class CompareResult:
     run_id: Optional[str]
     run_dir: Optional[Path]
     eval_batches: int
+    settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def value(self, precision: str, calibrator: Optional[str] = None, metric: Optional[str] = None) -> float:
         """The value of ``metric`` (default primary) for a precision (and calibrator)."""
@@ -146,16 +150,6 @@ def _rows(precision: str, calibrator: Optional[str], source: str, evaluation: Ev
     return rows
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def compare(
     model: nn.Module,
     calib_data: Optional[Iterable[Any]],
@@ -170,11 +164,11 @@ def compare(
     eval_batches: Optional[int] = None,
     calibrator_params: Optional[Dict[str, Dict[str, Any]]] = None,
     layer_batches: int = 2,
-    store: Any = None,
-    run_dir: Optional[Union[str, Path]] = None,
-    describe: Optional[Dict[str, Any]] = None,
     extra_candidates: Optional[Callable[[PTQResult], Iterable[Candidate]]] = None,
     progress: Optional[Progress] = None,
+    on_reference: Optional[Callable[[Dict[str, Any]], None]] = None,
+    on_rows: Optional[OnRows] = None,
+    on_layers: Optional[Callable[[str, List[LayerError]], None]] = None,
 ) -> CompareResult:
     """Evaluates FP32, FP16 and INT8 (per calibrator) on the same eval batches.
 
@@ -191,18 +185,17 @@ def compare(
         eval_batches: Use at most this many eval batches.
         calibrator_params: Per-calibrator parameters, e.g. ``{"percentile": {"percentile": 99.9}}``.
         layer_batches: Eval batches for the per-layer SQNR pass (0 = skip).
-        store: A :class:`quantlab.store.RunStore`, None for the default store, or
-            False to record nothing.
-        run_dir: Run folder for run.json, scales and results.json (None: not written).
-        describe: Strings recorded with the run: ``model``, ``data``, ``eval_data``
-            and anything else for ``run.json`` (the CLI passes its specs).
         extra_candidates: ``fn(ptq_result) -> [Candidate, ...]`` evaluated after
             the built-in precisions (e.g. ONNX Runtime INT8 sessions).
         progress: ``progress(stage, done, total)``.
+        on_reference: ``on_reference(settings)`` once the FP32 pass validated the
+            model, data and metric, before any other work (see :attr:`CompareResult.settings`).
+        on_rows: ``on_rows(rows, fraction)`` after each evaluated configuration.
+        on_layers: ``on_layers(calibrator, layer_errors)`` after each calibrator's per-layer pass.
 
     Raises:
         EvaluationError / MetricError: the model, data or metric do not fit
-            (raised from the FP32 pass, before the store or run folder is touched).
+            (raised from the FP32 pass, before ``on_reference``).
         CalibrationError: empty calibration data.
     """
     wanted = parse_precisions(precisions)
@@ -214,7 +207,6 @@ def compare(
     if task is None:
         task, metric = task_for_metric(metric)
     config = config or int8_config()
-    describe = dict(describe or {})
 
     def stage(name: str, total: int) -> Optional[Callable[[int], None]]:
         return (lambda done: progress(name, done, total)) if progress is not None else None
@@ -226,7 +218,7 @@ def compare(
     if metric not in fp32.metrics:
         raise EvaluationError(f"metric {metric!r} is not produced by the {task.name} task on this data (it gives {', '.join(fp32.metrics) or 'nothing'})")
 
-    run_config = {
+    settings = {
         "metric": metric,
         "task": {"name": task.name, "params": task.params()},
         "calibrators": names,
@@ -236,113 +228,47 @@ def compare(
         "layer_batches": layer_batches,
         "calibrator_params": calibrator_params or {},
         "quant_config": config.to_dict(),
-        **{k: v for k, v in describe.items() if k not in ("model", "data", "eval_data")},
     }
-    if store is None:
-        from quantlab.store import RunStore
+    if on_reference is not None:
+        on_reference(dict(settings))
+    rows: List[ResultRow] = []
+    steps = 1 + ("fp16" in wanted) + len(names)
+    completed = 0
 
-        store = RunStore()
-    run_id = None
-    if store is not False:
-        run_id = store.create_run(
-            "compare",
-            model=str(describe.get("model") or type(model).__name__),
-            data=describe.get("data"),
-            eval_data=describe.get("eval_data"),
-            config=run_config,
-            run_dir=run_dir,
-            name=describe.get("name"),
-        )
-    out_dir = Path(run_dir) if run_dir is not None else None
-    try:
-        rows: List[ResultRow] = []
-        steps = 1 + ("fp16" in wanted) + len(names)
-        completed = 0
+    def record(new_rows: List[ResultRow]) -> None:
+        nonlocal completed
+        rows.extend(new_rows)
+        completed += 1
+        if on_rows is not None:
+            on_rows(list(new_rows), min(1.0, completed / steps))
 
-        def record(new_rows: List[ResultRow]) -> None:
-            nonlocal completed
-            rows.extend(new_rows)
-            completed += 1
-            if run_id is not None:
-                store.add_results(run_id, [r.to_dict() for r in new_rows])
-                store.set_status(run_id, "running", progress=min(1.0, completed / steps))
-
-        record(_rows("fp32", None, "ptq", fp32, fp32.metrics))
-        if "fp16" in wanted:
-            # nn.Module.half, not model.half(): some libraries override half() and refuse (e.g. a
-            # transformers model loaded from GGUF, whose weights are already de-quantized to FP32).
-            half = nn.Module.half(copy.deepcopy(model))
-            record(_rows("fp16", None, "ptq", evaluate(half, task, batches, input_dtype=torch.float16, progress=stage("fp16", len(batches))), fp32.metrics))
-            del half
-        ptq: Optional[PTQResult] = None
-        errors: Dict[str, List[LayerError]] = {}
-        if "int8" in wanted:
-            quant = copy.deepcopy(model)
-            ptq = run_ptq(quant, calib_data, names, config=config, max_batches=calib_batches,
-                          calibrator_params=calibrator_params, progress=stage("statistics", calib_batches or 0))
-            for name in names:
-                load_scales(quant, ptq.scales[name])
-                evaluation = evaluate(quant, task, batches, progress=stage(f"int8 {name}", len(batches)))
-                record(_rows("int8", name, "ptq", evaluation, fp32.metrics))
-                if layer_batches > 0:
-                    errors[name] = layer_errors(model, quant, batches[:layer_batches], inputs_of=task.inputs)
-                    if run_id is not None:
-                        store.add_layer_stats(run_id, [e.to_row(name) for e in errors[name]])
-            if extra_candidates is not None:
-                for candidate in extra_candidates(ptq):
-                    evaluation = evaluate(candidate.model, task, batches, input_dtype=candidate.input_dtype, device=candidate.device)
-                    record(_rows(candidate.precision, candidate.calibrator, candidate.source, evaluation, fp32.metrics))
-            del quant
-        result = CompareResult(
-            rows=rows, metric=metric, higher_is_better=task.higher_is_better(metric), task=task, ptq=ptq,
-            layer_errors=errors, run_id=run_id, run_dir=out_dir, eval_batches=len(batches),
-        )
-        if out_dir is not None:
-            _write_run_folder(result, out_dir, run_config, describe, store if store is not False else None)
-        if run_id is not None:
-            store.set_status(run_id, "done")
-        return result
-    except BaseException as exc:
-        if run_id is not None:
-            try:
-                store.set_status(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
-            except QuantlabError:
-                pass  # keep the original error: it is the one the user needs to see
-        raise
-
-
-def _write_run_folder(result: CompareResult, out_dir: Path, run_config: Dict[str, Any], describe: Dict[str, Any], store: Any) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scales_paths: Dict[str, str] = {}
-    if result.ptq is not None:
-        for name, path in result.ptq.save(out_dir).items():
-            scales_paths[name] = str(path)
-            if store is not None:
-                store.add_artifact(result.run_id, "scales", path)
-    run_info = {
-        "run_id": result.run_id,
-        "store": str(store.path) if store is not None else None,
-        "kind": "compare",
-        "model": describe.get("model"),
-        "data": describe.get("data"),
-        "eval_data": describe.get("eval_data"),
-        **run_config,
-    }
-    write_text_atomic(out_dir / "run.json", json.dumps(_json_safe(run_info), indent=1))
-    results = {
-        "run_id": result.run_id,
-        "metric": result.metric,
-        "higher_is_better": result.higher_is_better,
-        "best_calibrator": result.best_calibrator,
-        "rows": [r.to_dict() for r in result.rows],
-        "statistics": None if result.ptq is None else {
-            "num_batches": result.ptq.num_batches,
-            "statistics_seconds": result.ptq.statistics_seconds,
-            "calibrate_seconds": result.ptq.calibrate_seconds,
-        },
-        "scales": scales_paths,
-        "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
-    }
-    path = write_text_atomic(out_dir / "results.json", json.dumps(_json_safe(results), indent=1))
-    if store is not None:
-        store.add_artifact(result.run_id, "results", path)
+    record(_rows("fp32", None, "ptq", fp32, fp32.metrics))
+    if "fp16" in wanted:
+        # nn.Module.half, not model.half(): some libraries override half() and refuse (e.g. a
+        # transformers model loaded from GGUF, whose weights are already de-quantized to FP32).
+        half = nn.Module.half(copy.deepcopy(model))
+        record(_rows("fp16", None, "ptq", evaluate(half, task, batches, input_dtype=torch.float16, progress=stage("fp16", len(batches))), fp32.metrics))
+        del half
+    ptq: Optional[PTQResult] = None
+    errors: Dict[str, List[LayerError]] = {}
+    if "int8" in wanted:
+        quant = copy.deepcopy(model)
+        ptq = run_ptq(quant, calib_data, names, config=config, max_batches=calib_batches,
+                      calibrator_params=calibrator_params, progress=stage("statistics", calib_batches or 0))
+        for name in names:
+            load_scales(quant, ptq.scales[name])
+            evaluation = evaluate(quant, task, batches, progress=stage(f"int8 {name}", len(batches)))
+            record(_rows("int8", name, "ptq", evaluation, fp32.metrics))
+            if layer_batches > 0:
+                errors[name] = layer_errors(model, quant, batches[:layer_batches], inputs_of=task.inputs)
+                if on_layers is not None:
+                    on_layers(name, errors[name])
+        if extra_candidates is not None:
+            for candidate in extra_candidates(ptq):
+                evaluation = evaluate(candidate.model, task, batches, input_dtype=candidate.input_dtype, device=candidate.device)
+                record(_rows(candidate.precision, candidate.calibrator, candidate.source, evaluation, fp32.metrics))
+        del quant
+    return CompareResult(
+        rows=rows, metric=metric, higher_is_better=task.higher_is_better(metric), task=task, ptq=ptq,
+        layer_errors=errors, run_id=None, run_dir=None, eval_batches=len(batches), settings=settings,
+    )

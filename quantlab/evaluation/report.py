@@ -1,25 +1,24 @@
-"""A self-contained report of a compare run (HTML with inline SVG, or Markdown + SVG files).
+"""Rendering the report of a compare run (HTML with inline SVG, or Markdown + SVG images).
 
 Contents: the results table (every precision/calibrator, delta vs FP32, time),
 a chart of the primary metric, the per-layer SQNR bar chart, the sensitivity
 ranking and mixed-precision outcome when those commands were run, and the
 activation histograms of the lowest-SQNR layers with every calibrator's amax
 marked (the statistics come from the scales files).
+
+Pure functions of the data the report job (:mod:`quantlab.jobs.report`) reads
+from the run folder: nothing here reads or writes a file.
 """
 from __future__ import annotations
 
 import base64
-import json
 import math
 from html import escape
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
-from quantlab._io import write_text_atomic
 from quantlab.evaluation import svg
-from quantlab.evaluation.runs import RunFolderError, read_results
 from quantlab.evaluation.layers import PROXY_FIELDS
-from quantlab.scales import Scales
 
 MAX_HISTOGRAMS = 8
 MAX_SQNR_LAYERS = 80
@@ -56,22 +55,6 @@ def _proxy(entry: Dict[str, Any]) -> float:
 def _delta(value: Any) -> str:
     v = _num(value)
     return "-" if v is None else ("0" if v == 0 else f"{v:+.3g}")
-
-
-def collect(run_dir: Union[str, Path]) -> Dict[str, Any]:
-    """Everything the report shows, read from the run folder."""
-    folder = Path(run_dir)
-    results = read_results(folder)
-    info = json.loads((folder / "run.json").read_text(encoding="utf-8")) if (folder / "run.json").is_file() else {}
-    scales: Dict[str, Scales] = {}
-    for name, path in (results.get("scales") or {}).items():
-        candidate = Path(path)
-        candidate = candidate if candidate.is_file() else folder / candidate.name
-        if candidate.is_file():
-            scales[name] = Scales.load(candidate)
-    sensitivity = {p.name.split(".")[1]: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("sensitivity.*.json"))}
-    mixed = {p.parent.name.split(".", 1)[1]: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("autoprecision.*/mixed.json"))}
-    return {"folder": folder, "info": info, "results": results, "scales": scales, "sensitivity": sensitivity, "mixed": mixed}
 
 
 def _result_table(results: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
@@ -231,34 +214,9 @@ def render_markdown(data: Dict[str, Any], image_dir: Path, image_prefix: str) ->
     return "\n".join(lines), images
 
 
-def write_report(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None, *, fmt: str = "html") -> Path:
-    """Writes the report of a compare run folder and returns its path.
-
-    Args:
-        run_dir: The compare run folder.
-        out: Report file (default ``<run_dir>/report.html`` or ``report.md``).
-        fmt: ``"html"`` (one self-contained file, inline SVG) or ``"md"``
-            (Markdown plus an ``<name>_files/`` folder of SVG charts).
-
-    Raises:
-        RunFolderError: the folder has no results.json.
-    """
-    if fmt not in ("html", "md"):
-        raise ValueError(f"report format must be html or md, got {fmt!r}")
-    data = collect(run_dir)
-    target = Path(out) if out is not None else Path(run_dir) / f"report.{fmt}"
-    if fmt == "html":
-        return write_text_atomic(target, render_html(data))
-    image_dir = target.parent / f"{target.stem}_files"
-    text, images = render_markdown(data, image_dir, image_dir.name)
-    for path, content in images.items():
-        write_text_atomic(path, content)
-    return write_text_atomic(target, text)
-
-
 def svg_data_uri(image: str) -> str:
     """A data: URI for an SVG string (for embedding elsewhere, e.g. the dashboard)."""
     return "data:image/svg+xml;base64," + base64.b64encode(image.encode("utf-8")).decode("ascii")
 
 
-__all__ = ["write_report", "collect", "render_html", "render_markdown", "svg_data_uri", "RunFolderError"]
+__all__ = ["render_html", "render_markdown", "svg_data_uri"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from quantlab.cli.main import main
-from quantlab.evaluation.compare import compare
+from quantlab.jobs.compare import run_compare as compare
 from quantlab.evaluation.errors import EvaluationError, MetricError, UnknownMetricError
 from quantlab.store import RunStore, StoreFormatError
 

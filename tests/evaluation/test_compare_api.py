@@ -1,6 +1,5 @@
-"""compare() from Python on the planted MLP: rows, store, run folder, plugged-in runners, failures."""
+"""compare() from Python on the planted MLP: plugged-in runners; measuring records nothing (tests/jobs: the job)."""
 import copy
-import json
 
 import pytest
 import torch
@@ -8,30 +7,6 @@ import torch
 from quantlab.api import load_scales
 from quantlab.evaluation.compare import Candidate, compare
 from quantlab.evaluation.errors import EvaluationError
-from quantlab.store import RunStore
-
-
-def test_rows_store_and_run_folder(planted, tmp_path):
-    model, calib, evaluation = planted
-    before = copy.deepcopy(model.state_dict())
-    store = RunStore(tmp_path / "runs.sqlite")
-    result = compare(model, calib, evaluation, metric="top1", calibrators="max,percentile", store=store,
-                     run_dir=tmp_path / "run", describe={"model": "planted", "data": "synthetic", "eval_data": "synthetic"})
-    assert result.value("fp32") == 100.0 and result.value("fp16") == pytest.approx(100.0, abs=1.0)
-    assert result.value("int8", "max") < 90.0  # the planted outlier
-    assert {(r.precision, r.calibrator) for r in result.primary_rows()} == {("fp32", None), ("fp16", None), ("int8", "max"), ("int8", "percentile")}
-    assert result.best_calibrator in ("max", "percentile")
-    # The caller's model is untouched: FP16 and INT8 ran on copies.
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not any(hasattr(m, "input_quantizer") for m in model.modules())
-    run = store.get_run(result.run_id)
-    assert run["status"] == "done" and run["config"]["calibrators"] == ["max", "percentile"] and run["model"] == "planted"
-    stored = {(r["precision"], r["calibrator"], r["metric"]): r["value"] for r in store.results(result.run_id)}
-    assert stored[("int8", "max", "top1")] == result.value("int8", "max")
-    assert {r["layer"] for r in store.layer_stats(result.run_id)} == {"fc1", "bad", "fc3", "head"}
-    saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["best_calibrator"] == result.best_calibrator and len(saved["rows"]) == len(result.rows)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["run_id"] == result.run_id
 
 
 def test_extra_candidates_are_evaluated_like_the_rest(planted):
@@ -42,21 +17,26 @@ def test_extra_candidates_are_evaluated_like_the_rest(planted):
         scripted = torch.jit.trace(quant.eval(), evaluation[0][0])
         return [Candidate(precision="int8", calibrator="max", source="qat", model=scripted)]
 
-    result = compare(model, calib, evaluation, calibrators="max", precisions="fp32,int8", store=False,
-                     extra_candidates=traced_int8)
+    result = compare(model, calib, evaluation, calibrators="max", precisions="fp32,int8", extra_candidates=traced_int8)
     rows = {(r.precision, r.source): r.value for r in result.primary_rows()}
     assert rows[("int8", "qat")] == pytest.approx(rows[("int8", "ptq")])  # the same INT8 model, run through TorchScript
     assert result.run_id is None and result.run_dir is None
 
 
-def test_a_failure_after_the_run_started_marks_it_failed(planted, tmp_path):
+def test_measuring_records_nothing_and_reports_through_callbacks(planted, tmp_path, monkeypatch):
     model, calib, evaluation = planted
-    store = RunStore(tmp_path / "runs.sqlite")
-
-    def broken(ptq):
-        return [Candidate(precision="int8", calibrator="max", source="ptq", model=lambda x: torch.zeros(3, 3, 3))]
-
-    with pytest.raises(EvaluationError, match="eval batch 0"):
-        compare(model, calib, evaluation, calibrators="max", store=store, extra_candidates=broken)
-    (run,) = store.list_runs()
-    assert run["status"] == "failed" and "eval batch 0" in run["error"]
+    monkeypatch.setenv("QUANTLAB_STORE", str(tmp_path / "runs.sqlite"))
+    monkeypatch.chdir(tmp_path)
+    events = []
+    result = compare(model, calib, evaluation, calibrators="max,percentile", precisions="fp32,int8", layer_batches=1,
+                     on_reference=lambda settings: events.append(("reference", settings["calibrators"])),
+                     on_rows=lambda rows, fraction: events.append(("rows", rows[0].precision, fraction)),
+                     on_layers=lambda calibrator, errors: events.append(("layers", calibrator, len(errors))))
+    assert events == [("reference", ["max", "percentile"]), ("rows", "fp32", pytest.approx(1 / 3)),
+                      ("rows", "int8", pytest.approx(2 / 3)), ("layers", "max", 4), ("rows", "int8", 1.0), ("layers", "percentile", 4)]
+    assert result.settings["precisions"] == ["fp32", "int8"] and result.run_id is None
+    assert list(tmp_path.iterdir()) == []  # no store, no run folder
+    wrong = [(torch.randn(8, 17), torch.zeros(8, dtype=torch.long))]  # the model takes 16 features
+    with pytest.raises(EvaluationError):
+        compare(model, calib, wrong, on_reference=lambda settings: events.append("again"))
+    assert events[-1] != "again"

@@ -206,8 +206,8 @@ def test_compare_shows_mixed_precision_runs_of_the_same_model(demo_run, monkeypa
     """A real `autoprecision` run on the demo run appears in its Compare table (own store copy)."""
     import sqlite3
 
-    from quantlab.evaluation.runs import load_run_info
-    from quantlab.evaluation.workflows import run_autoprecision
+    from quantlab.jobs.autoprecision import run_autoprecision
+    from quantlab.jobs.runs import load_run_info
 
     copy_path = tmp_path / "runs.sqlite"
     with sqlite3.connect(demo_run["store"]) as src, sqlite3.connect(copy_path) as dst:
@@ -230,15 +230,13 @@ def test_compare_shows_mixed_precision_runs_of_the_same_model(demo_run, monkeypa
 def test_export_now_exports_a_run_that_was_not_exported(empty_store, tmp_path):
     import dataclasses
 
-    from quantlab.ui.jobs import create_job_run
-    from quantlab.ui.pipeline import run_job
-    from quantlab.ui.spec import demo_spec, validate
+    from quantlab.jobs.demo import run_demo
+    from quantlab.jobs.demo_spec import demo_spec, validate
 
     store = RunStore(empty_store)
     spec = validate(dataclasses.replace(demo_spec(str(tmp_path / "plain"), eval_samples=64, calib_samples=64),
                                         calibrators=["max"], precisions=["fp32", "int8"], sensitivity=False, export=False))
-    run_id = create_job_run(store, spec)
-    run_job(store, run_id, spec)
+    run_id = run_demo(store, spec)["run_id"]
     at = open_page("export")
     no_exceptions(at)
     assert not any(a["kind"] == "onnx" for a in store.artifacts(run_id))

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from quantlab.errors import QuantlabError
-from quantlab.ui import backend, components, data
+from quantlab.ui import components, data
 
 components.require_store()
 components.header("Export", "Scales, Q/DQ ONNX for TensorRT, the legacy calibration cache and reports of a run.")
@@ -127,9 +127,7 @@ if onnx_files:
         if st.button("Build TensorRT engine", key="export-build", type="primary", icon=":material/construction:"):
             try:
                 with st.spinner("Building the engine (strongly typed; this can take minutes)..."):
-                    built = backend.build_engine(onnx_path, plan_path)
-                data.store().add_artifact(run["id"], "engine", built)
-                data.clear_caches()
+                    built = data.build_engine(run, onnx_path, plan_path)
                 st.success(f"Engine written to {built}", icon=":material/check_circle:")
             except (QuantlabError, RuntimeError, OSError) as exc:
                 st.error(f"Engine build failed: {exc}", icon=":material/error:")

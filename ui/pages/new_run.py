@@ -3,7 +3,7 @@ and this page follows its progress (a browser refresh does not stop it)."""
 import streamlit as st
 
 from quantlab.ui import components, data
-from quantlab.ui.spec import PRECISIONS, JobSpec, default_out_dir, demo_spec
+from quantlab.jobs.demo_spec import PRECISIONS, JobSpec, default_out_dir, demo_spec
 
 components.require_store()
 components.header("New run", "Calibrate with every calibrator you pick, score FP32 / FP16 / INT8 on the same eval data, optionally rank layers and export.")
@@ -84,9 +84,9 @@ if submitted:
     else:
         try:
             with st.spinner("Checking the model and data..."):
-                from quantlab.ui import jobs
+                from quantlab.jobs.worker import start_job
 
-                run_id = jobs.start_job(spec, data.store_path())
+                run_id = start_job(spec, data.store_path())
         except Exception as exc:  # noqa: BLE001 - any bad input is shown in the page, never as a traceback
             st.error(f"Could not start the run. {exc}", icon=":material/error:")
         else:

@@ -2,7 +2,7 @@
 import streamlit as st
 
 from quantlab.ui import components
-from quantlab.ui.spec import default_out_dir, demo_spec
+from quantlab.jobs.demo_spec import default_out_dir, demo_spec
 
 components.require_store()
 components.header("Welcome to quantlab", "INT8 quantization workbench: calibrate, compare FP32 / FP16 / INT8, export Q/DQ ONNX for TensorRT.")

@@ -1,18 +1,25 @@
-"""Sensitivity and autoprecision on a recorded compare run, recorded in the run store.
+"""The autoprecision job: mixed INT8/FP16 for a recorded compare run, recorded as a child run.
 
-These are what ``quantlab sensitivity`` and ``quantlab autoprecision`` do; a
-Python user with a run folder gets the same results and files.
+What ``quantlab autoprecision`` does (``scales.mixed.json``, ``mixed.json`` and a
+Q/DQ ONNX file in ``<run>/autoprecision.<calibrator>/``), and the dashboard's
+mixed precision by hand (measure a chosen set of FP16 layers, save its scales).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from quantlab._io import write_text_atomic
-from quantlab.evaluation.autoprecision import auto_precision
-from quantlab.evaluation.evaluate import evaluate_reference
-from quantlab.evaluation.runs import (
+from quantlab.evaluation.autoprecision import auto_precision, without_layers
+from quantlab.evaluation.evaluate import evaluate, evaluate_reference
+from quantlab.evaluation.sensitivity import layers_in_float, rank_layers
+from quantlab.jobs.description import RunDescription, RunKind
+from quantlab.jobs.recorder import Recorder
+from quantlab.jobs.runs import (
+    RebuiltRun,
     RunFolderError,
     autoprecision_dir,
     calibrator_of,
@@ -21,85 +28,8 @@ from quantlab.evaluation.runs import (
     rebuild,
     sensitivity_path,
 )
-from quantlab.evaluation.sensitivity import full_ranking, proxy_agreement, rank_layers
 
 Progress = Callable[[str, int, int], None]
-
-
-def _recorded(store: Any, run_id: str, work: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
-    try:
-        out = work()
-    except BaseException as exc:
-        store.set_status(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise
-    store.set_status(run_id, "done")
-    return out
-
-
-def run_sensitivity(
-    info: Dict[str, Any],
-    store: Any,
-    *,
-    calibrator: Optional[str] = None,
-    top_k: Optional[int] = None,
-    budget_passes: float = 3.0,
-    subset_fraction: float = 0.25,
-    full: bool = False,
-    full_layers: Optional[int] = None,
-    device: Optional[str] = None,
-    progress: Optional[Progress] = None,
-) -> Dict[str, Any]:
-    """Ranks the layers of a compare run; writes ``sensitivity.<calibrator>.json``.
-
-    With ``full``, also evaluates every layer (or ``full_layers`` of them, evenly
-    spaced along the proxy order so that both ends are represented) on the same
-    subset and measures how well the SQNR proxies (local and end-to-end) agree
-    with that ranking.
-
-    Returns:
-        ``{"run_id", "calibrator", "result", "agreement", "path"}``.
-    """
-    model, batches, task, metric, _ = rebuild(info, device=device)
-    calibrator = calibrator_of(info, calibrator)
-    quant = quantized_copy(model, info, calibrator)
-    run_dir = Path(info["run_dir"])
-    run_id = store.create_run(
-        "sensitivity", model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
-        config={"calibrator": calibrator, "metric": metric, "method": "everything_but_one", "top_k": top_k,
-                "budget_passes": budget_passes, "subset_fraction": subset_fraction, "full": full, "full_layers": full_layers},
-        run_dir=run_dir, parent_id=info.get("run_id"),
-    )
-
-    def work() -> Dict[str, Any]:
-        result = rank_layers(model, quant, task, batches, metric=metric, top_k=top_k, budget_passes=budget_passes,
-                             subset_fraction=subset_fraction, progress=progress)
-        agreement = None
-        full_scores = None
-        if full:
-            by_proxy = [e.layer for e in sorted(result.layers, key=lambda e: e.proxy_sqnr_db if e.proxy_sqnr_db is not None else float("inf"))]
-            if full_layers is not None and 2 <= full_layers < len(by_proxy):
-                step = (len(by_proxy) - 1) / (full_layers - 1)
-                by_proxy = [by_proxy[round(i * step)] for i in range(full_layers)]
-            full_scores = full_ranking(quant, task, batches[: result.subset_batches], metric=metric, layers=by_proxy, progress=progress)
-            agreement = {
-                "local_row_sqnr (the proxy)": proxy_agreement(result.layer_errors, full_scores, key="local_row_sqnr_db"),
-                "local_sqnr": proxy_agreement(result.layer_errors, full_scores, key="local_sqnr_db"),
-                "end_to_end_sqnr": proxy_agreement(result.layer_errors, full_scores, key="sqnr_db"),
-            }
-        store.add_layer_stats(run_id, result.to_rows(calibrator))
-        summary = {
-            "run_id": run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "metric": metric,
-            "method": result.method, "fp32": result.fp32, "int8": result.baseline,
-            "subset_batches": result.subset_batches, "total_batches": result.total_batches,
-            "cost_passes": result.cost_passes, "seconds": result.seconds,
-            "layers": [vars(entry) for entry in result.layers],
-            "agreement": agreement, "full_ranking": full_scores,
-        }
-        path = write_text_atomic(sensitivity_path(run_dir, calibrator), json.dumps(summary, indent=1, default=str))
-        store.add_artifact(run_id, "sensitivity", path)
-        return {"run_id": run_id, "calibrator": calibrator, "result": result, "agreement": agreement, "path": path}
-
-    return _recorded(store, run_id, work)
 
 
 def export_onnx_if_available(model: Any, example_inputs: Any, path: Path) -> Optional[str]:
@@ -150,13 +80,12 @@ def run_autoprecision(
     if order == "sensitivity" and not saved.is_file():
         raise RunFolderError(f"{saved} not found: run `quantlab sensitivity --run {run_dir} --calibrator {calibrator}` first")
     out = Path(out_dir) if out_dir else autoprecision_dir(run_dir, calibrator)
-    run_id = store.create_run(
-        "autoprecision", model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
+    description = RunDescription(
+        kind=RunKind.AUTOPRECISION, model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
         config={"calibrator": calibrator, "metric": metric, "max_drop": max_drop, "relative": relative, "order": order},
-        run_dir=out, parent_id=info.get("run_id"),
+        run_dir=str(out), parent_id=info.get("run_id"),
     )
-
-    def work() -> Dict[str, Any]:
+    with Recorder(store).run(description) as run:
         fp32 = evaluate_reference(model, task, batches).metrics[metric]
         int8 = None
         for row in read_results(run_dir).get("rows", []):
@@ -188,20 +117,72 @@ def run_autoprecision(
                     onnx_note = f"ONNX export failed: {type(exc).__name__}: {exc}"
                 if onnx_note is None:
                     artifacts["onnx"] = str(onnx_path)
-        summary = {"run_id": run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "order_source": source,
+        summary = {"run_id": run.run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "order_source": source,
                    "relative": relative, "requested_max_drop": max_drop, **result.to_dict(), "onnx_note": onnx_note}
         artifacts["summary"] = str(write_text_atomic(out / "mixed.json", json.dumps(summary, indent=1, default=str)))
-        store.add_results(run_id, [
+        run.results([
             {"precision": "fp32", "calibrator": None, "source": "ptq", "metric": metric, "value": fp32, "delta": 0.0, "seconds": None},
             {"precision": "int8", "calibrator": calibrator, "source": "ptq", "metric": metric, "value": result.int8,
              "delta": result.int8 - fp32, "seconds": None},
             {"precision": "int8", "calibrator": calibrator, "source": "mixed", "metric": metric, "value": result.value,
              "delta": result.value - fp32, "seconds": result.seconds},
         ])
-        store.add_layer_stats(run_id, [{"calibrator": calibrator, "layer": name, "rank": i + 1} for i, name in enumerate(result.float_layers)])
+        run.layer_stats([{"calibrator": calibrator, "layer": name, "rank": i + 1} for i, name in enumerate(result.float_layers)])
         for kind, path in artifacts.items():
-            store.add_artifact(run_id, kind, path)
-        return {"run_id": run_id, "calibrator": calibrator, "result": result, "order_source": source,
-                "artifacts": artifacts, "onnx_note": onnx_note}
+            run.artifact(kind, path)
+    return {"run_id": run.run_id, "calibrator": calibrator, "result": result, "order_source": source,
+            "artifacts": artifacts, "onnx_note": onnx_note}
 
-    return _recorded(store, run_id, work)
+
+# -- mixed precision by hand (the dashboard's Layers page) -------------------------------------------
+def measure_mixed(rebuilt: RebuiltRun, calibrator: str, fp16_layers: Sequence[str]) -> Dict[str, Any]:
+    """Measures FP32, all-INT8 and INT8 with ``fp16_layers`` in float, on the run's eval batches."""
+    start = time.perf_counter()
+    task, metric = rebuilt.task, rebuilt.metric
+    fp32 = evaluate_reference(rebuilt.model, task, rebuilt.batches).metrics[metric]
+    quant = quantized_copy(rebuilt.model, rebuilt.info, calibrator)
+    int8 = evaluate(quant, task, rebuilt.batches).metrics[metric]
+    with layers_in_float(quant, list(fp16_layers)):
+        mixed = evaluate(quant, task, rebuilt.batches).metrics[metric]
+    return {
+        "metric": metric, "calibrator": calibrator, "fp32": fp32, "int8": int8, "mixed": mixed, "delta": mixed - fp32,
+        "int8_delta": int8 - fp32, "layers": list(fp16_layers), "batches": len(rebuilt.batches),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def mixed_scales(scales: Any, fp16_layers: Sequence[str]) -> Any:
+    """``scales`` without ``fp16_layers`` (they run in FP16), with the config excluding them too.
+
+    The config's exclude list lets :func:`quantlab.load_scales` attach quantizers to
+    exactly the remaining layers, so the file loads strictly.
+    """
+    reduced = without_layers(scales, list(fp16_layers))
+    if reduced.config is not None:
+        exclude = tuple(dict.fromkeys(tuple(reduced.config.exclude) + tuple(fp16_layers)))
+        reduced = dataclasses.replace(reduced, config=reduced.config.replace(exclude=exclude))
+    return reduced
+
+
+def save_mixed_scales(scales_path: str, fp16_layers: Sequence[str], out_path: "str | Path") -> Path:
+    """Writes the mixed-precision scales file (atomically) and returns its path."""
+    from quantlab.scales import Scales
+
+    return mixed_scales(Scales.load(scales_path), fp16_layers).save(out_path)
+
+
+def save_mixed_config(store: Any, run: Dict[str, Any], scales_path: str, calibrator: str, fp16_layers: Sequence[str]) -> Path:
+    """Writes a stored run's scales without ``fp16_layers`` into its run folder; records it on the run.
+
+    Returns:
+        ``<run folder>/mixed.<calibrator>.<N>fp16.json`` (the scales file's folder when the run has none).
+    """
+    folder = Path(run.get("run_dir") or Path(scales_path).parent)
+    out = folder / f"mixed.{calibrator}.{len(fp16_layers)}fp16.json"
+    path = save_mixed_scales(scales_path, list(fp16_layers), out)
+    Recorder(store).attach(run["id"], "mixed_scales", path)
+    return path
+
+
+__all__ = ["export_onnx_if_available", "measure_mixed", "mixed_scales", "run_autoprecision", "save_mixed_config",
+           "save_mixed_scales"]

@@ -1,4 +1,5 @@
-"""Dashboard jobs: validation before anything is recorded, failures recorded by the worker, lost workers."""
+"""Demo jobs in a background worker (the dashboard's): validation before anything is recorded, failures
+recorded by the worker, lost workers."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +9,10 @@ import sys
 
 import pytest
 
+from quantlab.jobs import worker as jobs
+from quantlab.jobs.demo import job_file
+from quantlab.jobs.demo_spec import JobInputError, JobSpec, demo_spec, validate
 from quantlab.store import RunStore
-from quantlab.ui import jobs
-from quantlab.ui.pipeline import job_file
-from quantlab.ui.spec import JobInputError, JobSpec, demo_spec, validate
 from tests.ui.helpers import wait_for_status
 
 

@@ -1,15 +1,18 @@
-"""Compare run folders: finding one, rebuilding its model/data/task, reading its files.
+"""Recorded compare runs: finding one, rebuilding its model/data/task, reading its files.
 
 A compare run folder holds ``run.json`` (the specs: model, data, eval data,
 metric, batch size, eval batches), ``scales.<calibrator>.json`` and
 ``results.json``; sensitivity and autoprecision add their own files beside them.
+The jobs that start from a recorded run (sensitivity, autoprecision, report,
+export of a stored run, the dashboard's mixed precision) read it through here.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -124,3 +127,22 @@ def quantized_copy(model: nn.Module, info: Dict[str, Any], calibrator: str) -> n
     if scales.config is None and info.get("quant_config"):
         scales.config = QuantConfig.from_dict(info["quant_config"])
     return load_scales(copy.deepcopy(model), scales)
+
+
+@dataclasses.dataclass
+class RebuiltRun:
+    """A compare run's model, eval batches and task, rebuilt from its run folder."""
+
+    info: Dict[str, Any]
+    model: Any
+    batches: List[Any]
+    task: Any
+    metric: str
+
+
+def rebuild_run(run: Dict[str, Any], store_path: Optional[PathLike] = None) -> RebuiltRun:
+    """Rebuilds the FP32 model, eval batches and task of a stored compare run (same specs, same batches)."""
+    ref = run.get("run_dir") or run["id"]
+    info = load_run_info(ref, store_path)
+    model, batches, task, metric, _ = rebuild(info)
+    return RebuiltRun(info=info, model=model, batches=batches, task=task, metric=metric)

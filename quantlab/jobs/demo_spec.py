@@ -1,11 +1,12 @@
-"""What a dashboard job runs (a :class:`JobSpec`), and checking it before anything is recorded.
+"""What the demo job runs (a :class:`JobSpec`), and checking it before anything is recorded.
 
-A job is the workbench's main flow on one model: one statistics pass and
-every calibrator, FP32/FP16/INT8 on the same eval data, optionally the
-sensitivity ranking, and the Q/DQ ONNX export with its ``check`` report and
-calibration cache. ``quantlab demo`` runs :data:`DEMO_SPEC`; the New run page
-builds a spec from its form. :func:`validate` imports the model spec and
-opens the data specs so a typo is reported at once, before a run exists.
+The demo job (:mod:`quantlab.jobs.demo`) is the workbench's main flow on one
+model: one statistics pass and every calibrator, FP32/FP16/INT8 on the same eval
+data, optionally the sensitivity ranking, and the Q/DQ ONNX export with its
+``check`` report and calibration cache. ``quantlab demo`` runs :func:`demo_spec`;
+the dashboard's New run page builds a spec from its form. :func:`validate`
+imports the model spec and opens the data specs so a typo is reported at once,
+before a run exists. The spec is recorded as the run's config under ``"job"``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from quantlab.errors import QuantlabError
+from quantlab.jobs.errors import JobInputError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # The demo model: importable from anywhere (no cwd-relative file), cached after its first training.
@@ -33,17 +35,9 @@ def _env_int(name: str, default: int) -> int:
     return int(text)
 
 
-class JobInputError(QuantlabError, ValueError):
-    """A job's model, data, metric or options are not usable; the message names the field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class JobSpec:
-    """One dashboard job (recorded as the run's config under ``"job"``).
+    """One demo / dashboard job (recorded as the run's config under ``"job"``).
 
     Attributes:
         model: ``file.py:factory``, ``package.module:factory``, TorchScript ``.pt`` or ``.pt2``.
@@ -82,11 +76,43 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "JobSpec":
+        """Reads :meth:`to_dict`'s output (a run's recorded config), checking each field's type.
+
+        Raises:
+            JobInputError: not a dict, an unknown field, or a field of the wrong type (naming it).
+        """
+        if not isinstance(data, dict):
+            raise JobInputError("job", f"must be a dict, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise JobInputError("job", f"unknown field(s) {sorted(unknown)}")
+        for field, kinds in _FIELD_TYPES.items():
+            if field not in data:
+                continue
+            value = data[field]
+            if value is None and type(None) in kinds:
+                continue
+            if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+                raise JobInputError(field, f"must be {_TYPE_NAMES[field]}, got {type(value).__name__}")
+            if list in kinds and not all(isinstance(item, str) for item in value):
+                raise JobInputError(field, "must be a list of strings")
+        if "model" not in data:
+            raise JobInputError("model", "is missing")
         return cls(**data)
+
+
+_FIELD_TYPES = {
+    "model": (str,), "calib_data": (str,), "eval_data": (str,), "metric": (str,), "calibrators": (list,),
+    "precisions": (list,), "weights": (str, type(None)), "batch_size": (int,), "calib_batches": (int, type(None)),
+    "eval_batches": (int, type(None)), "sensitivity": (bool,), "export": (bool,), "out_dir": (str,),
+    "name": (str, type(None)),
+}
+_TYPE_NAMES = {
+    field: " or ".join("null" if k is type(None) else {str: "a string", list: "a list", int: "an integer",
+                                                          bool: "true/false"}[k] for k in kinds)
+    for field, kinds in _FIELD_TYPES.items()
+}
 
 
 def default_out_dir(prefix: str = "runs/ui") -> str:

@@ -1,7 +1,7 @@
-"""Background jobs of the dashboard: one worker process per run, followed through the run store.
+"""Demo jobs in the background (the dashboard's): one worker process per run, followed through the run store.
 
     run_id = start_job(spec, store_path)      # validates, records the run, starts the worker
-    python -m quantlab.ui.jobs --store PATH RUN_ID   # the worker (what start_job runs)
+    python -m quantlab.jobs.worker --store PATH RUN_ID   # the worker (what start_job runs)
 
 The worker is a separate process in its own session: it keeps running when
 the browser tab is refreshed or closed (and even when the dashboard server
@@ -19,23 +19,17 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from quantlab.ui.spec import JobSpec, validate
+from quantlab.jobs.demo import description, read_job_file, run_demo
+from quantlab.jobs.demo_spec import JobSpec, validate
+from quantlab.jobs.recorder import Recorder
 
 LOG_FILE = "job.log"
 _children: List[subprocess.Popen] = []
 
 
 def create_job_run(store: Any, spec: JobSpec) -> str:
-    """Records a ``compare`` run for a validated spec (status running, progress 0)."""
-    return store.create_run(
-        "compare",
-        model=spec.model,
-        data=spec.calib_data if "int8" in spec.precisions else None,
-        eval_data=spec.eval_data,
-        config={"job": spec.to_dict(), "metric": spec.metric, "calibrators": spec.calibrators, "precisions": spec.precisions},
-        run_dir=spec.out_dir,
-        name=spec.name or None,
-    )
+    """Records the demo run of a validated spec before its worker starts (status running, progress 0)."""
+    return Recorder(store).create(description(spec))
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -60,13 +54,13 @@ def start_job(spec: JobSpec, store_path: "str | os.PathLike[str]") -> str:
         env = dict(os.environ, **{STORE_ENV: str(store.path)})
         env.setdefault("PYTHONUNBUFFERED", "1")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "quantlab.ui.jobs", "--store", str(store.path), run_id],
+            [sys.executable, "-m", "quantlab.jobs.worker", "--store", str(store.path), run_id],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=os.getcwd(), env=env, start_new_session=True,
         )
         log.close()
     except OSError as exc:
-        store.set_status(run_id, "failed", error=f"could not start the worker: {exc}")
+        Recorder(store).fail(run_id, f"could not start the worker: {exc}")
         raise
     _children.append(proc)
     threading.Thread(target=_reap, args=(proc,), daemon=True, name=f"reap-{run_id}").start()
@@ -91,8 +85,6 @@ def worker_alive(pid: Optional[int]) -> Optional[bool]:
 
 def job_state(run: Dict[str, Any]) -> Dict[str, Any]:
     """What the page shows for a run: status, progress, stage, and whether its worker died."""
-    from quantlab.ui.pipeline import read_job_file
-
     info = read_job_file(run.get("run_dir"))
     state = {
         "status": run["status"], "progress": float(run.get("progress") or 0.0), "stage": info.get("stage") or "",
@@ -111,20 +103,19 @@ def run_worker(store_path: str, run_id: str) -> None:
         Whatever the job raised, after it was recorded as the run's error.
     """
     from quantlab.store import RunStore
-    from quantlab.ui.pipeline import run_job
 
     store = RunStore(store_path)
     run = store.get_run(run_id)
     try:
         spec = JobSpec.from_dict((run.get("config") or {}).get("job") or {})
     except Exception as exc:  # noqa: BLE001 - a run not made by the dashboard: record why, do not hang "running"
-        store.set_status(run_id, "failed", error=f"run {run_id} holds no dashboard job spec ({exc})")
+        Recorder(store).fail(run_id, f"run {run_id} holds no dashboard job spec ({exc})")
         raise
-    run_job(store, run_id, spec)
+    run_demo(store, spec, run_id=run_id)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quantlab.ui.jobs", description="run one dashboard job")
+    parser = argparse.ArgumentParser(prog="python -m quantlab.jobs.worker", description="run one dashboard job")
     parser.add_argument("--store", required=True)
     parser.add_argument("run_id")
     args = parser.parse_args(argv)

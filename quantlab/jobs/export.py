@@ -1,0 +1,329 @@
+"""The export jobs: ONNX files (INT8 Q/DQ, FP16, FP32) with their check report, recorded as ``export`` runs.
+
+* :func:`run_export`: what ``quantlab export`` does (a model spec and a scales file
+  to one ONNX file; recorded when a store is given).
+* :func:`export_artifacts`: the demo job's export stage and the dashboard's
+  "Export now": the Q/DQ ONNX of one calibrator's scales, its ``check`` report and
+  a legacy calibration cache, as a child run of the compare run.
+* :func:`build_engine`: a TensorRT engine from a run's ONNX file, recorded on the run.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from quantlab._io import write_text_atomic
+from quantlab.errors import QuantlabError
+from quantlab.jobs.description import RunDescription, RunKind
+from quantlab.jobs.recorder import Recorder
+
+# The legacy cache is for TensorRT <= 10 (11 removed implicit INT8); its header names the exact version.
+CACHE_TRT_VERSION = "10.16.0"
+
+
+# -- example inputs -----------------------------------------------------------------------------------
+def first_inputs(data: Any) -> Any:
+    """The model inputs of the first batch of ``data`` (for tracing the export)."""
+    from quantlab.batching import split_batch
+
+    for batch in data:
+        return split_batch(batch)[0]
+    raise QuantlabError("the data is empty: no batch to trace the export with")
+
+
+def example_inputs(data: Optional[str] = None, input_shape: Optional[str] = None) -> Any:
+    """The example batch for tracing: from a data spec or a random tensor of ``input_shape`` ("1,28,28").
+
+    Raises:
+        ValueError: neither is given, or the shape is not positive integers.
+    """
+    import torch
+
+    if data:
+        from quantlab.batching import split_batch
+        from quantlab.data import load_data
+
+        batch = next(iter(load_data(data, batch_size=2)))
+        inputs, _ = split_batch(batch)
+        if isinstance(inputs, dict):  # keyword inputs: labels are for the loss, not the graph
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        return inputs
+    if input_shape:
+        try:
+            shape = tuple(int(d) for d in re.split(r"[x,]", input_shape.strip()))
+        except ValueError:
+            raise ValueError(f"--input-shape {input_shape!r} must be comma-separated integers, e.g. 1,28,28") from None
+        if not shape or any(d <= 0 for d in shape):
+            raise ValueError(f"--input-shape {input_shape!r} must hold positive integers")
+        generator = torch.Generator().manual_seed(0)
+        return torch.randn((2,) + shape, generator=generator)
+    raise ValueError("give --input-shape (e.g. 1,28,28) or --data (e.g. fmnist:calib) so the model can be traced")
+
+
+# -- export and check ---------------------------------------------------------------------------------
+def export_qdq(quant_model: Any, path: Union[str, Path], example: Any) -> Path:
+    """Q/DQ ONNX (TensorRT form) of a calibrated model; returns the file."""
+    from quantlab.export.qdq import export_int8
+
+    return Path(export_int8(quant_model, path, example).path)
+
+
+def check_onnx(path: str) -> Dict[str, Any]:
+    """``quantlab check`` of an ONNX file as a dict (findings, counts, ok)."""
+    from quantlab.export.check import check_model
+
+    report = check_model(path)
+    data = report.to_dict()
+    data["num_errors"] = len(report.errors)
+    data["num_warnings"] = len(report.warnings)
+    return data
+
+
+def check_markdown(report: Dict[str, Any]) -> str:
+    """The check report as Markdown (the artifact users download)."""
+    lines = [
+        f"# Q/DQ placement check: {Path(str(report.get('source', ''))).name}",
+        "",
+        f"- result: {'OK (no errors)' if report.get('ok') else 'ERRORS'}",
+        f"- opset {report.get('opset')}, {report.get('num_nodes')} nodes, {report.get('num_qdq')} Q/DQ nodes",
+        f"- weighted ops quantized: {report.get('num_weighted_quantized')} of {report.get('num_weighted')}",
+        f"- {report.get('num_errors', 0)} error(s), {report.get('num_warnings', 0)} warning(s)",
+        "",
+    ]
+    findings = report.get("findings") or []
+    if findings:
+        lines += ["| severity | rule | node | op | message |", "|---|---|---|---|---|"]
+        for f in findings:
+            message = str(f.get("message", "")).replace("|", "\\|")
+            lines.append(f"| {f.get('severity')} | {f.get('rule')} | {f.get('node')} | {f.get('op_type')} | {message} |")
+    else:
+        lines.append("No findings: every rule passed.")
+    return "\n".join(lines) + "\n"
+
+
+def write_calibration_cache(fp32_model: Any, scales: Any, example: Any, out_dir: Union[str, Path],
+                            *, trt_version: str = CACHE_TRT_VERSION) -> Path:
+    """Legacy TensorRT calibration cache for ``scales``, keyed by the FP32 ONNX graph's tensor names.
+
+    Exports the FP32 ONNX graph (``model.fp32.onnx``) the cache refers to, then writes
+    ``calibration.cache`` for TensorRT ``trt_version`` (the header must match the reader exactly).
+    """
+    from quantlab.export.cache import write_calibration_cache as write_cache
+    from quantlab.export.float import export_float
+
+    out = Path(out_dir)
+    fp32_onnx = export_float(fp32_model, out / "model.fp32.onnx", example, precision="fp32").path
+    path, _cache = write_cache(scales, fp32_onnx, out / "calibration.cache", trt_version=trt_version)
+    return Path(path)
+
+
+# -- quantlab export ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ExportOutcome:
+    """What :func:`run_export` produced.
+
+    Attributes:
+        result: The :class:`quantlab.export.result.ExportResult`.
+        check: The ``check`` report of an INT8 TensorRT export (None when not checked).
+        status: 0, or 1 when the check found errors.
+        run_id: The recorded run (None when not recorded).
+    """
+
+    result: Any
+    check: Any = None
+    status: int = 0
+    run_id: Optional[str] = None
+
+
+def run_export(
+    model_spec: str,
+    out: Union[str, Path],
+    *,
+    precision: str = "int8",
+    scales: Optional[str] = None,
+    weights: Optional[str] = None,
+    device: Optional[str] = None,
+    data: Optional[str] = None,
+    input_shape: Optional[str] = None,
+    target: str = "tensorrt",
+    ort_other_convs: str = "im2col",
+    ort_int8: str = "auto",
+    ort_reduce_range: bool = False,
+    exporter: str = "torchscript",
+    opset: int = 17,
+    io_dtype: str = "fp32",
+    dynamic_batch: bool = True,
+    placement: bool = True,
+    check: bool = True,
+    store: Any = None,
+) -> ExportOutcome:
+    """Exports ``model_spec`` (INT8 from ``scales``, or FP16/FP32) to ``out``; checks an INT8 TensorRT export.
+
+    Recorded as an ``export`` run when ``store`` is given; a check with errors
+    records the run failed (and returns status 1) without raising.
+
+    Raises:
+        ValueError: contradictory options (before the model is loaded).
+    """
+    from quantlab.model_source import load_model
+
+    if precision == "int8" and not scales:
+        raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`)")
+    if precision != "int8" and target != "tensorrt":
+        raise ValueError("--target applies to --precision int8 only")
+    if target != "ort-cpu" and (ort_int8 != "auto" or ort_reduce_range):
+        raise ValueError("--ort-int8 / --ort-reduce-range apply to --target ort-cpu only")
+    out = Path(out)
+    # The model first: an example module may register the data specs it brings (fortunes:...).
+    model = load_model(model_spec, weights=weights, device=device)
+    inputs = example_inputs(data, input_shape)
+    common = dict(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch)
+    config = {"precision": precision, "target": target if precision == "int8" else None,
+              "scales": scales, "exporter": exporter, "opset": opset, "out": str(out)}
+    if precision == "int8" and target == "ort-cpu":
+        from quantlab.runtimes.onnxruntime.forms import resolve_form
+
+        # The same (memoized) choice export_int8 makes next, so the run records which kernels the file uses.
+        choice = resolve_form(ort_int8, reduce_range=ort_reduce_range)
+        config.update(ort_int8=choice.form, ort_int8_requested=ort_int8, ort_weight_bits=choice.weight_bits)
+    description = RunDescription(kind=RunKind.EXPORT, model=model_spec, data=data, run_dir=str(out.parent), config=config)
+    with Recorder(store).run(description) as run:
+        if precision == "int8":
+            import quantlab as ql
+            from quantlab.export.qdq import export_int8
+
+            ql.load_scales(model, scales)  # strict: names every missing or extra layer
+            result = export_int8(model, out, inputs, target=target, placement=placement,
+                                 ort_other_convs=ort_other_convs, ort_int8=ort_int8,
+                                 ort_reduce_range=ort_reduce_range, **common)
+        else:
+            from quantlab.export.float import export_float
+
+            result = export_float(model, out, inputs, precision=precision, io_dtype=io_dtype, **common)
+        outcome = ExportOutcome(result=result, run_id=run.run_id)
+        if result.precision == "int8" and result.target == "tensorrt" and check:
+            from quantlab.export.check import check_model
+
+            outcome.check = check_model(result.path)
+            outcome.status = 1 if outcome.check.errors else 0
+        run.artifact("onnx", result.path)
+        if result.sidecar:
+            run.artifact("report", result.sidecar)
+        if outcome.status:
+            run.fail(f"quantlab check found {len(outcome.check.errors)} error(s) in {result.path}")
+    return outcome
+
+
+# -- the demo job's export stage and "Export now" -----------------------------------------------------
+def _quantized_copy(model: Any, scales: Any) -> Any:
+    from quantlab.api import load_scales
+
+    quant = copy.deepcopy(model)
+    load_scales(quant, scales)  # attaches quantizers with the scales' config, then loads every range
+    return quant
+
+
+def export_artifacts(
+    store: Any,
+    parent_id: Optional[str],
+    *,
+    model: Any,
+    scales: Any,
+    calibrator: str,
+    example: Any,
+    out_dir: Path,
+    describe: Dict[str, Any],
+    progress: Optional[Callable[[float, str], None]] = None,
+) -> Dict[str, Any]:
+    """Q/DQ ONNX of ``model`` with ``scales``, its check report and a calibration cache: a child ``export`` run.
+
+    Args:
+        store: The run store (a :class:`Recorder` is accepted too; None records nothing).
+        parent_id: The compare run the scales come from.
+        model: The FP32 model (not modified).
+        scales: The calibrator's :class:`quantlab.Scales`.
+        calibrator: Its name (for names and the record).
+        example: A batch of model inputs to trace the export with.
+        out_dir: Where the files go (``model.int8.onnx``, ``check.json``/``.md``,
+            ``model.fp32.onnx``, ``calibration.cache``).
+        describe: ``model``, ``data``, ``eval_data`` specs for the record.
+        progress: ``progress(fraction, what)``.
+
+    Returns:
+        ``{"run_id", "outputs": {what: path}, "skipped": [why]}``; the calibration
+        cache is a legacy artifact, so its failure is noted rather than raised.
+    """
+    step = progress or (lambda fraction, what: None)
+    out = Path(out_dir)
+    recorder = store if isinstance(store, Recorder) else Recorder(store)
+    description = RunDescription(
+        kind=RunKind.EXPORT, model=describe.get("model") or "model", data=describe.get("data"),
+        eval_data=describe.get("eval_data"), run_dir=str(out), parent_id=parent_id, name=f"export · {calibrator}",
+        config={"calibrator": calibrator, "precision": "int8", "target": "tensorrt"},
+    )
+    outputs: Dict[str, str] = {}
+    skipped: List[str] = []
+    with recorder.run(description) as child:
+        quant = _quantized_copy(model, scales)
+        step(0.1, "Q/DQ ONNX")
+        onnx_path = export_qdq(quant, out / "model.int8.onnx", example)
+        child.artifact("onnx", onnx_path)
+        outputs["onnx"] = str(onnx_path)
+        step(0.5, "check")
+        report = check_onnx(str(onnx_path))
+        check_json = write_text_atomic(out / "check.json", json.dumps(report, indent=1))
+        check_md = write_text_atomic(out / "check.md", check_markdown(report))
+        child.artifact("check", check_json)
+        child.artifact("check_report", check_md)
+        outputs["check"] = str(check_md)
+        step(0.7, "calibration cache")
+        try:
+            cache = write_calibration_cache(model, scales, example, out)
+            child.artifact("onnx_fp32", out / "model.fp32.onnx")
+            child.artifact("calibration_cache", cache)
+            outputs["calibration_cache"] = str(cache)
+        except (QuantlabError, ValueError) as exc:  # a legacy artifact: note why, keep the main results
+            skipped.append(f"calibration cache: {exc}")
+    return {"run_id": child.run_id, "outputs": outputs, "skipped": skipped}
+
+
+def export_recorded_run(store: Any, run: Dict[str, Any], calibrator: str) -> Dict[str, Any]:
+    """Exports a stored compare run (rebuilt from its run folder) for ``calibrator``.
+
+    What the Export page's "Export now" button does for runs that were not
+    exported yet (a CLI ``compare``, or a job with export off).
+    """
+    from quantlab.jobs.runs import load_run_info, rebuild, scales_path
+    from quantlab.scales import Scales
+
+    info = load_run_info(run.get("run_dir") or run["id"], store.path)
+    model, batches, task, _metric, _calib = rebuild(info)
+    scales = Scales.load(scales_path(info["run_dir"], calibrator))
+    return export_artifacts(
+        store, run["id"], model=model, scales=scales, calibrator=calibrator,
+        example=task.inputs(batches[0]), out_dir=Path(info["run_dir"]),
+        describe={"model": info.get("model"), "data": info.get("data"), "eval_data": info.get("eval_data")},
+    )
+
+
+# -- TensorRT ----------------------------------------------------------------------------------------
+def build_engine(store: Any, run_id: Optional[str], onnx_path: str, plan_path: str) -> Path:
+    """Builds a strongly typed TensorRT engine from a run's ONNX file and records it on the run.
+
+    Raises:
+        TensorRTUnavailableError: TensorRT is not installed (needs an NVIDIA GPU).
+    """
+    from quantlab.runtimes.tensorrt.loader import build_engine as build
+
+    result = build(onnx_path, plan_path)
+    plan = Path(getattr(result, "plan", result))
+    Recorder(store).attach(run_id, "engine", plan)
+    return plan
+
+
+__all__ = ["CACHE_TRT_VERSION", "ExportOutcome", "build_engine", "check_markdown", "check_onnx", "example_inputs",
+           "export_artifacts", "export_qdq", "export_recorded_run", "first_inputs", "run_export", "write_calibration_cache"]

@@ -30,7 +30,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -59,64 +58,8 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# -- timing ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Timing:
-    ms: float
-    spread: float  # (max - min) / median over repeats
-    how: str  # "graph" or "eager"
-
-
-def time_call(fn: Callable[[int], Any], *, device: torch.device, calls: int = 8, repeats: int = 7, graph: bool = True) -> Timing:
-    """Median ms per call of ``fn(i)`` (i = call index, to rotate inputs)."""
-    if device.type != "cuda":
-        for i in range(2):
-            fn(i)
-        samples = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for i in range(calls):
-                fn(i)
-            samples.append((time.perf_counter() - start) * 1000 / calls)
-        med = statistics.median(samples)
-        return Timing(med, (max(samples) - min(samples)) / med, "eager-cpu")
-    for i in range(3):
-        fn(i)
-    torch.cuda.synchronize()
-    replay: Optional[Callable[[], None]] = None
-    how = "eager"
-    if graph:
-        try:
-            g = torch.cuda.CUDAGraph()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for i in range(calls):
-                    fn(i)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(g):
-                for i in range(calls):
-                    fn(i)
-            g.replay()
-            torch.cuda.synchronize()
-            replay, how = g.replay, "graph"
-        except Exception as exc:  # noqa: BLE001 - not capturable: time eagerly and say so
-            how = f"eager ({type(exc).__name__})"
-            torch.cuda.synchronize()
-    if replay is None:
-        def replay() -> None:
-            for i in range(calls):
-                fn(i)
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / calls)
-    med = statistics.median(samples)
-    return Timing(med, (max(samples) - min(samples)) / med, how)
+# -- timing (shared with quantlab compare's speed measurement) ------------------------------------------
+from quantlab.runtimes.cusparselt.speed import Timing, cast_rest, time_call  # noqa: E402
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -378,25 +321,6 @@ def build_model(name: str, tiny: bool, device: torch.device) -> Tuple[nn.Module,
         return torch.randn(tokens, hidden, generator=g).to(device)
 
     return model, make_x, tokens
-
-
-def cast_rest(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Casts every floating-point parameter and buffer to ``dtype`` except inside the INT8 runners."""
-    from quantlab.runtimes.cusparselt.linear import _Int8LinearBase
-
-    runners = [m for m in model.modules() if isinstance(m, _Int8LinearBase)]
-    inside = {id(b) for r in runners for b in r.buffers()}
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, _Int8LinearBase):
-                continue
-            for key, p in list(module._parameters.items()):
-                if p is not None and p.is_floating_point():
-                    module._parameters[key] = nn.Parameter(p.to(dtype), requires_grad=False)
-            for key, b in list(module._buffers.items()):
-                if b is not None and b.is_floating_point() and id(b) not in inside:
-                    module._buffers[key] = b.to(dtype)
-    return model
 
 
 def e2e(device: torch.device, names: Sequence[str], tiny: bool, have_sparse: bool) -> None:

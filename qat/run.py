@@ -40,15 +40,17 @@ class QATRunResult:
     out_dir: Path
     run_id: Optional[str] = None
     files: Dict[str, Path] = dataclasses.field(default_factory=dict)
+    sparse: bool = False  #: the model was 2:4-pruned (quantlab.sparsity): its INT8 rows are "2:4 + INT8"
 
     def rows(self, seconds: Dict[str, float]) -> List[Dict[str, Any]]:
         """Run-store result rows: FP32, INT8 PTQ (the starting ranges), INT8 after QAT."""
+        ptq_source, qat_source = ("sparse", "sparse-qat") if self.sparse else ("ptq", "qat")
         return [
             {"precision": "fp32", "calibrator": None, "source": "qat", "metric": self.metric, "value": self.fp32,
              "delta": 0.0, "seconds": seconds.get("fp32")},
-            {"precision": "int8", "calibrator": self.calibrator or None, "source": "ptq", "metric": self.metric,
+            {"precision": "int8", "calibrator": self.calibrator or None, "source": ptq_source, "metric": self.metric,
              "value": self.ptq, "delta": self.ptq - self.fp32, "seconds": seconds.get("ptq")},
-            {"precision": "int8", "calibrator": self.calibrator or None, "source": "qat", "metric": self.metric,
+            {"precision": "int8", "calibrator": self.calibrator or None, "source": qat_source, "metric": self.metric,
              "value": self.qat, "delta": self.qat - self.fp32, "seconds": seconds.get("qat")},
         ]
 
@@ -110,7 +112,10 @@ def run_qat(
         resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule).
         Other arguments: see :func:`quantlab.qat.prepare` and :class:`TrainConfig`.
     """
+    from quantlab.sparsity.mask import masked_layers
+
     out = Path(out_dir)
+    sparse = bool(masked_layers(model))  # pruned before (quantlab.sparsity.prune): the loop keeps the pattern
     train_config = train_config or TrainConfig()
     metric = metric or DEFAULT_METRIC[train_config.task]
     describe = describe or {}
@@ -138,7 +143,7 @@ def run_qat(
                 "qat", model=describe.get("model") or type(model).__name__, data=describe.get("data"),
                 eval_data=describe.get("eval_data"), run_dir=out,
                 config={"train": train_config.to_dict(), "learn_amax": learn_amax, "weight_ranges": weight_ranges,
-                        "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric,
+                        "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric, "sparsity": "2:4" if sparse else None,
                         "quant_config": quant_config.to_dict() if quant_config else None},
             )
         store.set_status(run_id, "running", progress=0.0)
@@ -183,7 +188,7 @@ def run_qat(
         ddp.barrier()
         outcome = QATRunResult(metric=metric, fp32=fp32["value"], ptq=ptq["value"], qat=after["value"],
                                calibrator=start_calibrator, train=result, out_dir=out,
-                               run_id=run_id, files=files)
+                               run_id=run_id, files=files, sparse=sparse)
         if main:
             _write_run_file(out, run_id, metric, fp32, ptq, outcome.calibrator, after=after, train=result)
             if store is not None and run_id is not None:

@@ -122,12 +122,25 @@ def tensorrt_info() -> Dict[str, Any]:
     return info
 
 
-def trtexec_command(onnx_path: str, plan_path: str) -> str:
-    """The trtexec command line that builds the same engine (from :mod:`quantlab.engines`)."""
-    command = _find("the trtexec command line", [("quantlab.engines.tensorrt", "trtexec_command")])(onnx_path, plan_path)
+def trtexec_command(onnx_path: str, plan_path: str, sparse: bool = False) -> str:
+    """The trtexec command line that builds the same engine (from :mod:`quantlab.engines`);
+    ``sparse`` adds ``--sparsity=enable`` (2:4 sparse kernels)."""
+    build = _find("the trtexec command line", [("quantlab.engines.tensorrt", "trtexec_command")])
+    if sparse:
+        options = _find("TensorRT build options", [("quantlab.engines.tensorrt", "BuildOptions")])(sparse_weights=True)
+        command = build(onnx_path, plan_path, options)
+    else:
+        command = build(onnx_path, plan_path)
     if isinstance(command, str):
         return command
     return _find("trtexec formatting", [("quantlab.engines.tensorrt", "format_command")])(command)
+
+
+def onnx_sparsity(onnx_path: str) -> Dict[str, Any]:
+    """How many weighted layers of an ONNX file are eligible for 2:4 sparse kernels and hold the pattern."""
+    report = _find("the 2:4 sparsity check", [("quantlab.sparsity.check", "check_onnx_sparsity")])(onnx_path)
+    return {"layers": len(report.layers), "eligible": sum(layer.eligible for layer in report.layers),
+            "compliant": len(report.compliant)}
 
 
 def build_engine(onnx_path: str, plan_path: str) -> Path:

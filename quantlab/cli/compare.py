@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from quantlab.cli._runs_common import StageProgress, add_store_arg, fmt, fmt_delta, open_store
+from quantlab.cli._sparsity import add_sparsity_args
 from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
 
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: run.json, scales.<calibrator>.json, results.json")
     add_store_arg(p)
     add_quant_args(p)
+    add_sparsity_args(p)
     p.set_defaults(func=run)
 
 
@@ -46,13 +48,25 @@ def run(args: argparse.Namespace) -> int:
         "model": args.model, "data": args.data, "eval_data": args.eval,
         "weights": args.weights, "device": args.device, "batch_size": args.batch_size,
     }
+    extra, pruned, prune_reports = None, [], []
+    if args.sparsity:
+        if "int8" not in precisions:
+            raise ValueError("--sparsity 2:4 adds 2:4 + INT8 rows: keep int8 in --precisions")
+        from quantlab.sparsity.compare import sparse_candidates
+
+        describe.update(sparsity=args.sparsity, sparsity_method=args.sparsity_method)
+        extra = sparse_candidates(
+            model, calib, calibrators=calibrators, method=args.sparsity_method, include=tuple(args.sparsity_include or ["*"]),
+            exclude=tuple(args.sparsity_exclude), config=quant_config_from_args(args), calib_batches=args.max_batches,
+            calibrator_params=calibrator_params_from_args(args), reports=prune_reports, keep=pruned,
+        )
     with StageProgress() as progress:
         result = compare(
             model, calib, eval_data,
             metric=metric, task=task, calibrators=calibrators, precisions=precisions,
             config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
             calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
-            store=store, run_dir=args.out, describe=describe, progress=progress,
+            store=store, run_dir=args.out, describe=describe, progress=progress, extra_candidates=extra,
         )
     metrics = list(dict.fromkeys(r.metric for r in result.rows))
     metrics.sort(key=lambda m: m != result.metric)
@@ -77,5 +91,46 @@ def run(args: argparse.Namespace) -> int:
     if result.layer_errors and result.best_calibrator in result.layer_errors:
         worst = sorted(result.layer_errors[result.best_calibrator], key=lambda e: e.proxy_db)[:5]
         print(f"lowest per-token SQNR, layer alone ({result.best_calibrator}): " + ", ".join(f"{e.layer} {fmt(e.proxy_db, 3)} dB" for e in worst))
+    for report in prune_reports:
+        skipped = f"; left dense: {', '.join(n for n, _ in report.skipped)}" if report.skipped else ""
+        print(f"2:4 + INT8 rows: {len(report.layers)} layer(s) pruned ({report.method}){skipped}")
+    if pruned:
+        _record_sparse_speed(result, store, pruned[0], eval_data)
     print(f"run {result.run_id} recorded in {store.path}; folder {args.out}")
     return 0
+
+
+def _record_sparse_speed(result, store, pruned, eval_data) -> None:
+    """On a CUDA device with cuSPARSELt: FP16 vs 2:4 INT8 latency of one eval batch, recorded as ``latency_ms`` rows."""
+    from quantlab.batching import model_device, split_batch
+    from quantlab.runtimes.cusparselt.library import CuSparseLtUnavailableError, load_library
+
+    if model_device(pruned).type != "cuda":
+        print("2:4 speed: not measured (the model is not on a CUDA device; run with --device cuda on an NVIDIA GPU)")
+        return
+    try:
+        load_library()
+    except CuSparseLtUnavailableError as exc:
+        print(f"2:4 speed: not measured ({exc})")
+        return
+    from quantlab.runtimes.cusparselt.speed import measure_speedup
+
+    inputs, _ = split_batch(next(iter(eval_data)))
+    if isinstance(inputs, dict):
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    speed = measure_speedup(pruned, inputs)
+    calibrator = pruned_calibrator(result)
+    rows = [
+        {"precision": "fp16", "calibrator": None, "source": "ptq", "metric": "latency_ms", "value": speed["fp16_ms"], "delta": None, "seconds": None},
+        {"precision": "int8", "calibrator": calibrator, "source": "sparse", "metric": "latency_ms", "value": speed["int8_ms"], "delta": None, "seconds": None},
+    ]
+    if result.run_id is not None:
+        store.add_results(result.run_id, rows)
+    print(f"2:4 speed (one eval batch, Linear layers on cuSPARSELt, the rest FP16; {speed['timing']}): FP16 {speed['fp16_ms']:.3f} ms, "
+          f"2:4 INT8 {speed['int8_ms']:.3f} ms, {speed['speedup']:.2f}x")
+
+
+def pruned_calibrator(result):
+    """The calibrator whose ranges the kept 2:4 model ends with (the last sparse row's)."""
+    rows = [r for r in result.rows if r.source == "sparse"]
+    return rows[-1].calibrator if rows else None

@@ -27,6 +27,9 @@ def register(sub) -> None:
     p.add_argument("--no-placement", action="store_true", help="skip the TensorRT placement pass (residual/Concat/Pad)")
     p.add_argument("--no-check", action="store_true", help="do not run `quantlab check` on the INT8 result")
     p.add_argument("--store", help="record the export in this run store (default: $QUANTLAB_STORE if set, else not recorded)")
+    p.add_argument("--sparsity", choices=["2:4"], default=None,
+                   help="the model is 2:4-pruned (e.g. --weights from `quantlab qat --sparsity 2:4`): check that every layer that "
+                        "holds the pattern in PyTorch still holds it in the exported INT8 weights (exit 1 if not) and print the table")
     p.set_defaults(func=run)
 
 
@@ -110,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         if report.findings:
             print_table([[f.severity, f.rule, f.node, f.message] for f in report.findings[:20]], ["severity", "rule", "node", "message"])
         status = 1 if report.errors else 0
+    if args.sparsity:
+        status = max(status, _check_sparsity(model, result.path))
     if store is not None:
         store.add_artifact(run_id, "onnx", result.path)
         if result.sidecar:
@@ -130,3 +135,22 @@ def _start_record(args: argparse.Namespace):
               "scales": args.scales, "exporter": args.exporter, "opset": args.opset, "out": str(args.out)}
     run_id = store.create_run("export", model=args.model, data=args.data, config=config, run_dir=str(Path(args.out).parent))
     return store, run_id
+
+
+def _check_sparsity(model, path) -> int:
+    """Every layer that is 2:4 in PyTorch must be 2:4 in the exported weights (INT8 for a Q/DQ export)."""
+    from quantlab.cli.check import print_sparsity
+    from quantlab.sparsity.check import check_model_sparsity, check_onnx_sparsity
+
+    onnx_report = check_onnx_sparsity(path)
+    print_sparsity(onnx_report)
+    sparse_in_torch = {layer.layer for layer in check_model_sparsity(model).layers if layer.compliant}
+    if not sparse_in_torch:
+        print("2:4: no layer of the model holds the pattern: prune it first (quantlab prune, or quantlab qat --sparsity 2:4)")
+        return 1
+    lost = [layer.module or layer.layer for layer in onnx_report.layers
+            if (layer.module in sparse_in_torch) and not layer.compliant]
+    if lost:
+        print(f"2:4: the pattern was lost in the export for: {', '.join(lost)}")
+        return 1
+    return 0

@@ -130,6 +130,18 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
+def own_classes(model: nn.Module) -> nn.Module:
+    """Gives every parametrized module of ``model`` (e.g. a deep copy) a class of its own.
+
+    Call it on a copy before removing parametrizations from it (masks or quantizers), so
+    the original keeps its weight properties (see :func:`_own_class`).
+    """
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            _own_class(module)
+    return model
+
+
 def remove_masks(model: nn.Module, names: Optional[List[str]] = None) -> int:
     """Removes the masks (of ``names``, default all), keeping the weights as they are (sparse)."""
     removed = 0
@@ -149,4 +161,4 @@ def remove_masks(model: nn.Module, names: Optional[List[str]] = None) -> int:
     return removed
 
 
-__all__ = ["MaskRef", "SparsityMask", "attach_mask", "iter_masks", "masked_layers", "reapply_masks", "remove_masks"]
+__all__ = ["MaskRef", "SparsityMask", "attach_mask", "iter_masks", "masked_layers", "own_classes", "reapply_masks", "remove_masks"]

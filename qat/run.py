@@ -97,6 +97,7 @@ def run_qat(
     store: Any = None,
     describe: Optional[Dict[str, Optional[str]]] = None,
     progress: Optional[Callable[[TrainProgress], None]] = None,
+    prune: Optional[Callable[[nn.Module], Any]] = None,
 ) -> QATRunResult:
     """Evaluates FP32 and the starting INT8 model, fine-tunes, evaluates again, saves.
 
@@ -110,12 +111,16 @@ def run_qat(
         store: A :class:`quantlab.store.RunStore` to record the run in (rank 0), or None.
         describe: ``model``, ``data``, ``eval_data`` strings for the store.
         resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule).
+        prune: ``prune(model)`` makes the model 2:4-sparse (e.g. a call of
+            :func:`quantlab.sparsity.prune`), run after the FP32 reference is measured on
+            the dense model and before the ranges are set: sparse QAT, whose INT8 rows are
+            "2:4 + INT8". (A model pruned before the call is sparse QAT too, but its FP32
+            row is then the pruned model's.)
         Other arguments: see :func:`quantlab.qat.prepare` and :class:`TrainConfig`.
     """
     from quantlab.sparsity.mask import masked_layers
 
     out = Path(out_dir)
-    sparse = bool(masked_layers(model))  # pruned before (quantlab.sparsity.prune): the loop keeps the pattern
     train_config = train_config or TrainConfig()
     metric = metric or DEFAULT_METRIC[train_config.task]
     describe = describe or {}
@@ -143,7 +148,8 @@ def run_qat(
                 "qat", model=describe.get("model") or type(model).__name__, data=describe.get("data"),
                 eval_data=describe.get("eval_data"), run_dir=out,
                 config={"train": train_config.to_dict(), "learn_amax": learn_amax, "weight_ranges": weight_ranges,
-                        "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric, "sparsity": "2:4" if sparse else None,
+                        "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric,
+                        "sparsity": "2:4" if (prune is not None or masked_layers(model)) else None,
                         "quant_config": quant_config.to_dict() if quant_config else None},
             )
         store.set_status(run_id, "running", progress=0.0)
@@ -151,6 +157,13 @@ def run_qat(
         if isinstance(scales, (str, Path)):
             scales = Scales.load(scales)  # ScalesFormatError names the file
         start_calibrator = scales.calibrator if scales is not None else calibrator
+        dense_fp32 = None
+        if prune is not None:
+            # The reference is the dense FP32 model: measured before pruning changes it.
+            if not resume:
+                dense_fp32 = _evaluate(model, eval_batches, metric, reference=True)
+            prune(model)
+        sparse = bool(masked_layers(model))  # the loop keeps the pattern of a 2:4-pruned model
         # Prepared first, so scales that do not fit the model fail before any evaluation.
         prepare(model, scales=scales, data=calib_data if scales is None else None, calibrator=calibrator,
                 calibrator_params=calibrator_params, config=quant_config, max_batches=calib_max_batches,
@@ -158,6 +171,8 @@ def run_qat(
                 freeze_bn_after=train_config.freeze_bn_after)
         if resume:
             fp32 = {"value": previous["fp32"], "seconds": previous.get("seconds", {}).get("fp32")}
+        elif dense_fp32 is not None:
+            fp32 = dense_fp32
         else:
             with enabled(model, False):  # the FP32 model (folded BatchNorms compute conv + BN exactly)
                 fp32 = _evaluate(model, eval_batches, metric, reference=True)

@@ -71,12 +71,17 @@ def run(args: argparse.Namespace) -> int:
             # Each rank calibrates on its share of the first --calib-batches batches; prepare()
             # merges the statistics exactly, so the ranges equal a one-process run's.
             calib_data = ddp.shard_batches(calib, info.rank, info.world_size, args.calib_batches)
+        prune = None
         if args.sparsity:
             # Every rank prunes the same way: sparsegpt sees the same (unsharded) calibration batches.
             prune_data = load_data(args.calib_data or args.data, batch_size=args.batch_size) if args.sparsity_method == "sparsegpt" else None
-            summary = apply_sparsity(args, model, prune_data, max_batches=args.calib_batches)
-            if main:
-                print(summary)
+
+            def _prune(m) -> None:
+                summary = apply_sparsity(args, m, prune_data, max_batches=args.calib_batches)
+                if main:
+                    print(summary)
+
+            prune = _prune
         store = None
         if not args.no_store and main:
             from quantlab.store import RunStore
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 train_config=train_config, learn_amax=args.learn_amax, weight_ranges=args.weight_ranges,
                 fold_bn=args.fold_bn, metric=args.metric, eval_max_batches=args.eval_batches, resume=args.resume,
                 store=store, describe={"model": args.model, "data": args.data, "eval_data": args.eval},
-                progress=progress,
+                progress=progress, prune=prune,
             )
         if main:
             m = result.metric

@@ -156,7 +156,7 @@ def build_shim(paths: CuSparseLtPaths, out_dir: Optional[Path] = None) -> Path:
     target = out_dir / f"libquantlab_cusparselt-{digest.hexdigest()[:16]}.so"
     if target.is_file():
         return target
-    includes = [paths.include_dir, *paths.cuda_include_dirs]
+    includes = list(dict.fromkeys([paths.include_dir, *paths.cuda_include_dirs]))  # the first error first
     with atomic_path(target) as tmp:
         cmd = [_compiler(), "-O2", "-std=c++17", "-shared", "-fPIC", str(SHIM_SOURCE)]
         cmd += [f"-I{d}" for d in includes]
@@ -166,7 +166,7 @@ def build_shim(paths: CuSparseLtPaths, out_dir: Optional[Path] = None) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise CuSparseLtUnavailableError(
-                f"building the cuSPARSELt shim failed ({' '.join(cmd)}):\n{(proc.stderr or proc.stdout).strip()[-2000:]}"
+                f"building the cuSPARSELt shim failed ({' '.join(cmd)}):\n{(proc.stderr or proc.stdout).strip()[:2000]}"
             )
     return target
 

@@ -18,6 +18,15 @@ def add_sparsity_args(parser: argparse.ArgumentParser, *, flag: bool = True) -> 
     parser.add_argument("--sparsity-exclude", action="append", default=[], help="module-name pattern to keep dense (repeatable)")
 
 
+def validate_sparsity(args: argparse.Namespace, model: Any) -> None:
+    """Fails before any work when the selection cannot be pruned (names the pattern or layer)."""
+    if getattr(args, "sparsity", "2:4") is None:
+        return
+    from quantlab.sparsity.pattern import select_layers
+
+    select_layers(model, tuple(args.sparsity_include or ["*"]), tuple(args.sparsity_exclude or []))
+
+
 def apply_sparsity(args: argparse.Namespace, model: Any, data: Optional[Iterable[Any]] = None, *, max_batches: Optional[int] = None) -> Optional[str]:
     """Gives ``model`` its 2:4 masks as the arguments ask; returns a one-line summary (None without --sparsity).
 

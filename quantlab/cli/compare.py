@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from quantlab.cli._runs_common import StageProgress, add_store_arg, fmt, fmt_delta, open_store
-from quantlab.cli._sparsity import add_sparsity_args
+from quantlab.cli._sparsity import add_sparsity_args, validate_sparsity
 from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
 
 
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args)
     # The model first: an examples/ factory module may register the datasets it needs.
     model = load_model(args.model, weights=args.weights, device=args.device)
+    validate_sparsity(args, model)  # a pattern that matches nothing fails before any evaluation
     calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
     eval_data = load_data(args.eval, batch_size=args.batch_size)
     describe = {

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli._sparsity import add_sparsity_args, apply_sparsity
+from quantlab.cli._sparsity import add_sparsity_args, apply_sparsity, validate_sparsity
 from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
 
 
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             freeze_bn_after=args.freeze_bn_after, seed=args.seed, sync_batchnorm=args.sync_bn,
         )
         model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
+        validate_sparsity(args, model)  # a pattern that matches nothing fails before any training
         train_data = load_data(args.data, batch_size=args.batch_size)
         eval_data = load_data(args.eval, batch_size=args.batch_size)
         calib_data = None

@@ -52,3 +52,14 @@ def test_compare_adds_2to4_rows_and_says_when_speed_is_not_measured(tmp_path, ca
     sources = {(r["precision"], r["calibrator"], r["source"]) for r in RunStore(store_path).results(run["id"])}
     assert ("int8", "max", "sparse") in sources and ("int8", "max", "ptq") in sources
     assert not any(r["metric"] == "latency_ms" for r in RunStore(store_path).results(run["id"]))
+
+
+def test_a_bad_pattern_fails_before_any_work(tmp_path, capsys):
+    store_path = tmp_path / "runs.sqlite"
+    code = main(["compare", "--model", FACTORY, "--data", "fmnist:calib[:64]", "--eval", "fmnist:test[:64]",
+                 "--calibrators", "max", "--out", str(tmp_path / "cmp"), "--store", str(store_path),
+                 "--sparsity", "2:4", "--sparsity-include", "encoder.*"])
+    assert code == 1
+    assert "pattern 'encoder.*' matches no prunable layer of TinyCNN" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
+    assert not store_path.exists() or not RunStore(store_path).list_runs("compare")

@@ -127,3 +127,39 @@ def test_find_cusparselt_reports_a_missing_library_or_header(monkeypatch, tmp_pa
 
 def test_the_shim_source_ships_with_the_package():
     assert library.SHIM_SOURCE.is_file() and "cusparseLtMatmul(" in library.SHIM_SOURCE.read_text()
+
+
+def test_measure_speedup_times_fp16_against_the_int8_model_and_leaves_the_model_as_it_was():
+    from quantlab.runtimes.cusparselt.speed import measure_speedup
+    from quantlab.sparsity.mask import iter_masks
+
+    model = _quantized()
+    x = torch.randn(32, 32)
+    with torch.no_grad():
+        before = model(x)
+    result = measure_speedup(model, x, mode="int8")  # the dense INT8 runner works on the CPU too
+    assert result["converted"] == 2 and result["timing"] == "eager-cpu/eager-cpu"
+    assert result["fp16_ms"] > 0 and result["int8_ms"] > 0 and result["speedup"] == pytest.approx(result["fp16_ms"] / result["int8_ms"])
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the copies were changed, not the model
+    assert len(list(iter_masks(model))) == 2 and ql.is_quantized(model)
+
+
+def test_compare_records_measured_speed_rows_where_a_gpu_measured_them(tmp_path, monkeypatch):
+    """The CLI glue that stores `latency_ms` rows (the measurement itself needs a GPU: stubbed here)."""
+    import types
+
+    from quantlab.cli import compare as compare_cli
+    from quantlab.runtimes.cusparselt import speed
+    from quantlab.store import RunStore
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    run_id = store.create_run("compare", model="m", config={})
+    rows = [types.SimpleNamespace(source="sparse", calibrator="mse")]
+    result = types.SimpleNamespace(run_id=run_id, rows=rows)
+    monkeypatch.setattr("quantlab.batching.model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr(library, "load_library", lambda: object())
+    monkeypatch.setattr(speed, "measure_speedup", lambda model, inputs: {"fp16_ms": 3.0, "int8_ms": 1.5, "speedup": 2.0, "timing": "graph/graph"})
+    compare_cli._record_sparse_speed(result, store, nn.Linear(4, 4), [(torch.randn(2, 4), torch.zeros(2))])
+    got = {(r["precision"], r["source"]): r["value"] for r in store.results(run_id) if r["metric"] == "latency_ms"}
+    assert got == {("fp16", "ptq"): 3.0, ("int8", "sparse"): 1.5}

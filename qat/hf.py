@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover - exercised by the missing-dependency te
 
 from quantlab.qat.prepare import is_prepared, prepare, qat_options, save
 from quantlab.scales import Scales
+from quantlab.sparsity.mask import reapply_masks
 
 
 class HFTrainerCallback(_TrainerCallback):
@@ -25,7 +26,9 @@ class HFTrainerCallback(_TrainerCallback):
     Pass it to the ``Trainer`` constructor: ``on_init_end`` runs after the model
     is on its device and before ``train()`` creates the optimizer, so learned
     ranges are optimized too. (The Trainer decays every parameter except biases
-    and norms: set ``weight_decay=0`` when learning ranges.)
+    and norms: set ``weight_decay=0`` when learning ranges.) A network pruned with
+    :func:`quantlab.sparsity.prune` keeps its 2:4 pattern: the pruned weights are
+    zeroed again after every optimizer step.
 
     Args:
         scales: Starting scales (path or Scales).
@@ -74,6 +77,12 @@ class HFTrainerCallback(_TrainerCallback):
                     "before the optimizer is created"
                 )
             self._prepare(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # After the optimizer step: a 2:4-pruned network (quantlab.sparsity) keeps its pattern.
+        network = self.target(model)
+        if network is not None:
+            reapply_masks(network)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         network = self.target(model)

@@ -19,6 +19,7 @@ from torch import nn
 
 from quantlab.qat.prepare import is_prepared, prepare, save
 from quantlab.scales import Scales
+from quantlab.sparsity.mask import reapply_masks
 
 
 class LightningCallback(_pl.Callback):
@@ -27,6 +28,8 @@ class LightningCallback(_pl.Callback):
     ``setup`` runs before ``configure_optimizers``, so learned ranges are part
     of ``self.parameters()``; under a DDP strategy the process group already
     exists there, so calibration statistics are merged and ranges broadcast.
+    A network pruned with :func:`quantlab.sparsity.prune` keeps its 2:4 pattern:
+    the pruned weights are zeroed again after every training batch.
 
     Args:
         scales: Starting scales (path or Scales).
@@ -64,6 +67,10 @@ class LightningCallback(_pl.Callback):
         network = self.target(pl_module)
         if not is_prepared(network):
             prepare(network, scales=self.scales, data=self.data, **self.prepare_options)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimizer step: a 2:4-pruned network (quantlab.sparsity) keeps its pattern.
+        reapply_masks(self.target(pl_module))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.save_dir is not None and trainer.is_global_zero:

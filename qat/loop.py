@@ -30,6 +30,7 @@ from quantlab.qat.bn_fold import freeze_bn_stats
 from quantlab.qat.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from quantlab.qat.errors import NonFiniteLossError, QATError
 from quantlab.qat.sync_bn import synced_batchnorm
+from quantlab.sparsity.mask import iter_masks, reapply_masks
 
 TASKS = ("classification", "causal_lm")
 # Fields that define the schedule: a resumed run must use the same values.
@@ -312,6 +313,9 @@ def train(
     else:
         torch.manual_seed(config.seed + rank)
 
+    # A 2:4-pruned model (quantlab.sparsity) keeps its pattern: after every step the pruned
+    # weights are zeroed again (the mask already hides them from the forward and the gradient).
+    sparse = next(iter_masks(base), None) is not None
     sync_bn = config.sync_batchnorm and ddp.is_distributed()
     if sync_bn and device.type != "cuda":
         raise QATError("sync_batchnorm needs every rank on a CUDA device (NCCL); this job runs on " + device.type)
@@ -364,6 +368,8 @@ def train(
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(base.parameters(), config.grad_clip)
                 optimizer.step()
+                if sparse:
+                    reapply_masks(base)
                 scheduler.step()
                 step += 1
                 losses.append(value)

@@ -42,16 +42,18 @@ class QATRunResult:
     run_id: Optional[str] = None
     files: Dict[str, Path] = dataclasses.field(default_factory=dict)
     seconds: Dict[str, Optional[float]] = dataclasses.field(default_factory=dict)
+    sparse: bool = False  #: the model was 2:4-pruned (quantlab.sparsity): its INT8 rows are "2:4 + INT8"
 
     def rows(self, seconds: Optional[Dict[str, float]] = None) -> List[Dict[str, Any]]:
         """Run-store result rows: FP32, INT8 PTQ (the starting ranges), INT8 after QAT (``seconds``: default the run's)."""
         seconds = self.seconds if seconds is None else seconds
+        ptq_source, qat_source = ("sparse", "sparse-qat") if self.sparse else ("ptq", "qat")
         return [
             {"precision": "fp32", "calibrator": None, "source": "qat", "metric": self.metric, "value": self.fp32,
              "delta": 0.0, "seconds": seconds.get("fp32")},
-            {"precision": "int8", "calibrator": self.calibrator or None, "source": "ptq", "metric": self.metric,
+            {"precision": "int8", "calibrator": self.calibrator or None, "source": ptq_source, "metric": self.metric,
              "value": self.ptq, "delta": self.ptq - self.fp32, "seconds": seconds.get("ptq")},
-            {"precision": "int8", "calibrator": self.calibrator or None, "source": "qat", "metric": self.metric,
+            {"precision": "int8", "calibrator": self.calibrator or None, "source": qat_source, "metric": self.metric,
              "value": self.qat, "delta": self.qat - self.fp32, "seconds": seconds.get("qat")},
         ]
 
@@ -97,6 +99,7 @@ def run_qat(
     resume: bool = False,
     run_id: Optional[str] = None,
     progress: Optional[Callable[[TrainProgress], None]] = None,
+    prune: Optional[Callable[[nn.Module], Any]] = None,
 ) -> QATRunResult:
     """Evaluates FP32 and the starting INT8 model, fine-tunes, evaluates again, saves.
 
@@ -109,8 +112,15 @@ def run_qat(
         scales: Starting ranges; else calibrated from ``calib_data``.
         resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule).
         run_id: The run store's id of this run, written into ``run.json`` (the QAT job records it).
+        prune: ``prune(model)`` makes the model 2:4-sparse (e.g. a call of
+            :func:`quantlab.sparsity.prune`), run after the FP32 reference is measured on
+            the dense model and before the ranges are set: sparse QAT, whose INT8 rows are
+            "2:4 + INT8". (A model pruned before the call is sparse QAT too, but its FP32
+            row is then the pruned model's.)
         Other arguments: see :func:`quantlab.qat.prepare` and :class:`TrainConfig`.
     """
+    from quantlab.sparsity.mask import masked_layers
+
     out = Path(out_dir)
     train_config = train_config or TrainConfig()
     metric = metric or DEFAULT_METRIC[train_config.task]
@@ -126,6 +136,13 @@ def run_qat(
     if isinstance(scales, (str, Path)):
         scales = Scales.load(scales)  # ScalesFormatError names the file
     start_calibrator = scales.calibrator if scales is not None else calibrator
+    dense_fp32 = None
+    if prune is not None:
+        # The reference is the dense FP32 model: measured before pruning changes it.
+        if not resume:
+            dense_fp32 = _evaluate(model, eval_batches, metric, reference=True)
+        prune(model)
+    sparse = bool(masked_layers(model))  # the loop keeps the pattern of a 2:4-pruned model
     # Prepared first, so scales that do not fit the model fail before any evaluation.
     prepare(model, scales=scales, data=calib_data if scales is None else None, calibrator=calibrator,
             calibrator_params=calibrator_params, config=quant_config, max_batches=calib_max_batches,
@@ -133,6 +150,8 @@ def run_qat(
             freeze_bn_after=train_config.freeze_bn_after)
     if resume:
         fp32 = {"value": previous["fp32"], "seconds": previous.get("seconds", {}).get("fp32")}
+    elif dense_fp32 is not None:
+        fp32 = dense_fp32
     else:
         with enabled(model, False):  # the FP32 model (folded BatchNorms compute conv + BN exactly)
             fp32 = _evaluate(model, eval_batches, metric, reference=True)
@@ -157,7 +176,7 @@ def run_qat(
     ddp.barrier()
     outcome = QATRunResult(metric=metric, fp32=fp32["value"], ptq=ptq["value"], qat=after["value"],
                            calibrator=start_calibrator, train=result, out_dir=out,
-                           run_id=run_id, files=files, seconds=dict(seconds))
+                           run_id=run_id, files=files, seconds=dict(seconds), sparse=sparse)
     if main:
         _write_run_file(out, run_id, metric, fp32, ptq, outcome.calibrator, after=after, train=result)
     return outcome

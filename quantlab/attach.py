@@ -9,8 +9,9 @@
 
 This module is the one place that knows where quantizers hang on a module
 (:func:`iter_quantizers`, :func:`weight_quantizer`, :func:`original_weight`,
-:func:`replace_quantizer`) and the one that sets and removes the marker of a
-quantized model (its config, :func:`get_config`).
+:func:`replace_quantizer`), the one that sets and removes the marker of a
+quantized model (its config, :func:`get_config`), and the one that removes weight
+parametrizations (:func:`remove_parametrization`: safe on deep copies).
 """
 from __future__ import annotations
 
@@ -178,14 +179,56 @@ def attach_quantizers(model: nn.Module, config: QuantConfig) -> List[str]:
     return attached
 
 
+def _own_class(module: nn.Module) -> None:
+    """Gives a parametrized module a class of its own (a sibling of its class, same attributes).
+
+    torch.nn.utils.parametrize makes one ``Parametrized<Type>`` class per module, and
+    ``copy.deepcopy`` keeps it: the original and its copies share that class, and the
+    property that computes the parametrized weight lives on it. Removing the last
+    parametrization of a tensor deletes that property from the class, so removing it
+    from a copy would break the original (and every other copy): ``module.weight``
+    would no longer exist there. On a class of its own the removal stays local.
+    """
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
+def remove_parametrization(module: nn.Module, tensor_name: str, parametrization: nn.Module) -> None:
+    """Removes one parametrization of ``module.<tensor_name>``; every other module is left as it is.
+
+    The stored tensor (``parametrizations[tensor_name].original``) is kept as it is:
+    the other parametrizations of the tensor stay in their order on top of it, and when
+    ``parametrization`` was the last one the tensor becomes a plain parameter again
+    (torch's ``leave_parametrized=False``), on a class of the module's own, so deep copies
+    of the module (or of the model) keep their parametrizations (see :func:`_own_class`).
+    The one place quantlab removes parametrizations: weight quantizers
+    (:func:`remove_quantizers`) and 2:4 sparsity masks (:mod:`quantlab.sparsity.mask`).
+
+    Raises:
+        KeyError: ``parametrization`` is not one of ``module.<tensor_name>``'s.
+    """
+    plist = module.parametrizations[tensor_name] if parametrize.is_parametrized(module, tensor_name) else []
+    index = next((i for i, p in enumerate(plist) if p is parametrization), None)
+    if index is None:
+        raise KeyError(f"{type(parametrization).__name__} is not a parametrization of {type(module).__name__}.{tensor_name}")
+    if len(plist) > 1:
+        del plist[index]
+        return
+    _own_class(module)
+    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+
+
 def remove_quantizers(model: nn.Module) -> nn.Module:
-    """Removes every quantizer and the marker, restoring plain floating-point modules in place."""
+    """Removes every quantizer and the marker, restoring floating-point modules in place.
+
+    Other parametrizations of a weight (a 2:4 sparsity mask) stay. Safe on a deep copy:
+    the original keeps its quantizers and works as before (:func:`remove_parametrization`).
+    """
     model.__dict__.pop(_CONFIG_ATTR, None)
     for ref in list(iter_quantizers(model)):
         module = ref.module
         if ref.role is Role.WEIGHT:
-            entry = lookup_quantizable(module)
-            parametrize.remove_parametrizations(module, entry.weight_name if entry else "weight", leave_parametrized=False)
+            remove_parametrization(module, _quantized_weight_name(module, ref.quantizer), ref.quantizer)
         else:
             handle = module.__dict__.pop(_HOOK_ATTR, None)
             if handle is not None:
@@ -197,6 +240,14 @@ def remove_quantizers(model: nn.Module) -> nn.Module:
                         module._forward_pre_hooks_with_kwargs.pop(key, None)
             del module._modules["input_quantizer"]
     return model
+
+
+def _quantized_weight_name(module: nn.Module, quantizer: TensorQuantizer) -> str:
+    """The name of the tensor whose parametrizations hold ``quantizer``."""
+    for name, plist in module.parametrizations.items():
+        if any(p is quantizer for p in plist):
+            return name
+    raise KeyError(f"{type(module).__name__} has no parametrization holding this weight quantizer")
 
 
 def set_mode(model: nn.Module, mode: "QuantizerMode | str", *, role: "Optional[Role | str]" = None,

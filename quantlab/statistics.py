@@ -29,10 +29,11 @@ Two ways to add a batch, with identical counts:
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import threading
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -192,12 +193,37 @@ class _DeviceAccumulator:
         self.in_graph = False  # a captured CUDA graph writes into this state
         # The fused kernels (quantlab.kernels.histogram_cuda) where they apply: one read per batch.
         # Both paths update amax, exponent and counts in place, so batches may take either.
-        self._kernels: Optional[histogram_cuda.FusedHistogram] = None
-        if FUSED_KERNELS and exact32 and x.is_cuda and self.size <= histogram_cuda.MAX_BINS:
-            compiled = histogram_cuda.kernels_for(device)
-            if compiled is not None:
-                self._kernels = histogram_cuda.FusedHistogram(
-                    compiled, self.amax, self.exponent, self.counts, self.size_log2, _MIN_EXPONENT, _MAX_EXPONENT)
+        self._kernels = self._fused_kernels()
+
+    def _fused_kernels(self) -> Optional[histogram_cuda.FusedHistogram]:
+        """The fused kernels' launcher bound to this state (None where they do not apply)."""
+        exact32 = self.amax.dtype == torch.float32
+        if not (FUSED_KERNELS and exact32 and self.counts.is_cuda and self.size <= histogram_cuda.MAX_BINS):
+            return None
+        compiled = histogram_cuda.kernels_for(self.counts.device)
+        if compiled is None:
+            return None
+        return histogram_cuda.FusedHistogram(
+            compiled, self.amax, self.exponent, self.counts, self.size_log2, _MIN_EXPONENT, _MAX_EXPONENT)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "_DeviceAccumulator":
+        """A copy of the statistics state (still on the device, nothing read back) with launchers of its own.
+
+        The fused kernels' launcher holds ctypes pointers to this state's tensors, which
+        ``copy.deepcopy`` refuses (and which would point at the original's tensors anyway):
+        the copy gets a launcher bound to its own tensors (the kernels' per-batch scratch
+        is empty between batches), no cached bin index, and no captured CUDA graph writes
+        into it. The pending batches (and a NaN/Inf among them) stay pending in both.
+        """
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            if key not in ("_kernels", "_index"):
+                copied.__dict__[key] = copy.deepcopy(value, memo)
+        copied._index = None
+        copied.in_graph = False
+        copied._kernels = copied._fused_kernels() if self._kernels is not None else None
+        return copied
 
     def accepts(self, x: torch.Tensor) -> bool:
         return x.device == self.counts.device and (x.dtype != torch.float64 or self.amax.dtype == torch.float64)
@@ -363,6 +389,15 @@ class HistogramCollector:
         self._zeros = 0  # elements seen while every value so far was 0
         self._device: Optional[_DeviceAccumulator] = None
         self._spare: Optional[_DeviceAccumulator] = None  # emptied after a flush, for the next pass
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "HistogramCollector":
+        """A copy with the same statistics: pending device batches stay pending (nothing is read
+        back; see :meth:`_DeviceAccumulator.__deepcopy__`); the emptied spare state is not copied."""
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        for key, value in self.__dict__.items():
+            copied.__dict__[key] = None if key == "_spare" else copy.deepcopy(value, memo)
+        return copied
 
     # -- state (the device path's pending batches are folded in on every read and write) ----
     counts = _Flushed("_counts")

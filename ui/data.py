@@ -91,7 +91,7 @@ def artifacts(run: Dict[str, Any], *, with_children: bool = True) -> List[Dict[s
 
 
 def related_results(run: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """QAT and mixed-precision rows of runs on the same model and eval data (or started from ``run``).
+    """QAT, mixed-precision and 2:4 rows of runs on the same model and eval data (or started from ``run``).
 
     Each row keeps its own delta (vs the FP32 value that run measured) and says
     which run it came from (``run_id``).
@@ -102,7 +102,7 @@ def related_results(run: Dict[str, Any]) -> List[Dict[str, Any]]:
             continue
         same_setup = other.get("model") == run.get("model") and other.get("eval_data") == run.get("eval_data")
         if other.get("parent_id") == run["id"] or same_setup:
-            rows += [dict(r, run_id=other["id"]) for r in results(other) if r.get("source") in ("qat", "mixed")]
+            rows += [dict(r, run_id=other["id"]) for r in results(other) if r.get("source") in ("qat", "mixed", "sparse", "sparse-qat")]
     return rows
 
 
@@ -186,11 +186,11 @@ def tensorrt_info() -> Dict[str, Any]:
     return info
 
 
-def trtexec_command(onnx_path: str, plan_path: str) -> str:
-    """The trtexec command line that builds the same engine."""
-    from quantlab.runtimes.tensorrt.loader import format_command, trtexec_command as command
+def trtexec_command(onnx_path: str, plan_path: str, sparse: bool = False) -> str:
+    """The trtexec command line that builds the same engine; ``sparse`` adds ``--sparsity=enable`` (2:4 sparse kernels)."""
+    from quantlab.runtimes.tensorrt.loader import BuildOptions, format_command, trtexec_command as command
 
-    return format_command(command(onnx_path, plan_path))
+    return format_command(command(onnx_path, plan_path, BuildOptions(sparse_weights=sparse)))
 
 
 def build_engine(run: Dict[str, Any], onnx_path: str, plan_path: str) -> str:
@@ -198,6 +198,16 @@ def build_engine(run: Dict[str, Any], onnx_path: str, plan_path: str) -> str:
     plan = export.build_engine(store(), run["id"], onnx_path, plan_path)
     clear_caches()
     return str(plan)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _onnx_sparsity(path: str, mtime: int) -> Dict[str, Any]:
+    return export.onnx_sparsity(path)
+
+
+def onnx_sparsity(path: str) -> Dict[str, Any]:
+    """2:4 counts of an exported ONNX file (cached until the file changes)."""
+    return _onnx_sparsity(path, _mtime(path))
 
 
 @st.cache_resource(show_spinner="Loading the run's model and eval data...", max_entries=2)

@@ -18,26 +18,34 @@ def series_key(precision: str, calibrator: Optional[str], source: Optional[str] 
     """Colour key of a result row."""
     if precision in ("fp32", "fp16"):
         return precision
-    if source in ("qat", "mixed"):
+    if source in ("qat", "mixed", "sparse-qat"):
         return source
+    if source == "sparse":
+        return f"sparse {(calibrator or 'int8').lower()}"
     return (calibrator or "int8").lower()
 
 
 def series_label(precision: str, calibrator: Optional[str], source: Optional[str] = "ptq") -> str:
-    """Human label of a result row: ``FP32``, ``FP16``, ``INT8 entropy``, ``INT8 QAT (entropy)``."""
+    """Human label of a result row: ``FP32``, ``FP16``, ``INT8 entropy``, ``INT8 QAT (entropy)``, ``2:4 + INT8 entropy``."""
     if precision in ("fp32", "fp16"):  # the reference rows of a QAT run carry source "qat" too
         return precision.upper()
     if source == "qat":
         return f"INT8 QAT ({calibrator})" if calibrator else "INT8 QAT"
     if source == "mixed":
         return f"Mixed {precision.upper()}/FP16 ({calibrator})" if calibrator else "Mixed precision"
+    if source == "sparse":
+        return f"2:4 + {precision.upper()} {calibrator}" if calibrator else f"2:4 + {precision.upper()}"
+    if source == "sparse-qat":
+        return f"2:4 + {precision.upper()} QAT ({calibrator})" if calibrator else f"2:4 + {precision.upper()} QAT"
     return f"{precision.upper()} {calibrator}" if calibrator else precision.upper()
 
 
 # Metrics where smaller is better; everything else (accuracy, cosine, agreement) is larger-is-better.
 _LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "error", "mse", "latency", "seconds", "ms")
 PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
-SOURCE_ORDER = {"ptq": 0, "mixed": 1, "qat": 2}
+SOURCE_ORDER = {"ptq": 0, "mixed": 1, "qat": 2, "sparse": 3, "sparse-qat": 4}
+#: Sources of 2:4 structured sparsity + INT8 rows (quantlab.sparsity).
+SPARSE_SOURCES = ("sparse", "sparse-qat")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -93,6 +101,28 @@ def results_frame(results: Sequence[Mapping[str, Any]], metric: Optional[str] = 
     df["_s"] = df["source"].map(SOURCE_ORDER).fillna(9)
     df = df.sort_values(["_p", "_s"], kind="stable").drop(columns=["_p", "_s"])
     return df[columns].reset_index(drop=True)
+
+
+def sparse_summary(results: Sequence[Mapping[str, Any]], metric: Optional[str] = None) -> pd.DataFrame:
+    """The 2:4 + INT8 rows of ``metric`` with their measured GPU latency (where a ``latency_ms`` row was recorded).
+
+    Columns: ``label``, ``value``, ``delta``, ``latency_ms``, ``fp16_latency_ms``, ``speedup_vs_fp16``
+    (None where no GPU measurement was recorded: measured only on an NVIDIA GPU with cuSPARSELt).
+    """
+    columns = ["label", "value", "delta", "latency_ms", "fp16_latency_ms", "speedup_vs_fp16"]
+    metric = metric or primary_metric(results)
+    rows = [r for r in results if r.get("source") in SPARSE_SOURCES and r.get("metric") == metric]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    latency = {(r.get("precision"), r.get("calibrator"), r.get("source")): r["value"] for r in results if r.get("metric") == "latency_ms"}
+    fp16 = next((v for (p, _c, _s), v in latency.items() if p == "fp16"), None)
+    out = []
+    for r in rows:
+        ms = latency.get((r.get("precision"), r.get("calibrator"), r.get("source")))
+        out.append({"label": series_label(r["precision"], r.get("calibrator"), r.get("source")), "value": r["value"],
+                    "delta": r.get("delta"), "latency_ms": ms, "fp16_latency_ms": fp16 if ms is not None else None,
+                    "speedup_vs_fp16": (fp16 / ms) if (ms and fp16) else None})
+    return pd.DataFrame(out, columns=columns)
 
 
 def judge(df: pd.DataFrame, *, tolerance: float, higher: bool) -> pd.DataFrame:

@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--trt-major", type=int, default=10, help="TensorRT major version for --print-trtexec (10 adds --stronglyTyped)")
     p.add_argument("--print-trtexec", action="store_true", help="print the equivalent trtexec command and exit")
     p.add_argument("--verbose-trt", action="store_true", help="TensorRT logger at VERBOSE")
+    p.add_argument("--sparsity", action="store_true",
+                   help="let TensorRT use 2:4 sparse kernels where weights hold the pattern (trtexec --sparsity=enable; unverified here)")
     p.set_defaults(func=run)
 
 
@@ -26,10 +28,13 @@ def run(args: argparse.Namespace) -> int:
     options = BuildOptions(
         min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
         workspace_mib=args.workspace_mib, timing_cache=args.timing_cache, tf32=not args.no_tf32,
-        verbose=args.verbose_trt,
+        verbose=args.verbose_trt, sparse_weights=args.sparsity,
     )
     if args.print_trtexec:
         print(format_command(trtexec_command(args.model, args.out, options, trt_major=args.trt_major)))
+        if args.sparsity:
+            print("note: --sparsity=enable follows TensorRT's documentation; TensorRT cannot run on the machines quantlab is "
+                  "developed on, so this flag is unverified here (check the weights first: quantlab check --sparsity MODEL)")
         return 0
     result = build_engine(args.model, args.out, options)
     print(f"wrote {result.plan} ({result.plan_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s with TensorRT {result.tensorrt_version}")

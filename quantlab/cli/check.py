@@ -12,6 +12,9 @@ def register(sub) -> None:
     p.add_argument("model", help="an ONNX file (quantlab's or any other tool's)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.add_argument("--sparsity", action="store_true",
+                   help="also report per layer whether the (INT8) weight is 2:4 along the input axis TensorRT's sparse kernels need, "
+                        "and whether the layer is eligible; with --strict, an eligible layer that breaks the pattern exits 1")
     p.set_defaults(func=run)
 
 
@@ -22,8 +25,16 @@ def run(args: argparse.Namespace) -> int:
 
     report = check_model(args.model)
     form_line, form_info = _ort_form(args.model)
+    sparsity = None
+    if args.sparsity:
+        from quantlab.sparsity.check import check_onnx_sparsity
+
+        sparsity = check_onnx_sparsity(args.model)
     if args.json:
-        print(json.dumps({**report.to_dict(), "ort_int8": form_info}, indent=1))
+        data = {**report.to_dict(), "ort_int8": form_info}
+        if sparsity is not None:
+            data["sparsity"] = sparsity.to_dict()
+        print(json.dumps(data, indent=1))
     else:
         print(f"{args.model}: opset {report.opset}, {report.num_nodes} nodes, {report.num_qdq} Q/DQ, "
               f"{report.num_weighted_quantized}/{report.num_weighted} weighted ops quantized")
@@ -35,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"ONNX Runtime INT8 form: {form_line}")
         if report.errors and metadata(load_onnx(args.model, check=False)).get("quantlab.target") == "ort-cpu":
             print("note: this is an `--target ort-cpu` export (UINT8 activations for ONNX Runtime); export with --target tensorrt for TensorRT")
+        if sparsity is not None:
+            print_sparsity(sparsity)
     if report.errors or (args.strict and report.warnings):
+        return 1
+    if sparsity is not None and args.strict and sparsity.eligible_not_compliant:
         return 1
     return 0
 
@@ -59,3 +74,14 @@ def _ort_form(path):
     if found.recorded is None and not found.kernels:
         return None, None
     return found.describe(), found.to_dict()
+
+
+def print_sparsity(sparsity) -> None:
+    """The per-layer 2:4 table and a summary line (also used by ``quantlab export --sparsity``)."""
+    from quantlab.sparsity.check import format_table
+
+    rows, headers = format_table(sparsity)
+    print_table(rows, headers)
+    eligible = sum(layer.eligible for layer in sparsity.layers)
+    print(f"2:4: {len(sparsity.compliant)} of {eligible} eligible layer(s) hold the pattern along the input axis "
+          f"({len(sparsity.layers)} weighted layers); trtexec needs --sparsity=enable (quantlab build --sparsity --print-trtexec)")

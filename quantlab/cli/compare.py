@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from quantlab.cli._runs_common import StageProgress, add_store_arg, fmt, fmt_delta, open_store
+from quantlab.cli._sparsity import add_sparsity_args, validate_sparsity
 from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
 
 
@@ -24,6 +25,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: run.json, scales.<calibrator>.json, results.json")
     add_store_arg(p)
     add_quant_args(p)
+    add_sparsity_args(p)
     p.set_defaults(func=run)
 
 
@@ -41,19 +43,26 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args)
     # The model first: an examples/ factory module may register the datasets it needs.
     model = load_model(args.model, weights=args.weights, device=args.device)
+    validate_sparsity(args, model)  # a pattern that matches nothing fails before any evaluation
     calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
     eval_data = load_data(args.eval, batch_size=args.batch_size)
     describe = {
         "model": args.model, "data": args.data, "eval_data": args.eval,
         "weights": args.weights, "device": args.device, "batch_size": args.batch_size,
     }
+    sparsity = None
+    if args.sparsity:
+        from quantlab.sparsity.compare import SparseCompare
+
+        sparsity = SparseCompare(method=args.sparsity_method, include=tuple(args.sparsity_include or ["*"]),
+                                 exclude=tuple(args.sparsity_exclude))
     with StageProgress() as progress:
         result = run_compare(
             model, calib, eval_data,
             metric=metric, task=task, calibrators=calibrators, precisions=precisions,
             config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
             calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
-            store=store, run_dir=args.out, describe=describe, progress=progress,
+            store=store, run_dir=args.out, describe=describe, progress=progress, sparsity=sparsity,
         )
     metrics = list(dict.fromkeys(r.metric for r in result.rows))
     metrics.sort(key=lambda m: m != result.metric)
@@ -78,5 +87,20 @@ def run(args: argparse.Namespace) -> int:
     if result.layer_errors and result.best_calibrator in result.layer_errors:
         worst = sorted(result.layer_errors[result.best_calibrator], key=lambda e: e.proxy_db)[:5]
         print(f"lowest per-token SQNR, layer alone ({result.best_calibrator}): " + ", ".join(f"{e.layer} {fmt(e.proxy_db, 3)} dB" for e in worst))
+    if result.sparsity is not None:
+        _print_sparsity(result.sparsity)
     print(f"run {result.run_id} recorded in {store.path}; folder {args.out}")
     return 0
+
+
+def _print_sparsity(outcome) -> None:
+    """What the 2:4 + INT8 rows pruned and, where measured, their speed against FP16."""
+    for report in outcome.reports:
+        skipped = f"; left dense: {', '.join(n for n, _ in report.skipped)}" if report.skipped else ""
+        print(f"2:4 + INT8 rows: {len(report.layers)} layer(s) pruned ({report.method}){skipped}")
+    speed = outcome.speed
+    if speed is None:
+        print(f"2:4 speed: not measured ({outcome.speed_note})")
+        return
+    print(f"2:4 speed (one eval batch, Linear layers on cuSPARSELt, the rest FP16; {speed['timing']}): FP16 {speed['fp16_ms']:.3f} ms, "
+          f"2:4 INT8 {speed['int8_ms']:.3f} ms, {speed['speedup']:.2f}x")

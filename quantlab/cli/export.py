@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--no-placement", action="store_true", help="skip the TensorRT placement pass (residual/Concat/Pad)")
     p.add_argument("--no-check", action="store_true", help="do not run `quantlab check` on the INT8 result")
     p.add_argument("--store", help="record the export in this run store (default: $QUANTLAB_STORE if set, else not recorded)")
+    p.add_argument("--sparsity", choices=["2:4"], default=None,
+                   help="the model is 2:4-pruned (e.g. --weights from `quantlab qat --sparsity 2:4`): check that every layer that "
+                        "holds the pattern in PyTorch still holds it in the exported INT8 weights (exit 1 if not) and print the table")
     p.set_defaults(func=run)
 
 
@@ -43,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         ort_int8=args.ort_int8, ort_reduce_range=args.ort_reduce_range,
         exporter=args.exporter, opset=args.opset, io_dtype=args.io_dtype, dynamic_batch=not args.static_batch,
         placement=not args.no_placement, check=not args.no_check, store=optional_store(args.store),
+        sparsity=args.sparsity,
     )
     result = outcome.result
     print(f"wrote {result.path} ({result.precision}{'/' + result.target if result.target else ''}, opset {result.opset}, "
@@ -67,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
               f"{report.num_weighted_quantized}/{report.num_weighted} weighted ops quantized")
         if report.findings:
             print_table([[f.severity, f.rule, f.node, f.message] for f in report.findings[:20]], ["severity", "rule", "node", "message"])
+    if outcome.sparsity is not None:
+        from quantlab.cli.check import print_sparsity
+
+        print_sparsity(outcome.sparsity.report)
+        if outcome.sparsity.problem:
+            print(outcome.sparsity.problem)
     if outcome.run_id:
         print(f"recorded run {outcome.run_id}")
     return outcome.status

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from quantlab.cli._sparsity import add_sparsity_args, apply_sparsity, validate_sparsity
 from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
 
 
@@ -39,6 +40,7 @@ def register(sub) -> None:
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches")
     p.add_argument("--no-store", action="store_true", help="do not record the run in the run store")
     add_quant_args(p)
+    add_sparsity_args(p)
     p.set_defaults(func=run)
 
 
@@ -61,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             freeze_bn_after=args.freeze_bn_after, seed=args.seed, sync_batchnorm=args.sync_bn,
         )
         model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
+        validate_sparsity(args, model)  # a pattern that matches nothing fails before any training
         train_data = load_data(args.data, batch_size=args.batch_size)
         eval_data = load_data(args.eval, batch_size=args.batch_size)
         calib_data = None
@@ -69,6 +72,17 @@ def run(args: argparse.Namespace) -> int:
             # Each rank calibrates on its share of the first --calib-batches batches; prepare()
             # merges the statistics exactly, so the ranges equal a one-process run's.
             calib_data = ddp.shard_batches(calib, info.rank, info.world_size, args.calib_batches)
+        prune = None
+        if args.sparsity:
+            # Every rank prunes the same way: sparsegpt sees the same (unsharded) calibration batches.
+            prune_data = load_data(args.calib_data or args.data, batch_size=args.batch_size) if args.sparsity_method == "sparsegpt" else None
+
+            def _prune(m) -> None:
+                summary = apply_sparsity(args, m, prune_data, max_batches=args.calib_batches)
+                if main:
+                    print(summary)
+
+            prune = _prune
         store = None
         if not args.no_store and main:
             from quantlab.store import RunStore
@@ -87,14 +101,15 @@ def run(args: argparse.Namespace) -> int:
                 train_config=train_config, learn_amax=args.learn_amax, weight_ranges=args.weight_ranges,
                 fold_bn=args.fold_bn, metric=args.metric, eval_max_batches=args.eval_batches, resume=args.resume,
                 store=store, describe={"model": args.model, "data": args.data, "eval_data": args.eval},
-                progress=progress,
+                progress=progress, prune=prune,
             )
         if main:
             m = result.metric
+            label = "2:4 + int8" if result.sparse else "int8"
             print_table(
                 [["fp32", "-", f"{result.fp32:.4g}", "-"],
-                 ["int8", f"ptq ({result.calibrator})", f"{result.ptq:.4g}", f"{result.ptq - result.fp32:+.3g}"],
-                 ["int8", "qat", f"{result.qat:.4g}", f"{result.qat - result.fp32:+.3g}"]],
+                 [label, f"ptq ({result.calibrator})", f"{result.ptq:.4g}", f"{result.ptq - result.fp32:+.3g}"],
+                 [label, "qat", f"{result.qat:.4g}", f"{result.qat - result.fp32:+.3g}"]],
                 ["precision", "source", m, "delta"],
             )
             t = result.train

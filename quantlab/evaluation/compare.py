@@ -97,6 +97,9 @@ class CompareResult:
         eval_batches: Number of eval batches used.
         settings: What was measured and how (metric, task, calibrators, precisions,
             batch counts, quantization config): the compare job records it as the run's config.
+        sparsity: What the "2:4 + INT8" rows did (pruning reports, GPU speed): a
+            :class:`quantlab.sparsity.compare.SparseOutcome`, set by the compare job when
+            asked for those rows (None otherwise).
     """
 
     rows: List[ResultRow]
@@ -109,6 +112,7 @@ class CompareResult:
     run_dir: Optional[Path]
     eval_batches: int
     settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    sparsity: Any = None
 
     def value(self, precision: str, calibrator: Optional[str] = None, metric: Optional[str] = None) -> float:
         """The value of ``metric`` (default primary) for a precision (and calibrator)."""

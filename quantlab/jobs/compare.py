@@ -5,6 +5,11 @@ model, data and metric, so bad input leaves the store and the run folder
 untouched; each configuration's rows are recorded as they are measured. The run
 folder holds ``run.json`` (how to redo it), ``scales.<calibrator>.json`` and
 ``results.json``.
+
+With ``sparsity`` (a :class:`quantlab.sparsity.compare.SparseCompare`) the run also
+gets "2:4 + INT8" rows (source ``sparse``: a pruned, calibrated copy per calibrator)
+and, on a CUDA device with cuSPARSELt, ``latency_ms`` rows of FP16 against the 2:4
+INT8 model, all recorded in the same run.
 """
 from __future__ import annotations
 
@@ -18,10 +23,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 from torch import nn
 
 from quantlab._io import write_text_atomic
-from quantlab.evaluation.compare import CompareResult, ResultRow, compare
+from quantlab.errors import ConfigError
+from quantlab.evaluation.compare import PRECISIONS, CompareResult, ResultRow, compare, parse_precisions
 from quantlab.evaluation.layers import LayerError
 from quantlab.jobs.description import RunDescription, RunKind
 from quantlab.jobs.recorder import RecordedRun, Recorder
+from quantlab.sparsity.compare import SOURCE as SPARSE_SOURCE
+from quantlab.sparsity.compare import SparseCompare, SparseOutcome, measure_sparse_speed, sparse_candidates
 
 OpenRun = Callable[[Dict[str, Any]], RecordedRun]
 
@@ -62,6 +70,7 @@ def run_compare(
     store: Any = None,
     run_dir: Optional[Union[str, Path]] = None,
     describe: Optional[Dict[str, Any]] = None,
+    sparsity: Optional[SparseCompare] = None,
     **options: Any,
 ) -> CompareResult:
     """Compares FP32/FP16/INT8 (see :func:`quantlab.evaluation.compare.compare` for ``options``) and records it.
@@ -73,6 +82,8 @@ def run_compare(
         run_dir: Run folder for run.json, scales and results.json (None: not written).
         describe: Strings recorded with the run: ``model``, ``data``, ``eval_data``,
             ``name`` and anything else for ``run.json`` (the CLI passes its specs).
+        sparsity: Add "2:4 + INT8" rows (and their GPU speed where measurable); what
+            they did is ``result.sparsity`` (a :class:`~quantlab.sparsity.compare.SparseOutcome`).
         options: ``metric``, ``task``, ``calibrators``, ``precisions``, ``config``,
             ``calib_batches``, ``eval_batches``, ``calibrator_params``, ``layer_batches``,
             ``extra_candidates``, ``progress``.
@@ -82,19 +93,27 @@ def run_compare(
 
     Raises:
         EvaluationError / MetricError: the model, data or metric do not fit (before anything is recorded).
+        ConfigError / SparsityError: 2:4 rows without INT8, or a selection that cannot be pruned
+            (before anything is recorded).
     """
+    describe = dict(describe or {})
+    if sparsity is not None:
+        if "int8" not in parse_precisions(options.get("precisions", PRECISIONS)):
+            raise ConfigError("2:4 sparsity adds 2:4 + INT8 rows: keep int8 in the precisions")
+        sparsity.validate(model)
+        describe.update(sparsity.settings())
     if store is None:
         from quantlab.store import RunStore
 
         store = RunStore()
     recorder = Recorder(store)
-    describe = dict(describe or {})
     with contextlib.ExitStack() as stack:
 
         def open_run(settings: Dict[str, Any]) -> RecordedRun:
             return stack.enter_context(recorder.run(description(model, settings, describe, run_dir)))
 
-        return compare_into(open_run, model, calib_data, eval_data, run_dir=run_dir, describe=describe, **options)
+        return compare_into(open_run, model, calib_data, eval_data, run_dir=run_dir, describe=describe,
+                            sparsity=sparsity, **options)
 
 
 def compare_into(
@@ -106,6 +125,7 @@ def compare_into(
     run_dir: Optional[Union[str, Path]],
     describe: Dict[str, Any],
     record_progress: bool = True,
+    sparsity: Optional[SparseCompare] = None,
     **options: Any,
 ) -> CompareResult:
     """Measures and records into the run ``open_run(settings)`` gives once the reference pass validated the input.
@@ -114,6 +134,12 @@ def compare_into(
     already records (``record_progress=False``: its own progress covers compare's share).
     """
     run: Optional[RecordedRun] = None
+    sparse: Optional[SparseOutcome] = None
+    pruned: List[nn.Module] = []
+    if sparsity is not None:
+        sparse = SparseOutcome()
+        options["extra_candidates"] = _with_sparse_rows(options.get("extra_candidates"), model, calib_data, sparsity,
+                                                        sparse, pruned, options)
 
     def on_reference(settings: Dict[str, Any]) -> None:
         nonlocal run
@@ -128,11 +154,48 @@ def compare_into(
         run.layer_stats([e.to_row(calibrator) for e in errors])
 
     result = compare(model, calib_data, eval_data, on_reference=on_reference, on_rows=on_rows, on_layers=on_layers, **options)
+    if sparse is not None:
+        if pruned and sparsity.measure_speed:
+            # The kept copy holds the last calibrator's ranges (its rows were evaluated in order).
+            calibrator = next((r.calibrator for r in reversed(result.rows) if r.source == SPARSE_SOURCE), None)
+            measured = measure_sparse_speed(pruned[0], eval_data, calibrator)
+            sparse.speed, sparse.speed_note, sparse.rows = measured.speed, measured.speed_note, measured.rows
+            run.results(sparse.rows)
+            result.rows.extend(ResultRow(**row) for row in sparse.rows)
+        pruned.clear()
+        result.sparsity = sparse
     result.run_id = run.run_id
     result.run_dir = Path(run_dir) if run_dir is not None else None
     if result.run_dir is not None:
         write_run_folder(result, run, run_config(result.settings, describe), describe)
     return result
+
+
+def _with_sparse_rows(
+    extra: Optional[Callable[[Any], Iterable[Any]]],
+    model: nn.Module,
+    calib_data: Optional[Iterable[Any]],
+    sparsity: SparseCompare,
+    outcome: SparseOutcome,
+    pruned: List[nn.Module],
+    options: Dict[str, Any],
+) -> Callable[[Any], Iterable[Any]]:
+    """compare's ``extra_candidates``: the caller's own (if any), then a 2:4 + INT8 candidate per calibrator."""
+    from quantlab.ptq import parse_calibrators
+
+    sparse = sparse_candidates(
+        model, calib_data, calibrators=parse_calibrators(options.get("calibrators", "all")), method=sparsity.method,
+        include=sparsity.include, exclude=sparsity.exclude, config=options.get("config"),
+        calib_batches=options.get("calib_batches"), calibrator_params=options.get("calibrator_params"),
+        reports=outcome.reports, keep=pruned if sparsity.measure_speed else None,
+    )
+
+    def candidates(ptq: Any) -> Iterable[Any]:
+        if extra is not None:
+            yield from extra(ptq)
+        yield from sparse(ptq)
+
+    return candidates
 
 
 def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, Any], describe: Dict[str, Any]) -> None:

@@ -83,6 +83,15 @@ def check_onnx(path: str) -> Dict[str, Any]:
     return data
 
 
+def onnx_sparsity(path: str) -> Dict[str, Any]:
+    """How many weighted layers of an ONNX file are eligible for 2:4 sparse kernels and hold the pattern."""
+    from quantlab.sparsity.check import check_onnx_sparsity
+
+    report = check_onnx_sparsity(path)
+    return {"layers": len(report.layers), "eligible": sum(layer.eligible for layer in report.layers),
+            "compliant": len(report.compliant)}
+
+
 def check_markdown(report: Dict[str, Any]) -> str:
     """The check report as Markdown (the artifact users download)."""
     lines = [
@@ -129,14 +138,17 @@ class ExportOutcome:
     Attributes:
         result: The :class:`quantlab.export.result.ExportResult`.
         check: The ``check`` report of an INT8 TensorRT export (None when not checked).
-        status: 0, or 1 when the check found errors.
+        status: 0, or 1 when the check found errors (or a 2:4 export lost the pattern).
         run_id: The recorded run (None when not recorded).
+        sparsity: With ``sparsity="2:4"``: the :class:`quantlab.sparsity.check.ExportSparsity`
+            (the file's per-layer 2:4 verdicts and the layers that lost the pattern).
     """
 
     result: Any
     check: Any = None
     status: int = 0
     run_id: Optional[str] = None
+    sparsity: Any = None
 
 
 def run_export(
@@ -160,17 +172,23 @@ def run_export(
     placement: bool = True,
     check: bool = True,
     store: Any = None,
+    sparsity: Optional[str] = None,
 ) -> ExportOutcome:
     """Exports ``model_spec`` (INT8 from ``scales``, or FP16/FP32) to ``out``; checks an INT8 TensorRT export.
 
     Recorded as an ``export`` run when ``store`` is given; a check with errors
-    records the run failed (and returns status 1) without raising.
+    records the run failed (and returns status 1) without raising. With
+    ``sparsity="2:4"`` (a 2:4-pruned model, e.g. ``--weights`` from ``quantlab qat
+    --sparsity 2:4``) every layer that holds the pattern in PyTorch must hold it in
+    the exported weights too (else status 1 and the run failed, the same way).
 
     Raises:
         ValueError: contradictory options (before the model is loaded).
     """
     from quantlab.model_source import load_model
 
+    if sparsity not in (None, "2:4"):
+        raise ValueError(f"sparsity {sparsity!r}: only 2:4 is supported")
     if precision == "int8" and not scales:
         raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`)")
     if precision != "int8" and target != "tensorrt":
@@ -184,6 +202,8 @@ def run_export(
     common = dict(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch)
     config = {"precision": precision, "target": target if precision == "int8" else None,
               "scales": scales, "exporter": exporter, "opset": opset, "out": str(out)}
+    if sparsity:
+        config["sparsity"] = sparsity
     if precision == "int8" and target == "ort-cpu":
         from quantlab.runtimes.onnxruntime.forms import resolve_form
 
@@ -209,12 +229,21 @@ def run_export(
             from quantlab.export.check import check_model
 
             outcome.check = check_model(result.path)
-            outcome.status = 1 if outcome.check.errors else 0
+        failures = []
+        if outcome.check is not None and outcome.check.errors:
+            failures.append(f"quantlab check found {len(outcome.check.errors)} error(s) in {result.path}")
+        if sparsity:
+            from quantlab.sparsity.check import check_export_sparsity
+
+            outcome.sparsity = check_export_sparsity(model, result.path)
+            if outcome.sparsity.problem:
+                failures.append(outcome.sparsity.problem)
+        outcome.status = 1 if failures else 0
         run.artifact("onnx", result.path)
         if result.sidecar:
             run.artifact("report", result.sidecar)
-        if outcome.status:
-            run.fail(f"quantlab check found {len(outcome.check.errors)} error(s) in {result.path}")
+        if failures:
+            run.fail("; ".join(failures))
     return outcome
 
 
@@ -326,4 +355,4 @@ def build_engine(store: Any, run_id: Optional[str], onnx_path: str, plan_path: s
 
 
 __all__ = ["CACHE_TRT_VERSION", "ExportOutcome", "build_engine", "check_markdown", "check_onnx", "example_inputs",
-           "export_artifacts", "export_qdq", "export_recorded_run", "first_inputs", "run_export", "write_calibration_cache"]
+           "export_artifacts", "export_qdq", "export_recorded_run", "first_inputs", "onnx_sparsity", "run_export", "write_calibration_cache"]

@@ -18,6 +18,7 @@ from quantlab.qat import ddp
 from quantlab.qat.loop import TrainConfig, TrainProgress
 from quantlab.qat.run import DEFAULT_METRIC, QATRunResult, read_resumable
 from quantlab.qat.run import run_qat as train_and_measure
+from quantlab.sparsity.mask import masked_layers
 
 # Progress is recorded about this many times over a run (a step can take milliseconds).
 PROGRESS_WRITES = 50
@@ -40,6 +41,7 @@ def run_qat(
     weight_ranges: str = "recompute",
     fold_bn: bool = False,
     quant_config: Optional[QuantConfig] = None,
+    prune: Optional[Callable[[nn.Module], Any]] = None,
     **options: Any,
 ) -> QATRunResult:
     """Runs QAT (see :func:`quantlab.qat.run.run_qat` for the other ``options``) and records it.
@@ -48,6 +50,9 @@ def run_qat(
         store: A :class:`quantlab.store.RunStore` to record the run in (rank 0), or None.
         describe: ``model``, ``data``, ``eval_data`` strings for the record.
         progress: ``progress(TrainProgress)`` after each step.
+        prune: ``prune(model)`` makes the model 2:4-sparse after the dense FP32 reference is
+            measured (sparse QAT: the INT8 rows are recorded as ``sparse`` / ``sparse-qat``,
+            the run's config says ``"sparsity": "2:4"``; see :func:`quantlab.qat.run.run_qat`).
 
     Raises:
         QATError: nothing to resume, or a resumed run measured another metric
@@ -65,6 +70,7 @@ def run_qat(
         eval_data=describe.get("eval_data"), run_dir=str(out),
         config={"train": train_config.to_dict(), "learn_amax": learn_amax, "weight_ranges": weight_ranges,
                 "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric,
+                "sparsity": "2:4" if (prune is not None or masked_layers(model)) else None,
                 "quant_config": quant_config.to_dict() if quant_config else None},
     )
     adopt = previous_id if recorder.knows(previous_id) else None  # a resumed run whose record is gone: record it anew
@@ -79,7 +85,7 @@ def run_qat(
         outcome = train_and_measure(
             model, train_data, eval_data, out_dir=out, train_config=train_config, metric=metric, resume=resume,
             calibrator=calibrator, learn_amax=learn_amax, weight_ranges=weight_ranges, fold_bn=fold_bn,
-            quant_config=quant_config, run_id=run.run_id if main else None, progress=report, **options,
+            quant_config=quant_config, run_id=run.run_id if main else None, progress=report, prune=prune, **options,
         )
         if main:
             run.results(outcome.rows())

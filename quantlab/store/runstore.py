@@ -31,7 +31,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 RUN_KINDS = ("calibrate", "compare", "sensitivity", "autoprecision", "qat", "export")
 STATUSES = ("running", "done", "failed")
 PRECISIONS = ("fp32", "fp16", "int8")
-SOURCES = ("ptq", "qat", "mixed")
+SOURCES = ("ptq", "qat", "mixed", "sparse", "sparse-qat")  # sparse: 2:4 + INT8 (quantlab.sparsity)
 
 _RESULT_KEYS = {"precision", "calibrator", "source", "metric", "value", "delta", "seconds"}
 _LAYER_KEYS = {

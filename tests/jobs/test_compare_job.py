@@ -45,3 +45,50 @@ def test_a_failure_after_the_run_started_marks_it_failed(planted, tmp_path):
         run_compare(model, calib, evaluation, calibrators="max", store=store, extra_candidates=broken)
     (run,) = store.list_runs()
     assert run["status"] == "failed" and "eval batch 0" in run["error"]
+
+
+def test_sparse_rows_and_the_measured_speed_are_recorded_in_the_run(planted, tmp_path, monkeypatch):
+    """2:4 + INT8 rows through the job's recorder; the speed rows where a GPU measured them (the
+    measurement itself needs cuSPARSELt on a GPU: stubbed here, the glue around it is real)."""
+    from quantlab.runtimes.cusparselt import library, speed
+    from quantlab.sparsity.compare import SparseCompare
+    from quantlab.sparsity.mask import masked_layers
+
+    timed = []
+    monkeypatch.setattr("quantlab.sparsity.compare.model_device", lambda m: torch.device("cuda"))
+    monkeypatch.setattr(library, "load_library", lambda: object())
+    monkeypatch.setattr(speed, "measure_speedup", lambda model, inputs: timed.append(model) or
+                        {"fp16_ms": 3.0, "int8_ms": 1.5, "speedup": 2.0, "timing": "graph/graph"})
+    model, calib, evaluation = planted
+    store = RunStore(tmp_path / "runs.sqlite")
+    result = run_compare(model, calib, evaluation, calibrators="max,percentile", precisions="fp32,int8", layer_batches=0,
+                         store=store, run_dir=tmp_path / "run", sparsity=SparseCompare(exclude=("head",)))
+    assert not masked_layers(model)  # pruned a copy
+    (pruned,) = timed
+    assert masked_layers(pruned) == ["fc1", "bad", "fc3"]
+    (report,) = result.sparsity.reports
+    assert report.layers and result.sparsity.speed["speedup"] == 2.0 and result.sparsity.speed_note is None
+    rows = {(r["precision"], r["calibrator"], r["source"], r["metric"]): r["value"] for r in store.results(result.run_id)}
+    assert {k[:3] for k in rows if k[3] == "top1"} == {("fp32", None, "ptq"), ("int8", "max", "ptq"), ("int8", "percentile", "ptq"),
+                                                       ("int8", "max", "sparse"), ("int8", "percentile", "sparse")}
+    # The timed copy holds the last calibrator's ranges: its latency row says so.
+    assert {k: v for k, v in rows.items() if k[3] == "latency_ms"} == {
+        ("fp16", None, "ptq", "latency_ms"): 3.0, ("int8", "percentile", "sparse", "latency_ms"): 1.5}
+    run = store.get_run(result.run_id)
+    assert run["status"] == "done" and run["config"]["sparsity"] == "2:4" and run["config"]["sparsity_method"] == "magnitude"
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert len(saved["rows"]) == len(store.results(result.run_id))
+
+
+def test_sparse_rows_need_int8_and_a_prunable_selection_before_anything_is_recorded(planted, tmp_path):
+    from quantlab.errors import ConfigError
+    from quantlab.sparsity.compare import SparseCompare
+    from quantlab.sparsity.errors import SparsityError
+
+    model, calib, evaluation = planted
+    store = RunStore(tmp_path / "runs.sqlite")
+    with pytest.raises(ConfigError, match="keep int8"):
+        run_compare(model, calib, evaluation, precisions="fp32,fp16", store=store, sparsity=SparseCompare())
+    with pytest.raises(SparsityError, match="'encoder.*' matches no prunable layer"):
+        run_compare(model, calib, evaluation, store=store, sparsity=SparseCompare(include=("encoder.*",)))
+    assert store.list_runs() == []

@@ -184,3 +184,40 @@ def test_statistics_pass_runs_every_module_in_eval_mode_and_restores_each():
     assert not any(modes[0])
     assert torch.equal(model[1].running_mean, before)
     assert [m.training for m in model] == [False, True, False]
+
+
+def test_remove_quantizers_on_a_deep_copy_leaves_the_original_quantized_and_working():
+    # torch.nn.utils.parametrize shares the Parametrized* class between a module and its deep
+    # copies; removing the copy's weight quantizer must not take the original's weight with it.
+    x = torch.randn(6, 4)
+    model = calibrate_on(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), [x])
+    before, fake_weight = model(x), model[0].weight.detach().clone()
+    clone = copy.deepcopy(model)
+    ql.remove_quantizers(clone)
+    assert type(clone[0]) is nn.Linear and not ql.is_quantized(clone) and ql.get_config(clone) is None
+    assert ql.is_quantized(model) and ql.get_config(model) is not None
+    assert torch.equal(model[0].weight, fake_weight) and torch.equal(model(x), before)
+    # ... and the other way round: the original's removal leaves a copy quantized.
+    other = copy.deepcopy(model)
+    ql.remove_quantizers(model)
+    assert type(model[0]) is nn.Linear and ql.is_quantized(other) and torch.equal(other(x), before)
+
+
+def test_a_model_calibrated_with_device_statistics_deep_copies():
+    # On CUDA the statistics collectors hold the fused kernels' launcher (ctypes pointers, which
+    # copy.deepcopy refuses); simulated on the CPU, where it is absent (test_statistics_cuda: the real one).
+    import ctypes
+
+    from quantlab.statistics import _DeviceAccumulator
+
+    x = torch.randn(6, 4)
+    model = calibrate_on(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), [x])
+    for ref in ql.iter_quantizers(model):
+        if ref.quantizer.collector is not None:
+            spare = _DeviceAccumulator(ref.quantizer.num_bins, x)
+            spare._kernels = ctypes.c_void_p(1)  # deepcopy refuses it
+            ref.quantizer.collector._spare = spare
+    clone = copy.deepcopy(model)
+    assert torch.equal(clone(x), model(x))
+    assert ql.collected_statistics(clone).keys() == ql.collected_statistics(model).keys()
+    assert all(r.quantizer.collector is None or r.quantizer.collector._spare is None for r in ql.iter_quantizers(clone))

@@ -227,3 +227,49 @@ def test_flush_all_reads_back_once_and_equals_flushing_one_by_one():
     with pytest.raises(NonFiniteActivationError, match="'layer2'"):
         flush_all(made)
     assert made[0]._device is None and made[1]._device is None and made[3]._device is not None
+
+
+# -- deep copies (a model calibrated on a GPU is copied, e.g. by compare or the 2:4 speed runner) --------
+class _KernelHandle:
+    """Stands in for the fused CUDA kernels' launcher on the CPU: it holds ctypes pointers, as
+    quantlab.kernels.histogram_cuda.FusedHistogram does, so copy.deepcopy refuses it."""
+
+    def __init__(self):
+        import ctypes
+
+        self.pointer = ctypes.c_void_p(1)
+
+
+def test_deepcopy_of_a_collector_with_pending_device_batches_skips_the_kernel_handle():
+    import copy
+
+    from quantlab.statistics import _DeviceAccumulator
+
+    batches = DEVICE_PATH_CASES["post-ReLU, shrinking and growing"]
+    c = collect_with(batches[:2], sync_free=True)
+    c._device._kernels = _KernelHandle()  # what a collector fed on CUDA holds
+    c._spare = _DeviceAccumulator(2048, batches[0])
+    c._spare._kernels = _KernelHandle()
+    with pytest.raises(ValueError, match="ctypes"):
+        copy.deepcopy(c._device.__dict__)  # the handle itself cannot be copied
+    clone = copy.deepcopy(c)
+    assert clone._device is not None and clone._device._kernels is None  # rebuilt for its own tensors (none on the CPU)
+    assert clone._spare is None and clone._device.counts is not c._device.counts
+    assert clone.num_batches == c.num_batches == 2  # still pending in both: nothing was read back
+    for batch in batches[2:]:
+        clone.update(batch)
+    whole, first_two = collect_with(batches, False).stats(), collect_with(batches[:2], False).stats()
+    assert torch.equal(clone.stats().counts, whole.counts) and clone.stats().amax == whole.amax
+    c._device._kernels = None  # the original's own state, untouched by the copy
+    assert torch.equal(c.stats().counts, first_two.counts) and c.num_batches == 2
+
+
+def test_deepcopy_keeps_a_pending_non_finite_value_pending_in_both():
+    import copy
+
+    c = HistogramCollector(128, name="blocks.0", sync_free=True)
+    c.update(torch.tensor([1.0, float("nan")]))
+    clone = copy.deepcopy(c)
+    for each in (clone, c):
+        with pytest.raises(NonFiniteActivationError, match=r"blocks\.0"):
+            each.stats()

@@ -256,3 +256,28 @@ def test_graphs_stay_off_with_foreign_hooks_or_several_devices(kernels):
     model.head.cpu()
     with graphed_forward(model) as graphed:
         assert graphed is None
+
+
+def test_deepcopy_of_collectors_fed_on_cuda(kernels):
+    import copy
+
+    from torch import nn
+
+    import quantlab as ql
+
+    batches = cases()["post-ReLU, growing and shrinking range"]
+    c = collect(batches[:2], True, device="cuda")
+    assert c._device._kernels is not None  # the fused kernels' launcher: ctypes pointers into c's state
+    clone = copy.deepcopy(c)
+    assert clone._device._kernels is not None and clone._device._kernels is not c._device._kernels
+    for x in batches[2:]:
+        clone.update(x.cuda())  # through the copy's own launcher, into the copy's own tensors
+    whole, first_two = collect(batches, False).stats(), collect(batches[:2], False).stats()
+    assert torch.equal(clone.stats().counts.cpu(), whole.counts) and clone.stats().amax == whole.amax
+    assert torch.equal(c.stats().counts.cpu(), first_two.counts) and c.num_batches == 2
+    # A model calibrated on the GPU deep-copies (its collectors keep emptied device states for reuse).
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).cuda()
+    x = torch.randn(16, 64, device="cuda")
+    ql.quantize(model, ql.int8_config("max"), forward_loop=lambda m: m(x))
+    twin = copy.deepcopy(model)
+    assert torch.equal(twin(x), model(x))

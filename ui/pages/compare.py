@@ -1,5 +1,6 @@
-"""Compare: the metric for FP32, FP16 and INT8 per calibrator (and QAT / mixed runs) of a run,
-deltas vs FP32 judged against a tolerance you set; optionally a second run side by side."""
+"""Compare: the metric for FP32, FP16 and INT8 per calibrator (and QAT / mixed / 2:4 sparse runs) of a run,
+deltas vs FP32 judged against a tolerance you set; 2:4 + INT8 rows with their measured GPU speed where
+recorded; optionally a second run side by side."""
 import pandas as pd
 import streamlit as st
 
@@ -18,7 +19,7 @@ with top[0]:
     run = components.select_run(runs, key="compare-run")
 results = data.results(run)
 related = data.related_results(run)
-if related and st.toggle(f"Include {len({r['run_id'] for r in related})} QAT / mixed-precision run(s) on the same model and eval data",
+if related and st.toggle(f"Include {len({r['run_id'] for r in related})} QAT / mixed-precision / 2:4 run(s) on the same model and eval data",
                          value=True, key=f"compare-related-{run['id']}"):
     results = results + related
 metrics = list(dict.fromkeys(r["metric"] for r in results))
@@ -79,6 +80,22 @@ with right:
     st.subheader(f"{metric} by configuration")
     st.caption("Dashed navy: FP32; dashed red: the tolerance limit.")
     st.altair_chart(charts.metric_chart(judged, metric, reference=fp32, tolerance=tolerance, higher_is_better=higher), width="stretch")
+sparse = summaries.sparse_summary(results, metric)
+if not sparse.empty:
+    st.subheader("2:4 structured sparsity + INT8")
+    st.caption(
+        f"{metric} of the 2:4-pruned INT8 model (one-shot pruning + PTQ, and after sparse QAT where a QAT run is included) "
+        "and its measured latency vs FP16 on one eval batch. Latency is measured only on an NVIDIA GPU with cuSPARSELt "
+        "(`quantlab compare --sparsity 2:4 --device cuda`); '-' means not measured for this run. TensorRT itself was not run."
+    )
+    st.dataframe(
+        sparse.rename(columns={"label": "configuration", "value": metric, "delta": "Δ vs FP32"}), hide_index=True, key="compare-sparse",
+        column_config={metric: st.column_config.NumberColumn(format="%.4f"), "Δ vs FP32": st.column_config.NumberColumn(format="%+.4f"),
+                       "latency_ms": st.column_config.NumberColumn("2:4 INT8 ms", format="%.3f"),
+                       "fp16_latency_ms": st.column_config.NumberColumn("FP16 ms", format="%.3f"),
+                       "speedup_vs_fp16": st.column_config.NumberColumn("speed-up vs FP16", format="%.2fx")},
+    )
+
 st.subheader("Δ vs FP32")
 st.caption(f"Dashed red: the tolerance limit ({'−' if higher else '+'}{tolerance:g}); grey: no change.")
 st.altair_chart(charts.delta_chart(judged, tolerance=tolerance, higher_is_better=higher), width="stretch")

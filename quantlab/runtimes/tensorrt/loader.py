@@ -69,6 +69,9 @@ class BuildOptions:
         tf32: Allow TF32 for FP32 layers (TensorRT's default); False gives a true FP32 baseline.
         strongly_typed: Set the STRONGLY_TYPED network flag (required on 10.x, implied on 11).
         verbose: TensorRT logger at VERBOSE instead of WARNING.
+        sparse_weights: Let TensorRT use 2:4 sparse kernels for weights that hold the pattern
+            (``BuilderFlag.SPARSE_WEIGHTS``, trtexec ``--sparsity=enable``). Written against
+            TensorRT's documented API; not verified here (no TensorRT on these machines).
     """
 
     min_batch: int = 1
@@ -79,6 +82,7 @@ class BuildOptions:
     tf32: bool = True
     strongly_typed: bool = True
     verbose: bool = False
+    sparse_weights: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -139,7 +143,7 @@ def trtexec_command(onnx_path: Union[str, Path], plan_path: Union[str, Path], op
     Args:
         onnx_path: The ONNX model (Q/DQ INT8, FP16 or FP32).
         plan_path: Where trtexec saves the engine.
-        options: Profile, workspace, timing cache, TF32.
+        options: Profile, workspace, timing cache, TF32, 2:4 sparse weights.
         trt_major: 10 adds ``--stronglyTyped`` (TensorRT 11 is always strongly typed).
     """
     cmd = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path}"]
@@ -155,6 +159,8 @@ def trtexec_command(onnx_path: Union[str, Path], plan_path: Union[str, Path], op
         cmd.append(f"--timingCacheFile={options.timing_cache}")
     if not options.tf32:
         cmd.append("--noTF32")
+    if options.sparse_weights:
+        cmd.append("--sparsity=enable")  # 2:4 sparse kernels where the weights hold the pattern (unverified here)
     return cmd
 
 
@@ -211,6 +217,8 @@ def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], optio
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     if not options.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
+    if options.sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     shapes = profile_shapes(onnx_path, options)
     if any(s[0] != s[2] for s in shapes.values()):
         profile = builder.create_optimization_profile()

@@ -117,6 +117,14 @@ def prepare(
     """
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise QATError("prepare the model before wrapping it in DistributedDataParallel (pass model.module)")
+    from quantlab.graph_models import CAPTURED_ATTR
+
+    if hasattr(model, CAPTURED_ATTR):
+        raise QATError(
+            f"{getattr(model, CAPTURED_ATTR)}: an exported program or TorchScript model is captured in inference mode "
+            "(BatchNorm uses running statistics, no train mode): QAT needs the trainable Python model "
+            "(--model file.py:factory --weights state_dict.pt); calibrate, compare and export work on this file"
+        )
     if weight_ranges not in WEIGHT_RANGES:
         raise QATError(f"weight_ranges must be one of {', '.join(WEIGHT_RANGES)}, got {weight_ranges!r}")
     if freeze_bn_after is not None and freeze_bn_after < 0:

@@ -18,6 +18,7 @@ from quantlab.functional import amax_of_weight
 from quantlab.scales import QuantizerScale, Scales, choose_amax
 from quantlab.statistics import HistogramCollector
 from quantlab.tensor_quantizer import QuantizerMode
+from quantlab.validation.model_ranges import zero_weight_range_problems
 
 _CONFIG_ATTR = "_quantlab_config"
 
@@ -139,6 +140,7 @@ def apply_calibrator(model: nn.Module, calibrator: str, params: Dict[str, Any],
             raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
         ref.quantizer.mode = QuantizerMode.QUANTIZE
     unreached: List[str] = []
+    zero_range: List[str] = []
     statistics: Dict[str, HistogramStats] = {}
     for ref in refs:
         q = ref.quantizer
@@ -158,8 +160,19 @@ def apply_calibrator(model: nn.Module, calibrator: str, params: Dict[str, Any],
             statistics[ref.module_name] = stats
         if not math.isfinite(amax):
             raise CalibrationError(f"calibrator {calibrator!r} chose amax {amax} for the input of '{ref.module_name}'")
+        if not amax > 0:  # only zeros seen: a zero range would quantize every value to 0 (validation/numeric.py)
+            zero_range.append(ref.module_name)
+            q.set_mode(QuantizerMode.OFF)
+            continue
         q.set_amax(float(amax))
         q.mode = QuantizerMode.QUANTIZE  # amax checked finite on the host just above
+    if zero_range:
+        warnings.warn(
+            f"{len(zero_range)} quantized layer(s) saw only zeros at their input during calibration and keep "
+            "floating-point inputs (a zero range would turn every value into 0): "
+            + ", ".join(zero_range[:10]) + (" ..." if len(zero_range) > 10 else ""),
+            stacklevel=2,
+        )
     if unreached:
         warnings.warn(
             f"{len(unreached)} quantized layer(s) received no calibration data and keep floating-point inputs: "
@@ -240,6 +253,8 @@ def load_scales(model: nn.Module, scales: Union[str, Path, Scales], *, strict: b
         got = (len(entry.amax),) if isinstance(entry.amax, list) else ()
         if got != expected:
             problems.append(f"'{key}': scales hold {got or 'one value'} but the layer needs {expected or 'one value'}")
+        elif ref.role == "weight":
+            problems += zero_weight_range_problems(key, entry.amax, ref.module, ref.quantizer.spec)
     floats = set(scales.float_layers)
     unknown_floats = sorted(floats - {r.module_name for r in refs.values()})
     problems += [f"float layer '{m}' is not a quantized layer of the model" for m in unknown_floats]

@@ -9,6 +9,7 @@ from typing import Optional
 from quantlab.cli.common import (
     add_model_args,
     add_quant_args,
+    load_cli_model,
     calibrator_params_from_args,
     print_table,
     progress_bar,
@@ -44,12 +45,11 @@ def _calibrate(args: argparse.Namespace, info) -> int:
     from quantlab import distributed
     from quantlab._io import write_text_atomic
     from quantlab.data import load_data
-    from quantlab.model_source import load_model
     from quantlab.ptq import parse_calibrators, run_ptq
 
     names = parse_calibrators(args.calibrators)  # validate before any expensive work
     device = distributed.default_device(info, args.device) if info.distributed else args.device
-    model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
+    model = load_cli_model(args, args.data, device=device)
     data = load_data(args.data, batch_size=args.batch_size)
     shard = distributed.shard_batches(data, info.rank, info.world_size, args.max_batches)
     try:

@@ -13,6 +13,28 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the factory puts the model)")
 
 
+def example_batch(spec: str):
+    """The inputs of the first batch (2 samples) of a data spec; keyword inputs lose their labels."""
+    from quantlab.batching import split_batch
+    from quantlab.data import load_data
+
+    batch = next(iter(load_data(spec, batch_size=2)))
+    inputs, _ = split_batch(batch)
+    if isinstance(inputs, dict):  # keyword inputs: labels are for the loss, not the graph
+        inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    return inputs
+
+
+def load_cli_model(args: argparse.Namespace, example_data: Optional[str], device=None, example=None):
+    """``load_model`` for --model/--weights/--device; a TorchScript file gets its example batch from ``example_data``."""
+    from quantlab.model_source import is_torchscript_spec, load_model
+
+    if example is None and example_data and is_torchscript_spec(args.model):
+        example = example_batch(example_data)
+    device = device if device is not None else args.device
+    return load_model(args.model, weights=args.weights, device=str(device) if device is not None else None, example_inputs=example)
+
+
 def add_quant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include", action="append", default=None, help="module-name pattern to quantize (repeatable; default *)")
     parser.add_argument("--exclude", action="append", default=[], help="module-name pattern to keep in floating point (repeatable)")

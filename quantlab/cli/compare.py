@@ -4,7 +4,14 @@ from __future__ import annotations
 import argparse
 
 from quantlab.cli._runs_common import StageProgress, add_store_arg, fmt, fmt_delta, open_store
-from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
+from quantlab.cli.common import (
+    add_model_args,
+    add_quant_args,
+    calibrator_params_from_args,
+    load_cli_model,
+    print_table,
+    quant_config_from_args,
+)
 
 
 def register(sub) -> None:
@@ -31,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.data import load_data
     from quantlab.evaluation.compare import compare, parse_precisions
     from quantlab.evaluation.tasks import task_for_metric
-    from quantlab.model_source import load_model
     from quantlab.ptq import parse_calibrators
 
     precisions = parse_precisions(args.precisions)  # validate before any expensive work
@@ -39,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     task, metric = task_for_metric(args.metric)
     store = open_store(args)
     # The model first: an examples/ factory module may register the datasets it needs.
-    model = load_model(args.model, weights=args.weights, device=args.device)
+    model = load_cli_model(args, args.data if "int8" in precisions else args.eval)
     calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
     eval_data = load_data(args.eval, batch_size=args.batch_size)
     describe = {

@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from quantlab.cli.common import add_model_args, print_table
+from quantlab.cli.common import add_model_args, example_batch, load_cli_model, print_table
 
 
 def register(sub) -> None:
@@ -35,14 +35,7 @@ def example_inputs(args: argparse.Namespace):
     import torch
 
     if args.data:
-        from quantlab.batching import split_batch
-        from quantlab.data import load_data
-
-        batch = next(iter(load_data(args.data, batch_size=2)))
-        inputs, _ = split_batch(batch)
-        if isinstance(inputs, dict):  # keyword inputs: labels are for the loss, not the graph
-            inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        return inputs
+        return example_batch(args.data)
     if args.input_shape:
         import re
 
@@ -58,7 +51,7 @@ def example_inputs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.model_source import load_model
+    from quantlab.model_source import is_torchscript_spec
 
     if args.precision == "int8" and not args.scales:
         raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`)")
@@ -66,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--target applies to --precision int8 only")
     out = Path(args.out)
     # The model first: an example module may register the data specs it brings (fortunes:...).
-    model = load_model(args.model, weights=args.weights, device=args.device)
-    inputs = example_inputs(args)
+    # (A TorchScript file needs the example batch to be converted: then it comes first.)
+    early = example_inputs(args) if is_torchscript_spec(args.model) else None
+    model = load_cli_model(args, None, example=early)
+    inputs = early if early is not None else example_inputs(args)
     common = dict(exporter=args.exporter, opset=args.opset, dynamic_batch=not args.static_batch)
     store, run_id = _start_record(args)
     try:

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
+from quantlab.cli.common import (
+    add_model_args,
+    add_quant_args,
+    calibrator_params_from_args,
+    load_cli_model,
+    print_table,
+    quant_config_from_args,
+)
 
 
 def register(sub) -> None:
@@ -45,7 +52,6 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from quantlab.cli.common import progress_bar
     from quantlab.data import load_data
-    from quantlab.model_source import load_model
     from quantlab.qat import ddp
     from quantlab.qat.loop import TrainConfig
     from quantlab.qat.run import run_qat
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
             freeze_bn_after=args.freeze_bn_after, seed=args.seed, sync_batchnorm=args.sync_bn,
         )
-        model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
+        model = load_cli_model(args, args.data, device=device)
         train_data = load_data(args.data, batch_size=args.batch_size)
         eval_data = load_data(args.eval, batch_size=args.batch_size)
         calib_data = None

@@ -72,15 +72,20 @@ def rebuild(info: Dict[str, Any], *, device: Optional[str] = None, need_calib: b
     """
     from quantlab.data import load_data
     from quantlab.evaluation.tasks import batches_of, task_for_metric
-    from quantlab.model_source import load_model
+    from quantlab.model_source import is_torchscript_spec, load_model
 
     if not info.get("model") or not info.get("eval_data"):
         raise RunFolderError(
             f"run {info.get('run_id')} was recorded without model and eval data specs (created from Python?): "
             "rebuild it with the Python API"
         )
-    model = load_model(info["model"], weights=info.get("weights"), device=device or info.get("device"))
     batch_size = int(info.get("batch_size") or 64)
+    example = None
+    if is_torchscript_spec(info["model"]):  # converting TorchScript needs a batch; no factory registers data
+        from quantlab.batching import split_batch
+
+        example = split_batch(next(iter(load_data(info["eval_data"], batch_size=2))))[0]
+    model = load_model(info["model"], weights=info.get("weights"), device=device or info.get("device"), example_inputs=example)
     eval_batches = batches_of(load_data(info["eval_data"], batch_size=batch_size), info.get("eval_batches"))
     metric = info["metric"]
     params = (info.get("task") or {}).get("params") or {}

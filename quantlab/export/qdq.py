@@ -75,6 +75,9 @@ def check_exportable(model: nn.Module) -> List[str]:
             problems.append(f"'{ref.key}' uses the narrow range [-127, 127] for an activation (TensorRT activations use [-128, 127])")
         if ref.role == "input" and spec.axis is not None:
             problems.append(f"'{ref.key}' is per-channel (TensorRT quantizes activations per tensor)")
+        if ref.role == "input" and ref.quantizer.is_calibrated and not bool((ref.quantizer.amax > 0).all()):
+            problems.append(f"'{ref.key}' has range 0 (its calibration saw only zeros): every value would quantize to 0; "
+                            "keep the layer in floating point (quantlab.calibrate does) or recalibrate with data that reaches it")
     if problems:
         raise ExportError("cannot export these quantizers as ONNX Q/DQ: " + "; ".join(problems))
     return sorted({r.module_name for r in refs})

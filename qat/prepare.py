@@ -25,6 +25,7 @@ from quantlab.qat import bn_fold, ddp
 from quantlab.qat.errors import QATError
 from quantlab.qat.quantizer import WEIGHT_RANGES, QATQuantizer, replace_quantizer
 from quantlab.scales import Scales
+from quantlab.validation import check_qat_manifest, read_json_file
 from quantlab.tensor_quantizer import QuantizerMode
 
 _OPTIONS_ATTR = "_quantlab_qat"
@@ -299,16 +300,10 @@ def load(model: nn.Module, out_dir: Union[str, Path], *, strict: bool = True) ->
     """
     out = Path(out_dir)
     manifest_path = out / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QATError(f"{manifest_path}: not found; is {out} a folder written by quantlab.qat.save?") from None
-    except json.JSONDecodeError as exc:
-        raise QATError(f"{manifest_path}: corrupt JSON ({exc.msg})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise QATError(f"{manifest_path}: not a quantlab QAT manifest")
-    if int(manifest.get("version", 0)) > FORMAT_VERSION:
-        raise QATError(f"{manifest_path}: version {manifest.get('version')} is newer than this quantlab reads ({FORMAT_VERSION})")
+    if not manifest_path.is_file():
+        raise QATError(f"{manifest_path}: not found; is {out} a folder written by quantlab.qat.save?")
+    manifest = read_json_file(manifest_path, what="QAT manifest", error=QATError)
+    check_qat_manifest(manifest, str(manifest_path), format_name=FORMAT_NAME, max_version=FORMAT_VERSION, error=QATError)
     weights_path = out / str(manifest.get("weights", WEIGHTS_FILE))
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

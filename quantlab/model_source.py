@@ -98,7 +98,13 @@ def load_model(spec: str, *, weights: Optional[str] = None, device: Optional[str
         ModelLoadError: naming the spec or file.
     """
     from quantlab import graph_models
+    from quantlab.devices import check_device
 
+    if device is not None:
+        try:
+            check_device(device)  # before any import or load: a bad device is known at once
+        except ValueError as exc:
+            raise ModelLoadError(f"--device {exc}") from None
     path = Path(spec)
     if ":" not in spec and path.suffix in GRAPH_SUFFIXES:
         if not path.is_file():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from quantlab.cli.common import device_arg
 from quantlab.cli._runs_common import StageProgress, add_run_arg, add_store_arg, fmt, open_store
 
 
@@ -26,7 +27,7 @@ def register(sub) -> None:
     p.add_argument("--order", choices=("auto", "sensitivity", "proxy"), default="auto",
                    help="layer order: a saved `quantlab sensitivity` ranking, a fresh SQNR-proxied ranking, or auto (saved if present)")
     p.add_argument("--out", default=None, help="output folder (default <run>/autoprecision.<calibrator>)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg, help="cpu, cuda, cuda:1 ... (default: the run's)")
     add_store_arg(p)
     p.set_defaults(func=run)
 

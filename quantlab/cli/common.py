@@ -7,10 +7,20 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 
+def device_arg(text: str) -> str:
+    """argparse type of --device: a device torch knows and this machine has (checked before any work)."""
+    from quantlab.devices import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="file.py:factory, package.module:factory, TorchScript .pt or exported .pt2")
     parser.add_argument("--weights", help="optional state_dict file (loaded with weights_only=True)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the factory puts the model)")
+    parser.add_argument("--device", default=None, type=device_arg, help="cpu, cuda, cuda:1 ... (default: where the factory puts the model)")
 
 
 def example_batch(spec: str):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from quantlab.cli.common import device_arg
 from quantlab.cli._runs_common import StageProgress, add_run_arg, add_store_arg, fmt, open_store
 from quantlab.cli.common import print_table
 
@@ -18,7 +19,7 @@ def register(sub) -> None:
                    help="also evaluate EVERY layer on the same subset and report how well the proxy ranking agrees (expensive)")
     p.add_argument("--full-layers", type=int, default=None,
                    help="with --full: evaluate only N layers, evenly spaced along the proxy order (for models with hundreds of layers)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg, help="cpu, cuda, cuda:1 ... (default: the run's)")
     add_store_arg(p)
     p.set_defaults(func=run)
 

@@ -9,7 +9,6 @@ marked (the statistics come from the scales files).
 from __future__ import annotations
 
 import base64
-import json
 import math
 from html import escape
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from quantlab._io import write_text_atomic
 from quantlab.evaluation import svg
-from quantlab.evaluation.runs import RunFolderError, read_results
+from quantlab.evaluation.runs import RunFolderError, read_results, read_run_file
+from quantlab.validation import check_run_info, check_sensitivity
 from quantlab.evaluation.layers import PROXY_FIELDS
 from quantlab.scales import Scales
 
@@ -62,15 +62,15 @@ def collect(run_dir: Union[str, Path]) -> Dict[str, Any]:
     """Everything the report shows, read from the run folder."""
     folder = Path(run_dir)
     results = read_results(folder)
-    info = json.loads((folder / "run.json").read_text(encoding="utf-8")) if (folder / "run.json").is_file() else {}
+    info = read_run_file(folder / "run.json", check_run_info) if (folder / "run.json").is_file() else {}
     scales: Dict[str, Scales] = {}
     for name, path in (results.get("scales") or {}).items():
         candidate = Path(path)
         candidate = candidate if candidate.is_file() else folder / candidate.name
         if candidate.is_file():
             scales[name] = Scales.load(candidate)
-    sensitivity = {p.name.split(".")[1]: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("sensitivity.*.json"))}
-    mixed = {p.parent.name.split(".", 1)[1]: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("autoprecision.*/mixed.json"))}
+    sensitivity = {p.name.split(".")[1]: read_run_file(p, check_sensitivity) for p in sorted(folder.glob("sensitivity.*.json"))}
+    mixed = {p.parent.name.split(".", 1)[1]: read_run_file(p) for p in sorted(folder.glob("autoprecision.*/mixed.json"))}
     return {"folder": folder, "info": info, "results": results, "scales": scales, "sensitivity": sensitivity, "mixed": mixed}
 
 

@@ -18,9 +18,11 @@ from quantlab.evaluation.runs import (
     calibrator_of,
     quantized_copy,
     read_results,
+    read_run_file,
     rebuild,
     sensitivity_path,
 )
+from quantlab.validation import check_sensitivity
 from quantlab.evaluation.sensitivity import full_ranking, proxy_agreement, rank_layers
 
 Progress = Callable[[str, int, int], None]
@@ -163,7 +165,7 @@ def run_autoprecision(
             if row["precision"] == "int8" and row["calibrator"] == calibrator and row["metric"] == metric and row.get("source", "ptq") == "ptq":
                 int8 = float(row["value"])  # same batches, deterministic: no need to run it again
         if saved.is_file() and order in ("auto", "sensitivity"):
-            ranking = json.loads(saved.read_text(encoding="utf-8"))
+            ranking = read_run_file(saved, check_sensitivity)
             layer_order = [entry["layer"] for entry in ranking["layers"]]
             source = f"{saved.name} (metric-ranked top candidates, then SQNR proxy)"
         else:

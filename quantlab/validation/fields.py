@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Type
 from quantlab.errors import FileFormatError
 
 _MISSING = object()
+#: How run folders write non-finite numbers (JSON has none): ``str(float("inf"))`` and friends.
+NONFINITE_TEXT = ("inf", "-inf", "nan")
 
 
 def type_name(value: Any) -> str:
@@ -95,10 +97,13 @@ class Fields:
 
     def number(self, key: str, *, required: bool = False, default: Optional[float] = None, nullable: bool = True,
                finite: bool = True, low: Optional[float] = None, high: Optional[float] = None,
-               positive: bool = False) -> Optional[float]:
+               positive: bool = False, text_nonfinite: bool = False) -> Optional[float]:
+        """A number; with ``text_nonfinite`` also ``"inf"``/``"-inf"``/``"nan"`` (how run folders store them)."""
         value = self._get(key, required, default)
         if value is None and nullable and not required:
             return None
+        if text_nonfinite and value in NONFINITE_TEXT:
+            return float(value)
         return check_number(value, f"{self.where}: {key}", finite=finite, low=low, high=high, positive=positive, error=self.error)
 
     def boolean(self, key: str, *, required: bool = False, default: Optional[bool] = None, nullable: bool = True) -> Optional[bool]:

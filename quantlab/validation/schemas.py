@@ -139,9 +139,9 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
         r.string("calibrator", max_len=200)
         r.string("source", max_len=50)
         r.string("metric", required=True, nullable=False, max_len=400)
-        r.number("value", finite=False)
-        r.number("delta", finite=False)
-        r.number("seconds", low=0.0)
+        r.number("value", finite=False, text_nonfinite=True)
+        r.number("delta", finite=False, text_nonfinite=True)
+        r.number("seconds", low=0.0, text_nonfinite=True)
     f.string_map("scales")
     f.obj("statistics")
     layers = f.obj("layers") or {}

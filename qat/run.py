@@ -14,6 +14,7 @@ from torch import nn
 
 from quantlab._io import write_text_atomic
 from quantlab.config import QuantConfig
+from quantlab.interrupts import outcome_message, outcome_status
 from quantlab.qat import ddp
 from quantlab.qat.errors import QATError
 from quantlab.qat.loop import TrainConfig, TrainProgress, TrainResult, train
@@ -95,6 +96,7 @@ def run_qat(
     store: Any = None,
     describe: Optional[Dict[str, Optional[str]]] = None,
     progress: Optional[Callable[[TrainProgress], None]] = None,
+    folder: Any = None,
 ) -> QATRunResult:
     """Evaluates FP32 and the starting INT8 model, fine-tunes, evaluates again, saves.
 
@@ -107,7 +109,12 @@ def run_qat(
         scales: Starting ranges; else calibrated from ``calib_data``.
         store: A :class:`quantlab.store.RunStore` to record the run in (rank 0), or None.
         describe: ``model``, ``data``, ``eval_data`` strings for the store.
-        resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule).
+        resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule);
+            a finished run is refused before anything is recorded.
+        folder: A :class:`quantlab.store.RunFolder` on ``out_dir`` the caller holds
+            (rank 0); by default one is opened here. The folder is committed twice,
+            each time as a whole: before training (starting ranges, run.json) and at
+            the end (model, scales, final run.json beside the last checkpoint).
         Other arguments: see :func:`quantlab.qat.prepare` and :class:`TrainConfig`.
     """
     out = Path(out_dir)
@@ -117,31 +124,72 @@ def run_qat(
     main = ddp.is_main_process()
     previous: Dict[str, Any] = {}
     if resume:
-        try:
-            previous = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise QATError(f"{out / RUN_FILE}: nothing to resume in {out}") from None
+        # Refused before anything is recorded or written: a finished run (also a copied folder) is final.
+        previous = read_resumable(out)
         if previous.get("metric") != metric:
             raise QATError(f"{out / RUN_FILE}: the run measured {previous.get('metric')!r}, not {metric!r}")
         scales = out / START_SCALES_FILE
+    own_folder = folder is None and main
+    if own_folder:
+        from quantlab.store.runfolder import RunFolder
+
+        folder = RunFolder(out, kind="qat", purpose="quantlab qat" + (" --resume" if resume else ""))
+    try:
+        return _run_qat(model, train_data, eval_data, out, scales, calib_data, calibrator, calibrator_params, quant_config,
+                        calib_max_batches, train_config, learn_amax, weight_ranges, fold_bn, metric, eval_max_batches,
+                        resume, store, describe, progress, previous, folder)
+    finally:
+        if own_folder:
+            folder.close()
+
+
+def read_resumable(out: Path) -> Dict[str, Any]:
+    """The ``run.json`` of an interrupted QAT run in ``out``, checked; refuses a finished one.
+
+    Raises:
+        QATError: nothing to resume, a corrupt run.json, or a finished run (nothing is recorded).
+    """
+    from quantlab.store.runfolder import read_manifest
+    from quantlab.validation import check_qat_run, read_json_file
+
+    path = Path(out) / RUN_FILE
+    if not path.is_file():
+        raise QATError(f"{path}: nothing to resume in {out}")
+    previous = read_json_file(path, what="QAT run.json", error=QATError, allow_nan=True)
+    check_qat_run(previous, str(path), QATError)
+    manifest = read_manifest(out)
+    if previous.get("qat") is not None or (manifest is not None and manifest.get("state") == "done"):
+        raise QATError(
+            f"the QAT run in {out} finished (INT8 after QAT: {previous.get('qat')!r}); there is nothing to resume and its "
+            "record stays as it is: start a new run with another --out"
+        )
+    return previous
+
+
+def _run_qat(model, train_data, eval_data, out, scales, calib_data, calibrator, calibrator_params, quant_config,
+             calib_max_batches, train_config, learn_amax, weight_ranges, fold_bn, metric, eval_max_batches,
+             resume, store, describe, progress, previous, folder) -> QATRunResult:
+    main = ddp.is_main_process()
     eval_batches = list(eval_data) if eval_max_batches is None else _take(eval_data, eval_max_batches)
     seconds: Dict[str, float] = {}
-    run_id = previous.get("run_id")
+    run_id = None
     if store is not None and main:
-        if run_id is not None:
+        # A resumed run is a new record whose parent is the interrupted one (never rewritten).
+        parent = previous.get("run_id")
+        if parent is not None:
             try:
-                store.get_run(run_id)
-            except Exception:  # noqa: BLE001 - a resumed run whose store entry is gone: record it anew
-                run_id = None
-        if run_id is None:
-            run_id = store.create_run(
-                "qat", model=describe.get("model") or type(model).__name__, data=describe.get("data"),
-                eval_data=describe.get("eval_data"), run_dir=out,
-                config={"train": train_config.to_dict(), "learn_amax": learn_amax, "weight_ranges": weight_ranges,
-                        "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric,
-                        "quant_config": quant_config.to_dict() if quant_config else None},
-            )
-        store.set_status(run_id, "running", progress=0.0)
+                store.get_run(parent)
+            except Exception:  # noqa: BLE001 - a copied folder or a store entry that is gone: no parent
+                parent = None
+        run_id = store.create_run(
+            "qat", model=describe.get("model") or type(model).__name__, data=describe.get("data"),
+            eval_data=describe.get("eval_data"), run_dir=out, parent_id=parent,
+            config={"train": train_config.to_dict(), "learn_amax": learn_amax, "weight_ranges": weight_ranges,
+                    "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric, "resumed": bool(resume),
+                    "quant_config": quant_config.to_dict() if quant_config else None},
+        )
+        if folder is not None:
+            folder.run_id, folder.store = run_id, str(store.path)
     try:
         if isinstance(scales, (str, Path)):
             scales = Scales.load(scales)  # ScalesFormatError names the file
@@ -162,9 +210,11 @@ def run_qat(
             # Saved before training, so a resumed run starts from exactly these ranges.
             start = current_scales(model, calibrator=start_calibrator)
             ptq = _evaluate(model, eval_batches, metric)
-            if main:
-                start.save(out / START_SCALES_FILE)
-                _write_run_file(out, run_id, metric, fp32, ptq, start_calibrator)
+            if main:  # committed before training: a kill from here on leaves a resumable folder
+                stage = folder.stage()
+                start.save(stage / START_SCALES_FILE)
+                _write_run_file(stage, run_id, metric, fp32, ptq, start_calibrator)
+                folder.commit(state="training")
         seconds.update({"fp32": fp32["seconds"], "ptq": ptq["seconds"]})
 
         def report(p: TrainProgress) -> None:
@@ -178,14 +228,17 @@ def run_qat(
         after = _evaluate(model, eval_batches, metric)
         seconds["qat"] = after["seconds"]
         files: Dict[str, Path] = {}
-        if main:
-            files = save(model, out)
-        ddp.barrier()
+        if main:  # the final files beside the checkpoint, committed together with the final run.json
+            stage = folder.stage(base="current")
+            files = {role: folder.final(path) for role, path in save(model, stage).items()}
         outcome = QATRunResult(metric=metric, fp32=fp32["value"], ptq=ptq["value"], qat=after["value"],
                                calibrator=start_calibrator, train=result, out_dir=out,
                                run_id=run_id, files=files)
         if main:
-            _write_run_file(out, run_id, metric, fp32, ptq, outcome.calibrator, after=after, train=result)
+            _write_run_file(stage, run_id, metric, fp32, ptq, outcome.calibrator, after=after, train=result)
+            folder.commit(state="done")
+        ddp.barrier()
+        if main:
             if store is not None and run_id is not None:
                 store.add_results(run_id, outcome.rows(seconds))
                 store.add_artifact(run_id, "scales", files["scales"])
@@ -194,9 +247,9 @@ def run_qat(
         return outcome
     except BaseException as exc:
         if store is not None and main and run_id is not None:
-            message = str(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted (resume with --resume)"
+            message = outcome_message(exc) + (" (resume with --resume)" if isinstance(exc, KeyboardInterrupt) else "")
             try:
-                store.set_status(run_id, "failed", error=message)
+                store.set_status(run_id, outcome_status(exc), error=message)
             except Exception:  # noqa: BLE001 - never hide the original error behind a store error
                 pass
         raise

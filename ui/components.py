@@ -14,7 +14,7 @@ PAGES = Path(__file__).resolve().parent / "pages"
 SELECTED_RUN = "selected_run"
 ACTIVE_JOBS = "active_jobs"
 STATUS_BADGE = {"running": ("blue", ":material/progress_activity:"), "done": ("green", ":material/check_circle:"),
-                "failed": ("red", ":material/error:")}
+                "failed": ("red", ":material/error:"), "interrupted": ("orange", ":material/stop_circle:")}
 
 
 def page(name: str) -> str:

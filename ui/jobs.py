@@ -120,6 +120,7 @@ def run_worker(store_path: str, run_id: str) -> None:
     except Exception as exc:  # noqa: BLE001 - a run not made by the dashboard: record why, do not hang "running"
         store.set_status(run_id, "failed", error=f"run {run_id} holds no dashboard job spec ({exc})")
         raise
+    store.claim(run_id)  # this worker owns the run now: if it dies, readers see the run interrupted
     run_job(store, run_id, spec)
 
 
@@ -128,8 +129,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--store", required=True)
     parser.add_argument("run_id")
     args = parser.parse_args(argv)
+    from quantlab.interrupts import terminate_as_interrupt
+
     try:
-        run_worker(args.store, args.run_id)
+        with terminate_as_interrupt():  # SIGTERM records the run interrupted instead of leaving it running
+            run_worker(args.store, args.run_id)
     except BaseException:  # noqa: BLE001 - already recorded in the store; the job log keeps the traceback
         import traceback
 

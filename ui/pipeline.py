@@ -100,7 +100,7 @@ class _BoundStore:
         return self._run_id
 
     def set_status(self, run_id: str, status: str, *, error: Optional[str] = None, progress: Optional[float] = None) -> None:
-        if status == "failed":
+        if status in ("failed", "interrupted"):
             self._store.set_status(run_id, status, error=error)
         # "running"/"done" from compare: the Reporter already tracks finer progress.
 
@@ -207,13 +207,13 @@ def run_job(store: Any, run_id: str, spec: JobSpec, *, progress: Optional[Progre
         return {"run_id": run_id, "run_dir": str(run_dir), "outputs": dict(reporter.info["outputs"]),
                 "skipped": list(reporter.info["skipped"]), "children": children, "best_calibrator": best}
     except BaseException as exc:
-        message = str(exc) if isinstance(exc, QuantlabError) else f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, KeyboardInterrupt):
-            message = "interrupted"
-        reporter.info.update(stage="failed", error=message, traceback=traceback.format_exc())
+        from quantlab.interrupts import outcome_message, outcome_status
+
+        message = outcome_message(exc)
+        reporter.info.update(stage=outcome_status(exc), error=message, traceback=traceback.format_exc())
         reporter.write_info()
         try:
-            store.set_status(run_id, "failed", error=message)
+            store.set_status(run_id, outcome_status(exc), error=message)
         except Exception:  # noqa: BLE001 - the original error matters more than a failed status write
             pass
         raise

@@ -9,6 +9,7 @@ from typing import Optional
 from quantlab.cli.common import (
     add_model_args,
     add_quant_args,
+    input_paths,
     load_cli_model,
     calibrator_params_from_args,
     print_table,
@@ -31,16 +32,28 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab import distributed
+    from quantlab.store.runfolder import RunFolder, check_replaceable
 
+    inputs = input_paths(args)
+    check_replaceable(args.out, inputs=inputs)  # every rank: the same answer, before any work
     info = distributed.init_from_env(args.device)
+    folder = error = None
     try:
-        return _calibrate(args, info)
+        if info.is_main:  # rank 0 alone writes: it alone holds the folder's lock
+            try:
+                folder = RunFolder(args.out, kind="calibrate", inputs=inputs)
+            except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+                error = exc
+        distributed.raise_if_any_rank_failed(error, "opening the run folder")
+        return _calibrate(args, info, folder)
     finally:
+        if folder is not None:
+            folder.close()  # an uncommitted stage is discarded: the previous folder stays whole
         if info.distributed:
             distributed.destroy()
 
 
-def _calibrate(args: argparse.Namespace, info) -> int:
+def _calibrate(args: argparse.Namespace, info, folder) -> int:
     """One process's part; under torchrun each rank takes every ``world_size``-th batch."""
     from quantlab import distributed
     from quantlab._io import write_text_atomic
@@ -68,7 +81,10 @@ def _calibrate(args: argparse.Namespace, info) -> int:
         )
     if not info.is_main:
         return 0  # every rank holds the same ranges; rank 0 writes them
-    paths = result.save(args.out)
+    # The whole folder (every scales file and calibration.json) is staged, then swapped in:
+    # a kill at any moment leaves the previous complete folder or this one.
+    stage = folder.stage()
+    paths = {name: folder.final(path) for name, path in result.save(stage).items()}
     summary = {
         "model": args.model,
         "data": args.data,
@@ -78,7 +94,8 @@ def _calibrate(args: argparse.Namespace, info) -> int:
         "calibrate_seconds": result.calibrate_seconds,
         "scales": {k: str(v) for k, v in paths.items()},
     }
-    write_text_atomic(Path(args.out) / "calibration.json", json.dumps(summary, indent=1))
+    write_text_atomic(stage / "calibration.json", json.dumps(summary, indent=1))
+    folder.commit()
     ranks = f" on {info.world_size} ranks" if info.distributed else ""
     print(f"statistics pass: {result.num_batches} batches{ranks} in {result.statistics_seconds:.2f} s")
     first = next(iter(result.scales.values()))

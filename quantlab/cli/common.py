@@ -45,6 +45,35 @@ def load_cli_model(args: argparse.Namespace, example_data: Optional[str], device
     return load_model(args.model, weights=args.weights, device=str(device) if device is not None else None, example_inputs=example)
 
 
+def spec_path(spec: Optional[str]) -> Optional[str]:
+    """The local file or folder a model/data spec names, if any (for output-vs-input checks)."""
+    import os
+    import re
+
+    if not spec:
+        return None
+    text = re.sub(r"\[\s*:\s*\d+\s*\]\s*$", "", str(spec))
+    head, sep, tail = text.partition(":")
+    candidates = [text, tail if sep else None, head if sep and tail and not os.path.exists(text) else None]
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            return candidate
+    module_file = text.rpartition(":")[0]
+    return module_file if module_file and os.path.exists(module_file) else None
+
+
+def input_paths(args: argparse.Namespace, *names: str) -> dict:
+    """``{"--flag": local path}`` of the command's inputs (model, weights, data, eval, scales, onnx, ...)."""
+    flags = names or ("model", "weights", "data", "eval", "calib_data", "scales", "onnx")
+    out = {}
+    for name in flags:
+        value = getattr(args, name, None)
+        path = spec_path(value) if name in ("model", "data", "eval", "calib_data") else value
+        if path:
+            out["--" + name.replace("_", "-")] = path
+    return out
+
+
 def add_quant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include", action="append", default=None, help="module-name pattern to quantize (repeatable; default *)")
     parser.add_argument("--exclude", action="append", default=[], help="module-name pattern to keep in floating point (repeatable)")

@@ -8,6 +8,7 @@ from quantlab.cli.common import (
     add_model_args,
     add_quant_args,
     calibrator_params_from_args,
+    input_paths,
     load_cli_model,
     print_table,
     quant_config_from_args,
@@ -39,27 +40,30 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.evaluation.compare import compare, parse_precisions
     from quantlab.evaluation.tasks import task_for_metric
     from quantlab.ptq import parse_calibrators
+    from quantlab.store.runfolder import RunFolder
 
     precisions = parse_precisions(args.precisions)  # validate before any expensive work
     calibrators = parse_calibrators(args.calibrators) if "int8" in precisions else []
     task, metric = task_for_metric(args.metric)
     store = open_store(args)
-    # The model first: an examples/ factory module may register the datasets it needs.
-    model = load_cli_model(args, args.data if "int8" in precisions else args.eval)
-    calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
-    eval_data = load_data(args.eval, batch_size=args.batch_size)
-    describe = {
-        "model": args.model, "data": args.data, "eval_data": args.eval,
-        "weights": args.weights, "device": args.device, "batch_size": args.batch_size,
-    }
-    with StageProgress() as progress:
-        result = compare(
-            model, calib, eval_data,
-            metric=metric, task=task, calibrators=calibrators, precisions=precisions,
-            config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
-            calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
-            store=store, run_dir=args.out, describe=describe, progress=progress,
-        )
+    # Before any work: --out is checked and locked (a second run on the same folder is refused).
+    with RunFolder(args.out, kind="compare", inputs=input_paths(args), keep=("job.json", "job.log")) as folder:
+        # The model first: an examples/ factory module may register the datasets it needs.
+        model = load_cli_model(args, args.data if "int8" in precisions else args.eval)
+        calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
+        eval_data = load_data(args.eval, batch_size=args.batch_size)
+        describe = {
+            "model": args.model, "data": args.data, "eval_data": args.eval,
+            "weights": args.weights, "device": args.device, "batch_size": args.batch_size,
+        }
+        with StageProgress() as progress:
+            result = compare(
+                model, calib, eval_data,
+                metric=metric, task=task, calibrators=calibrators, precisions=precisions,
+                config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
+                calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
+                store=store, run_dir=args.out, describe=describe, progress=progress, folder=folder,
+            )
     metrics = list(dict.fromkeys(r.metric for r in result.rows))
     metrics.sort(key=lambda m: m != result.metric)
     table = {}

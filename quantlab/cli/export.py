@@ -5,7 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
-from quantlab.cli.common import add_model_args, example_batch, load_cli_model, print_table
+from quantlab.cli.common import add_model_args, example_batch, input_paths, load_cli_model, print_table
 
 
 def register(sub) -> None:
@@ -51,13 +51,30 @@ def example_inputs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.model_source import is_torchscript_spec
-
     if args.precision == "int8" and not args.scales:
         raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`)")
     if args.precision != "int8" and args.target != "tensorrt":
         raise ValueError("--target applies to --precision int8 only")
-    out = Path(args.out)
+    from quantlab.outputs import EXPORT_SIDECAR, ONNX_FILE, check_output_file
+    from quantlab.store.lock import RunLock
+
+    # Before any work: never over an input (--scales, --model, ...), a folder, or a file that is not an ONNX model.
+    inputs = input_paths(args, "model", "weights", "scales", "data")
+    out = check_output_file(args.out, label="--out", inputs=inputs, replace=ONNX_FILE)
+    check_output_file(f"{out}.json", label="--out's sidecar", inputs=inputs, replace=EXPORT_SIDECAR)
+    lock = RunLock(out, "quantlab export")  # a second export to the same --out is refused, not interleaved
+    try:
+        return _export(args, out)
+    finally:
+        lock.release()
+
+
+def _export(args: argparse.Namespace, out: Path) -> int:
+    from quantlab.model_source import is_torchscript_spec
+    from quantlab.scales import Scales
+
+    scales = Scales.load(args.scales) if args.precision == "int8" else None  # a bad file fails before the model loads
+
     # The model first: an example module may register the data specs it brings (fortunes:...).
     # (A TorchScript file needs the example batch to be converted: then it comes first.)
     early = example_inputs(args) if is_torchscript_spec(args.model) else None
@@ -70,16 +87,18 @@ def run(args: argparse.Namespace) -> int:
             import quantlab as ql
             from quantlab.export.qdq import export_int8
 
-            ql.load_scales(model, args.scales)  # strict: names every missing or extra layer
+            ql.load_scales(model, scales)  # strict: names every missing or extra layer
             result = export_int8(model, out, inputs, target=args.target, placement=not args.no_placement,
                                  ort_other_convs=args.ort_other_convs, **common)
         else:
             from quantlab.export.float import export_float
 
             result = export_float(model, out, inputs, precision=args.precision, io_dtype=args.io_dtype, **common)
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C/SIGTERM included: the run is recorded interrupted, not left running
         if store is not None:
-            store.set_status(run_id, "failed", error=str(exc)[:500])
+            from quantlab.interrupts import outcome_message, outcome_status
+
+            store.set_status(run_id, outcome_status(exc), error=outcome_message(exc)[:500])
         raise
     print(f"wrote {result.path} ({result.precision}{'/' + result.target if result.target else ''}, opset {result.opset}, "
           f"{result.exporter} exporter, {result.seconds:.1f} s); tensor map: {result.sidecar}")

@@ -7,6 +7,7 @@ from quantlab.cli.common import (
     add_model_args,
     add_quant_args,
     calibrator_params_from_args,
+    input_paths,
     load_cli_model,
     print_table,
     quant_config_from_args,
@@ -56,10 +57,28 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.qat.loop import TrainConfig
     from quantlab.qat.run import run_qat
 
+    from pathlib import Path
+
+    from quantlab import distributed
+    from quantlab.qat.run import read_resumable
+    from quantlab.store.runfolder import RunFolder, check_replaceable
+
+    inputs = input_paths(args)
+    if args.resume:
+        read_resumable(Path(args.out))  # a finished run is refused here: nothing recorded, nothing written
+    check_replaceable(args.out, inputs={k: v for k, v in inputs.items() if not args.resume or k != "--scales"})
     info = ddp.init_from_env(args.device)
     device = ddp.default_device(info, args.device) if info.distributed else args.device
     main = info.is_main
+    folder = error = None
+    if main:  # rank 0 alone writes the folder and holds its lock
+        try:
+            folder = RunFolder(args.out, kind="qat", inputs=inputs if not args.resume else None,
+                               purpose="quantlab qat" + (" --resume" if args.resume else ""))
+        except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+            error = exc
     try:
+        distributed.raise_if_any_rank_failed(error, "opening the run folder")
         train_config = TrainConfig(
             task=args.task.replace("-", "_"), epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
             warmup_steps=args.warmup_steps, optimizer=args.optimizer, weight_decay=args.weight_decay, range_lr=args.range_lr,
@@ -93,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                 train_config=train_config, learn_amax=args.learn_amax, weight_ranges=args.weight_ranges,
                 fold_bn=args.fold_bn, metric=args.metric, eval_max_batches=args.eval_batches, resume=args.resume,
                 store=store, describe={"model": args.model, "data": args.data, "eval_data": args.eval},
-                progress=progress,
+                progress=progress, folder=folder,
             )
         if main:
             m = result.metric
@@ -112,5 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"run: {result.run_id}")
         return 0
     finally:
+        if folder is not None:
+            folder.close()
         if info.distributed:
             ddp.destroy()

@@ -33,6 +33,7 @@ from quantlab.api import load_scales
 from quantlab.attach import is_quantized
 from quantlab.config import QuantConfig, int8_config
 from quantlab.errors import ConfigError, QuantlabError
+from quantlab.interrupts import outcome_message, outcome_status
 from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import Evaluation, evaluate, evaluate_reference
 from quantlab.evaluation.layers import LayerError, layer_errors
@@ -175,6 +176,7 @@ def compare(
     describe: Optional[Dict[str, Any]] = None,
     extra_candidates: Optional[Callable[[PTQResult], Iterable[Candidate]]] = None,
     progress: Optional[Progress] = None,
+    folder: Any = None,
 ) -> CompareResult:
     """Evaluates FP32, FP16 and INT8 (per calibrator) on the same eval batches.
 
@@ -199,6 +201,10 @@ def compare(
         extra_candidates: ``fn(ptq_result) -> [Candidate, ...]`` evaluated after
             the built-in precisions (e.g. ONNX Runtime INT8 sessions).
         progress: ``progress(stage, done, total)``.
+        folder: A :class:`quantlab.store.RunFolder` on ``run_dir`` the caller holds
+            (a job that writes more into the folder after compare); by default
+            compare opens one itself (lock + output check before any work) and
+            closes it. Either way the folder is committed as a whole.
 
     Raises:
         EvaluationError / MetricError: the model, data or metric do not fit
@@ -215,7 +221,22 @@ def compare(
         task, metric = task_for_metric(metric)
     config = config or int8_config()
     describe = dict(describe or {})
+    own_folder = folder is None and run_dir is not None
+    if own_folder:
+        from quantlab.store.runfolder import RunFolder
 
+        # Before any work: a second writer of the same folder, or a folder that is not a run, is refused now.
+        folder = RunFolder(run_dir, kind="compare", keep=("job.json", "job.log"), purpose="quantlab compare")
+    try:
+        return _compare(model, calib_data, eval_data, metric, task, names, wanted, config, calib_batches, eval_batches,
+                        calibrator_params, layer_batches, store, run_dir, describe, extra_candidates, progress, folder)
+    finally:
+        if own_folder:
+            folder.close()
+
+
+def _compare(model, calib_data, eval_data, metric, task, names, wanted, config, calib_batches, eval_batches,
+             calibrator_params, layer_batches, store, run_dir, describe, extra_candidates, progress, folder) -> CompareResult:
     def stage(name: str, total: int) -> Optional[Callable[[int], None]]:
         return (lambda done: progress(name, done, total)) if progress is not None else None
 
@@ -298,27 +319,29 @@ def compare(
             layer_errors=errors, run_id=run_id, run_dir=out_dir, eval_batches=len(batches),
         )
         if out_dir is not None:
-            _write_run_folder(result, out_dir, run_config, describe, store if store is not False else None)
+            _write_run_folder(result, folder, run_config, describe, store if store is not False else None)
         if run_id is not None:
             store.set_status(run_id, "done")
         return result
     except BaseException as exc:
         if run_id is not None:
             try:
-                store.set_status(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                store.set_status(run_id, outcome_status(exc), error=outcome_message(exc))
             except QuantlabError:
                 pass  # keep the original error: it is the one the user needs to see
         raise
 
 
-def _write_run_folder(result: CompareResult, out_dir: Path, run_config: Dict[str, Any], describe: Dict[str, Any], store: Any) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write_run_folder(result: CompareResult, folder: Any, run_config: Dict[str, Any], describe: Dict[str, Any], store: Any) -> None:
+    """Stages run.json, results.json and every scales file, then commits the folder as a whole
+    (a kill leaves the previous folder or this one); artifacts are recorded once the files are there."""
+    folder.run_id = result.run_id
+    folder.store = str(store.path) if store is not None else None
+    out_dir = folder.stage()
     scales_paths: Dict[str, str] = {}
     if result.ptq is not None:
         for name, path in result.ptq.save(out_dir).items():
-            scales_paths[name] = str(path)
-            if store is not None:
-                store.add_artifact(result.run_id, "scales", path)
+            scales_paths[name] = str(folder.final(path))
     run_info = {
         "run_id": result.run_id,
         "store": str(store.path) if store is not None else None,
@@ -343,6 +366,9 @@ def _write_run_folder(result: CompareResult, out_dir: Path, run_config: Dict[str
         "scales": scales_paths,
         "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
     }
-    path = write_text_atomic(out_dir / "results.json", json.dumps(_json_safe(results), indent=1))
+    path = folder.final(write_text_atomic(out_dir / "results.json", json.dumps(_json_safe(results), indent=1)))
+    folder.commit()
     if store is not None:
+        for scales in scales_paths.values():
+            store.add_artifact(result.run_id, "scales", scales)
         store.add_artifact(result.run_id, "results", path)

@@ -242,11 +242,16 @@ def write_report(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = No
 
     Raises:
         RunFolderError: the folder has no results.json.
+        OutputPathError: ``out`` is a file of the run, a folder, or an existing non-report file.
     """
     if fmt not in ("html", "md"):
         raise ValueError(f"report format must be html or md, got {fmt!r}")
-    data = collect(run_dir)
+    from quantlab.outputs import REPORT_FILE, check_output_file
+
     target = Path(out) if out is not None else Path(run_dir) / f"report.{fmt}"
+    inputs = {f"the run's {p.name}": p for p in Path(run_dir).glob("*.json")} if Path(run_dir).is_dir() else {}
+    check_output_file(target, label="--out", inputs=inputs, replace=REPORT_FILE)  # before reading anything
+    data = collect(run_dir)
     if fmt == "html":
         return write_text_atomic(target, render_html(data))
     image_dir = target.parent / f"{target.stem}_files"

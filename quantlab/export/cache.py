@@ -238,9 +238,15 @@ def write_calibration_cache(
     """Writes ``out`` from a scales file and the FP32 ONNX graph the cache is for.
 
     Raises:
+        OutputPathError: ``out`` is an input, a folder, or an existing file that is not a cache.
         ScalesFormatError / FileNotFoundError / OnnxFormatError: unreadable inputs.
         TensorMappingError: scales that do not match the graph.
     """
+    from quantlab.outputs import CALIBRATION_CACHE, check_output_file
+
+    # Before any work: the cache never replaces its inputs (``--out`` = ``--onnx`` replaced the model).
+    check_output_file(out, label="--out", replace=CALIBRATION_CACHE,
+                      inputs={"--onnx": onnx_path, "--scales": None if isinstance(scales, Scales) else scales})
     if not isinstance(scales, Scales):
         scales = Scales.load(scales)
     modules = sorted({e.module for e in scales.entries})

@@ -131,6 +131,9 @@ def export_int8(
         raise ExportError(f"ort_other_convs must be one of {', '.join(OTHER_CONVS)}, got {ort_other_convs!r}")
     if opset < 13:
         raise ExportError(f"opset {opset} is too low for per-channel Q/DQ: use 13 or newer")
+    from quantlab.outputs import ONNX_FILE, check_output_file
+
+    check_output_file(path, label="output", replace=ONNX_FILE)  # a folder or a non-ONNX file: refused before exporting
     start = time.perf_counter()
     modules = check_exportable(model)
     proto = export_in_eval(

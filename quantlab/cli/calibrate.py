@@ -58,12 +58,14 @@ def _calibrate(args: argparse.Namespace, info, folder) -> int:
     from quantlab import distributed
     from quantlab._io import write_text_atomic
     from quantlab.data import load_data
+    from quantlab.data.fit import check_model_fits
     from quantlab.ptq import parse_calibrators, run_ptq
 
     names = parse_calibrators(args.calibrators)  # validate before any expensive work
     device = distributed.default_device(info, args.device) if info.distributed else args.device
     model = load_cli_model(args, args.data, device=device)
     data = load_data(args.data, batch_size=args.batch_size)
+    check_model_fits(model, data, args.data)  # two samples first: a shape mismatch in words, before the pass
     shard = distributed.shard_batches(data, info.rank, info.world_size, args.max_batches)
     try:
         total: Optional[int] = len(shard)  # this rank's batches

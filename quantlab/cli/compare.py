@@ -37,6 +37,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab.data import load_data
+    from quantlab.data.fit import check_model_fits
     from quantlab.evaluation.compare import compare, parse_precisions
     from quantlab.evaluation.tasks import task_for_metric
     from quantlab.ptq import parse_calibrators
@@ -52,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_cli_model(args, args.data if "int8" in precisions else args.eval)
         calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
         eval_data = load_data(args.eval, batch_size=args.batch_size)
+        for spec, data in ((args.data, calib), (args.eval, eval_data)):
+            if data is not None:
+                check_model_fits(model, data, spec)  # two samples first: a shape mismatch in words, before any pass
         describe = {
             "model": args.model, "data": args.data, "eval_data": args.eval,
             "weights": args.weights, "device": args.device, "batch_size": args.batch_size,

@@ -53,6 +53,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from quantlab.cli.common import progress_bar
     from quantlab.data import load_data
+    from quantlab.data.fit import check_model_fits
     from quantlab.qat import ddp
     from quantlab.qat.loop import TrainConfig
     from quantlab.qat.run import run_qat
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         model = load_cli_model(args, args.data, device=device)
         train_data = load_data(args.data, batch_size=args.batch_size)
         eval_data = load_data(args.eval, batch_size=args.batch_size)
+        for spec, data in ((args.data, train_data), (args.eval, eval_data)):
+            check_model_fits(model, data, spec)  # two samples first: a shape mismatch in words, before any pass
         calib_data = None
         if not args.scales and not args.resume:
             calib = load_data(args.calib_data or args.data, batch_size=args.batch_size)

@@ -17,6 +17,26 @@ STATUS_BADGE = {"running": ("blue", ":material/progress_activity:"), "done": ("g
                 "failed": ("red", ":material/error:"), "interrupted": ("orange", ":material/stop_circle:")}
 
 
+def remote_code_warning() -> None:
+    """On a dashboard served beyond this machine: say that New run executes files a visitor names."""
+    import os
+
+    host = os.environ.get("QUANTLAB_UI_REMOTE_HOST")
+    if host:
+        st.warning(f"This dashboard listens on **{host}** (started with --allow-remote-code): a model spec typed here "
+                   "imports and runs that Python file on the server, as the user who started it.", icon=":material/warning:")
+
+
+def code_trust_gate(run: Dict[str, Any], key: str) -> bool:
+    """Whether an action may re-import the run's recorded code; shows why not and asks, when it is someone else's."""
+    reasons = data.foreign_code(run)
+    if not reasons:
+        return True
+    st.warning("This run is not clearly yours: re-running it imports its recorded Python file, which runs as you. "
+               + "; ".join(reasons) + ".", icon=":material/gpp_maybe:")
+    return st.checkbox("I have read that file and trust it", key=f"{key}-trust")
+
+
 def page(name: str) -> str:
     """Path of a page file for st.switch_page / st.page_link."""
     return str(PAGES / f"{name}.py")

@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     if any(n is not None and n < 1 for n in (args.eval_samples, args.calib_samples)):
         raise ValueError("--eval-samples and --calib-samples must be >= 1")
+    if not args.no_ui:
+        from quantlab.cli.ui import check_host
+
+        check_host(args.host, args.allow_remote_code)  # before the demo's work, not after
     store = RunStore(args.store)
     spec = validate(demo_spec(args.out, eval_samples=args.eval_samples, calib_samples=args.calib_samples))
     run_id = create_job_run(store, spec)
@@ -69,4 +73,4 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from quantlab.cli.ui import serve
 
-    return serve(str(store.path), args.port, args.host)
+    return serve(str(store.path), args.port, args.host, allow_remote_code=args.allow_remote_code)

@@ -206,6 +206,36 @@ class _ReadableGuards(nn.Module):
             ) from None
 
 
+def _readable_input_checks(gm: fx.GraphModule, source: str, shapes: str, *, keep: bool) -> None:
+    """The input-constraint pre-hook ``module()`` adds: dropped (TorchScript) or made to fail in words.
+
+    It also reads symbolic sizes, which ``torch.jit.trace`` (the ONNX exporter) cannot: it is skipped
+    while tracing, where the example batch is the one the export was asked for.
+    """
+    for hook_id, hook in list(gm._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") != "_check_input_constraints_pre_hook":
+            continue
+        if not keep:
+            del gm._forward_pre_hooks[hook_id]
+            gm._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+            continue
+
+        def readable(module, args, kwargs=None, _hook=hook):
+            if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+                return None
+            try:
+                return _hook(module, args, kwargs) if kwargs is not None else _hook(module, args)
+            except (AssertionError, RuntimeError, ValueError) as exc:
+                got = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor))
+                raise ModelInputError(
+                    f"{source}: inputs of shape {got} do not fit the exported program, captured for {shapes} "
+                    f"({' '.join(str(exc).split())[:160]})"
+                ) from None
+
+        readable.__name__ = "_quantlab_readable_input_check"
+        gm._forward_pre_hooks[hook_id] = readable
+
+
 def _input_shapes(program: Any) -> str:
     shapes = []
     for node in program.graph.nodes:
@@ -227,6 +257,7 @@ def _finish(program: Any, source: str, *, keep_guards: bool) -> nn.Module:
     # modes on every model, which here only flips flags: give the instance nn.Module's methods back.
     for name in ("train", "eval"):
         gm.__dict__.pop(name, None)
+    _readable_input_checks(gm, source, _input_shapes(program), keep=keep_guards)
     guards = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]
     if keep_guards:
         if guards:

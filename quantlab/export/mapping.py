@@ -61,7 +61,10 @@ class ModuleResolver:
     def __init__(self, module_names: Iterable[str]) -> None:
         self.module_names = [m for m in module_names if m]
         self._known = set(self.module_names)
-        self._scopes = {torchscript_scope(m): m for m in self.module_names}
+        # A GraphModule (a model rebuilt from .pt2/TorchScript) calls nested modules by their whole
+        # dotted name, which the exporter keeps as one scope atom ("/stem.0"): accept both forms.
+        self._scopes = {f"/{m}": m for m in self.module_names if "." in m}
+        self._scopes.update({torchscript_scope(m): m for m in self.module_names})
 
     def module_of(self, view: GraphView, node: onnx.NodeProto) -> Optional[str]:
         scopes = _metadata(node, "pkg.torch.onnx.name_scopes")

@@ -42,9 +42,10 @@ def read_job_file(run_dir: Optional[str]) -> Dict[str, Any]:
     if not run_dir:
         return {}
     try:
-        return json.loads(job_file(run_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = json.loads(job_file(run_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 class Reporter:

@@ -33,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
     info = load_run_info(args.run, args.store)
     store = open_store(args, run_info=info)
     check_trust(info, store, args.trust)
-    with StageProgress() as progress:
+    from quantlab.store.lock import RunLock
+
+    # sensitivity.<calibrator>.json goes into the run folder: not while another command writes it.
+    with RunLock(info["run_dir"], "quantlab sensitivity"), StageProgress() as progress:
         outcome = run_sensitivity(info, store, calibrator=args.calibrator, top_k=args.top_k, budget_passes=args.budget,
                                   subset_fraction=args.subset_fraction, full=args.full,
                                   full_layers=args.full_layers, device=args.device, progress=progress)

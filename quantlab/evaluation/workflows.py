@@ -32,7 +32,9 @@ def _recorded(store: Any, run_id: str, work: Callable[[], Dict[str, Any]]) -> Di
     try:
         out = work()
     except BaseException as exc:
-        store.set_status(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        from quantlab.interrupts import outcome_message, outcome_status
+
+        store.set_status(run_id, outcome_status(exc), error=outcome_message(exc))
         raise
     store.set_status(run_id, "done")
     return out
@@ -144,14 +146,29 @@ def run_autoprecision(
     """
     if order not in ("auto", "sensitivity", "proxy"):
         raise ValueError(f"order must be auto, sensitivity or proxy, got {order!r}")
-    model, batches, task, metric, _ = rebuild(info, device=device)
+    from quantlab.store.runfolder import RunFolder
+
     calibrator = calibrator_of(info, calibrator)
-    quant = quantized_copy(model, info, calibrator)
     run_dir = Path(info["run_dir"])
     saved = sensitivity_path(run_dir, calibrator)
     if order == "sensitivity" and not saved.is_file():
         raise RunFolderError(f"{saved} not found: run `quantlab sensitivity --run {run_dir} --calibrator {calibrator}` first")
     out = Path(out_dir) if out_dir else autoprecision_dir(run_dir, calibrator)
+    # Before any work: the output folder is checked and locked; it is committed as a whole at the end.
+    folder = RunFolder(out, kind="autoprecision", purpose="quantlab autoprecision",
+                       inputs={f"the run's {p.name}": p for p in run_dir.glob("*.json")})
+    try:
+        return _autoprecision(info, store, max_drop, relative, calibrator, order, device, export_onnx, progress,
+                              run_dir, saved, out, folder)
+    finally:
+        folder.close()
+
+
+def _autoprecision(info, store, max_drop, relative, calibrator, order, device, export_onnx, progress,
+                   run_dir, saved, out, folder) -> Dict[str, Any]:
+    model, batches, task, metric, _ = rebuild(info, device=device)
+    quant = quantized_copy(model, info, calibrator)
+    folder.store = str(getattr(store, "path", "")) or None
     run_id = store.create_run(
         "autoprecision", model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
         config={"calibrator": calibrator, "metric": metric, "max_drop": max_drop, "relative": relative, "order": order},
@@ -176,23 +193,25 @@ def run_autoprecision(
                                 relative=relative, int8_value=int8, progress=progress)
         artifacts: Dict[str, str] = {}
         onnx_note = None
-        out.mkdir(parents=True, exist_ok=True)
+        folder.run_id = run_id
+        stage = folder.stage()
         if result.scales is not None:
-            artifacts["scales"] = str(result.scales.save(out / "scales.mixed.json"))
+            artifacts["scales"] = str(folder.final(result.scales.save(stage / "scales.mixed.json")))
             if export_onnx:
                 from quantlab.api import load_scales
 
                 mixed = load_scales(quantized_copy(model, info, calibrator), result.scales)
-                onnx_path = out / "model.mixed.onnx"
+                onnx_path = stage / "model.mixed.onnx"
                 try:
                     onnx_note = export_onnx_if_available(mixed, task.inputs(batches[0]), onnx_path)
                 except Exception as exc:  # noqa: BLE001 - the scales file is the primary output; report export trouble
                     onnx_note = f"ONNX export failed: {type(exc).__name__}: {exc}"
                 if onnx_note is None:
-                    artifacts["onnx"] = str(onnx_path)
+                    artifacts["onnx"] = str(folder.final(onnx_path))
         summary = {"run_id": run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "order_source": source,
                    "relative": relative, "requested_max_drop": max_drop, **result.to_dict(), "onnx_note": onnx_note}
-        artifacts["summary"] = str(write_text_atomic(out / "mixed.json", json.dumps(summary, indent=1, default=str)))
+        artifacts["summary"] = str(folder.final(write_text_atomic(stage / "mixed.json", json.dumps(summary, indent=1, default=str))))
+        folder.commit()
         store.add_results(run_id, [
             {"precision": "fp32", "calibrator": None, "source": "ptq", "metric": metric, "value": fp32, "delta": 0.0, "seconds": None},
             {"precision": "int8", "calibrator": calibrator, "source": "ptq", "metric": metric, "value": result.int8,

@@ -52,7 +52,7 @@ FORMAT_NAME = "quantlab.run-folder"
 FORMAT_VERSION = 1
 #: Files quantlab has always written into run folders: a folder of only such files (and no
 #: manifest: written by an older quantlab) may be replaced; anything else is the user's.
-MARKER_FILES = ("run.json", "results.json", "calibration.json", "qat.json", "job.json", "job.log")
+MARKER_FILES = ("run.json", "results.json", "calibration.json", "qat.json", "job.json", "job.log", "mixed.json")
 ARTIFACT_SUFFIXES = (".json", ".log", ".pt", ".onnx", ".html", ".md", ".cache", ".plan", ".engine", ".txt")
 ARTIFACT_DIRS = ("autoprecision.",)
 
@@ -97,7 +97,8 @@ def is_quantlab_folder(folder: PathLike) -> bool:
     folder = Path(folder)
     if (folder / MANIFEST_FILE).is_file():
         return True
-    entries = list(folder.iterdir())
+    # Hidden entries are locks and stages of sub-folders (autoprecision.<c>) or the OS's own files.
+    entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
     if not any(e.name in MARKER_FILES for e in entries):
         return False
     for entry in entries:

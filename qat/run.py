@@ -135,9 +135,14 @@ def run_qat(
 
         folder = RunFolder(out, kind="qat", purpose="quantlab qat" + (" --resume" if resume else ""))
     try:
-        return _run_qat(model, train_data, eval_data, out, scales, calib_data, calibrator, calibrator_params, quant_config,
-                        calib_max_batches, train_config, learn_amax, weight_ranges, fold_bn, metric, eval_max_batches,
-                        resume, store, describe, progress, previous, folder)
+        return _run_qat(
+            model=model, train_data=train_data, eval_data=eval_data, out=out, scales=scales,
+            calib_data=calib_data, calibrator=calibrator, calibrator_params=calibrator_params,
+            quant_config=quant_config, calib_max_batches=calib_max_batches, train_config=train_config,
+            learn_amax=learn_amax, weight_ranges=weight_ranges, fold_bn=fold_bn, metric=metric,
+            eval_max_batches=eval_max_batches, resume=resume, store=store, describe=describe,
+            progress=progress, previous=previous, folder=folder,
+        )
     finally:
         if own_folder:
             folder.close()
@@ -166,7 +171,7 @@ def read_resumable(out: Path) -> Dict[str, Any]:
     return previous
 
 
-def _run_qat(model, train_data, eval_data, out, scales, calib_data, calibrator, calibrator_params, quant_config,
+def _run_qat(*, model, train_data, eval_data, out, scales, calib_data, calibrator, calibrator_params, quant_config,
              calib_max_batches, train_config, learn_amax, weight_ranges, fold_bn, metric, eval_max_batches,
              resume, store, describe, progress, previous, folder) -> QATRunResult:
     main = ddp.is_main_process()

@@ -228,15 +228,20 @@ def compare(
         # Before any work: a second writer of the same folder, or a folder that is not a run, is refused now.
         folder = RunFolder(run_dir, kind="compare", keep=("job.json", "job.log"), purpose="quantlab compare")
     try:
-        return _compare(model, calib_data, eval_data, metric, task, names, wanted, config, calib_batches, eval_batches,
-                        calibrator_params, layer_batches, store, run_dir, describe, extra_candidates, progress, folder)
+        return _compare(
+            model=model, calib_data=calib_data, eval_data=eval_data, metric=metric, task=task, names=names,
+            wanted=wanted, config=config, calib_batches=calib_batches, eval_batches=eval_batches,
+            calibrator_params=calibrator_params, layer_batches=layer_batches, store=store, run_dir=run_dir,
+            describe=describe, extra_candidates=extra_candidates, progress=progress, folder=folder,
+        )
     finally:
         if own_folder:
             folder.close()
 
 
-def _compare(model, calib_data, eval_data, metric, task, names, wanted, config, calib_batches, eval_batches,
+def _compare(*, model, calib_data, eval_data, metric, task, names, wanted, config, calib_batches, eval_batches,
              calibrator_params, layer_batches, store, run_dir, describe, extra_candidates, progress, folder) -> CompareResult:
+    """compare's body, inside the run folder's lock (arguments as :func:`compare` resolved them)."""
     def stage(name: str, total: int) -> Optional[Callable[[int], None]]:
         return (lambda done: progress(name, done, total)) if progress is not None else None
 

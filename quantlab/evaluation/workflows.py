@@ -158,13 +158,16 @@ def run_autoprecision(
     folder = RunFolder(out, kind="autoprecision", purpose="quantlab autoprecision",
                        inputs={f"the run's {p.name}": p for p in run_dir.glob("*.json")})
     try:
-        return _autoprecision(info, store, max_drop, relative, calibrator, order, device, export_onnx, progress,
-                              run_dir, saved, out, folder)
+        return _autoprecision(
+            info=info, store=store, max_drop=max_drop, relative=relative, calibrator=calibrator, order=order,
+            device=device, export_onnx=export_onnx, progress=progress, run_dir=run_dir, saved=saved, out=out,
+            folder=folder,
+        )
     finally:
         folder.close()
 
 
-def _autoprecision(info, store, max_drop, relative, calibrator, order, device, export_onnx, progress,
+def _autoprecision(*, info, store, max_drop, relative, calibrator, order, device, export_onnx, progress,
                    run_dir, saved, out, folder) -> Dict[str, Any]:
     model, batches, task, metric, _ = rebuild(info, device=device)
     quant = quantized_copy(model, info, calibrator)

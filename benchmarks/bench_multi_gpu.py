@@ -6,7 +6,7 @@ Run on a multi-GPU machine (repo root as cwd, after ``source benchmarks/gpu_setu
 
 For each GPU count the script starts ``torchrun --nproc-per-node N`` on itself.
 Every rank takes batches ``b % N == rank`` of the same calibration batches
-(:func:`quantlab.distributed.shard_batches`), runs quantlab's one statistics
+(:func:`quantlab.batching.shard_batches`), runs quantlab's one statistics
 pass and all four calibrators (:func:`quantlab.ptq.run_ptq` merges the
 histograms exactly), then trains QAT with DDP for a fixed number of steps at a
 fixed batch per GPU. Rank 0 saves the scales; the driver then checks that the
@@ -59,7 +59,7 @@ class _RandomImages(torch.utils.data.Dataset):
 def _worker(args: argparse.Namespace) -> None:
     from _models import make_workload
 
-    from quantlab import distributed, qat
+    from quantlab import batching, distributed, qat
     from quantlab.ptq import run_ptq
     from quantlab.qat.loop import TrainConfig, train
 
@@ -74,7 +74,7 @@ def _worker(args: argparse.Namespace) -> None:
     workload = make_workload(args.model, args.samples, args.batch_size)
     try:
         # Warm-up on a throwaway model: kernel compilation (cached on disk) and cuDNN's choices.
-        warm = distributed.shard_batches(workload.batches(device), info.rank, info.world_size, 2)
+        warm = batching.shard_batches(workload.batches(device), info.rank, info.world_size, 2)
         run_ptq(workload.build().to(device), warm, "all", across_ranks=True)
         times = []
         for _ in range(args.repeats):
@@ -82,7 +82,7 @@ def _worker(args: argparse.Namespace) -> None:
             sync()
             distributed.barrier()
             start = time.perf_counter()
-            result = run_ptq(model, distributed.shard_batches(workload.batches(device), info.rank, info.world_size), "all",
+            result = run_ptq(model, batching.shard_batches(workload.batches(device), info.rank, info.world_size), "all",
                              across_ranks=True)
             sync()
             distributed.barrier()
@@ -109,7 +109,7 @@ def _worker(args: argparse.Namespace) -> None:
             marks[p.step] = time.perf_counter()  # the loop all-reduces each step's loss: steps are synchronous
 
         trained = train(qat_model, data, TrainConfig(max_steps=steps, epochs=1.0, lr=1e-5, seed=0), progress=progress)
-        agreed = distributed.check_ranges_agree(qat_model)
+        agreed = qat.ddp.check_ranges_agree(qat_model)
         seconds = marks[trained.steps] - marks[warm]
         qat_rate = (trained.steps - warm) * args.qat_batch * info.world_size / seconds
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0

@@ -1,16 +1,18 @@
-"""ONNX Runtime on the CPU: FP32 vs INT8 (TensorRT Q/DQ form) vs INT8 (ort-cpu form).
+"""ONNX Runtime on the CPU: FP32 vs each INT8 form of the ort-cpu export, side by side.
 
-Both INT8 files hold the same scales; the ort-cpu form stores activations as UINT8
-with zero point 128 so ONNX Runtime's x86 integer kernels (QLinearConv, MatMulInteger)
-run them. Models: the Fashion-MNIST demo CNN (trained, cached) and a ResNet-18-sized
-CNN at 112x112 (torch.nn, random weights). Batch 1 and 64, 2 intra-op threads,
-median latency; the sessions are timed in interleaved rounds so load changes on a
-shared machine hit every column alike.
+The ort-cpu export has three integer forms (quantlab.runtimes.onnxruntime.forms): u8s8 (fastest
+with VNNI; saturates, so wrong, on x86 CPUs without VNNI), u8u8 (weights + 128, exact on
+every x86 CPU) and qdq-float (float kernels). This script prints this CPU's probe, the
+form ``--ort-int8 auto`` picks here, and the median latency of FP32, every form this
+CPU computes exactly (u8s8 only where exact), and the TensorRT form (its Q/DQ computed
+in float), at batch 1 and 64, 2 intra-op threads, timed in interleaved rounds so load
+changes on a shared machine hit every column alike. Models: the Fashion-MNIST demo CNN
+(trained, cached) and ResNet-18's layout at 112x112 (torch.nn, random weights).
 
     .venv/bin/python benchmarks/bench_ort_int8.py [--threads 2] [--rounds 5] [--quick]
 
-Prints a markdown table, the machine and versions, and the max |difference| between
-the two INT8 forms' outputs.
+Also prints the max |difference| of each INT8 form against the TensorRT form and u8u8
+against u8s8 (0 wherever both are exact).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from _common import cpu_model  # noqa: E402
 import quantlab as ql
 from quantlab.export.float import export_float
 from quantlab.export.qdq import export_int8
-from quantlab.runtimes.onnxruntime_runner import OnnxRuntimeRunner, quantized_kernels
+from quantlab.runtimes.onnxruntime.runner import OnnxRuntimeRunner, quantized_kernels
 
 
 class BasicBlock(nn.Module):
@@ -121,24 +123,30 @@ def time_interleaved(runners, batch, rounds, iters, warmup=3):
 
 
 def cpu_flags() -> str:
-    try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return ""
-    return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
+    """The SIMD flags that pick ONNX Runtime's integer kernels, as in RESULTS.md."""
+    from quantlab.runtimes.onnxruntime.forms import read_cpu_info
+
+    return ", ".join(read_cpu_info().flags) or "none read"
+
+
+FORMS = ("u8s8", "u8u8", "qdq-float")
 
 
 def main() -> int:
     import onnxruntime as ort
 
+    from quantlab.runtimes.onnxruntime.forms import cached_probe, choose_form
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="demo CNN only")
-    parser.add_argument("--variants", action="store_true",
-                        help="add columns: ort-cpu form with the convs QLinearConv cannot take as float Conv / ConvInteger")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    probe = cached_probe()
+    chosen = choose_form(probe)
+    exact_forms = [f for f in FORMS if probe.exact(f)]
+    columns = ["FP32"] + [f"ort-cpu {f}" for f in exact_forms] + ["tensorrt form"]
     rows, diffs, kernels = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_ort_int8_") as tmp:
         for label, fp32_model, calib, test in models(args.quick):
@@ -146,40 +154,43 @@ def main() -> int:
             batches = [calib[i : i + 32] for i in range(0, len(calib), 32)]
             ql.quantize(quantized, ql.int8_config("percentile"), forward_loop=lambda m: [m(b) for b in batches])
             stem = Path(tmp) / str(len(rows))
-            paths = {
-                "FP32": export_float(fp32_model, f"{stem}.fp32.onnx", test[:2]).path,
-                "INT8 tensorrt form": export_int8(quantized, f"{stem}.trt.onnx", test[:2]).path,
-                "INT8 ort-cpu form": export_int8(quantized, f"{stem}.ort.onnx", test[:2], target="ort-cpu").path,
-            }
-            if args.variants:
-                for variant in ("float", "conv-integer"):
-                    paths[f"ort-cpu, {variant}"] = export_int8(quantized, f"{stem}.{variant}.onnx", test[:2], target="ort-cpu", ort_other_convs=variant).path
+            paths = {"FP32": export_float(fp32_model, f"{stem}.fp32.onnx", test[:2]).path}
+            for form in exact_forms:
+                paths[f"ort-cpu {form}"] = export_int8(quantized, f"{stem}.{form}.onnx", test[:2], target="ort-cpu", ort_int8=form).path
+            paths["tensorrt form"] = export_int8(quantized, f"{stem}.trt.onnx", test[:2]).path
             runners = {name: OnnxRuntimeRunner(p, threads=args.threads) for name, p in paths.items()}
             outputs = {name: r.run(test.numpy())[0] for name, r in runners.items()}
-            diffs.append((label, float(np.abs(outputs["INT8 tensorrt form"] - outputs["INT8 ort-cpu form"]).max()),
-                          float(np.abs(outputs["FP32"]).max()),
-                          float(np.mean(outputs["INT8 tensorrt form"].argmax(1) == outputs["INT8 ort-cpu form"].argmax(1)) * 100)))
+            reference = outputs["tensorrt form"]
+            diffs.append((label, float(np.abs(outputs["FP32"]).max()),
+                          {name: (float(np.abs(out - reference).max()), float(np.mean(out.argmax(1) == reference.argmax(1)) * 100))
+                           for name, out in outputs.items() if name.startswith("ort-cpu")},
+                          float(np.abs(outputs["ort-cpu u8u8"] - outputs["ort-cpu u8s8"]).max()) if "ort-cpu u8s8" in outputs else None))
             kernels.append((label, {n: quantized_kernels(p) for n, p in paths.items() if n != "FP32"}))
             for batch_size, iters in ((1, 20), (64, 3)):
                 batch = test[:batch_size].numpy()
-                ms = time_interleaved(runners, batch, args.rounds, iters)
-                rows.append((label, batch_size, ms))
+                rows.append((label, batch_size, time_interleaved(runners, batch, args.rounds, iters)))
             for r in runners.values():
                 r.close()
     print(f"\nONNX Runtime {ort.__version__} CPUExecutionProvider, {args.threads} intra-op threads; torch {torch.__version__}; "
           f"{cpu_model()} ({os.cpu_count()} logical CPUs; {cpu_flags()}); Python {platform.python_version()}")
+    print(f"probe: {probe.describe()}")
+    print(f"--ort-int8 auto picks: {chosen}; forms not exact here (not timed): "
+          f"{', '.join(f for f in FORMS if f not in exact_forms) or 'none'}")
     print(f"median latency (ms), {args.rounds} interleaved rounds; load average at end {os.getloadavg()[0]:.1f}\n")
-    extra = " ort-cpu, residual convs float | ort-cpu, residual convs ConvInteger |" if args.variants else ""
-    print("| model | batch | FP32 | INT8 tensorrt form | INT8 ort-cpu form | ort-cpu vs FP32 | tensorrt form vs FP32 |" + extra)
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if extra else ""))
+    int8 = [c for c in columns if c != "FP32"]
+    print("| model | batch | " + " | ".join(columns) + " | " + " | ".join(f"{c} vs FP32" for c in int8) + " |")
+    print("|---|---|" + "---:|" * (len(columns) + len(int8)))
     for label, batch_size, ms in rows:
-        fp32, trt, cpu = ms["FP32"], ms["INT8 tensorrt form"], ms["INT8 ort-cpu form"]
-        tail = f" {ms['ort-cpu, float']:.2f} | {ms['ort-cpu, conv-integer']:.2f} |" if extra else ""
-        print(f"| {label} | {batch_size} | {fp32:.2f} | {trt:.2f} | {cpu:.2f} | {fp32 / cpu:.2f}x | {fp32 / trt:.2f}x |" + tail)
-    print("\n| model | max abs diff, tensorrt vs ort-cpu form (64 inputs) | max abs logit | top-1 agreement of the forms |")
-    print("|---|---|---|---|")
-    for label, diff, scale, agree in diffs:
-        print(f"| {label} | {diff:.3g} | {scale:.3g} | {agree:.1f}% |")
+        fp32 = ms["FP32"]
+        print(f"| {label} | {batch_size} | " + " | ".join(f"{ms[c]:.2f}" for c in columns) + " | "
+              + " | ".join(f"{fp32 / ms[c]:.2f}x" for c in int8) + " |")
+    print("\n| model | max abs logit | form | max abs diff vs tensorrt form (64 inputs) | top-1 agreement |")
+    print("|---|---|---|---|---|")
+    for label, scale, per_form, same in diffs:
+        for name, (diff, agree) in per_form.items():
+            print(f"| {label} | {scale:.3g} | {name} | {diff:.3g} | {agree:.1f}% |")
+        if same is not None:
+            print(f"| {label} | {scale:.3g} | u8u8 vs u8s8 | {same:.3g} | |")
     print("\nONNX Runtime integer kernels after graph optimization:")
     for label, per_form in kernels:
         for form, ops in per_form.items():

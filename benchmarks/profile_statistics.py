@@ -110,7 +110,7 @@ def phase_times(model, wl, device, repeats: int = 3) -> List[List[Any]]:
     waiting for the GPU, and the read-back at the end (median ms of ``repeats``)."""
     import statistics as st
 
-    from quantlab.attach import collect_statistics
+    from quantlab import collect_statistics
     from quantlab.batching import forward_loop
 
     rows: Dict[str, List[float]] = {}
@@ -194,7 +194,7 @@ def main() -> None:
     args = parser.parse_args()
     device = C.setup_torch(args)
     import quantlab
-    from quantlab.attach import collect_statistics
+    from quantlab import collect_statistics
     from quantlab.batching import forward_loop
 
     out = [C.machine_header("Profile of the statistics pass", {"device": str(device)})]

@@ -7,7 +7,7 @@ can be re-run later on saved statistics, without a model or data.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Protocol
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
@@ -44,7 +44,20 @@ class Calibrator(Protocol):
     def __call__(self, stats: HistogramStats, *, num_bits: int = 8, **params) -> float: ...
 
 
+class BatchedCalibrator(Protocol):
+    """The same calibrator over many histograms of one device at once.
+
+    Returns one entry per histogram: the amax the per-tensor calibrator would
+    return, bit for bit, or ``None`` where only the per-tensor calibrator can
+    decide (``choose_many`` then asks it). Raises what the per-tensor
+    calibrator raises for invalid parameters.
+    """
+
+    def __call__(self, stats: Sequence[HistogramStats], *, num_bits: int = 8, **params) -> List[Optional[float]]: ...
+
+
 _REGISTRY: Dict[str, Callable[..., float]] = {}
+_BATCHED: Dict[str, Callable[..., List[Optional[float]]]] = {}
 
 
 class UnknownCalibratorError(KeyError):
@@ -84,3 +97,25 @@ def get_calibrator(name: str) -> Callable[..., float]:
 def list_calibrators() -> List[str]:
     """Names of all registered calibrators, sorted."""
     return sorted(_REGISTRY)
+
+
+def register_batched_calibrator(name: str) -> Callable[[Callable[..., List[Optional[float]]]], Callable[..., List[Optional[float]]]]:
+    """Decorator that registers ``fn`` as the batched form of calibrator ``name``.
+
+    A batched form is optional: ``choose_many`` runs the per-tensor calibrator
+    once per histogram for a name without one (user calibrators keep working).
+    """
+
+    def decorator(fn: Callable[..., List[Optional[float]]]) -> Callable[..., List[Optional[float]]]:
+        key = name.lower()
+        if key in _BATCHED and _BATCHED[key] is not fn:
+            raise ValueError(f"batched calibrator {name!r} is already registered")
+        _BATCHED[key] = fn
+        return fn
+
+    return decorator
+
+
+def get_batched_calibrator(name: str) -> Optional[Callable[..., List[Optional[float]]]]:
+    """The batched form registered under ``name``, or None."""
+    return _BATCHED.get(name.lower())

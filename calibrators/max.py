@@ -1,7 +1,9 @@
 """The ``max`` calibrator: the full observed range, nothing clipped."""
 from __future__ import annotations
 
-from .base import HistogramStats, register_calibrator
+from typing import List, Optional, Sequence
+
+from .base import HistogramStats, register_batched_calibrator, register_calibrator
 
 
 @register_calibrator("max")
@@ -23,3 +25,9 @@ def max_calibrator(stats: HistogramStats, *, num_bits: int = 8) -> float:
     # A zero (or, for malformed stats, negative) range means "nothing seen";
     # the quantizer treats amax 0 specially, so normalise to exactly 0.0.
     return amax if amax > 0.0 else 0.0
+
+
+@register_batched_calibrator("max")
+def max_many(stats: Sequence[HistogramStats], *, num_bits: int = 8) -> List[Optional[float]]:
+    """:func:`max_calibrator` for every histogram (host arithmetic only, no device work)."""
+    return [max_calibrator(s, num_bits=num_bits) for s in stats]

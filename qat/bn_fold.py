@@ -82,7 +82,7 @@ class _QATConvBnMixin:
                 self.bn_frozen = True
         sf = self.fold_factor()
         # A channel with gamma == 0 outputs a constant: quantize its raw weight instead of 0/0.
-        sf = torch.where(sf == 0, torch.ones_like(sf), sf)
+        sf = torch.where(sf == 0, 1.0, sf)
         w = self.raw_weight()
         shape = [-1] + [1] * (w.dim() - 1)
         w = w * sf.reshape(shape)

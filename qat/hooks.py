@@ -29,7 +29,10 @@ def _active_mode(quantizer: TensorQuantizer) -> QuantizerMode:
 def set_enabled(model: nn.Module, enabled: bool) -> None:
     """Turns every quantizer on (back to the mode prepare chose) or off, until changed again."""
     for ref in iter_quantizers(model):
-        ref.quantizer.mode = _active_mode(ref.quantizer) if enabled else QuantizerMode.OFF
+        if enabled:
+            ref.quantizer.restore(_active_mode(ref.quantizer))
+        else:
+            ref.quantizer.off()
 
 
 @contextlib.contextmanager
@@ -41,7 +44,7 @@ def enabled(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
         yield model
     finally:
         for quantizer, mode in saved:
-            quantizer.mode = mode
+            quantizer.restore(mode)
 
 
 def set_amax_trainable(model: nn.Module, trainable: bool) -> int:

@@ -17,7 +17,9 @@ quantlab stores ``amax = s * bound`` (``bound = 127`` for INT8), so the gradient
 This is a custom autograd function rather than
 ``torch._fake_quantize_learnable_per_tensor_affine`` because that op reads the
 scale with ``.item()`` (a device sync per quantizer per step on the GPU); the
-tests check both give the same gradients.
+tests check both give the same gradients. For the same reason per-channel
+ranges on CUDA are fake-quantized with plain ops: the native per-channel op
+reads its zero points back to the host (two syncs per weight per step).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Optional, Tuple
 import torch
 
 from quantlab.config import QuantizerSpec
-from quantlab.functional import MIN_AMAX
+from quantlab.functional import MIN_AMAX, _zero_points
 
 
 def lsq_grad_factor(x: torch.Tensor, spec: QuantizerSpec) -> float:
@@ -50,52 +52,80 @@ def _channel_shape(x: torch.Tensor, axis: Optional[int]) -> Tuple[int, ...]:
     return tuple(shape)
 
 
+_ENABLED: dict = {}
+
+
+def _fake_quant_enabled(device: torch.device) -> torch.Tensor:
+    """The native per-tensor op's ``fake_quant_enabled`` flag (1), one cached tensor per device."""
+    flag = _ENABLED.get(device)
+    if flag is None:
+        flag = _ENABLED[device] = torch.ones(1, dtype=torch.long, device=device)
+    return flag
+
+
+def _fake_quantize_with_mask(x: torch.Tensor, scale: torch.Tensor, spec: QuantizerSpec,
+                             plain_ops: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``fake_quantize(x)`` (float32) and its on-the-grid mask, without a host sync.
+
+    Per tensor: the native op's cachemask form (what ``fake_quantize_per_tensor_affine``
+    runs), one kernel for both. Per channel on CUDA: the native op's arithmetic
+    (``nearbyint(x * (1 / scale))``, clamp, ``* scale``) in plain ops, because the
+    native op reads its zero points back to the host twice per call (a sync per
+    weight per training step); on the CPU the native cachemask op. ``plain_ops``
+    forces either per-channel branch (tests).
+    """
+    if spec.axis is None:
+        return torch.ops.aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale.reshape(()), _zero_points(x.device, 0), _fake_quant_enabled(x.device), spec.quant_min, spec.quant_max)
+    axis = spec.axis % x.dim()
+    if not (x.is_cuda if plain_ops is None else plain_ops):
+        return torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+            x, scale.reshape(-1), _zero_points(x.device, scale.numel()), axis, spec.quant_min, spec.quant_max)
+    s = scale.reshape(_channel_shape(x, axis))
+    q = torch.mul(x, torch.reciprocal(s)).round_()
+    clamped = q.clamp(spec.quant_min, spec.quant_max)
+    inside = q == clamped  # before the in-place scaling below
+    return clamped.mul_(s), inside
+
+
 class _LSQFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, amax, spec: QuantizerSpec, grad_factor: float):  # type: ignore[override]
         xf = x.to(torch.float32)
         amax_f = amax.to(torch.float32)
         scale = amax_f.clamp_min(MIN_AMAX) / spec.bound
-        if spec.axis is None:
-            zero_point = torch.zeros((), dtype=torch.int32, device=x.device)
-            out = torch.fake_quantize_per_tensor_affine(xf, scale.reshape(()), zero_point, spec.quant_min, spec.quant_max)
-        else:
-            axis = spec.axis % x.dim()
-            zero_point = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
-            out = torch.fake_quantize_per_channel_affine(xf, scale.reshape(-1), zero_point, axis, spec.quant_min, spec.quant_max)
-        ctx.save_for_backward(x, amax_f, scale)
+        out, inside = _fake_quantize_with_mask(xf, scale, spec)
+        # The mask from the forward: the backward then needs no second comparison pass for x's gradient.
+        ctx.save_for_backward(x, amax_f, scale, inside)
         ctx.spec = spec
         ctx.grad_factor = grad_factor
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, amax, scale = ctx.saved_tensors
+        x, amax, scale, inside = ctx.saved_tensors
         spec: QuantizerSpec = ctx.spec
-        shape = _channel_shape(x, spec.axis)
-        s = scale.reshape(shape) if shape else scale
-        # Same arithmetic as the forward kernel (x * (1 / scale), round half to even),
-        # so the clipping mask agrees with the forward bit for bit.
-        v = x.to(torch.float32) * (1.0 / s)
-        q = torch.round(v)
-        q_clipped = q.clamp(spec.quant_min, spec.quant_max)
-        inside = q == q_clipped
         g = grad_out.to(torch.float32)
-        grad_x = (g * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = (g * inside).to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         grad_amax = None
         if ctx.needs_input_grad[1]:
-            # d x_hat / d s: round(v) - v on the grid, qmin or qmax where clipped.
-            dq_ds = q_clipped - v * inside
+            shape = _channel_shape(x, spec.axis)
+            s = scale.reshape(shape) if shape else scale
+            # Same arithmetic as the forward kernel (x * (1 / scale), round half to even).
+            v = x.to(torch.float32) * (1.0 / s)
+            q = torch.round(v).clamp_(spec.quant_min, spec.quant_max)
+            # d x_hat / d s: round(v) - v on the grid, qmin or qmax where clipped (in place: v is spent).
+            dq_ds = q.sub_(v.mul_(inside))
             if spec.axis is None:
                 grad_scale = torch.vdot(g.reshape(-1), dq_ds.reshape(-1))
             else:
                 axis = spec.axis % x.dim()
                 dims = [d for d in range(x.dim()) if d != axis]
-                contrib = g * dq_ds
+                contrib = dq_ds.mul_(g)
                 grad_scale = contrib.sum(dim=dims) if dims else contrib
             grad_amax = grad_scale * (ctx.grad_factor / spec.bound)
             # amax is clamped at MIN_AMAX in the forward: no gradient below the clamp.
-            grad_amax = torch.where(amax >= MIN_AMAX, grad_amax, torch.zeros_like(grad_amax)).reshape(amax.shape)
+            grad_amax = torch.where(amax >= MIN_AMAX, grad_amax, 0.0).reshape(amax.shape)
         return grad_x, grad_amax, None, None
 
 

@@ -16,17 +16,18 @@ import torch
 from torch import nn
 
 from quantlab._io import atomic_path, write_text_atomic
-from quantlab.api import _CONFIG_ATTR as _CORE_CONFIG_ATTR
-from quantlab.api import calibrate, current_scales, get_config, load_scales, quantize
-from quantlab.attach import is_quantized, iter_quantizers, remove_quantizers
+from quantlab.api import current_scales, load_scales, quantize
+from quantlab.attach import get_config, is_quantized, iter_quantizers, original_weight, remove_quantizers, replace_quantizer
 from quantlab.batching import forward_loop
 from quantlab.config import QuantConfig, int8_config
+from quantlab.functional import amax_of_weight
+from quantlab.pipeline import run as run_pipeline
 from quantlab.qat import bn_fold, ddp
 from quantlab.qat.errors import QATError
-from quantlab.qat.quantizer import WEIGHT_RANGES, QATQuantizer, replace_quantizer
+from quantlab.qat.quantizer import WEIGHT_RANGES, QATQuantizer
 from quantlab.scales import Scales
 from quantlab.validation import check_qat_manifest, read_json_file
-from quantlab.tensor_quantizer import QuantizerMode
+from quantlab.tensor_quantizer import QuantizerMode, Role
 
 _OPTIONS_ATTR = "_quantlab_qat"
 FORMAT_NAME = "quantlab.qat"
@@ -149,7 +150,6 @@ def prepare(
     except BaseException:  # leave the caller's model as it was
         if not was_quantized and is_quantized(model):
             remove_quantizers(model)
-            model.__dict__.pop(_CORE_CONFIG_ATTR, None)
         if folded:
             bn_fold.undo_fold(model)
         raise
@@ -182,10 +182,11 @@ def _start_ranges(model, scales, data, calibrator, calibrator_params, config, ma
         load_scales(model, scales, strict=True)
         return scales.calibrator
     if data is not None:
-        quantize(model, config or int8_config(calibrator))
-        # Every rank then holds the statistics of all shards (a failure on one rank stops all).
-        ddp.collect_statistics_across_ranks(model, forward_loop(data, max_batches=max_batches, progress=progress))
-        calibrate(model, calibrator, **dict(calibrator_params or {}))
+        # The PTQ pipeline; under DDP with the process group: every rank then holds the statistics
+        # of all shards and the same ranges (a failure on one rank stops all).
+        run_pipeline(model, forward_loop(data, max_batches=max_batches, progress=progress),
+                     {calibrator: dict(calibrator_params or {})}, config=config or int8_config(calibrator),
+                     group=ddp.world_group())
         return calibrator
     return getattr(current_scales(model), "calibrator", "") or "current"
 
@@ -194,32 +195,24 @@ def _install_qat_quantizers(model: nn.Module, *, learn_amax: bool, weight_ranges
     for ref in list(iter_quantizers(model)):
         q = ref.quantizer
         active = q.mode is QuantizerMode.QUANTIZE and q.is_calibrated
-        if ref.role == "input":
+        if ref.role is Role.INPUT:
             new = QATQuantizer(q, learn=learn_amax and active)
         else:
             new = QATQuantizer(q, learn=weight_ranges == "learn" and active, recompute=weight_ranges == "recompute")
             if bn_fold.is_folded(ref.module):
                 # The file's weight ranges are for the unfolded weights: start from the folded ones.
                 with torch.no_grad():
-                    from quantlab.functional import amax_of_weight
-
                     new.set_amax(amax_of_weight(ref.module.folded_weight(), new.spec))
         replace_quantizer(ref.module, ref.role, new)
 
 
 def refresh_weight_ranges(model: nn.Module) -> None:
     """Recomputes every "recompute" weight range from the current weights (after the last step)."""
-    from quantlab.functional import amax_of_weight
-
     for ref in iter_quantizers(ddp.unwrap(model)):
         q = ref.quantizer
-        if ref.role == "weight" and getattr(q, "recompute_amax", False):
-            w = ref.module.folded_weight() if bn_fold.is_folded(ref.module) else ref.module.parametrizations[_weight_name(ref.module)].original
+        if ref.role is Role.WEIGHT and getattr(q, "recompute_amax", False):
+            w = ref.module.folded_weight() if bn_fold.is_folded(ref.module) else original_weight(ref.module)
             q.set_amax(amax_of_weight(w.detach(), q.spec))
-
-
-def _weight_name(module: nn.Module) -> str:
-    return next(iter(module.parametrizations.keys()))
 
 
 def deployable_state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Scales]:

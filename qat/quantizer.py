@@ -43,7 +43,7 @@ class QATQuantizer(TensorQuantizer):
             self.amax = amax.to(torch.float32)  # replaces the NaN buffer
         self.learn_amax = learn
         self.recompute_amax = recompute
-        self.mode = source.mode
+        self.restore(source.mode)
         self.collector = source.collector
         # The mode prepare() chose; quantlab.qat.enabled(model, True) returns to it.
         self.active_mode: QuantizerMode = source.mode
@@ -74,19 +74,6 @@ class QATQuantizer(TensorQuantizer):
     def extra_repr(self) -> str:
         how = "learned" if self.learn_amax else "recomputed" if self.recompute_amax else "fixed"
         return f"{super().extra_repr()}, range={how}"
-
-
-def replace_quantizer(module: nn.Module, role: str, new: TensorQuantizer) -> None:
-    """Puts ``new`` in place of ``module``'s input or weight quantizer."""
-    if role == "input":
-        module._modules["input_quantizer"] = new
-        return
-    for plist in module.parametrizations.values():
-        for index, p in enumerate(plist):
-            if isinstance(p, TensorQuantizer):
-                plist[index] = new
-                return
-    raise KeyError(f"module has no weight quantizer to replace")
 
 
 def is_learnable(quantizer: Optional[TensorQuantizer]) -> bool:

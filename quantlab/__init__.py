@@ -19,7 +19,6 @@ from quantlab.api import (
 )
 from quantlab.attach import (
     QuantizerRef,
-    collect_statistics,
     is_quantized,
     iter_quantizers,
     quantization_disabled,
@@ -42,9 +41,15 @@ from quantlab.functional import fake_quantize
 from quantlab.registry import register_quantizable
 from quantlab.scales import QuantizerScale, Scales
 from quantlab.statistics import HistogramCollector
-from quantlab.tensor_quantizer import QuantizerMode, TensorQuantizer
+from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer
+from quantlab.pipeline import collect
 
 __version__ = "0.1.0"
+
+
+def collect_statistics(model, forward_loop, cuda_graphs: bool = True):
+    """Runs one statistics pass (:func:`quantlab.pipeline.collect`); returns the batches each input saw."""
+    return collect(model, forward_loop, cuda_graphs=cuda_graphs).batches
 
 
 def load_scales_file(path) -> Scales:

@@ -9,6 +9,14 @@ from typing import Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+CACHE_ENV = "QUANTLAB_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Return ``$QUANTLAB_CACHE`` or ``~/.cache/quantlab`` (weights, compiled kernels, probes)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantlab"
+
 
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:

@@ -6,6 +6,11 @@
 * Inputs: a forward pre-hook that passes the first input through
   ``module.input_quantizer``. The hook is a module-level function that looks the
   quantizer up on the module, so deep copies and pickles keep working.
+
+This module is the one place that knows where quantizers hang on a module
+(:func:`iter_quantizers`, :func:`weight_quantizer`, :func:`original_weight`,
+:func:`replace_quantizer`) and the one that sets and removes the marker of a
+quantized model (its config, :func:`get_config`).
 """
 from __future__ import annotations
 
@@ -19,13 +24,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from quantlab.config import QuantConfig
-from quantlab.cuda_graphs import MIN_BATCHES, graphed_forward
 from quantlab.errors import NothingToQuantizeError
 from quantlab.registry import lookup_quantizable
-from quantlab.statistics import flush_all
-from quantlab.tensor_quantizer import QuantizerMode, TensorQuantizer
+from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer
 
 _HOOK_ATTR = "_quantlab_input_hook"
+# The marker of a quantized model: the config it was quantized with, in the model's __dict__
+# (not a submodule or buffer, so state_dicts and deep copies of the FP32 model stay unchanged).
+_CONFIG_ATTR = "_quantlab_config"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +39,13 @@ class QuantizerRef:
     """One quantizer of a model: which module, which role."""
 
     module_name: str
-    role: str  # "input" or "weight"
+    role: Role
     module: nn.Module
     quantizer: TensorQuantizer
 
     @property
     def key(self) -> str:
-        return f"{self.module_name}:{self.role}"
+        return f"{self.module_name}:{self.role.value}"
 
 
 def _input_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
@@ -54,6 +60,11 @@ def _input_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
             kwargs[key] = quantizer(value)
             return args, kwargs
     return None
+
+
+def is_input_hook(hook: Any) -> bool:
+    """Whether a forward pre-hook is quantlab's input hook."""
+    return hook is _input_hook
 
 
 def _selected(name: str, config: QuantConfig) -> bool:
@@ -73,6 +84,29 @@ def weight_quantizer(module: nn.Module) -> Optional[TensorQuantizer]:
     return None
 
 
+def weight_name(module: nn.Module) -> str:
+    """The name of the parametrized (quantized) weight of a quantized module."""
+    return next(iter(module.parametrizations.keys()))
+
+
+def original_weight(module: nn.Module) -> torch.Tensor:
+    """The floating-point weight under a quantized module's weight quantizer (a Parameter)."""
+    return module.parametrizations[weight_name(module)].original
+
+
+def replace_quantizer(module: nn.Module, role: "Role | str", new: TensorQuantizer) -> None:
+    """Puts ``new`` in place of ``module``'s input or weight quantizer."""
+    if Role(role) is Role.INPUT:
+        module._modules["input_quantizer"] = new
+        return
+    for plist in module.parametrizations.values():
+        for index, p in enumerate(plist):
+            if isinstance(p, TensorQuantizer):
+                plist[index] = new
+                return
+    raise KeyError("module has no weight quantizer to replace")
+
+
 def iter_quantizers(model: nn.Module) -> Iterator[QuantizerRef]:
     """Yields every quantizer of ``model`` in module order (input before weight)."""
     for name, module in model.named_modules():
@@ -80,18 +114,24 @@ def iter_quantizers(model: nn.Module) -> Iterator[QuantizerRef]:
             continue
         inp = module.__dict__["_modules"].get("input_quantizer")
         if isinstance(inp, TensorQuantizer):
-            yield QuantizerRef(name, "input", module, inp)
+            yield QuantizerRef(name, Role.INPUT, module, inp)
         wq = weight_quantizer(module)
         if wq is not None:
-            yield QuantizerRef(name, "weight", module, wq)
+            yield QuantizerRef(name, Role.WEIGHT, module, wq)
 
 
 def is_quantized(model: nn.Module) -> bool:
     return next(iter_quantizers(model), None) is not None
 
 
+def get_config(model: nn.Module) -> Optional[QuantConfig]:
+    """The config ``model`` was quantized with, if quantlab quantized it."""
+    return model.__dict__.get(_CONFIG_ATTR)
+
+
 def attach_quantizers(model: nn.Module, config: QuantConfig) -> List[str]:
-    """Adds input and weight quantizers to every selected quantizable module.
+    """Adds input and weight quantizers to every selected quantizable module and marks
+    ``model`` as quantized with ``config``.
 
     Returns:
         Names of the modules that were given quantizers.
@@ -116,8 +156,8 @@ def attach_quantizers(model: nn.Module, config: QuantConfig) -> List[str]:
             axis = entry.weight_axis % weight.dim()
             wspec = dataclasses.replace(wspec, axis=axis)
             channels = weight.shape[axis]
-        wq = TensorQuantizer(wspec, role="weight", name=label, channels=channels).to(weight.device)
-        iq = TensorQuantizer(config.input, role="input", name=label, num_bins=config.num_bins).to(weight.device)
+        wq = TensorQuantizer(wspec, role=Role.WEIGHT, name=label, channels=channels).to(weight.device)
+        iq = TensorQuantizer(config.input, role=Role.INPUT, name=label, num_bins=config.num_bins).to(weight.device)
         module.add_module("input_quantizer", iq)
         handle = module.register_forward_pre_hook(_input_hook, with_kwargs=True)
         object.__setattr__(module, _HOOK_ATTR, handle)
@@ -134,14 +174,16 @@ def attach_quantizers(model: nn.Module, config: QuantConfig) -> List[str]:
             f"nothing to quantize in {type(model).__name__}: {why} (module types seen: {', '.join(seen[:20])}); "
             "register custom types with quantlab.register_quantizable"
         )
+    model.__dict__[_CONFIG_ATTR] = config
     return attached
 
 
 def remove_quantizers(model: nn.Module) -> nn.Module:
-    """Removes every quantizer, restoring plain floating-point modules in place."""
+    """Removes every quantizer and the marker, restoring plain floating-point modules in place."""
+    model.__dict__.pop(_CONFIG_ATTR, None)
     for ref in list(iter_quantizers(model)):
         module = ref.module
-        if ref.role == "weight":
+        if ref.role is Role.WEIGHT:
             entry = lookup_quantizable(module)
             parametrize.remove_parametrizations(module, entry.weight_name if entry else "weight", leave_parametrized=False)
         else:
@@ -157,10 +199,12 @@ def remove_quantizers(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_mode(model: nn.Module, mode: "QuantizerMode | str", *, role: Optional[str] = None, names: Optional[List[str]] = None) -> None:
+def set_mode(model: nn.Module, mode: "QuantizerMode | str", *, role: "Optional[Role | str]" = None,
+             names: Optional[List[str]] = None) -> None:
     """Sets the mode of all (or the selected) quantizers."""
+    role = None if role is None else Role(role)
     for ref in iter_quantizers(model):
-        if role is not None and ref.role != role:
+        if role is not None and ref.role is not role:
             continue
         if names is not None and ref.module_name not in names:
             continue
@@ -174,11 +218,11 @@ def quantization_disabled(model: nn.Module, layers: Optional[Iterable[str]] = No
     saved = [(ref.quantizer, ref.quantizer.mode) for ref in iter_quantizers(model) if wanted is None or ref.module_name in wanted]
     try:
         for quantizer, _ in saved:
-            quantizer.mode = QuantizerMode.OFF
+            quantizer.off()
         yield model
     finally:
         for quantizer, mode in saved:
-            quantizer.mode = mode
+            quantizer.restore(mode)
 
 
 def float_layers(model: nn.Module) -> List[str]:
@@ -187,50 +231,3 @@ def float_layers(model: nn.Module) -> List[str]:
     for ref in iter_quantizers(model):
         modes.setdefault(ref.module_name, []).append(ref.quantizer.mode)
     return sorted(m for m, ms in modes.items() if all(x is QuantizerMode.OFF for x in ms))
-
-
-def collect_statistics(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graphs: bool = True) -> Dict[str, int]:
-    """Runs ``forward_loop(model)`` once with every input quantizer collecting statistics.
-
-    Weights and activations stay in floating point during the pass, as in
-    TensorRT's calibration. Returns the number of batches each input quantizer saw.
-
-    Args:
-        model: A model with quantizers attached.
-        forward_loop: Calls the model on the calibration batches.
-        cuda_graphs: On CUDA, replay repeated calls of ``model`` (same input
-            shapes) as CUDA graphs, statistics included (quantlab.cuda_graphs;
-            a call that cannot be captured runs eagerly). No effect on the CPU,
-            nor when ``forward_loop.expected_batches`` (set by
-            :func:`quantlab.batching.forward_loop` for sized data) is below
-            ``quantlab.cuda_graphs.MIN_BATCHES``: a capture costs more than so
-            few replays save.
-    """
-    expected = getattr(forward_loop, "expected_batches", None)
-    if expected is not None and expected < MIN_BATCHES:
-        cuda_graphs = False
-    refs = list(iter_quantizers(model))
-    saved = {id(r.quantizer): r.quantizer.mode for r in refs}
-    for ref in refs:
-        if ref.role == "input":
-            ref.quantizer.mode = QuantizerMode.OFF  # restart statistics
-            ref.quantizer.set_mode(QuantizerMode.COLLECT)
-        else:
-            ref.quantizer.mode = QuantizerMode.OFF
-    # Every module in eval mode for the pass (model.eval(), so overrides of train() run), then each
-    # put back as it was (model.train(flag) would also flip submodules the caller set differently).
-    training = [m for m in model.modules() if m.training]
-    if training:
-        model.eval()
-    try:
-        with torch.no_grad(), graphed_forward(model, enabled=cuda_graphs):
-            forward_loop(model)
-    finally:
-        for m in training:
-            m.training = True
-        for ref in refs:
-            ref.quantizer.mode = saved[id(ref.quantizer)] if ref.role == "weight" else QuantizerMode.OFF
-    # On the GPU the statistics stay on the device during the pass; fold them in now (one
-    # read-back per tensor), which is also where a NaN/Inf seen on the way is reported.
-    flush_all([ref.quantizer.collector for ref in refs if ref.role == "input" and ref.quantizer.collector is not None])
-    return {ref.module_name: ref.quantizer.collector.num_batches for ref in refs if ref.role == "input" and ref.quantizer.collector}

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from quantlab.errors import ConfigError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: algorithms, algorithm_params (version 1 files still load)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,10 @@ class QuantConfig:
         calibrator: Calibrator applied by ``quantize`` after the statistics pass.
         calibrator_params: Extra parameters of that calibrator (e.g. percentile).
         num_bins: Initial histogram bins per activation tensor.
+        algorithms: Names of PTQ algorithms (:mod:`quantlab.algorithms`) the
+            pipeline runs: transforms before the statistics pass, refiners after
+            the ranges are applied (e.g. ``("cle", "bias-correction")``).
+        algorithm_params: Per-algorithm parameters, ``((name, ((key, value), ...)), ...)``.
         version: Schema version of this config, for forward-compatible loading.
     """
 
@@ -82,6 +86,8 @@ class QuantConfig:
     calibrator: str = "entropy"
     calibrator_params: Tuple[Tuple[str, Any], ...] = ()
     num_bins: int = 2048
+    algorithms: Tuple[str, ...] = ()
+    algorithm_params: Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...] = ()
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -96,6 +102,19 @@ class QuantConfig:
         if isinstance(params, dict):
             params = tuple(sorted(params.items()))
         object.__setattr__(self, "calibrator_params", tuple(tuple(p) for p in params))
+        if isinstance(self.algorithms, str):
+            object.__setattr__(self, "algorithms", tuple(n.strip() for n in self.algorithms.split(",") if n.strip()))
+        object.__setattr__(self, "algorithms", tuple(str(n).lower() for n in self.algorithms))
+        nested = self.algorithm_params
+        if isinstance(nested, dict):
+            nested = tuple(sorted(nested.items()))
+        object.__setattr__(self, "algorithm_params", tuple(
+            (str(name), tuple(sorted(p.items())) if isinstance(p, dict) else tuple(tuple(kv) for kv in p))
+            for name, p in nested))
+
+    def params_of(self, algorithm: str) -> Dict[str, Any]:
+        """The parameters given for one algorithm (empty if none)."""
+        return dict(dict(self.algorithm_params).get(algorithm, ()))
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -107,6 +126,8 @@ class QuantConfig:
             "calibrator": self.calibrator,
             "calibrator_params": dict(self.calibrator_params),
             "num_bins": self.num_bins,
+            "algorithms": list(self.algorithms),
+            "algorithm_params": {name: dict(p) for name, p in self.algorithm_params},
         }
 
     @classmethod

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from quantlab import statistics
+from quantlab.attach import is_input_hook
 
 _LOG = logging.getLogger(__name__)
 
@@ -151,14 +152,12 @@ def _foreign_hooks(model: nn.Module) -> bool:
     while capturing, not on replays)."""
     from torch.nn.modules import module as module_globals
 
-    from quantlab.attach import _input_hook
-
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         return True
     for m in model.modules():
         if m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
             return True
-        if any(hook is not _input_hook for hook in m._forward_pre_hooks.values()):
+        if any(not is_input_hook(hook) for hook in m._forward_pre_hooks.values()):
             return True
     return False
 

@@ -111,9 +111,11 @@ class _PerChannelFakeQuantize(torch.autograd.Function):
 
 def amax_of_weight(weight: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
     """Max of ``|weight|`` per channel along ``spec.axis`` (or over all, per-tensor)."""
-    w = weight.detach().abs()
+    w = weight.detach()
+    # The infinity norm is max |w| in one reduction (abs() then amax() was two kernels and a
+    # weight-sized temporary, per weight per QAT step with recomputed ranges); same values.
     if spec.axis is None:
-        return w.amax().to(torch.float32)
+        return torch.linalg.vector_norm(w, ord=float("inf")).to(torch.float32)
     axis = spec.axis % w.dim()
     dims = [d for d in range(w.dim()) if d != axis]
-    return w.amax(dim=dims).to(torch.float32) if dims else w.to(torch.float32)
+    return torch.linalg.vector_norm(w, ord=float("inf"), dim=dims).to(torch.float32) if dims else w.abs().to(torch.float32)

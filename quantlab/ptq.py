@@ -1,43 +1,20 @@
-"""Post-training quantization as one call: one statistics pass, many calibrators."""
+"""Post-training quantization as one call on a dataset: one statistics pass, many
+calibrators (the pipeline of :mod:`quantlab.pipeline` fed from an iterable of batches)."""
 from __future__ import annotations
 
-import dataclasses
-import time
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from quantlab import distributed
-from quantlab.api import apply_calibrator, quantize
-from quantlab.attach import collect_statistics
 from quantlab.batching import forward_loop
 from quantlab.calibrators import get_calibrator, list_calibrators
-from quantlab.config import QuantConfig, int8_config
+from quantlab.config import QuantConfig
 from quantlab.errors import CalibrationError
+from quantlab.pipeline import PTQResult, apply, choose_all, run, scales_of, statistics_of
 from quantlab.scales import Scales
 
-
-@dataclasses.dataclass
-class PTQResult:
-    """What one PTQ run produced.
-
-    Attributes:
-        scales: Scales per calibrator name (same statistics for all).
-        num_batches: Batches in the statistics pass.
-        statistics_seconds: Wall time of the statistics pass.
-        calibrate_seconds: Wall time of each calibrator (all tensors).
-    """
-
-    scales: Dict[str, Scales]
-    num_batches: int
-    statistics_seconds: float
-    calibrate_seconds: Dict[str, float]
-
-    def save(self, out_dir: "str | Path") -> Dict[str, Path]:
-        """Writes ``scales.<calibrator>.json`` files; returns their paths by calibrator."""
-        out = Path(out_dir)
-        return {name: s.save(out / f"scales.{name}.json") for name, s in self.scales.items()}
+__all__ = ["PTQResult", "parse_calibrators", "run_calibrators", "run_ptq"]
 
 
 def parse_calibrators(names: "str | Sequence[str]") -> List[str]:
@@ -55,7 +32,7 @@ def run_calibrators(
     model: nn.Module, names: Sequence[str], params: Optional[Dict[str, Dict[str, Any]]] = None,
     *, across_ranks: bool = False,
 ) -> Tuple[Dict[str, Scales], Dict[str, float]]:
-    """Every calibrator in ``names`` on the statistics the model holds.
+    """Every calibrator in ``names`` on the statistics the model holds (no new pass, no refiners).
 
     With ``across_ranks`` (collective; every rank holds the merged statistics)
     each rank chooses the ranges of its share of the tensors and all get all.
@@ -64,17 +41,14 @@ def run_calibrators(
     fake-quantizing with the last calibrator's ranges.
     """
     params = params or {}
+    statistics = statistics_of(model)
+    group = distributed.world_group() if across_ranks else None
+    chosen = choose_all(statistics, {name: params.get(name, {}) for name in names}, group=group)
     scales: Dict[str, Scales] = {}
-    times: Dict[str, float] = {}
-    chosen: Dict[str, Dict[str, float]] = {}
-    if across_ranks and distributed.is_distributed():  # each rank: its share of the tensors
-        chosen, times = distributed.choose_ranges(model, {name: params.get(name, {}) for name in names})
-    for index, name in enumerate(names):
-        t0 = time.perf_counter()
-        # The weights' ranges do not depend on the calibrator: computed for the first only.
-        scales[name] = apply_calibrator(model, name, params.get(name, {}), chosen.get(name), weights=index == 0)
-        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
-    return scales, times
+    for index, (name, ranges) in enumerate(chosen.items()):
+        apply(model, ranges, weights=index == 0)
+        scales[name] = scales_of(model, calibrator=name, calibrator_params=ranges.params, statistics=statistics.saved())
+    return scales, {name: ranges.seconds for name, ranges in chosen.items()}
 
 
 def run_ptq(
@@ -94,7 +68,7 @@ def run_ptq(
 
     With ``across_ranks=True`` under torch.distributed (a process group of
     several ranks, as torchrun starts) this is collective: ``data`` is this
-    rank's shard (see :func:`quantlab.distributed.shard_batches`), the
+    rank's shard (see :func:`quantlab.batching.shard_batches`), the
     histograms and maxima are all-reduced exactly after the pass, the
     calibrators' work is split by tensor, and every rank ends with the same
     ranges as one process on all the shards would choose. A failure on one
@@ -104,7 +78,7 @@ def run_ptq(
         model: The FP32 model (its device is used).
         data: Calibration batches (this rank's shard under torch.distributed).
         calibrators: Names or ``"all"``.
-        config: Quantization config (default :func:`int8_config`).
+        config: Quantization config (default :func:`quantlab.int8_config`).
         max_batches: Use at most this many batches.
         calibrator_params: Per-calibrator parameters, e.g. ``{"percentile": {"percentile": 99.9}}``.
         progress: Called with the number of batches done.
@@ -115,18 +89,6 @@ def run_ptq(
     """
     names = parse_calibrators(calibrators)
     params = calibrator_params or {}
-    quantize(model, config or int8_config())
-    start = time.perf_counter()
+    group = distributed.world_group() if across_ranks else None
     loop = forward_loop(data, max_batches=max_batches, progress=progress)
-    across_ranks = across_ranks and distributed.is_distributed()
-    # Across ranks each saw its shard: the histograms are merged exactly, so every rank
-    # calibrates on all the data (and counts all the batches).
-    counts = distributed.collect_statistics_across_ranks(model, loop) if across_ranks else collect_statistics(model, loop)
-    num_batches = max(counts.values(), default=0)
-    statistics_seconds = time.perf_counter() - start
-    if num_batches == 0:
-        raise CalibrationError("calibration data is empty: no batch reached the model")
-    scales, times = run_calibrators(model, names, params, across_ranks=across_ranks)
-    return PTQResult(scales=scales, num_batches=num_batches, statistics_seconds=statistics_seconds, calibrate_seconds=times)
-
-
+    return run(model, loop, {name: params.get(name, {}) for name in names}, config=config, group=group)

@@ -9,14 +9,15 @@ import dataclasses
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
 from quantlab._io import write_text_atomic
-from quantlab.calibrators import HistogramStats, get_calibrator
+from quantlab.calibrators import HistogramStats, choose_ranges, get_calibrator
 from quantlab.config import QuantConfig
 from quantlab.errors import ScalesFormatError
+from quantlab.roles import Role
 from quantlab.validation import check_scales, read_json_file
 
 FORMAT_NAME = "quantlab.scales"
@@ -27,22 +28,13 @@ MAX_SCALES_BYTES = 1 << 30
 Amax = Union[float, List[float]]
 
 
-def choose_amax(calibrator: Callable[..., float], stats: HistogramStats, num_bits: int, **params: Any) -> float:
-    """Runs a calibrator, capped at the observed max.
-
-    Histogram-based calibrators answer with a bin edge; the last bin's right
-    edge can sit slightly above the largest value seen, which is never useful.
-    """
-    return min(float(calibrator(stats, num_bits=num_bits, **params)), float(stats.amax))
-
-
 @dataclasses.dataclass(frozen=True)
 class QuantizerScale:
     """The range of one quantizer.
 
     Attributes:
         module: Name of the quantized module (``model.named_modules()`` name).
-        role: ``"input"`` or ``"weight"``.
+        role: :class:`~quantlab.roles.Role` (a string in the file).
         amax: A float (per-tensor) or one float per channel.
         num_bits: Integer width.
         narrow_range: Whether the grid is ``[-127, 127]`` (else ``[-128, 127]``).
@@ -50,15 +42,18 @@ class QuantizerScale:
     """
 
     module: str
-    role: str
+    role: Role
     amax: Amax
     num_bits: int = 8
     narrow_range: bool = False
     axis: Optional[int] = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
+
     @property
     def key(self) -> str:
-        return f"{self.module}:{self.role}"
+        return f"{self.module}:{self.role.value}"
 
     @property
     def scale(self) -> Amax:
@@ -122,7 +117,8 @@ class Scales:
     def as_dict(self) -> Dict[str, QuantizerScale]:
         return {e.key: e for e in self.entries}
 
-    def get(self, module: str, role: str) -> QuantizerScale:
+    def get(self, module: str, role: "Role | str") -> QuantizerScale:
+        role = Role(role).value
         try:
             return self.as_dict()[f"{module}:{role}"]
         except KeyError:
@@ -140,12 +136,14 @@ class Scales:
 
     def recalibrate(self, calibrator: str, **params: Any) -> "Scales":
         """Chooses new activation ranges from the saved statistics (no data needed)."""
-        fn = get_calibrator(calibrator)
-        entries = []
-        for e in self.entries:
-            if e.role == "input" and e.module in self.statistics:
-                e = dataclasses.replace(e, amax=choose_amax(fn, self.statistics[e.module], e.num_bits, **params))
-            entries.append(e)
+        get_calibrator(calibrator)  # an unknown name raises even without statistics
+        inputs = [e for e in self.entries if e.role is Role.INPUT and e.module in self.statistics]
+        chosen: Dict[str, float] = {}
+        for num_bits in sorted({e.num_bits for e in inputs}):
+            chosen.update(choose_ranges(calibrator, {e.module: self.statistics[e.module] for e in inputs if e.num_bits == num_bits},
+                                        num_bits=num_bits, params=params))
+        entries = [dataclasses.replace(e, amax=chosen[e.module]) if e.role is Role.INPUT and e.module in chosen else e
+                   for e in self.entries]
         return dataclasses.replace(self, entries=entries, calibrator=calibrator, calibrator_params=dict(params))
 
     # -- serialization ----------------------------------------------------------------------------

@@ -72,7 +72,8 @@ def _count_slots(slots: torch.Tensor, num_slots: int) -> torch.Tensor:
     return torch.bincount(slots, minlength=num_slots)
 
 
-def _merge_pairs(counts: torch.Tensor, times: int) -> torch.Tensor:
+def merge_pairs(counts: torch.Tensor, times: int) -> torch.Tensor:
+    """Re-bins ``counts`` to ``2**times`` times the bin width (adjacent bins summed in pairs, ``times`` times)."""
     for _ in range(times):
         if counts.numel() % 2:
             counts = torch.cat([counts, counts.new_zeros(1)])
@@ -526,7 +527,7 @@ class HistogramCollector:
             return
         assert self._bin_width is not None
         if width > self._bin_width:
-            self._counts = _merge_pairs(self._counts, int(round(math.log2(width / self._bin_width))))
+            self._counts = merge_pairs(self._counts, int(round(math.log2(width / self._bin_width))))
             self._bin_width = width
         if self._counts.numel() < needed:
             self._counts = torch.cat([self._counts, self._counts.new_zeros(needed - self._counts.numel())])
@@ -552,10 +553,30 @@ class HistogramCollector:
         device = counts.device if self._counts is None else self._counts.device
         self._fit_range(device)
         assert self._counts is not None and self._bin_width is not None
-        theirs = _merge_pairs(counts.to(device), int(round(math.log2(self._bin_width / width))))
+        theirs = merge_pairs(counts.to(device), int(round(math.log2(self._bin_width / width))))
         if theirs.numel() > self._counts.numel():  # cannot happen after _fit_range; keep it safe
             self._counts = torch.cat([self._counts, self._counts.new_zeros(theirs.numel() - self._counts.numel())])
         self._counts[: theirs.numel()] += theirs
+
+    @property
+    def zeros_before_range(self) -> int:
+        """Exact zeros seen while no non-zero value had set a range yet (they join bin 0 later)."""
+        return self._pending_zeros
+
+    def replace_state(self, *, counts: Optional[torch.Tensor], bin_width: Optional[float], amax: float,
+                      num_batches: int, zeros: int = 0) -> None:
+        """Replaces everything this collector holds (e.g. by statistics merged across ranks).
+
+        Args:
+            counts: The histogram at ``bin_width`` (kept, not copied), or None if only zeros were seen.
+            bin_width: Its bin width (None with ``counts``).
+            amax: The running max of |x|.
+            num_batches: Batches the statistics cover.
+            zeros: Zeros seen before any range (only with ``counts`` None).
+        """
+        self.flush()
+        self._counts, self._bin_width, self._amax = counts, bin_width, float(amax)
+        self._num_batches, self._zeros = int(num_batches), int(zeros)
 
     def reuse_device_state(self, previous: "HistogramCollector") -> None:
         """Takes over ``previous``'s emptied device state (same bins), to save allocations per pass."""

@@ -1,7 +1,13 @@
-"""TensorQuantizer: the module that owns one tensor's range (amax) and mode."""
+"""TensorQuantizer: the module that owns one tensor's range (amax) and its mode.
+
+Every change of mode goes through the quantizer's own methods (:meth:`collect`,
+:meth:`quantize_with`, :meth:`set_mode`, :meth:`off`, :meth:`restore`), so the rules
+(no quantizing without a range, fresh statistics for each pass) hold everywhere.
+"""
 from __future__ import annotations
 
 import enum
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -9,6 +15,7 @@ from torch import nn
 
 from quantlab.config import QuantizerSpec
 from quantlab.errors import CalibrationError
+from quantlab.roles import Role
 from quantlab.functional import _tracing, fake_quantize, scale_from_amax
 from quantlab.statistics import HistogramCollector
 
@@ -29,7 +36,7 @@ class TensorQuantizer(nn.Module):
 
     Args:
         spec: Bits, range and (resolved) channel axis.
-        role: ``"input"`` or ``"weight"``.
+        role: :class:`Role` (or its string value).
         name: Name of the module this quantizer belongs to (for messages and scales).
         channels: Number of channels for a per-channel quantizer.
         num_bins: Histogram resolution for activation statistics.
@@ -39,7 +46,7 @@ class TensorQuantizer(nn.Module):
         self,
         spec: QuantizerSpec,
         *,
-        role: str,
+        role: "Role | str",
         name: str = "",
         channels: Optional[int] = None,
         num_bins: int = 2048,
@@ -48,15 +55,20 @@ class TensorQuantizer(nn.Module):
         if spec.per_channel and spec.axis is None:
             raise ValueError("a per-channel quantizer needs a resolved axis")
         self.spec = spec
-        self.role = role
+        self.role = Role(role)
         self.name = name
         shape: Sequence[int] = (int(channels),) if spec.axis is not None else ()
         self.register_buffer("amax", torch.full(tuple(shape), float("nan")))
-        self.mode = QuantizerMode.OFF
+        self._mode = QuantizerMode.OFF
         self.collector: Optional[HistogramCollector] = None
         self.num_bins = num_bins
 
     # -- state ---------------------------------------------------------------------------
+    @property
+    def mode(self) -> QuantizerMode:
+        """What the quantizer does now; changed only through the transition methods."""
+        return self._mode
+
     @property
     def is_calibrated(self) -> bool:
         return bool(torch.isfinite(self.amax).all())
@@ -80,12 +92,56 @@ class TensorQuantizer(nn.Module):
         """Switches mode; quantizing needs an amax, collecting starts fresh statistics."""
         mode = QuantizerMode(mode)
         if mode is QuantizerMode.QUANTIZE and not self.is_calibrated:
-            raise CalibrationError(f"quantizer '{self.name}' ({self.role}) has no amax yet: calibrate or load scales first")
-        if mode is QuantizerMode.COLLECT and self.role == "input" and self.mode is not QuantizerMode.COLLECT:
-            previous, self.collector = self.collector, HistogramCollector(self.num_bins, name=self.name)
-            if previous is not None:
-                self.collector.reuse_device_state(previous)
-        self.mode = mode
+            raise CalibrationError(f"quantizer '{self.name}' ({self.role.value}) has no amax yet: calibrate or load scales first")
+        if mode is QuantizerMode.COLLECT:
+            self.collect()
+            return
+        self._mode = mode
+
+    def collect(self) -> None:
+        """Starts a statistics pass: an input quantizer gathers fresh statistics; a weight
+        quantizer stays off (weights are measured directly, not collected)."""
+        if self.role is not Role.INPUT:
+            self._mode = QuantizerMode.OFF
+            return
+        previous, self.collector = self.collector, HistogramCollector(self.num_bins, name=self.name)
+        if previous is not None:
+            self.collector.reuse_device_state(previous)
+        self._mode = QuantizerMode.COLLECT
+
+    def quantize_with(self, amax=None, *, verified: bool = False) -> None:
+        """Starts fake-quantizing, with a new range or the one stored.
+
+        Args:
+            amax: A Python float or list (checked on the host), a tensor of the
+                quantizer's shape, or None to keep the stored range.
+            verified: The caller has already checked that the (tensor) range is
+                finite, e.g. with one read-back for many quantizers; otherwise a
+                tensor range is checked here, which waits for the device.
+
+        Raises:
+            CalibrationError: the range is NaN or infinite.
+        """
+        if isinstance(amax, (int, float, list, tuple)):
+            values = amax if isinstance(amax, (list, tuple)) else [amax]
+            if not all(math.isfinite(float(v)) for v in values):
+                raise CalibrationError(f"quantizer '{self.name}' ({self.role.value}): amax {amax} is not finite")
+            verified = True
+        if amax is not None:
+            self.set_amax(amax)
+        if verified:
+            self._mode = QuantizerMode.QUANTIZE
+        else:
+            self.set_mode(QuantizerMode.QUANTIZE)
+
+    def off(self) -> None:
+        """Passes tensors through unchanged (floating point) until switched again."""
+        self._mode = QuantizerMode.OFF
+
+    def restore(self, mode: "QuantizerMode | str") -> None:
+        """Returns to a mode this quantizer held before (saved by the caller), without checks:
+        the range and statistics it needed are still here. Statistics are not restarted."""
+        self._mode = QuantizerMode(mode)
 
     def fixed_scale(self) -> Optional[torch.Tensor]:
         """The scale for the current amax, cached until amax changes (None if amax is learned).
@@ -107,12 +163,13 @@ class TensorQuantizer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode is QuantizerMode.QUANTIZE:
+        mode = self._mode  # the attribute, not the property: this runs per layer per batch
+        if mode is QuantizerMode.QUANTIZE:
             return fake_quantize(x, self.amax, self.spec, scale=self.fixed_scale())
-        if self.mode is QuantizerMode.COLLECT and self.collector is not None:
+        if mode is QuantizerMode.COLLECT and self.collector is not None:
             self.collector.update(x)
         return x
 
     def extra_repr(self) -> str:
         axis = "per-tensor" if self.spec.axis is None else f"axis={self.spec.axis}"
-        return f"{self.role}, {self.spec.num_bits}-bit, {axis}, narrow={self.spec.narrow_range}, mode={self.mode.value}"
+        return f"{self.role.value}, {self.spec.num_bits}-bit, {axis}, narrow={self.spec.narrow_range}, mode={self.mode.value}"

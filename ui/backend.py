@@ -1,7 +1,7 @@
 """The quantlab functions the dashboard calls for export, check, TensorRT and mixed precision.
 
 One adapter module, so pages and jobs do not care which module of
-:mod:`quantlab.export`, :mod:`quantlab.engines` or :mod:`quantlab.evaluation`
+:mod:`quantlab.export`, :mod:`quantlab.runtimes.tensorrt` or :mod:`quantlab.evaluation`
 holds a function. Nothing here computes a metric, a scale or a graph: each
 function forwards to the function that does. A function that this quantlab
 does not have (an optional dependency, or a part not yet installed) raises
@@ -114,7 +114,7 @@ def tensorrt_info() -> Dict[str, Any]:
     """Whether ``tensorrt`` imports here, its version, the install command and why not."""
     info: Dict[str, Any] = {"available": False, "version": None, "install": TENSORRT_INSTALL, "reason": None}
     try:
-        import_tensorrt = _find("the TensorRT engine builder", [("quantlab.engines.tensorrt", "import_tensorrt")])
+        import_tensorrt = _find("the TensorRT engine builder", [("quantlab.runtimes.tensorrt.loader", "import_tensorrt")])
         trt = import_tensorrt()
         info.update(available=True, version=getattr(trt, "__version__", None))
     except QuantlabError as exc:  # TensorRTUnavailableError (with the install hint) or FeatureUnavailable
@@ -123,16 +123,16 @@ def tensorrt_info() -> Dict[str, Any]:
 
 
 def trtexec_command(onnx_path: str, plan_path: str) -> str:
-    """The trtexec command line that builds the same engine (from :mod:`quantlab.engines`)."""
-    command = _find("the trtexec command line", [("quantlab.engines.tensorrt", "trtexec_command")])(onnx_path, plan_path)
+    """The trtexec command line that builds the same engine (from :mod:`quantlab.runtimes.tensorrt`)."""
+    command = _find("the trtexec command line", [("quantlab.runtimes.tensorrt.loader", "trtexec_command")])(onnx_path, plan_path)
     if isinstance(command, str):
         return command
-    return _find("trtexec formatting", [("quantlab.engines.tensorrt", "format_command")])(command)
+    return _find("trtexec formatting", [("quantlab.runtimes.tensorrt.loader", "format_command")])(command)
 
 
 def build_engine(onnx_path: str, plan_path: str) -> Path:
     """Builds a strongly typed TensorRT engine from the ONNX file (needs TensorRT and a GPU)."""
-    result = _find("the TensorRT engine build", [("quantlab.engines.tensorrt", "build_engine")])(onnx_path, plan_path)
+    result = _find("the TensorRT engine build", [("quantlab.runtimes.tensorrt.loader", "build_engine")])(onnx_path, plan_path)
     return Path(getattr(result, "plan", result))
 
 

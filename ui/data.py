@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import pandas as pd
 import streamlit as st
 
+from quantlab.roles import Role
 from quantlab.store import STORE_ENV, RunStore, default_store_path
 from quantlab.ui import backend, summaries
 
@@ -237,7 +238,7 @@ def tensors_with_histograms(run: Dict[str, Any]) -> List[str]:
     if not files:
         return []
     first = scales(next(iter(files.values())))
-    return [e.module for e in first.entries if e.role == "input" and e.module in first.statistics]
+    return [e.module for e in first.entries if e.role is Role.INPUT and e.module in first.statistics]
 
 
 def histogram(run: Dict[str, Any], module: str):

@@ -6,7 +6,7 @@
 
 Every number comes from :func:`quantlab.evaluation.compare.compare`,
 :func:`quantlab.evaluation.sensitivity.rank_layers`, :mod:`quantlab.export`
-and :mod:`quantlab.engines`; this module only orders the calls, records them in
+and :mod:`quantlab.runtimes.tensorrt`; this module only orders the calls, records them in
 the run store and reports progress (to the store, so the dashboard's progress
 bar survives a browser refresh, and to an optional callback for the CLI).
 """

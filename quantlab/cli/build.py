@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.engines.tensorrt import BuildOptions, build_engine, format_command, trtexec_command
+    from quantlab.runtimes.tensorrt.loader import BuildOptions, build_engine, format_command, trtexec_command
 
     options = BuildOptions(
         min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,

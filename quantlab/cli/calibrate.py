@@ -58,15 +58,17 @@ def _calibrate(args: argparse.Namespace, info, folder) -> int:
     from quantlab import distributed
     from quantlab._io import write_text_atomic
     from quantlab.data import load_data
+    from quantlab.batching import shard_batches
     from quantlab.data.fit import check_model_fits
     from quantlab.ptq import parse_calibrators, run_ptq
+    from quantlab.roles import Role
 
     names = parse_calibrators(args.calibrators)  # validate before any expensive work
     device = distributed.default_device(info, args.device) if info.distributed else args.device
     model = load_cli_model(args, args.data, device=device)
     data = load_data(args.data, batch_size=args.batch_size)
     check_model_fits(model, data, args.data)  # two samples first: a shape mismatch in words, before the pass
-    shard = distributed.shard_batches(data, info.rank, info.world_size, args.max_batches)
+    shard = shard_batches(data, info.rank, info.world_size, args.max_batches)
     try:
         total: Optional[int] = len(shard)  # this rank's batches
     except TypeError:
@@ -101,7 +103,7 @@ def _calibrate(args: argparse.Namespace, info, folder) -> int:
     ranks = f" on {info.world_size} ranks" if info.distributed else ""
     print(f"statistics pass: {result.num_batches} batches{ranks} in {result.statistics_seconds:.2f} s")
     first = next(iter(result.scales.values()))
-    inputs = [e.module for e in first.entries if e.role == "input"]
+    inputs = [e.module for e in first.entries if e.role is Role.INPUT]
     rows = [[m] + [f"{result.scales[c].get(m, 'input').amax:.4g}" for c in names] for m in inputs]
     print_table(rows, ["layer input amax"] + names)
     for name, path in paths.items():

@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     if _is_calibration_cache(args.model):
         return _check_cache(args)
     report = check_model(args.model)
+    form_line, form_info = _ort_form(args.model)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(json.dumps({**report.to_dict(), "ort_int8": form_info}, indent=1))
     else:
         print(f"{args.model}: opset {report.opset}, {report.num_nodes} nodes, {report.num_qdq} Q/DQ, "
               f"{report.num_weighted_quantized}/{report.num_weighted} weighted ops quantized")
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
             print_table([[f.severity, f.rule, f.node, f.op_type, f.message] for f in report.findings],
                         ["severity", "rule", "node", "op", "message"])
         print(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
+        if form_line:
+            print(f"ONNX Runtime INT8 form: {form_line}")
         if report.errors and metadata(load_onnx(args.model, check=False)).get("quantlab.target") == "ort-cpu":
             print("note: this is an `--target ort-cpu` export (UINT8 activations for ONNX Runtime); export with --target tensorrt for TensorRT")
     if report.errors or (args.strict and report.warnings):
@@ -66,3 +69,24 @@ def _check_cache(args: argparse.Namespace) -> int:
     else:
         print(f"{args.model}: calibration cache {cache.header}, {len(cache.scales)} tensor(s), every scale finite, > 0 and normal; 0 error(s)")
     return 0
+
+
+def _ort_form(path):
+    """(one line, dict) on the file's ONNX Runtime integer form and its exactness on this CPU.
+
+    Informational: a form not exact here is reported, not an error of this command
+    (whose exit code is about TensorRT's rules); `quantlab run` refuses such a file.
+    """
+    from quantlab.errors import QuantlabError
+    from quantlab.export.graph import load_onnx
+    from quantlab.runtimes.onnxruntime.verify import verify_model
+
+    model = load_onnx(path, check=False)
+    fusion = next((p.value for p in model.metadata_props if p.key == "quantlab.target"), None) != "tensorrt"
+    try:
+        found = verify_model(model, str(path), qdq_fusion=fusion)
+    except QuantlabError as exc:
+        return f"NOT usable on this CPU: {exc}", {"exact_here": False, "error": str(exc)}
+    if found.recorded is None and not found.kernels:
+        return None, None
+    return found.describe(), found.to_dict()

@@ -18,6 +18,11 @@ def register(sub) -> None:
                    help="int8 form: tensorrt (INT8, zero point 0; default) or ort-cpu (UINT8 activations, ONNX Runtime integer kernels)")
     p.add_argument("--ort-other-convs", choices=("im2col", "float", "conv-integer"), default="im2col",
                    help="ort-cpu: how convs without an output quantizer (residual branches) run (default im2col: integer GEMM)")
+    p.add_argument("--ort-int8", choices=("auto", "u8s8", "u8u8", "qdq-float"), default="auto",
+                   help="ort-cpu: integer form (default auto: u8s8 where this CPU's ONNX Runtime computes it exactly, "
+                        "else u8u8, else qdq-float; force one for another machine)")
+    p.add_argument("--ort-reduce-range", action="store_true",
+                   help="ort-cpu: 7-bit weights (u8s8 exact on any CPU, but not the weights TensorRT uses; recorded in the file)")
     p.add_argument("--input-shape", help="one sample's shape without the batch, e.g. 1,28,28 (or use --data)")
     p.add_argument("--data", help="take the example batch from this data spec, e.g. fmnist:calib")
     p.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="torch.onnx exporter (default torchscript)")
@@ -55,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`)")
     if args.precision != "int8" and args.target != "tensorrt":
         raise ValueError("--target applies to --precision int8 only")
+    if args.target != "ort-cpu" and (args.ort_int8 != "auto" or args.ort_reduce_range):
+        raise ValueError("--ort-int8 / --ort-reduce-range apply to --target ort-cpu only")
     from quantlab.outputs import EXPORT_SIDECAR, ONNX_FILE, check_output_file
     from quantlab.store.lock import RunLock
 
@@ -89,7 +96,8 @@ def _export(args: argparse.Namespace, out: Path) -> int:
 
             ql.load_scales(model, scales)  # strict: names every missing or extra layer
             result = export_int8(model, out, inputs, target=args.target, placement=not args.no_placement,
-                                 ort_other_convs=args.ort_other_convs, **common)
+                                 ort_other_convs=args.ort_other_convs, ort_int8=args.ort_int8,
+                                 ort_reduce_range=args.ort_reduce_range, **common)
         else:
             from quantlab.export.float import export_float
 
@@ -112,6 +120,8 @@ def _export(args: argparse.Namespace, out: Path) -> int:
             print(f"  residual left in float (no calibrated scale): {item}")
     if result.ort_cpu:
         print("ort-cpu kernels: " + ", ".join(f"{k} {v}" for k, v in result.ort_cpu.items() if v))
+    if result.ort_int8:
+        _print_form(result.ort_int8)
     if result.unmapped:
         print(f"note: {len(result.unmapped)} quantizer(s) have no node in the graph (layer never called): {', '.join(result.unmapped[:5])}")
     status = 0
@@ -133,6 +143,15 @@ def _export(args: argparse.Namespace, out: Path) -> int:
     return status
 
 
+def _print_form(info: dict) -> None:
+    bits = "" if info["weight_bits"] == 8 else f", {info['weight_bits']}-bit weights (reduce_range)"
+    how = "chosen by auto" if info["requested"] == "auto" else "forced"
+    print(f"ort-cpu INT8 form: {info['form']} ({how}{bits}) on {info['chosen_on']}")
+    if not info["exact_here"]:
+        print(f"note: {info['form']} is NOT exact on this CPU: ONNX Runtime here (`quantlab run`) will refuse this file; "
+              "it is for another machine")
+
+
 def _start_record(args: argparse.Namespace):
     path = args.store or os.environ.get("QUANTLAB_STORE")
     if not path:
@@ -142,5 +161,11 @@ def _start_record(args: argparse.Namespace):
     store = RunStore(path)
     config = {"precision": args.precision, "target": args.target if args.precision == "int8" else None,
               "scales": args.scales, "exporter": args.exporter, "opset": args.opset, "out": str(args.out)}
+    if args.precision == "int8" and args.target == "ort-cpu":
+        from quantlab.runtimes.onnxruntime.forms import resolve_form
+
+        # The same (memoized) choice export_int8 makes next, so the run records which kernels the file uses.
+        choice = resolve_form(args.ort_int8, reduce_range=args.ort_reduce_range)
+        config.update(ort_int8=choice.form, ort_int8_requested=args.ort_int8, ort_weight_bits=choice.weight_bits)
     run_id = store.create_run("export", model=args.model, data=args.data, config=config, run_dir=str(Path(args.out).parent))
     return store, run_id

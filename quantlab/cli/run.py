@@ -42,17 +42,25 @@ def run(args: argparse.Namespace) -> int:
     if latency is not None:
         rows.append([f"median latency, batch {latency.batch_size} (ms)", f"{latency.median_ms:.2f}"])
     kernels = {}
+    form = None
     if runner.backend == "onnxruntime":
-        from quantlab.runtimes.onnxruntime_runner import quantized_kernels
+        from quantlab.runtimes.onnxruntime.runner import quantized_kernels
 
         kernels = quantized_kernels(args.model, threads=args.threads)
         rows.append(["ORT integer kernels", ", ".join(f"{k} x{v}" for k, v in sorted(kernels.items())) or "none (runs in float)"])
+        report = runner.int8_form
+        form = report.form if report is not None else None
+        if not runner.qdq_fusion:
+            shown = "TensorRT form: its Q/DQ computed with float kernels (ONNX Runtime's QDQ fusion off)"
+        else:
+            shown = report.describe() if report is not None else "not checked"
+        rows.append(["ORT INT8 form", shown])
     print_table(rows, [str(args.model), runner.backend])
-    _record(args, result, latency)
+    _record(args, result, latency, form)
     return 0
 
 
-def _record(args, result, latency) -> None:
+def _record(args, result, latency, form=None) -> None:
     path = args.store or os.environ.get("QUANTLAB_STORE")
     if not path or result.top1 is None:
         return
@@ -65,7 +73,8 @@ def _record(args, result, latency) -> None:
         fmt = metadata(load_onnx(args.model, check=False)).get("quantlab.format", "")
         precision = "int8" if fmt.startswith("qdq") else ("fp16" if fmt == "fp16" else "fp32")
     store = RunStore(path)
-    run_id = store.create_run("export", model=str(args.model), eval_data=args.data, config={"backend": args.backend, "threads": args.threads})
+    config = {"backend": args.backend, "threads": args.threads, "ort_int8": form}
+    run_id = store.create_run("export", model=str(args.model), eval_data=args.data, config=config)
     store.add_results(run_id, [{"precision": precision, "calibrator": None, "source": "ptq", "metric": "top1",
                                 "value": result.top1, "delta": None, "seconds": result.seconds}])
     if latency is not None:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple
 
 import torch
 
-from quantlab.batching import call_model, split_batch
+from quantlab.batching import call_model, main_tensor, split_batch
 from quantlab.evaluation.errors import EvaluationError, MetricError, UnknownMetricError
 from quantlab.evaluation.probe import LinearProbe
 
@@ -42,20 +42,15 @@ def _describe(value: Any) -> str:
 
 
 def first_tensor(output: Any, prefer: Tuple[str, ...] = ("logits", "last_hidden_state")) -> torch.Tensor:
-    """The main tensor of a model output (tensor, HF ModelOutput, dict or tuple)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    for key in prefer:
-        value = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    if isinstance(output, dict):
-        for value in output.values():
-            if isinstance(value, torch.Tensor):
-                return value
-    raise EvaluationError(f"cannot find an output tensor in the model's output ({_describe(output)})")
+    """The main tensor of a model output (tensor, HF ModelOutput, dict or tuple).
+
+    Raises:
+        EvaluationError: the output holds no tensor.
+    """
+    tensor = main_tensor(output, prefer)
+    if tensor is None:
+        raise EvaluationError(f"cannot find an output tensor in the model's output ({_describe(output)})")
+    return tensor
 
 
 class Task(abc.ABC):

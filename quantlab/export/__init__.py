@@ -25,6 +25,10 @@ _EXPORTS = {
     "apply_placement": "quantlab.export.placement",
     "PlacementReport": "quantlab.export.placement",
     "convert_to_ort_cpu": "quantlab.export.ort_cpu",
+    "cached_probe": "quantlab.runtimes.onnxruntime.forms",
+    "choose_form": "quantlab.runtimes.onnxruntime.forms",
+    "resolve_form": "quantlab.runtimes.onnxruntime.forms",
+    "verify_model": "quantlab.runtimes.onnxruntime.verify",
     "CalibrationCache": "quantlab.export.cache",
     "read_calibration_cache": "quantlab.export.cache",
     "write_calibration_cache": "quantlab.export.cache",
@@ -37,6 +41,7 @@ _EXPORTS = {
     "OnnxFormatError": "quantlab.export.errors",
     "CacheFormatError": "quantlab.export.errors",
     "TensorMappingError": "quantlab.export.errors",
+    "OrtFormError": "quantlab.export.errors",
 }
 
 

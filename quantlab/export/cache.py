@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 from quantlab._io import write_text_atomic
 from quantlab.export.errors import CacheFormatError, TensorMappingError
+from quantlab.roles import Role
 from quantlab.scales import Scales
 from quantlab.validation import TENSORRT_NUM_BITS, check_amax, check_num_bits, check_scale, effective_scale
 
@@ -183,7 +184,7 @@ def cache_from_scales(
     entries: Dict[str, float] = {}
     missing: List[str] = []
     for entry in scales.entries:
-        if entry.role != "input":
+        if entry.role is not Role.INPUT:
             continue
         tensor = tensor_map.get(entry.key)
         if tensor is None:

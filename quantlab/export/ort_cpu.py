@@ -26,6 +26,24 @@ scales and the same numerics:
 
 ConvTranspose keeps its Q/DQ form (ONNX Runtime has no integer ConvTranspose).
 This form is for ONNX Runtime only: TensorRT rejects UINT8 inside a network.
+
+The integer weights take one of three forms (``form``; chosen per CPU by
+:mod:`quantlab.runtimes.onnxruntime.forms`), all computing the same numbers where exact:
+
+* ``"u8s8"``: INT8 weights, zero point 0 (as above);
+* ``"u8u8"``: the weights every integer kernel reads stored as UINT8 ``q + 128`` with
+  zero point 128 (exact on x86 CPUs without VNNI, where u8 x s8 saturates);
+* ``"qdq-float"``: no integer kernels: every quantized Conv/ConvTranspose/Gemm/MatMul
+  gets a float weight holding exactly ``q * s``, and its input dequantized by
+  Cast/Sub/Mul (the same numbers as DequantizeLinear, which ONNX Runtime would fuse).
+
+``weight_bits=7`` (reduce_range, only when the user asks) first requantizes the
+weights of Conv/Gemm/MatMul to [-63, 63] with scale ``s * 127 / 63``.
+
+"Same numerics" up to rounding: the integer kernels accumulate exactly where float
+kernels round, and QLinearConv adds the bias as int32 on the ``s_x * s_w`` grid, so an
+activation at a rounding midpoint of the next quantizer can differ by one step from
+the TensorRT form computed in float.
 """
 from __future__ import annotations
 
@@ -36,6 +54,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from quantlab.export.graph import GraphView, get_attr
+from quantlab.runtimes.onnxruntime.forms import FORMS
 
 ACTIVATION_ZERO_POINT = 128
 _CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
@@ -164,6 +183,31 @@ def _dequantize_weight(view: GraphView, conv: onnx.NodeProto, w_dq) -> None:
         s = _per_channel_shape(s, values.ndim, axis)
     weight = (values.astype(np.float32) * s).astype(np.float32)
     conv.input[1] = view.add_initializer(weight, f"{dq.input[0]}_dequantized")
+    view.refresh()
+
+
+def _float_dequantize(view: GraphView, node: onnx.NodeProto, x_dq: onnx.NodeProto) -> None:
+    """qdq-float: feeds ``node`` its activation as ``(float(q) - zp) * s`` computed by Cast, Sub, Mul.
+
+    The same float32 number DequantizeLinear gives (the Sub is exact on small integers,
+    the Mul rounds once, as DQ's), but no DequantizeLinear feeds the weighted op, so
+    ONNX Runtime can neither fuse it into an integer kernel (which would bring back
+    the u8 x s8 kernels this form avoids) nor apply its WeightBiasQuantization pass
+    (Conv/Gemm after a DQ), which re-quantizes a float weight PER TENSOR.
+    """
+    base = node.name or node.output[0]
+    zero = view.const(x_dq.input[2])
+    as_float = view.unique(f"{base}.input_as_float")
+    centred = view.unique(f"{base}.input_centred")
+    value = view.unique(f"{base}.input_dequantized_float")
+    zero_name = view.add_initializer(np.asarray(zero, dtype=np.float32).reshape(()), f"{base}.input_zero_point_float")
+    nodes = [
+        helper.make_node("Cast", [x_dq.input[0]], [as_float], to=TensorProto.FLOAT, name=view.unique(f"{base}/DequantizeCast")),
+        helper.make_node("Sub", [as_float, zero_name], [centred], name=view.unique(f"{base}/DequantizeSub")),
+        helper.make_node("Mul", [centred, x_dq.input[1]], [value], name=view.unique(f"{base}/DequantizeMul")),
+    ]
+    node.input[0] = value
+    view.insert_after(x_dq, nodes)
     view.refresh()
 
 
@@ -326,25 +370,106 @@ def _matmul_integer(view: GraphView, node: onnx.NodeProto, zero_name: str) -> bo
     return True
 
 
+def _reduce_weight_range(view: GraphView) -> int:
+    """7-bit weights: ``q7 = rint(q * 63 / 127)`` in [-63, 63], scale ``s * 127 / 63`` (the same amax).
+
+    A u8 x s8 pair then sums to at most 255 * 64 * 2 < 32768, so even a 16-bit
+    saturating kernel is exact; the values differ from the 8-bit ones TensorRT uses.
+    """
+    done = set()
+    for node in list(view.nodes):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w_dq = _weight_dq(view, node.input[1])
+        if w_dq is None or id(w_dq[0]) in done:
+            continue
+        dq, values, scale = w_dq
+        done.add(id(dq))
+        reduced = np.clip(np.rint(values.astype(np.float64) * 63.0 / 127.0), -63, 63).astype(np.int8)
+        wider = (np.asarray(scale, dtype=np.float64) * (127.0 / 63.0)).astype(np.float32)
+        dq.input[0] = view.add_initializer(reduced, f"{dq.input[0]}_7bit")
+        dq.input[1] = view.add_initializer(wider.reshape(np.shape(scale)), f"{dq.input[1]}_7bit")
+    view.refresh()
+    return len(done)
+
+
+def _to_uint8_weight(view: GraphView, node: onnx.NodeProto, value_index: int, zero_index: int) -> bool:
+    """u8u8: input ``value_index`` (INT8, zero point 0) becomes UINT8 ``q + 128`` with zero point 128."""
+    values = view.const(node.input[value_index])
+    zero = view.const(node.input[zero_index]) if len(node.input) > zero_index and node.input[zero_index] else None
+    if values is None or values.dtype != np.int8 or (zero is not None and (zero.dtype != np.int8 or np.any(zero != 0))):
+        return False
+    base = node.input[value_index]
+    node.input[value_index] = view.add_initializer((values.astype(np.int16) + 128).astype(np.uint8), f"{base}_uint8")
+    if zero is not None:
+        zero_shape = np.shape(zero)
+    elif node.op_type == "DequantizeLinear":  # DQ's zero point has its scale's shape
+        zero_shape = np.shape(view.const(node.input[1]))
+    else:
+        zero_shape = ()
+    while len(node.input) <= zero_index:
+        node.input.append("")
+    node.input[zero_index] = view.add_initializer(np.full(zero_shape, 128, dtype=np.uint8), f"{base}_zero_point_uint8")
+    return True
+
+
+def _weights_to_uint8(view: GraphView, zero_name: str) -> int:
+    """u8u8: every INT8 weight an integer kernel reads becomes UINT8 with zero point 128.
+
+    Integer kernels: MatMulIntegerToFloat (B), ConvInteger (W) and the weight DQ of
+    each ``DQ -> Conv -> Q`` that ONNX Runtime fuses into QLinearConv.
+    """
+    converted = 0
+    for node in list(view.nodes):
+        if node.op_type == "MatMulIntegerToFloat":
+            converted += _to_uint8_weight(view, node, 1, 5)
+        elif node.op_type == "ConvInteger":
+            converted += _to_uint8_weight(view, node, 1, 3)
+        elif node.op_type == "Conv" and _activation_dq(view, node.input[0], zero_name) is not None:
+            w_dq = _weight_dq(view, node.input[1])
+            if w_dq is not None:
+                converted += _to_uint8_weight(view, w_dq[0], 0, 2)
+    view.refresh()
+    return converted
+
+
 OTHER_CONVS = ("im2col", "float", "conv-integer")
 
 
-def convert_to_ort_cpu(view: GraphView, *, other_convs: str = "im2col") -> dict:
+def convert_to_ort_cpu(view: GraphView, *, other_convs: str = "im2col", form: str = "u8s8", weight_bits: int = 8) -> dict:
     """Rewrites a TensorRT-form Q/DQ graph (in place) into the ort-cpu form.
 
     Args:
         view: The graph.
         other_convs: How Convs that cannot become QLinearConv run (rule 3):
             ``"im2col"``, ``"float"`` or ``"conv-integer"``.
+        form: The integer form: ``"u8s8"``, ``"u8u8"`` or ``"qdq-float"`` (see the module doc).
+        weight_bits: 8, or 7 for reduce_range weights.
 
     Returns:
-        Counts: ``qlinear_conv``, ``im2col_conv``, ``conv_integer``, ``float_conv``, ``matmul_integer``.
+        Counts: ``qlinear_conv``, ``im2col_conv``, ``conv_integer``, ``float_conv``,
+        ``matmul_integer``, ``float_matmul``, ``uint8_weights``, ``reduced_weights``.
     """
     if other_convs not in OTHER_CONVS:
         raise ValueError(f"other_convs must be one of {', '.join(OTHER_CONVS)}, got {other_convs!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits!r}")
+    counts = {"qlinear_conv": 0, "im2col_conv": 0, "conv_integer": 0, "float_conv": 0, "matmul_integer": 0,
+              "float_matmul": 0, "uint8_weights": 0, "reduced_weights": 0}
+    if weight_bits == 7:
+        counts["reduced_weights"] = _reduce_weight_range(view)
     zero_name = _to_uint8_activations(view)
-    counts = {"qlinear_conv": 0, "im2col_conv": 0, "conv_integer": 0, "float_conv": 0, "matmul_integer": 0}
     for node in list(view.nodes):
+        if form == "qdq-float" and node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            w_dq = _weight_dq(view, node.input[1]) if len(node.input) > 1 else None
+            x_dq = _activation_dq(view, node.input[0], zero_name)
+            if w_dq is not None and x_dq is not None:
+                _float_dequantize(view, node, x_dq)
+                _dequantize_weight(view, node, w_dq)
+                counts["float_conv" if node.op_type.startswith("Conv") else "float_matmul"] += 1
+            continue
         if node.op_type == "Conv":
             x_dq = _activation_dq(view, node.input[0], zero_name)
             w_dq = _weight_dq(view, node.input[1])
@@ -364,8 +489,10 @@ def convert_to_ort_cpu(view: GraphView, *, other_convs: str = "im2col") -> dict:
                 counts["float_conv"] += 1
         elif node.op_type in ("Gemm", "MatMul"):
             counts["matmul_integer"] += int(_matmul_integer(view, node, zero_name))
+    if form == "u8u8":
+        counts["uint8_weights"] = _weights_to_uint8(view, zero_name)
     view.prune()
     return counts
 
 
-__all__ = ["ACTIVATION_ZERO_POINT", "OTHER_CONVS", "convert_to_ort_cpu"]
+__all__ = ["ACTIVATION_ZERO_POINT", "FORMS", "OTHER_CONVS", "convert_to_ort_cpu"]

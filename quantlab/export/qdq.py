@@ -33,7 +33,7 @@ from quantlab.export.mapping import METADATA_KEY, build_tensor_map, set_metadata
 from quantlab.export.placement import apply_placement
 from quantlab.export.result import ExportResult, write_sidecar
 from quantlab.export.torch_export import DEFAULT_EXPORTER, DEFAULT_OPSET, export_in_eval
-from quantlab.tensor_quantizer import QuantizerMode
+from quantlab.tensor_quantizer import QuantizerMode, Role
 
 TARGETS = ("tensorrt", "ort-cpu")
 
@@ -54,10 +54,10 @@ def check_exportable(model: nn.Module) -> List[str]:
     # A layer whose quantizers are all off beside calibrated ones was kept in float (mixed
     # precision, e.g. loaded from autoprecision's scales): it exports as float and needs no scale.
     # If nothing is calibrated, the model simply was never calibrated.
-    any_active = any(r.role == "input" and r.quantizer.mode is QuantizerMode.QUANTIZE and r.quantizer.is_calibrated for r in refs)
+    any_active = any(r.role is Role.INPUT and r.quantizer.mode is QuantizerMode.QUANTIZE and r.quantizer.is_calibrated for r in refs)
     kept_float = set(float_layers(model)) if any_active else set()
     uncalibrated = [r.module_name for r in refs
-                    if r.role == "input" and r.module_name not in kept_float and not r.quantizer.is_calibrated]
+                    if r.role is Role.INPUT and r.module_name not in kept_float and not r.quantizer.is_calibrated]
     if uncalibrated:
         shown = ", ".join(uncalibrated[:10]) + (" ..." if len(uncalibrated) > 10 else "")
         raise ExportError(
@@ -71,9 +71,9 @@ def check_exportable(model: nn.Module) -> List[str]:
             continue
         if spec.num_bits != 8:
             problems.append(f"'{ref.key}' uses {spec.num_bits} bits (ONNX INT8 Q/DQ needs 8)")
-        if ref.role == "input" and spec.narrow_range:
+        if ref.role is Role.INPUT and spec.narrow_range:
             problems.append(f"'{ref.key}' uses the narrow range [-127, 127] for an activation (TensorRT activations use [-128, 127])")
-        if ref.role == "input" and spec.axis is not None:
+        if ref.role is Role.INPUT and spec.axis is not None:
             problems.append(f"'{ref.key}' is per-channel (TensorRT quantizes activations per tensor)")
         if ref.role == "input" and ref.quantizer.is_calibrated and not bool((ref.quantizer.amax > 0).all()):
             problems.append(f"'{ref.key}' has range 0 (its calibration saw only zeros): every value would quantize to 0; "
@@ -97,6 +97,8 @@ def export_int8(
     placement: bool = True,
     fold_bn: bool = True,
     ort_other_convs: str = "im2col",
+    ort_int8: str = "auto",
+    ort_reduce_range: bool = False,
     sidecar: bool = True,
 ) -> ExportResult:
     """Exports a calibrated quantized model as a Q/DQ ONNX file.
@@ -117,6 +119,13 @@ def export_int8(
         ort_other_convs: ort-cpu only: how convs that cannot become QLinearConv
             run: ``"im2col"`` (default), ``"float"`` or ``"conv-integer"``
             (see :mod:`quantlab.export.ort_cpu`).
+        ort_int8: ort-cpu only: the integer form, ``"auto"`` (default: u8s8 where
+            this CPU computes it exactly, else u8u8, else qdq-float; see
+            :mod:`quantlab.runtimes.onnxruntime.forms`) or one of ``"u8s8"``, ``"u8u8"``,
+            ``"qdq-float"`` (forced, e.g. for another machine). Recorded in the
+            file's metadata (``quantlab.ort_int8``).
+        ort_reduce_range: ort-cpu only: 7-bit weights (exact u8s8 on any CPU, but
+            NOT the values TensorRT computes with); recorded in the metadata.
         sidecar: Also write ``<path>.json`` with the quantizer -> tensor map.
 
     Raises:
@@ -135,6 +144,13 @@ def export_int8(
 
     check_output_file(path, label="output", replace=ONNX_FILE)  # a folder or a non-ONNX file: refused before exporting
     start = time.perf_counter()
+    choice = None
+    if target == "ort-cpu":
+        from quantlab.runtimes.onnxruntime.forms import resolve_form
+
+        choice = resolve_form(ort_int8, reduce_range=ort_reduce_range)  # before the work: may probe this CPU
+    elif ort_int8 != "auto" or ort_reduce_range:
+        raise ExportError("ort_int8 / ort_reduce_range apply to target='ort-cpu' only; the TensorRT form is always INT8 Q/DQ")
     modules = check_exportable(model)
     proto = export_in_eval(
         model, example_inputs, exporter=exporter, opset=opset, input_names=input_names,
@@ -153,15 +169,20 @@ def export_int8(
     if target == "ort-cpu":
         from quantlab.export.ort_cpu import convert_to_ort_cpu
 
-        rewrites = convert_to_ort_cpu(view, other_convs=ort_other_convs)
+        rewrites = convert_to_ort_cpu(view, other_convs=ort_other_convs, form=choice.form, weight_bits=choice.weight_bits)
     proto = view.commit()
-    set_metadata(proto, {
+    entries = {
         "quantlab.format": "qdq-int8",
         "quantlab.target": target,
         "quantlab.exporter": exporter,
         "quantlab.version": quantlab.__version__,
         METADATA_KEY: json.dumps(tensor_map, sort_keys=True),
-    })
+    }
+    if choice is not None:
+        from quantlab.runtimes.onnxruntime.verify import form_metadata
+
+        entries.update(form_metadata(choice))
+    set_metadata(proto, entries)
     proto.producer_name = "quantlab"
     _check_graph(proto, "INT8 export")
     out = save_onnx(proto, path)
@@ -169,7 +190,8 @@ def export_int8(
         path=out, precision="int8", target=target, exporter=exporter, opset=default_opset(proto),
         input_names=[i.name for i in proto.graph.input], output_names=[o.name for o in proto.graph.output],
         tensor_map=tensor_map, unmapped=unmapped, folded_batchnorm=folded,
-        placement=report.to_dict() if report else None, ort_cpu=rewrites, seconds=time.perf_counter() - start,
+        placement=report.to_dict() if report else None, ort_cpu=rewrites,
+        ort_int8=choice.to_dict() if choice is not None else None, seconds=time.perf_counter() - start,
     )
     if sidecar:
         write_sidecar(result)
@@ -187,7 +209,7 @@ def clean_qdq_names(view: GraphView, tensor_map: Dict[str, str]) -> None:
     renames: Dict[str, str] = {}
     for key, tensor in tensor_map.items():
         module, role = key.rsplit(":", 1)
-        if role != "input":
+        if Role(role) is not Role.INPUT:
             continue
         for q in view.uses(tensor):
             if q.op_type != "QuantizeLinear":
@@ -204,7 +226,7 @@ def clean_qdq_names(view: GraphView, tensor_map: Dict[str, str]) -> None:
             break
     for key, weight in tensor_map.items():
         module, role = key.rsplit(":", 1)
-        if role != "weight":
+        if Role(role) is not Role.WEIGHT:
             continue
         for dq in view.uses(weight):
             if dq.op_type == "DequantizeLinear":

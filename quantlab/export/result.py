@@ -27,6 +27,8 @@ class ExportResult:
         folded_batchnorm: BatchNormalization nodes folded into the conv before them.
         placement: What the placement pass changed (INT8 only).
         ort_cpu: For ``--target ort-cpu``, how many layers became which kernel.
+        ort_int8: For ``--target ort-cpu``, the integer form: ``form``, ``requested``,
+            ``weight_bits``, ``exact_here`` (on the exporting CPU) and ``chosen_on``.
         sidecar: The JSON file written next to the model with all of the above.
         seconds: Wall time of the export.
     """
@@ -43,6 +45,7 @@ class ExportResult:
     folded_batchnorm: List[str] = dataclasses.field(default_factory=list)
     placement: Optional[Dict[str, Any]] = None
     ort_cpu: Optional[Dict[str, int]] = None
+    ort_int8: Optional[Dict[str, Any]] = None
     sidecar: Optional[Path] = None
     seconds: float = 0.0
 

@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from quantlab.attach import iter_quantizers
+from quantlab.batching import main_tensor
 from quantlab.export.errors import ExportError
 from quantlab.functional import scale_from_amax
-from quantlab.tensor_quantizer import QuantizerMode, TensorQuantizer
+from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer
 
 EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_EXPORTER = "torchscript"
@@ -98,7 +99,7 @@ def export_forwards(model: nn.Module, exporter: str) -> Iterator[None]:
         for ref in iter_quantizers(model):
             q = ref.quantizer
             if q.mode is QuantizerMode.QUANTIZE:
-                q.forward = (_input_forward if ref.role == "input" else _weight_forward)(q, exporter)
+                q.forward = (_input_forward if ref.role is Role.INPUT else _weight_forward)(q, exporter)
             else:
                 q.forward = _passthrough
             patched.append(q)
@@ -253,9 +254,11 @@ class _KeywordCall(nn.Module):
         self.keys = tuple(keys)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        from quantlab.evaluation.tasks import first_tensor
-
-        return first_tensor(self.model(**dict(zip(self.keys, tensors))))
+        output = self.model(**dict(zip(self.keys, tensors)))
+        tensor = main_tensor(output)
+        if tensor is None:
+            raise ExportError(f"cannot find an output tensor to export in the model's output ({type(output).__name__})")
+        return tensor
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from quantlab._io import atomic_path
-from quantlab.models.cache import default_cache_dir
+from quantlab._io import default_cache_dir
 
 _LOG = logging.getLogger(__name__)
 

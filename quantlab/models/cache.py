@@ -12,13 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-CACHE_ENV = "QUANTLAB_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """Return ``$QUANTLAB_CACHE`` or ``~/.cache/quantlab`` (weights, compiled kernels)."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "quantlab"
+from quantlab._io import CACHE_ENV, default_cache_dir  # noqa: F401 - re-exported for the weight cache
 
 
 def save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:

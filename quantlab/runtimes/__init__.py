@@ -15,11 +15,11 @@ _EXPORTS = {
     "RunnerError": "quantlab.runtimes.base",
     "LatencyStats": "quantlab.runtimes.base",
     "DatasetResult": "quantlab.runtimes.base",
-    "TorchRunner": "quantlab.runtimes.torch_runner",
-    "OnnxRuntimeRunner": "quantlab.runtimes.onnxruntime_runner",
-    "quantized_kernels": "quantlab.runtimes.onnxruntime_runner",
-    "optimized_op_counts": "quantlab.runtimes.onnxruntime_runner",
-    "TensorRTRunner": "quantlab.runtimes.tensorrt_runner",
+    "TorchRunner": "quantlab.runtimes.pytorch.runner",
+    "OnnxRuntimeRunner": "quantlab.runtimes.onnxruntime.runner",
+    "quantized_kernels": "quantlab.runtimes.onnxruntime.runner",
+    "optimized_op_counts": "quantlab.runtimes.onnxruntime.runner",
+    "TensorRTRunner": "quantlab.runtimes.tensorrt.runner",
     "open_runner": "quantlab.runtimes.factory",
 }
 

@@ -14,11 +14,11 @@ def open_runner(path: Union[str, Path], *, backend: Optional[str] = None, thread
     path = Path(path)
     backend = backend or ("tensorrt" if path.suffix.lower() in PLAN_SUFFIXES else "onnxruntime")
     if backend == "onnxruntime":
-        from quantlab.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+        from quantlab.runtimes.onnxruntime.runner import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(path, threads=threads)
     if backend == "tensorrt":
-        from quantlab.runtimes.tensorrt_runner import TensorRTRunner
+        from quantlab.runtimes.tensorrt.runner import TensorRTRunner
 
         return TensorRTRunner(path)
     raise RunnerError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")

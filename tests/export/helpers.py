@@ -9,7 +9,7 @@ def torch_logits(model, images, batch=500):
 
 
 def ort_logits(path, images, batch=500, threads=2):
-    from quantlab.runtimes.onnxruntime_runner import OnnxRuntimeRunner
+    from quantlab.runtimes.onnxruntime.runner import OnnxRuntimeRunner
 
     with OnnxRuntimeRunner(path, threads=threads) as runner:
         return np.concatenate([runner.run(images[i : i + batch].numpy())[0] for i in range(0, len(images), batch)])

@@ -76,3 +76,34 @@ def test_corrupt_scales_file(tmp_path, capsys):
 def test_bad_input_shape(scales_file, tmp_path, capsys):
     assert main(["export", "--model", MODEL, "--scales", str(scales_file), "--input-shape", "1,x,28", "--out", str(tmp_path / "m.onnx")]) == 1
     assert "--input-shape" in capsys.readouterr().err
+
+
+def test_export_ort_cpu_with_a_forced_form_shows_and_records_it(scales_file, tmp_path, capsys):
+    from quantlab.store import RunStore
+
+    out, store = tmp_path / "model.ort.onnx", tmp_path / "runs.sqlite"
+    assert main(["export", "--model", MODEL, "--scales", str(scales_file), "--input-shape", "1,28,28", "--out", str(out),
+                 "--target", "ort-cpu", "--ort-int8", "u8u8", "--store", str(store)]) == 0
+    assert "ort-cpu INT8 form: u8u8 (forced) on " in capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["quantlab.ort_int8"] == "u8u8" and meta["quantlab.ort_int8.requested"] == "u8u8"
+    (exported,) = RunStore(store).list_runs(kind="export")
+    assert exported["config"]["ort_int8"] == "u8u8" and exported["config"]["ort_int8_requested"] == "u8u8"
+
+    main(["check", str(out)])
+    assert "ONNX Runtime INT8 form: u8u8 (forced; chosen on" in capsys.readouterr().out
+    assert main(["check", str(out), "--json"]) == 1  # UINT8 inside the network: not a TensorRT file
+    assert json.loads(capsys.readouterr().out)["ort_int8"]["form"] == "u8u8"
+
+    assert main(["run", str(out), "--data", "fmnist:test[:64]", "--store", str(store)]) == 0
+    printed = capsys.readouterr().out
+    assert "ORT INT8 form" in printed and "QLinearConv u8u8" in printed and "exact on this CPU" in printed
+    ran = next(r for r in RunStore(store).list_runs(kind="export") if r["id"] != exported["id"])
+    assert ran["config"]["ort_int8"] == "u8u8"
+
+
+def test_ort_int8_applies_to_the_ort_cpu_target_only(scales_file, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", MODEL, "--scales", str(scales_file), "--input-shape", "1,28,28", "--out", str(out),
+                 "--ort-int8", "u8u8"]) == 1
+    assert "--ort-int8 / --ort-reduce-range apply to --target ort-cpu only" in capsys.readouterr().err and not out.exists()

@@ -1,12 +1,12 @@
 """Models called with keyword inputs (a dict batch, as Hugging Face LMs are) export to Q/DQ ONNX."""
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
 
 import quantlab as ql
 from quantlab.export.qdq import export_int8
+from quantlab.runtimes.onnxruntime.runner import OnnxRuntimeRunner
 
 
 class TokenModel(nn.Module):
@@ -33,14 +33,16 @@ def test_dict_inputs_export_and_run_in_onnx_runtime(exporter, tmp_path):
     ql.quantize(model, ql.int8_config(), forward_loop=lambda m: [m(**b) for b in batches])
     ql.calibrate(model, calibrator="max")
     result = export_int8(model, tmp_path / "tokens.onnx", batches[0], exporter=exporter)
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    # quantlab's runner computes the TensorRT form's Q/DQ with float kernels on every CPU (a raw
+    # session lets ONNX Runtime run it as u8 x s8 integer GEMMs, which saturate without VNNI).
+    runner = OnnxRuntimeRunner(result.path)
+    names = runner.input_names
     assert names == ["input_ids", "attention_mask"]
     # Every quantizer maps to a tensor of the graph (names as the unwrapped model's).
     assert set(result.tensor_map) == {"proj:input", "proj:weight", "head:input", "head:weight"}
     test = {"input_ids": torch.randint(0, 64, (3, 12)), "attention_mask": torch.ones(3, 12)}
     test["attention_mask"][:, 8:] = 0  # the mask must reach the graph, not be folded away
-    onnx_out = session.run(None, dict(zip(names, [test["input_ids"].numpy(), test["attention_mask"].numpy()])))[0]
+    onnx_out = runner.run(dict(zip(names, [test["input_ids"].numpy(), test["attention_mask"].numpy()])))[0]
     with torch.no_grad():
         torch_out = model(**test).numpy()
     assert onnx_out.shape == torch_out.shape  # dynamic batch: 3 rows though traced with 2
@@ -68,9 +70,9 @@ def test_scales_with_float_layers_load_and_export_those_layers_in_float(tmp_path
         return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
 
     assert quantize_nodes(part.path) < quantize_nodes(full.path)
-    session = ort.InferenceSession(str(part.path), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    out = session.run(None, dict(zip(names, [batches[1]["input_ids"].numpy(), batches[1]["attention_mask"].numpy()])))[0]
+    runner = OnnxRuntimeRunner(part.path)
+    names = runner.input_names
+    out = runner.run(dict(zip(names, [batches[1]["input_ids"].numpy(), batches[1]["attention_mask"].numpy()])))[0]
     with torch.no_grad():
         expected = fresh(**batches[1]).numpy()
     assert np.abs(out - expected).max() < 0.05
@@ -119,5 +121,4 @@ def test_cli_export_of_a_keyword_model_whose_module_registers_its_data(tmp_path,
     code = main(["export", "--model", f"{source}:build", "--scales", str(scales), "--data", "tokens:calib",
                  "--out", str(out), "--store", str(tmp_path / "runs.sqlite")])
     assert code == 0, capsys.readouterr()
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]  # labels left out
+    assert OnnxRuntimeRunner(out).input_names == ["input_ids", "attention_mask"]  # labels left out

@@ -92,7 +92,8 @@ def _top1(path, images, labels):
 
 def test_int8_accuracy_within_one_point_of_fp32(exports, full_test_set):
     """All 10,000 test images. The INT8 model runs in its ort-cpu form (integer kernels,
-    fast); test_ort_cpu shows it computes what the TensorRT form computes."""
+    fast; ``auto``: a form exact on this CPU); test_ort_cpu shows it computes what the
+    TensorRT form computes."""
     images, labels = full_test_set
     fp32 = _top1(exports["fp32"].path, images, labels)
     int8 = _top1(exports["int8_ort"].path, images, labels)

@@ -38,7 +38,10 @@ def _export_and_run(save_dir, tmp_path, x):
     graph = onnx.load(str(path))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("QuantizeLinear") >= 4 and "DequantizeLinear" in ops
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # Q/DQ computed in float (QDQ fusion off), as TensorRT would: the same on every CPU.
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         expected = model(x).numpy()

@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 import quantlab as ql
-from quantlab.attach import collect_statistics
+from quantlab import collect_statistics
 from quantlab.batching import forward_loop
 from tests.qat import ddp_worker
 from tests.qat.models import tiny_cnn

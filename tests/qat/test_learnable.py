@@ -142,3 +142,19 @@ def test_amax_below_minimum_gets_no_gradient_and_half_precision_works():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert xh.grad.dtype == torch.bfloat16 and amax.grad is not None
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_per_channel_plain_ops_equal_the_native_cachemask_op(axis):
+    """The CUDA path (plain ops, no zero-point read-back) forced on the CPU: same values and mask."""
+    from quantlab.qat.learnable import _fake_quantize_with_mask
+
+    torch.manual_seed(3)
+    x = torch.randn(6, 7, 3) * 4
+    spec = QuantizerSpec(num_bits=8, narrow_range=True, per_channel=True, axis=axis)
+    scale = (torch.rand(x.shape[axis]) + 0.01) / 40
+    x.select(axis, 0)[0, 0] = scale[0] * 127.5  # a tie that rounds to 128: clipped
+    native = _fake_quantize_with_mask(x, scale, spec, plain_ops=False)
+    plain = _fake_quantize_with_mask(x, scale, spec, plain_ops=True)
+    assert torch.equal(native[0], plain[0]) and torch.equal(native[1], plain[1])
+    assert not bool(plain[1].all()) and bool(plain[1].any())

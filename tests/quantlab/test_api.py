@@ -120,14 +120,17 @@ def test_nan_in_weights_names_the_layer_and_a_bad_calibrator_result_names_the_te
 
 
 def test_later_calibrators_keep_the_weight_ranges():
-    from quantlab.api import apply_calibrator
+    from quantlab.pipeline import apply, choose, scales_of, statistics_of
 
     model, data = model_and_data()
     ql.quantize(model, forward_loop=lambda m: [m(x) for x in data])
     first = ql.calibrate(model, "max")
     with torch.no_grad():
         model[0].parametrizations.weight.original.mul_(2)  # changed weights are NOT re-read...
-    kept = apply_calibrator(model, "entropy", {}, weights=False)
+    ranges = choose(statistics_of(model), "entropy")
+    apply(model, ranges, weights=False)
+    kept = scales_of(model)
     assert kept.get("0", "weight").amax == first.get("0", "weight").amax
-    redone = apply_calibrator(model, "entropy", {})  # ...unless asked
+    apply(model, ranges)  # ...unless asked
+    redone = scales_of(model)
     assert redone.get("0", "weight").amax == [2 * a for a in first.get("0", "weight").amax]

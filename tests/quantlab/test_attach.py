@@ -173,7 +173,7 @@ def test_cuda_graph_option_is_a_no_op_on_the_cpu():
 
 
 def test_statistics_pass_runs_every_module_in_eval_mode_and_restores_each():
-    from quantlab.attach import collect_statistics
+    from quantlab import collect_statistics
 
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).eval()
     model[1].train()  # a submodule left in training mode: its running stats must not move

@@ -164,7 +164,7 @@ def _stats(model):
 
 @pytest.mark.parametrize("sync_in_forward", [False, True])
 def test_graphed_statistics_pass_equals_eager(kernels, sync_in_forward):
-    from quantlab.attach import collect_statistics
+    from quantlab import collect_statistics
     from quantlab.cuda_graphs import graphed_forward
 
     graphed_model, eager_model, batches = _graph_case(sync_in_forward)
@@ -187,7 +187,7 @@ def test_graphed_statistics_pass_equals_eager(kernels, sync_in_forward):
 
 
 def test_collect_statistics_uses_graphs_by_default(kernels):
-    from quantlab.attach import collect_statistics
+    from quantlab import collect_statistics
 
     model, reference, batches = _graph_case()
     assert collect_statistics(model, lambda m: [m(x) for x in batches]) == collect_statistics(
@@ -198,7 +198,7 @@ def test_collect_statistics_uses_graphs_by_default(kernels):
 
 @pytest.mark.parametrize("repeat", [1, 3])
 def test_graphs_only_for_passes_long_enough_to_repay_the_capture(kernels, repeat):
-    from quantlab.attach import collect_statistics
+    from quantlab import collect_statistics
     from quantlab.batching import forward_loop
     from quantlab.cuda_graphs import MIN_BATCHES, GraphedForward
 
@@ -223,7 +223,8 @@ def test_graphs_only_for_passes_long_enough_to_repay_the_capture(kernels, repeat
 
 
 def test_reading_statistics_mid_pass_retires_the_graphs(kernels):
-    from quantlab.attach import collect_statistics, iter_quantizers
+    from quantlab import collect_statistics
+    from quantlab.attach import iter_quantizers
     from quantlab.cuda_graphs import graphed_forward
 
     graphed_model, eager_model, batches = _graph_case()

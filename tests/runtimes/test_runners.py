@@ -88,7 +88,7 @@ def test_factory_picks_the_backend(fp32_onnx, tmp_path):
     try:
         import tensorrt  # noqa: F401
     except Exception:
-        from quantlab.engines.tensorrt import TensorRTUnavailableError
+        from quantlab.runtimes.tensorrt.loader import TensorRTUnavailableError
 
         with pytest.raises(TensorRTUnavailableError, match="pip install --extra-index-url https://pypi.nvidia.com tensorrt"):
             open_runner(plan)

@@ -1,8 +1,8 @@
 """TensorRTRunner: a clear error without TensorRT; real runs only where TensorRT and a GPU exist."""
 import pytest
 
-from quantlab.engines.tensorrt import TensorRTUnavailableError, tensorrt_available
-from quantlab.runtimes.tensorrt_runner import TensorRTRunner
+from quantlab.runtimes.tensorrt.loader import TensorRTUnavailableError, tensorrt_available
+from quantlab.runtimes.tensorrt.runner import TensorRTRunner
 
 needs_tensorrt = pytest.mark.skipif(not tensorrt_available(), reason="tensorrt is not importable here (no NVIDIA TensorRT install)")
 
@@ -29,7 +29,7 @@ def test_runs_a_built_engine(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("TensorRT is installed but no CUDA GPU is visible")
-    from quantlab.engines.tensorrt import build_engine
+    from quantlab.runtimes.tensorrt.loader import build_engine
     from quantlab.export.float import export_float
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()

@@ -236,18 +236,6 @@ def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], optio
     return BuildResult(plan_path, time.perf_counter() - start, len(data), cache_path, str(trt.__version__))
 
 
-def measure_engine_latency(plan_path: Union[str, Path], *, batch_size: int = 1, warmup: int = 10, iterations: int = 100):
-    """Median GPU latency of a built engine on random inputs (needs TensorRT and a CUDA GPU).
-
-    Returns:
-        :class:`quantlab.runtimes.base.LatencyStats`.
-    """
-    from quantlab.runtimes.tensorrt_runner import TensorRTRunner
-
-    with TensorRTRunner(plan_path) as runner:
-        return runner.measure_device_latency(batch_size=batch_size, warmup=warmup, iterations=iterations)
-
-
 __all__ = [
     "BuildOptions",
     "BuildResult",
@@ -257,7 +245,6 @@ __all__ = [
     "build_engine",
     "format_command",
     "import_tensorrt",
-    "measure_engine_latency",
     "onnx_input_shapes",
     "profile_shapes",
     "tensorrt_available",

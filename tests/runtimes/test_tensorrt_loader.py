@@ -9,7 +9,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from quantlab.cli.main import main
-from quantlab.engines.tensorrt import (
+from quantlab.runtimes.tensorrt.loader import (
     BuildOptions,
     EngineBuildError,
     TensorRTUnavailableError,
@@ -110,6 +110,6 @@ def test_real_build_with_timing_cache(tmp_path):
     options = BuildOptions(max_batch=8, opt_batch=4, timing_cache=str(tmp_path / "timing.cache"), tf32=False)
     result = build_engine(onnx_path, tmp_path / "m.plan", options)
     assert result.plan.stat().st_size > 0 and (tmp_path / "timing.cache").stat().st_size > 0
-    from quantlab.engines.tensorrt import measure_engine_latency
+    from quantlab.runtimes.tensorrt.runner import measure_engine_latency
 
     assert measure_engine_latency(result.plan, batch_size=4, iterations=10).median_ms > 0

@@ -4,6 +4,14 @@ ONNX Runtime executes a Q/DQ model with real integer kernels when its graph
 optimizer fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` (and the like). Whether
 that happened is visible in the optimized model it can save;
 :func:`quantized_kernels` reports it per operator type.
+
+Before it runs a model, the runner checks that the model's integer kernels are
+exact on this CPU (:func:`quantlab.runtimes.onnxruntime.verify.verify_model`): ONNX Runtime's
+u8 x s8 kernels saturate on x86 CPUs without VNNI, and a wrong number must not
+reach the user as an accuracy. A TensorRT-form file (``quantlab.target`` =
+``tensorrt``) is run with ONNX Runtime's QDQ fusions off, so its Q/DQ rounding is
+computed with float kernels as TensorRT's numerics prescribe, on every CPU (with
+them on, ORT turns its INT8 activations into UINT8 and runs u8 x s8 kernels).
 """
 from __future__ import annotations
 
@@ -30,10 +38,13 @@ _ORT_TYPES = {
 }
 
 
-def _session_options(threads: Optional[int], optimized_model_path: Optional[Union[str, Path]], level: str):
+def _session_options(threads: Optional[int], optimized_model_path: Optional[Union[str, Path]], level: str,
+                     qdq_fusion: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not qdq_fusion:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
@@ -58,9 +69,17 @@ class OnnxRuntimeRunner(Runner):
         providers: Execution providers (default CPU).
         optimization: ``"all"`` (default), ``"extended"``, ``"basic"`` or ``"disable"``.
         optimized_model_path: Save the graph ONNX Runtime actually runs there.
+        verify_int8: Refuse a model whose integer kernels are not exact on this CPU
+            (default; off only to inspect a graph without computing with it).
+        qdq_fusion: Let ONNX Runtime fuse Q/DQ patterns into integer kernels
+            (default: yes, except for TensorRT-form files, which run in float).
+
+    Attributes:
+        int8_form: What the check found (recorded form, integer kernels), or None.
 
     Raises:
         FileNotFoundError / OnnxFormatError: the file is missing or not ONNX.
+        OrtFormError: the model's integer kernels are not exact on this CPU.
         RunnerError: ONNX Runtime refuses the model (message names the file).
     """
 
@@ -74,14 +93,23 @@ class OnnxRuntimeRunner(Runner):
         providers: Optional[Sequence[str]] = None,
         optimization: str = "all",
         optimized_model_path: Optional[Union[str, Path]] = None,
+        verify_int8: bool = True,
+        qdq_fusion: Optional[bool] = None,
     ) -> None:
         import onnxruntime as ort
 
         from quantlab.export.graph import load_onnx
+        from quantlab.runtimes.onnxruntime.verify import verify_model
 
         self.path = Path(path)
-        load_onnx(self.path, check=False)  # clear errors for missing / non-ONNX / truncated files
-        options = _session_options(threads, optimized_model_path, optimization)
+        model = load_onnx(self.path, check=False)  # clear errors for missing / non-ONNX / truncated files
+        if qdq_fusion is None:
+            target = next((p.value for p in model.metadata_props if p.key == "quantlab.target"), None)
+            qdq_fusion = target != "tensorrt"
+        self.qdq_fusion = qdq_fusion
+        self.int8_form = verify_model(model, str(self.path), qdq_fusion=qdq_fusion) if verify_int8 else None
+        del model
+        options = _session_options(threads, optimized_model_path, optimization, qdq_fusion)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
@@ -120,7 +148,8 @@ def optimized_op_counts(path: Union[str, Path], *, threads: Optional[int] = 1) -
 
     with tempfile.TemporaryDirectory(prefix="quantlab_ort_") as tmp:
         optimized = Path(tmp) / "optimized.onnx"
-        OnnxRuntimeRunner(path, threads=threads, optimized_model_path=optimized).close()
+        # Only the graph is read here, nothing is computed: no exactness check needed.
+        OnnxRuntimeRunner(path, threads=threads, optimized_model_path=optimized, verify_int8=False).close()
         model = onnx.load(str(optimized))
     return dict(collections.Counter(node.op_type for node in model.graph.node))
 

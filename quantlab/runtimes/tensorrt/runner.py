@@ -3,7 +3,7 @@
 Written against TensorRT 10/11's name-based I/O API (``num_io_tensors``,
 ``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) with torch
 CUDA tensors as buffers. Not testable where TensorRT is absent: creating a
-runner then raises :class:`~quantlab.engines.tensorrt.TensorRTUnavailableError`.
+runner then raises :class:`~quantlab.runtimes.tensorrt.loader.TensorRTUnavailableError`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Dict, List, Union
 
 import numpy as np
 
-from quantlab.engines.tensorrt import TensorRTUnavailableError, import_tensorrt
+from quantlab.runtimes.tensorrt.loader import TensorRTUnavailableError, import_tensorrt
 from quantlab.runtimes.base import Inputs, LatencyStats, Runner, RunnerError
 
 
@@ -117,3 +117,9 @@ class TensorRTRunner(Runner):
 
 
 __all__ = ["TensorRTRunner"]
+
+
+def measure_engine_latency(plan_path: Union[str, Path], *, batch_size: int = 1, warmup: int = 10, iterations: int = 100) -> LatencyStats:
+    """Median GPU latency of a built engine on random inputs (needs TensorRT and a CUDA GPU)."""
+    with TensorRTRunner(plan_path) as runner:
+        return runner.measure_device_latency(batch_size=batch_size, warmup=warmup, iterations=iterations)

@@ -1,0 +1,177 @@
+"""The ``mse`` calibrator over many histograms at once (same amax as :mod:`.mse`).
+
+Histograms are scored a chunk of several at a time as ``[histograms,
+candidates, used bins]`` blocks (each histogram's used bins compacted to the
+left and zero-padded, broadcast over its candidates), with the per-tensor
+calibrator's element-wise operations in the same order, so every squared error
+``(c - fq(c)) ** 2`` is the same float; a padded one is ``0 ** 2`` with weight 0.
+Only the weighted sums may round differently (a matrix product instead of a
+product then a sum; another order); a choice is kept only where that cannot
+matter (see :mod:`.many`): a sum of non-negative terms is 0 only if every term
+is, and a single term is the same in both.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .base import HistogramStats, register_batched_calibrator
+from .many import EPS, chunk_budget, pack_counts, ragged, segment_any, segment_min, segment_pick, split_trivial
+from .mse import _validate
+
+#: On accelerators MSE chunks are this many times the shared chunk budget: its blocks are computed in place (one
+#: block alive), and on an H200 its time for ResNet-50's 54 histograms fell from 42 ms at 2**23
+#: elements to 21 ms at 2**25 (BERT-base's 72: 28 to 21 ms; benchmarks/RESULTS.md).
+MSE_CHUNK_FACTOR = 4
+
+#: A sum of ``u`` non-negative terms is within ``u * eps`` (relative) of the
+#: exact sum in any order, whether each product ``d**2 * w`` is rounded first
+#: (per tensor) or not (a fused multiply-add in the matrix product): the two
+#: differ by at most ``(2u + 1) * eps``; 4 keeps a factor 2 of margin.
+_SUM_BOUND = 4.0
+
+
+@register_batched_calibrator("mse")
+def mse_many(
+    stats: Sequence[HistogramStats], *, num_bits: int = 8, start_bin: int = 128, stride: int = 1
+) -> List[Optional[float]]:
+    """:func:`~.mse.mse_calibrator` for every histogram at once: two read-backs in all.
+
+    Raises:
+        ValueError: For ``num_bits < 2``, ``start_bin < 1`` or ``stride < 1``.
+    """
+    _validate(num_bits, start_bin, stride)
+    out, rows = split_trivial(stats)
+    if not rows:
+        return out
+    bins = pack_counts([stats[t].counts for t in rows])
+    device = bins.device
+    num_rows, width = bins.shape
+    used = bins != 0
+    valid = (torch.isfinite(bins) & (bins >= 0)).all(dim=1)
+    used_count = used.sum(dim=1)
+    searched: List[int] = []  # packed rows with candidates
+    used_host: List[int] = []
+    for r, (ok, n_used) in enumerate(torch.stack([valid.to(torch.int64), used_count], dim=1).tolist()):
+        s = stats[rows[r]]
+        if not ok:
+            continue  # negative or non-finite counts: the per-tensor form decides
+        if n_used == 0:
+            out[rows[r]] = 0.0
+        elif s.num_bins <= start_bin:
+            out[rows[r]] = float(s.amax)
+        else:
+            searched.append(r)
+            used_host.append(int(n_used))
+    if not searched:
+        return out
+
+    # Bin centres exactly as HistogramStats.edges and the per-tensor form compute them.
+    bin_width = torch.tensor([float(stats[t].bin_width) for t in rows], dtype=torch.float64).to(device)
+    edges = torch.arange(width + 1, dtype=torch.float64, device=device)[None, :] * bin_width[:, None]
+    centres = (edges[:, :-1] + edges[:, 1:]) / 2
+    # Used bins compacted to the left of each row, in bin order (padding: centre 0, weight 0).
+    most = max(used_host)
+    position = torch.cumsum(used, dim=1) - 1
+    row_ids = torch.arange(num_rows, dtype=torch.int64, device=device)[:, None]
+    dest = torch.where(used, row_ids * most + position, num_rows * most).reshape(-1)  # the last slot takes the unused
+    c_used = torch.zeros(num_rows * most + 1, dtype=torch.float64, device=device).scatter_(0, dest, centres.reshape(-1))
+    w_used = torch.zeros(num_rows * most + 1, dtype=torch.float64, device=device).scatter_(0, dest, bins.reshape(-1))
+    c_used = c_used[:-1].view(num_rows, most)
+    w_used = w_used[:-1].view(num_rows, most)
+
+    # Candidates of all searched rows in one flat list, histogram by histogram.
+    counts = [len(range(start_bin, stats[rows[r]].num_bins, stride)) for r in searched]
+    seg, pos = ragged(counts, device)
+    searched_t = torch.tensor(searched, dtype=torch.int64).to(device)
+    candidates = torch.take(centres, searched_t[seg] * width + start_bin + stride * pos)
+    errors = torch.empty(candidates.numel() + 1, dtype=torch.float64, device=device)  # last: a dump slot
+    offsets = np.cumsum([0] + counts[:-1]).tolist()
+    qmax = float((1 << (num_bits - 1)) - 1)
+    # Every chunk's indices built on the host and copied once: a copy per chunk from pageable
+    # memory would wait for the chunks queued before it, serializing host and GPU.
+    budget = chunk_budget(device) * (1 if device.type == "cpu" else MSE_CHUNK_FACTOR)
+    chunks = _chunks(counts, used_host, budget)
+    flat_parts, dest_parts, row_parts = [], [], []
+    for group, first, size in chunks:
+        # [histograms, candidates, used bins]: each histogram's bins broadcast over its candidates;
+        # a histogram with fewer candidates repeats its last one (written to the dump slot).
+        k = np.arange(size, dtype=np.int64)[None, :]
+        limit = np.array([counts[g] - first - 1 for g in group], dtype=np.int64)[:, None]
+        flat = np.array([offsets[g] + first for g in group], dtype=np.int64)[:, None] + np.minimum(k, limit)
+        flat_parts.append(flat.reshape(-1))
+        dest_parts.append(np.where(k <= limit, flat, candidates.numel()).reshape(-1))
+        row_parts.append(np.array([searched[g] for g in group], dtype=np.int64))
+    flat_all = torch.from_numpy(np.concatenate(flat_parts)).to(device)
+    dest_all = torch.from_numpy(np.concatenate(dest_parts)).to(device)
+    rows_all = torch.from_numpy(np.concatenate(row_parts)).to(device)
+    at = row_at = 0
+    for group, first, size in chunks:
+        n = len(group) * size
+        flat, dest, r = flat_all[at: at + n].view(len(group), size), dest_all[at: at + n], rows_all[row_at: row_at + len(group)]
+        at, row_at = at + n, row_at + len(group)
+        u = max(used_host[g] for g in group)
+        c = c_used[:, :u].index_select(0, r)[:, None, :]
+        w = w_used[:, :u].index_select(0, r)[:, None, :]
+        scale = candidates[flat][:, :, None] / qmax
+        # The per-tensor form's operations in its order, in place: fq = clamp(round(c / scale),
+        # max=qmax) * scale (round half to even), then (c - fq) ** 2; the weighted sum as one
+        # batched matrix-vector product (two passes over the block fewer than * w, then sum).
+        squares = c / scale
+        squares.round_().clamp_(max=qmax).mul_(scale)
+        torch.sub(c, squares, out=squares).pow_(2)
+        errors.scatter_(0, dest, torch.bmm(squares, w.transpose(1, 2)).reshape(-1))
+        del c, w, squares
+    errors = errors[:-1]
+
+    # First minimum per histogram (torch.argmin's pick), and whether rounding could move it.
+    segments = len(searched)
+    column = pos
+    best = segment_min(errors, seg, segments)
+    big = torch.iinfo(torch.int64).max
+    first_min = torch.full((segments,), big, dtype=torch.int64, device=device).scatter_reduce_(
+        0, seg, torch.where(errors == best[seg], column, big), reduce="amin", include_self=True)
+    is_first = column == first_min[seg]
+    terms_used = torch.tensor(used_host, dtype=torch.float64).to(device)[seg]
+    bound = _SUM_BOUND * (terms_used + 1.0) * EPS * errors
+    # Exact in any order: a sum of non-negative terms is 0 only if every term is; one term is itself.
+    exact = (errors == 0) | (terms_used <= 1)
+    first_bound = segment_pick(bound, is_first, seg, segments)
+    first_exact = segment_pick(exact, is_first, seg, segments) > 0
+    close = ((~is_first) & ~(exact & first_exact[seg])
+             & ((errors - best[seg]).abs() <= bound + first_bound[seg]))
+    unsure = segment_any(close | torch.isnan(errors), seg, segments) | ~torch.isfinite(best)
+    chosen = segment_pick(candidates, is_first, seg, segments)
+    for r, (amax, doubt) in zip(searched, torch.stack([chosen, unsure.to(torch.float64)], dim=1).tolist()):
+        if not doubt:
+            out[rows[r]] = amax
+    return out
+
+
+def _chunks(counts: List[int], used: List[int], budget: int) -> List[Tuple[List[int], int, int]]:
+    """Groups histograms into ``[histograms, candidates, used bins]`` chunks within ``budget`` elements.
+
+    Returns ``(histograms, first, size)`` triples: candidates ``first ..
+    first + size - 1`` of each listed histogram (fewer where it has fewer). A
+    histogram too large for one chunk gets chunks of its own, by candidate range.
+    Histograms are taken widest first, so a chunk's width is its first one's.
+    """
+    out: List[Tuple[List[int], int, int]] = []
+    group: List[int] = []
+    size = 0
+    for g in sorted(range(len(counts)), key=lambda g: (-used[g], -counts[g])):
+        if counts[g] * used[g] > budget:
+            step = max(1, budget // used[g])
+            out += [([g], first, min(step, counts[g] - first)) for first in range(0, counts[g], step)]
+            continue
+        width = used[group[0]] if group else used[g]
+        if group and (len(group) + 1) * max(size, counts[g]) * width > budget:
+            out.append((group, 0, size))
+            group, size = [], 0
+        group.append(g)
+        size = max(size, counts[g])
+    if group:
+        out.append((group, 0, size))
+    return out

@@ -1,0 +1,221 @@
+"""The pipeline's ``apply`` stage: put ranges into the model's quantizers; and the way
+back, a :class:`~quantlab.scales.Scales` snapshot of what the model holds.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from quantlab.attach import attach_quantizers, float_layers, get_config, is_quantized, iter_quantizers, original_weight, remove_quantizers
+from quantlab.calibrators import HistogramStats
+from quantlab.config import int8_config
+from quantlab.errors import CalibrationError, ScalesMismatchError
+from quantlab.functional import amax_of_weight
+from quantlab.pipeline.types import Ranges
+from quantlab.scales import QuantizerScale, Scales
+from quantlab.statistics import HistogramCollector
+from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer
+from quantlab.validation.model_ranges import zero_weight_range_problems
+
+
+def amax_on_host(quantizers: List[TensorQuantizer]) -> List[torch.Tensor]:
+    """Every quantizer's amax as a CPU tensor: one copy per device instead of one sync per quantizer."""
+    out: List[Optional[torch.Tensor]] = [None] * len(quantizers)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, q in enumerate(quantizers):
+        by_device.setdefault(q.amax.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([quantizers[i].amax.detach().reshape(-1).to(torch.float32) for i in indices]).cpu()
+        for i, part in zip(indices, flat.split([quantizers[i].amax.numel() for i in indices])):
+            out[i] = part.reshape(quantizers[i].amax.shape)
+    return out  # type: ignore[return-value]
+
+
+def measure_weight_ranges(model: nn.Module) -> None:
+    """Sets every weight quantizer's range to max |w| (per channel) of the weight it quantizes."""
+    for ref in iter_quantizers(model):
+        if ref.role is Role.WEIGHT:
+            ref.quantizer.set_amax(amax_of_weight(original_weight(ref.module), ref.quantizer.spec))
+
+
+def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True) -> List[str]:
+    """Makes the model fake-quantize with ``ranges`` (inputs) and its weights' ranges.
+
+    Args:
+        model: The quantized model.
+        ranges: From ``choose``. An input tensor without a range (no calibration
+            batch reached it) is left in floating point, with a warning.
+        weights: Measure the weights' ranges again (False keeps those the model
+            holds, when the weights have not changed since they were measured).
+
+    Returns:
+        The layers whose inputs stay in floating point (unreached).
+
+    Raises:
+        CalibrationError: a weight holds NaN/Inf, or a range is not finite.
+    """
+    refs = list(iter_quantizers(model))
+    weight_refs = [r for r in refs if r.role is Role.WEIGHT]
+    if weights or not all(r.quantizer.mode is QuantizerMode.QUANTIZE for r in weight_refs):
+        measure_weight_ranges(model)
+    # One read-back for every weight range, not a synchronizing check per quantizer.
+    for ref, amax in zip(weight_refs, amax_on_host([r.quantizer for r in weight_refs])):
+        if not bool(torch.isfinite(amax).all()):
+            raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
+        ref.quantizer.quantize_with(verified=True)
+    unreached: List[str] = []
+    zero_range: List[str] = []
+    for ref in refs:
+        if ref.role is not Role.INPUT:
+            continue
+        amax = ranges.inputs.get(ref.module_name)
+        if amax is None:
+            unreached.append(ref.module_name)
+            ref.quantizer.off()
+            continue
+        if not math.isfinite(amax):
+            raise CalibrationError(f"calibrator {ranges.calibrator!r} chose amax {amax} for the input of '{ref.module_name}'")
+        if not amax > 0:  # only zeros seen: a zero range would quantize every value to 0 (validation/numeric.py)
+            zero_range.append(ref.module_name)
+            ref.quantizer.off()
+            continue
+        ref.quantizer.quantize_with(float(amax))
+    if zero_range:
+        warnings.warn(
+            f"{len(zero_range)} quantized layer(s) saw only zeros at their input during calibration and keep "
+            "floating-point inputs (a zero range would turn every value into 0): "
+            + ", ".join(zero_range[:10]) + (" ..." if len(zero_range) > 10 else ""),
+            stacklevel=2,
+        )
+    if unreached:
+        warnings.warn(
+            f"{len(unreached)} quantized layer(s) received no calibration data and keep floating-point inputs: "
+            + ", ".join(unreached[:10]) + (" ..." if len(unreached) > 10 else ""),
+            stacklevel=2,
+        )
+    return unreached
+
+
+def scales_of(
+    model: nn.Module,
+    *,
+    calibrator: str = "",
+    calibrator_params: Optional[Dict[str, Any]] = None,
+    statistics: Optional[Dict[str, HistogramStats]] = None,
+) -> Scales:
+    """A :class:`Scales` snapshot of the ranges the model holds now.
+
+    Args:
+        model: The quantized model.
+        calibrator: Who chose the input ranges (recorded).
+        calibrator_params: Its parameters (recorded).
+        statistics: Histograms to save with the scales (default: those the
+            model's input quantizers hold).
+    """
+    entries = []
+    kept_float = float_layers(model)
+    refs = list(iter_quantizers(model))
+    for ref, amax in zip(refs, amax_on_host([r.quantizer for r in refs])):
+        q = ref.quantizer
+        if ref.module_name in kept_float:
+            continue
+        if not bool(torch.isfinite(amax).all()) or (ref.role is Role.INPUT and q.mode is QuantizerMode.OFF):
+            continue
+        entries.append(
+            QuantizerScale(
+                module=ref.module_name,
+                role=ref.role.value,
+                amax=amax.tolist() if q.spec.axis is not None else float(amax),
+                num_bits=q.spec.num_bits,
+                narrow_range=q.spec.narrow_range,
+                axis=q.spec.axis,
+            )
+        )
+    if statistics is None:
+        statistics = {}
+        for ref in refs:
+            if ref.role is Role.INPUT and ref.quantizer.collector is not None:
+                stats = ref.quantizer.collector.stats()
+                if stats is not None:
+                    statistics[ref.module_name] = stats
+    return Scales(
+        entries=entries,
+        calibrator=calibrator,
+        calibrator_params=dict(calibrator_params or {}),
+        statistics=dict(statistics),
+        config=get_config(model),
+        float_layers=kept_float,
+        model=type(model).__name__,
+    )
+
+
+def apply_scales(model: nn.Module, scales: Union[str, Path, Scales], *, strict: bool = True) -> nn.Module:
+    """Loads ranges into ``model`` (attaching quantizers with the file's config first if needed).
+
+    Args:
+        model: The model; quantized in place if it has no quantizers yet.
+        scales: A :class:`Scales` or the path of a scales file.
+        strict: Require every quantizer of the model to have a range in the file
+            and every range in the file to have a quantizer in the model.
+
+    Raises:
+        ScalesFormatError: the file is not a valid scales file.
+        ScalesMismatchError: layer names, roles or channel counts do not match;
+            the message lists every mismatch. The model is left unchanged.
+    """
+    source = str(scales) if not isinstance(scales, Scales) else "<scales>"
+    if not isinstance(scales, Scales):
+        scales = Scales.load(scales)
+    attached_here = False
+    if not is_quantized(model):
+        attach_quantizers(model, scales.config or int8_config())
+        attached_here = True
+    refs = {r.key: r for r in iter_quantizers(model)}
+    wanted = scales.as_dict()
+    problems: List[str] = []
+    for key, entry in wanted.items():
+        ref = refs.get(key)
+        if ref is None:
+            problems.append(f"'{key}' is in the scales file but the model has no such quantizer")
+            continue
+        expected = tuple(ref.quantizer.amax.shape)
+        got = (len(entry.amax),) if isinstance(entry.amax, list) else ()
+        if got != expected:
+            problems.append(f"'{key}': scales hold {got or 'one value'} but the layer needs {expected or 'one value'}")
+        elif ref.role is Role.WEIGHT:
+            problems += zero_weight_range_problems(key, entry.amax, ref.module, ref.quantizer.spec)
+    floats = set(scales.float_layers)
+    unknown_floats = sorted(floats - {r.module_name for r in refs.values()})
+    problems += [f"float layer '{m}' is not a quantized layer of the model" for m in unknown_floats]
+    if strict:
+        for key, ref in refs.items():
+            if key in wanted or ref.module_name in floats:
+                continue
+            # An input without a scale is allowed beside its layer's weight scale: that layer
+            # got no calibration data and kept floating-point inputs when it was calibrated.
+            if ref.role is Role.INPUT and f"{ref.module_name}:{Role.WEIGHT.value}" in wanted:
+                continue
+            problems.append(f"'{key}' has no scale in the file")
+    if problems:
+        if attached_here:
+            remove_quantizers(model)
+        shown = "\n  ".join(problems[:30]) + ("\n  ..." if len(problems) > 30 else "")
+        raise ScalesMismatchError(f"scales {source} do not match {type(model).__name__} ({len(problems)} problem(s)):\n  {shown}")
+    for key, entry in wanted.items():
+        ref = refs[key]
+        if ref.role is Role.INPUT:
+            ref.quantizer.collector = (
+                HistogramCollector.from_stats(scales.statistics[entry.module], ref.quantizer.num_bins, entry.module)
+                if entry.module in scales.statistics
+                else None
+            )
+        ref.quantizer.quantize_with(entry.amax)
+    for key, ref in refs.items():
+        if key not in wanted and (ref.role is Role.INPUT or ref.module_name in floats):
+            ref.quantizer.off()  # kept in floating point (mixed precision, non-strict)
+    return model

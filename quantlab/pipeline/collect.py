@@ -1,0 +1,116 @@
+"""The pipeline's ``collect`` stage: ONE statistics pass over the calibration data.
+
+Every input quantizer gathers a running max and a histogram of |x|; weights and
+activations stay in floating point during the pass, as in TensorRT's
+calibration. With a process group, each rank runs the pass on its shard and the
+statistics are merged exactly (:mod:`quantlab.histogram_merge`), so every rank
+ends with the statistics one process would have built from all the data.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from quantlab import distributed
+from quantlab.attach import iter_quantizers
+from quantlab.cuda_graphs import MIN_BATCHES, graphed_forward
+from quantlab.histogram_merge import merge_across_ranks
+from quantlab.pipeline.types import Statistics
+from quantlab.statistics import HistogramCollector, flush_all
+from quantlab.tensor_quantizer import Role
+
+
+def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group: Any = None,
+            cuda_graphs: bool = True) -> Statistics:
+    """Runs ``forward_loop(model)`` once with every input quantizer collecting statistics.
+
+    Args:
+        model: A model with quantizers attached.
+        forward_loop: Calls the model on the calibration batches (this rank's
+            shard under a process group).
+        group: A process group (:func:`quantlab.distributed.world_group`): the
+            call is then collective, a failure on one rank is raised on every
+            rank, and the statistics are merged exactly across the ranks.
+        cuda_graphs: On CUDA, replay repeated calls of ``model`` (same input
+            shapes) as CUDA graphs, statistics included (:mod:`quantlab.cuda_graphs`;
+            a call that cannot be captured runs eagerly). No effect on the CPU,
+            nor when ``forward_loop.expected_batches`` (set by
+            :func:`quantlab.batching.forward_loop` for sized data) is below
+            ``MIN_BATCHES``: a capture costs more than so few replays save.
+
+    Returns:
+        The statistics of every input tensor.
+
+    Raises:
+        NonFiniteActivationError: a NaN/Inf reached a quantized layer (naming it).
+    """
+    start = time.perf_counter()
+    error: Optional[BaseException] = None
+    try:
+        _pass(model, forward_loop, cuda_graphs)
+    except Exception as exc:  # noqa: BLE001 - under a group, re-raised on every rank below
+        if group is None:
+            raise
+        error = exc
+    if group is not None:
+        distributed.raise_if_any_rank_failed(error, "the statistics pass", group)
+        collectors = [_collector_of(ref.quantizer) for ref in iter_quantizers(model) if ref.role is Role.INPUT]
+        merge_across_ranks(collectors, group, distributed.comm_device(group))
+    statistics = statistics_of(model)
+    statistics.seconds = time.perf_counter() - start
+    return statistics
+
+
+def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graphs: bool) -> None:
+    expected = getattr(forward_loop, "expected_batches", None)
+    if expected is not None and expected < MIN_BATCHES:
+        cuda_graphs = False
+    quantizers = [ref.quantizer for ref in iter_quantizers(model)]
+    saved = [(q, q.mode) for q in quantizers]
+    for q in quantizers:
+        q.collect()  # inputs gather fresh statistics, weights stay in floating point
+    # Every module in eval mode for the pass (model.eval(), so overrides of train() run), then each
+    # put back as it was (model.train(flag) would also flip submodules the caller set differently).
+    training = [m for m in model.modules() if m.training]
+    if training:
+        model.eval()
+    try:
+        with torch.no_grad(), graphed_forward(model, enabled=cuda_graphs):
+            forward_loop(model)
+    finally:
+        for m in training:
+            m.training = True
+        for q, mode in saved:
+            if q.role is Role.WEIGHT:
+                q.restore(mode)
+            else:
+                q.off()  # an input's range comes from the statistics, chosen next
+    # On the GPU the statistics stay on the device during the pass; fold them in now (one
+    # read-back for all tensors), which is also where a NaN/Inf seen on the way is reported.
+    flush_all([q.collector for q in quantizers if q.role is Role.INPUT and q.collector is not None])
+
+
+def _collector_of(quantizer: Any) -> HistogramCollector:
+    if quantizer.collector is None:  # a rank that never reached this layer still takes part in the merge
+        quantizer.collector = HistogramCollector(quantizer.num_bins, name=quantizer.name)
+    return quantizer.collector
+
+
+def statistics_of(model: nn.Module) -> Statistics:
+    """The statistics the model's input quantizers hold (from the last pass or loaded scales)."""
+    histograms: Dict[str, Any] = {}
+    batches: Dict[str, int] = {}
+    num_bits = 8
+    for ref in iter_quantizers(model):
+        if ref.role is not Role.INPUT:
+            continue
+        num_bits = ref.quantizer.spec.num_bits
+        collector = ref.quantizer.collector
+        count = 0 if collector is None else collector.num_batches
+        batches[ref.module_name] = count
+        if count:
+            histograms[ref.module_name] = collector.stats()
+    return Statistics(histograms=histograms, batches=batches, num_bits=num_bits)

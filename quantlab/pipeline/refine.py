@@ -1,0 +1,54 @@
+"""The pipeline's ``refine`` stage: algorithms that adjust the weights of the quantized
+model once its ranges are known (AdaRound, bias correction). The algorithms live in
+:mod:`quantlab.algorithms`."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from quantlab.algorithms import Algorithm, AlgorithmReport, Stage, run_stage
+from quantlab.attach import iter_quantizers, original_weight
+from quantlab.pipeline.apply import apply
+from quantlab.pipeline.types import Ranges
+from quantlab.tensor_quantizer import Role
+
+
+def refine(model: nn.Module, ranges: Ranges, algorithms: Sequence[Algorithm],
+           forward_loop: Optional[Callable[[nn.Module], Any]] = None, config: Any = None) -> List[AlgorithmReport]:
+    """Runs the refiners among ``algorithms`` with ``ranges`` in place; returns their reports.
+
+    The model fake-quantizes with ``ranges`` while they run (they reconstruct the
+    quantized network's outputs), and keeps the weights they leave.
+    """
+    refiners = [a for a in algorithms if a.stage is Stage.REFINE]
+    if not refiners:
+        return []
+    apply(model, ranges)
+    params = {a.name: config.params_of(a.name) for a in refiners} if config is not None else None
+    return run_stage(model, refiners, Stage.REFINE, forward_loop=forward_loop, params=params, config=config)
+
+
+def refinable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Copies of what refiners may change: every quantized layer's float weight and bias."""
+    state: Dict[str, torch.Tensor] = {}
+    for ref in iter_quantizers(model):
+        if ref.role is Role.WEIGHT:
+            state[f"{ref.module_name}:weight"] = original_weight(ref.module).detach().clone()
+            bias = getattr(ref.module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                state[f"{ref.module_name}:bias"] = bias.detach().clone()
+    return state
+
+
+def restore_refinable_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Puts back weights and biases saved by :func:`refinable_state`."""
+    with torch.no_grad():
+        for ref in iter_quantizers(model):
+            if ref.role is not Role.WEIGHT:
+                continue
+            original_weight(ref.module).copy_(state[f"{ref.module_name}:weight"])
+            bias = getattr(ref.module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(state[f"{ref.module_name}:bias"])

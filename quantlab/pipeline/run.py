@@ -1,0 +1,120 @@
+"""The one PTQ pipeline: transform -> collect -> choose -> refine -> apply.
+
+Every entry point runs it: ``quantlab.quantize`` (one calibrator), ``quantlab.ptq.run_ptq``
+and the CLI (several calibrators from one statistics pass), ``quantlab.qat.prepare``
+(starting ranges), torchrun jobs (the same path with a process group).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from quantlab.algorithms import AlgorithmReport, Stage, parse_algorithms
+from quantlab.attach import attach_quantizers, get_config, is_quantized
+from quantlab.calibrators import get_calibrator
+from quantlab.config import QuantConfig, int8_config
+from quantlab.errors import CalibrationError
+from quantlab.pipeline.apply import apply, measure_weight_ranges, scales_of
+from quantlab.pipeline.choose import Calibrators, calibrator_params, choose_all
+from quantlab.pipeline.collect import collect
+from quantlab.pipeline.refine import refinable_state, refine, restore_refinable_state
+from quantlab.pipeline.transform import transform
+from quantlab.scales import Scales
+
+
+@dataclasses.dataclass
+class PTQResult:
+    """What one PTQ run produced.
+
+    Attributes:
+        scales: Scales per calibrator name (same statistics for all).
+        num_batches: Batches in the statistics pass.
+        statistics_seconds: Wall time of the statistics pass.
+        calibrate_seconds: Wall time of each calibrator (choosing, refining and applying).
+        transforms: Reports of the transforms run before the pass.
+        refinements: Reports of the refiners, per calibrator.
+        refined_weights: Per calibrator, the float weights and biases the refiners
+            left (empty without refiners); the model holds the last calibrator's.
+    """
+
+    scales: Dict[str, Scales]
+    num_batches: int
+    statistics_seconds: float
+    calibrate_seconds: Dict[str, float]
+    transforms: List[AlgorithmReport] = dataclasses.field(default_factory=list)
+    refinements: Dict[str, List[AlgorithmReport]] = dataclasses.field(default_factory=dict)
+    refined_weights: Dict[str, Dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+
+    def save(self, out_dir: "str | Path") -> Dict[str, Path]:
+        """Writes ``scales.<calibrator>.json`` files; returns their paths by calibrator."""
+        out = Path(out_dir)
+        return {name: s.save(out / f"scales.{name}.json") for name, s in self.scales.items()}
+
+
+def prepare(model: nn.Module, config: QuantConfig, forward_loop: Optional[Callable[[nn.Module], Any]] = None) -> List[AlgorithmReport]:
+    """Transforms and attaches quantizers to a floating-point model (nothing if it is already quantized).
+
+    Weight ranges are measured; inputs stay off until ranges are applied.
+    Returns the transforms' reports.
+    """
+    if is_quantized(model):
+        return []
+    reports = transform(model, parse_algorithms(config.algorithms), forward_loop, config)
+    attach_quantizers(model, config)
+    measure_weight_ranges(model)
+    return reports
+
+
+def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators: Calibrators, *,
+        config: Optional[QuantConfig] = None, group: Any = None, cuda_graphs: bool = True) -> PTQResult:
+    """Quantizes ``model`` in place with every calibrator from ONE statistics pass.
+
+    transform (the config's transforms, if the model is not quantized yet) ->
+    collect (one pass) -> choose (each calibrator) -> refine (the config's
+    refiners, per calibrator, from the same transformed weights) -> apply. The
+    model is left fake-quantizing with the last calibrator's ranges.
+
+    Args:
+        model: The FP32 model (its device is used), or one already quantized.
+        forward_loop: Runs the calibration batches (this rank's shard under a group).
+        calibrators: Names, or name -> parameters.
+        config: Quantization config (default: the model's, else :func:`int8_config`).
+        group: A process group: the pass is merged exactly and the choice split
+            across its ranks (collective; every rank ends with the same ranges).
+        cuda_graphs: Allow CUDA-graph replay in the statistics pass.
+
+    Raises:
+        UnknownCalibratorError / AlgorithmError: bad names (before any work).
+        CalibrationError: empty calibration data.
+    """
+    wanted = calibrator_params(calibrators)
+    for name in wanted:
+        get_calibrator(name)
+    config = config or get_config(model) or int8_config()
+    algorithms = parse_algorithms(config.algorithms)
+    transforms = prepare(model, config, forward_loop)
+    statistics = collect(model, forward_loop, group=group, cuda_graphs=cuda_graphs)
+    if statistics.num_batches == 0:
+        raise CalibrationError("calibration data is empty: no batch reached the model")
+    chosen = choose_all(statistics, wanted, group=group)
+    refiners = [a for a in algorithms if a.stage is Stage.REFINE]
+    before = refinable_state(model) if refiners and len(chosen) > 1 else None
+    result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds,
+                       calibrate_seconds={}, transforms=transforms)
+    for index, (name, ranges) in enumerate(chosen.items()):
+        start = time.perf_counter()
+        if before is not None and index:
+            restore_refinable_state(model, before)  # every calibrator refines the same weights
+        result.refinements[name] = refine(model, ranges, refiners, forward_loop, config)
+        # Weight ranges do not depend on the calibrator unless refiners changed the weights.
+        apply(model, ranges, weights=index == 0 or bool(refiners))
+        result.scales[name] = scales_of(model, calibrator=name, calibrator_params=ranges.params, statistics=statistics.saved())
+        if refiners:
+            result.refined_weights[name] = refinable_state(model)
+        result.calibrate_seconds[name] = ranges.seconds + time.perf_counter() - start
+    return result

@@ -1,0 +1,1 @@
+"""PyTorch eager execution behind the common runner interface (:mod:`.runner`)."""

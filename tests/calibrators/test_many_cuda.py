@@ -1,0 +1,79 @@
+"""The batched calibrators on a GPU against the per-tensor ones on the same GPU: the same amax, bit for bit.
+
+Runs only where CUDA is available (the GPU machine; benchmarks/RESULTS.md records the run);
+test_many.py makes the same comparisons on the CPU in CI.
+"""
+import pytest
+import torch
+
+from quantlab.calibrators import HistogramStats, choose_many, get_batched_calibrator
+from quantlab.calibrators.many import pack_counts
+
+from tests.calibrators import histograms as H  # noqa: E402  (pytest runs with pythonpath '.')
+from tests.calibrators.histograms import assert_same, bits, per_tensor  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PARAMS = {
+    "max": [{}],
+    "percentile": [{}, {"percentile": 99.9}, {"percentile": 100.0}, {"percentile": 50.0}],
+    "entropy": [{}, {"num_bits": 4}, {"stride": 7}, {"start_bin": 1, "num_bits": 6}],
+    "mse": [{}, {"num_bits": 4}, {"stride": 5}, {"start_bin": 1}],
+}
+CASES = [pytest.param(n, p, id=f"{n}-{p}") for n, sets in PARAMS.items() for p in sets]
+
+
+def on_gpu(stats):
+    return [HistogramStats(s.counts.cuda(), s.bin_width, s.amax) for s in stats]
+
+
+@pytest.fixture(scope="module")
+def model_like():
+    """72 histograms of 2048-4095 bins, as a BERT-base statistics pass leaves them."""
+    return on_gpu(H.realistic(72, seed=5, low=2048, high=4095, samples=(20_000, 400_000)))
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_model_sized_batch(name, params, model_like):
+    assert_same(name, model_like, **params)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_random_lengths_128_to_4096(name, params):
+    assert_same(name, on_gpu(H.realistic(48, seed=21, samples=(300, 300_000))), **params)
+
+
+@pytest.mark.parametrize("name,params", CASES)
+def test_degenerate_together_and_alone(name, params):
+    cases = {k: on_gpu([v])[0] for k, v in H.degenerate().items()}
+    assert_same(name, list(cases.values()), **params)
+    for label, stats in cases.items():
+        assert_same(name, [stats], **params), label
+
+
+@pytest.mark.parametrize("name,params", [c for c in CASES if c.values[0] != "max"])
+def test_invalid_counts(name, params):
+    assert_same(name, on_gpu(list(H.invalid().values())), **params)
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy", "mse"])
+def test_model_sized_batch_is_decided_by_the_batched_form(name, model_like):
+    got = get_batched_calibrator(name)(model_like)
+    assert sum(a is None for a in got) <= 1, f"{sum(a is None for a in got)} of {len(got)} left to the per-tensor form"
+
+
+@pytest.mark.parametrize("name", ["percentile", "entropy", "mse"])
+def test_histograms_on_two_devices_in_one_call(name):
+    cpu = H.realistic(6, seed=2)
+    mixed = [s if i % 2 else on_gpu([s])[0] for i, s in enumerate(cpu)]
+    assert [bits(a) for a in choose_many(name, mixed)] == per_tensor(name, mixed)
+
+
+def test_pack_counts_index_copy_matches_row_copies():
+    stats = H.realistic(10, seed=8)
+    counts = [s.counts.cuda() for s in stats] + [torch.arange(7, dtype=torch.int32, device="cuda")]
+    a = pack_counts(counts, row_copies=False)
+    b = pack_counts(counts, row_copies=True)
+    assert torch.equal(a, b)
+    for row, c in zip(a, counts):
+        assert torch.equal(row[: c.numel()], c.to(torch.float64))

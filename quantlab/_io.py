@@ -26,20 +26,20 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     any exception the temporary file is removed and ``path`` is left untouched.
 
     Raises:
-        OutputPathError: ``path`` is a folder, or its folder cannot be created or written.
+        IsADirectoryError / NotADirectoryError / PermissionError: ``path`` is a folder, or its
+            folder cannot be created or written (the message names the path).
     """
-    from quantlab.errors import OutputPathError
-
     target = Path(path)
     if target.is_dir():
-        raise OutputPathError(f"{target} is a folder; a file is expected there")
+        raise IsADirectoryError(f"{target} is a folder; a file is expected there")
+    # OSErrors with messages that name the path (callers that tolerate an unwritable place catch OSError).
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except (FileExistsError, NotADirectoryError):
-        raise OutputPathError(f"cannot write {target}: a file stands where a folder of its path is expected") from None
+        raise NotADirectoryError(f"cannot write {target}: a file stands where a folder of its path is expected") from None
     except PermissionError:
-        raise OutputPathError(f"cannot write {target}: permission denied in {target.parent}") from None
+        raise PermissionError(f"cannot write {target}: permission denied in {target.parent}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:

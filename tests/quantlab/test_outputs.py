@@ -122,9 +122,12 @@ def test_report_out_equal_to_a_run_file_is_refused(tmp_path):
         write_report(run, run / "results.json")
 
 
-def test_atomic_writes_refuse_a_folder(tmp_path):
-    with pytest.raises(OutputPathError, match="is a folder"):
+def test_atomic_writes_refuse_a_folder_with_an_oserror_naming_it(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a folder"):
         write_text_atomic(tmp_path, "x")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="a file stands where a folder"):
+        write_text_atomic(tmp_path / "f" / "g.json", "x")
 
 
 def test_build_checks_the_plan_path_before_tensorrt(files, tmp_path, capsys):

@@ -26,6 +26,7 @@ from quantlab.qat import bn_fold, ddp
 from quantlab.qat.errors import QATError
 from quantlab.qat.quantizer import WEIGHT_RANGES, QATQuantizer
 from quantlab.scales import Scales
+from quantlab.validation import check_qat_manifest, read_json_file
 from quantlab.tensor_quantizer import QuantizerMode, Role
 
 _OPTIONS_ATTR = "_quantlab_qat"
@@ -118,6 +119,14 @@ def prepare(
     """
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         raise QATError("prepare the model before wrapping it in DistributedDataParallel (pass model.module)")
+    from quantlab.graph_models import CAPTURED_ATTR
+
+    if hasattr(model, CAPTURED_ATTR):
+        raise QATError(
+            f"{getattr(model, CAPTURED_ATTR)}: an exported program or TorchScript model is captured in inference mode "
+            "(BatchNorm uses running statistics, no train mode): QAT needs the trainable Python model "
+            "(--model file.py:factory --weights state_dict.pt); calibrate, compare and export work on this file"
+        )
     if weight_ranges not in WEIGHT_RANGES:
         raise QATError(f"weight_ranges must be one of {', '.join(WEIGHT_RANGES)}, got {weight_ranges!r}")
     if freeze_bn_after is not None and freeze_bn_after < 0:
@@ -284,16 +293,10 @@ def load(model: nn.Module, out_dir: Union[str, Path], *, strict: bool = True) ->
     """
     out = Path(out_dir)
     manifest_path = out / MANIFEST_FILE
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QATError(f"{manifest_path}: not found; is {out} a folder written by quantlab.qat.save?") from None
-    except json.JSONDecodeError as exc:
-        raise QATError(f"{manifest_path}: corrupt JSON ({exc.msg})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise QATError(f"{manifest_path}: not a quantlab QAT manifest")
-    if int(manifest.get("version", 0)) > FORMAT_VERSION:
-        raise QATError(f"{manifest_path}: version {manifest.get('version')} is newer than this quantlab reads ({FORMAT_VERSION})")
+    if not manifest_path.is_file():
+        raise QATError(f"{manifest_path}: not found; is {out} a folder written by quantlab.qat.save?")
+    manifest = read_json_file(manifest_path, what="QAT manifest", error=QATError)
+    check_qat_manifest(manifest, str(manifest_path), format_name=FORMAT_NAME, max_version=FORMAT_VERSION, error=QATError)
     weights_path = out / str(manifest.get("weights", WEIGHTS_FILE))
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

@@ -16,6 +16,7 @@ from torch import nn
 from quantlab._io import write_text_atomic
 from quantlab.config import QuantConfig
 from quantlab.qat import ddp
+from quantlab.qat.checkpoint import CHECKPOINT_FILE
 from quantlab.qat.errors import QATError
 from quantlab.qat.loop import TrainConfig, TrainProgress, TrainResult, train
 from quantlab.qat.hooks import enabled
@@ -26,6 +27,8 @@ from quantlab.scales import Scales
 RUN_FILE = "run.json"
 START_SCALES_FILE = "scales.start.json"
 DEFAULT_METRIC = {"classification": "top1", "causal_lm": "perplexity"}
+#: ``write_files(write, state=..., base=...)``: see :func:`run_qat`.
+FileWriter = Callable[..., Dict[str, Path]]
 
 
 @dataclasses.dataclass
@@ -100,6 +103,7 @@ def run_qat(
     run_id: Optional[str] = None,
     progress: Optional[Callable[[TrainProgress], None]] = None,
     prune: Optional[Callable[[nn.Module], Any]] = None,
+    write_files: Optional["FileWriter"] = None,
 ) -> QATRunResult:
     """Evaluates FP32 and the starting INT8 model, fine-tunes, evaluates again, saves.
 
@@ -110,13 +114,20 @@ def run_qat(
         out_dir: Run folder: ``checkpoint.pt``, ``scales.start.json``, the
             :func:`quantlab.qat.save` files and ``run.json`` (metrics).
         scales: Starting ranges; else calibrated from ``calib_data``.
-        resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule).
+        resume: Continue an interrupted run in ``out_dir`` (same ranges, same schedule);
+            a finished run is refused before anything is written (:func:`read_resumable`).
         run_id: The run store's id of this run, written into ``run.json`` (the QAT job records it).
         prune: ``prune(model)`` makes the model 2:4-sparse (e.g. a call of
             :func:`quantlab.sparsity.prune`), run after the FP32 reference is measured on
             the dense model and before the ranges are set: sparse QAT, whose INT8 rows are
             "2:4 + INT8". (A model pruned before the call is sparse QAT too, but its FP32
             row is then the pruned model's.)
+        write_files: How rank 0 writes the run folder's files: ``write_files(write, state=, base=)``
+            calls ``write(folder)`` and returns the final paths of what it wrote. The QAT job
+            (:func:`quantlab.jobs.qat.run_qat`) stages and commits its locked run folder as a
+            whole, twice: before training (starting ranges, run.json; state ``training``) and at
+            the end (model, scales, final run.json beside the last checkpoint; state ``done``).
+            By default the files go straight into ``out_dir``.
         Other arguments: see :func:`quantlab.qat.prepare` and :class:`TrainConfig`.
     """
     from quantlab.sparsity.mask import masked_layers
@@ -127,10 +138,12 @@ def run_qat(
     main = ddp.is_main_process()
     previous: Dict[str, Any] = {}
     if resume:
+        # Refused before anything is written: a finished run (also a copied folder) is final.
         previous = read_resumable(out, metric)
         scales = out / START_SCALES_FILE
         if run_id is None:
             run_id = previous.get("run_id")  # not recorded this time: run.json keeps the run it belongs to
+    write_files = write_files or direct_writer(out)
     eval_batches = list(eval_data) if eval_max_batches is None else _take(eval_data, eval_max_batches)
     seconds: Dict[str, float] = {}
     if isinstance(scales, (str, Path)):
@@ -161,39 +174,74 @@ def run_qat(
         # Saved before training, so a resumed run starts from exactly these ranges.
         start = current_scales(model, calibrator=start_calibrator)
         ptq = _evaluate(model, eval_batches, metric)
-        if main:
-            start.save(out / START_SCALES_FILE)
-            _write_run_file(out, run_id, metric, fp32, ptq, start_calibrator)
+        if main:  # committed before training: a kill from here on leaves a resumable folder
+
+            def write_start(folder: Path) -> Dict[str, Path]:
+                return {"start_scales": start.save(folder / START_SCALES_FILE),
+                        "run": _write_run_file(folder, run_id, metric, fp32, ptq, start_calibrator)}
+
+            write_files(write_start, state="training", base="new")
     seconds.update({"fp32": fp32["seconds"], "ptq": ptq["seconds"]})
 
-    result = train(model, train_data, train_config, checkpoint_dir=out, resume=resume, progress=progress)
+    # A run stopped after its "training" commit but before its first checkpoint restarts training from
+    # step 0 (the same starting ranges and seed: the same run); otherwise it continues from the checkpoint.
+    continues = resume and (out / CHECKPOINT_FILE).is_file()
+    result = train(model, train_data, train_config, checkpoint_dir=out, resume=continues, progress=progress)
     ddp.check_ranges_agree(model)  # a diverged rank is an error, not a silently different scales file
     after = _evaluate(model, eval_batches, metric)
     seconds["qat"] = after["seconds"]
     files: Dict[str, Path] = {}
-    if main:
-        files = save(model, out)
+    if main:  # the final files beside the checkpoint, committed together with the final run.json
+
+        def write_final(folder: Path) -> Dict[str, Path]:
+            saved = dict(save(model, folder))
+            _write_run_file(folder, run_id, metric, fp32, ptq, start_calibrator, after=after, train=result)
+            return saved
+
+        files = write_files(write_final, state="done", base="current")
     ddp.barrier()
-    outcome = QATRunResult(metric=metric, fp32=fp32["value"], ptq=ptq["value"], qat=after["value"],
-                           calibrator=start_calibrator, train=result, out_dir=out,
-                           run_id=run_id, files=files, seconds=dict(seconds), sparse=sparse)
-    if main:
-        _write_run_file(out, run_id, metric, fp32, ptq, outcome.calibrator, after=after, train=result)
-    return outcome
+    return QATRunResult(metric=metric, fp32=fp32["value"], ptq=ptq["value"], qat=after["value"],
+                        calibrator=start_calibrator, train=result, out_dir=out,
+                        run_id=run_id, files=files, seconds=dict(seconds), sparse=sparse)
 
 
-def read_resumable(out: Path, metric: str) -> Dict[str, Any]:
-    """The ``run.json`` of an interrupted QAT run in ``out`` (its ``run_id`` included), checked against ``metric``.
+def direct_writer(out: Path) -> FileWriter:
+    """A ``write_files`` that writes straight into ``out`` (no staging: for QAT called outside the QAT job)."""
+
+    def write_files(write: Callable[[Path], Dict[str, Path]], *, state: str = "complete", base: str = "new") -> Dict[str, Path]:
+        out.mkdir(parents=True, exist_ok=True)
+        return dict(write(out) or {})
+
+    return write_files
+
+
+def read_resumable(out: Path, metric: Optional[str] = None) -> Dict[str, Any]:
+    """The ``run.json`` of an interrupted QAT run in ``out`` (its ``run_id`` included), checked; refuses a finished one.
+
+    Args:
+        out: The run folder.
+        metric: The metric the resumed run measures (None: not checked).
 
     Raises:
-        QATError: nothing to resume in ``out``, or the run measured another metric.
+        QATError: nothing to resume, a corrupt run.json, a finished run (nothing is written
+            or recorded: its record stays as it is), or a run that measured another metric.
     """
-    try:
-        previous = json.loads((Path(out) / RUN_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise QATError(f"{Path(out) / RUN_FILE}: nothing to resume in {out}") from None
-    if previous.get("metric") != metric:
-        raise QATError(f"{Path(out) / RUN_FILE}: the run measured {previous.get('metric')!r}, not {metric!r}")
+    from quantlab.store.runfolder import read_manifest
+    from quantlab.validation import check_qat_run, read_json_file
+
+    path = Path(out) / RUN_FILE
+    if not path.is_file():
+        raise QATError(f"{path}: nothing to resume in {out}")
+    previous = read_json_file(path, what="QAT run.json", error=QATError, allow_nan=True)
+    check_qat_run(previous, str(path), QATError)
+    manifest = read_manifest(out)
+    if previous.get("qat") is not None or (manifest is not None and manifest.get("state") == "done"):
+        raise QATError(
+            f"the QAT run in {out} finished (INT8 after QAT: {previous.get('qat')!r}); there is nothing to resume and its "
+            "record stays as it is: start a new run with another --out"
+        )
+    if metric is not None and previous.get("metric") != metric:
+        raise QATError(f"{path}: the run measured {previous.get('metric')!r}, not {metric!r}")
     return previous
 
 
@@ -206,7 +254,7 @@ def _take(data: Iterable[Any], n: int) -> List[Any]:
     return out
 
 
-def _write_run_file(out: Path, run_id, metric, fp32, ptq, calibrator, after=None, train: Optional[TrainResult] = None) -> None:
+def _write_run_file(out: Path, run_id, metric, fp32, ptq, calibrator, after=None, train: Optional[TrainResult] = None) -> Path:
     data = {
         "run_id": run_id, "metric": metric, "calibrator": calibrator,
         "fp32": fp32["value"], "ptq": ptq["value"], "qat": after["value"] if after else None,
@@ -217,4 +265,4 @@ def _write_run_file(out: Path, run_id, metric, fp32, ptq, calibrator, after=None
         # Mean over ranks, one per step (a resumed run keeps the steps before the interruption).
         "losses": list(train.losses) if train else None,
     }
-    write_text_atomic(out / RUN_FILE, json.dumps(data, indent=1))
+    return write_text_atomic(out / RUN_FILE, json.dumps(data, indent=1))

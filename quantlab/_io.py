@@ -24,10 +24,22 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 
     The temporary file lives in the same folder so ``os.replace`` is atomic. On
     any exception the temporary file is removed and ``path`` is left untouched.
+
+    Raises:
+        IsADirectoryError / NotADirectoryError / PermissionError: ``path`` is a folder, or its
+            folder cannot be created or written (the message names the path).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder; a file is expected there")
+    # OSErrors with messages that name the path (callers that tolerate an unwritable place catch OSError).
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"cannot write {target}: a file stands where a folder of its path is expected") from None
+    except PermissionError:
+        raise PermissionError(f"cannot write {target}: permission denied in {target.parent}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -22,9 +22,17 @@ class NonFiniteActivationError(CalibrationError):
     """A NaN or Inf reached a quantizer while statistics were collected."""
 
 
-class ScalesFormatError(QuantlabError):
+class FileFormatError(QuantlabError, ValueError):
+    """A file quantlab reads does not hold what it must (structure, types, bounds); names the file and field."""
+
+
+class ScalesFormatError(FileFormatError):
     """A scales file is not a valid quantlab scales artifact."""
 
 
 class ScalesMismatchError(QuantlabError):
     """A scales file does not fit the model it is loaded into."""
+
+
+class OutputPathError(QuantlabError, ValueError):
+    """An output path cannot be written safely (it is an input, a folder, not writable, ...); checked before any work."""

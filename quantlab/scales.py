@@ -18,9 +18,12 @@ from quantlab.calibrators import HistogramStats, choose_ranges, get_calibrator
 from quantlab.config import QuantConfig
 from quantlab.errors import ScalesFormatError
 from quantlab.roles import Role
+from quantlab.validation import check_scales, read_json_file
 
 FORMAT_NAME = "quantlab.scales"
 FORMAT_VERSION = 1
+#: Largest scales file read (histograms of every activation: ~10 KB each; 1 GB is ~100k layers).
+MAX_SCALES_BYTES = 1 << 30
 
 Amax = Union[float, List[float]]
 
@@ -158,43 +161,37 @@ class Scales:
         }
 
     def save(self, path: Union[str, Path], *, include_statistics: bool = True) -> Path:
-        """Writes the scales as JSON, atomically (temp file + rename)."""
-        text = json.dumps(self.to_dict(include_statistics=include_statistics), indent=1, allow_nan=False)
+        """Writes the scales as JSON, atomically (temp file + rename).
+
+        The document is checked with the reader's schema first, so quantlab
+        never writes a file it would refuse to read (e.g. an input amax of 0).
+        """
+        data = self.to_dict(include_statistics=include_statistics)
+        check_scales(data, str(path), format_name=FORMAT_NAME, max_version=FORMAT_VERSION, error=ScalesFormatError)
+        text = json.dumps(data, indent=1, allow_nan=False)
         return write_text_atomic(path, text)
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "<scales>") -> "Scales":
-        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-            raise ScalesFormatError(f"{where}: not a quantlab scales file (missing \"format\": \"{FORMAT_NAME}\")")
-        version = data.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ScalesFormatError(f"{where}: unsupported scales version {version!r} (this quantlab reads <= {FORMAT_VERSION})")
+        """Builds scales from a parsed scales document, after checking every field.
+
+        Raises:
+            ScalesFormatError: naming the field: wrong types (``true`` is not a
+                number), amax not finite / negative / too large for float32, an
+                input amax of 0, num_bits outside 2..8, a bad statistics entry, ...
+        """
+        check_scales(data, where, format_name=FORMAT_NAME, max_version=FORMAT_VERSION, error=ScalesFormatError)
         entries = []
-        for i, raw in enumerate(data.get("quantizers") or []):
-            try:
-                amax = raw["amax"]
-                if isinstance(amax, list):
-                    amax = [float(a) for a in amax]
-                else:
-                    amax = float(amax)
-                if str(raw["role"]) not in {r.value for r in Role}:
-                    raise ScalesFormatError(f"{where}: quantizer entry {i} ('{raw.get('module')}') has unknown role {raw['role']!r}")
-                entry = QuantizerScale(
-                    module=str(raw["module"]),
-                    role=str(raw["role"]),
-                    amax=amax,
-                    num_bits=int(raw.get("num_bits", 8)),
-                    narrow_range=bool(raw.get("narrow_range", False)),
-                    axis=raw.get("axis"),
-                )
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ScalesFormatError(f"{where}: quantizer entry {i} is invalid ({exc!r})") from None
-            values = entry.amax if isinstance(entry.amax, list) else [entry.amax]
-            if not all(v == v and v >= 0 and v != float("inf") for v in values):
-                raise ScalesFormatError(f"{where}: amax of '{entry.key}' must be finite and >= 0")
-            entries.append(entry)
-        if not entries and not data.get("float_layers"):
-            raise ScalesFormatError(f"{where}: no quantizers in the scales file")
+        for raw in data.get("quantizers") or []:
+            amax = raw["amax"]
+            entries.append(QuantizerScale(
+                module=raw["module"],
+                role=raw["role"],
+                amax=[float(a) for a in amax] if isinstance(amax, list) else float(amax),
+                num_bits=raw.get("num_bits", 8),
+                narrow_range=bool(raw.get("narrow_range", False)),
+                axis=raw.get("axis"),
+            ))
         calib = data.get("calibrator") or {}
         config = None
         if data.get("config"):
@@ -205,27 +202,17 @@ class Scales:
         stats = {k: _stats_from_dict(v, f"{where}: statistics of '{k}'") for k, v in (data.get("statistics") or {}).items()}
         return cls(
             entries=entries,
-            calibrator=str(calib.get("name", "max")),
+            calibrator=str(calib.get("name") or "max"),
             calibrator_params=dict(calib.get("params") or {}),
             statistics=stats,
             config=config,
-            float_layers=[str(m) for m in data.get("float_layers") or []],
-            model=str(data.get("model", "")),
-            created=str(data.get("created", "")),
+            float_layers=list(data.get("float_layers") or []),
+            model=data.get("model") or "",
+            created=data.get("created") or "",
         )
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Scales":
-        """Reads a scales file; a corrupt or truncated file raises ScalesFormatError naming it."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ScalesFormatError(f"{path}: scales file not found") from None
-        except UnicodeDecodeError:
-            raise ScalesFormatError(f"{path}: not a text (JSON) file") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ScalesFormatError(f"{path}: corrupt or truncated JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        """Reads a scales file; a corrupt, truncated or out-of-bounds file raises ScalesFormatError naming it."""
+        data = read_json_file(path, what="scales file", error=ScalesFormatError, max_bytes=MAX_SCALES_BYTES)
         return cls.from_dict(data, where=str(path))

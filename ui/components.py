@@ -15,7 +15,27 @@ PAGES = Path(__file__).resolve().parent / "pages"
 SELECTED_RUN = "selected_run"
 ACTIVE_JOBS = "active_jobs"
 STATUS_BADGE = {"running": ("blue", ":material/progress_activity:"), "done": ("green", ":material/check_circle:"),
-                "failed": ("red", ":material/error:")}
+                "failed": ("red", ":material/error:"), "interrupted": ("orange", ":material/stop_circle:")}
+
+
+def remote_code_warning() -> None:
+    """On a dashboard served beyond this machine: say that New run executes files a visitor names."""
+    import os
+
+    host = os.environ.get("QUANTLAB_UI_REMOTE_HOST")
+    if host:
+        st.warning(f"This dashboard listens on **{host}** (started with --allow-remote-code): a model spec typed here "
+                   "imports and runs that Python file on the server, as the user who started it.", icon=":material/warning:")
+
+
+def code_trust_gate(run: Dict[str, Any], key: str) -> bool:
+    """Whether an action may re-import the run's recorded code; shows why not and asks, when it is someone else's."""
+    reasons = data.foreign_code(run)
+    if not reasons:
+        return True
+    st.warning("This run is not clearly yours: re-running it imports its recorded Python file, which runs as you. "
+               + "; ".join(reasons) + ".", icon=":material/gpp_maybe:")
+    return st.checkbox("I have read that file and trust it", key=f"{key}-trust")
 
 
 def page(name: str) -> str:

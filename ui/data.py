@@ -292,6 +292,18 @@ def histogram(run: Dict[str, Any], module: str):
     return bins, pd.DataFrame(amax_rows, columns=["calibrator", "amax", "clipped", "observed max", "scale"])
 
 
+def foreign_code(run: Dict[str, Any]) -> List[str]:
+    """Why re-running ``run`` would import someone else's Python code ([] if it would not; see quantlab.trust)."""
+    from quantlab.jobs.runs import load_run_info
+    from quantlab.trust import foreign_reasons
+
+    try:
+        info = load_run_info(run.get("run_dir") or run["id"], store_path())
+    except Exception:  # noqa: BLE001 - an unreadable folder is reported by the action itself
+        return []
+    return foreign_reasons(info, run_dir=info.get("run_dir"), store_path=store_path())
+
+
 def export_now(run: Dict[str, Any], calibrator: str) -> Dict[str, Any]:
     """Exports a stored compare run's Q/DQ ONNX, check report and calibration cache (a child export run)."""
     outcome = export.export_recorded_run(store(), run, calibrator)

@@ -23,6 +23,14 @@ def open_store(args: argparse.Namespace, *, run_info: Optional[Dict[str, Any]] =
     return RunStore()
 
 
+def check_trust(info: Dict[str, Any], store, trust: bool) -> None:
+    """Before any code of a recorded run is imported: refuse someone else's code unless --trust (then say so)."""
+    from quantlab.trust import require_trusted
+
+    for reason in require_trusted(info, trust=trust, run_dir=info.get("run_dir"), store_path=store.path):
+        print(f"warning: running code of a run that is not clearly yours (--trust): {reason}", file=sys.stderr)
+
+
 def add_run_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a compare run: its folder (with run.json) or its run id")
 

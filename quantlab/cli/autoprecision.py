@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli._runs_common import StageProgress, add_run_arg, add_store_arg, fmt, open_store
+from quantlab.cli._runs_common import StageProgress, add_run_arg, add_store_arg, check_trust, fmt, open_store
+from quantlab.cli.common import device_arg
 
 
 def parse_max_drop(text: str):
@@ -26,7 +27,9 @@ def register(sub) -> None:
     p.add_argument("--order", choices=("auto", "sensitivity", "proxy"), default="auto",
                    help="layer order: a saved `quantlab sensitivity` ranking, a fresh SQNR-proxied ranking, or auto (saved if present)")
     p.add_argument("--out", default=None, help="output folder (default <run>/autoprecision.<calibrator>)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg, help="cpu, cuda, cuda:1 ... (default: the run's)")
+    p.add_argument("--trust", action="store_true",
+                   help="run the recorded model/metric file even if another user owns it (or the run folder or store)")
     add_store_arg(p)
     p.set_defaults(func=run)
 
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     max_drop, relative = parse_max_drop(args.max_drop)
     info = load_run_info(args.run, args.store)
     store = open_store(args, run_info=info)
+    check_trust(info, store, args.trust)
     with StageProgress() as progress:
         outcome = run_autoprecision(info, store, max_drop=max_drop, relative=relative, calibrator=args.calibrator,
                                     order=args.order, out_dir=args.out, device=args.device, progress=progress)

@@ -9,6 +9,8 @@ from typing import Optional
 from quantlab.cli.common import (
     add_model_args,
     add_quant_args,
+    input_paths,
+    load_cli_model,
     calibrator_params_from_args,
     print_table,
     progress_bar,
@@ -30,29 +32,38 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab import distributed
+    from quantlab.jobs.folders import check_run_folder, open_on_main_rank
 
+    inputs = input_paths(args)
+    check_run_folder(args.out, inputs=inputs)  # every rank: the same answer, before any work
     info = distributed.init_from_env(args.device)
+    folder = None
     try:
-        return _calibrate(args, info)
+        # Rank 0 alone writes: it alone holds the folder's lock; a refusal is raised on every rank.
+        folder = open_on_main_rank(args.out, main=info.is_main, kind="calibrate", inputs=inputs)
+        return _calibrate(args, info, folder)
     finally:
+        if folder is not None:
+            folder.close()  # an uncommitted stage is discarded: the previous folder stays whole
         if info.distributed:
             distributed.destroy()
 
 
-def _calibrate(args: argparse.Namespace, info) -> int:
+def _calibrate(args: argparse.Namespace, info, folder) -> int:
     """One process's part; under torchrun each rank takes every ``world_size``-th batch."""
     from quantlab import distributed
     from quantlab._io import write_text_atomic
     from quantlab.data import load_data
-    from quantlab.model_source import load_model
     from quantlab.batching import shard_batches
+    from quantlab.data.fit import check_model_fits
     from quantlab.ptq import parse_calibrators, run_ptq
     from quantlab.roles import Role
 
     names = parse_calibrators(args.calibrators)  # validate before any expensive work
     device = distributed.default_device(info, args.device) if info.distributed else args.device
-    model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
+    model = load_cli_model(args, args.data, device=device)
     data = load_data(args.data, batch_size=args.batch_size)
+    check_model_fits(model, data, args.data)  # two samples first: a shape mismatch in words, before the pass
     shard = shard_batches(data, info.rank, info.world_size, args.max_batches)
     try:
         total: Optional[int] = len(shard)  # this rank's batches
@@ -70,17 +81,25 @@ def _calibrate(args: argparse.Namespace, info) -> int:
         )
     if not info.is_main:
         return 0  # every rank holds the same ranges; rank 0 writes them
-    paths = result.save(args.out)
-    summary = {
-        "model": args.model,
-        "data": args.data,
-        "num_batches": result.num_batches,
-        "world_size": info.world_size,
-        "statistics_seconds": result.statistics_seconds,
-        "calibrate_seconds": result.calibrate_seconds,
-        "scales": {k: str(v) for k, v in paths.items()},
-    }
-    write_text_atomic(Path(args.out) / "calibration.json", json.dumps(summary, indent=1))
+    from quantlab.jobs.folders import commit_files
+
+    def write(stage: Path) -> dict:
+        staged = result.save(stage)
+        summary = {
+            "model": args.model,
+            "data": args.data,
+            "num_batches": result.num_batches,
+            "world_size": info.world_size,
+            "statistics_seconds": result.statistics_seconds,
+            "calibrate_seconds": result.calibrate_seconds,
+            "scales": {k: str(folder.final(v)) for k, v in staged.items()},
+        }
+        write_text_atomic(stage / "calibration.json", json.dumps(summary, indent=1))
+        return staged
+
+    # The whole folder (every scales file and calibration.json) is staged, then swapped in:
+    # a kill at any moment leaves the previous complete folder or this one.
+    paths = commit_files(folder, write)
     ranks = f" on {info.world_size} ranks" if info.distributed else ""
     print(f"statistics pass: {result.num_batches} batches{ranks} in {result.statistics_seconds:.2f} s")
     first = next(iter(result.scales.values()))

@@ -8,8 +8,8 @@ from quantlab.cli.common import print_table
 
 
 def register(sub) -> None:
-    p = sub.add_parser("check", help="report Q/DQ placement problems TensorRT would reject or run slowly (exit 1 on errors)")
-    p.add_argument("model", help="an ONNX file (quantlab's or any other tool's)")
+    p = sub.add_parser("check", help="report Q/DQ placement problems TensorRT would reject or run slowly, or check a calibration cache (exit 1 on errors)")
+    p.add_argument("model", help="an ONNX file (quantlab's or any other tool's) or a TensorRT calibration cache")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.add_argument("--sparsity", action="store_true",
@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.export.graph import load_onnx
     from quantlab.export.mapping import metadata
 
+    if _is_calibration_cache(args.model):
+        return _check_cache(args)
     report = check_model(args.model)
     form_line, form_info = _ort_form(args.model)
     sparsity = None
@@ -52,6 +54,35 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if sparsity is not None and args.strict and sparsity.eligible_not_compliant:
         return 1
+    return 0
+
+
+def _is_calibration_cache(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"TRT-"
+    except OSError:
+        return False  # check_model reports the missing or unreadable file
+
+
+def _check_cache(args: argparse.Namespace) -> int:
+    """A calibration cache passes when every line parses and every scale is finite, > 0 and normal."""
+    from quantlab.export.cache import read_calibration_cache
+    from quantlab.export.errors import CacheFormatError
+
+    try:
+        cache = read_calibration_cache(args.model)
+    except CacheFormatError as exc:
+        if args.json:
+            print(json.dumps({"source": args.model, "ok": False, "errors": [str(exc)]}, indent=1))
+        else:
+            print(f"{args.model}: calibration cache: 1 error(s)\n  {exc}")
+        return 1
+    if args.json:
+        print(json.dumps({"source": args.model, "ok": True, "errors": [], "version": cache.version,
+                          "algorithm": cache.algorithm, "tensors": len(cache.scales)}, indent=1))
+    else:
+        print(f"{args.model}: calibration cache {cache.header}, {len(cache.scales)} tensor(s), every scale finite, > 0 and normal; 0 error(s)")
     return 0
 
 

@@ -7,10 +7,45 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 
+def device_arg(text: str) -> str:
+    """argparse type of --device: a device torch knows and this machine has (checked before any work)."""
+    from quantlab.devices import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="file.py:factory, package.module:factory, TorchScript .pt or exported .pt2")
     parser.add_argument("--weights", help="optional state_dict file (loaded with weights_only=True)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: where the factory puts the model)")
+    parser.add_argument("--device", default=None, type=device_arg, help="cpu, cuda, cuda:1 ... (default: where the factory puts the model)")
+
+
+def load_cli_model(args: argparse.Namespace, example_data: Optional[str], device=None, example=None):
+    """``load_model`` for --model/--weights/--device; a TorchScript file gets its example batch from ``example_data``."""
+    from quantlab.jobs.export import example_inputs
+    from quantlab.model_source import is_torchscript_spec, load_model
+
+    if example is None and example_data and is_torchscript_spec(args.model):
+        example = example_inputs(example_data)  # converting TorchScript needs a batch
+    device = device if device is not None else args.device
+    return load_model(args.model, weights=args.weights, device=str(device) if device is not None else None, example_inputs=example)
+
+
+def input_paths(args: argparse.Namespace, *names: str) -> dict:
+    """``{"--flag": local path}`` of the command's inputs (model, weights, data, eval, scales, onnx, ...)."""
+    from quantlab.outputs import spec_path
+
+    flags = names or ("model", "weights", "data", "eval", "calib_data", "scales", "onnx")
+    out = {}
+    for name in flags:
+        value = getattr(args, name, None)
+        path = spec_path(value) if name in ("model", "data", "eval", "calib_data") else value
+        if path:
+            out["--" + name.replace("_", "-")] = path
+    return out
 
 
 def add_quant_args(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,15 @@ import argparse
 
 from quantlab.cli._runs_common import StageProgress, add_store_arg, fmt, fmt_delta, open_store
 from quantlab.cli._sparsity import add_sparsity_args, validate_sparsity
-from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
+from quantlab.cli.common import (
+    add_model_args,
+    add_quant_args,
+    calibrator_params_from_args,
+    input_paths,
+    load_cli_model,
+    print_table,
+    quant_config_from_args,
+)
 
 
 def register(sub) -> None:
@@ -31,39 +39,45 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab.data import load_data
+    from quantlab.data.fit import check_model_fits
     from quantlab.evaluation.compare import parse_precisions
     from quantlab.evaluation.tasks import task_for_metric
     from quantlab.jobs.compare import run_compare
-    from quantlab.model_source import load_model
+    from quantlab.jobs.folders import JOB_FILES, open_run_folder
     from quantlab.ptq import parse_calibrators
 
     precisions = parse_precisions(args.precisions)  # validate before any expensive work
     calibrators = parse_calibrators(args.calibrators) if "int8" in precisions else []
     task, metric = task_for_metric(args.metric)
     store = open_store(args)
-    # The model first: an examples/ factory module may register the datasets it needs.
-    model = load_model(args.model, weights=args.weights, device=args.device)
-    validate_sparsity(args, model)  # a pattern that matches nothing fails before any evaluation
-    calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
-    eval_data = load_data(args.eval, batch_size=args.batch_size)
-    describe = {
-        "model": args.model, "data": args.data, "eval_data": args.eval,
-        "weights": args.weights, "device": args.device, "batch_size": args.batch_size,
-    }
-    sparsity = None
-    if args.sparsity:
-        from quantlab.sparsity.compare import SparseCompare
+    # Before any work: --out is checked and locked (a second run on the same folder is refused).
+    with open_run_folder(args.out, kind="compare", inputs=input_paths(args), keep=JOB_FILES) as folder:
+        # The model first: an examples/ factory module may register the datasets it needs.
+        model = load_cli_model(args, args.data if "int8" in precisions else args.eval)
+        validate_sparsity(args, model)  # a pattern that matches nothing fails before any evaluation
+        calib = load_data(args.data, batch_size=args.batch_size) if "int8" in precisions else None
+        eval_data = load_data(args.eval, batch_size=args.batch_size)
+        for spec, data in ((args.data, calib), (args.eval, eval_data)):
+            if data is not None:
+                check_model_fits(model, data, spec)  # two samples first: a shape mismatch in words, before any pass
+        describe = {
+            "model": args.model, "data": args.data, "eval_data": args.eval,
+            "weights": args.weights, "device": args.device, "batch_size": args.batch_size,
+        }
+        sparsity = None
+        if args.sparsity:
+            from quantlab.sparsity.compare import SparseCompare
 
-        sparsity = SparseCompare(method=args.sparsity_method, include=tuple(args.sparsity_include or ["*"]),
-                                 exclude=tuple(args.sparsity_exclude))
-    with StageProgress() as progress:
-        result = run_compare(
-            model, calib, eval_data,
-            metric=metric, task=task, calibrators=calibrators, precisions=precisions,
-            config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
-            calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
-            store=store, run_dir=args.out, describe=describe, progress=progress, sparsity=sparsity,
-        )
+            sparsity = SparseCompare(method=args.sparsity_method, include=tuple(args.sparsity_include or ["*"]),
+                                     exclude=tuple(args.sparsity_exclude))
+        with StageProgress() as progress:
+            result = run_compare(
+                model, calib, eval_data,
+                metric=metric, task=task, calibrators=calibrators, precisions=precisions,
+                config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
+                calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
+                store=store, run_dir=args.out, describe=describe, progress=progress, folder=folder, sparsity=sparsity,
+            )
     metrics = list(dict.fromkeys(r.metric for r in result.rows))
     metrics.sort(key=lambda m: m != result.metric)
     table = {}

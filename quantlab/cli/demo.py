@@ -27,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
 
     if any(n is not None and n < 1 for n in (args.eval_samples, args.calib_samples)):
         raise ValueError("--eval-samples and --calib-samples must be >= 1")
+    if not args.no_ui:
+        from quantlab.cli.ui import check_host
+
+        check_host(args.host, args.allow_remote_code)  # before the demo's work, not after
     store = RunStore(args.store)
     spec = validate(demo_spec(args.out, eval_samples=args.eval_samples, calib_samples=args.calib_samples))
     print(f"demo: {spec.model} · calibration {spec.calib_data} · eval {spec.eval_data}", flush=True)
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from quantlab.cli.ui import serve
 
-    return serve(str(store.path), args.port, args.host)
+    return serve(str(store.path), args.port, args.host, allow_remote_code=args.allow_remote_code)
 
 
 def _label(row) -> str:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
 from typing import List, Optional
 
 from quantlab.errors import QuantlabError
-
+from quantlab.interrupts import Terminated, terminate_as_interrupt
 
 
 def command_modules() -> List[str]:
@@ -32,12 +33,33 @@ def command_modules() -> List[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantlab", description="INT8 quantization workbench for PyTorch models")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks for errors (without debug logging)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         module = importlib.import_module(f"quantlab.cli.{name}")
         if hasattr(module, "register"):
             module.register(sub)
     return parser
+
+
+#: Errors that are the user's input (a file, a value, a path), reported as one line.
+USER_ERRORS = (QuantlabError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               ValueError, KeyError, ImportError, ConnectionError)
+
+
+def _one_line(exc: BaseException) -> str:
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    text = str(message).strip()
+    return text if text else type(exc).__name__
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader went away (``quantlab runs | head``): send the rest nowhere, no traceback."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -47,14 +69,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    tracebacks = args.verbose or args.debug
+    prefix = f"quantlab {args.command}"
     try:
-        return int(args.func(args) or 0)
-    except (QuantlabError, FileNotFoundError, ValueError, KeyError, ImportError) as exc:
-        if args.verbose:
-            raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"quantlab {args.command}: error: {message}", file=sys.stderr)
-        return 1
+        with terminate_as_interrupt():
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141 if argv is None else 1
+    except Terminated as exc:
+        print(f"{prefix}: {exc.args[0]}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print(f"quantlab {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except USER_ERRORS as exc:
+        if tracebacks:
+            raise
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug (ours or a library's): one line and how to see more
+        if tracebacks:
+            raise
+        detail = " ".join(_one_line(exc).split())[:1000]
+        print(f"{prefix}: internal error: {type(exc).__name__}: {detail} (run again with --debug for the traceback)", file=sys.stderr)
+        return 70  # EX_SOFTWARE

@@ -4,7 +4,15 @@ from __future__ import annotations
 import argparse
 
 from quantlab.cli._sparsity import add_sparsity_args, apply_sparsity, validate_sparsity
-from quantlab.cli.common import add_model_args, add_quant_args, calibrator_params_from_args, print_table, quant_config_from_args
+from quantlab.cli.common import (
+    add_model_args,
+    add_quant_args,
+    calibrator_params_from_args,
+    input_paths,
+    load_cli_model,
+    print_table,
+    quant_config_from_args,
+)
 
 
 def register(sub) -> None:
@@ -45,27 +53,42 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from quantlab.cli.common import progress_bar
     from quantlab.data import load_data
-    from quantlab.model_source import load_model
+    from quantlab.data.fit import check_model_fits
+    from quantlab.jobs.folders import check_run_folder, open_on_main_rank
+    from quantlab.jobs.qat import run_qat
     from quantlab.qat import ddp
     from quantlab.qat.loop import TrainConfig
-    from quantlab.jobs.qat import run_qat
+    from quantlab.qat.run import read_resumable
 
+    inputs = input_paths(args)
+    if args.resume:
+        read_resumable(Path(args.out))  # a finished run is refused here: nothing recorded, nothing written
+    # Every rank, before any work (the same answer everywhere); the scales of a resumed run are its own.
+    check_run_folder(args.out, inputs={k: v for k, v in inputs.items() if not args.resume or k != "--scales"})
     info = ddp.init_from_env(args.device)
     device = ddp.default_device(info, args.device) if info.distributed else args.device
     main = info.is_main
+    folder = None
     try:
+        # Rank 0 alone writes the folder and holds its lock; a refusal is raised on every rank.
+        folder = open_on_main_rank(args.out, main=main, kind="qat", inputs=None if args.resume else inputs,
+                                   purpose="quantlab qat" + (" --resume" if args.resume else ""))
         train_config = TrainConfig(
             task=args.task.replace("-", "_"), epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
             warmup_steps=args.warmup_steps, optimizer=args.optimizer, weight_decay=args.weight_decay, range_lr=args.range_lr,
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
             freeze_bn_after=args.freeze_bn_after, seed=args.seed, sync_batchnorm=args.sync_bn,
         )
-        model = load_model(args.model, weights=args.weights, device=str(device) if device is not None else None)
+        model = load_cli_model(args, args.data, device=device)
         validate_sparsity(args, model)  # a pattern that matches nothing fails before any training
         train_data = load_data(args.data, batch_size=args.batch_size)
         eval_data = load_data(args.eval, batch_size=args.batch_size)
+        for spec, data in ((args.data, train_data), (args.eval, eval_data)):
+            check_model_fits(model, data, spec)  # two samples first: a shape mismatch in words, before any pass
         calib_data = None
         if not args.scales and not args.resume:
             calib = load_data(args.calib_data or args.data, batch_size=args.batch_size)
@@ -101,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 train_config=train_config, learn_amax=args.learn_amax, weight_ranges=args.weight_ranges,
                 fold_bn=args.fold_bn, metric=args.metric, eval_max_batches=args.eval_batches, resume=args.resume,
                 store=store, describe={"model": args.model, "data": args.data, "eval_data": args.eval},
-                progress=progress, prune=prune,
+                progress=progress, folder=folder, prune=prune,
             )
         if main:
             m = result.metric
@@ -121,5 +144,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"run: {result.run_id}")
         return 0
     finally:
+        if folder is not None:
+            folder.close()
         if info.distributed:
             ddp.destroy()

@@ -12,6 +12,8 @@ def register(sub) -> None:
     p.add_argument("--kind", default=None, help="only runs of this kind (compare, sensitivity, autoprecision, calibrate, qat, export)")
     p.add_argument("--limit", type=int, default=30, help="newest N runs (default 30)")
     p.add_argument("--show", metavar="RUN_ID", default=None, help="details of one run: config, results, artifacts")
+    p.add_argument("--prune", action="store_true",
+                   help="record 'interrupted' for runs still marked running whose process is gone (killed, crashed)")
     add_store_arg(p)
     p.set_defaults(func=run)
 
@@ -20,11 +22,23 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     store = open_store(args)
+    if args.prune:
+        from quantlab.jobs.recorder import Recorder
+
+        pruned = Recorder(store).prune()  # the recorder decides run records
+        for run in pruned:
+            print(f"{run['id']}: interrupted ({run['error']})")
+        print(f"{len(pruned)} run(s) recorded as interrupted in {store.path}")
+        return 0
     if args.show:
         run = store.get_run(args.show)
         for key in ("id", "kind", "status", "name", "model", "data", "eval_data", "run_dir", "parent_id", "created_at", "updated_at", "error"):
             if run.get(key) is not None:
                 print(f"{key:11s} {run[key]}")
+        if run.get("owner"):
+            owner = run["owner"]
+            note = "" if run["status"] == run["recorded_status"] else f" (gone; recorded {run['recorded_status']}: `quantlab runs --prune` records it)"
+            print(f"{'owner':11s} pid {owner['pid']} on {owner['host']}{note}")
         if run.get("config"):
             print("config      " + json.dumps(run["config"], sort_keys=True))
         results = store.results(args.show)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli._runs_common import StageProgress, add_run_arg, add_store_arg, fmt, open_store
-from quantlab.cli.common import print_table
+from quantlab.cli._runs_common import StageProgress, add_run_arg, add_store_arg, check_trust, fmt, open_store
+from quantlab.cli.common import device_arg, print_table
 
 
 def register(sub) -> None:
@@ -18,7 +18,9 @@ def register(sub) -> None:
                    help="also evaluate EVERY layer on the same subset and report how well the proxy ranking agrees (expensive)")
     p.add_argument("--full-layers", type=int, default=None,
                    help="with --full: evaluate only N layers, evenly spaced along the proxy order (for models with hundreds of layers)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_arg, help="cpu, cuda, cuda:1 ... (default: the run's)")
+    p.add_argument("--trust", action="store_true",
+                   help="run the recorded model/metric file even if another user owns it (or the run folder or store)")
     add_store_arg(p)
     p.set_defaults(func=run)
 
@@ -29,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     info = load_run_info(args.run, args.store)
     store = open_store(args, run_info=info)
+    check_trust(info, store, args.trust)  # before the recorded model file is imported
     with StageProgress() as progress:
         outcome = run_sensitivity(info, store, calibrator=args.calibrator, top_k=args.top_k, budget_passes=args.budget,
                                   subset_fraction=args.subset_fraction, full=args.full,

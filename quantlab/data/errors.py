@@ -6,6 +6,8 @@ They subclass built-in exceptions so callers that already catch
 
 from __future__ import annotations
 
+from quantlab.errors import QuantlabError
+
 FMNIST_INSTALL_HINT = "sudo apt-get install --no-install-recommends dataset-fashion-mnist"
 
 
@@ -13,13 +15,17 @@ class DataNotFoundError(FileNotFoundError):
     """A data file or directory that a spec names does not exist."""
 
 
-class CorruptDataError(ValueError):
+class CorruptDataError(QuantlabError, ValueError):
     """A data file exists but its content is malformed (bad header, truncated)."""
 
 
-class EmptyDataError(ValueError):
+class EmptyDataError(QuantlabError, ValueError):
     """A data spec resolved to zero samples."""
 
 
 class HubUnreachableError(ConnectionError):
     """A ``hub:`` dataset could not be fetched (offline, blocked, or unknown name)."""
+
+
+class DataShapeError(QuantlabError, ValueError):
+    """Samples (or a batch and the model) do not agree on a shape; names the spec, sample and shapes."""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantlab.data.errors import CorruptDataError, DataNotFoundError, EmptyDataError, HubUnreachableError
+from quantlab.data.errors import CorruptDataError, DataNotFoundError, DataShapeError, EmptyDataError, HubUnreachableError
 
 # Placeholder target for unlabeled data, so batches are always (inputs, targets).
 NO_LABEL = -1
@@ -128,8 +128,18 @@ def load_hf_files(fmt: str, path: str, split: str | None = None, **load_kwargs: 
     except EmptyDataError:
         raise
     except Exception as exc:  # datasets raises many types for unparsable files
-        raise CorruptDataError(f"could not read {fmt} data from {path}: {exc}") from exc
+        raise CorruptDataError(f"could not read {fmt} data from {path}: {_root_cause(exc)}") from exc
     return _pick_split(data, split, path)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost message of an exception chain (datasets wraps the parser's "line 3, saw 5")."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
 
 
 def load_hf_disk(path: str, split: str | None = None) -> Any:
@@ -315,6 +325,12 @@ class HFTorchDataset(torch.utils.data.Dataset):
         self.image_size = image_size
         self.image_mode = image_mode
         self.input_shape = tuple(input_shape) if input_shape is not None else None
+        #: Text columns left out of the features (named in shape errors).
+        self.ignored_columns = [c for c in data.features if c not in self.input_cols and c != self.target_col]
+        if columns is None:
+            _refuse_mixed_columns(data, self.ignored_columns)
+        if image_size is None and len(self.input_cols) == 1:
+            _check_image_sizes(data, self.input_cols[0], image_mode)
 
     def __len__(self) -> int:
         """Number of rows."""
@@ -323,6 +339,11 @@ class HFTorchDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(input, target)`` for row ``index``."""
         row = self.data[int(index)]
+        missing = [c for c in self.input_cols if row[c] is None]
+        if missing:
+            raise CorruptDataError(
+                f"row {index} has no value in column(s) {', '.join(missing)} (a short or ragged line, or an empty cell)"
+            )
         if len(self.input_cols) == 1:
             x = _to_tensor(row[self.input_cols[0]], self.image_size, self.image_mode)
         else:
@@ -333,3 +354,77 @@ class HFTorchDataset(torch.utils.data.Dataset):
         if self._class_index is not None:
             y = self._class_index[y]
         return x, torch.as_tensor(y)
+
+
+def _refuse_mixed_columns(data: Any, candidates: list[str], rows: int = 2000) -> None:
+    """A text column whose values are mostly numbers is a data error, not a column to drop silently.
+
+    (``csv`` types a column as text as soon as one cell is not a number: ``4,x,6``.)
+    Only the first ``rows`` rows are looked at.
+    """
+    from datasets import Value
+
+    for column in candidates:
+        feature = data.features.get(column)
+        if not isinstance(feature, Value) or feature.dtype not in ("string", "large_string"):
+            continue
+        values = data[column][:rows] if len(data) > rows else data[column]
+        numeric, first_text = 0, None
+        for i, value in enumerate(values):
+            try:
+                float(value)
+                numeric += 1
+            except (TypeError, ValueError):
+                if first_text is None:
+                    first_text = (i, value)
+        if numeric and first_text is not None and numeric >= len(values) // 2:
+            i, value = first_text
+            raise CorruptDataError(
+                f"column {column!r} mixes numbers and text (row {i} holds {str(value)[:40]!r}), so it is read as text and "
+                "would be dropped from the features: fix the cell, or name the columns explicitly"
+            )
+
+
+def _check_image_sizes(data: Any, column: str, image_mode: str | None, limit: int = 100_000) -> None:
+    """Every image of an image column has sample 0's size and channel count (read from headers only).
+
+    Runs when the data is opened, so a folder with one image of another size fails
+    before any pass, naming the sample and its file.
+    """
+    from datasets import Image
+
+    feature = data.features.get(column)
+    if not isinstance(feature, Image) or len(data) > limit:
+        return
+    from PIL import Image as PILImage
+
+    raw = data.cast_column(column, Image(decode=False))[column]
+    first = None
+    for index, item in enumerate(raw):
+        path = (item or {}).get("path")
+        try:
+            if item and item.get("bytes"):
+                import io
+
+                image = PILImage.open(io.BytesIO(item["bytes"]))
+            elif path:
+                image = PILImage.open(path)
+            else:
+                continue
+            size, mode = image.size, image.mode
+            image.close()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
+            raise CorruptDataError(f"sample {index} ({path or 'embedded image'}) is not a readable image ({type(exc).__name__}: {exc})") from None
+        channels = _channels(mode, image_mode)
+        if first is None:
+            first = (size, channels, path)
+        elif (size, channels) != first[:2]:
+            what = (f"{size[0]}x{size[1]} pixels where sample 0 ({first[2]}) has {first[0][0]}x{first[0][1]}: "
+                    "resize them (image_size=(H, W))") if size != first[0] else \
+                   (f"{channels} channel(s) where sample 0 ({first[2]}) has {first[1]}: give image_mode=\"RGB\" or \"L\"")
+            raise DataShapeError(f"sample {index} ({path}) is {what}")
+
+
+def _channels(mode: str, image_mode: str | None) -> int:
+    mode = image_mode or ("L" if mode in ("L", "LA") else "RGB")  # as image_to_tensor converts
+    return 1 if mode == "L" else 3

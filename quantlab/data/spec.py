@@ -29,7 +29,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
-from quantlab.data.errors import EmptyDataError
+from quantlab.data.checked import CheckedDataset
+from quantlab.data.errors import CorruptDataError, DataShapeError, EmptyDataError
 from quantlab.data.fmnist import load_fmnist, parse_split
 from quantlab.data.hf import HFTorchDataset, load_hf_disk, load_hf_files, load_hf_hub
 
@@ -170,9 +171,14 @@ def load_data(
             spec, suffix_limit = match.group(1), int(match.group(2))
             limit = suffix_limit if limit is None else min(limit, suffix_limit)
         name, argument = _split_spec(spec.strip())
-        data = _REGISTRY[name](
-            argument, split=split, columns=columns, image_size=image_size, input_shape=input_shape, **options
-        )
+        try:
+            data = _REGISTRY[name](
+                argument, split=split, columns=columns, image_size=image_size, input_shape=input_shape, **options
+            )
+        except (CorruptDataError, DataShapeError) as exc:
+            if label in str(exc):
+                raise
+            raise type(exc)(f"{label}: {exc}") from None
     elif isinstance(spec, Dataset):  # map-style or IterableDataset of samples: batch it
         label, data = f"<{type(spec).__name__}>", spec
     elif isinstance(spec, Iterable):
@@ -193,6 +199,8 @@ def load_data(
     if limit is not None:
         data = Subset(data, range(min(limit, len(data))))
     _check_nonempty(data, label)
+    if not isinstance(data, TensorDataset):  # a TensorDataset has one shape by construction
+        data = CheckedDataset(data, label)  # reads sample 0 now: an unreadable first sample fails before any pass
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         data,

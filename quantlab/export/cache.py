@@ -29,11 +29,14 @@ from quantlab._io import write_text_atomic
 from quantlab.export.errors import CacheFormatError, TensorMappingError
 from quantlab.roles import Role
 from quantlab.scales import Scales
+from quantlab.validation import TENSORRT_NUM_BITS, check_amax, check_num_bits, check_scale, effective_scale
 
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
 DEFAULT_ALGORITHM = "EntropyCalibration2"
 _HEADER_RE = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{1,8}$")
+#: A cache line is ~60 bytes: 64 MB is a million tensors, far beyond any network.
+MAX_CACHE_BYTES = 64 << 20
 
 
 def trt_version_number(version: Union[str, int]) -> int:
@@ -93,6 +96,8 @@ class CalibrationCache:
         return self.scales[tensor] * 127.0
 
     def to_text(self) -> str:
+        for name, scale in self.scales.items():  # never a scale TensorRT cannot use (e.g. 00000000)
+            check_scale(scale, f"calibration cache entry {name!r}", error=CacheFormatError)
         lines = [self.header] + [f"{name}: {scale_to_hex(scale)}" for name, scale in self.scales.items()]
         return "\n".join(lines) + "\n"
 
@@ -108,6 +113,9 @@ def read_calibration_cache(path: Union[str, Path]) -> CalibrationCache:
     like ``(Unnamed Layer* 3) [Convolution]_output``), so each line is split at
     its LAST ``": "``. Blank lines are ignored.
 
+    Every scale is checked: finite, > 0 and a normal float32 (a 0, subnormal,
+    NaN or Inf scale is an error naming the line, never a silent range).
+
     Raises:
         FileNotFoundError: no such file.
         CacheFormatError: naming the file and line of the first problem.
@@ -115,6 +123,8 @@ def read_calibration_cache(path: Union[str, Path]) -> CalibrationCache:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such calibration cache")
+    if path.stat().st_size > MAX_CACHE_BYTES:
+        raise CacheFormatError(f"{path}: {path.stat().st_size / 1e6:.0f} MB is larger than any calibration cache")
     try:
         text = path.read_bytes().decode("ascii")
     except UnicodeDecodeError:
@@ -132,7 +142,9 @@ def read_calibration_cache(path: Union[str, Path]) -> CalibrationCache:
         name, sep, value = line.rpartition(": ")
         if not sep or not name or not _HEX_RE.match(value.strip()):
             raise CacheFormatError(f"{path}:{number}: expected '<tensor name>: <8 hex digits>', got {line[:80]!r}")
-        scales[name] = hex_to_scale(value)
+        if name in scales:
+            raise CacheFormatError(f"{path}:{number}: tensor {name[:80]!r} has a second entry")
+        scales[name] = check_scale(hex_to_scale(value), f"{path}:{number}: {name[:80]!r}", error=CacheFormatError)
     return CalibrationCache(version=int(match.group(1)), algorithm=match.group(2), scales=scales)
 
 
@@ -180,7 +192,10 @@ def cache_from_scales(
             continue
         if isinstance(entry.scale, list):
             raise TensorMappingError(f"'{entry.key}' has a per-channel activation scale; a calibration cache holds one scale per tensor")
-        scale = float(struct.unpack(">f", struct.pack(">f", entry.scale))[0])  # the float32 TensorRT reads
+        check_num_bits(entry.num_bits, f"'{entry.key}'", CacheFormatError, allowed=TENSORRT_NUM_BITS)
+        check_amax(entry.amax, f"'{entry.key}'", role=entry.role, num_bits=entry.num_bits, error=CacheFormatError)
+        # The float32 TensorRT reads, computed as the fake quantizer and the Q/DQ export do.
+        scale = check_scale(effective_scale(entry.amax, entry.num_bits), f"'{entry.key}'", error=CacheFormatError)
         entries[tensor] = max(entries.get(tensor, 0.0), scale)
     if missing and strict:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -224,9 +239,15 @@ def write_calibration_cache(
     """Writes ``out`` from a scales file and the FP32 ONNX graph the cache is for.
 
     Raises:
+        OutputPathError: ``out`` is an input, a folder, or an existing file that is not a cache.
         ScalesFormatError / FileNotFoundError / OnnxFormatError: unreadable inputs.
         TensorMappingError: scales that do not match the graph.
     """
+    from quantlab.outputs import CALIBRATION_CACHE, check_output_file
+
+    # Before any work: the cache never replaces its inputs (``--out`` = ``--onnx`` replaced the model).
+    check_output_file(out, label="--out", replace=CALIBRATION_CACHE,
+                      inputs={"--onnx": onnx_path, "--scales": None if isinstance(scales, Scales) else scales})
     if not isinstance(scales, Scales):
         scales = Scales.load(scales)
     modules = sorted({e.module for e in scales.entries})

@@ -14,6 +14,8 @@ opset-too-low               error     default opset < 13 (no per-channel ``axis`
 fp16-scale-opset            error     FP16 Q/DQ scales below opset 19
 non-constant-qparams        error     scale / zero point computed in the graph (e.g. Abs/ReduceMax -> Q)
 scale-not-positive          error     a scale <= 0, NaN or Inf
+scale-subnormal             error     a scale below the smallest normal of its dtype (the GPU flushes it to 0)
+invalid-metadata            error     quantlab's tensor map metadata is not valid (edited or corrupt file)
 asymmetric-zero-point       error     a zero point that is not 0
 uint8-inside-network        error     UINT8 Q/DQ (or a missing zero point, which means UINT8) away from network I/O
 per-channel-activation      error     a per-channel scale on a non-constant (activation) tensor
@@ -50,6 +52,8 @@ RULES = {
     "fp16-scale-opset": ERROR,
     "non-constant-qparams": ERROR,
     "scale-not-positive": ERROR,
+    "scale-subnormal": ERROR,
+    "invalid-metadata": ERROR,
     "asymmetric-zero-point": ERROR,
     "uint8-inside-network": ERROR,
     "per-channel-activation": ERROR,
@@ -181,9 +185,13 @@ class _Checker:
             return
         if scale.dtype == np.float16 and default_opset(self.model) < 19:
             self.add("fp16-scale-opset", node, "FP16 scale needs opset >= 19; keep scales float32")
-        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-            bad = scale.reshape(-1)[~(np.isfinite(scale.reshape(-1)) & (scale.reshape(-1) > 0))]
+        flat = scale.reshape(-1)
+        if not np.all(np.isfinite(flat)) or np.any(flat <= 0):
+            bad = flat[~(np.isfinite(flat) & (flat > 0))]
             self.add("scale-not-positive", node, f"scale '{scale_name}' holds {bad.size} value(s) that are not finite and > 0 (e.g. {float(bad[0])!r}); TensorRT requires scale > 0")
+        elif flat.dtype in (np.float16, np.float32) and np.any(flat < np.finfo(flat.dtype).tiny):
+            bad = flat[flat < np.finfo(flat.dtype).tiny]
+            self.add("scale-subnormal", node, f"scale '{scale_name}' holds {bad.size} subnormal {flat.dtype} value(s) (e.g. {float(bad[0])!r} < {float(np.finfo(flat.dtype).tiny):.3g}): the GPU flushes them to 0, so every value quantizes to 0 or overflows; recalibrate or keep the layer in floating point")
         if zero_point is not None and np.any(zero_point != 0):
             self.add("asymmetric-zero-point", node, f"zero point '{zp_name}' is {_brief(zero_point)}, not 0; TensorRT supports only symmetric quantization (zero point 0)")
         ztype = self._zero_point_type(node)
@@ -309,11 +317,21 @@ class _Checker:
             other = next((u.op_type for u in users if u.op_type != "DequantizeLinear"), "nothing")
             self.add("unpaired-quantize", q, f"QuantizeLinear output feeds {other}, not DequantizeLinear; TensorRT expects Q->DQ pairs")
 
+    def check_metadata(self) -> None:
+        from quantlab.export.errors import OnnxFormatError
+        from quantlab.export.mapping import read_tensor_map
+
+        try:
+            read_tensor_map(self.model)
+        except OnnxFormatError as exc:
+            self.add("invalid-metadata", None, str(exc))
+
     def run(self) -> CheckReport:
         try:
             onnx.checker.check_model(self.model)
         except Exception as exc:  # noqa: BLE001 - ValidationError and protobuf errors
             self.add("invalid-model", None, f"onnx.checker rejects the model: {str(exc).strip().splitlines()[0][:300]}")
+        self.check_metadata()
         self.view.constants_to_initializers()
         self.check_opset()
         nodes = list(self.view.nodes)

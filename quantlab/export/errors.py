@@ -4,7 +4,7 @@ Each names the offending file, layer, node or tensor.
 """
 from __future__ import annotations
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import FileFormatError, QuantlabError
 
 
 class ExportError(QuantlabError):
@@ -15,7 +15,7 @@ class OnnxFormatError(QuantlabError, ValueError):
     """A file is not a readable ONNX model (wrong format, truncated, fails the checker)."""
 
 
-class CacheFormatError(QuantlabError, ValueError):
+class CacheFormatError(FileFormatError):
     """A calibration cache file is not in TensorRT's text format."""
 
 

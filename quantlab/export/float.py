@@ -84,6 +84,9 @@ def export_float(
     io_dtype = io_dtype or "fp32"
     if io_dtype not in PRECISIONS:
         raise ExportError(f"io_dtype must be fp32 or fp16, got {io_dtype!r}")
+    from quantlab.outputs import ONNX_FILE, check_output_file
+
+    check_output_file(path, label="output", replace=ONNX_FILE)  # a folder or a non-ONNX file: refused before exporting
     start = time.perf_counter()
     modules = _quantizable_modules(model)
     proto = export_in_eval(

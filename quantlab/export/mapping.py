@@ -23,6 +23,8 @@ import onnx
 from quantlab.export.graph import WEIGHTED_OPS, GraphView
 
 METADATA_KEY = "quantlab.tensor_map"
+#: ~100 characters per quantizer: 64M characters is ~500k quantizers.
+MAX_MAP_CHARS = 64 << 20
 _WEIGHT_SUFFIXES = (".parametrizations.weight.original", ".weight", ".weight_quantized")
 
 
@@ -59,7 +61,10 @@ class ModuleResolver:
     def __init__(self, module_names: Iterable[str]) -> None:
         self.module_names = [m for m in module_names if m]
         self._known = set(self.module_names)
-        self._scopes = {torchscript_scope(m): m for m in self.module_names}
+        # A GraphModule (a model rebuilt from .pt2/TorchScript) calls nested modules by their whole
+        # dotted name, which the exporter keeps as one scope atom ("/stem.0"): accept both forms.
+        self._scopes = {f"/{m}": m for m in self.module_names if "." in m}
+        self._scopes.update({torchscript_scope(m): m for m in self.module_names})
 
     def module_of(self, view: GraphView, node: onnx.NodeProto) -> Optional[str]:
         scopes = _metadata(node, "pkg.torch.onnx.name_scopes")
@@ -152,14 +157,22 @@ def build_tensor_map(view: GraphView, module_names: Sequence[str], *, quantized:
 
 
 def read_tensor_map(model: onnx.ModelProto) -> Dict[str, str]:
-    """quantlab's recorded quantizer -> tensor map of an exported model (empty if none)."""
+    """quantlab's recorded quantizer -> tensor map of an exported model (empty if none).
+
+    Raises:
+        OnnxFormatError: the metadata is there but not a valid map (edited or corrupt file).
+    """
+    from quantlab.export.errors import OnnxFormatError
+    from quantlab.validation import check_tensor_map, parse_json_text
+
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            try:
-                data = json.loads(prop.value)
-            except ValueError:
-                return {}
-            return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+            where = f"ONNX metadata {METADATA_KEY!r}"
+            if len(prop.value) > MAX_MAP_CHARS:
+                raise OnnxFormatError(f"{where}: {len(prop.value)} characters, more than any tensor map")
+            data = parse_json_text(prop.value, where, error=OnnxFormatError)
+            check_tensor_map(data, where, OnnxFormatError)
+            return dict(data)
     return {}
 
 

@@ -75,6 +75,9 @@ def check_exportable(model: nn.Module) -> List[str]:
             problems.append(f"'{ref.key}' uses the narrow range [-127, 127] for an activation (TensorRT activations use [-128, 127])")
         if ref.role is Role.INPUT and spec.axis is not None:
             problems.append(f"'{ref.key}' is per-channel (TensorRT quantizes activations per tensor)")
+        if ref.role == "input" and ref.quantizer.is_calibrated and not bool((ref.quantizer.amax > 0).all()):
+            problems.append(f"'{ref.key}' has range 0 (its calibration saw only zeros): every value would quantize to 0; "
+                            "keep the layer in floating point (quantlab.calibrate does) or recalibrate with data that reaches it")
     if problems:
         raise ExportError("cannot export these quantizers as ONNX Q/DQ: " + "; ".join(problems))
     return sorted({r.module_name for r in refs})
@@ -137,6 +140,9 @@ def export_int8(
         raise ExportError(f"ort_other_convs must be one of {', '.join(OTHER_CONVS)}, got {ort_other_convs!r}")
     if opset < 13:
         raise ExportError(f"opset {opset} is too low for per-channel Q/DQ: use 13 or newer")
+    from quantlab.outputs import ONNX_FILE, check_output_file
+
+    check_output_file(path, label="output", replace=ONNX_FILE)  # a folder or a non-ONNX file: refused before exporting
     start = time.perf_counter()
     choice = None
     if target == "ort-cpu":

@@ -16,6 +16,7 @@ the store). The CLI and the dashboard are thin faces over these modules:
     demo           run_demo           compare -> sensitivity -> export (demo_spec: its JobSpec)
     worker         start_job          the demo job in a background process (the dashboard's)
     runs                              reading and rebuilding recorded runs
+    folders        open_run_folder    run folders: checked and locked before the work, committed as a whole
 
 Modules import their heavy dependencies inside functions where they can, so
 importing a job is cheap.

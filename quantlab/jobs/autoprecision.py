@@ -1,7 +1,8 @@
 """The autoprecision job: mixed INT8/FP16 for a recorded compare run, recorded as a child run.
 
 What ``quantlab autoprecision`` does (``scales.mixed.json``, ``mixed.json`` and a
-Q/DQ ONNX file in ``<run>/autoprecision.<calibrator>/``), and the dashboard's
+Q/DQ ONNX file in ``<run>/autoprecision.<calibrator>/``, a folder checked and
+locked before any work and committed as a whole at the end), and the dashboard's
 mixed precision by hand (measure a chosen set of FP16 layers, save its scales).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from quantlab.evaluation.autoprecision import auto_precision, without_layers
 from quantlab.evaluation.evaluate import evaluate, evaluate_reference
 from quantlab.evaluation.sensitivity import layers_in_float, rank_layers
 from quantlab.jobs.description import RunDescription, RunKind
+from quantlab.jobs.folders import commit_files, lock_run_folder, open_run_folder, relative_inputs
 from quantlab.jobs.recorder import Recorder
 from quantlab.jobs.runs import (
     RebuiltRun,
@@ -25,9 +27,11 @@ from quantlab.jobs.runs import (
     calibrator_of,
     quantized_copy,
     read_results,
+    read_run_file,
     rebuild,
     sensitivity_path,
 )
+from quantlab.validation import check_sensitivity
 
 Progress = Callable[[str, int, int], None]
 
@@ -72,64 +76,72 @@ def run_autoprecision(
     """
     if order not in ("auto", "sensitivity", "proxy"):
         raise ValueError(f"order must be auto, sensitivity or proxy, got {order!r}")
-    model, batches, task, metric, _ = rebuild(info, device=device)
     calibrator = calibrator_of(info, calibrator)
-    quant = quantized_copy(model, info, calibrator)
     run_dir = Path(info["run_dir"])
     saved = sensitivity_path(run_dir, calibrator)
     if order == "sensitivity" and not saved.is_file():
         raise RunFolderError(f"{saved} not found: run `quantlab sensitivity --run {run_dir} --calibrator {calibrator}` first")
     out = Path(out_dir) if out_dir else autoprecision_dir(run_dir, calibrator)
-    description = RunDescription(
-        kind=RunKind.AUTOPRECISION, model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
-        config={"calibrator": calibrator, "metric": metric, "max_drop": max_drop, "relative": relative, "order": order},
-        run_dir=str(out), parent_id=info.get("run_id"),
-    )
-    with Recorder(store).run(description) as run:
-        fp32 = evaluate_reference(model, task, batches).metrics[metric]
-        int8 = None
-        for row in read_results(run_dir).get("rows", []):
-            if row["precision"] == "int8" and row["calibrator"] == calibrator and row["metric"] == metric and row.get("source", "ptq") == "ptq":
-                int8 = float(row["value"])  # same batches, deterministic: no need to run it again
-        if saved.is_file() and order in ("auto", "sensitivity"):
-            ranking = json.loads(saved.read_text(encoding="utf-8"))
-            layer_order = [entry["layer"] for entry in ranking["layers"]]
-            source = f"{saved.name} (metric-ranked top candidates, then SQNR proxy)"
-        else:
-            layer_order = rank_layers(model, quant, task, batches, metric=metric, progress=progress).order()
-            evaluate_reference(model, task, batches)  # rank_layers left a subset as the reference: restore the full one
-            source = "fresh sensitivity ranking (SQNR proxy + metric on top candidates)"
-        result = auto_precision(quant, task, batches, metric=metric, fp32_value=fp32, order=layer_order, max_drop=max_drop,
-                                relative=relative, int8_value=int8, progress=progress)
-        artifacts: Dict[str, str] = {}
-        onnx_note = None
-        out.mkdir(parents=True, exist_ok=True)
-        if result.scales is not None:
-            artifacts["scales"] = str(result.scales.save(out / "scales.mixed.json"))
-            if export_onnx:
-                from quantlab.api import load_scales
+    # Before any work: the output folder is checked and locked (never over the run's own files);
+    # it is committed as a whole at the end.
+    with open_run_folder(out, kind="autoprecision", inputs=relative_inputs(run_dir)) as folder:
+        model, batches, task, metric, _ = rebuild(info, device=device)
+        quant = quantized_copy(model, info, calibrator)
+        description = RunDescription(
+            kind=RunKind.AUTOPRECISION, model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
+            config={"calibrator": calibrator, "metric": metric, "max_drop": max_drop, "relative": relative, "order": order},
+            run_dir=str(out), parent_id=info.get("run_id"),
+        )
+        with Recorder(store).run(description) as run:
+            fp32 = evaluate_reference(model, task, batches).metrics[metric]
+            int8 = None
+            for row in read_results(run_dir).get("rows", []):
+                if row["precision"] == "int8" and row["calibrator"] == calibrator and row["metric"] == metric and row.get("source", "ptq") == "ptq":
+                    int8 = float(row["value"])  # same batches, deterministic: no need to run it again
+            if saved.is_file() and order in ("auto", "sensitivity"):
+                ranking = read_run_file(saved, check_sensitivity)
+                layer_order = [entry["layer"] for entry in ranking["layers"]]
+                source = f"{saved.name} (metric-ranked top candidates, then SQNR proxy)"
+            else:
+                layer_order = rank_layers(model, quant, task, batches, metric=metric, progress=progress).order()
+                evaluate_reference(model, task, batches)  # rank_layers left a subset as the reference: restore the full one
+                source = "fresh sensitivity ranking (SQNR proxy + metric on top candidates)"
+            result = auto_precision(quant, task, batches, metric=metric, fp32_value=fp32, order=layer_order, max_drop=max_drop,
+                                    relative=relative, int8_value=int8, progress=progress)
+            onnx_note = None
 
-                mixed = load_scales(quantized_copy(model, info, calibrator), result.scales)
-                onnx_path = out / "model.mixed.onnx"
-                try:
-                    onnx_note = export_onnx_if_available(mixed, task.inputs(batches[0]), onnx_path)
-                except Exception as exc:  # noqa: BLE001 - the scales file is the primary output; report export trouble
-                    onnx_note = f"ONNX export failed: {type(exc).__name__}: {exc}"
-                if onnx_note is None:
-                    artifacts["onnx"] = str(onnx_path)
-        summary = {"run_id": run.run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "order_source": source,
-                   "relative": relative, "requested_max_drop": max_drop, **result.to_dict(), "onnx_note": onnx_note}
-        artifacts["summary"] = str(write_text_atomic(out / "mixed.json", json.dumps(summary, indent=1, default=str)))
-        run.results([
-            {"precision": "fp32", "calibrator": None, "source": "ptq", "metric": metric, "value": fp32, "delta": 0.0, "seconds": None},
-            {"precision": "int8", "calibrator": calibrator, "source": "ptq", "metric": metric, "value": result.int8,
-             "delta": result.int8 - fp32, "seconds": None},
-            {"precision": "int8", "calibrator": calibrator, "source": "mixed", "metric": metric, "value": result.value,
-             "delta": result.value - fp32, "seconds": result.seconds},
-        ])
-        run.layer_stats([{"calibrator": calibrator, "layer": name, "rank": i + 1} for i, name in enumerate(result.float_layers)])
-        for kind, path in artifacts.items():
-            run.artifact(kind, path)
+            def write(stage: Path) -> Dict[str, Path]:
+                nonlocal onnx_note
+                staged: Dict[str, Path] = {}
+                if result.scales is not None:
+                    staged["scales"] = result.scales.save(stage / "scales.mixed.json")
+                    if export_onnx:
+                        from quantlab.api import load_scales
+
+                        mixed = load_scales(quantized_copy(model, info, calibrator), result.scales)
+                        onnx_path = stage / "model.mixed.onnx"
+                        try:
+                            onnx_note = export_onnx_if_available(mixed, task.inputs(batches[0]), onnx_path)
+                        except Exception as exc:  # noqa: BLE001 - the scales file is the primary output; report export trouble
+                            onnx_note = f"ONNX export failed: {type(exc).__name__}: {exc}"
+                        if onnx_note is None:
+                            staged["onnx"] = onnx_path
+                summary = {"run_id": run.run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "order_source": source,
+                           "relative": relative, "requested_max_drop": max_drop, **result.to_dict(), "onnx_note": onnx_note}
+                staged["summary"] = write_text_atomic(stage / "mixed.json", json.dumps(summary, indent=1, default=str))
+                return staged
+
+            artifacts = {kind: str(path) for kind, path in commit_files(folder, write, run=run).items()}
+            run.results([
+                {"precision": "fp32", "calibrator": None, "source": "ptq", "metric": metric, "value": fp32, "delta": 0.0, "seconds": None},
+                {"precision": "int8", "calibrator": calibrator, "source": "ptq", "metric": metric, "value": result.int8,
+                 "delta": result.int8 - fp32, "seconds": None},
+                {"precision": "int8", "calibrator": calibrator, "source": "mixed", "metric": metric, "value": result.value,
+                 "delta": result.value - fp32, "seconds": result.seconds},
+            ])
+            run.layer_stats([{"calibrator": calibrator, "layer": name, "rank": i + 1} for i, name in enumerate(result.float_layers)])
+            for kind, path in artifacts.items():  # recorded once committed: the files are there
+                run.artifact(kind, path)
     return {"run_id": run.run_id, "calibrator": calibrator, "result": result, "order_source": source,
             "artifacts": artifacts, "onnx_note": onnx_note}
 
@@ -179,7 +191,8 @@ def save_mixed_config(store: Any, run: Dict[str, Any], scales_path: str, calibra
     """
     folder = Path(run.get("run_dir") or Path(scales_path).parent)
     out = folder / f"mixed.{calibrator}.{len(fp16_layers)}fp16.json"
-    path = save_mixed_scales(scales_path, list(fp16_layers), out)
+    with lock_run_folder(folder, "quantlab mixed precision (dashboard)"):  # not while another job writes the folder
+        path = save_mixed_scales(scales_path, list(fp16_layers), out)
     Recorder(store).attach(run["id"], "mixed_scales", path)
     return path
 

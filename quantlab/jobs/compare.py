@@ -1,10 +1,14 @@
 """The compare job: :func:`quantlab.evaluation.compare.compare`, recorded, with its run folder.
 
-The run is recorded (kind ``compare``) once the FP32 pass has validated the
-model, data and metric, so bad input leaves the store and the run folder
-untouched; each configuration's rows are recorded as they are measured. The run
-folder holds ``run.json`` (how to redo it), ``scales.<calibrator>.json`` and
-``results.json``.
+The run folder is checked and locked before any work (a second writer, or a
+folder quantlab did not write, is refused before anything is loaded or
+recorded). The run is recorded (kind ``compare``) once the FP32 pass has
+validated the model, data and metric, so bad input leaves the store and the run
+folder untouched; each configuration's rows are recorded as they are measured.
+The run folder holds ``run.json`` (how to redo it), ``scales.<calibrator>.json``
+and ``results.json``, committed as a whole (:mod:`quantlab.jobs.folders`): a
+kill leaves the previous folder or the new one; the files are recorded as the
+run's artifacts once they are there.
 
 With ``sparsity`` (a :class:`quantlab.sparsity.compare.SparseCompare`) the run also
 gets "2:4 + INT8" rows (source ``sparse``: a pruned, calibrated copy per calibrator)
@@ -27,6 +31,7 @@ from quantlab.errors import ConfigError
 from quantlab.evaluation.compare import PRECISIONS, CompareResult, ResultRow, compare, parse_precisions
 from quantlab.evaluation.layers import LayerError
 from quantlab.jobs.description import RunDescription, RunKind
+from quantlab.jobs.folders import JOB_FILES, commit_files, open_run_folder
 from quantlab.jobs.recorder import RecordedRun, Recorder
 from quantlab.sparsity.compare import SOURCE as SPARSE_SOURCE
 from quantlab.sparsity.compare import SparseCompare, SparseOutcome, measure_sparse_speed, sparse_candidates
@@ -71,6 +76,8 @@ def run_compare(
     run_dir: Optional[Union[str, Path]] = None,
     describe: Optional[Dict[str, Any]] = None,
     sparsity: Optional[SparseCompare] = None,
+    folder: Any = None,
+    inputs: Optional[Dict[str, Any]] = None,
     **options: Any,
 ) -> CompareResult:
     """Compares FP32/FP16/INT8 (see :func:`quantlab.evaluation.compare.compare` for ``options``) and records it.
@@ -84,6 +91,10 @@ def run_compare(
             ``name`` and anything else for ``run.json`` (the CLI passes its specs).
         sparsity: Add "2:4 + INT8" rows (and their GPU speed where measurable); what
             they did is ``result.sparsity`` (a :class:`~quantlab.sparsity.compare.SparseOutcome`).
+        folder: The run folder on ``run_dir``, already opened by the caller
+            (:func:`quantlab.jobs.folders.open_run_folder`: the CLI takes it before loading
+            the model); by default it is opened here, before any work.
+        inputs: ``{label: path}`` of the run's inputs (none may lie in the folder), when opened here.
         options: ``metric``, ``task``, ``calibrators``, ``precisions``, ``config``,
             ``calib_batches``, ``eval_batches``, ``calibrator_params``, ``layer_batches``,
             ``extra_candidates``, ``progress``.
@@ -92,6 +103,7 @@ def run_compare(
         The :class:`CompareResult` with ``run_id`` and ``run_dir`` set.
 
     Raises:
+        OutputPathError / RunLockedError: ``run_dir`` cannot be written (before any work).
         EvaluationError / MetricError: the model, data or metric do not fit (before anything is recorded).
         ConfigError / SparsityError: 2:4 rows without INT8, or a selection that cannot be pruned
             (before anything is recorded).
@@ -102,18 +114,25 @@ def run_compare(
             raise ConfigError("2:4 sparsity adds 2:4 + INT8 rows: keep int8 in the precisions")
         sparsity.validate(model)
         describe.update(sparsity.settings())
-    if store is None:
-        from quantlab.store import RunStore
+    own_folder = folder is None and run_dir is not None
+    if own_folder:
+        folder = open_run_folder(run_dir, kind="compare", inputs=inputs, keep=JOB_FILES)
+    try:
+        if store is None:
+            from quantlab.store import RunStore
 
-        store = RunStore()
-    recorder = Recorder(store)
-    with contextlib.ExitStack() as stack:
+            store = RunStore()
+        recorder = Recorder(store)
+        with contextlib.ExitStack() as stack:
 
-        def open_run(settings: Dict[str, Any]) -> RecordedRun:
-            return stack.enter_context(recorder.run(description(model, settings, describe, run_dir)))
+            def open_run(settings: Dict[str, Any]) -> RecordedRun:
+                return stack.enter_context(recorder.run(description(model, settings, describe, run_dir)))
 
-        return compare_into(open_run, model, calib_data, eval_data, run_dir=run_dir, describe=describe,
-                            sparsity=sparsity, **options)
+            return compare_into(open_run, model, calib_data, eval_data, run_dir=run_dir, describe=describe,
+                                folder=folder, sparsity=sparsity, **options)
+    finally:
+        if own_folder:
+            folder.close()
 
 
 def compare_into(
@@ -124,6 +143,7 @@ def compare_into(
     *,
     run_dir: Optional[Union[str, Path]],
     describe: Dict[str, Any],
+    folder: Any = None,
     record_progress: bool = True,
     sparsity: Optional[SparseCompare] = None,
     **options: Any,
@@ -132,43 +152,51 @@ def compare_into(
 
     :func:`run_compare` opens a new run there; the demo job hands over the run it
     already records (``record_progress=False``: its own progress covers compare's share).
+    ``folder`` is the open run folder on ``run_dir`` (opened here when None).
     """
-    run: Optional[RecordedRun] = None
     sparse: Optional[SparseOutcome] = None
     pruned: List[nn.Module] = []
     if sparsity is not None:
         sparse = SparseOutcome()
         options["extra_candidates"] = _with_sparse_rows(options.get("extra_candidates"), model, calib_data, sparsity,
                                                         sparse, pruned, options)
+    own_folder = folder is None and run_dir is not None
+    if own_folder:
+        folder = open_run_folder(run_dir, kind="compare", keep=JOB_FILES)
+    try:
+        run: Optional[RecordedRun] = None
 
-    def on_reference(settings: Dict[str, Any]) -> None:
-        nonlocal run
-        run = open_run(settings)
+        def on_reference(settings: Dict[str, Any]) -> None:
+            nonlocal run
+            run = open_run(settings)
 
-    def on_rows(rows: List[ResultRow], fraction: float) -> None:
-        run.results([r.to_dict() for r in rows])
-        if record_progress:
-            run.progress(fraction)
+        def on_rows(rows: List[ResultRow], fraction: float) -> None:
+            run.results([r.to_dict() for r in rows])
+            if record_progress:
+                run.progress(fraction)
 
-    def on_layers(calibrator: str, errors: List[LayerError]) -> None:
-        run.layer_stats([e.to_row(calibrator) for e in errors])
+        def on_layers(calibrator: str, errors: List[LayerError]) -> None:
+            run.layer_stats([e.to_row(calibrator) for e in errors])
 
-    result = compare(model, calib_data, eval_data, on_reference=on_reference, on_rows=on_rows, on_layers=on_layers, **options)
-    if sparse is not None:
-        if pruned and sparsity.measure_speed:
-            # The kept copy holds the last calibrator's ranges (its rows were evaluated in order).
-            calibrator = next((r.calibrator for r in reversed(result.rows) if r.source == SPARSE_SOURCE), None)
-            measured = measure_sparse_speed(pruned[0], eval_data, calibrator)
-            sparse.speed, sparse.speed_note, sparse.rows = measured.speed, measured.speed_note, measured.rows
-            run.results(sparse.rows)
-            result.rows.extend(ResultRow(**row) for row in sparse.rows)
-        pruned.clear()
-        result.sparsity = sparse
-    result.run_id = run.run_id
-    result.run_dir = Path(run_dir) if run_dir is not None else None
-    if result.run_dir is not None:
-        write_run_folder(result, run, run_config(result.settings, describe), describe)
-    return result
+        result = compare(model, calib_data, eval_data, on_reference=on_reference, on_rows=on_rows, on_layers=on_layers, **options)
+        if sparse is not None:
+            if pruned and sparsity.measure_speed:
+                # The kept copy holds the last calibrator's ranges (its rows were evaluated in order).
+                calibrator = next((r.calibrator for r in reversed(result.rows) if r.source == SPARSE_SOURCE), None)
+                measured = measure_sparse_speed(pruned[0], eval_data, calibrator)
+                sparse.speed, sparse.speed_note, sparse.rows = measured.speed, measured.speed_note, measured.rows
+                run.results(sparse.rows)
+                result.rows.extend(ResultRow(**row) for row in sparse.rows)
+            pruned.clear()
+            result.sparsity = sparse
+        result.run_id = run.run_id
+        result.run_dir = Path(run_dir) if run_dir is not None else None
+        if result.run_dir is not None:
+            write_run_folder(result, run, run_config(result.settings, describe), describe, folder)
+        return result
+    finally:
+        if own_folder:
+            folder.close()
 
 
 def _with_sparse_rows(
@@ -198,41 +226,47 @@ def _with_sparse_rows(
     return candidates
 
 
-def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, Any], describe: Dict[str, Any]) -> None:
-    """``run.json``, ``scales.<calibrator>.json`` and ``results.json`` in ``result.run_dir``, recorded as artifacts."""
-    out_dir = result.run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scales_paths: Dict[str, str] = {}
-    if result.ptq is not None:
-        for name, path in result.ptq.save(out_dir).items():
-            scales_paths[name] = str(path)
-            run.artifact("scales", path)
-    run_info = {
-        "run_id": result.run_id,
-        "store": str(run.store_path) if run.store_path is not None else None,
-        "kind": "compare",
-        "model": describe.get("model"),
-        "data": describe.get("data"),
-        "eval_data": describe.get("eval_data"),
-        **config,
-    }
-    write_text_atomic(out_dir / "run.json", json.dumps(_json_safe(run_info), indent=1))
-    results = {
-        "run_id": result.run_id,
-        "metric": result.metric,
-        "higher_is_better": result.higher_is_better,
-        "best_calibrator": result.best_calibrator,
-        "rows": [r.to_dict() for r in result.rows],
-        "statistics": None if result.ptq is None else {
-            "num_batches": result.ptq.num_batches,
-            "statistics_seconds": result.ptq.statistics_seconds,
-            "calibrate_seconds": result.ptq.calibrate_seconds,
-        },
-        "scales": scales_paths,
-        "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
-    }
-    path = write_text_atomic(out_dir / "results.json", json.dumps(_json_safe(results), indent=1))
-    run.artifact("results", path)
+def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, Any], describe: Dict[str, Any],
+                     folder: Any) -> None:
+    """``run.json``, ``scales.<calibrator>.json`` and ``results.json``: staged, committed as a whole
+    into ``folder`` (an open :class:`quantlab.store.RunFolder` on ``result.run_dir``), then recorded as artifacts."""
+
+    def write(stage: Path) -> Dict[str, Path]:
+        staged: Dict[str, Path] = {}
+        scales_paths: Dict[str, str] = {}
+        if result.ptq is not None:
+            for name, path in result.ptq.save(stage).items():
+                staged[f"scales.{name}"] = path
+                scales_paths[name] = str(folder.final(path))  # where it is once committed
+        run_info = {
+            "run_id": result.run_id,
+            "store": str(run.store_path) if run.store_path is not None else None,
+            "kind": "compare",
+            "model": describe.get("model"),
+            "data": describe.get("data"),
+            "eval_data": describe.get("eval_data"),
+            **config,
+        }
+        write_text_atomic(stage / "run.json", json.dumps(_json_safe(run_info), indent=1))
+        results = {
+            "run_id": result.run_id,
+            "metric": result.metric,
+            "higher_is_better": result.higher_is_better,
+            "best_calibrator": result.best_calibrator,
+            "rows": [r.to_dict() for r in result.rows],
+            "statistics": None if result.ptq is None else {
+                "num_batches": result.ptq.num_batches,
+                "statistics_seconds": result.ptq.statistics_seconds,
+                "calibrate_seconds": result.ptq.calibrate_seconds,
+            },
+            "scales": scales_paths,
+            "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
+        }
+        staged["results"] = write_text_atomic(stage / "results.json", json.dumps(_json_safe(results), indent=1))
+        return staged
+
+    for name, path in commit_files(folder, write, run=run).items():  # recorded once committed: the files are there
+        run.artifact("results" if name == "results" else "scales", path)
 
 
 __all__ = ["compare_into", "description", "run_compare", "run_config", "write_run_folder"]

@@ -13,6 +13,7 @@ the store, so the dashboard's progress bar survives a browser refresh, to
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -44,9 +45,10 @@ def read_job_file(run_dir: Optional[str]) -> Dict[str, Any]:
     if not run_dir:
         return {}
     try:
-        return json.loads(job_file(run_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = json.loads(job_file(run_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 class Reporter:
@@ -152,12 +154,23 @@ def run_demo(store: Any, spec: JobSpec, *, run_id: Optional[str] = None, progres
     from quantlab.data import load_data
     from quantlab.jobs.compare import compare_into
     from quantlab.jobs.export import first_inputs
+    from quantlab.jobs.folders import JOB_FILES, open_run_folder
     from quantlab.model_source import load_model
 
     recorder = store if isinstance(store, Recorder) else Recorder(store)
     run_dir = Path(spec.out_dir)
     children: List[str] = []
-    with recorder.run(description(spec), run_id=run_id) as run:
+    # The run folder's lock is held for the whole job (compare commits its files as a whole,
+    # keeping the worker's job.json/job.log; sensitivity and export then add theirs).
+    # Refused before anything is recorded; an adopted run (the dashboard's worker) records the refusal.
+    folder = open_run_folder(run_dir, kind="demo", keep=JOB_FILES) if run_id is None else None
+    with contextlib.ExitStack() as stack:
+        if folder is not None:
+            stack.callback(folder.close)
+        run = stack.enter_context(recorder.run(description(spec), run_id=run_id))
+        if folder is None:
+            folder = open_run_folder(run_dir, kind="demo", keep=JOB_FILES)
+            stack.callback(folder.close)
         run_dir.mkdir(parents=True, exist_ok=True)
         reporter = Reporter(run, run_dir, progress)
         spans = _shares(spec)
@@ -174,7 +187,8 @@ def run_demo(store: Any, spec: JobSpec, *, run_id: Optional[str] = None, progres
             reporter.enter("compare", *spans["compare"])
             # Recorded into this run (its config is the job); the Reporter tracks finer progress than compare's.
             result = compare_into(
-                lambda settings: run, model, calib, eval_data, run_dir=run_dir, describe=describe, record_progress=False,
+                lambda settings: run, model, calib, eval_data, run_dir=run_dir, describe=describe, folder=folder,
+                record_progress=False,
                 metric=spec.metric, calibrators=spec.calibrators or "all", precisions=spec.precisions,
                 calib_batches=spec.calib_batches, eval_batches=spec.eval_batches,
                 progress=_CompareProgress(reporter, spec),

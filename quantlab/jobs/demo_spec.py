@@ -219,6 +219,15 @@ def validate(spec: JobSpec) -> JobSpec:
     out_dir = (spec.out_dir or "").strip() or default_out_dir()
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise JobInputError("run folder", f"{out_dir} exists and is not a folder")
+    from quantlab.store.lock import is_locked
+    from quantlab.store.runfolder import check_replaceable
+
+    try:
+        check_replaceable(out_dir, label="run folder")  # never a folder quantlab did not write
+    except QuantlabError as exc:
+        raise JobInputError("run folder", str(exc)) from None
+    if is_locked(out_dir):
+        raise JobInputError("run folder", f"{out_dir} is being written by another run: choose another folder")
     _validate_model(spec)
     if "int8" in precisions:
         _validate_data("calibration data", spec.calib_data, spec.batch_size)

@@ -176,16 +176,25 @@ def run_export(
 ) -> ExportOutcome:
     """Exports ``model_spec`` (INT8 from ``scales``, or FP16/FP32) to ``out``; checks an INT8 TensorRT export.
 
-    Recorded as an ``export`` run when ``store`` is given; a check with errors
-    records the run failed (and returns status 1) without raising. With
-    ``sparsity="2:4"`` (a 2:4-pruned model, e.g. ``--weights`` from ``quantlab qat
+    ``out`` (and its ``.json`` sidecar) are checked before any work: never one of
+    the inputs, a folder, or an existing file of another kind; a second export to
+    the same ``out`` is refused while this one runs (a lock beside the file).
+    Recorded as an ``export`` run when ``store`` is given (any exit, Ctrl-C and
+    SIGTERM included, records its outcome); a check with errors records the run
+    failed (and returns status 1) without raising.
+    With ``sparsity="2:4"`` (a 2:4-pruned model, e.g. ``--weights`` from ``quantlab qat
     --sparsity 2:4``) every layer that holds the pattern in PyTorch must hold it in
     the exported weights too (else status 1 and the run failed, the same way).
 
     Raises:
         ValueError: contradictory options (before the model is loaded).
+        OutputPathError / RunLockedError: ``out`` cannot be written (before the model is loaded).
+        ScalesFormatError: a bad scales file (before the model is loaded).
     """
-    from quantlab.model_source import load_model
+    from quantlab.model_source import is_torchscript_spec, load_model
+    from quantlab.outputs import EXPORT_SIDECAR, ONNX_FILE, check_output_file, spec_path
+    from quantlab.scales import Scales
+    from quantlab.jobs.folders import lock_run_folder
 
     if sparsity not in (None, "2:4"):
         raise ValueError(f"sparsity {sparsity!r}: only 2:4 is supported")
@@ -195,10 +204,28 @@ def run_export(
         raise ValueError("--target applies to --precision int8 only")
     if target != "ort-cpu" and (ort_int8 != "auto" or ort_reduce_range):
         raise ValueError("--ort-int8 / --ort-reduce-range apply to --target ort-cpu only")
-    out = Path(out)
-    # The model first: an example module may register the data specs it brings (fortunes:...).
-    model = load_model(model_spec, weights=weights, device=device)
-    inputs = example_inputs(data, input_shape)
+    # Before any work: never over an input (--scales, --model, ...), a folder, or a file that is not an ONNX model.
+    sources = {"--model": spec_path(model_spec), "--weights": weights, "--scales": scales, "--data": spec_path(data)}
+    out = check_output_file(out, label="--out", inputs=sources, replace=ONNX_FILE)
+    check_output_file(f"{out}.json", label="--out's sidecar", inputs=sources, replace=EXPORT_SIDECAR)
+    with lock_run_folder(out, "quantlab export"):  # a second export to the same --out is refused, not interleaved
+        loaded = Scales.load(scales) if precision == "int8" else None  # a bad file fails before the model loads
+        # The model first: an example module may register the data specs it brings (fortunes:...).
+        # (A TorchScript file needs the example batch to be converted: then it comes first.)
+        early = example_inputs(data, input_shape) if is_torchscript_spec(model_spec) else None
+        model = load_model(model_spec, weights=weights, device=device, example_inputs=early)
+        inputs = early if early is not None else example_inputs(data, input_shape)
+        return _export(model, out, inputs, loaded, model_spec=model_spec, precision=precision, scales=scales, data=data,
+                       target=target, ort_other_convs=ort_other_convs, ort_int8=ort_int8,
+                       ort_reduce_range=ort_reduce_range, exporter=exporter, opset=opset, io_dtype=io_dtype,
+                       dynamic_batch=dynamic_batch, placement=placement, check=check, store=store, sparsity=sparsity)
+
+
+def _export(model: Any, out: Path, inputs: Any, loaded: Any, *, model_spec: str, precision: str, scales: Optional[str],
+            data: Optional[str], target: str, ort_other_convs: str, ort_int8: str, ort_reduce_range: bool, exporter: str,
+            opset: int, io_dtype: str, dynamic_batch: bool, placement: bool, check: bool, store: Any,
+            sparsity: Optional[str]) -> ExportOutcome:
+    """:func:`run_export`'s recorded part, once ``out`` is checked and locked and the model loaded."""
     common = dict(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch)
     config = {"precision": precision, "target": target if precision == "int8" else None,
               "scales": scales, "exporter": exporter, "opset": opset, "out": str(out)}
@@ -216,7 +243,7 @@ def run_export(
             import quantlab as ql
             from quantlab.export.qdq import export_int8
 
-            ql.load_scales(model, scales)  # strict: names every missing or extra layer
+            ql.load_scales(model, loaded)  # strict: names every missing or extra layer
             result = export_int8(model, out, inputs, target=target, placement=placement,
                                  ort_other_convs=ort_other_convs, ort_int8=ort_int8,
                                  ort_reduce_range=ort_reduce_range, **common)
@@ -329,14 +356,17 @@ def export_recorded_run(store: Any, run: Dict[str, Any], calibrator: str) -> Dic
     from quantlab.jobs.runs import load_run_info, rebuild, scales_path
     from quantlab.scales import Scales
 
+    from quantlab.jobs.folders import lock_run_folder
+
     info = load_run_info(run.get("run_dir") or run["id"], store.path)
-    model, batches, task, _metric, _calib = rebuild(info)
-    scales = Scales.load(scales_path(info["run_dir"], calibrator))
-    return export_artifacts(
-        store, run["id"], model=model, scales=scales, calibrator=calibrator,
-        example=task.inputs(batches[0]), out_dir=Path(info["run_dir"]),
-        describe={"model": info.get("model"), "data": info.get("data"), "eval_data": info.get("eval_data")},
-    )
+    with lock_run_folder(info["run_dir"], "quantlab export (dashboard)"):  # not while another job writes the folder
+        model, batches, task, _metric, _calib = rebuild(info)
+        scales = Scales.load(scales_path(info["run_dir"], calibrator))
+        return export_artifacts(
+            store, run["id"], model=model, scales=scales, calibrator=calibrator,
+            example=task.inputs(batches[0]), out_dir=Path(info["run_dir"]),
+            describe={"model": info.get("model"), "data": info.get("data"), "eval_data": info.get("eval_data")},
+        )
 
 
 # -- TensorRT ----------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
         run.results(rows); run.layer_stats(rows); run.artifact("scales", path)
         run.progress(0.5, "int8 entropy")
     # normal exit: "done"; an exception: "failed" with its one-line message (and it propagates);
-    # Ctrl-C / SIGTERM (a KeyboardInterrupt): "interrupted" where the store knows that status.
+    # Ctrl-C / SIGTERM / SIGHUP (a KeyboardInterrupt): "interrupted".
 
 Child runs (a sensitivity run started from a compare run) are descriptions with
 ``parent_id``: the same recorder records them, nested or not. A run created before
@@ -17,21 +17,27 @@ methods (tests/quantlab/test_architecture.py checks it), so what a run's record
 means is decided here, once:
 
 * :meth:`Recorder._create` / :meth:`Recorder._adopt`: where a run gets (or takes
-  over) its owner process, and where a run folder lock would be taken;
-* :func:`outcome`: the status and message an exception means (SIGTERM unwinds
-  as an interruption while a run is recorded, see :func:`_sigterm_unwinds`);
-* :meth:`Recorder._finish`: the one final status write of every run.
+  over, :meth:`RunStore.claim <quantlab.store.RunStore.claim>`) its owner process,
+  so that readers show a run whose process died as ``interrupted``;
+* :func:`outcome`: the status and message an exception means (SIGTERM/SIGHUP unwind
+  as an interruption while a run is recorded, see :mod:`quantlab.interrupts`);
+* :meth:`Recorder._finish`: the one final status write of every run (a finished
+  record is never rewritten: the store refuses it);
+* :meth:`Recorder.prune`: ``interrupted`` recorded for runs whose owner is gone.
+
+A job that writes a run folder holds the folder's lock from before its work
+(:func:`quantlab.jobs.folders.open_run_folder`) and commits the folder as a whole
+before the run's artifacts are recorded, so a recorded artifact is always there.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 from quantlab.errors import QuantlabError
+from quantlab.interrupts import Terminated, terminate_as_interrupt
 from quantlab.jobs.description import RunDescription
 from quantlab.jobs.errors import RecorderError
 
@@ -46,53 +52,18 @@ def one_line(exc: BaseException) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
-class Terminated(KeyboardInterrupt):
-    """The process was asked to stop (SIGTERM) while a run was recorded: unwinds like Ctrl-C."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` so the run records that it was stopped.
-
-    Only where SIGTERM would otherwise kill the process on the spot (the default
-    handler) and only in the main thread (where Python delivers signals): a handler
-    the program installed itself is left alone.
-    """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def _store_statuses() -> Tuple[str, ...]:
-    from quantlab.store import STATUSES
-
-    return tuple(STATUSES)
-
-
 def outcome(exc: BaseException, *, interrupted_hint: Optional[str] = None) -> Tuple[str, str]:
     """``(status, message)`` that ``exc`` ends a run with.
 
-    A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM where the process turns it into one)
-    is ``interrupted`` when the store has that status, else ``failed``; its message
-    says "interrupted" either way, plus ``interrupted_hint`` (e.g. how to resume).
+    A ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM/SIGHUP turned into a
+    :class:`~quantlab.interrupts.Terminated`) is ``interrupted``; its message says
+    "interrupted", the signal if any, plus ``interrupted_hint`` (e.g. how to resume).
+    Anything else is ``failed`` with the exception's one line.
     """
     if isinstance(exc, KeyboardInterrupt):
         detail = str(exc).strip()
         message = "interrupted" + (f" ({detail})" if detail else "") + (f" ({interrupted_hint})" if interrupted_hint else "")
-        return ("interrupted" if "interrupted" in _store_statuses() else "failed"), message
+        return "interrupted", message
     return "failed", one_line(exc)
 
 
@@ -192,7 +163,7 @@ class Recorder:
 
     # -- the places a run's record is decided -------------------------------------------------------
     def _create(self, description: RunDescription) -> str:
-        """A new record, status ``running`` (owned by this process where the store tracks owners)."""
+        """A new record, status ``running``, owned by this process (the store records pid, host and start)."""
         return self.store.create_run(
             description.store_kind,
             model=description.model,
@@ -205,8 +176,15 @@ class Recorder:
         )
 
     def _adopt(self, run_id: str) -> str:
-        """Takes over a recorded run (a dashboard job's worker, a resumed QAT run): running again, from 0."""
+        """Takes over a run recorded before its work started (a dashboard job's worker): this process
+        becomes its owner, progress from 0.
+
+        Raises:
+            RunNotFoundError: no such run.
+            RunFinishedError: the run already ended (a finished record is never taken over).
+        """
         self.store.get_run(run_id)  # RunNotFoundError names the id
+        self.store.claim(run_id)  # if this process dies, readers see the run interrupted
         self.store.set_status(run_id, "running", progress=0.0)
         return run_id
 
@@ -247,6 +225,16 @@ class Recorder:
         if self.recording and run_id is not None:
             self.store.add_artifact(run_id, kind, path)
 
+    def prune(self, *, dry_run: bool = False) -> list:
+        """Records ``interrupted`` for every running run whose owner process is gone (``quantlab runs --prune``).
+
+        Returns:
+            The runs concerned (recorded or, with ``dry_run``, only listed).
+        """
+        if not self.recording:
+            return []
+        return self.store.prune_dead_runs(dry_run=dry_run)
+
     @contextlib.contextmanager
     def run(
         self,
@@ -280,7 +268,7 @@ class Recorder:
         else:
             handle = RecordedRun(self, description, self._adopt(run_id) if run_id is not None else self._create(description))
         try:
-            with _sigterm_unwinds() if handle.recording and handle._owns_status else contextlib.nullcontext():
+            with terminate_as_interrupt(only_default=True) if handle.recording and handle._owns_status else contextlib.nullcontext():
                 yield handle
         except BaseException as exc:
             if handle.recording and handle._owns_status:

@@ -7,7 +7,6 @@ has no record of its own).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -15,8 +14,10 @@ from quantlab._io import write_text_atomic
 from quantlab.evaluation.report import render_html, render_markdown
 from quantlab.jobs.description import RunDescription, RunKind
 from quantlab.jobs.recorder import Recorder
-from quantlab.jobs.runs import read_results
+from quantlab.jobs.folders import relative_inputs
+from quantlab.jobs.runs import read_results, read_run_file
 from quantlab.scales import Scales
+from quantlab.validation import check_run_info, check_sensitivity
 
 FORMATS = ("html", "md")
 
@@ -25,15 +26,15 @@ def collect(run_dir: Union[str, Path]) -> Dict[str, Any]:
     """Everything the report shows, read from the run folder."""
     folder = Path(run_dir)
     results = read_results(folder)
-    info = json.loads((folder / "run.json").read_text(encoding="utf-8")) if (folder / "run.json").is_file() else {}
+    info = read_run_file(folder / "run.json", check_run_info) if (folder / "run.json").is_file() else {}
     scales: Dict[str, Scales] = {}
     for name, path in (results.get("scales") or {}).items():
         candidate = Path(path)
         candidate = candidate if candidate.is_file() else folder / candidate.name
         if candidate.is_file():
             scales[name] = Scales.load(candidate)
-    sensitivity = {p.name.split(".")[1]: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("sensitivity.*.json"))}
-    mixed = {p.parent.name.split(".", 1)[1]: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("autoprecision.*/mixed.json"))}
+    sensitivity = {p.name.split(".")[1]: read_run_file(p, check_sensitivity) for p in sorted(folder.glob("sensitivity.*.json"))}
+    mixed = {p.parent.name.split(".", 1)[1]: read_run_file(p) for p in sorted(folder.glob("autoprecision.*/mixed.json"))}
     return {"folder": folder, "info": info, "results": results, "scales": scales, "sensitivity": sensitivity, "mixed": mixed}
 
 
@@ -48,11 +49,15 @@ def write_report(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = No
 
     Raises:
         RunFolderError: the folder has no results.json.
+        OutputPathError: ``out`` is a file of the run, a folder, or an existing non-report file.
     """
     if fmt not in FORMATS:
         raise ValueError(f"report format must be html or md, got {fmt!r}")
-    data = collect(run_dir)
+    from quantlab.outputs import REPORT_FILE, check_output_file
+
     target = Path(out) if out is not None else Path(run_dir) / f"report.{fmt}"
+    check_output_file(target, label="--out", inputs=relative_inputs(run_dir), replace=REPORT_FILE)  # before reading anything
+    data = collect(run_dir)
     if fmt == "html":
         return write_text_atomic(target, render_html(data))
     image_dir = target.parent / f"{target.stem}_files"

@@ -10,28 +10,38 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from torch import nn
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import FileFormatError
+from quantlab.validation import check_results, check_run_info, read_json_file
 
 PathLike = Union[str, Path]
 
 
-class RunFolderError(QuantlabError):
+class RunFolderError(FileFormatError):
     """A run folder is missing a file or the file is corrupt."""
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    if not path.is_file():
-        raise RunFolderError(f"{path} not found")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunFolderError(f"{path} is corrupt ({exc.msg} at line {exc.lineno})") from None
+def read_run_file(path: PathLike, check: Optional[Callable[..., None]] = None, *, what: Optional[str] = None) -> Dict[str, Any]:
+    """A JSON file of a run folder: bounded, parsed, its schema checked (``check(data, where, error)``).
+
+    Raises:
+        RunFolderError: missing, too big, not JSON, or a field of the wrong type or bounds.
+    """
+    path = Path(path)
+    data = read_json_file(path, what=what or path.name, error=RunFolderError, allow_nan=True)
+    if check is not None:
+        check(data, str(path), RunFolderError)
+    elif not isinstance(data, dict):
+        raise RunFolderError(f"{path}: must hold a JSON object")
+    return data
+
+
+def _read_json(path: Path, check: Optional[Callable[..., None]] = None) -> Dict[str, Any]:
+    return read_run_file(path, check)
 
 
 def load_run_info(ref: PathLike, store_path: Optional[PathLike] = None) -> Dict[str, Any]:
@@ -58,14 +68,14 @@ def load_run_info(ref: PathLike, store_path: Optional[PathLike] = None) -> Dict[
         folder = Path(run["run_dir"])
         if not (folder / "run.json").is_file():
             raise RunFolderError(f"run '{ref}' points at {folder}, which has no run.json (moved or deleted?)")
-    info = _read_json(folder / "run.json")
+    info = _read_json(folder / "run.json", check_run_info)
     info["run_dir"] = str(folder.resolve())
     return info
 
 
 def read_results(run_dir: PathLike) -> Dict[str, Any]:
     """``results.json`` of a compare run folder."""
-    return _read_json(Path(run_dir) / "results.json")
+    return _read_json(Path(run_dir) / "results.json", check_results)
 
 
 def rebuild(info: Dict[str, Any], *, device: Optional[str] = None, need_calib: bool = False) -> Tuple[nn.Module, list, Any, str, Any]:
@@ -75,15 +85,20 @@ def rebuild(info: Dict[str, Any], *, device: Optional[str] = None, need_calib: b
     """
     from quantlab.data import load_data
     from quantlab.evaluation.tasks import batches_of, task_for_metric
-    from quantlab.model_source import load_model
+    from quantlab.model_source import is_torchscript_spec, load_model
 
     if not info.get("model") or not info.get("eval_data"):
         raise RunFolderError(
             f"run {info.get('run_id')} was recorded without model and eval data specs (created from Python?): "
             "rebuild it with the Python API"
         )
-    model = load_model(info["model"], weights=info.get("weights"), device=device or info.get("device"))
     batch_size = int(info.get("batch_size") or 64)
+    example = None
+    if is_torchscript_spec(info["model"]):  # converting TorchScript needs a batch; no factory registers data
+        from quantlab.batching import split_batch
+
+        example = split_batch(next(iter(load_data(info["eval_data"], batch_size=2))))[0]
+    model = load_model(info["model"], weights=info.get("weights"), device=device or info.get("device"), example_inputs=example)
     eval_batches = batches_of(load_data(info["eval_data"], batch_size=batch_size), info.get("eval_batches"))
     metric = info["metric"]
     params = (info.get("task") or {}).get("params") or {}

@@ -1,7 +1,9 @@
 """The sensitivity job: rank a recorded compare run's layers, recorded as a child run.
 
 What ``quantlab sensitivity`` does; a Python user with a run folder gets the
-same results and files (``sensitivity.<calibrator>.json`` in the run folder).
+same results and files (``sensitivity.<calibrator>.json`` in the run folder,
+written atomically while the job holds the folder's lock: not while another
+command writes the folder).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, Callable, Dict, Optional
 from quantlab._io import write_text_atomic
 from quantlab.evaluation.sensitivity import SensitivityResult, full_ranking, proxy_agreement, rank_layers
 from quantlab.jobs.description import RunDescription, RunKind
+from quantlab.jobs.folders import lock_run_folder
 from quantlab.jobs.recorder import Recorder
 from quantlab.jobs.runs import calibrator_of, quantized_copy, rebuild, sensitivity_path
 
@@ -59,34 +62,36 @@ def run_sensitivity(
     Returns:
         ``{"run_id", "calibrator", "result", "agreement", "path"}``.
     """
-    model, batches, task, metric, _ = rebuild(info, device=device)
-    calibrator = calibrator_of(info, calibrator)
-    quant = quantized_copy(model, info, calibrator)
     run_dir = Path(info["run_dir"])
-    description = RunDescription(
-        kind=RunKind.SENSITIVITY, model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
-        config={"calibrator": calibrator, "metric": metric, "method": "everything_but_one", "top_k": top_k,
-                "budget_passes": budget_passes, "subset_fraction": subset_fraction, "full": full, "full_layers": full_layers},
-        run_dir=str(run_dir), parent_id=info.get("run_id"),
-    )
-    with Recorder(store).run(description) as run:
-        result = rank_layers(model, quant, task, batches, metric=metric, top_k=top_k, budget_passes=budget_passes,
-                             subset_fraction=subset_fraction, progress=progress)
-        agreement = None
-        full_scores = None
-        if full:
-            by_proxy = [e.layer for e in sorted(result.layers, key=lambda e: e.proxy_sqnr_db if e.proxy_sqnr_db is not None else float("inf"))]
-            if full_layers is not None and 2 <= full_layers < len(by_proxy):
-                step = (len(by_proxy) - 1) / (full_layers - 1)
-                by_proxy = [by_proxy[round(i * step)] for i in range(full_layers)]
-            full_scores = full_ranking(quant, task, batches[: result.subset_batches], metric=metric, layers=by_proxy, progress=progress)
-            agreement = {
-                "local_row_sqnr (the proxy)": proxy_agreement(result.layer_errors, full_scores, key="local_row_sqnr_db"),
-                "local_sqnr": proxy_agreement(result.layer_errors, full_scores, key="local_sqnr_db"),
-                "end_to_end_sqnr": proxy_agreement(result.layer_errors, full_scores, key="sqnr_db"),
-            }
-        run.layer_stats(result.to_rows(calibrator))
-        content = summary(run.run_id, info.get("run_id"), calibrator, result, agreement, full_scores)
-        path = write_summary(sensitivity_path(run_dir, calibrator), content)
-        run.artifact("sensitivity", path)
+    # Before any work: sensitivity.<calibrator>.json goes into the run folder, not while another command writes it.
+    with lock_run_folder(run_dir, "quantlab sensitivity"):
+        model, batches, task, metric, _ = rebuild(info, device=device)
+        calibrator = calibrator_of(info, calibrator)
+        quant = quantized_copy(model, info, calibrator)
+        description = RunDescription(
+            kind=RunKind.SENSITIVITY, model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
+            config={"calibrator": calibrator, "metric": metric, "method": "everything_but_one", "top_k": top_k,
+                    "budget_passes": budget_passes, "subset_fraction": subset_fraction, "full": full, "full_layers": full_layers},
+            run_dir=str(run_dir), parent_id=info.get("run_id"),
+        )
+        with Recorder(store).run(description) as run:
+            result = rank_layers(model, quant, task, batches, metric=metric, top_k=top_k, budget_passes=budget_passes,
+                                 subset_fraction=subset_fraction, progress=progress)
+            agreement = None
+            full_scores = None
+            if full:
+                by_proxy = [e.layer for e in sorted(result.layers, key=lambda e: e.proxy_sqnr_db if e.proxy_sqnr_db is not None else float("inf"))]
+                if full_layers is not None and 2 <= full_layers < len(by_proxy):
+                    step = (len(by_proxy) - 1) / (full_layers - 1)
+                    by_proxy = [by_proxy[round(i * step)] for i in range(full_layers)]
+                full_scores = full_ranking(quant, task, batches[: result.subset_batches], metric=metric, layers=by_proxy, progress=progress)
+                agreement = {
+                    "local_row_sqnr (the proxy)": proxy_agreement(result.layer_errors, full_scores, key="local_row_sqnr_db"),
+                    "local_sqnr": proxy_agreement(result.layer_errors, full_scores, key="local_sqnr_db"),
+                    "end_to_end_sqnr": proxy_agreement(result.layer_errors, full_scores, key="sqnr_db"),
+                }
+            run.layer_stats(result.to_rows(calibrator))
+            content = summary(run.run_id, info.get("run_id"), calibrator, result, agreement, full_scores)
+            path = write_summary(sensitivity_path(run_dir, calibrator), content)
+            run.artifact("sensitivity", path)
     return {"run_id": run.run_id, "calibrator": calibrator, "result": result, "agreement": agreement, "path": path}

@@ -111,7 +111,7 @@ def run_worker(store_path: str, run_id: str) -> None:
     except Exception as exc:  # noqa: BLE001 - a run not made by the dashboard: record why, do not hang "running"
         Recorder(store).fail(run_id, f"run {run_id} holds no dashboard job spec ({exc})")
         raise
-    run_demo(store, spec, run_id=run_id)
+    run_demo(store, spec, run_id=run_id)  # the recorder adopts the run: this worker becomes its owner (store.claim)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -119,8 +119,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--store", required=True)
     parser.add_argument("run_id")
     args = parser.parse_args(argv)
+    from quantlab.interrupts import terminate_as_interrupt
+
     try:
-        run_worker(args.store, args.run_id)
+        with terminate_as_interrupt():  # SIGTERM records the run interrupted instead of leaving it running
+            run_worker(args.store, args.run_id)
     except BaseException:  # noqa: BLE001 - already recorded in the store; the job log keeps the traceback
         import traceback
 

@@ -29,6 +29,7 @@ from quantlab.pipeline.types import Ranges
 from quantlab.scales import QuantizerScale, Scales
 from quantlab.statistics import HistogramCollector
 from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer
+from quantlab.validation.model_ranges import zero_weight_range_problems
 
 
 def amax_on_host(quantizers: List[TensorQuantizer]) -> List[torch.Tensor]:
@@ -79,6 +80,7 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
                 raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
             ref.quantizer.quantize_with(verified=True)
     unreached: List[str] = []
+    zero_range: List[str] = []
     for ref in refs:
         if ref.role is not Role.INPUT:
             continue
@@ -89,7 +91,18 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
             continue
         if not math.isfinite(amax):
             raise CalibrationError(f"calibrator {ranges.calibrator!r} chose amax {amax} for the input of '{ref.module_name}'")
+        if not amax > 0:  # only zeros seen: a zero range would quantize every value to 0 (validation/numeric.py)
+            zero_range.append(ref.module_name)
+            ref.quantizer.off()
+            continue
         ref.quantizer.quantize_with(float(amax))
+    if zero_range:
+        warnings.warn(
+            f"{len(zero_range)} quantized layer(s) saw only zeros at their input during calibration and keep "
+            "floating-point inputs (a zero range would turn every value into 0): "
+            + ", ".join(zero_range[:10]) + (" ..." if len(zero_range) > 10 else ""),
+            stacklevel=2,
+        )
     if unreached:
         warnings.warn(
             f"{len(unreached)} quantized layer(s) received no calibration data and keep floating-point inputs: "
@@ -198,6 +211,8 @@ def apply_scales(model: nn.Module, scales: Union[str, Path, Scales], *, strict: 
         got = (len(entry.amax),) if isinstance(entry.amax, list) else ()
         if got != expected:
             problems.append(f"'{key}': scales hold {got or 'one value'} but the layer needs {expected or 'one value'}")
+        elif ref.role is Role.WEIGHT:
+            problems += zero_weight_range_problems(key, entry.amax, ref.module, ref.quantizer.spec)
     floats = set(scales.float_layers)
     unknown_floats = sorted(floats - {r.module_name for r in refs.values()})
     problems += [f"float layer '{m}' is not a quantized layer of the model" for m in unknown_floats]

@@ -7,8 +7,12 @@
                                 "metric": "top1", "value": 91.2, "delta": 0.0, "seconds": 1.3}])
     store.set_status(run_id, "done")
 """
-from quantlab.store.errors import RunNotFoundError, StoreError, StoreFormatError
+from quantlab.store.errors import RunFinishedError, RunNotFoundError, StoreError, StoreFormatError
+from quantlab.store.lock import RunLock, RunLockedError
+from quantlab.store.owner import ProcessOwner
+from quantlab.store.runfolder import MANIFEST_FILE, RunFolder, RunFolderStateError, read_manifest
 from quantlab.store.runstore import (
+    FINAL_STATUSES,
     PRECISIONS,
     RUN_KINDS,
     SOURCES,
@@ -20,6 +24,15 @@ from quantlab.store.runstore import (
 from quantlab.store.schema import SCHEMA_VERSION
 
 __all__ = [
+    "FINAL_STATUSES",
+    "MANIFEST_FILE",
+    "ProcessOwner",
+    "RunFinishedError",
+    "RunFolder",
+    "RunFolderStateError",
+    "RunLock",
+    "RunLockedError",
+    "read_manifest",
     "RunStore",
     "RunNotFoundError",
     "StoreError",

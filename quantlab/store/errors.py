@@ -17,3 +17,7 @@ class RunNotFoundError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class RunFinishedError(StoreError):
+    """The run is already done, failed or interrupted: its record is final."""

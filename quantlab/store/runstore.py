@@ -21,7 +21,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Union
 
-from quantlab.store.errors import RunNotFoundError, StoreError, StoreFormatError
+from quantlab.store.errors import RunFinishedError, RunNotFoundError, StoreError, StoreFormatError
+from quantlab.store.owner import ProcessOwner
 from quantlab.store.schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION, config_hash, run_script
 
 STORE_ENV = "QUANTLAB_STORE"
@@ -29,7 +30,9 @@ DEFAULT_RELATIVE_PATH = Path(".quantlab") / "runs.sqlite"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 RUN_KINDS = ("calibrate", "compare", "sensitivity", "autoprecision", "qat", "export")
-STATUSES = ("running", "done", "failed")
+STATUSES = ("running", "done", "failed", "interrupted")
+#: A run's record is final once it leaves ``running``: no command rewrites it.
+FINAL_STATUSES = ("done", "failed", "interrupted")
 PRECISIONS = ("fp32", "fp16", "int8")
 SOURCES = ("ptq", "qat", "mixed", "sparse", "sparse-qat")  # sparse: 2:4 + INT8 (quantlab.sparsity)
 
@@ -40,7 +43,8 @@ _LAYER_KEYS = {
 }
 _LAYER_NUMBERS = ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db", "local_row_sqnr_db", "sensitivity")
 _RUN_COLUMNS = (
-    "id, kind, name, model, data, eval_data, config_id, run_dir, parent_id, status, progress, error, created_at, updated_at"
+    "id, kind, name, model, data, eval_data, config_id, run_dir, parent_id, status, progress, error, created_at, updated_at, "
+    "owner_pid, owner_host, owner_start"
 )
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -202,8 +206,9 @@ class RunStore:
         run_dir: Optional[PathLike] = None,
         parent_id: Optional[str] = None,
         name: Optional[str] = None,
+        owner: Optional[ProcessOwner] = None,
     ) -> str:
-        """Records a new run (status ``running``) and returns its id.
+        """Records a new run (status ``running``, owned by ``owner``: default this process) and returns its id.
 
         Raises:
             StoreError: unknown kind, empty model, config not JSON-serializable.
@@ -231,12 +236,13 @@ class RunStore:
                 digest = config_hash(config_text)
                 conn.execute("INSERT OR IGNORE INTO configs (sha256, json) VALUES (?, ?)", (digest, config_text))
                 config_id = conn.execute("SELECT id FROM configs WHERE sha256 = ?", (digest,)).fetchone()[0]
+            owner = owner or ProcessOwner.current()
             conn.execute(
-                f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', 0.0, NULL, ?, ?)",
+                f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', 0.0, NULL, ?, ?, ?, ?, ?)",
                 (
                     run_id, kind, name, model, data, eval_data, config_id,
                     str(Path(run_dir).resolve()) if run_dir is not None else None,
-                    parent_id, now, now,
+                    parent_id, now, now, owner.pid, owner.host, owner.start,
                 ),
             )
         return run_id
@@ -245,8 +251,29 @@ class RunStore:
         if conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is None:
             raise RunNotFoundError(f"run '{run_id}' is not in the run store {self.path} (see `quantlab runs`)")
 
+    def _require_running(self, conn: sqlite3.Connection, run_id: str, doing: str) -> str:
+        """The run's recorded status; raises unless it is ``running`` (a finished record is final)."""
+        row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            self._require_run(conn, run_id)
+        if row["status"] != "running":
+            raise RunFinishedError(
+                f"run '{run_id}' is already {row['status']}: a finished run's record is never rewritten ({doing} refused); "
+                "start a new run instead"
+            )
+        return row["status"]
+
     def set_status(self, run_id: str, status: str, *, error: Optional[str] = None, progress: Optional[float] = None) -> None:
-        """Updates a run's status (``running`` | ``done`` | ``failed``), error text and progress (0..1)."""
+        """Updates a running run's status, error text and progress (0..1).
+
+        Transitions: ``running`` -> ``running`` (progress), ``done``, ``failed``
+        or ``interrupted``. A finished run is never rewritten: setting the status
+        it already has is a no-op, anything else raises.
+
+        Raises:
+            RunFinishedError: the run is already done/failed/interrupted (with another status).
+            RunNotFoundError: unknown ``run_id``.
+        """
         if status not in STATUSES:
             raise StoreError(f"unknown run status {status!r}; expected one of {', '.join(STATUSES)}")
         if progress is not None:
@@ -256,11 +283,46 @@ class RunStore:
         elif status == "done":
             progress = 1.0
         with self._write() as conn:
-            self._require_run(conn, run_id)
+            row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                self._require_run(conn, run_id)
+            if row["status"] != "running":
+                if row["status"] == status:
+                    return  # already recorded (e.g. two layers both reporting a failure): keep the first record
+                self._require_running(conn, run_id, f"setting it {status}")
             conn.execute(
                 "UPDATE runs SET status = ?, error = ?, progress = COALESCE(?, progress), updated_at = ? WHERE id = ?",
                 (status, error, progress, _now(), run_id),
             )
+
+    def claim(self, run_id: str, owner: Optional[ProcessOwner] = None) -> None:
+        """Makes ``owner`` (default: this process) the owner of a running run (a worker taking over its job).
+
+        Raises:
+            RunFinishedError: the run is not running any more.
+        """
+        owner = owner or ProcessOwner.current()
+        with self._write() as conn:
+            self._require_running(conn, run_id, "claiming it")
+            conn.execute("UPDATE runs SET owner_pid = ?, owner_host = ?, owner_start = ?, updated_at = ? WHERE id = ?",
+                         (owner.pid, owner.host, owner.start, _now(), run_id))
+
+    def prune_dead_runs(self, *, dry_run: bool = False) -> List[Dict[str, Any]]:
+        """Records ``interrupted`` for every running run whose owner process is gone (on this host).
+
+        Returns:
+            The runs concerned (as :meth:`get_run` gives them), whether or not ``dry_run``.
+        """
+        with self._connect() as conn:
+            rows = conn.execute(self._run_select("WHERE runs.status = 'running'")).fetchall()
+        dead = [r for r in (self._run_dict(row) for row in rows) if r["status"] == "interrupted"]
+        if not dry_run:
+            for run in dead:
+                owner = run["owner"] or {}
+                message = f"owner process pid {owner.get('pid')} on {owner.get('host')} ended without recording an outcome"
+                with contextlib.suppress(RunFinishedError):  # finished meanwhile
+                    self.set_status(run["id"], "interrupted", error=message)
+        return dead
 
     def get_run(self, run_id: str) -> Dict[str, Any]:
         """The run as a dict (``config`` parsed back from JSON).
@@ -309,9 +371,21 @@ class RunStore:
 
     @staticmethod
     def _run_dict(row: sqlite3.Row) -> Dict[str, Any]:
+        """A run row as a dict; ``status`` is what is TRUE now: a ``running`` run whose owner
+        process is provably gone reads ``interrupted`` (``recorded_status`` keeps the row's value)."""
         out = dict(row)
         out.pop("config_id", None)
-        out["config"] = json.loads(out["config"]) if out.get("config") else None
+        try:
+            out["config"] = json.loads(out["config"]) if out.get("config") else None
+        except ValueError:
+            out["config"] = None  # a hand-edited row: the run stays listable
+        pid, host, start = out.pop("owner_pid", None), out.pop("owner_host", None), out.pop("owner_start", None)
+        owner = ProcessOwner.from_dict({"pid": pid, "host": host, "start": start or ""})
+        out["owner"] = owner.to_dict() if owner is not None else None
+        out["recorded_status"] = out["status"]
+        if out["status"] == "running" and owner is not None and owner.alive() is False:
+            out["status"] = "interrupted"
+            out["error"] = out.get("error") or f"its process ({owner.describe()}) ended without recording an outcome"
         return out
 
     # -- results ----------------------------------------------------------------------------------
@@ -353,7 +427,7 @@ class RunStore:
                 )
             )
         with self._write() as conn:
-            self._require_run(conn, run_id)
+            self._require_running(conn, run_id, "adding results")
             conn.executemany(
                 "INSERT INTO results (run_id, precision, calibrator, source, metric, value, delta, seconds) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -392,7 +466,7 @@ class RunStore:
             values.append((run_id, row.get("calibrator"), layer) + numbers + (rank,))
         columns = ", ".join(("run_id", "calibrator", "layer") + _LAYER_NUMBERS + ("rank",))
         with self._write() as conn:
-            self._require_run(conn, run_id)
+            self._require_running(conn, run_id, "adding per-layer rows")
             conn.executemany(
                 f"INSERT INTO layer_stats ({columns}) VALUES ({', '.join('?' * (len(_LAYER_NUMBERS) + 4))})",
                 values,

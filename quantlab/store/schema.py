@@ -14,6 +14,10 @@ Version history:
     3. layer_stats gain row_sqnr_db and local_row_sqnr_db: the mean over rows
        (tokens / samples) of each row's SQNR, which exposes layers whose
        per-tensor range is set by a few huge outliers (global SQNR hides them).
+    4. runs gain owner_pid, owner_host, owner_start: the process that writes the
+       run, so readers show a ``running`` run whose owner died as ``interrupted``
+       (older rows have no owner: their liveness is unknown and they keep their
+       status). The status ``interrupted`` is new (a TEXT column: no change).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import hashlib
 import sqlite3
 from typing import Callable, Dict
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA_V1 = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -139,7 +143,18 @@ def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
+    run_script(
+        conn,
+        """
+        ALTER TABLE runs ADD COLUMN owner_pid INTEGER;
+        ALTER TABLE runs ADD COLUMN owner_host TEXT;
+        ALTER TABLE runs ADD COLUMN owner_start TEXT
+        """,
+    )
+
+
 #: ``MIGRATIONS[v]`` upgrades a store from version ``v`` to ``v + 1`` inside one transaction.
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
 
 assert all(v in MIGRATIONS for v in range(1, SCHEMA_VERSION)), "a migration is missing"

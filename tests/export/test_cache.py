@@ -25,7 +25,7 @@ input: 3c008912
 /backbone/layer1/Relu_output_0: 3e1a2b3c
 onnx::Conv_123: 3ca3d70a
 weird:name:with:colons: 3f800000
-tiny: 1
+tiny: 800000
 """
 
 
@@ -49,7 +49,8 @@ def test_reads_a_cache_written_by_tensorrt(tmp_path):
     assert list(cache.scales) == ["input", "(Unnamed Layer* 3) [Convolution]_output", "/backbone/layer1/Relu_output_0",
                                   "onnx::Conv_123", "weird:name:with:colons", "tiny"]
     assert cache.scales["weird:name:with:colons"] == 1.0
-    assert cache.scales["tiny"] == struct.unpack(">f", bytes.fromhex("00000001"))[0]
+    # Leading zeros dropped; 0x00800000 is the smallest normal float32, the least scale accepted.
+    assert cache.scales["tiny"] == struct.unpack(">f", bytes.fromhex("00800000"))[0] == np.finfo(np.float32).tiny
     assert cache.amax("input") == pytest.approx(0.0078452 * 127, rel=1e-5)
 
 

@@ -38,15 +38,17 @@ def test_cli_records_the_run_and_resumes_after_an_interruption(tmp_path, monkeyp
     monkeypatch.setattr(run_module, "train", interrupted_train)
     assert main(_args(out)) == 130
     store = RunStore(store_path)
-    (run,) = store.list_runs(kind="qat")
-    assert run["status"] == "failed" and "interrupted" in run["error"]
+    (first,) = store.list_runs(kind="qat")
+    assert first["status"] == "interrupted" and "interrupted" in first["error"]
     monkeypatch.setattr(run_module, "train", real_train)
 
     assert main(_args(out, "--resume")) == 0
     printed = capsys.readouterr().out
     assert "resumed from step 3" in printed and "| int8" in printed
-    (run,) = store.list_runs(kind="qat")  # the same run, now done
-    assert run["status"] == "done"
+    # The resumed run is a new record, child of the interrupted one, which is never rewritten.
+    run, again = store.list_runs(kind="qat")
+    assert again["id"] == first["id"] and again["status"] == "interrupted"
+    assert run["status"] == "done" and run["parent_id"] == first["id"]
     rows = {(r["precision"], r["source"]): r for r in store.results(run["id"])}
     assert set(rows) == {("fp32", "qat"), ("int8", "ptq"), ("int8", "qat")}
     assert rows[("int8", "ptq")]["calibrator"] == "max" and rows[("int8", "qat")]["metric"] == "top1"

@@ -17,20 +17,28 @@ PACKAGES = {"quantlab": "quantlab", "calibrators": "quantlab.calibrators", "qat"
 # Layers, lowest first: a module may import its own layer and those below, never above.
 LAYERS = [
     ("calibrators", ["quantlab.calibrators"]),
+    # validation (the schema of every file read: scales use it), outputs (output paths checked before work),
+    # interrupts (SIGTERM/SIGHUP as KeyboardInterrupt) and devices (--device checks) depend on errors alone.
     ("core", ["quantlab.errors", "quantlab._io", "quantlab.roles", "quantlab.config", "quantlab.registry",
               "quantlab.kernels", "quantlab.statistics", "quantlab.histogram_merge", "quantlab.functional",
               "quantlab.tensor_quantizer", "quantlab.attach", "quantlab.cuda_graphs", "quantlab.batching",
-              "quantlab.scales", "quantlab.distributed"]),
+              "quantlab.scales", "quantlab.distributed", "quantlab.validation", "quantlab.outputs",
+              "quantlab.interrupts", "quantlab.devices"]),
     ("pipeline", ["quantlab.algorithms", "quantlab.pipeline", "quantlab.api", "quantlab.ptq"]),
+    # graph_models (saved .pt/.pt2 graphs rebuilt as quantizable modules: beside model_source, which loads
+    # them) and trust (whose code a recorded run would import: read by jobs and faces) are services.
     ("services", ["quantlab.data", "quantlab.models", "quantlab.model_source", "quantlab.export", "quantlab.runtimes",
-                  "quantlab.evaluation", "quantlab.store", "quantlab.sparsity"]),
+                  "quantlab.evaluation", "quantlab.store", "quantlab.sparsity",
+                  "quantlab.graph_models", "quantlab.trust"]),
     ("training", ["quantlab.qat"]),
     # Units of work recorded in the run store (compare, sensitivity, autoprecision, export, run, qat, report, demo).
     ("jobs", ["quantlab.jobs"]),
     ("faces", ["quantlab.cli", "quantlab.ui", "quantlab.__main__"]),
 ]
-# The run store's write methods, and the only modules allowed to call them.
-STORE_WRITES = {"create_run", "set_status", "add_results", "add_layer_stats", "add_artifact", "delete_run", "claim"}
+# The run store's write methods, and the only modules allowed to call them. (The store's prune is
+# ``prune_dead_runs``: a plain ``prune`` would also match the ONNX graph views' ``view.prune()``.)
+STORE_WRITES = {"create_run", "set_status", "add_results", "add_layer_stats", "add_artifact", "delete_run", "claim",
+                "prune_dead_runs"}
 STORE_WRITERS = ("quantlab.store", "quantlab.jobs.recorder")
 
 

@@ -83,8 +83,8 @@ def test_missing_scale_for_quantized_layer(tmp_path):
         ("[1, 2]", "not a quantlab scales file"),
         ('{"format": "quantlab.scales", "version": 99, "quantizers": []}', "unsupported scales version"),
         ('{"format": "quantlab.scales", "version": 1, "quantizers": []}', "no quantizers"),
-        ('{"format": "quantlab.scales", "version": 1, "quantizers": [{"module": "0"}]}', "entry 0 is invalid"),
-        ('{"format": "quantlab.scales", "version": 1, "quantizers": [{"module": "0", "role": "input", "amax": -1}]}', "finite and >= 0"),
+        ('{"format": "quantlab.scales", "version": 1, "quantizers": [{"module": "0"}]}', r"quantizers\[0\]: role is missing"),
+        ('{"format": "quantlab.scales", "version": 1, "quantizers": [{"module": "0", "role": "input", "amax": -1}]}', "amax must be >= 0"),
     ],
 )
 def test_bad_scales_files_name_the_file(tmp_path, content, message):

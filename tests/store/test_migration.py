@@ -1,5 +1,6 @@
 """Migrating a real version-1 store file to the current schema."""
 import json
+import os
 import sqlite3
 
 from quantlab.store import SCHEMA_VERSION, RunStore
@@ -31,7 +32,7 @@ def test_v1_file_migrates_and_keeps_everything(tmp_path):
     path = tmp_path / "runs.sqlite"
     _write_v1_store(path)
     store = RunStore(path)
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
     run = store.get_run("compare-1")
     assert run["config"] == {"calibrators": ["entropy"], "metric": "top1"}
     assert run["status"] == "done" and run["run_dir"] == "/tmp/r1" and run["updated_at"] == run["created_at"]
@@ -46,7 +47,7 @@ def test_v1_file_migrates_and_keeps_everything(tmp_path):
         columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
         assert "config" not in columns and "config_id" in columns
         assert conn.execute("SELECT COUNT(*) FROM configs").fetchone()[0] == 1  # same config de-duplicated
-        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
+        assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
     # New rows work on the migrated file, and opening again does not migrate twice.
     new_id = RunStore(path).create_run("sensitivity", model="m", parent_id="compare-1")
     assert RunStore(path).get_run(new_id)["parent_id"] == "compare-1"
@@ -60,14 +61,43 @@ def test_v2_file_gains_the_row_sqnr_columns(tmp_path):
     conn.execute("BEGIN")
     MIGRATIONS[1](conn)
     conn.execute("INSERT INTO schema_version (version) VALUES (2)")
-    conn.execute("INSERT INTO runs (id, kind, model, status, created_at, updated_at) VALUES ('c', 'compare', 'm', 'done', 't', 't')")
+    conn.execute("INSERT INTO runs (id, kind, model, status, created_at, updated_at) VALUES ('c', 'compare', 'm', 'running', 't', 't')")
     conn.execute("INSERT INTO layer_stats (run_id, calibrator, layer, sqnr_db, cosine, local_sqnr_db, sensitivity, rank) "
                  "VALUES ('c', 'mse', 'fc', 31.0, 0.99, 33.0, 0.5, 1)")
     conn.execute("COMMIT")
     conn.close()
     store = RunStore(path)
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
     (row,) = store.layer_stats("c")
     assert row["local_sqnr_db"] == 33.0 and row["rank"] == 1 and row["row_sqnr_db"] is None and row["local_row_sqnr_db"] is None
     store.add_layer_stats("c", [{"calibrator": "mse", "layer": "fc2", "local_row_sqnr_db": 4.5}])
     assert store.layer_stats("c")[1]["local_row_sqnr_db"] == 4.5
+
+
+def test_v3_file_gains_owners_and_keeps_its_runs_readable(tmp_path):
+    """A store written by schema 3 (no owner columns): rows keep their status; an old "running" row
+    has no owner, so its liveness is unknown and it stays running (nothing is guessed)."""
+    path = tmp_path / "runs.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(SCHEMA_V1)
+    conn.execute("BEGIN")
+    MIGRATIONS[1](conn)
+    MIGRATIONS[2](conn)
+    conn.execute("INSERT INTO schema_version (version) VALUES (2)")
+    conn.execute("INSERT INTO schema_version (version) VALUES (3)")
+    conn.execute("INSERT INTO runs (id, kind, model, status, created_at, updated_at) VALUES ('old', 'compare', 'm', 'running', 't1', 't1')")
+    conn.execute("INSERT INTO runs (id, kind, model, status, created_at, updated_at) VALUES ('fin', 'qat', 'm', 'done', 't0', 't0')")
+    conn.execute("COMMIT")
+    conn.close()
+    store = RunStore(path)
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    old = store.get_run("old")
+    assert old["status"] == old["recorded_status"] == "running" and old["owner"] is None
+    assert store.get_run("fin")["status"] == "done"
+    assert store.prune_dead_runs() == []  # no owner recorded: never marked interrupted by guess
+    with sqlite3.connect(path) as conn:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(runs)")}
+    assert {"owner_pid", "owner_host", "owner_start"} <= columns
+    # New runs on the migrated file record their owner.
+    new_id = store.create_run("compare", model="m")
+    assert store.get_run(new_id)["owner"]["pid"] == os.getpid()

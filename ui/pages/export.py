@@ -68,7 +68,8 @@ if not onnx_files and scales_by_cal and run["kind"] == "compare" and run["status
         names = list(scales_by_cal)
         best = data.best_calibrator(run)
         export_cal = row[0].selectbox("Calibrator", names, index=names.index(best) if best in names else 0, key="export-now-cal")
-        if row[1].button("Export now", key="export-now", type="primary", icon=":material/output:"):
+        trusted = components.code_trust_gate(run, "export-now")
+        if row[1].button("Export now", key="export-now", type="primary", icon=":material/output:", disabled=not trusted):
             try:
                 with st.spinner("Exporting Q/DQ ONNX..."):
                     outcome = data.export_now(run, export_cal)

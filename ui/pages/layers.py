@@ -133,7 +133,8 @@ with tab_mixed:
         fp32_row = next((r for r in results if r["precision"] == "fp32" and r["metric"] == metric), None)
         prediction = summaries.predicted_effect(order, fp16_layers, int8_delta=int8_row["delta"] if int8_row else None, higher=higher)
         act = st.container(horizontal=True)
-        measure = act.button("Measure now", key="layers-measure", icon=":material/speed:", disabled=not fp16_layers,
+        trusted = components.code_trust_gate(run, "layers-measure")
+        measure = act.button("Measure now", key="layers-measure", icon=":material/speed:", disabled=not fp16_layers or not trusted,
                              help="Re-evaluates FP32, all-INT8 and the mixed model on the run's eval data")
         save = act.button("Save as mixed-precision config", key="layers-save", icon=":material/save:", disabled=not fp16_layers)
         if measure:

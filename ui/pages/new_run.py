@@ -6,6 +6,7 @@ from quantlab.ui import components, data
 from quantlab.jobs.demo_spec import PRECISIONS, JobSpec, default_out_dir, demo_spec
 
 components.require_store()
+components.remote_code_warning()
 components.header("New run", "Calibrate with every calibrator you pick, score FP32 / FP16 / INT8 on the same eval data, optionally rank layers and export.")
 
 

@@ -28,7 +28,7 @@ if running:
 f = st.columns([3, 2, 2])
 text = f[0].text_input("Filter", placeholder="model, data, name or id", key="runs-filter", icon=":material/search:")
 kinds = f[1].multiselect("Kind", sorted(table["kind"].unique()), key="runs-kinds", placeholder="all kinds")
-statuses = f[2].multiselect("Status", ["running", "done", "failed"], key="runs-status", placeholder="any status")
+statuses = f[2].multiselect("Status", ["running", "done", "failed", "interrupted"], key="runs-status", placeholder="any status")
 
 view = table
 if text:

@@ -199,7 +199,11 @@ def build_engine(onnx_path: Union[str, Path], plan_path: Union[str, Path], optio
     """
     from quantlab.export.graph import load_onnx
 
+    from quantlab.outputs import ENGINE_FILE, check_output_file
+
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    check_output_file(plan_path, label="plan", inputs={"the ONNX model": onnx_path, "the timing cache": options.timing_cache},
+                      replace=ENGINE_FILE)
     load_onnx(onnx_path, check=False)  # clear error for a missing or non-ONNX file before TensorRT
     trt = import_tensorrt()
     start = time.perf_counter()

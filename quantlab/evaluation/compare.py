@@ -12,6 +12,11 @@
   ``extra_candidates`` (any callable taking the model's inputs), evaluated on the
   same batches and reported the same way.
 * Per-layer SQNR / cosine per calibrator on a few batches (:mod:`.layers`).
+* Every metric row carries n, a 95% interval and a paired test against FP32 on
+  the same samples (:mod:`.noise`); every configuration gets an output-fidelity
+  row against FP32's outputs (:mod:`.fidelity`: max abs / relative error, cosine,
+  KL of the softmax, top-1 agreement), on the first eval batches up to
+  :data:`FIDELITY_MAX_ELEMENTS` kept FP32 output values.
 
 This is measurement only: nothing is recorded or written. The compare job
 (:func:`quantlab.jobs.compare.run_compare`) records the rows as they come (the
@@ -34,7 +39,9 @@ from quantlab.config import QuantConfig, int8_config
 from quantlab.errors import ConfigError
 from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import Evaluation, evaluate, evaluate_reference
+from quantlab.evaluation.fidelity import FidelityAccumulator
 from quantlab.evaluation.layers import LayerError, layer_errors
+from quantlab.evaluation.noise import MetricNoise, SampleScores, metric_noise
 from quantlab.evaluation.tasks import Task, batches_of, task_for_metric
 from quantlab.ptq import PTQResult, parse_calibrators, run_ptq
 
@@ -42,6 +49,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 Progress = Callable[[str, int, int], None]
 #: ``on_rows(rows, fraction)``: the rows of one evaluated configuration and the share of the work done.
 OnRows = Callable[[List["ResultRow"], float], None]
+#: FP32 output values kept for the output-fidelity comparison (the first batch is always kept).
+FIDELITY_MAX_ELEMENTS = 1 << 25
 
 
 @dataclasses.dataclass
@@ -76,6 +85,33 @@ class ResultRow:
     value: float
     delta: Optional[float]
     seconds: Optional[float]
+    n: Optional[int] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    ci_method: Optional[str] = None
+    p_value: Optional[float] = None
+    paired_test: Optional[str] = None
+    within_noise: Optional[bool] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FidelityRow:
+    """Output fidelity of one precision/calibrator against FP32 (the run store's ``fidelity`` row;
+    fields as :class:`quantlab.evaluation.fidelity.Fidelity`)."""
+
+    precision: str
+    calibrator: Optional[str]
+    source: str
+    n: int
+    top1_agreement: Optional[float]
+    max_abs_error: float
+    max_rel_error: float
+    mean_cosine: float
+    one_minus_cosine: float
+    kl_divergence: Optional[float]
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -113,6 +149,8 @@ class CompareResult:
     eval_batches: int
     settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
     sparsity: Any = None
+    fidelity: List[FidelityRow] = dataclasses.field(default_factory=list)
+    deployment: List[Any] = dataclasses.field(default_factory=list)
 
     def value(self, precision: str, calibrator: Optional[str] = None, metric: Optional[str] = None) -> float:
         """The value of ``metric`` (default primary) for a precision (and calibrator)."""
@@ -145,13 +183,45 @@ def parse_precisions(precisions: Union[str, Sequence[str]]) -> List[str]:
     return ["fp32"] + [p for p in PRECISIONS[1:] if p in names]
 
 
-def _rows(precision: str, calibrator: Optional[str], source: str, evaluation: Evaluation, fp32: Dict[str, float]) -> List[ResultRow]:
+def _rows(precision: str, calibrator: Optional[str], source: str, evaluation: Evaluation, fp32: Dict[str, float],
+          noise: Optional[Dict[str, MetricNoise]] = None) -> List[ResultRow]:
     rows = []
     for metric, value in evaluation.metrics.items():
         reference = fp32.get(metric)
         delta = None if reference is None or math.isinf(reference) or math.isinf(value) else value - reference
-        rows.append(ResultRow(precision, calibrator, source, metric, float(value), delta, evaluation.seconds))
+        extra = (noise or {}).get(metric)
+        rows.append(ResultRow(precision, calibrator, source, metric, float(value), delta, evaluation.seconds,
+                              **(extra.to_dict() if extra is not None else {})))
     return rows
+
+
+def noise_of(task: Task, evaluation: Evaluation, reference: Optional[Dict[str, SampleScores]]) -> Dict[str, MetricNoise]:
+    """n, 95% interval and (with FP32's ``reference`` scores) the paired test of every metric of ``evaluation``."""
+    scores = task.sample_scores(evaluation.state)
+    return {m: metric_noise(s, None if reference is None else reference.get(m)) for m, s in scores.items()}
+
+
+class _FidelityPass:
+    """Keeps FP32's outputs (up to :data:`FIDELITY_MAX_ELEMENTS`) and compares each later pass with them."""
+
+    def __init__(self, logits: bool) -> None:
+        self.logits = logits
+        self.reference: List[torch.Tensor] = []
+        self.kept = 0
+
+    def keep(self, index: int, outputs: torch.Tensor) -> None:
+        if index == len(self.reference) and (not self.reference or self.kept + outputs.numel() <= FIDELITY_MAX_ELEMENTS):
+            self.reference.append(outputs.detach().cpu())
+            self.kept += outputs.numel()
+
+    def accumulator(self) -> FidelityAccumulator:
+        return FidelityAccumulator(logits=self.logits)
+
+    def feed(self, accumulator: FidelityAccumulator) -> Callable[[int, torch.Tensor], None]:
+        def on_outputs(index: int, outputs: torch.Tensor) -> None:
+            if index < len(self.reference) and outputs.shape == self.reference[index].shape:
+                accumulator.update(outputs, self.reference[index])
+        return on_outputs
 
 
 def compare(
@@ -173,6 +243,7 @@ def compare(
     on_reference: Optional[Callable[[Dict[str, Any]], None]] = None,
     on_rows: Optional[OnRows] = None,
     on_layers: Optional[Callable[[str, List[LayerError]], None]] = None,
+    on_fidelity: Optional[Callable[[List[FidelityRow]], None]] = None,
 ) -> CompareResult:
     """Evaluates FP32, FP16 and INT8 (per calibrator) on the same eval batches.
 
@@ -196,6 +267,8 @@ def compare(
             model, data and metric, before any other work (see :attr:`CompareResult.settings`).
         on_rows: ``on_rows(rows, fraction)`` after each evaluated configuration.
         on_layers: ``on_layers(calibrator, layer_errors)`` after each calibrator's per-layer pass.
+        on_fidelity: ``on_fidelity(rows)`` with the output-fidelity row of each configuration
+            after its rows (FP32 has none: it is the reference).
 
     Raises:
         EvaluationError / MetricError: the model, data or metric do not fit
@@ -218,7 +291,8 @@ def compare(
     batches = batches_of(eval_data, eval_batches)
     if not batches:
         raise EvaluationError("the eval data is empty: no batch to evaluate")
-    fp32 = evaluate_reference(model, task, batches, progress=stage("fp32", len(batches)))
+    outputs = _FidelityPass(task.outputs_are_logits)
+    fp32 = evaluate_reference(model, task, batches, progress=stage("fp32", len(batches)), on_outputs=outputs.keep)
     if metric not in fp32.metrics:
         raise EvaluationError(f"metric {metric!r} is not produced by the {task.name} task on this data (it gives {', '.join(fp32.metrics) or 'nothing'})")
 
@@ -236,8 +310,10 @@ def compare(
     if on_reference is not None:
         on_reference(dict(settings))
     rows: List[ResultRow] = []
+    fidelity: List[FidelityRow] = []
     steps = 1 + ("fp16" in wanted) + len(names)
     completed = 0
+    reference_scores = task.sample_scores(fp32.state)
 
     def record(new_rows: List[ResultRow]) -> None:
         nonlocal completed
@@ -246,12 +322,23 @@ def compare(
         if on_rows is not None:
             on_rows(list(new_rows), min(1.0, completed / steps))
 
-    record(_rows("fp32", None, "ptq", fp32, fp32.metrics))
+    def run(precision: str, calibrator: Optional[str], source: str, candidate: Any, **kwargs: Any) -> None:
+        accumulator = outputs.accumulator()
+        evaluation = evaluate(candidate, task, batches, on_outputs=outputs.feed(accumulator), **kwargs)
+        record(_rows(precision, calibrator, source, evaluation, fp32.metrics, noise_of(task, evaluation, reference_scores)))
+        measured = accumulator.result()
+        if measured is not None:
+            row = FidelityRow(precision, calibrator, source, **measured.to_dict())
+            fidelity.append(row)
+            if on_fidelity is not None:
+                on_fidelity([row])
+
+    record(_rows("fp32", None, "ptq", fp32, fp32.metrics, noise_of(task, fp32, None)))
     if "fp16" in wanted:
         # nn.Module.half, not model.half(): some libraries override half() and refuse (e.g. a
         # transformers model loaded from GGUF, whose weights are already de-quantized to FP32).
         half = nn.Module.half(copy.deepcopy(model))
-        record(_rows("fp16", None, "ptq", evaluate(half, task, batches, input_dtype=torch.float16, progress=stage("fp16", len(batches))), fp32.metrics))
+        run("fp16", None, "ptq", half, input_dtype=torch.float16, progress=stage("fp16", len(batches)))
         del half
     ptq: Optional[PTQResult] = None
     errors: Dict[str, List[LayerError]] = {}
@@ -261,18 +348,18 @@ def compare(
                       calibrator_params=calibrator_params, progress=stage("statistics", calib_batches or 0))
         for name in names:
             load_scales(quant, ptq.scales[name])
-            evaluation = evaluate(quant, task, batches, progress=stage(f"int8 {name}", len(batches)))
-            record(_rows("int8", name, "ptq", evaluation, fp32.metrics))
+            run("int8", name, "ptq", quant, progress=stage(f"int8 {name}", len(batches)))
             if layer_batches > 0:
                 errors[name] = layer_errors(model, quant, batches[:layer_batches], inputs_of=task.inputs)
                 if on_layers is not None:
                     on_layers(name, errors[name])
         if extra_candidates is not None:
             for candidate in extra_candidates(ptq):
-                evaluation = evaluate(candidate.model, task, batches, input_dtype=candidate.input_dtype, device=candidate.device)
-                record(_rows(candidate.precision, candidate.calibrator, candidate.source, evaluation, fp32.metrics))
+                run(candidate.precision, candidate.calibrator, candidate.source, candidate.model,
+                    input_dtype=candidate.input_dtype, device=candidate.device)
         del quant
+    outputs.reference.clear()
     return CompareResult(
         rows=rows, metric=metric, higher_is_better=task.higher_is_better(metric), task=task, ptq=ptq,
-        layer_errors=errors, run_id=None, run_dir=None, eval_batches=len(batches), settings=settings,
+        layer_errors=errors, run_id=None, run_dir=None, eval_batches=len(batches), settings=settings, fidelity=fidelity,
     )

@@ -39,6 +39,7 @@ def run_task(
     input_dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
     progress: Optional[Callable[[int], None]] = None,
+    on_outputs: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> Evaluation:
     """Runs every batch through ``model`` and folds the outputs into a task state.
 
@@ -54,6 +55,8 @@ def run_task(
         input_dtype: Cast floating-point inputs to this dtype (FP16 models).
         device: Where inputs go for a non-module callable (default CPU).
         progress: Called with the number of batches done.
+        on_outputs: Called with each batch's index and the task's output tensor
+            (output fidelity against FP32: :mod:`quantlab.evaluation.fidelity`).
 
     Raises:
         EvaluationError: the model fails on a batch or its outputs do not fit the
@@ -82,6 +85,8 @@ def run_task(
                     f"the model failed on eval batch {index} (inputs {_describe(inputs)}): {type(exc).__name__}: {exc}"
                 ) from exc
             task.update(state, outputs, batch, index)
+            if on_outputs is not None:
+                on_outputs(index, outputs)
             if progress is not None:
                 progress(index + 1)
     return Evaluation(metrics={}, seconds=time.perf_counter() - start, num_batches=len(batches), state=state)

@@ -28,6 +28,7 @@ import torch
 
 from quantlab.batching import call_model, main_tensor, split_batch
 from quantlab.evaluation.errors import EvaluationError, MetricError, UnknownMetricError
+from quantlab.evaluation.noise import SampleScores
 from quantlab.evaluation.probe import LinearProbe
 
 
@@ -65,6 +66,8 @@ class Task(abc.ABC):
     name: str = "task"
     metrics: Tuple[str, ...] = ()
     lower_is_better: FrozenSet[str] = frozenset()
+    #: :meth:`forward` returns logits over its last dimension (output fidelity adds agreement and KL).
+    outputs_are_logits: bool = False
 
     def higher_is_better(self, metric: str) -> bool:
         return metric not in self.lower_is_better
@@ -101,6 +104,11 @@ class Task(abc.ABC):
     def set_reference(self, fp32_state: Dict[str, Any]) -> None:
         """Receives the FP32 state (for metrics relative to FP32). Default: nothing."""
 
+    def sample_scores(self, state: Dict[str, Any]) -> Dict[str, SampleScores]:
+        """Per-sample values behind each metric of a finished state (for n, intervals and paired
+        tests: :mod:`quantlab.evaluation.noise`). Default: none (a user metric over the whole set)."""
+        return {}
+
 
 # -- image classification ----------------------------------------------------------------------------
 class ClassificationTask(Task):
@@ -109,9 +117,10 @@ class ClassificationTask(Task):
 
     name = "classification"
     metrics = ("top1", "top5", "top1_agreement")
+    outputs_are_logits = True
 
     def new_state(self) -> Dict[str, Any]:
-        return {"correct1": 0, "correct5": 0, "count": 0, "predictions": [], "num_classes": None}
+        return {"correct1": 0, "correct5": 0, "count": 0, "predictions": [], "num_classes": None, "hits1": [], "hits5": []}
 
     def update(self, state, outputs, batch, index):
         targets = self.targets(batch)
@@ -130,8 +139,11 @@ class ClassificationTask(Task):
         targets = targets.to(outputs.device)
         k = min(5, outputs.shape[1])
         top = outputs.topk(k, dim=1).indices
-        state["correct1"] += int((top[:, 0] == targets).sum())
-        state["correct5"] += int((top == targets[:, None]).any(dim=1).sum())
+        hits1, hits5 = top[:, 0] == targets, (top == targets[:, None]).any(dim=1)
+        state["correct1"] += int(hits1.sum())
+        state["correct5"] += int(hits5.sum())
+        state.setdefault("hits1", []).append(hits1.cpu())
+        state.setdefault("hits5", []).append(hits5.cpu())
         state["count"] += int(targets.shape[0])
         state["predictions"].append(top[:, 0].cpu())
         state["num_classes"] = outputs.shape[1]
@@ -151,6 +163,19 @@ class ClassificationTask(Task):
 
     def set_reference(self, fp32_state):
         self._reference = torch.cat(fp32_state["predictions"]) if fp32_state["predictions"] else None
+
+    def sample_scores(self, state):
+        if not state.get("hits1"):
+            return {}
+        out = {"top1": SampleScores("proportion", torch.cat(state["hits1"]).double().tolist())}
+        if (state["num_classes"] or 0) > 5:
+            out["top5"] = SampleScores("proportion", torch.cat(state["hits5"]).double().tolist())
+        reference = getattr(self, "_reference", None)
+        if reference is not None:
+            predictions = torch.cat(state["predictions"])
+            if predictions.shape == reference.shape:
+                out["top1_agreement"] = SampleScores("proportion", (predictions == reference).double().tolist(), paired=False)
+        return out
 
 
 # -- sentence embeddings ------------------------------------------------------------------------------
@@ -253,6 +278,21 @@ class EmbeddingTask(Task):
             out["probe_accuracy"] = self._probe.accuracy(embeddings[test], labels[test])
         return out
 
+    def sample_scores(self, state):
+        if not state["embeddings"]:
+            return {}
+        embeddings = torch.cat(state["embeddings"])
+        out: Dict[str, SampleScores] = {}
+        if self._reference is not None and self._reference.shape == embeddings.shape:
+            cos = torch.nn.functional.cosine_similarity(embeddings.double(), self._reference.double(), dim=1)
+            out["cosine"] = SampleScores("mean", cos.tolist(), paired=False)
+        if self._probe is not None and state["labels"]:
+            labels = torch.cat(state["labels"])
+            _, test = self.probe_split(len(labels))
+            hits = (self._probe.predict(embeddings[test]).view(-1) == labels[test].view(-1)).double()
+            out["probe_accuracy"] = SampleScores("proportion", hits.tolist())
+        return out
+
 
 # -- causal language models -----------------------------------------------------------------------------
 class CausalLMTask(Task):
@@ -265,6 +305,7 @@ class CausalLMTask(Task):
     name = "causal_lm"
     metrics = ("perplexity", "token_agreement", "next_token_accuracy")
     lower_is_better = frozenset({"perplexity"})
+    outputs_are_logits = True
 
     def inputs(self, batch):
         if isinstance(batch, dict):
@@ -280,7 +321,7 @@ class CausalLMTask(Task):
         return first_tensor(call_model(model, inputs))
 
     def new_state(self):
-        return {"nll": 0.0, "count": 0, "correct": 0, "predictions": []}
+        return {"nll": 0.0, "count": 0, "correct": 0, "predictions": [], "token_nll": [], "token_hits": []}
 
     def update(self, state, outputs, batch, index):
         ids = batch["input_ids"] if isinstance(batch, dict) else (batch if isinstance(batch, torch.Tensor) else split_batch(batch)[0])
@@ -297,9 +338,13 @@ class CausalLMTask(Task):
             valid &= batch["labels"][:, 1:] != -100
         logits = outputs[:, :-1][valid].float()
         wanted = targets[valid]
-        state["nll"] += float(torch.nn.functional.cross_entropy(logits, wanted, reduction="sum"))
+        token_nll = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+        state["nll"] += float(token_nll.sum())
         predicted = logits.argmax(dim=-1)
-        state["correct"] += int((predicted == wanted).sum())
+        hits = predicted == wanted
+        state["correct"] += int(hits.sum())
+        state.setdefault("token_nll", []).append(token_nll.detach().float().cpu())
+        state.setdefault("token_hits", []).append(hits.cpu())
         state["count"] += int(wanted.numel())
         state["predictions"].append(predicted.to(torch.int32).cpu())
 
@@ -320,6 +365,21 @@ class CausalLMTask(Task):
 
     def set_reference(self, fp32_state):
         self._reference = torch.cat(fp32_state["predictions"]) if fp32_state["predictions"] else None
+
+    def sample_scores(self, state):
+        if not state.get("token_nll"):
+            return {}
+        out = {
+            "perplexity": SampleScores("exp_mean", torch.cat(state["token_nll"]).double().tolist(), unit="tokens"),
+            "next_token_accuracy": SampleScores("proportion", torch.cat(state["token_hits"]).double().tolist(), unit="tokens"),
+        }
+        reference = getattr(self, "_reference", None)
+        if reference is not None:
+            predictions = torch.cat(state["predictions"])
+            if predictions.shape == reference.shape:
+                out["token_agreement"] = SampleScores("proportion", (predictions == reference).double().tolist(),
+                                                      unit="tokens", paired=False)
+        return out
 
 
 # -- user metric function ---------------------------------------------------------------------------------

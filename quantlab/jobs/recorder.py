@@ -114,6 +114,20 @@ class RecordedRun:
         if self.recording and rows:
             self._recorder.store.add_layer_stats(self.run_id, rows)
 
+    def fidelity(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Adds output-fidelity rows (see :meth:`quantlab.store.RunStore.add_fidelity`)."""
+        self._rows_allowed("fidelity rows")
+        rows = [dict(r) for r in rows]
+        if self.recording and rows:
+            self._recorder.store.add_fidelity(self.run_id, rows)
+
+    def deployment(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Adds deployment-cost rows (see :meth:`quantlab.store.RunStore.add_deployment`)."""
+        self._rows_allowed("deployment rows")
+        rows = [dict(r) for r in rows]
+        if self.recording and rows:
+            self._recorder.store.add_deployment(self.run_id, rows)
+
     def artifact(self, kind: str, path: PathLike) -> None:
         """Records a file the run wrote (scales, onnx, report, checkpoint, ...)."""
         if self.recording:

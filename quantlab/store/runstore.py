@@ -36,12 +36,24 @@ FINAL_STATUSES = ("done", "failed", "interrupted")
 PRECISIONS = ("fp32", "fp16", "int8")
 SOURCES = ("ptq", "qat", "mixed", "sparse", "sparse-qat")  # sparse: 2:4 + INT8 (quantlab.sparsity)
 
-_RESULT_KEYS = {"precision", "calibrator", "source", "metric", "value", "delta", "seconds"}
+#: Noise of a result row (schema 5): n, the 95% interval and the paired test against FP32.
+_NOISE_KEYS = ("n", "ci_low", "ci_high", "ci_method", "p_value", "paired_test", "within_noise")
+_RESULT_KEYS = {"precision", "calibrator", "source", "metric", "value", "delta", "seconds", *_NOISE_KEYS}
 _LAYER_KEYS = {
     "calibrator", "layer", "sqnr_db", "cosine", "sensitivity", "rank", "local_sqnr_db", "local_cosine",
-    "row_sqnr_db", "local_row_sqnr_db",
+    "row_sqnr_db", "local_row_sqnr_db", "sensitivity_n", "sensitivity_p", "sensitivity_within_noise",
 }
-_LAYER_NUMBERS = ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db", "local_row_sqnr_db", "sensitivity")
+_LAYER_NUMBERS = ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db", "local_row_sqnr_db", "sensitivity",
+                  "sensitivity_p")
+#: Output fidelity against FP32 per configuration (schema 5; see quantlab.evaluation.fidelity).
+_FIDELITY_NUMBERS = ("top1_agreement", "max_abs_error", "max_rel_error", "mean_cosine", "one_minus_cosine", "kl_divergence")
+_FIDELITY_KEYS = {"precision", "calibrator", "source", "n", *_FIDELITY_NUMBERS}
+#: Deployment cost of an exported file per runtime and batch size (schema 5; see quantlab.evaluation.cost).
+_DEPLOYMENT_TEXTS = ("runtime", "label", "status", "onnx_file", "onnx_sha256", "note")
+_DEPLOYMENT_INTS = ("batch_size", "warmup", "repeats")
+_DEPLOYMENT_NUMBERS = ("latency_ms_min", "latency_ms_median", "size_mb")
+_DEPLOYMENT_KEYS = {"precision", "calibrator", "source", *_DEPLOYMENT_TEXTS, *_DEPLOYMENT_INTS, *_DEPLOYMENT_NUMBERS}
+DEPLOYMENT_STATUSES = ("measured", "not installed", "failed")
 _RUN_COLUMNS = (
     "id, kind, name, model, data, eval_data, config_id, run_dir, parent_id, status, progress, error, created_at, updated_at, "
     "owner_pid, owner_host, owner_start"
@@ -59,6 +71,52 @@ def default_store_path() -> Path:
 def _now() -> str:
     # Microseconds keep creation order when several runs start within one second.
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _count(value: Any, what: str) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreError(f"{what} must be a non-negative integer or None, got {value!r}")
+    return int(value)
+
+
+def _flag(value: Any, what: str) -> Optional[int]:
+    if value is None:
+        return None
+    if not isinstance(value, bool) and value not in (0, 1):
+        raise StoreError(f"{what} must be true, false or None, got {value!r}")
+    return int(bool(value))
+
+
+def _text(value: Any, what: str, *, allow_none: bool = True) -> Optional[str]:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or (value == "" and not allow_none):
+        raise StoreError(f"{what} must be a {'non-empty ' if not allow_none else ''}string, got {value!r}")
+    return value
+
+
+def _configuration(row: Mapping[str, Any], where: str) -> tuple:
+    """(precision, calibrator, source) of a row, validated."""
+    precision = row.get("precision")
+    if precision not in PRECISIONS:
+        raise StoreError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    source = row.get("source") or "ptq"
+    if source not in SOURCES:
+        raise StoreError(f"{where}: source must be one of {', '.join(SOURCES)}, got {source!r}")
+    calibrator = row.get("calibrator")
+    if calibrator is not None and not isinstance(calibrator, str):
+        raise StoreError(f"{where}: calibrator must be a string or None, got {calibrator!r}")
+    return precision, calibrator, source
+
+
+def _bools(rows: List[Dict[str, Any]], keys: Iterable[str]) -> List[Dict[str, Any]]:
+    for row in rows:
+        for key in keys:
+            if row.get(key) is not None:
+                row[key] = bool(row[key])
+    return rows
 
 
 def _number(value: Any, what: str, *, allow_none: bool = True, allow_inf: bool = True) -> Optional[float]:
@@ -394,7 +452,9 @@ class RunStore:
 
         Each row: ``precision`` ("fp32" | "fp16" | "int8"), ``calibrator`` (str or
         None), ``source`` ("ptq" | "qat" | "mixed", default "ptq"), ``metric``,
-        ``value``, ``delta`` (vs FP32, or None), ``seconds`` (or None).
+        ``value``, ``delta`` (vs FP32, or None), ``seconds`` (or None); optionally the noise
+        (schema 5): ``n``, ``ci_low``/``ci_high`` (95% interval), ``ci_method``, ``p_value``
+        and ``paired_test`` (against FP32 on the same samples), ``within_noise``.
 
         Raises:
             StoreError: a row is invalid (the message names the row); nothing is added.
@@ -424,22 +484,30 @@ class RunStore:
                     _number(row.get("value"), f"{where} ({metric}) value", allow_none=False),
                     _number(row.get("delta"), f"{where} ({metric}) delta"),
                     _number(row.get("seconds"), f"{where} seconds", allow_inf=False),
+                    _count(row.get("n"), f"{where} ({metric}) n"),
+                    _number(row.get("ci_low"), f"{where} ({metric}) ci_low"),
+                    _number(row.get("ci_high"), f"{where} ({metric}) ci_high"),
+                    _text(row.get("ci_method"), f"{where} ({metric}) ci_method"),
+                    _number(row.get("p_value"), f"{where} ({metric}) p_value", allow_inf=False),
+                    _text(row.get("paired_test"), f"{where} ({metric}) paired_test"),
+                    _flag(row.get("within_noise"), f"{where} ({metric}) within_noise"),
                 )
             )
         with self._write() as conn:
             self._require_running(conn, run_id, "adding results")
             conn.executemany(
-                "INSERT INTO results (run_id, precision, calibrator, source, metric, value, delta, seconds) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO results (run_id, precision, calibrator, source, metric, value, delta, seconds, "
+                f"{', '.join(_NOISE_KEYS)}) VALUES ({', '.join('?' * (8 + len(_NOISE_KEYS)))})",
                 values,
             )
             conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (_now(), run_id))
 
     def results(self, run_id: str) -> List[Dict[str, Any]]:
-        """The run's metric rows in insertion order."""
-        return self._rows(
-            run_id, "SELECT precision, calibrator, source, metric, value, delta, seconds FROM results WHERE run_id = ? ORDER BY id"
-        )
+        """The run's metric rows in insertion order (``within_noise`` as a bool or None)."""
+        return _bools(self._rows(
+            run_id, "SELECT precision, calibrator, source, metric, value, delta, seconds, "
+            f"{', '.join(_NOISE_KEYS)} FROM results WHERE run_id = ? ORDER BY id"
+        ), ("within_noise",))
 
     def add_layer_stats(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
         """Adds per-layer rows (all or none).
@@ -463,23 +531,87 @@ class RunStore:
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
                 raise StoreError(f"{where} ('{layer}'): rank must be an integer or None, got {rank!r}")
             numbers = tuple(_number(row.get(key), f"{where} ('{layer}') {key}") for key in _LAYER_NUMBERS)
-            values.append((run_id, row.get("calibrator"), layer) + numbers + (rank,))
-        columns = ", ".join(("run_id", "calibrator", "layer") + _LAYER_NUMBERS + ("rank",))
+            noise = (_count(row.get("sensitivity_n"), f"{where} ('{layer}') sensitivity_n"),
+                     _flag(row.get("sensitivity_within_noise"), f"{where} ('{layer}') sensitivity_within_noise"))
+            values.append((run_id, row.get("calibrator"), layer) + numbers + (rank,) + noise)
+        columns = ", ".join(("run_id", "calibrator", "layer") + _LAYER_NUMBERS + ("rank", "sensitivity_n", "sensitivity_within_noise"))
         with self._write() as conn:
             self._require_running(conn, run_id, "adding per-layer rows")
             conn.executemany(
-                f"INSERT INTO layer_stats ({columns}) VALUES ({', '.join('?' * (len(_LAYER_NUMBERS) + 4))})",
+                f"INSERT INTO layer_stats ({columns}) VALUES ({', '.join('?' * (len(_LAYER_NUMBERS) + 6))})",
                 values,
             )
             conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (_now(), run_id))
 
     def layer_stats(self, run_id: str) -> List[Dict[str, Any]]:
         """The run's per-layer rows in insertion order."""
-        return self._rows(
+        return _bools(self._rows(
             run_id,
             "SELECT calibrator, layer, sqnr_db, cosine, local_sqnr_db, local_cosine, row_sqnr_db, local_row_sqnr_db, "
-            "sensitivity, rank FROM layer_stats WHERE run_id = ? ORDER BY id",
-        )
+            "sensitivity, rank, sensitivity_n, sensitivity_p, sensitivity_within_noise FROM layer_stats WHERE run_id = ? ORDER BY id",
+        ), ("sensitivity_within_noise",))
+
+    def add_fidelity(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Adds output-fidelity rows (all or none): ``precision``, ``calibrator``, ``source``, ``n``
+        (samples compared) and ``top1_agreement``, ``max_abs_error``, ``max_rel_error``,
+        ``mean_cosine``, ``one_minus_cosine``, ``kl_divergence`` (None ok; see
+        :mod:`quantlab.evaluation.fidelity`)."""
+        values = []
+        for i, row in enumerate(rows):
+            where = f"fidelity row {i}"
+            unknown = set(row) - _FIDELITY_KEYS
+            if unknown:
+                raise StoreError(f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_FIDELITY_KEYS)}")
+            n = _count(row.get("n"), f"{where} n")
+            if n is None:
+                raise StoreError(f"{where}: n (samples compared) is required")
+            values.append((run_id,) + _configuration(row, where) + (n,)
+                          + tuple(_number(row.get(k), f"{where} {k}") for k in _FIDELITY_NUMBERS))
+        columns = ", ".join(("run_id", "precision", "calibrator", "source", "n") + _FIDELITY_NUMBERS)
+        with self._write() as conn:
+            self._require_running(conn, run_id, "adding fidelity rows")
+            conn.executemany(f"INSERT INTO fidelity ({columns}) VALUES ({', '.join('?' * (5 + len(_FIDELITY_NUMBERS)))})", values)
+            conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (_now(), run_id))
+
+    def fidelity(self, run_id: str) -> List[Dict[str, Any]]:
+        """The run's output-fidelity rows in insertion order (empty for runs before schema 5)."""
+        columns = ", ".join(("precision", "calibrator", "source", "n") + _FIDELITY_NUMBERS)
+        return self._rows(run_id, f"SELECT {columns} FROM fidelity WHERE run_id = ? ORDER BY id")
+
+    def add_deployment(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Adds deployment-cost rows (all or none): ``precision``, ``calibrator``, ``source``,
+        ``runtime``, ``label`` (the timing's source in words), ``status`` ("measured",
+        "not installed", "failed"), ``batch_size``, ``latency_ms_min``, ``latency_ms_median``,
+        ``warmup``, ``repeats``, ``size_mb``, ``onnx_file``, ``onnx_sha256``, ``note`` (see
+        :mod:`quantlab.evaluation.cost`). A measured row must carry its latency, batch size and file hash."""
+        values = []
+        for i, row in enumerate(rows):
+            where = f"deployment row {i}"
+            unknown = set(row) - _DEPLOYMENT_KEYS
+            if unknown:
+                raise StoreError(f"{where} has unknown key(s) {sorted(unknown)}; allowed: {sorted(_DEPLOYMENT_KEYS)}")
+            configuration = _configuration(row, where)
+            texts = tuple(_text(row.get(k), f"{where} {k}", allow_none=k not in ("runtime", "label", "status"))
+                          for k in _DEPLOYMENT_TEXTS)
+            if row.get("status") not in DEPLOYMENT_STATUSES:
+                raise StoreError(f"{where}: status must be one of {', '.join(DEPLOYMENT_STATUSES)}, got {row.get('status')!r}")
+            ints = tuple(_count(row.get(k), f"{where} {k}") for k in _DEPLOYMENT_INTS)
+            numbers = tuple(_number(row.get(k), f"{where} {k}", allow_inf=False) for k in _DEPLOYMENT_NUMBERS)
+            if row["status"] == "measured" and (row.get("latency_ms_median") is None or not row.get("batch_size")
+                                                or not row.get("onnx_sha256")):
+                raise StoreError(f"{where}: a measured row needs latency_ms_median, batch_size and onnx_sha256")
+            values.append((run_id,) + configuration + texts + ints + numbers)
+        columns = ", ".join(("run_id", "precision", "calibrator", "source") + _DEPLOYMENT_TEXTS + _DEPLOYMENT_INTS + _DEPLOYMENT_NUMBERS)
+        count = 4 + len(_DEPLOYMENT_TEXTS) + len(_DEPLOYMENT_INTS) + len(_DEPLOYMENT_NUMBERS)
+        with self._write() as conn:
+            self._require_running(conn, run_id, "adding deployment rows")
+            conn.executemany(f"INSERT INTO deployment ({columns}) VALUES ({', '.join('?' * count)})", values)
+            conn.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (_now(), run_id))
+
+    def deployment(self, run_id: str) -> List[Dict[str, Any]]:
+        """The run's deployment-cost rows in insertion order (empty for runs before schema 5)."""
+        columns = ", ".join(("precision", "calibrator", "source") + _DEPLOYMENT_TEXTS + _DEPLOYMENT_INTS + _DEPLOYMENT_NUMBERS)
+        return self._rows(run_id, f"SELECT {columns} FROM deployment WHERE run_id = ? ORDER BY id")
 
     def add_artifact(self, run_id: str, kind: str, path: PathLike) -> None:
         """Records an artifact file (scales, onnx, report, histograms, checkpoint, ...) of a run."""
@@ -500,13 +632,13 @@ class RunStore:
         """Removes a run and its rows (artifact files are left on disk)."""
         with self._write() as conn:
             self._require_run(conn, run_id)
-            for table in ("results", "layer_stats", "artifacts"):
+            for table in ("results", "layer_stats", "artifacts", "fidelity", "deployment"):
                 conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
-    def _rows(self, run_id: str, sql: str) -> List[Dict[str, Any]]:
+    def _rows(self, run_id: str, sql: str, *, require: bool = True) -> List[Dict[str, Any]]:
         with self._connect() as conn:
             rows = conn.execute(sql, (run_id,)).fetchall()
-            if not rows:
+            if not rows and require:
                 self._require_run(conn, run_id)
         return [dict(r) for r in rows]

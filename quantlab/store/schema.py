@@ -18,6 +18,13 @@ Version history:
        run, so readers show a ``running`` run whose owner died as ``interrupted``
        (older rows have no owner: their liveness is unknown and they keep their
        status). The status ``interrupted`` is new (a TEXT column: no change).
+    5. What INT8 buys and costs (issue 17). results gain n, ci_low, ci_high,
+       ci_method (the 95% interval), p_value, paired_test, within_noise (the
+       paired test against FP32 on the same samples); layer_stats gain
+       sensitivity_n, sensitivity_p, sensitivity_within_noise (the same test for
+       a layer's recovery); new tables ``fidelity`` (output comparison against
+       FP32 per configuration) and ``deployment`` (latency per batch and size of
+       the exported file, per runtime, with its source label and SHA-256).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import hashlib
 import sqlite3
 from typing import Callable, Dict
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA_V1 = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -154,7 +161,62 @@ def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
+    run_script(
+        conn,
+        """
+        ALTER TABLE results ADD COLUMN n INTEGER;
+        ALTER TABLE results ADD COLUMN ci_low REAL;
+        ALTER TABLE results ADD COLUMN ci_high REAL;
+        ALTER TABLE results ADD COLUMN ci_method TEXT;
+        ALTER TABLE results ADD COLUMN p_value REAL;
+        ALTER TABLE results ADD COLUMN paired_test TEXT;
+        ALTER TABLE results ADD COLUMN within_noise INTEGER;
+        ALTER TABLE layer_stats ADD COLUMN sensitivity_n INTEGER;
+        ALTER TABLE layer_stats ADD COLUMN sensitivity_p REAL;
+        ALTER TABLE layer_stats ADD COLUMN sensitivity_within_noise INTEGER;
+        CREATE TABLE fidelity (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            precision TEXT NOT NULL,
+            calibrator TEXT,
+            source TEXT NOT NULL DEFAULT 'ptq',
+            n INTEGER NOT NULL,
+            top1_agreement REAL,
+            max_abs_error REAL,
+            max_rel_error REAL,
+            mean_cosine REAL,
+            one_minus_cosine REAL,
+            kl_divergence REAL
+        );
+        CREATE TABLE deployment (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            precision TEXT NOT NULL,
+            calibrator TEXT,
+            source TEXT NOT NULL DEFAULT 'ptq',
+            runtime TEXT NOT NULL,
+            label TEXT NOT NULL,
+            status TEXT NOT NULL,
+            batch_size INTEGER,
+            latency_ms_min REAL,
+            latency_ms_median REAL,
+            warmup INTEGER,
+            repeats INTEGER,
+            size_mb REAL,
+            onnx_file TEXT,
+            onnx_sha256 TEXT,
+            note TEXT
+        );
+        CREATE INDEX idx_fidelity_run ON fidelity(run_id);
+        CREATE INDEX idx_deployment_run ON deployment(run_id)
+        """,
+    )
+
+
 #: ``MIGRATIONS[v]`` upgrades a store from version ``v`` to ``v + 1`` inside one transaction.
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4}
+MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5,
+}
 
 assert all(v in MIGRATIONS for v in range(1, SCHEMA_VERSION)), "a migration is missing"

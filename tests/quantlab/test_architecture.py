@@ -38,7 +38,7 @@ LAYERS = [
 # The run store's write methods, and the only modules allowed to call them. (The store's prune is
 # ``prune_dead_runs``: a plain ``prune`` would also match the ONNX graph views' ``view.prune()``.)
 STORE_WRITES = {"create_run", "set_status", "add_results", "add_layer_stats", "add_artifact", "delete_run", "claim",
-                "prune_dead_runs"}
+                "prune_dead_runs", "add_fidelity", "add_deployment"}
 STORE_WRITERS = ("quantlab.store", "quantlab.jobs.recorder")
 
 

@@ -151,6 +151,8 @@ class CompareResult:
     sparsity: Any = None
     fidelity: List[FidelityRow] = dataclasses.field(default_factory=list)
     deployment: List[Any] = dataclasses.field(default_factory=list)
+    #: The model inputs of the first eval batch (what a deployment measurement exports and times).
+    example_inputs: Any = dataclasses.field(default=None, repr=False)
 
     def value(self, precision: str, calibrator: Optional[str] = None, metric: Optional[str] = None) -> float:
         """The value of ``metric`` (default primary) for a precision (and calibrator)."""
@@ -362,4 +364,5 @@ def compare(
     return CompareResult(
         rows=rows, metric=metric, higher_is_better=task.higher_is_better(metric), task=task, ptq=ptq,
         layer_errors=errors, run_id=None, run_dir=None, eval_batches=len(batches), settings=settings, fidelity=fidelity,
+        example_inputs=task.inputs(batches[0]),
     )

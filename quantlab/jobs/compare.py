@@ -14,6 +14,11 @@ With ``sparsity`` (a :class:`quantlab.sparsity.compare.SparseCompare`) the run a
 gets "2:4 + INT8" rows (source ``sparse``: a pruned, calibrated copy per calibrator)
 and, on a CUDA device with cuSPARSELt, ``latency_ms`` rows of FP16 against the 2:4
 INT8 model, all recorded in the same run.
+
+Each configuration also gets its output fidelity against FP32 (``fidelity`` rows) and,
+unless ``deployment`` turns it off, its deployment cost: the exported ONNX file timed
+in ONNX Runtime at batch 1 and the eval batch size, with its size (``deployment``
+rows; :mod:`quantlab.jobs.deployment`).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from quantlab._io import write_text_atomic
 from quantlab.errors import ConfigError
 from quantlab.evaluation.compare import PRECISIONS, CompareResult, ResultRow, compare, parse_precisions
 from quantlab.evaluation.layers import LayerError
+from quantlab.jobs.deployment import DeploymentOptions, measure_deployment
 from quantlab.jobs.description import RunDescription, RunKind
 from quantlab.jobs.folders import JOB_FILES, commit_files, open_run_folder
 from quantlab.jobs.recorder import RecordedRun, Recorder
@@ -78,6 +84,7 @@ def run_compare(
     sparsity: Optional[SparseCompare] = None,
     folder: Any = None,
     inputs: Optional[Dict[str, Any]] = None,
+    deployment: Optional[DeploymentOptions] = None,
     **options: Any,
 ) -> CompareResult:
     """Compares FP32/FP16/INT8 (see :func:`quantlab.evaluation.compare.compare` for ``options``) and records it.
@@ -95,6 +102,8 @@ def run_compare(
             (:func:`quantlab.jobs.folders.open_run_folder`: the CLI takes it before loading
             the model); by default it is opened here, before any work.
         inputs: ``{label: path}`` of the run's inputs (none may lie in the folder), when opened here.
+        deployment: How to measure the exported files' latency and size (default: measured,
+            :class:`~quantlab.jobs.deployment.DeploymentOptions`; ``enabled=False`` skips it).
         options: ``metric``, ``task``, ``calibrators``, ``precisions``, ``config``,
             ``calib_batches``, ``eval_batches``, ``calibrator_params``, ``layer_batches``,
             ``extra_candidates``, ``progress``.
@@ -129,7 +138,7 @@ def run_compare(
                 return stack.enter_context(recorder.run(description(model, settings, describe, run_dir)))
 
             return compare_into(open_run, model, calib_data, eval_data, run_dir=run_dir, describe=describe,
-                                folder=folder, sparsity=sparsity, **options)
+                                folder=folder, sparsity=sparsity, deployment=deployment, **options)
     finally:
         if own_folder:
             folder.close()
@@ -146,6 +155,7 @@ def compare_into(
     folder: Any = None,
     record_progress: bool = True,
     sparsity: Optional[SparseCompare] = None,
+    deployment: Optional[DeploymentOptions] = None,
     **options: Any,
 ) -> CompareResult:
     """Measures and records into the run ``open_run(settings)`` gives once the reference pass validated the input.
@@ -166,9 +176,11 @@ def compare_into(
     try:
         run: Optional[RecordedRun] = None
 
+        deploy = deployment if deployment is not None else DeploymentOptions()
+
         def on_reference(settings: Dict[str, Any]) -> None:
             nonlocal run
-            run = open_run(settings)
+            run = open_run({**settings, **deploy.settings()})
 
         def on_rows(rows: List[ResultRow], fraction: float) -> None:
             run.results([r.to_dict() for r in rows])
@@ -178,7 +190,18 @@ def compare_into(
         def on_layers(calibrator: str, errors: List[LayerError]) -> None:
             run.layer_stats([e.to_row(calibrator) for e in errors])
 
-        result = compare(model, calib_data, eval_data, on_reference=on_reference, on_rows=on_rows, on_layers=on_layers, **options)
+        def on_fidelity(rows: List[Any]) -> None:
+            run.fidelity([r.to_dict() for r in rows])
+
+        result = compare(model, calib_data, eval_data, on_reference=on_reference, on_rows=on_rows, on_layers=on_layers,
+                         on_fidelity=on_fidelity, **options)
+        result.settings.update(deploy.settings())
+        if deploy.enabled and result.example_inputs is not None:
+            result.deployment = measure_deployment(
+                model, result.example_inputs, precisions=result.settings["precisions"],
+                scales=result.ptq.scales if result.ptq is not None else None, options=deploy,
+                on_rows=lambda rows: run.deployment([r.to_dict() for r in rows]),
+            )
         if sparse is not None:
             if pruned and sparsity.measure_speed:
                 # The kept copy holds the last calibrator's ranges (its rows were evaluated in order).
@@ -261,6 +284,8 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
             },
             "scales": scales_paths,
             "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
+            "fidelity": [r.to_dict() for r in result.fidelity],
+            "deployment": [r.to_dict() for r in result.deployment],
         }
         staged["results"] = write_text_atomic(stage / "results.json", json.dumps(_json_safe(results), indent=1))
         return staged

@@ -38,6 +38,7 @@ from quantlab.attach import iter_quantizers, quantization_disabled
 from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import evaluate, evaluate_reference
 from quantlab.evaluation.layers import PROXY_FIELDS, LayerError, layer_errors
+from quantlab.evaluation.noise import metric_noise
 from quantlab.evaluation.ranking import ranking_agreement
 from quantlab.evaluation.tasks import Task
 
@@ -93,6 +94,10 @@ class LayerSensitivity:
         sensitivity: Metric recovered by keeping this layer in float, vs all INT8
             (positive = the layer hurts; None if not evaluated).
         rank: 1 = most sensitive.
+        n: Samples (or tokens) the recovery was measured on (None if not evaluated).
+        p_value: Paired test of this layer-in-float model against all-INT8 on the same
+            samples (McNemar exact for proportions, paired t for means; :mod:`.noise`).
+        within_noise: p >= 0.05: the recovery cannot be told from noise on these samples.
     """
 
     layer: str
@@ -100,6 +105,9 @@ class LayerSensitivity:
     value: Optional[float]
     sensitivity: Optional[float]
     rank: int
+    n: Optional[int] = None
+    p_value: Optional[float] = None
+    within_noise: Optional[bool] = None
 
 
 @dataclasses.dataclass
@@ -154,6 +162,9 @@ class SensitivityResult:
                 "local_row_sqnr_db": error.local_row_sqnr_db if error else None,
                 "sensitivity": entry.sensitivity,
                 "rank": entry.rank,
+                "sensitivity_n": entry.n,
+                "sensitivity_p": entry.p_value,
+                "sensitivity_within_noise": entry.within_noise,
             })
         return rows
 
@@ -230,7 +241,10 @@ def rank_layers(
     spent = PROXY_FORWARDS_PER_BATCH * proxy_batches
     subset = batches[: plan["subset"]] if plan["subset"] else batches[:1]
     fp32 = evaluate_reference(fp32_model, task, subset).metrics
-    baseline = evaluate(quant_model, task, subset).metrics
+    baseline_pass = evaluate(quant_model, task, subset)
+    baseline = baseline_pass.metrics
+    baseline_scores = task.sample_scores(baseline_pass.state).get(metric)
+    noise = {}
     spent += 2 * len(subset)
     if metric not in baseline:
         raise EvaluationError(f"the task does not produce metric {metric!r} (it gives {', '.join(baseline)})")
@@ -239,7 +253,11 @@ def rank_layers(
     candidates = order[: plan["top_k"]]
     for i, layer in enumerate(candidates):
         with layers_in_float(quant_model, [layer]):
-            value = evaluate(quant_model, task, subset).metrics[metric]
+            candidate = evaluate(quant_model, task, subset)
+        value = candidate.metrics[metric]
+        scores = task.sample_scores(candidate.state).get(metric)
+        if scores is not None:
+            noise[layer] = metric_noise(scores, baseline_scores)
         spent += len(subset)
         values[layer] = value
         measured[layer] = improvement(task, metric, value, baseline[metric])
@@ -248,7 +266,9 @@ def rank_layers(
     # Evaluated layers by recovered metric (ties: proxy order), then the rest in proxy order.
     ranked = sorted(candidates, key=lambda n: (-measured[n], order.index(n))) + order[len(candidates):]
     layers = [
-        LayerSensitivity(layer=n, proxy_sqnr_db=proxy.get(n), value=values.get(n), sensitivity=measured.get(n), rank=i + 1)
+        LayerSensitivity(layer=n, proxy_sqnr_db=proxy.get(n), value=values.get(n), sensitivity=measured.get(n), rank=i + 1,
+                         n=noise[n].n if n in noise else None, p_value=noise[n].p_value if n in noise else None,
+                         within_noise=noise[n].within_noise if n in noise else None)
         for i, n in enumerate(ranked)
     ]
     return SensitivityResult(

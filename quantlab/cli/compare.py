@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from quantlab.cli._runs_common import StageProgress, add_store_arg, fmt, fmt_delta, open_store
+from quantlab.cli._compare_tables import print_compare_tables
+from quantlab.cli._runs_common import StageProgress, add_store_arg, fmt, open_store
 from quantlab.cli._sparsity import add_sparsity_args, validate_sparsity
 from quantlab.cli.common import (
     add_model_args,
@@ -11,7 +12,6 @@ from quantlab.cli.common import (
     calibrator_params_from_args,
     input_paths,
     load_cli_model,
-    print_table,
     quant_config_from_args,
 )
 
@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate at most this many batches")
     p.add_argument("--layer-batches", type=int, default=2, help="eval batches for per-layer SQNR (0 = skip; default 2)")
     p.add_argument("--out", required=True, help="run folder: run.json, scales.<calibrator>.json, results.json")
+    p.add_argument("--no-latency", action="store_true",
+                   help="skip the deployment cost (each configuration exported to ONNX and timed in ONNX Runtime)")
+    p.add_argument("--latency-threads", type=int, default=None, help="ONNX Runtime threads for the timing (default 2)")
+    p.add_argument("--latency-repeats", type=int, default=10, help="timed runs per batch size (default 10, after 3 warmup runs)")
     add_store_arg(p)
     add_quant_args(p)
     add_sparsity_args(p)
@@ -43,10 +47,14 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.evaluation.compare import parse_precisions
     from quantlab.evaluation.tasks import task_for_metric
     from quantlab.jobs.compare import run_compare
+    from quantlab.jobs.deployment import DeploymentOptions
     from quantlab.jobs.folders import JOB_FILES, open_run_folder
     from quantlab.ptq import parse_calibrators
 
     precisions = parse_precisions(args.precisions)  # validate before any expensive work
+    if args.latency_repeats < 1 or (args.latency_threads is not None and args.latency_threads < 1):
+        raise ValueError("--latency-repeats and --latency-threads must be at least 1")
+    deployment = DeploymentOptions(enabled=not args.no_latency, threads=args.latency_threads, repeats=args.latency_repeats)
     calibrators = parse_calibrators(args.calibrators) if "int8" in precisions else []
     task, metric = task_for_metric(args.metric)
     store = open_store(args)
@@ -77,23 +85,10 @@ def run(args: argparse.Namespace) -> int:
                 config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
                 calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
                 store=store, run_dir=args.out, describe=describe, progress=progress, folder=folder, sparsity=sparsity,
+                deployment=deployment,
             )
-    metrics = list(dict.fromkeys(r.metric for r in result.rows))
-    metrics.sort(key=lambda m: m != result.metric)
-    table = {}
-    for row in result.rows:
-        key = (row.precision, row.calibrator or "-", row.source)
-        table.setdefault(key, {"seconds": row.seconds})[row.metric] = row
-    headers = ["precision", "calibrator"] + [h for m in metrics for h in (m, f"Δ {m}")] + ["seconds"]
-    lines = []
-    for (precision, calibrator, source), cells in table.items():
-        line = [precision + ("" if source == "ptq" else f" ({source})"), calibrator]
-        for m in metrics:
-            r = cells.get(m)
-            line += [fmt(r.value) if r else "-", fmt_delta(r.delta) if r else "-"]
-        lines.append(line + [f"{cells['seconds']:.1f}" if cells["seconds"] is not None else "-"])
     print(f"{args.model} on {args.eval}: {result.eval_batches} eval batches")
-    print_table(lines, headers)
+    print_compare_tables(result)
     if result.ptq is not None:
         print(f"statistics pass: {result.ptq.num_batches} batches in {result.ptq.statistics_seconds:.1f} s (shared by {len(calibrators)} calibrators)")
     if result.best_calibrator:

@@ -76,6 +76,26 @@ def layer_stats(run: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
+def _fidelity(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
+    return _store(path).fidelity(run_id)
+
+
+def fidelity(run: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The run's output-fidelity rows against FP32 (empty for runs recorded before they existed)."""
+    return _fidelity(store_path(), run["id"], run.get("updated_at") or "")
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _deployment(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
+    return _store(path).deployment(run_id)
+
+
+def deployment(run: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The run's deployment-cost rows (latency and size of the exported files; empty for older runs)."""
+    return _deployment(store_path(), run["id"], run.get("updated_at") or "")
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
 def _artifacts(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
     return _store(path).artifacts(run_id)
 

@@ -46,6 +46,10 @@ PRECISION_ORDER = {"fp32": 0, "fp16": 1, "int8": 2}
 SOURCE_ORDER = {"ptq": 0, "mixed": 1, "qat": 2, "sparse": 3, "sparse-qat": 4}
 #: Sources of 2:4 structured sparsity + INT8 rows (quantlab.sparsity).
 SPARSE_SOURCES = ("sparse", "sparse-qat")
+#: n, 95% interval and paired test vs FP32 of a result row (store schema 5; None for older runs).
+NOISE_COLUMNS = ("n", "ci_low", "ci_high", "ci_method", "p_value", "paired_test", "within_noise")
+#: The same for a layer's sensitivity (its recovery tested against all INT8).
+SENSITIVITY_NOISE_COLUMNS = ("sensitivity_n", "sensitivity_p", "sensitivity_within_noise")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -82,12 +86,12 @@ def primary_metric(results: Sequence[Mapping[str, Any]]) -> Optional[str]:
 
 def results_frame(results: Sequence[Mapping[str, Any]], metric: Optional[str] = None) -> pd.DataFrame:
     """Result rows of one metric with display ``label`` and colour ``key``, FP32 first."""
-    columns = ["label", "key", "precision", "calibrator", "source", "metric", "value", "delta", "seconds"]
+    columns = ["label", "key", "precision", "calibrator", "source", "metric", "value", "delta", "seconds", *NOISE_COLUMNS]
     rows = [dict(r) for r in results if metric is None or r.get("metric") == metric]
     if not rows:
         return pd.DataFrame(columns=columns)
     df = pd.DataFrame(rows)
-    for col in ("calibrator", "source", "delta", "seconds"):
+    for col in ("calibrator", "source", "delta", "seconds", *NOISE_COLUMNS):
         if col not in df:
             df[col] = None
     df["source"] = df["source"].fillna("ptq")
@@ -205,8 +209,9 @@ def runs_frame(runs: Iterable[Mapping[str, Any]], results_by_run: Mapping[str, S
 
 def layers_frame(layer_stats: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """Per-layer rows as a frame (calibrator 'default' where the store has none)."""
-    columns = ["calibrator", "layer", "sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db",
-               "local_row_sqnr_db", "sensitivity", "rank"]
+    numbers = ["sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db", "local_row_sqnr_db", "sensitivity", "rank",
+               "sensitivity_n", "sensitivity_p"]
+    columns = ["calibrator", "layer"] + numbers + ["sensitivity_within_noise"]
     if not layer_stats:
         return pd.DataFrame(columns=columns)
     df = pd.DataFrame([dict(r) for r in layer_stats])
@@ -214,7 +219,7 @@ def layers_frame(layer_stats: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         if col not in df:
             df[col] = None
     df["calibrator"] = df["calibrator"].fillna("default")
-    for col in columns[2:]:
+    for col in numbers:
         df[col] = pd.to_numeric(df[col], errors="coerce")  # None -> NaN: an empty cell, not "None"
     return df[columns]
 
@@ -314,8 +319,9 @@ def merge_sensitivity(layers: pd.DataFrame, sensitivity_rows: Sequence[Mapping[s
         return layers
     extra = layers_frame(sensitivity_rows)
     key = ["calibrator", "layer"]
-    merged = layers.merge(extra[key + ["sensitivity", "rank"]], on=key, how="outer", suffixes=("", "_new"))
-    for col in ("sensitivity", "rank"):
+    carried = ["sensitivity", "rank", *SENSITIVITY_NOISE_COLUMNS]
+    merged = layers.merge(extra[key + carried], on=key, how="outer", suffixes=("", "_new"))
+    for col in carried:
         merged[col] = merged[f"{col}_new"].where(merged[f"{col}_new"].notna(), merged[col])
         merged = merged.drop(columns=[f"{col}_new"])
     # keep the module order of the compare run; layers only the child knows go last

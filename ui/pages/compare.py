@@ -4,7 +4,8 @@ recorded; optionally a second run side by side."""
 import pandas as pd
 import streamlit as st
 
-from quantlab.ui import charts, components, data, summaries
+from quantlab.evaluation import present
+from quantlab.ui import charts, components, data, numbers, summaries
 
 components.require_store()
 components.header("Compare", "FP32 vs FP16 vs INT8 per calibrator on the same eval data. Δ = value − FP32.")
@@ -63,19 +64,40 @@ def _highlight(row: pd.Series) -> list:
 table = judged.rename(columns={"label": "configuration", "value": metric, "delta": "Δ vs FP32"})
 table["verdict"] = ["✓ within" if w else "✗ outside" for w in table["within"]]
 table.loc[table["precision"] == "fp32", "verdict"] = "reference"
-shown = table[["configuration", metric, "Δ vs FP32", "verdict", "seconds", "within"]]
-styled = shown.style.apply(_highlight, axis=1).format({metric: "{:.3f}", "Δ vs FP32": "{:+.3f}", "seconds": "{:.2f}"}, na_rep="-")
+# n, the 95% interval, the paired test vs FP32 and agreement, as stored (None for runs before they were recorded)
+noise = numbers.accuracy_frame(results, metric)[["configuration", "ci", "p", "noise", "agreement"]]
+noise = noise.drop_duplicates("configuration", keep="first")  # a QAT run's own FP32 row: the compare run's comes first
+table = table.merge(noise.rename(columns={"ci": "95% CI", "p": "p vs FP32"}), on="configuration", how="left")
+table["n"] = pd.to_numeric(table["n"], errors="coerce").astype("Int64")
+unit, points = present.metric_unit(metric), present.delta_unit(metric)
+shown = table[["configuration", "n", metric, "95% CI", "Δ vs FP32", "p vs FP32", "noise", "verdict", "agreement", "seconds", "within"]]
+styled = shown.style.apply(_highlight, axis=1).format(
+    {metric: "{:.3f}", "Δ vs FP32": "{:+.3f}", "seconds": "{:.2f}", "agreement": "{:.2f}"}, na_rep="-")
 
 left, right = st.columns([1, 1], gap="large")
 with left:
     st.subheader("Results")
     st.dataframe(styled, hide_index=True, key="compare-table", column_order=[c for c in shown.columns if c != "within"],
-                 column_config={"seconds": st.column_config.NumberColumn("eval s", help="wall time of the eval pass")})
+                 column_config={
+                     metric: st.column_config.Column(present.with_unit(metric, unit)),
+                     "95% CI": st.column_config.Column(present.with_unit("95% CI", unit), help="95% interval of the value"),
+                     "Δ vs FP32": st.column_config.Column(f"Δ vs FP32 ({points})"),
+                     "p vs FP32": st.column_config.Column(help="paired test against FP32 on the same samples"),
+                     "noise": st.column_config.Column(help="within noise: p >= 0.05, these samples cannot tell it from FP32"),
+                     "agreement": st.column_config.Column("agreement with FP32 (%)", help="share of predictions equal to FP32's"),
+                     "seconds": st.column_config.Column(present.PYTORCH_SECONDS,
+                                                        help="wall time of the PyTorch eval pass with fake quantization: "
+                                                             "not a deployment cost (see Deployment cost below)"),
+                 })
     run_cfg = run.get("config") or {}
     st.caption(
         f"Model `{run['model']}` · eval `{run.get('eval_data') or '-'}` · calibration `{run.get('data') or '-'}`"
         + (f" · {run_cfg.get('eval_batches')} eval batches" if run_cfg.get("eval_batches") else "")
     )
+    used = present.methods(present.accuracy_rows(results, metric))
+    if used["interval"] or used["paired test"]:
+        st.caption(f"95% CI: {'; '.join(used['interval']) or '-'}. p vs FP32: {'; '.join(used['paired test']) or '-'} on the "
+                   "same samples; within noise = p ≥ 0.05.")
 with right:
     st.subheader(f"{metric} by configuration")
     st.caption("Dashed navy: FP32; dashed red: the tolerance limit.")
@@ -95,6 +117,12 @@ if not sparse.empty:
                        "fp16_latency_ms": st.column_config.NumberColumn("FP16 ms", format="%.3f"),
                        "speedup_vs_fp16": st.column_config.NumberColumn("speed-up vs FP16", format="%.2fx")},
     )
+
+left, right = st.columns([1, 1], gap="large")
+with left:
+    numbers.show_deployment(data.deployment(run))
+with right:
+    numbers.show_fidelity(data.fidelity(run))
 
 st.subheader("Δ vs FP32")
 st.caption(f"Dashed red: the tolerance limit ({'−' if higher else '+'}{tolerance:g}); grey: no change.")

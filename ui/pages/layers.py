@@ -3,7 +3,7 @@ with each calibrator's range, and a mixed-precision what-if (some layers in FP16
 import streamlit as st
 
 from quantlab.errors import QuantlabError
-from quantlab.ui import charts, components, data, summaries
+from quantlab.ui import charts, components, data, numbers, summaries
 
 components.require_store()
 components.header("Layers", "Per-layer error of INT8 vs FP32, which layers the metric is sensitive to, and what keeping them in FP16 buys.")
@@ -78,9 +78,16 @@ with tab_rank:
         )
     if ranking["sensitivity"].notna().any():
         st.altair_chart(charts.sensitivity_chart(ranking.dropna(subset=["sensitivity"]), f"{metric} recovered in FP16"), width="stretch")
-    st.dataframe(ranking[["rank", "layer", "sensitivity", "local_row_sqnr_db", "sqnr_db", "local_sqnr_db", "cosine"]], hide_index=True,
+    ranking = ranking.assign(noise=numbers.sensitivity_noise(ranking))
+    if ranking["sensitivity_p"].notna().any():
+        st.caption(f"n: samples each layer was evaluated on; p: {numbers.SENSITIVITY_TEST} of the model with this layer in FP16 "
+                   "against all INT8 on the same samples; within noise = p ≥ 0.05 (the recovery cannot be told from noise).")
+    st.dataframe(ranking[["rank", "layer", "sensitivity", "sensitivity_n", "sensitivity_p", "noise", "local_row_sqnr_db", "sqnr_db",
+                          "local_sqnr_db", "cosine"]], hide_index=True,
                  key="layers-ranking", placeholder="–",
                  column_config={"sensitivity": st.column_config.NumberColumn(f"{metric} recovered", format="%+.4g"),
+                                "sensitivity_n": st.column_config.NumberColumn("n", format="%d"),
+                                "sensitivity_p": st.column_config.NumberColumn("p vs all INT8", format="%.2g"),
                                 "local_row_sqnr_db": st.column_config.NumberColumn("proxy dB (per token, alone)", format="%.2f"),
                                 "sqnr_db": st.column_config.NumberColumn("SQNR dB", format="%.2f"),
                                 "local_sqnr_db": st.column_config.NumberColumn("alone SQNR dB", format="%.2f"),

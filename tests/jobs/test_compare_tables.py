@@ -1,0 +1,52 @@
+"""What ``quantlab compare`` prints equals what the run store holds (units in every header)."""
+from quantlab.cli._compare_tables import print_compare_tables
+from quantlab.cli._runs_common import fmt
+from quantlab.evaluation import present
+from quantlab.jobs.compare import run_compare
+from quantlab.jobs.deployment import DeploymentOptions
+from quantlab.store import RunStore
+
+
+def _table(lines, first_header):
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header}"))
+    headers = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(headers, (c.strip() for c in line.strip("|").split("|")))))
+    return headers, rows
+
+
+def test_printed_tables_show_the_stored_numbers(planted, tmp_path, capsys):
+    model, calib, evaluation = planted
+    store = RunStore(tmp_path / "runs.sqlite")
+    result = run_compare(model, calib, evaluation, calibrators="max", layer_batches=0, store=store,
+                         deployment=DeploymentOptions(threads=1, warmup=1, repeats=2))
+    print_compare_tables(result)
+    lines = capsys.readouterr().out.splitlines()
+    headers, rows = _table(lines, "configuration | n")
+    assert headers[:6] == ["configuration", "n", "top1 (%)", "95% CI (%)", "Δ vs FP32 (points)", "p vs FP32"]
+    assert present.PYTORCH_SECONDS in headers and "seconds" not in headers
+    stored = {present.configuration_label(r["precision"], r["calibrator"], r["source"]): r
+              for r in store.results(result.run_id) if r["metric"] == "top1"}
+    assert [r["configuration"] for r in rows] == ["FP32", "FP16", "INT8 max"]
+    for row in rows:
+        s = stored[row["configuration"]]
+        assert row["n"] == fmt(s["n"]) and row["top1 (%)"] == fmt(s["value"])
+        assert row["95% CI (%)"] == f"{fmt(s['ci_low'])} – {fmt(s['ci_high'])}"
+        assert row["noise"] == present.noise_verdict(s)
+    assert rows[2]["noise"] == "outside noise" and rows[0]["noise"] == "reference"
+    fid_headers, fid_rows = _table(lines[lines.index(next(l for l in lines if l.startswith("Output fidelity"))) + 1:], "configuration")
+    assert fid_headers == ["configuration", "n", "top-1 agreement (%)", "max abs error", "max rel error", "1 − cos", "KL (nats)"]
+    stored_fid = {present.configuration_label(r["precision"], r["calibrator"], r["source"]): r for r in store.fidelity(result.run_id)}
+    for row in fid_rows:
+        assert row["max abs error"] == fmt(stored_fid[row["configuration"]]["max_abs_error"], 3)
+    dep_headers, dep_rows = _table(lines[lines.index(next(l for l in lines if l.startswith("Deployment cost"))) + 1:], "configuration")
+    assert dep_headers[:2] == ["configuration", "size (MB)"] and dep_headers[-2:] == ["timing source", "TensorRT"]
+    assert any(h.startswith("batch 1 median / min (ms)") for h in dep_headers)
+    stored_dep = [r for r in store.deployment(result.run_id) if r["status"] == "measured" and r["batch_size"] == 1]
+    for row in dep_rows:
+        s = next(d for d in stored_dep if present.configuration_label(d["precision"], d["calibrator"], d["source"]) == row["configuration"])
+        assert row["batch 1 median / min (ms)"] == f"{fmt(s['latency_ms_median'], 3)} / {fmt(s['latency_ms_min'], 3)}"
+        assert row["timing source"] == s["label"] and row["TensorRT"] == "not installed"

@@ -11,8 +11,9 @@ the file they ship, in the runtime that runs it:
   the user's batch size: ``warmup`` runs first, then ``repeats`` timed runs of the
   same batch; min and median reported (the median is the typical cost, the min the
   least disturbed one on a shared machine).
-* TensorRT: only where it is installed; otherwise the row says "not installed"
-  and carries no number.
+* TensorRT: the row says "not installed" where it is missing, and "not measured"
+  where it is installed (an engine is built and timed on the GPU by ``quantlab build``
+  / trtexec, not by this CPU-side step); neither carries a number.
 
 Every row names its source (``label``: "onnxruntime-cpu u8s8, 2 threads") and the
 file measured (its name and SHA-256), so a number can never come from the PyTorch
@@ -30,8 +31,9 @@ from quantlab.errors import QuantlabError
 
 MEASURED = "measured"
 NOT_INSTALLED = "not installed"
+NOT_MEASURED = "not measured"
 FAILED = "failed"
-STATUSES = (MEASURED, NOT_INSTALLED, FAILED)
+STATUSES = (MEASURED, NOT_INSTALLED, NOT_MEASURED, FAILED)
 DEFAULT_THREADS = 2
 DEFAULT_WARMUP = 3
 DEFAULT_REPEATS = 10
@@ -177,13 +179,15 @@ def measure_onnxruntime(
     return rows
 
 
-def tensorrt_status(precision: str, calibrator: Optional[str] = None, source: str = "ptq") -> Optional[DeploymentCost]:
-    """A "not installed" row for TensorRT where it is missing (None where it is installed: then
-    an engine must be built and timed on the GPU, which this CPU-side measurement does not do)."""
+def tensorrt_status(precision: str, calibrator: Optional[str] = None, source: str = "ptq") -> DeploymentCost:
+    """TensorRT's row, without a number: "not installed" where it is missing, "not measured" where it is
+    installed (an engine is built and timed on the GPU by ``quantlab build`` / trtexec, not here)."""
     from quantlab.runtimes.tensorrt.loader import tensorrt_available
 
     if tensorrt_available():
-        return None
+        return DeploymentCost(precision=precision, calibrator=calibrator, source=source, runtime="tensorrt",
+                              label="tensorrt", status=NOT_MEASURED,
+                              note="TensorRT is installed: build and time an engine with `quantlab build` (trtexec)")
     return DeploymentCost(precision=precision, calibrator=calibrator, source=source, runtime="tensorrt",
                           label="tensorrt", status=NOT_INSTALLED, note="TensorRT is not installed on this machine")
 
@@ -194,7 +198,7 @@ def cpu_threads_default() -> int:
 
 
 __all__ = [
-    "DEFAULT_REPEATS", "DEFAULT_THREADS", "DEFAULT_WARMUP", "FAILED", "MEASURED", "NOT_INSTALLED", "STATUSES",
+    "DEFAULT_REPEATS", "DEFAULT_THREADS", "DEFAULT_WARMUP", "FAILED", "MEASURED", "NOT_INSTALLED", "NOT_MEASURED", "STATUSES",
     "DeploymentCost", "batch_size_of", "cpu_threads_default", "file_sha256", "file_size_mb", "first_samples",
     "measure_onnxruntime", "onnxruntime_label", "tensorrt_status",
 ]

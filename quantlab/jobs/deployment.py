@@ -5,8 +5,8 @@ For FP32, FP16 (:func:`quantlab.export.float.export_float`) and INT8 per calibra
 form ONNX Runtime computes on this CPU, chosen by
 :mod:`quantlab.runtimes.onnxruntime.forms`), the model is exported into a scratch
 folder and :func:`quantlab.evaluation.cost.measure_onnxruntime` times that file at
-batch 1 and at the eval batch size; TensorRT gets a "not installed" row where it
-is missing. The scratch files are removed afterwards: the rows keep each file's
+batch 1 and at the eval batch size; TensorRT gets a row without a number ("not
+installed", or "not measured" where it is installed: engines are timed by ``quantlab build``). The scratch files are removed afterwards: the rows keep each file's
 name, size and SHA-256 (the Export page writes the artifacts to keep).
 
 A configuration that cannot be exported or loaded gets a ``failed`` row with the
@@ -101,8 +101,7 @@ def measure_deployment(
             return
         measured = measure_onnxruntime(path, example_inputs, precision=precision, calibrator=calibrator,
                                        batch_sizes=batch_sizes, threads=threads, warmup=options.warmup, repeats=options.repeats)
-        trt = tensorrt_status(precision, calibrator)
-        add(measured + ([trt] if trt is not None else []))
+        add(measured + [tensorrt_status(precision, calibrator)])
 
     with tempfile.TemporaryDirectory(prefix="quantlab_deploy_") as tmp:
         folder = Path(tmp)

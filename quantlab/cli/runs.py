@@ -43,11 +43,18 @@ def run(args: argparse.Namespace) -> int:
             print("config      " + json.dumps(run["config"], sort_keys=True))
         results = store.results(args.show)
         if results:
+            from quantlab.cli._compare_tables import print_deployment, print_fidelity
+            from quantlab.evaluation import present
+
             print_table(
-                [[r["precision"], r["calibrator"] or "-", r["source"], r["metric"], fmt(r["value"]), fmt_delta(r["delta"]),
-                  fmt(r["seconds"], 3)] for r in results],
-                ["precision", "calibrator", "source", "metric", "value", "Δ vs FP32", "seconds"],
+                [[r["precision"], r["calibrator"] or "-", r["source"], r["metric"], fmt(r["value"]), fmt(r.get("n")),
+                  "-" if r.get("ci_low") is None else f"{fmt(r['ci_low'])} – {fmt(r['ci_high'])}", fmt_delta(r["delta"]),
+                  present.noise_verdict(r), fmt(r["seconds"], 3)] for r in results],
+                ["precision", "calibrator", "source", "metric", "value", "n", "95% CI", "Δ vs FP32", "noise",
+                 present.PYTORCH_SECONDS],
             )
+            print_fidelity(store.fidelity(args.show))
+            print_deployment(store.deployment(args.show))
         layers = store.layer_stats(args.show)
         if layers:
             print(f"{len(layers)} per-layer rows (quantlab report --run {run.get('run_dir') or args.show} draws them)")

@@ -65,7 +65,7 @@ def _result_table(results: Dict[str, Any]) -> Tuple[List[str], List[List[str]]]:
     for r in rows:
         key = (r["precision"], r.get("calibrator") or "-", r.get("source") or "ptq")
         grouped.setdefault(key, {"seconds": r.get("seconds")})[r["metric"]] = r
-    headers = ["precision", "calibrator"] + [h for m in metrics for h in (m, f"Δ {m}")] + ["seconds"]
+    headers = ["precision", "calibrator"] + [h for m in metrics for h in (m, f"Δ {m}")] + ["PyTorch eval s (fake-quant, not deployment)"]
     table = []
     for (precision, calibrator, source), cells in grouped.items():
         line = [precision + ("" if source == "ptq" else f" ({source})"), calibrator]

@@ -46,7 +46,7 @@ def test_compare_adds_2to4_rows_and_says_when_speed_is_not_measured(tmp_path, ca
                  "--store", str(store_path), "--sparsity", "2:4"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "int8 (sparse)" in printed and "2:4 + INT8 rows: 2 layer(s) pruned (magnitude); left dense: stem.0, dw" in printed
+    assert "2:4 + INT8 max" in printed and "2:4 + INT8 rows: 2 layer(s) pruned (magnitude); left dense: stem.0, dw" in printed
     assert "2:4 speed: not measured" in printed
     (run,) = RunStore(store_path).list_runs("compare")
     sources = {(r["precision"], r["calibrator"], r["source"]) for r in RunStore(store_path).results(run["id"])}

@@ -131,7 +131,30 @@ def _charts(data: Dict[str, Any]) -> List[Tuple[str, str, str]]:
 
 def _sections(data: Dict[str, Any]) -> List[Tuple[str, List[str], List[List[str]], str]]:
     """Extra tables: ``(heading, headers, rows, note)``."""
+    from quantlab.evaluation import present
+
     out = []
+    results = data.get("results") or {}
+    fidelity = [r for r in results.get("fidelity") or [] if isinstance(r, dict)]
+    if fidelity:
+        rows = [[r["configuration"], _fmt(r.get("n")), _fmt(_num(r.get("top1_agreement"))), _fmt(_num(r.get("max_abs_error"))),
+                 _fmt(_num(r.get("max_rel_error"))), _fmt(_num(r.get("one_minus_cosine"))), _fmt(_num(r.get("kl_divergence")))]
+                for r in present.fidelity_rows(fidelity)]
+        out.append(("Output fidelity vs FP32", ["configuration", "n", "top-1 agreement (%)", "max abs error", "max rel error",
+                                                 "1 − cos", "KL (nats)"], rows,
+                    "The model's main output on the same eval samples compared with FP32's (Polygraphy-style)."))
+    deployment = [r for r in results.get("deployment") or [] if isinstance(r, dict)]
+    if deployment:
+        shown = present.deployment_rows(deployment)
+        sizes = present.batch_sizes(shown)
+        rows = [[r["configuration"], _fmt(_num(r["size_mb"]))]
+                + [f"{_fmt(_num(r['median_ms'].get(b)))} / {_fmt(_num(r['min_ms'].get(b)))}" if b in r["median_ms"] else "-" for b in sizes]
+                + [r["source_label"] or "-", r["tensorrt"]] for r in shown]
+        repeats = next((r["repeats"] for r in shown if r["repeats"]), None)
+        out.append(("Deployment cost (exported ONNX files)", ["configuration", "size (MB)"]
+                    + [f"batch {b} median / min (ms)" for b in sizes] + ["timing source", "TensorRT"], rows,
+                    f"Each configuration exported to ONNX and timed in the runtime named ({repeats} timed runs per batch size "
+                    "after warmup); not PyTorch fake-quant time."))
     for calibrator, s in data["sensitivity"].items():
         rows = [[str(e["rank"]), e["layer"], _fmt(_num(e.get("proxy_sqnr_db"))), _fmt(_num(e.get("value"))), _fmt(_num(e.get("sensitivity")))]
                 for e in s.get("layers", [])[:20]]

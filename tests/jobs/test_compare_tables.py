@@ -51,3 +51,22 @@ def test_printed_tables_show_the_stored_numbers(planted, tmp_path, capsys):
         s = next(d for d in stored_dep if present.configuration_label(d["precision"], d["calibrator"], d["source"]) == row["configuration"])
         assert row["batch 1 median / min (ms)"] == f"{fmt(s['latency_ms_median'], 3)} / {fmt(s['latency_ms_min'], 3)}"
         assert row["timing source"] == s["label"] and row["TensorRT"] == ("not measured" if tensorrt_available() else "not installed")
+
+
+def test_the_report_shows_the_same_fidelity_and_cost(planted, tmp_path):
+    from quantlab.evaluation.report import _sections
+
+    model, calib, evaluation = planted
+    result = run_compare(model, calib, evaluation, calibrators="max", precisions="fp32,int8", layer_batches=0, store=False,
+                         deployment=DeploymentOptions(threads=1, warmup=1, repeats=1))
+    data = {"results": {"fidelity": [r.to_dict() for r in result.fidelity], "deployment": [r.to_dict() for r in result.deployment]},
+            "sensitivity": {}, "mixed": {}}
+    sections = {heading: (headers, rows) for heading, headers, rows, _ in _sections(data)}
+    headers, rows = sections["Output fidelity vs FP32"]
+    assert rows == [["INT8 max", str(result.fidelity[0].n), f"{result.fidelity[0].top1_agreement:.4g}",
+                     f"{result.fidelity[0].max_abs_error:.4g}", f"{result.fidelity[0].max_rel_error:.4g}",
+                     f"{result.fidelity[0].one_minus_cosine:.4g}", f"{result.fidelity[0].kl_divergence:.4g}"]]
+    headers, rows = sections["Deployment cost (exported ONNX files)"]
+    assert [r[0] for r in rows] == ["FP32", "INT8 max"] and headers[-2:] == ["timing source", "TensorRT"]
+    fp32_batch1 = next(c for c in result.deployment if c.precision == "fp32" and c.batch_size == 1 and c.status == "measured")
+    assert rows[0][2] == f"{fp32_batch1.latency_ms_median:.4g} / {fp32_batch1.latency_ms_min:.4g}"

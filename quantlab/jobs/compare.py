@@ -200,7 +200,7 @@ def compare_into(
             result.deployment = measure_deployment(
                 model, result.example_inputs, precisions=result.settings["precisions"],
                 scales=result.ptq.scales if result.ptq is not None else None, options=deploy,
-                on_rows=lambda rows: run.deployment([r.to_dict() for r in rows]),
+                on_rows=lambda rows: run.deployment([r.to_dict() for r in rows]), progress=options.get("progress"),
             )
         if sparse is not None:
             if pruned and sparsity.measure_speed:

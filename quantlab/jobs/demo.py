@@ -93,7 +93,8 @@ class _CompareProgress:
 
     def __init__(self, reporter: Reporter, spec: JobSpec) -> None:
         int8 = "int8" in spec.precisions
-        self.slots = 1 + ("fp16" in spec.precisions) + ((1 + len(spec.calibrators)) if int8 else 0)
+        # + 1: the deployment cost (the exported files timed in ONNX Runtime) comes last
+        self.slots = 1 + ("fp16" in spec.precisions) + ((1 + len(spec.calibrators)) if int8 else 0) + 1
         self.reporter, self.seen, self.current = reporter, [], None
 
     def __call__(self, stage: str, done: int, total: int) -> None:

@@ -68,6 +68,7 @@ def measure_deployment(
     scales: Optional[dict] = None,
     options: DeploymentOptions = DeploymentOptions(),
     on_rows: Optional[Callable[[List[DeploymentCost]], None]] = None,
+    progress: Optional[Callable[[str, int, int], None]] = None,
 ) -> List[DeploymentCost]:
     """Deployment-cost rows of FP32, FP16 and INT8 (one per calibrator in ``scales``) of ``model``.
 
@@ -78,6 +79,7 @@ def measure_deployment(
         scales: ``{calibrator: Scales}`` for the INT8 files.
         options: Threads, warmup and repeats.
         on_rows: Called with each configuration's rows as they are measured.
+        progress: ``progress("deployment", done, total)`` after each configuration.
     """
     from quantlab.api import load_scales
     from quantlab.export.float import export_float
@@ -86,6 +88,8 @@ def measure_deployment(
     threads = options.threads or cpu_threads_default()
     batch_sizes = (1, batch_size_of(example_inputs))
     rows: List[DeploymentCost] = []
+    total = 1 + ("fp16" in precisions) + (len(scales or {}) if "int8" in precisions else 0)
+    done = 0
 
     def add(new: List[DeploymentCost]) -> None:
         rows.extend(new)
@@ -93,15 +97,19 @@ def measure_deployment(
             on_rows(list(new))
 
     def measure(precision: str, calibrator: Optional[str], export: Callable[[Path], Any], folder: Path) -> None:
+        nonlocal done
         path = folder / f"{precision}{'.' + calibrator if calibrator else ''}.onnx"
         try:
             export(path)
         except (QuantlabError, RuntimeError, ValueError) as exc:
             add([_failed(precision, calibrator, threads, exc)])
-            return
-        measured = measure_onnxruntime(path, example_inputs, precision=precision, calibrator=calibrator,
-                                       batch_sizes=batch_sizes, threads=threads, warmup=options.warmup, repeats=options.repeats)
-        add(measured + [tensorrt_status(precision, calibrator)])
+        else:
+            measured = measure_onnxruntime(path, example_inputs, precision=precision, calibrator=calibrator,
+                                           batch_sizes=batch_sizes, threads=threads, warmup=options.warmup, repeats=options.repeats)
+            add(measured + [tensorrt_status(precision, calibrator)])
+        done += 1
+        if progress is not None:
+            progress("deployment", done, total)
 
     with tempfile.TemporaryDirectory(prefix="quantlab_deploy_") as tmp:
         folder = Path(tmp)

@@ -142,6 +142,25 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
         r.number("value", finite=False, text_nonfinite=True)
         r.number("delta", finite=False, text_nonfinite=True)
         r.number("seconds", low=0.0, text_nonfinite=True)
+        r.integer("n", low=0)
+        for key in ("ci_low", "ci_high", "p_value"):
+            r.number(key, finite=False, text_nonfinite=True)
+        r.boolean("within_noise")
+    # Output fidelity and deployment cost (issue 17): what the report shows of them is checked here.
+    for name, numbers in (("fidelity", ("top1_agreement", "max_abs_error", "max_rel_error", "mean_cosine",
+                                        "one_minus_cosine", "kl_divergence")),
+                          ("deployment", ("latency_ms_min", "latency_ms_median", "size_mb"))):
+        for i, row in enumerate(f.array(name) or []):
+            r = Fields(row, f"{where}: {name}[{i}]", error)
+            r.string("precision", required=True, nullable=False, choices=PRECISIONS)
+            r.string("calibrator", max_len=200)
+            r.string("source", max_len=50)
+            r.integer("n", low=0)
+            r.integer("batch_size", low=1)
+            for key in ("runtime", "label", "status", "note", "onnx_file", "onnx_sha256"):
+                r.string(key, max_len=1000)
+            for key in numbers:
+                r.number(key, finite=False, text_nonfinite=True)
     f.string_map("scales")
     f.obj("statistics")
     layers = f.obj("layers") or {}

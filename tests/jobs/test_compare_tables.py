@@ -70,3 +70,26 @@ def test_the_report_shows_the_same_fidelity_and_cost(planted, tmp_path):
     assert [r[0] for r in rows] == ["FP32", "INT8 max"] and headers[-2:] == ["timing source", "TensorRT"]
     fp32_batch1 = next(c for c in result.deployment if c.precision == "fp32" and c.batch_size == 1 and c.status == "measured")
     assert rows[0][2] == f"{fp32_batch1.latency_ms_median:.4g} / {fp32_batch1.latency_ms_min:.4g}"
+
+
+def test_a_hand_edited_results_file_is_refused_field_by_field(planted, tmp_path):
+    import json
+
+    import pytest
+
+    from quantlab.jobs.runs import read_results
+    from quantlab.errors import FileFormatError
+
+    model, calib, evaluation = planted
+    run_compare(model, calib, evaluation, calibrators="max", precisions="fp32,int8", layer_batches=0, store=False,
+                run_dir=tmp_path / "run", deployment=DeploymentOptions(threads=1, warmup=0, repeats=1))
+    path = tmp_path / "run" / "results.json"
+    data = read_results(tmp_path / "run")
+    original = path.read_text()
+    assert data["fidelity"] and data["deployment"] and data["rows"][0]["n"] > 0
+    for name, key, bad in (("fidelity", "max_abs_error", "big"), ("deployment", "batch_size", 0), ("rows", "within_noise", "yes")):
+        edited = json.loads(original)
+        edited[name][0][key] = bad
+        path.write_text(json.dumps(edited))
+        with pytest.raises(FileFormatError, match=rf"{name}\[0\].*{key}"):
+            read_results(tmp_path / "run")

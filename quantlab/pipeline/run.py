@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from quantlab.algorithms import AlgorithmReport, Stage, parse_algorithms
+from quantlab.algorithms import AlgorithmReport, Stage, check_params, parse_algorithms
 from quantlab.attach import attach_quantizers, get_config, is_quantized, iter_quantizers
 from quantlab.calibrators import get_calibrator
 from quantlab.config import QuantConfig, int8_config
@@ -97,6 +97,7 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
         get_calibrator(name)
     config = config or get_config(model) or int8_config()
     algorithms = parse_algorithms(config.algorithms)
+    check_params(config.algorithms, {name: dict(p) for name, p in config.algorithm_params})
     transforms = prepare(model, config, forward_loop)
     statistics = collect(model, forward_loop, group=group, cuda_graphs=cuda_graphs)
     if statistics.num_batches == 0:
@@ -121,5 +122,8 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
             weights_from=previous if same_weights else None)
         if refiners:
             result.refined_weights[name] = refinable_state(model)
+        if transforms or result.refinements[name]:  # the ranges fit the changed weights: say so in the file
+            previous.algorithms = {"transforms": [r.to_dict() for r in transforms],
+                                   "refinements": [r.to_dict() for r in result.refinements[name]]}
         result.calibrate_seconds[name] = ranges.seconds + time.perf_counter() - start
     return result

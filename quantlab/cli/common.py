@@ -54,6 +54,20 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per tensor instead of per channel")
     parser.add_argument("--percentile", type=float, default=99.99, help="percentile for the percentile calibrator (default 99.99)")
     parser.add_argument("--num-bins", type=int, default=2048, help="histogram bins per activation (default 2048)")
+    parser.add_argument("--algorithms", default=None,
+                        help="PTQ algorithms, comma list in any order (run in pipeline order), e.g. cle,bias-correction,adaround "
+                             "(see `quantlab algorithms`)")
+    parser.add_argument("--algorithm-param", action="append", default=[], metavar="ALGORITHM.NAME=VALUE",
+                        help="a parameter of one of --algorithms, e.g. adaround.iterations=200 (repeatable)")
+
+
+def algorithms_from_args(args: argparse.Namespace):
+    """``(names, params)`` of --algorithms / --algorithm-param, checked (unknown names raise AlgorithmError)."""
+    from quantlab.algorithms import check_params, parse_algorithms, parse_param_items
+
+    names = tuple(a.name for a in parse_algorithms(getattr(args, "algorithms", None)))
+    params = check_params(names, parse_param_items(getattr(args, "algorithm_param", None)))
+    return names, params
 
 
 def quant_config_from_args(args: argparse.Namespace):
@@ -64,7 +78,8 @@ def quant_config_from_args(args: argparse.Namespace):
         exclude=tuple(args.exclude or []),
         per_channel_weights=not args.per_tensor_weights,
     )
-    return config.replace(num_bins=args.num_bins)
+    names, params = algorithms_from_args(args)
+    return config.replace(num_bins=args.num_bins, algorithms=names, algorithm_params=params)
 
 
 def calibrator_params_from_args(args: argparse.Namespace) -> dict:

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     precisions = parse_precisions(args.precisions)  # validate before any expensive work
     calibrators = parse_calibrators(args.calibrators) if "int8" in precisions else []
     task, metric = task_for_metric(args.metric)
+    config = quant_config_from_args(args)  # unknown --algorithms / --algorithm-param fail here, before any work
     store = open_store(args)
     # Before any work: --out is checked and locked (a second run on the same folder is refused).
     with open_run_folder(args.out, kind="compare", inputs=input_paths(args), keep=JOB_FILES) as folder:
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_compare(
                 model, calib, eval_data,
                 metric=metric, task=task, calibrators=calibrators, precisions=precisions,
-                config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
+                config=config, calib_batches=args.max_batches, eval_batches=args.eval_batches,
                 calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
                 store=store, run_dir=args.out, describe=describe, progress=progress, folder=folder, sparsity=sparsity,
             )
@@ -97,7 +98,12 @@ def run(args: argparse.Namespace) -> int:
     if result.ptq is not None:
         print(f"statistics pass: {result.ptq.num_batches} batches in {result.ptq.statistics_seconds:.1f} s (shared by {len(calibrators)} calibrators)")
     if result.best_calibrator:
-        print(f"best INT8 calibrator by {result.metric}: {result.best_calibrator}")
+        best = result.best_row
+        print(f"best INT8 calibrator by {result.metric}: {result.best_calibrator}"
+              + (f" ({best.source})" if best is not None and best.source != "ptq" else ""))
+    for source, variant in result.variants.items():
+        for report in variant.ptq.transforms if source == list(result.variants)[-1] else ():
+            print(f"transform {report.name}: {report.seconds:.2f} s")
     if result.layer_errors and result.best_calibrator in result.layer_errors:
         worst = sorted(result.layer_errors[result.best_calibrator], key=lambda e: e.proxy_db)[:5]
         print(f"lowest per-token SQNR, layer alone ({result.best_calibrator}): " + ", ".join(f"{e.layer} {fmt(e.proxy_db, 3)} dB" for e in worst))

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.qat.loop import TrainConfig
     from quantlab.qat.run import read_resumable
 
+    quant_config_from_args(args)  # unknown --algorithms / --algorithm-param fail here, before any work
     inputs = input_paths(args)
     if args.resume:
         read_resumable(Path(args.out))  # a finished run is refused here: nothing recorded, nothing written

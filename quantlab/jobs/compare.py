@@ -234,10 +234,12 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
     def write(stage: Path) -> Dict[str, Path]:
         staged: Dict[str, Path] = {}
         scales_paths: Dict[str, str] = {}
+        checkpoints: Dict[str, str] = {}
         if result.ptq is not None:
-            for name, path in result.ptq.save(stage).items():
-                staged[f"scales.{name}"] = path
-                scales_paths[name] = str(folder.final(path))  # where it is once committed
+            for label, path in save_variants(result, stage).items():
+                staged[label] = path
+                kind, _, key = label.partition(".")
+                (scales_paths if kind == "scales" else checkpoints)[key] = str(folder.final(path))  # where it is once committed
         run_info = {
             "run_id": result.run_id,
             "store": str(run.store_path) if run.store_path is not None else None,
@@ -253,6 +255,7 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
             "metric": result.metric,
             "higher_is_better": result.higher_is_better,
             "best_calibrator": result.best_calibrator,
+            "best_source": result.best_row.source if result.best_row is not None else None,
             "rows": [r.to_dict() for r in result.rows],
             "statistics": None if result.ptq is None else {
                 "num_batches": result.ptq.num_batches,
@@ -260,13 +263,33 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
                 "calibrate_seconds": result.ptq.calibrate_seconds,
             },
             "scales": scales_paths,
+            "checkpoints": checkpoints,
             "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
         }
         staged["results"] = write_text_atomic(stage / "results.json", json.dumps(_json_safe(results), indent=1))
         return staged
 
     for name, path in commit_files(folder, write, run=run).items():  # recorded once committed: the files are there
-        run.artifact("results" if name == "results" else "scales", path)
+        run.artifact({"results": "results", "model": "checkpoint"}.get(name.split(".")[0], "scales"), path)
 
 
-__all__ = ["compare_into", "description", "run_compare", "run_config", "write_run_folder"]
+def save_variants(result: CompareResult, folder: Path) -> Dict[str, Path]:
+    """Each INT8 pipeline's scales (and checkpoints where algorithms changed the weights) into ``folder``.
+
+    The full pipeline (every algorithm) gets the plain names (``scales.<calibrator>.json``,
+    ``model.<calibrator>.safetensors``); shorter prefixes add their source
+    (``scales.<calibrator>.ptq+cle.json``). Returns ``{file stem: path}``.
+    """
+    from quantlab.checkpoint import save_ptq_files
+
+    if not result.variants:
+        return {f"scales.{name}": path for name, path in result.ptq.save(folder).items()}
+    full = list(result.variants)[-1]
+    written: Dict[str, Path] = {}
+    for source, variant in result.variants.items():
+        written.update(save_ptq_files(variant.ptq, variant.model, folder, source=None if source == full else source,
+                                      row_source=source))
+    return written
+
+
+__all__ = ["compare_into", "description", "run_compare", "run_config", "save_variants", "write_run_folder"]

@@ -141,6 +141,7 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
     f.string("metric", max_len=400)
     f.boolean("higher_is_better")
     f.string("best_calibrator", max_len=200)
+    f.string("best_source", max_len=400)
     for i, row in enumerate(f.array("rows") or []):
         r = Fields(row, f"{where}: rows[{i}]", error)
         r.string("precision", required=True, nullable=False, choices=PRECISIONS)
@@ -151,6 +152,7 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
         r.number("delta", finite=False, text_nonfinite=True)
         r.number("seconds", low=0.0, text_nonfinite=True)
     f.string_map("scales")
+    f.string_map("checkpoints")
     f.obj("statistics")
     layers = f.obj("layers") or {}
     for name, rows in layers.items():

@@ -20,12 +20,12 @@ from quantlab.checkpoint.format import (
     CheckpointMismatchError,
     read_checkpoint,
 )
-from quantlab.checkpoint.load import load_checkpoint, rebuild_structure
+from quantlab.checkpoint.load import load_checkpoint, paired_scales, rebuild_structure
 from quantlab.checkpoint.save import changes_weights, checkpoint_name, save_checkpoint, save_ptq_files, scales_name
 from quantlab.checkpoint.state import float_state_dict
 
 __all__ = [
     "CHECKPOINT_SUFFIX", "FORMAT_NAME", "FORMAT_VERSION", "CheckpointFormatError", "CheckpointInfo",
-    "CheckpointMismatchError", "changes_weights", "checkpoint_name", "float_state_dict", "load_checkpoint",
+    "CheckpointMismatchError", "changes_weights", "checkpoint_name", "float_state_dict", "load_checkpoint", "paired_scales",
     "read_checkpoint", "rebuild_structure", "save_checkpoint", "save_ptq_files", "scales_name",
 ]

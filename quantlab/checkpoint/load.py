@@ -85,7 +85,12 @@ def _problems(expected: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor
     return problems
 
 
-def _scales_for(info: CheckpointInfo, scales: Optional[Union[PathLike, Scales]]) -> Scales:
+def paired_scales(info: CheckpointInfo, scales: Optional[Union[PathLike, Scales]] = None) -> Scales:
+    """The scales of a checkpoint: ``scales`` if given, else the file it names beside it (its SHA-256 checked).
+
+    Raises:
+        CheckpointMismatchError: the file is missing or not the one the checkpoint was written with.
+    """
     if isinstance(scales, Scales):
         return scales
     if scales is not None:
@@ -125,7 +130,7 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, scales: Optional[Union[
     if is_quantized(model):
         raise CheckpointMismatchError(f"load_checkpoint needs the FP32 model from its factory, but {type(model).__name__} already has quantizers")
     info, tensors = read_checkpoint(path)
-    loaded_scales = _scales_for(info, scales) if with_scales else None  # a missing/altered pair fails before the model changes
+    loaded_scales = paired_scales(info, scales) if with_scales else None  # a missing/altered pair fails before the model changes
     rebuild_structure(model, info.transforms, info.config)
     expected = dict(model.state_dict())
     _add_refiner_biases(model, tensors, expected)
@@ -139,4 +144,4 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, scales: Optional[Union[
     return model
 
 
-__all__ = ["load_checkpoint", "rebuild_structure"]
+__all__ = ["load_checkpoint", "paired_scales", "rebuild_structure"]

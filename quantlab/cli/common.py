@@ -38,7 +38,7 @@ def input_paths(args: argparse.Namespace, *names: str) -> dict:
     """``{"--flag": local path}`` of the command's inputs (model, weights, data, eval, scales, onnx, ...)."""
     from quantlab.outputs import spec_path
 
-    flags = names or ("model", "weights", "data", "eval", "calib_data", "scales", "onnx")
+    flags = names or ("model", "weights", "data", "eval", "calib_data", "scales", "onnx", "checkpoint")
     out = {}
     for name in flags:
         value = getattr(args, name, None)

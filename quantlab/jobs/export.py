@@ -173,8 +173,16 @@ def run_export(
     check: bool = True,
     store: Any = None,
     sparsity: Optional[str] = None,
+    checkpoint: Optional[str] = None,
 ) -> ExportOutcome:
     """Exports ``model_spec`` (INT8 from ``scales``, or FP16/FP32) to ``out``; checks an INT8 TensorRT export.
+
+    With ``checkpoint`` (a ``model.<calibrator>.safetensors`` of a run whose PTQ
+    algorithms changed the weights) the quantized model is rebuilt from it
+    (:func:`quantlab.checkpoint.load_checkpoint`: the transforms' structure, the
+    weights, the scales beside it unless ``scales`` names others); scales whose
+    weights changed are refused without it. The algorithms and their reports go
+    into the ONNX file's metadata (``quantlab.algorithms``).
 
     ``out`` (and its ``.json`` sidecar) are checked before any work: never one of
     the inputs, a folder, or an existing file of another kind; a second export to
@@ -198,37 +206,67 @@ def run_export(
 
     if sparsity not in (None, "2:4"):
         raise ValueError(f"sparsity {sparsity!r}: only 2:4 is supported")
-    if precision == "int8" and not scales:
-        raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`)")
+    if precision == "int8" and not scales and not checkpoint:
+        raise ValueError("--precision int8 needs --scales (a scales file from `quantlab calibrate`) or --checkpoint")
+    if checkpoint and precision != "int8":
+        raise ValueError("--checkpoint holds an INT8 model: use --precision int8")
     if precision != "int8" and target != "tensorrt":
         raise ValueError("--target applies to --precision int8 only")
     if target != "ort-cpu" and (ort_int8 != "auto" or ort_reduce_range):
         raise ValueError("--ort-int8 / --ort-reduce-range apply to --target ort-cpu only")
     # Before any work: never over an input (--scales, --model, ...), a folder, or a file that is not an ONNX model.
-    sources = {"--model": spec_path(model_spec), "--weights": weights, "--scales": scales, "--data": spec_path(data)}
+    sources = {"--model": spec_path(model_spec), "--weights": weights, "--scales": scales, "--data": spec_path(data),
+               "--checkpoint": checkpoint}
     out = check_output_file(out, label="--out", inputs=sources, replace=ONNX_FILE)
     check_output_file(f"{out}.json", label="--out's sidecar", inputs=sources, replace=EXPORT_SIDECAR)
     with lock_run_folder(out, "quantlab export"):  # a second export to the same --out is refused, not interleaved
-        loaded = Scales.load(scales) if precision == "int8" else None  # a bad file fails before the model loads
+        loaded = Scales.load(scales) if precision == "int8" and scales else None  # a bad file fails before the model loads
+        algorithms = _algorithms_record(loaded, checkpoint)
         # The model first: an example module may register the data specs it brings (fortunes:...).
         # (A TorchScript file needs the example batch to be converted: then it comes first.)
         early = example_inputs(data, input_shape) if is_torchscript_spec(model_spec) else None
         model = load_model(model_spec, weights=weights, device=device, example_inputs=early)
         inputs = early if early is not None else example_inputs(data, input_shape)
         return _export(model, out, inputs, loaded, model_spec=model_spec, precision=precision, scales=scales, data=data,
+                       checkpoint=checkpoint, algorithms=algorithms,
                        target=target, ort_other_convs=ort_other_convs, ort_int8=ort_int8,
                        ort_reduce_range=ort_reduce_range, exporter=exporter, opset=opset, io_dtype=io_dtype,
                        dynamic_batch=dynamic_batch, placement=placement, check=check, store=store, sparsity=sparsity)
 
 
+def _algorithms_record(scales: Any, checkpoint: Optional[str]) -> Optional[Dict[str, Any]]:
+    """What the PTQ algorithms did, from the checkpoint (checked here, before the model loads) or the scales.
+
+    Raises:
+        CheckpointFormatError: a bad checkpoint.
+        ValueError: scales whose weights algorithms changed, without their checkpoint.
+    """
+    if checkpoint:
+        from quantlab.checkpoint import read_checkpoint
+
+        info, _ = read_checkpoint(checkpoint, tensors=False)
+        return {"transforms": info.transforms, "refinements": info.refinements, "calibrator": info.calibrator,
+                "source": info.source}
+    if scales is not None and scales.changed_weights():
+        names = [r.get("name") for r in scales.algorithms.get("transforms", []) + scales.algorithms.get("refinements", [])]
+        raise ValueError(f"these scales fit weights changed by {', '.join(map(str, names))}: pass the run's checkpoint "
+                         "(--checkpoint model.<calibrator>.safetensors, beside the scales file)")
+    return None
+
+
 def _export(model: Any, out: Path, inputs: Any, loaded: Any, *, model_spec: str, precision: str, scales: Optional[str],
-            data: Optional[str], target: str, ort_other_convs: str, ort_int8: str, ort_reduce_range: bool, exporter: str,
+            data: Optional[str], target: str, checkpoint: Optional[str] = None, algorithms: Optional[Dict[str, Any]] = None, ort_other_convs: str, ort_int8: str, ort_reduce_range: bool, exporter: str,
             opset: int, io_dtype: str, dynamic_batch: bool, placement: bool, check: bool, store: Any,
             sparsity: Optional[str]) -> ExportOutcome:
     """:func:`run_export`'s recorded part, once ``out`` is checked and locked and the model loaded."""
     common = dict(exporter=exporter, opset=opset, dynamic_batch=dynamic_batch)
     config = {"precision": precision, "target": target if precision == "int8" else None,
               "scales": scales, "exporter": exporter, "opset": opset, "out": str(out)}
+    if checkpoint:
+        config["checkpoint"] = checkpoint
+    if algorithms:
+        config["algorithms"] = [r["name"] for r in algorithms["transforms"] + algorithms["refinements"]]
+        config["algorithm_reports"] = algorithms
     if sparsity:
         config["sparsity"] = sparsity
     if precision == "int8" and target == "ort-cpu":
@@ -243,10 +281,15 @@ def _export(model: Any, out: Path, inputs: Any, loaded: Any, *, model_spec: str,
             import quantlab as ql
             from quantlab.export.qdq import export_int8
 
-            ql.load_scales(model, loaded)  # strict: names every missing or extra layer
+            if checkpoint:
+                from quantlab.checkpoint import load_checkpoint
+
+                load_checkpoint(model, checkpoint, scales=loaded)  # strict: names every missing or extra tensor/layer
+            else:
+                ql.load_scales(model, loaded)  # strict: names every missing or extra layer
             result = export_int8(model, out, inputs, target=target, placement=placement,
                                  ort_other_convs=ort_other_convs, ort_int8=ort_int8,
-                                 ort_reduce_range=ort_reduce_range, **common)
+                                 ort_reduce_range=ort_reduce_range, metadata=algorithms_metadata(algorithms), **common)
         else:
             from quantlab.export.float import export_float
 
@@ -274,6 +317,13 @@ def _export(model: Any, out: Path, inputs: Any, loaded: Any, *, model_spec: str,
     return outcome
 
 
+def algorithms_metadata(algorithms: Optional[Dict[str, Any]]) -> Optional[Dict[str, str]]:
+    """ONNX ``metadata_props`` entries recording the PTQ algorithms (None without any)."""
+    if not algorithms or not (algorithms.get("transforms") or algorithms.get("refinements")):
+        return None
+    return {"quantlab.algorithms": json.dumps(algorithms, sort_keys=True, default=str)}
+
+
 # -- the demo job's export stage and "Export now" -----------------------------------------------------
 def _quantized_copy(model: Any, scales: Any) -> Any:
     from quantlab.api import load_scales
@@ -294,6 +344,7 @@ def export_artifacts(
     out_dir: Path,
     describe: Dict[str, Any],
     progress: Optional[Callable[[float, str], None]] = None,
+    quantized: Any = None,
 ) -> Dict[str, Any]:
     """Q/DQ ONNX of ``model`` with ``scales``, its check report and a calibration cache: a child ``export`` run.
 
@@ -308,6 +359,8 @@ def export_artifacts(
             ``model.fp32.onnx``, ``calibration.cache``).
         describe: ``model``, ``data``, ``eval_data`` specs for the record.
         progress: ``progress(fraction, what)``.
+        quantized: The quantized model to export, when ``scales`` alone do not make it
+            (a checkpoint's: PTQ algorithms changed the weights; no calibration cache then).
 
     Returns:
         ``{"run_id", "outputs": {what: path}, "skipped": [why]}``; the calibration
@@ -324,9 +377,12 @@ def export_artifacts(
     outputs: Dict[str, str] = {}
     skipped: List[str] = []
     with recorder.run(description) as child:
-        quant = _quantized_copy(model, scales)
+        quant = quantized if quantized is not None else _quantized_copy(model, scales)
         step(0.1, "Q/DQ ONNX")
-        onnx_path = export_qdq(quant, out / "model.int8.onnx", example)
+        algorithms = scales.algorithms if getattr(scales, "algorithms", None) else None
+        from quantlab.export.qdq import export_int8
+
+        onnx_path = Path(export_int8(quant, out / "model.int8.onnx", example, metadata=algorithms_metadata(algorithms)).path)
         child.artifact("onnx", onnx_path)
         outputs["onnx"] = str(onnx_path)
         step(0.5, "check")
@@ -338,6 +394,9 @@ def export_artifacts(
         outputs["check"] = str(check_md)
         step(0.7, "calibration cache")
         try:
+            if algorithms:
+                raise QuantlabError("not written: PTQ algorithms changed the weights, and a calibration cache holds "
+                                    "scales only (use the Q/DQ ONNX)")
             cache = write_calibration_cache(model, scales, example, out)
             child.artifact("onnx_fp32", out / "model.fp32.onnx")
             child.artifact("calibration_cache", cache)
@@ -353,7 +412,7 @@ def export_recorded_run(store: Any, run: Dict[str, Any], calibrator: str) -> Dic
     What the Export page's "Export now" button does for runs that were not
     exported yet (a CLI ``compare``, or a job with export off).
     """
-    from quantlab.jobs.runs import load_run_info, rebuild, scales_path
+    from quantlab.jobs.runs import load_run_info, quantized_copy, rebuild, scales_path
     from quantlab.scales import Scales
 
     from quantlab.jobs.folders import lock_run_folder
@@ -364,6 +423,7 @@ def export_recorded_run(store: Any, run: Dict[str, Any], calibrator: str) -> Dic
         scales = Scales.load(scales_path(info["run_dir"], calibrator))
         return export_artifacts(
             store, run["id"], model=model, scales=scales, calibrator=calibrator,
+            quantized=quantized_copy(model, info, calibrator),  # from the run's checkpoint where algorithms changed the weights
             example=task.inputs(batches[0]), out_dir=Path(info["run_dir"]),
             describe={"model": info.get("model"), "data": info.get("data"), "eval_data": info.get("eval_data")},
         )
@@ -384,5 +444,5 @@ def build_engine(store: Any, run_id: Optional[str], onnx_path: str, plan_path: s
     return plan
 
 
-__all__ = ["CACHE_TRT_VERSION", "ExportOutcome", "build_engine", "check_markdown", "check_onnx", "example_inputs",
+__all__ = ["CACHE_TRT_VERSION", "ExportOutcome", "algorithms_metadata", "build_engine", "check_markdown", "check_onnx", "example_inputs",
            "export_artifacts", "export_qdq", "export_recorded_run", "first_inputs", "onnx_sparsity", "run_export", "write_calibration_cache"]

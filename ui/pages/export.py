@@ -23,6 +23,7 @@ artifacts = [a for a in data.artifacts(run) if Path(a["path"]).is_file()]
 GROUPS = [
     ("scales", "Scales (JSON)", ":material/straighten:", "application/json"),
     ("mixed_scales", "Mixed-precision scales", ":material/tune:", "application/json"),
+    ("checkpoint", "Checkpoint (weights; safetensors where PTQ algorithms changed them)", ":material/save:", None),
     ("onnx", "Q/DQ ONNX", ":material/account_tree:", "application/octet-stream"),
     ("onnx_fp32", "FP32 ONNX (what the cache refers to)", ":material/account_tree:", "application/octet-stream"),
     ("calibration_cache", "Calibration cache (TensorRT ≤ 10)", ":material/memory:", "text/plain"),

@@ -249,6 +249,8 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
             "eval_data": describe.get("eval_data"),
             **config,
         }
+        if result.variants and len(result.variants) > 1:
+            run_info["algorithm_reports"] = algorithm_reports(result)
         write_text_atomic(stage / "run.json", json.dumps(_json_safe(run_info), indent=1))
         results = {
             "run_id": result.run_id,
@@ -264,6 +266,7 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
             },
             "scales": scales_paths,
             "checkpoints": checkpoints,
+            "algorithms": algorithm_reports(result),
             "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
         }
         staged["results"] = write_text_atomic(stage / "results.json", json.dumps(_json_safe(results), indent=1))
@@ -271,6 +274,13 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
 
     for name, path in commit_files(folder, write, run=run).items():  # recorded once committed: the files are there
         run.artifact({"results": "results", "model": "checkpoint"}.get(name.split(".")[0], "scales"), path)
+
+
+def algorithm_reports(result: CompareResult) -> Dict[str, Any]:
+    """What the PTQ algorithms did in each INT8 pipeline: ``{source: {"transforms": [...], "refinements": {calibrator: [...]}}}``."""
+    return {source: {"transforms": [r.to_dict() for r in v.ptq.transforms],
+                     "refinements": {name: [r.to_dict() for r in reports] for name, reports in v.ptq.refinements.items()}}
+            for source, v in result.variants.items() if v.algorithms}
 
 
 def save_variants(result: CompareResult, folder: Path) -> Dict[str, Path]:
@@ -292,4 +302,5 @@ def save_variants(result: CompareResult, folder: Path) -> Dict[str, Path]:
     return written
 
 
-__all__ = ["compare_into", "description", "run_compare", "run_config", "save_variants", "write_run_folder"]
+__all__ = ["algorithm_reports", "compare_into", "description", "run_compare", "run_config", "save_variants",
+           "write_run_folder"]

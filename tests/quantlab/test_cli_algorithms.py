@@ -93,3 +93,20 @@ def test_calibrate_with_algorithms_writes_checkpoints_and_records_them(algorithm
     assert scales.config.params_of("test-rescale") == {"factor": 4.0}
     info, _ = read_checkpoint(out / "model.max.safetensors", tensors=False)
     assert info.algorithms() == ["test-rescale", "test-nudge"] and info.transforms[0]["details"]["factor"] == 4.0
+
+
+def test_compare_with_algorithms_and_a_checkpoint_row(algorithms, tmp_path, capsys):
+    ptq = tmp_path / "ptq"
+    assert main(_calibrate(ptq, "--algorithms", "test-clamp,test-nudge")) == 0
+    out = tmp_path / "run"
+    args = ["compare", "--model", MODEL, "--data", "fmnist:calib[:256]", "--eval", "fmnist:test[:128]", "--batch-size", "128",
+            "--calibrators", "max", "--precisions", "fp32,int8", "--layer-batches", "0", "--store", str(tmp_path / "runs.sqlite"),
+            "--algorithms", "test-rescale", "--checkpoint", str(ptq / "model.max.safetensors"), "--out", str(out)]
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "int8 (ptq+test-rescale)" in printed and "int8 (ptq+test-clamp+test-nudge)" in printed
+    results = json.loads((out / "results.json").read_text())
+    sources = [r["source"] for r in results["rows"] if r["precision"] == "int8" and r["metric"] == "top1"]
+    assert sources == ["ptq", "ptq+test-rescale", "ptq+test-clamp+test-nudge"]
+    assert json.loads((out / "run.json").read_text())["checkpoint"] == str(ptq / "model.max.safetensors")

@@ -88,3 +88,18 @@ def test_autoprecision_starts_from_the_best_row(compared):
     assert (outcome["calibrator"], outcome["source"]) == (best.calibrator, best.source)
     assert outcome["result"].int8 == best.value  # the row it started from
     assert outcome["artifacts"]["scales"].endswith("scales.mixed.json")
+
+
+def test_export_now_of_a_run_with_algorithms_uses_its_checkpoint(compared):
+    # What the dashboard's "Export now" runs for a stored compare run.
+    from quantlab.jobs.export import export_recorded_run
+    from quantlab.export.check import check_model
+    import onnx
+
+    result, store, run_dir = compared
+    outcome = export_recorded_run(store, store.get_run(result.run_id), "percentile")
+    onnx_path = outcome["outputs"]["onnx"]
+    assert check_model(onnx_path).errors == []
+    meta = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}
+    assert "test-nudge" in meta["quantlab.algorithms"]
+    assert any("calibration cache: not written" in s for s in outcome["skipped"])

@@ -37,6 +37,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.cli._progress import StageProgress
     from quantlab.jobs.export import run_export
     from quantlab.jobs.recorder import optional_store
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         ort_int8=args.ort_int8, ort_reduce_range=args.ort_reduce_range,
         exporter=args.exporter, opset=args.opset, io_dtype=args.io_dtype, dynamic_batch=not args.static_batch,
         placement=not args.no_placement, check=not args.no_check, store=optional_store(args.store),
-        sparsity=args.sparsity,
+        sparsity=args.sparsity, progress=StageProgress(),
     )
     result = outcome.result
     print(f"wrote {result.path} ({result.precision}{'/' + result.target if result.target else ''}, opset {result.opset}, "

@@ -100,6 +100,7 @@ def export_int8(
     ort_int8: str = "auto",
     ort_reduce_range: bool = False,
     sidecar: bool = True,
+    metadata: Optional[Dict[str, str]] = None,
 ) -> ExportResult:
     """Exports a calibrated quantized model as a Q/DQ ONNX file.
 
@@ -127,6 +128,8 @@ def export_int8(
         ort_reduce_range: ort-cpu only: 7-bit weights (exact u8s8 on any CPU, but
             NOT the values TensorRT computes with); recorded in the metadata.
         sidecar: Also write ``<path>.json`` with the quantizer -> tensor map.
+        metadata: Extra string entries for the file's metadata (where the scales came
+            from: ``quantlab.calibrator``, ``quantlab.algorithms``, ...).
 
     Raises:
         ExportError: the model is not exportable (see :func:`check_exportable`),
@@ -182,6 +185,7 @@ def export_int8(
         from quantlab.runtimes.onnxruntime.verify import form_metadata
 
         entries.update(form_metadata(choice))
+    entries.update(metadata or {})
     set_metadata(proto, entries)
     proto.producer_name = "quantlab"
     _check_graph(proto, "INT8 export")

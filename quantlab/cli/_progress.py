@@ -113,7 +113,7 @@ class FractionProgress:
         if stage_text != self.stage:
             self.stage = stage_text
             stage(stage_text)
-        self.bar.set_description_str(stage_text[:48], refresh=False)
+            self.bar.set_description_str(stage_text[:48])
         target = int(min(1.0, max(0.0, fraction)) * 100)
         if target > self.done:
             self.bar.update(target - self.done)

@@ -482,17 +482,20 @@ def export_artifacts(
 def calibrator_export_dir(run_dir: Union[str, Path], calibrator: str) -> Path:
     """``<run folder>/export.<calibrator>``: where the Export page puts one calibrator's artifacts
     (the demo's best calibrator stays in the run folder itself)."""
-    return Path(run_dir) / f"export.{calibrator}"
+    return Path(run_dir) / ("export." + re.sub(r"[^A-Za-z0-9_.-]+", "_", calibrator).strip("._"))
 
 
 def export_recorded_run(store: Any, run: Dict[str, Any], calibrator: str, *,
-                        out_dir: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+                        out_dir: Optional[Union[str, Path]] = None,
+                        scales_file: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
     """Exports a stored compare run (rebuilt from its run folder) for ``calibrator`` (any of the run's).
 
     What the Export page's "Export INT8" button does: the Q/DQ ONNX of that
     calibrator's scales (its metadata names the calibrator and algorithms), its check
     report and a calibration cache, in ``out_dir`` (default
-    :func:`calibrator_export_dir`), as a child ``export`` run.
+    :func:`calibrator_export_dir`), as a child ``export`` run. ``scales_file`` exports
+    another scales file of the run instead (a saved mixed-precision configuration:
+    its float layers get no Q/DQ, so TensorRT runs them in FP16); ``calibrator`` then names it.
     """
     from quantlab.jobs.runs import load_run_info, rebuild, scales_path
     from quantlab.scales import Scales
@@ -502,7 +505,7 @@ def export_recorded_run(store: Any, run: Dict[str, Any], calibrator: str, *,
     info = load_run_info(run.get("run_dir") or run["id"], store.path)
     with lock_run_folder(info["run_dir"], "quantlab export (dashboard)"):  # not while another job writes the folder
         model, batches, task, _metric, _calib = rebuild(info)
-        scales = Scales.load(scales_path(info["run_dir"], calibrator))
+        scales = Scales.load(scales_file or scales_path(info["run_dir"], calibrator))
         out = Path(out_dir) if out_dir is not None else calibrator_export_dir(info["run_dir"], calibrator)
         out.mkdir(parents=True, exist_ok=True)
         return export_artifacts(

@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     stage(f"loading {args.model} and {args.data}")
     outcome = run_model(args.model, args.data, batch_size=args.batch_size, max_batches=args.max_batches,
                         threads=args.threads, backend=args.backend, latency=args.latency,
-                        store=optional_store(args.store), progress_bar=progress_bar)
+                        store=optional_store(args.store),
+                        progress_bar=lambda total, backend: progress_bar(total, f"running on {backend}"))
     result, latency = outcome.result, outcome.latency
     rows = [["samples", result.num_samples], ["top-1 (%)", f"{result.top1:.2f}" if result.top1 is not None else "n/a (no labels)"],
             ["wall time (s)", f"{result.seconds:.2f}"]]

@@ -62,7 +62,11 @@ def run(args: argparse.Namespace) -> int:
             print_sparsity(sparsity)
         if table is not None:
             from quantlab.export.qdq_table import HEADERS
+            from quantlab.jobs.export import artifact_provenance, provenance_text
 
+            origin = artifact_provenance(args.model)
+            if origin.get("calibrator"):
+                print(f"made from: {provenance_text(origin)}")
             print(f"Q/DQ nodes ({len(table)}):")
             print_table([row.cells() for row in table], HEADERS)
     if report.errors or (args.strict and report.warnings):

@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab.cli._progress import StageProgress
-    from quantlab.jobs.export import run_export
+    from quantlab.jobs.export import artifact_provenance, provenance_text, run_export
     from quantlab.jobs.recorder import optional_store
 
     outcome = run_export(
@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     result = outcome.result
     print(f"wrote {result.path} ({result.precision}{'/' + result.target if result.target else ''}, opset {result.opset}, "
           f"{result.exporter} exporter, {result.seconds:.1f} s); tensor map: {result.sidecar}")
+    origin = artifact_provenance(result.path)
+    if origin:
+        print(f"from: {provenance_text(origin)}")
     if result.folded_batchnorm:
         print(f"folded {len(result.folded_batchnorm)} BatchNormalization node(s) into their convs")
     if result.placement:

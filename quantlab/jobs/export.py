@@ -373,12 +373,13 @@ def _export(model: Any, out: Path, inputs: Any, loaded: Any, *, model_spec: str,
             step(f"exporting INT8 Q/DQ ONNX ({target})", 0, 0)
             result = export_int8(model, out, inputs, target=target, placement=placement,
                                  ort_other_convs=ort_other_convs, ort_int8=ort_int8,
-                                 ort_reduce_range=ort_reduce_range, **common)
+                                 ort_reduce_range=ort_reduce_range, metadata=provenance("int8", loaded), **common)
         else:
             from quantlab.export.float import export_float
 
             step(f"exporting {precision.upper()} ONNX", 0, 0)
-            result = export_float(model, out, inputs, precision=precision, io_dtype=io_dtype, **common)
+            result = export_float(model, out, inputs, precision=precision, io_dtype=io_dtype,
+                                  metadata=provenance(precision), **common)
         outcome = ExportOutcome(result=result, run_id=run.run_id)
         if result.precision == "int8" and result.target == "tensorrt" and check:
             from quantlab.export.check import check_model

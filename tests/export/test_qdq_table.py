@@ -95,3 +95,16 @@ def test_non_constant_scale_is_an_error_not_a_traceback():
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, [1])])
     with pytest.raises(OnnxFormatError, match="q: the scale is not a constant"):
         qdq_table(helper.make_model(graph))
+
+
+def test_cli_export_names_the_calibrator_in_the_file_and_the_table(calibrated, tmp_path, capsys):
+    _, scales = calibrated
+    scales_file = scales.save(tmp_path / "scales.percentile.json")
+    out = tmp_path / "model.int8.onnx"
+    assert main(["export", "--model", "quantlab.models.fmnist:pretrained_fmnist_cnn", "--scales", str(scales_file),
+                 "--input-shape", "1,28,28", "--out", str(out)]) == 0
+    assert "from: INT8 · calibrator percentile · algorithms: none" in capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["quantlab.calibrator"] == "percentile" and json.loads(meta["quantlab.algorithms"]) == []
+    assert main(["check", str(out), "--table"]) == 0
+    assert "made from: INT8 · calibrator percentile" in capsys.readouterr().out

@@ -34,6 +34,7 @@ GROUPS = [
     ("summary", "Mixed-precision summary", ":material/tune:", "application/json"),
     ("results", "Results (JSON)", ":material/table:", "application/json"),
 ]
+ZIP_LIMIT_BYTES = 1 << 30  # "Download all" holds the zip in memory
 LABELS = {kind: label for kind, label, _, _ in GROUPS}
 known = set(LABELS)
 by_kind = {}
@@ -116,9 +117,14 @@ st.dataframe(table, hide_index=True, key="export-files",
              column_config={"from": st.column_config.TextColumn("from", help="precision, calibrator and PTQ algorithms, "
                                                                 "read from the file itself (ONNX metadata, scales file, cache metadata)")})
 all_paths = [a["path"] for a in ordered]
-st.download_button(f"Download all ({len(all_paths)} files, .zip)", data.zip_artifacts(all_paths, root),
-                   file_name=f"quantlab-{run['id']}.zip", mime="application/zip", key="export-zip",
-                   icon=":material/folder_zip:", type="primary")
+total_bytes = sum(Path(p).stat().st_size for p in all_paths)
+if total_bytes <= ZIP_LIMIT_BYTES:
+    st.download_button(f"Download all ({len(all_paths)} files, {total_bytes / 2**20:.1f} MiB, .zip)",
+                       data.zip_artifacts(all_paths, root), file_name=f"quantlab-{run['id']}.zip", mime="application/zip",
+                       key="export-zip", icon=":material/folder_zip:", type="primary")
+else:  # the zip is built in memory: past this, zip the run folder itself
+    st.caption(f"{len(all_paths)} files, {total_bytes / 2**30:.1f} GiB: too large for one in-memory zip; "
+               f"download them one by one or zip the run folder `{root}`.")
 
 missing = [label for kind, label, _, _ in GROUPS if kind in ("onnx", "calibration_cache", "report") and kind not in by_kind]
 grid = st.columns(3, gap="medium")

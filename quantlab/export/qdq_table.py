@@ -63,7 +63,7 @@ class QdqRow:
             return "-"
         if not self.per_channel:
             return f"{self.scales[0]:.6g}"
-        return f"{len(self.scales)} ch (axis {self.axis}): {min(self.scales):.4g}..{max(self.scales):.4g}"
+        return f"{len(self.scales)} ch, axis {self.axis}: {min(self.scales):.3g}..{max(self.scales):.3g}"
 
     def zero_point_text(self) -> str:
         values = sorted(set(self.zero_points))

@@ -86,7 +86,7 @@ def test_export_a_non_default_calibrator_and_fp16_then_download_all(plain_run):
 
     # The Q/DQ table of the selected INT8 model lists every Q/DQ node.
     at.selectbox(key="export-onnx").set_value(str(onnx_path)).run()
-    qdq = _frame(at, "feeds")
+    qdq = _frame(at, "quantizes")
     graph = onnx.load(str(onnx_path)).graph
     assert len(qdq) == sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node) > 0
 
@@ -113,7 +113,7 @@ def test_a_saved_mixed_precision_config_exports_with_its_float_layers(plain_run)
     at = open_page("export")
     no_exceptions(at)
     files = _frame(at, "from").set_index("file")
-    assert files.loc[saved.name, "what"] == "Mixed-precision scales"
+    assert files.loc[saved.name, "what"] == "mixed-precision scales"
     assert files.loc[saved.name, "from"] == "INT8 + FP16 (mixed) · calibrator max · algorithms: none · 1 layer(s) in float"
     at.selectbox(key="export-now-cal").set_value(saved.stem).run()
     at.button(key="export-now").click().run(timeout=120)

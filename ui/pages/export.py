@@ -40,16 +40,24 @@ known = set(LABELS)
 by_kind = {}
 for art in artifacts:
     by_kind.setdefault(art["kind"] if art["kind"] in known else "other", []).append(art)
-run_names = {r["id"]: components.run_label(r) for r in data.runs()}
 
 
-def _label(art) -> str:
+SHORT = {"scales": "scales", "mixed_scales": "mixed-precision scales", "onnx": "INT8 Q/DQ ONNX", "onnx_fp16": "FP16 ONNX",
+         "onnx_fp32": "FP32 ONNX (cache's graph)", "calibration_cache": "calibration cache", "report": "report",
+         "check_report": "check report", "check": "check (JSON)", "sensitivity": "sensitivity", "summary": "mixed summary",
+         "results": "results"}
+
+
+def _label(art, short: bool = False) -> str:
     """The artifact's kind in words; a mixed-precision file says so whatever kind it was recorded as."""
     origin = data.provenance(art["path"])
-    label = LABELS.get(art["kind"], "Other file")
     if origin.get("float_layers") and art["kind"] in ("scales", "onnx"):
-        label = "Mixed-precision " + ("scales" if art["kind"] == "scales" else "Q/DQ ONNX (INT8 + FP16)")
-    return label
+        if short:
+            return "mixed-precision " + ("scales" if art["kind"] == "scales" else "ONNX")
+        return "Mixed-precision " + ("scales" if art["kind"] == "scales" else "Q/DQ ONNX (INT8 + FP16)")
+    if short:
+        return SHORT.get(art["kind"], "other")
+    return LABELS.get(art["kind"], "Other file")
 
 
 # -- export any choice --------------------------------------------------------------------------------
@@ -110,10 +118,9 @@ def _shown_name(path: Path) -> str:
 
 ordered = [a for kind, *_ in GROUPS + [("other",)] for a in by_kind.get(kind, [])]
 table = pd.DataFrame([{
-    "file": _shown_name(Path(a["path"])), "what": _label(a), "from": data.provenance_text(data.provenance(a["path"])),
-    "run": run_names.get(a["run_id"], a["run_id"]), "size (KiB)": round(Path(a["path"]).stat().st_size / 1024, 1),
+    "file": _shown_name(Path(a["path"])), "what": _label(a, short=True), "from": data.provenance_text(data.provenance(a["path"])),
 } for a in ordered])
-st.dataframe(table, hide_index=True, key="export-files",
+st.dataframe(table, hide_index=True, key="export-files", height=min(600, 35 * (len(table) + 1) + 3),
              column_config={"from": st.column_config.TextColumn("from", help="precision, calibrator and PTQ algorithms, "
                                                                 "read from the file itself (ONNX metadata, scales file, cache metadata)")})
 all_paths = [a["path"] for a in ordered]
@@ -184,14 +191,31 @@ else:
             st.error(f"Could not list the Q/DQ nodes of {Path(onnx_path).name}: {exc}", icon=":material/error:")
             qdq = []
         if qdq:
+            short = {"QuantizeLinear": "Q", "DequantizeLinear": "DQ"}
+
+            def _feeds(r) -> str:
+                ops = sorted({short.get(c.split(" ", 1)[0], c.split(" ", 1)[0]) for c in r["consumers"]})
+                return f"{r['quantized']} → {', '.join(ops) or '-'}"
+
+            # Narrow enough for the page; node and tensor names are in the full table (CSV) and `quantlab check --table`.
             frame = pd.DataFrame([{
-                "node": r["node"], "op": r["op"], "quantizes": r["quantized"], "layer": r["layer"] or "-",
-                "tensor": r["tensor"], "feeds": "; ".join(r["consumers"]) or "-", "scale": r["scale"],
-                "zero point": r["zero_point"], "type": r["dtype"],
+                "layer": r["layer"] or r["tensor"], "op": r["op"], "quantizes": _feeds(r), "scale": r["scale"],
+                "zero point": f"{r['zero_point']} ({r['dtype']})",
             } for r in qdq])
-            st.dataframe(frame, hide_index=True, key="export-qdq",
-                         column_config={"scale": st.column_config.TextColumn(
-                             "scale", help="per tensor; per channel: channel count, axis and the smallest..largest scale")})
+            st.dataframe(frame, hide_index=True, key="export-qdq", column_config={
+                "layer": st.column_config.TextColumn("layer", help="quantlab's quantizer (module:input or module:weight); "
+                                                     "the ONNX tensor when the file does not name one"),
+                "quantizes": st.column_config.TextColumn("quantizes", help="activation or weight → the ops reading the output"),
+                "scale": st.column_config.TextColumn("scale", help="per tensor; per channel: channel count, axis, smallest..largest"),
+            })
+            full = pd.DataFrame([{
+                "node": r["node"], "op": r["op"], "quantized": r["quantized"], "layer": r["layer"], "tensor": r["tensor"],
+                "feeds": "; ".join(r["consumers"]), "scale": r["scale"], "zero point": r["zero_point"], "type": r["dtype"],
+                "axis": r["axis"], "scales": " ".join(f"{v:.9g}" for v in r["scales"]),
+            } for r in qdq])
+            st.download_button("Full Q/DQ table (CSV: node and tensor names, every scale)", full.to_csv(index=False).encode(),
+                               file_name=f"{Path(onnx_path).stem}.qdq.csv", mime="text/csv", key="export-qdq-csv",
+                               icon=":material/download:")
             st.caption(f"{len(qdq)} Q/DQ node(s): {sum(r['op'] == 'Q' for r in qdq)} Q, {sum(r['op'] == 'DQ' for r in qdq)} DQ; "
                        f"{sum(r['quantized'] == 'weight' for r in qdq)} on weights. Scale = amax / 127.")
 

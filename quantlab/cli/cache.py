@@ -25,12 +25,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.export.cache import header_note, read_calibration_cache, scale_to_hex, write_calibration_cache
+    from quantlab.export.cache import cache_calibrator, header_note, read_calibration_cache, scale_to_hex, write_calibration_cache
 
     if args.show:
         cache = read_calibration_cache(args.show)
         print(f"{args.show}: TensorRT {cache.version}, {cache.algorithm}, {len(cache.scales)} tensor(s)")
-        origin = _sidecar_calibrator(args.show)
+        origin = cache_calibrator(args.show)
         print(f"note: {header_note(cache.algorithm, origin)}" if origin else
               f"note: the header's {cache.algorithm} names the TensorRT calibrator that reads the cache, not how the scales were chosen")
         print_table([[name, scale_to_hex(s), f"{s:.6g}", f"{s * 127:.6g}"] for name, s in cache.scales.items()],
@@ -51,14 +51,3 @@ def _calibrator_of(scales_path: str):
 
     return Scales.load(scales_path).calibrator
 
-
-def _sidecar_calibrator(cache_path: str):
-    """The calibrator quantlab recorded in ``<cache>.json`` (None when absent or unreadable: e.g. TensorRT's own cache)."""
-    import json
-
-    try:
-        data = json.loads(open(f"{cache_path}.json", encoding="utf-8").read(1 << 20))
-        name = data["scales_from"]["calibrator"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return name if isinstance(name, str) and name.isidentifier() else None

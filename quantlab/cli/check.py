@@ -102,6 +102,9 @@ def _check_cache(args: argparse.Namespace) -> int:
                           "algorithm": cache.algorithm, "tensors": len(cache.scales)}, indent=1))
     else:
         print(f"{args.model}: calibration cache {cache.header}, {len(cache.scales)} tensor(s), every scale finite, > 0 and normal; 0 error(s)")
+        from quantlab.export.cache import cache_calibrator, header_note
+
+        print(f"note: {header_note(cache.algorithm, cache_calibrator(args.model))}")
     return 0
 
 

@@ -283,6 +283,17 @@ def write_calibration_cache(
     return path, cache
 
 
+def cache_calibrator(cache_path: Union[str, Path]) -> Optional[str]:
+    """The calibrator recorded in ``<cache>.json`` (None when absent or unreadable: e.g. TensorRT's own cache)."""
+    try:
+        with open(f"{cache_path}.json", encoding="utf-8") as fh:
+            data = json.loads(fh.read(1 << 20))
+        name = data["scales_from"]["calibrator"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name.isidentifier() else None
+
+
 def cache_sidecar(cache: CalibrationCache, scales: Scales, onnx_path: Union[str, Path]) -> Dict[str, object]:
     """The cache's metadata: its header, where its scales came from, and why the header may name another algorithm."""
     algorithms = list(scales.config.algorithms) if scales.config is not None else []
@@ -314,6 +325,7 @@ __all__ = [
     "ALGORITHMS",
     "CalibrationCache",
     "DEFAULT_ALGORITHM",
+    "cache_calibrator",
     "cache_from_scales",
     "cache_sidecar",
     "header_note",

@@ -36,6 +36,8 @@ def test_cli_help_and_show_explain_the_header(calibrated, exports, tmp_path, cap
     assert f"metadata {out}.json" in text and "came from quantlab's percentile calibrator" in text
     assert main(["cache", "--show", str(out)]) == 0
     assert "came from quantlab's percentile calibrator" in capsys.readouterr().out
+    assert main(["check", str(out)]) == 0
+    assert "came from quantlab's percentile calibrator" in capsys.readouterr().out
 
 
 def test_a_sidecar_path_that_is_another_file_is_refused_before_writing(calibrated, exports, tmp_path):

@@ -39,12 +39,14 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab.jobs.autoprecision import run_autoprecision
+    from quantlab.cli._progress import stage
     from quantlab.jobs.runs import load_run_info
 
     max_drop, relative = parse_max_drop(args.max_drop)
     info = load_run_info(args.run, args.store)
     store = open_store(args, run_info=info)
     check_trust(info, store, args.trust)
+    stage(f"rebuilding the model and data of run {info.get('run_id') or info.get('run_dir')}")
     with StageProgress() as progress:
         outcome = run_autoprecision(info, store, max_drop=max_drop, relative=relative, calibrator=args.calibrator,
                                     order=args.order, out_dir=args.out, device=args.device, progress=progress,

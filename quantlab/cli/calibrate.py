@@ -64,7 +64,10 @@ def _calibrate(args: argparse.Namespace, info, folder) -> int:
     from quantlab.ptq import parse_calibrators, run_ptq
     from quantlab.roles import Role
 
+    from quantlab.cli._progress import stage
+
     names = parse_calibrators(args.calibrators)  # validate before any expensive work
+    stage("loading model and data", main_rank=info.is_main)
     device = distributed.default_device(info, args.device) if info.distributed else args.device
     model = load_cli_model(args, args.data, device=device)
     data = load_data(args.data, batch_size=args.batch_size)

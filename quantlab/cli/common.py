@@ -88,20 +88,22 @@ def calibrator_params_from_args(args: argparse.Namespace) -> dict:
 
 @contextmanager
 def progress_bar(total: Optional[int], desc: str, shown: bool = True) -> Iterator:
-    """A tqdm bar on stderr (only where ``shown``: rank 0 of a torchrun job); yields a ``progress(n_done)`` callback."""
-    from tqdm import tqdm
+    """A stage message and a tqdm bar on stderr (only where ``shown``: rank 0 of a torchrun job; never with
+    ``--quiet`` or when stderr is not a terminal); yields a ``progress(n_done)`` callback."""
+    from quantlab.cli import _progress
 
-    bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=None if shown else True, leave=False)
-    state = {"n": 0}
-
-    def update(done: int) -> None:
-        bar.update(done - state["n"])
-        state["n"] = done
-
-    try:
+    with _progress.progress_bar(total, desc, shown) as update:
         yield update
-    finally:
-        bar.close()
+
+
+def add_quiet_arg(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """``--quiet``: no stage messages or progress bars on stderr (results still go to stdout, errors to stderr).
+
+    Progress is drawn only when stderr is a terminal anyway; a pipe or a log file gets none.
+    """
+    parser.add_argument("--quiet", "-q", action="store_true", default=default,
+                        help="no stage messages or progress bars on stderr (drawn only on a terminal anyway); "
+                             "results still go to stdout, errors to stderr")
 
 
 def print_table(rows, headers) -> None:

@@ -40,6 +40,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.cli._progress import stage
     from quantlab.data import load_data
     from quantlab.data.fit import check_model_fits
     from quantlab.evaluation.compare import parse_precisions
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args)
     # Before any work: --out is checked and locked (a second run on the same folder is refused).
     with open_run_folder(args.out, kind="compare", inputs=input_paths(args), keep=JOB_FILES) as folder:
+        stage("loading model and data")
         # The model first: an examples/ factory module may register the datasets it needs.
         model = load_cli_model(args, args.data if "int8" in precisions else args.eval)
         validate_sparsity(args, model)  # a pattern that matches nothing fails before any evaluation

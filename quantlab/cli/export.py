@@ -39,7 +39,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.jobs.export import run_export
+    from quantlab.cli._progress import StageProgress
+    from quantlab.jobs.export import artifact_provenance, provenance_text, run_export
     from quantlab.jobs.recorder import optional_store
 
     outcome = run_export(
@@ -48,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
         ort_int8=args.ort_int8, ort_reduce_range=args.ort_reduce_range,
         exporter=args.exporter, opset=args.opset, io_dtype=args.io_dtype, dynamic_batch=not args.static_batch,
         placement=not args.no_placement, check=not args.no_check, store=optional_store(args.store),
-        sparsity=args.sparsity, checkpoint=args.checkpoint,
+        sparsity=args.sparsity, checkpoint=args.checkpoint, progress=StageProgress(),
     )
     result = outcome.result
     print(f"wrote {result.path} ({result.precision}{'/' + result.target if result.target else ''}, opset {result.opset}, "
           f"{result.exporter} exporter, {result.seconds:.1f} s); tensor map: {result.sidecar}")
+    origin = artifact_provenance(result.path)
+    if origin:
+        print(f"from: {provenance_text(origin)}")
     if result.folded_batchnorm:
         print(f"folded {len(result.folded_batchnorm)} BatchNormalization node(s) into their convs")
     if result.placement:

@@ -57,7 +57,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantlab.cli.common import progress_bar
+    from quantlab.cli._progress import StageProgress, stage
     from quantlab.data import load_data
     from quantlab.data.fit import check_model_fits
     from quantlab.jobs.folders import check_run_folder, open_on_main_rank
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
             freeze_bn_after=args.freeze_bn_after, seed=args.seed, sync_batchnorm=args.sync_bn,
         )
+        stage("loading model and data", main_rank=main)
         model = load_cli_model(args, args.data, device=device)
         scales = args.scales
         if checkpoint is not None:
@@ -121,11 +122,11 @@ def run(args: argparse.Namespace) -> int:
             from quantlab.store import RunStore
 
             store = RunStore()
-        with progress_bar(None, "qat steps") as bar:
+        stage("FP32 reference, starting ranges, then training", main_rank=main)
+        with StageProgress(main_rank=main) as steps:
 
             def progress(p) -> None:
-                if main:
-                    bar(p.step)
+                steps("training (QAT)", p.step, p.total_steps)
 
             result = run_qat(
                 model, train_data, eval_data, out_dir=args.out, scales=scales, calib_data=calib_data,

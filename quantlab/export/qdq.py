@@ -128,9 +128,9 @@ def export_int8(
         ort_reduce_range: ort-cpu only: 7-bit weights (exact u8s8 on any CPU, but
             NOT the values TensorRT computes with); recorded in the metadata.
         sidecar: Also write ``<path>.json`` with the quantizer -> tensor map.
-        metadata: More ``metadata_props`` entries (keys ``quantlab.*``), e.g. the PTQ
-            algorithms' reports (``quantlab.algorithms``). Without it the algorithms the
-            model's config names are recorded.
+        metadata: More ``metadata_props`` entries (keys ``quantlab.*``): where the scales came
+            from (``quantlab.calibrator``, ``quantlab.algorithms``, ``quantlab.algorithm_reports``, ...).
+            Without it the algorithms the model's config names are recorded.
 
     Raises:
         ExportError: the model is not exportable (see :func:`check_exportable`),
@@ -184,12 +184,12 @@ def export_int8(
     }
     config = get_config(model)
     if config is not None and config.algorithms:
-        entries["quantlab.algorithms"] = json.dumps({"names": list(config.algorithms)})
-    entries.update(metadata or {})
+        entries["quantlab.algorithms"] = json.dumps(list(config.algorithms))
     if choice is not None:
         from quantlab.runtimes.onnxruntime.verify import form_metadata
 
         entries.update(form_metadata(choice))
+    entries.update(metadata or {})
     set_metadata(proto, entries)
     proto.producer_name = "quantlab"
     _check_graph(proto, "INT8 export")

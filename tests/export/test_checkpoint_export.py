@@ -57,7 +57,8 @@ def test_checkpoint_export_passes_check_and_records_the_algorithms(exported):
     proto = onnx.load(str(outcome.result.path))
     onnx.checker.check_model(proto, full_check=True)
     meta = {p.key: p.value for p in proto.metadata_props}
-    recorded = json.loads(meta["quantlab.algorithms"])
+    recorded = json.loads(meta["quantlab.algorithm_reports"])
+    assert json.loads(meta["quantlab.algorithms"]) == list(ALGORITHMS)
     assert [r["name"] for r in recorded["transforms"] + recorded["refinements"]] == list(ALGORITHMS)
     assert recorded["calibrator"] == "percentile"
 

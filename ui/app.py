@@ -24,4 +24,5 @@ pages = [
     st.Page(PAGES / "new_run.py", title="New run", icon=":material/play_arrow:", url_path="new-run"),
     st.Page(PAGES / "export.py", title="Export", icon=":material/download:", url_path="export"),
 ]
-st.navigation(pages).run()
+# Navigation on top: the whole window width is left to the tables (no sidebar to clip them at 1024 px).
+st.navigation(pages, position="top").run()

@@ -49,13 +49,12 @@ def header(title: str, caption: str) -> None:
 
 
 def require_store() -> bool:
-    """Shows the store path in the sidebar; on an unreadable store shows the error and stops the page."""
+    """On an unreadable store shows the error and stops the page (the Runs page names the store)."""
     try:
         data.runs()
     except QuantlabError as exc:
         st.error(f"The run store cannot be read: {exc}", icon=":material/database:")
         st.stop()
-    st.sidebar.caption(f"Run store  \n`{data.store_path()}`")
     return True
 
 

@@ -22,12 +22,43 @@ higher = summaries.higher_is_better(metric) if metric else True
 calibrators = list(dict.fromkeys(list(layers["calibrator"]) + list(data.scales_files(run))))
 with_sensitivity = [c for c in calibrators if layers[(layers["calibrator"] == c)]["sensitivity"].notna().any()]
 layer_order = list(dict.fromkeys(layers["layer"]))
+info = data.layer_info(run)
 
 tab_error, tab_rank, tab_hist, tab_mixed = st.tabs(
     ["Per-layer error", "Sensitivity ranking", "Histograms", "Mixed precision"]
 )
 
 # -- per-layer SQNR / cosine --------------------------------------------------------------------------
+NAMES = summaries.LAYER_COLUMNS
+
+
+def _layer_details(layer: str) -> None:
+    """The chosen layer: its SQNR per calibrator, its sensitivity (if ranked) and its input histogram."""
+    rows = layers[layers["layer"] == layer]
+    left, right = st.columns([3, 2], gap="large")
+    with right:
+        st.markdown(f"**{summaries.layer_label(layer, info)}**")
+        per_cal = rows[["calibrator", "sqnr_db", "local_sqnr_db", "sensitivity", "rank"]].rename(columns=NAMES)
+        if "sensitivity" in rows and rows["sensitivity"].notna().any():
+            per_cal = per_cal.rename(columns={NAMES["sensitivity"]: f"{metric} recovered in FP16 ({summaries.delta_unit(metric) or 'units'})"})
+        st.dataframe(per_cal, hide_index=True, key="layers-detail-table", placeholder="–",
+                     column_config={c: st.column_config.NumberColumn(format="%.2f") for c in per_cal.columns[1:]}
+                     | {NAMES["rank"]: st.column_config.NumberColumn(format="%d")})
+        ranked = rows.dropna(subset=["sensitivity"])
+        if ranked.empty:
+            st.caption("No sensitivity measured for this layer (run a sensitivity ranking to see what FP16 here buys).")
+        else:
+            best = ranked.iloc[0]
+            st.caption(f"Keeping this layer in FP16 ({best['calibrator']}): {summaries.format_delta(best['sensitivity'], metric)} "
+                       f"of {metric}, rank {int(best['rank']) if best['rank'] == best['rank'] else '–'} of {len(layer_order)}.")
+    with left:
+        if layer in data.tensors_with_histograms(run):
+            bins, amax = data.histogram(run, layer)
+            st.altair_chart(charts.histogram_chart(bins, amax, layer), width="stretch")
+        else:
+            st.caption("No saved histogram for this layer's input.")
+
+
 with tab_error:
     if layers.empty or layers["sqnr_db"].isna().all():
         st.info("This run has no per-layer SQNR (compare with --layer-batches 0?).")
@@ -49,17 +80,35 @@ with tab_error:
         m = st.columns(3)
         m[0].metric("Quantized layers", len(layer_order), border=True)
         if worst is not None:
-            m[1].metric("Lowest SQNR", f"{worst[sqnr_field]:.1f} dB", border=True, help=f"{worst['layer']} ({worst['calibrator']})")
-            m[2].metric("Lowest-SQNR layer", worst["layer"], border=True)
-        st.markdown("**Output SQNR per layer** (higher is better; ~6 dB per bit)")
-        st.altair_chart(charts.layer_metric_chart(sub.dropna(subset=[sqnr_field]), sqnr_field, "SQNR (dB)", layer_order), width="stretch")
-        st.markdown("**Cosine similarity to FP32 per layer**")
-        st.altair_chart(charts.layer_metric_chart(sub.dropna(subset=[cos_field]), cos_field, "cosine", layer_order), width="stretch")
+            m[1].metric(f"Lowest SQNR · {worst['calibrator']}", f"{worst[sqnr_field]:.1f} dB", border=True,
+                        help=f"{NAMES[sqnr_field]}: the lowest over the shown calibrators, with calibrator {worst['calibrator']} "
+                             f"at layer {summaries.layer_label(worst['layer'], info)}")
+            m[2].metric("Lowest-SQNR layer", worst["layer"], border=True, help=info.get(worst["layer"]) or None)
+            if info.get(worst["layer"]):
+                m[2].caption(info[worst["layer"]])
+        st.markdown(f"**{NAMES[sqnr_field]}, layer × calibrator** (higher is better; ~6 dB per bit)")
+        cells = summaries.sqnr_matrix(sub, sqnr_field, info)
+        st.altair_chart(charts.sqnr_heatmap(cells, "SQNR (dB)"), width="stretch")
+        options = [name for name in layer_order if name in set(sub["layer"])]
+        default = options.index(worst["layer"]) if worst is not None and worst["layer"] in options else 0
+        picked = st.selectbox("Layer details: histogram and sensitivity", options, index=default, key="layers-pick",
+                              format_func=lambda name: summaries.layer_label(name, info))
+        if picked:
+            _layer_details(picked)
+        labelled = sub.assign(label=[summaries.layer_label(n, info) for n in sub["layer"]])
+        with st.expander("Per-layer bars: SQNR and cosine", icon=":material/bar_chart:"):
+            st.altair_chart(charts.layer_metric_chart(labelled.dropna(subset=[sqnr_field]), sqnr_field, "SQNR (dB)", layer_order),
+                            width="stretch")
+            st.altair_chart(charts.layer_metric_chart(labelled.dropna(subset=[cos_field]), cos_field, "cosine", layer_order),
+                            width="stretch")
         with st.expander("Table", icon=":material/table:"):
-            st.dataframe(sub, hide_index=True, key="layers-table", placeholder="–",
-                         column_config={k: st.column_config.NumberColumn(format="%.4g") for k in
-                                        ("sqnr_db", "cosine", "local_sqnr_db", "local_cosine", "row_sqnr_db",
-                                         "local_row_sqnr_db", "sensitivity")})
+            table = sub.assign(layer_type=[info.get(n, "") for n in sub["layer"]])
+            table = table[["layer", "layer_type", "calibrator", "sqnr_db", "local_sqnr_db", "row_sqnr_db", "local_row_sqnr_db",
+                           "cosine", "local_cosine", "sensitivity"]]
+            st.dataframe(table.rename(columns=NAMES), hide_index=True, key="layers-table", placeholder="–",
+                         column_config={NAMES[k]: st.column_config.NumberColumn(format="%.2f") for k in
+                                        ("sqnr_db", "local_sqnr_db", "row_sqnr_db", "local_row_sqnr_db", "sensitivity")}
+                         | {NAMES[k]: st.column_config.NumberColumn(format="%.6f") for k in ("cosine", "local_cosine")})
 
 # -- sensitivity --------------------------------------------------------------------------------------
 with tab_rank:
@@ -76,15 +125,20 @@ with tab_rank:
             f"Method: {str(cfg.get('method', 'everything_but_one')).replace('_', ' ')} (each candidate layer back in float, "
             f"the rest INT8; sensitivity = {metric} recovered). Cost: {cfg.get('cost_passes', float('nan')):.2f} eval passes."
         )
+    ranking = ranking.assign(label=[summaries.layer_label(n, info) for n in ranking["layer"]],
+                             layer_type=[info.get(n, "") for n in ranking["layer"]])
+    recovered = f"{metric} recovered in FP16" + (f" ({summaries.delta_unit(metric)})" if summaries.delta_unit(metric) else "")
     if ranking["sensitivity"].notna().any():
-        st.altair_chart(charts.sensitivity_chart(ranking.dropna(subset=["sensitivity"]), f"{metric} recovered in FP16"), width="stretch")
-    st.dataframe(ranking[["rank", "layer", "sensitivity", "local_row_sqnr_db", "sqnr_db", "local_sqnr_db", "cosine"]], hide_index=True,
-                 key="layers-ranking", placeholder="–",
-                 column_config={"sensitivity": st.column_config.NumberColumn(f"{metric} recovered", format="%+.4g"),
-                                "local_row_sqnr_db": st.column_config.NumberColumn("proxy dB (per token, alone)", format="%.2f"),
-                                "sqnr_db": st.column_config.NumberColumn("SQNR dB", format="%.2f"),
-                                "local_sqnr_db": st.column_config.NumberColumn("alone SQNR dB", format="%.2f"),
-                                "cosine": st.column_config.NumberColumn(format="%.5f")})
+        st.altair_chart(charts.sensitivity_chart(ranking.dropna(subset=["sensitivity"]), recovered), width="stretch")
+    st.dataframe(ranking[["rank", "layer", "layer_type", "sensitivity", "local_row_sqnr_db", "sqnr_db", "local_sqnr_db", "cosine"]],
+                 hide_index=True, key="layers-ranking", placeholder="–",
+                 column_config={"rank": st.column_config.NumberColumn("rank", format="%d", width=60),
+                                "layer_type": st.column_config.TextColumn(NAMES["layer_type"]),
+                                "sensitivity": st.column_config.NumberColumn(recovered, format="%+.2f"),
+                                "local_row_sqnr_db": st.column_config.NumberColumn("proxy: per-token SQNR alone (dB)", format="%.2f"),
+                                "sqnr_db": st.column_config.NumberColumn(NAMES["sqnr_db"], format="%.2f"),
+                                "local_sqnr_db": st.column_config.NumberColumn(NAMES["local_sqnr_db"], format="%.2f"),
+                                "cosine": st.column_config.NumberColumn(NAMES["cosine"], format="%.6f")})
 
 # -- histograms ---------------------------------------------------------------------------------------
 with tab_hist:
@@ -95,18 +149,21 @@ with tab_hist:
         default = 0
         if not ranking.empty and ranking["layer"].iloc[0] in tensors:
             default = tensors.index(ranking["layer"].iloc[0])
-        tensor = st.selectbox("Tensor (input of layer)", tensors, index=default, key="layers-tensor")
+        tensor = st.selectbox("Tensor (input of layer)", tensors, index=default, key="layers-tensor",
+                              format_func=lambda name: summaries.layer_label(name, info))
         bins, amax = data.histogram(run, tensor)
         left, right = st.columns([3, 1], gap="large")
         with left:
             st.altair_chart(charts.histogram_chart(bins, amax, tensor), width="stretch")
         with right:
             st.markdown("**Range per calibrator**")
-            st.dataframe(amax[["calibrator", "amax", "clipped"]], hide_index=True, key="layers-amax",
-                         column_config={"amax": st.column_config.NumberColumn(format="%.4g"),
-                                        "clipped": st.column_config.NumberColumn("clipped", format="percent")})
+            st.dataframe(amax, hide_index=True, key="layers-amax", column_order=["calibrator", "amax", "clipped values"],
+                         column_config={"amax": st.column_config.NumberColumn("amax", format="%.4g"),
+                                        "clipped values": st.column_config.TextColumn(
+                                            "values clipped", help="histogram values above amax (count of all values)")})
             if not amax.empty:
-                st.caption(f"observed max {amax['observed max'].iloc[0]:.4g}; scale = amax / 127")
+                st.caption(f"observed max {amax['observed max'].iloc[0]:.4g}; scale = amax / 127; "
+                           f"{int(amax['values'].iloc[0]):,} values in the histogram")
 
 # -- mixed precision ----------------------------------------------------------------------------------
 with tab_mixed:
@@ -127,7 +184,8 @@ with tab_mixed:
                 st.session_state["layers-fp16"] = options[:k]
         if quick.button("Clear", key="layers-clear", type="tertiary"):
             st.session_state["layers-fp16"] = []
-        fp16_layers = st.multiselect("Layers to keep in FP16 (most sensitive first)", options, key="layers-fp16")
+        fp16_layers = st.multiselect("Layers to keep in FP16 (most sensitive first)", options, key="layers-fp16",
+                                     format_func=lambda name: summaries.layer_label(name, info))
         int8_row = next((r for r in results if r["precision"] == "int8" and r.get("calibrator") == mixed_cal
                          and r["metric"] == metric and r.get("source", "ptq") == "ptq"), None)
         fp32_row = next((r for r in results if r["precision"] == "fp32" and r["metric"] == metric), None)
@@ -149,21 +207,23 @@ with tab_mixed:
         sign = "normal" if higher else "inverse"
         m = st.columns(5)
         if fp32_row:
-            m[0].metric(f"FP32 {metric}", f"{fp32_row['value']:.4g}", border=True)
+            m[0].metric(f"FP32 {metric}", summaries.format_value(fp32_row['value'], metric), border=True)
         if int8_row:
-            m[1].metric(f"All INT8 ({mixed_cal})", f"{int8_row['value']:.4g}", delta=f"{int8_row['delta']:+.3g}",
+            m[1].metric(f"All INT8 ({mixed_cal})", summaries.format_value(int8_row['value'], metric),
+                        delta=summaries.format_delta(int8_row['delta'], metric),
                         delta_color=sign, border=True)
         if prediction["predicted_delta"] is not None and fp32_row:
-            m[2].metric(f"Predicted, {len(fp16_layers)} in FP16", f"{fp32_row['value'] + prediction['predicted_delta']:.4g}",
-                        delta=f"{prediction['predicted_delta']:+.3g}", delta_color=sign, border=True,
+            m[2].metric(f"Predicted, {len(fp16_layers)} in FP16", summaries.format_value(fp32_row['value'] + prediction['predicted_delta'], metric),
+                        delta=summaries.format_delta(prediction['predicted_delta'], metric), delta_color=sign, border=True,
                         help=f"from the stored {prediction['basis']} numbers (no new evaluation)")
         if measured is not None:
-            m[3].metric(f"Measured, {len(fp16_layers)} in FP16", f"{measured['mixed']:.4g}", delta=f"{measured['delta']:+.3g}",
+            m[3].metric(f"Measured, {len(fp16_layers)} in FP16", summaries.format_value(measured['mixed'], metric),
+                        delta=summaries.format_delta(measured['delta'], metric),
                         delta_color=sign, border=True, help="re-evaluated just now on the run's eval batches")
         else:
             m[3].metric(f"Measured, {len(fp16_layers)} in FP16", "–", border=True, help="press Measure now")
         if prediction["noise_share"] is not None:
-            m[4].metric("Share of INT8 noise removed", f"{prediction['noise_share']:.0%}", border=True,
+            m[4].metric("Share of INT8 noise removed", f"{prediction['noise_share']:.1%}", border=True,
                         help="sum of 10^(-SQNR/10) over the chosen layers / over all layers")
         if measured is not None:
             st.caption(

@@ -3,7 +3,7 @@ import json
 
 import streamlit as st
 
-from quantlab.ui import components, data
+from quantlab.ui import components, data, summaries
 
 components.require_store()
 components.header("Runs", "Every run recorded in the run store: by this dashboard, `quantlab compare`, `sensitivity`, `qat`, `export` ...")
@@ -41,24 +41,40 @@ if statuses:
     view = view[view["status"].isin(statuses)]
 view = view.reset_index(drop=True)
 
+shown = view.assign(**{
+    "FP32 shown": [summaries.format_value(v, m) for v, m in zip(view["FP32"], view["metric"])],
+    "FP16 shown": [summaries.format_value(v, m) for v, m in zip(view["FP16"], view["metric"])],
+    "best shown": [f"{label.replace('INT8 ', '')} {summaries.format_delta(d, m)}" if label else ""
+                   for label, d, m in zip(view["best INT8"], view["best INT8 Δ"], view["metric"])],
+    "status shown": [f"{s} {p:.0%}" if s == "running" else s for s, p in zip(view["status"], view["progress"])],
+    "name shown": [n if n.strip("↳ ") else f"{'↳ ' if n.startswith('↳') else ''}{k}" for n, k in zip(view["name"], view["kind"])],
+})
+# Widths in pixels that add up to less than the main column at 1024 px (no horizontal scrolling);
+# long names end in an ellipsis here and are shown whole in the details below.
 event = st.dataframe(
-    view,
+    shown,
     key="runs-table",
     hide_index=True,
     placeholder="",
     on_select="rerun",
     selection_mode="single-row",
-    column_order=["status", "name", "kind", "model", "eval data", "metric", "FP32", "best INT8 Δ", "best INT8", "progress", "created", "id"],
+    column_order=["status shown", "name shown", "kind", "model name", "metric", "FP32 shown", "FP16 shown", "best shown", "duration s"],
     column_config={
-        "status": st.column_config.TextColumn("status", width="small"),
-        "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent", width="small"),
-        "FP32": st.column_config.NumberColumn("FP32", format="%.4g"),
-        "best INT8 Δ": st.column_config.NumberColumn("best INT8 Δ", format="%+.3g", help="best INT8 result minus FP32, primary metric"),
-        "model": st.column_config.TextColumn("model", width="medium"),
-        "id": st.column_config.TextColumn("run id", width="medium"),
+        "status shown": st.column_config.TextColumn("status", width=80),
+        "name shown": st.column_config.TextColumn("name", width=170, help="↳: started from the run above"),
+        "kind": st.column_config.TextColumn("kind", width=85),
+        "model name": st.column_config.TextColumn("model", width=145, help="the model spec, shortened (whole in the details)"),
+        "metric": st.column_config.TextColumn("metric", width=60, help="the run's primary metric"),
+        "FP32 shown": st.column_config.TextColumn("FP32", width=72, help="FP32 value of the primary metric"),
+        "FP16 shown": st.column_config.TextColumn("FP16", width=72, help="FP16 value of the primary metric"),
+        "best shown": st.column_config.TextColumn("best INT8 (Δ vs FP32)", width=150,
+                                                  help="the INT8 configuration closest to FP32, and its difference "
+                                                       "(percentage points for % metrics)"),
+        "duration s": st.column_config.NumberColumn("duration", width=70, format="%.0f s",
+                                                    help="wall time from start to the last update"),
     },
 )
-st.caption(f"{len(view)} of {len(table)} runs · select a row for details")
+st.caption(f"{len(view)} of {len(table)} runs · select a row for details · run store `{data.store_path()}`")
 
 rows = event.selection.rows if event is not None else []
 selected_id = view.loc[rows[0], "id"] if rows else st.session_state.get(components.SELECTED_RUN)
@@ -74,7 +90,9 @@ if selected_id:
     with head[1]:
         components.status_badge(run["status"])
     info = st.columns(4)
-    info[0].markdown(f"**Kind**  \n{run['kind']}")
+    seconds = summaries.run_seconds(run)
+    info[0].markdown(f"**Kind**  \n{run['kind']}  \n**Started** {summaries.format_time(run.get('created_at'))}"
+                     + (f" · {seconds:.0f} s" if seconds is not None else ""))
     info[1].markdown(f"**Model**  \n`{run['model']}`")
     info[2].markdown(f"**Data**  \n`{run.get('data') or '-'}` → `{run.get('eval_data') or '-'}`")
     info[3].markdown(f"**Run folder**  \n`{run.get('run_dir') or '-'}`")
@@ -92,4 +110,7 @@ if selected_id:
     artifacts = data.artifacts(run)
     if artifacts:
         with st.expander(f"Artifacts ({len(artifacts)})", icon=":material/folder:"):
-            st.dataframe(artifacts, hide_index=True, column_order=["kind", "path", "run_id", "created_at"])
+            st.dataframe(artifacts, hide_index=True, column_order=["kind", "path", "run_id"],
+                         column_config={"kind": st.column_config.TextColumn(width=120),
+                                        "path": st.column_config.TextColumn(width=420),
+                                        "run_id": st.column_config.TextColumn("run id", width=220)})

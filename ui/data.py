@@ -36,6 +36,13 @@ def _store(path: str) -> RunStore:
     return RunStore(path)
 
 
+def input_folder() -> str:
+    """Where uploaded run inputs are saved (``inputs/`` beside the run store file)."""
+    from quantlab.jobs.inputs import input_folder as folder
+
+    return str(folder(store_path()))
+
+
 def store() -> RunStore:
     """The RunStore (one per path per server; each call opens its own connection)."""
     return _store(store_path())

@@ -11,7 +11,7 @@ from quantlab.jobs import worker as jobs
 from quantlab.ui import data
 from quantlab.ui.summaries import format_time
 
-PAGES = Path(__file__).resolve().parent / "pages"
+PAGES = Path(__file__).resolve().parent / "views"
 SELECTED_RUN = "selected_run"
 ACTIVE_JOBS = "active_jobs"
 STATUS_BADGE = {"running": ("blue", ":material/progress_activity:"), "done": ("green", ":material/check_circle:"),

@@ -204,7 +204,7 @@ def sqnr_heatmap(cells: pd.DataFrame, title: str = "SQNR (dB)") -> alt.Chart:
     )
     rects = base.mark_rect(stroke="white", strokeWidth=1).encode(
         color=alt.Color("value:Q", title=title, scale=alt.Scale(scheme="viridis"),
-                        legend=alt.Legend(orient="right", format=".0f")),
+                        legend=alt.Legend(orient="right", format=".0f", gradientLength=max(60, 28 * len(order) - 80))),
         tooltip=[alt.Tooltip("label:N", title="layer"), "calibrator:N", alt.Tooltip("value:Q", title=title, format=".1f")],
     )
     mid = float(cells["value"].median()) if not cells.empty else 0.0

@@ -38,12 +38,17 @@ def _layer_details(layer: str) -> None:
     left, right = st.columns([3, 2], gap="large")
     with right:
         st.markdown(f"**{summaries.layer_label(layer, info)}**")
-        per_cal = rows[["calibrator", "sqnr_db", "local_sqnr_db", "sensitivity", "rank"]].rename(columns=NAMES)
-        if "sensitivity" in rows and rows["sensitivity"].notna().any():
-            per_cal = per_cal.rename(columns={NAMES["sensitivity"]: f"{metric} recovered in FP16 ({summaries.delta_unit(metric) or 'units'})"})
+        per_cal = rows[["calibrator", "sqnr_db", "local_sqnr_db", "sensitivity", "rank"]]
+        recovered = f"FP16 gain ({summaries.delta_unit(metric) or metric})"
         st.dataframe(per_cal, hide_index=True, key="layers-detail-table", placeholder="–",
-                     column_config={c: st.column_config.NumberColumn(format="%.2f") for c in per_cal.columns[1:]}
-                     | {NAMES["rank"]: st.column_config.NumberColumn(format="%d")})
+                     column_config={"calibrator": st.column_config.TextColumn("calibrator", width=90),
+                                    "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f", width=80,
+                                                                             help=NAMES["sqnr_db"]),
+                                    "local_sqnr_db": st.column_config.NumberColumn("alone (dB)", format="%.1f", width=80,
+                                                                                   help=NAMES["local_sqnr_db"]),
+                                    "sensitivity": st.column_config.NumberColumn(recovered, format="%+.2f", width=120,
+                                                                                 help="metric recovered by keeping this layer in FP16"),
+                                    "rank": st.column_config.NumberColumn("rank", format="%d", width=50)})
         ranked = rows.dropna(subset=["sensitivity"])
         if ranked.empty:
             st.caption("No sensitivity measured for this layer (run a sensitivity ranking to see what FP16 here buys).")

@@ -35,33 +35,30 @@ NAMES = summaries.LAYER_COLUMNS
 def _layer_details(layer: str) -> None:
     """The chosen layer: its SQNR per calibrator, its sensitivity (if ranked) and its input histogram."""
     rows = layers[layers["layer"] == layer]
-    left, right = st.columns([3, 2], gap="large")
-    with right:
-        st.markdown(f"**{summaries.layer_label(layer, info)}**")
-        per_cal = rows[["calibrator", "sqnr_db", "local_sqnr_db", "sensitivity", "rank"]]
-        recovered = f"FP16 gain ({summaries.delta_unit(metric) or metric})"
-        st.dataframe(per_cal, hide_index=True, key="layers-detail-table", placeholder="–",
-                     column_config={"calibrator": st.column_config.TextColumn("calibrator", width=90),
-                                    "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f", width=80,
-                                                                             help=NAMES["sqnr_db"]),
-                                    "local_sqnr_db": st.column_config.NumberColumn("alone (dB)", format="%.1f", width=80,
-                                                                                   help=NAMES["local_sqnr_db"]),
-                                    "sensitivity": st.column_config.NumberColumn(recovered, format="%+.2f", width=120,
-                                                                                 help="metric recovered by keeping this layer in FP16"),
-                                    "rank": st.column_config.NumberColumn("rank", format="%d", width=50)})
-        ranked = rows.dropna(subset=["sensitivity"])
-        if ranked.empty:
-            st.caption("No sensitivity measured for this layer (run a sensitivity ranking to see what FP16 here buys).")
-        else:
-            best = ranked.iloc[0]
-            st.caption(f"Keeping this layer in FP16 ({best['calibrator']}): {summaries.format_delta(best['sensitivity'], metric)} "
-                       f"of {metric}, rank {int(best['rank']) if best['rank'] == best['rank'] else '–'} of {len(layer_order)}.")
-    with left:
-        if layer in data.tensors_with_histograms(run):
-            bins, amax = data.histogram(run, layer)
-            st.altair_chart(charts.histogram_chart(bins, amax, layer), width="stretch")
-        else:
-            st.caption("No saved histogram for this layer's input.")
+    st.markdown(f"**{summaries.layer_label(layer, info)}**")
+    per_cal = rows[["calibrator", "sqnr_db", "local_sqnr_db", "sensitivity", "rank"]]
+    recovered = f"FP16 gain ({summaries.delta_unit(metric) or metric})"
+    st.dataframe(per_cal, hide_index=True, key="layers-detail-table", placeholder="–",
+                 column_config={"calibrator": st.column_config.TextColumn("calibrator", width=90),
+                                "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.1f", width=80,
+                                                                         help=NAMES["sqnr_db"]),
+                                "local_sqnr_db": st.column_config.NumberColumn("alone (dB)", format="%.1f", width=80,
+                                                                               help=NAMES["local_sqnr_db"]),
+                                "sensitivity": st.column_config.NumberColumn(recovered, format="%+.2f", width=120,
+                                                                             help="metric recovered by keeping this layer in FP16"),
+                                "rank": st.column_config.NumberColumn("rank", format="%d", width=50)})
+    ranked = rows.dropna(subset=["sensitivity"])
+    if ranked.empty:
+        st.caption("No sensitivity measured for this layer (run a sensitivity ranking to see what FP16 here buys).")
+    else:
+        best = ranked.iloc[0]
+        st.caption(f"Keeping this layer in FP16 ({best['calibrator']}): {summaries.format_delta(best['sensitivity'], metric)} "
+                   f"of {metric}, rank {int(best['rank']) if best['rank'] == best['rank'] else '–'} of {len(layer_order)}.")
+    if layer in data.tensors_with_histograms(run):
+        bins, amax = data.histogram(run, layer)
+        st.altair_chart(charts.histogram_chart(bins, amax, layer), width="stretch")
+    else:
+        st.caption("No saved histogram for this layer's input.")
 
 
 with tab_error:
@@ -108,12 +105,15 @@ with tab_error:
                             width="stretch")
         with st.expander("Table", icon=":material/table:"):
             table = sub.assign(layer_type=[info.get(n, "") for n in sub["layer"]])
-            table = table[["layer", "layer_type", "calibrator", "sqnr_db", "local_sqnr_db", "row_sqnr_db", "local_row_sqnr_db",
-                           "cosine", "local_cosine", "sensitivity"]]
+            table = table[["layer", "layer_type", "calibrator", "sqnr_db", "local_sqnr_db", "local_row_sqnr_db", "cosine", "sensitivity"]]
+            numbers = {k: st.column_config.NumberColumn(NAMES[k], format="%.2f", width=95)
+                       for k in ("sqnr_db", "local_sqnr_db", "local_row_sqnr_db", "sensitivity")}
             st.dataframe(table.rename(columns=NAMES), hide_index=True, key="layers-table", placeholder="–",
-                         column_config={NAMES[k]: st.column_config.NumberColumn(format="%.2f") for k in
-                                        ("sqnr_db", "local_sqnr_db", "row_sqnr_db", "local_row_sqnr_db", "sensitivity")}
-                         | {NAMES[k]: st.column_config.NumberColumn(format="%.6f") for k in ("cosine", "local_cosine")})
+                         column_config={NAMES[k]: c for k, c in numbers.items()}
+                         | {NAMES["layer"]: st.column_config.TextColumn(width=110),
+                            NAMES["layer_type"]: st.column_config.TextColumn(width=150),
+                            NAMES["calibrator"]: st.column_config.TextColumn(width=85),
+                            NAMES["cosine"]: st.column_config.NumberColumn(format="%.6f", width=95)})
 
 # -- sensitivity --------------------------------------------------------------------------------------
 with tab_rank:
@@ -137,13 +137,16 @@ with tab_rank:
         st.altair_chart(charts.sensitivity_chart(ranking.dropna(subset=["sensitivity"]), recovered), width="stretch")
     st.dataframe(ranking[["rank", "layer", "layer_type", "sensitivity", "local_row_sqnr_db", "sqnr_db", "local_sqnr_db", "cosine"]],
                  hide_index=True, key="layers-ranking", placeholder="–",
-                 column_config={"rank": st.column_config.NumberColumn("rank", format="%d", width=60),
-                                "layer_type": st.column_config.TextColumn(NAMES["layer_type"]),
-                                "sensitivity": st.column_config.NumberColumn(recovered, format="%+.2f"),
-                                "local_row_sqnr_db": st.column_config.NumberColumn("proxy: per-token SQNR alone (dB)", format="%.2f"),
-                                "sqnr_db": st.column_config.NumberColumn(NAMES["sqnr_db"], format="%.2f"),
-                                "local_sqnr_db": st.column_config.NumberColumn(NAMES["local_sqnr_db"], format="%.2f"),
-                                "cosine": st.column_config.NumberColumn(NAMES["cosine"], format="%.6f")})
+                 column_config={"rank": st.column_config.NumberColumn("rank", format="%d", width=50),
+                                "layer": st.column_config.TextColumn("layer", width=110),
+                                "layer_type": st.column_config.TextColumn(NAMES["layer_type"], width=150),
+                                "sensitivity": st.column_config.NumberColumn("FP16 gain", format="%+.2f", width=85, help=recovered),
+                                "local_row_sqnr_db": st.column_config.NumberColumn("proxy (dB)", format="%.2f", width=85,
+                                                                                   help="per-token SQNR, layer alone (the proxy)"),
+                                "sqnr_db": st.column_config.NumberColumn("SQNR (dB)", format="%.2f", width=85, help=NAMES["sqnr_db"]),
+                                "local_sqnr_db": st.column_config.NumberColumn("alone (dB)", format="%.2f", width=85,
+                                                                               help=NAMES["local_sqnr_db"]),
+                                "cosine": st.column_config.NumberColumn("cosine", format="%.6f", width=90, help=NAMES["cosine"])})
 
 # -- histograms ---------------------------------------------------------------------------------------
 with tab_hist:
@@ -157,18 +160,16 @@ with tab_hist:
         tensor = st.selectbox("Tensor (input of layer)", tensors, index=default, key="layers-tensor",
                               format_func=lambda name: summaries.layer_label(name, info))
         bins, amax = data.histogram(run, tensor)
-        left, right = st.columns([3, 1], gap="large")
-        with left:
-            st.altair_chart(charts.histogram_chart(bins, amax, tensor), width="stretch")
-        with right:
-            st.markdown("**Range per calibrator**")
-            st.dataframe(amax, hide_index=True, key="layers-amax", column_order=["calibrator", "amax", "clipped values"],
-                         column_config={"amax": st.column_config.NumberColumn("amax", format="%.4g"),
-                                        "clipped values": st.column_config.TextColumn(
-                                            "values clipped", help="histogram values above amax (count of all values)")})
-            if not amax.empty:
-                st.caption(f"observed max {amax['observed max'].iloc[0]:.4g}; scale = amax / 127; "
-                           f"{int(amax['values'].iloc[0]):,} values in the histogram")
+        st.altair_chart(charts.histogram_chart(bins, amax, tensor), width="stretch")
+        st.markdown("**Range per calibrator**")
+        st.dataframe(amax, hide_index=True, key="layers-amax", column_order=["calibrator", "amax", "clipped values"],
+                     column_config={"calibrator": st.column_config.TextColumn("calibrator", width=100),
+                                    "amax": st.column_config.NumberColumn("amax", format="%.4g", width=80),
+                                    "clipped values": st.column_config.TextColumn(
+                                        "values clipped", width=220, help="histogram values above amax (count of all values)")})
+        if not amax.empty:
+            st.caption(f"observed max {amax['observed max'].iloc[0]:.4g}; scale = amax / 127; "
+                       f"{int(amax['values'].iloc[0]):,} values in the histogram")
 
 # -- mixed precision ----------------------------------------------------------------------------------
 with tab_mixed:

@@ -160,7 +160,7 @@ with st.form("new-run-form", border=True):
         out_dir = out[0].text_input("Run folder", value="", placeholder=default_dir, key="new-out",
                                     help="a relative folder is under the dashboard's working folder")
         name = out[1].text_input("Name", value="", placeholder="shown on the Runs page", key="new-name")
-        st.caption(f"Relative run folders are created under `{Path.cwd()}`; empty: `{Path(default_dir).resolve()}`")
+        st.caption(f"Run folder (empty field): `{Path(default_dir).resolve()}`  \nA relative folder is created under `{Path.cwd()}`")
     submitted = st.form_submit_button("Start run", type="primary", icon=":material/play_arrow:")
 
 if submitted:

@@ -80,8 +80,9 @@ def metric_chart(df: pd.DataFrame, metric: str, *, reference: Optional[float], t
     # The axis starts at 0: a few tenths of a point must not look like a cliff (the Δ chart shows the differences).
     lo, hi = (min(values + [0.0]), max(values + [0.0])) if values else (0.0, 1.0)
     pad = max((hi - lo) * 0.08, 1e-6)
+    top = 100.0 if metric_unit(metric) == "%" and 0.0 <= lo and hi <= 100.0 else hi + pad  # a percentage ends at 100
     title = metric_title(metric)
-    x = alt.X("value:Q", title=title, scale=alt.Scale(domain=[lo, hi + pad], zero=True, clamp=True))
+    x = alt.X("value:Q", title=title, scale=alt.Scale(domain=[lo, top], zero=True, clamp=True, nice=False))
     base = alt.Chart(df).encode(y=alt.Y("label:N", sort=labels, title=None))
     bars = base.mark_bar(cornerRadiusEnd=3, height={"band": 0.7}).encode(
         x=x,

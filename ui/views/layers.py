@@ -1,5 +1,7 @@
 """Layers: where INT8 hurts. Per-layer SQNR/cosine, the sensitivity ranking, activation histograms
 with each calibrator's range, and a mixed-precision what-if (some layers in FP16)."""
+import shlex
+
 import streamlit as st
 
 from quantlab.errors import QuantlabError
@@ -118,9 +120,9 @@ with tab_error:
 # -- sensitivity --------------------------------------------------------------------------------------
 with tab_rank:
     if not with_sensitivity:
-        st.info("No sensitivity ranking for this run yet. Run `quantlab sensitivity --run "
-                f"{run.get('run_dir') or run['id']}` (or start a New run with sensitivity on). "
+        st.info("No sensitivity ranking for this run yet: run this in a terminal (or start a New run with sensitivity on). "
                 "Below: layers ordered by the SQNR proxy (lowest first).")
+        st.code(f"quantlab sensitivity --run {shlex.quote(str(run.get('run_dir') or run['id']))}", language="bash")
     rank_cal = st.selectbox("Calibrator", with_sensitivity or calibrators, key="layers-rank-cal")
     ranking = summaries.sensitivity_ranking(layers, rank_cal)
     sens_runs = data.sensitivity_runs(run)

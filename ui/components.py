@@ -146,14 +146,14 @@ def _job_card(run: Dict[str, Any]) -> None:
                 st.markdown(f"Best INT8: **{best['label']}**, Δ {best['delta']:+.3g} {best['metric']} vs FP32")
             for note in state["skipped"]:
                 st.caption(f"skipped: {note}")
-            cols = st.columns([1, 1, 1, 3])
-            if cols[0].button("Compare", key=f"open-compare-{run['id']}", icon=":material/bar_chart:"):
+            cols = st.container(horizontal=True)  # buttons as wide as their labels
+            if cols.button("Compare", key=f"open-compare-{run['id']}", icon=":material/bar_chart:"):
                 st.session_state[SELECTED_RUN] = run["id"]
                 st.switch_page(page("compare"))
-            if cols[1].button("Layers", key=f"open-layers-{run['id']}", icon=":material/layers:"):
+            if cols.button("Layers", key=f"open-layers-{run['id']}", icon=":material/layers:"):
                 st.session_state[SELECTED_RUN] = run["id"]
                 st.switch_page(page("layers"))
-            if cols[2].button("Export", key=f"open-export-{run['id']}", icon=":material/download:"):
+            if cols.button("Export", key=f"open-export-{run['id']}", icon=":material/download:"):
                 st.session_state[SELECTED_RUN] = run["id"]
                 st.switch_page(page("export"))
         else:

@@ -50,7 +50,7 @@ SETTLED_JS = """() => {
     && document.querySelector('[data-testid="stMain"] h1') !== null;
 }"""
 
-# Tables cut off sideways, and visible elements past the window's right edge.
+# Tables cut off sideways, button labels cut off, and visible elements past the window's right edge.
 CLIPPED_JS = """() => {
   const problems = [];
   // Shown now: has a size and is not inside a closed expander (<details>), whose content is laid out but hidden.
@@ -65,6 +65,12 @@ CLIPPED_JS = """() => {
   for (const table of document.querySelectorAll('[data-testid="stTable"]')) {
     if (visible(table) && table.scrollWidth > table.clientWidth + 2)
       problems.push(`static table wider than its box: ${label(table)}`);
+  }
+  for (const button of document.querySelectorAll('[data-testid="stMain"] button')) {
+    if (!visible(button)) continue;
+    for (const text of button.querySelectorAll('[data-testid="stMarkdownContainer"]')) {
+      if (text.scrollWidth > text.clientWidth + 1) problems.push(`button label cut off: ${label(button)}`);
+    }
   }
   const right = document.documentElement.clientWidth;
   for (const el of document.querySelectorAll('[data-testid="stMain"] [data-testid="stElementContainer"]')) {

@@ -98,12 +98,12 @@ if selected_id:
     info[3].markdown(f"**Run folder**  \n`{run.get('run_dir') or '-'}`")
     if run.get("error"):
         st.error(run["error"], icon=":material/error:")
-    nav = st.columns([1, 1, 1, 5])
-    if nav[0].button("Compare", icon=":material/bar_chart:", key="runs-to-compare", disabled=not data.results(run)):
+    nav = st.container(horizontal=True)  # buttons as wide as their labels (columns cut "Compare" at 1024 px)
+    if nav.button("Compare", icon=":material/bar_chart:", key="runs-to-compare", disabled=not data.results(run)):
         st.switch_page(components.page("compare"))
-    if nav[1].button("Layers", icon=":material/layers:", key="runs-to-layers"):
+    if nav.button("Layers", icon=":material/layers:", key="runs-to-layers"):
         st.switch_page(components.page("layers"))
-    if nav[2].button("Export", icon=":material/download:", key="runs-to-export"):
+    if nav.button("Export", icon=":material/download:", key="runs-to-export"):
         st.switch_page(components.page("export"))
     with st.expander("Config", icon=":material/settings:"):
         st.code(json.dumps(run.get("config") or {}, indent=1), language="json")

@@ -126,13 +126,13 @@ def test_csv_upload_maps_columns_into_the_data_spec_and_runs(empty_store, tmp_pa
     at.file_uploader(key="new-model-file").set_value(("mlp.py", MLP, "text/x-python")).run()
     no_exceptions(at)
     assert not at.error, _errors(at)
-    at.segmented_control(key="new-source").set_value("Upload a CSV").run()
+    at.segmented_control(key="new-source").set_value("CSV file").run()
     at.file_uploader(key="new-calib-file").set_value(("table.csv", _csv(), "text/csv")).run()
     no_exceptions(at)
     label = at.selectbox(key="new-label-col")
     assert label.options == ["x1", "x2", "x3", "target", "(no label: unlabeled data)"]  # the CSV's header
     assert label.value == "target"
-    at.multiselect(key="new-input-cols").set_value(["x3", "x1"]).run()
+    at.multiselect(key="new-input-cols-target").set_value(["x3", "x1"]).run()
     at.multiselect(key="new-calibrators").set_value(["max"])
     at.pills(key="new-precisions").set_value(["fp32", "int8"])
     at.checkbox(key="new-sensitivity").uncheck()
@@ -188,7 +188,7 @@ def test_pickled_model_uploads_are_refused_without_unpickling(empty_store, tmp_p
 
 def test_a_csv_without_a_usable_header_is_refused(empty_store):
     at = open_page("new_run")
-    at.segmented_control(key="new-source").set_value("Upload a CSV").run()
+    at.segmented_control(key="new-source").set_value("CSV file").run()
     at.file_uploader(key="new-calib-file").set_value(("bad.csv", b"x,x,y\n1,2,3\n", "text/csv")).run()
     no_exceptions(at)
     assert "repeated column" in _errors(at)
@@ -199,3 +199,20 @@ def test_the_page_shows_the_absolute_run_folder(empty_store):
     at = open_page("new_run")
     captions = "\n".join(c.value for c in at.caption)
     assert str(Path.cwd()) in captions and str((Path.cwd() / "runs").resolve()) in captions
+
+
+def test_a_csv_path_gets_the_same_column_mapping(empty_store, tmp_path):
+    from quantlab.data.spec import columns_spec
+
+    path = tmp_path / "local.csv"
+    path.write_bytes(_csv())
+    at = open_page("new_run")
+    at.segmented_control(key="new-source").set_value("CSV file").run()
+    at.text_input(key="new-calib-path").input(str(path)).run()
+    no_exceptions(at)
+    at.selectbox(key="new-label-col").set_value("x2").run()
+    assert at.multiselect(key="new-input-cols-x2").value == ["x1", "x3", "target"]  # every other column
+    expected = columns_spec(f"csv:{path.resolve()}", ["x1", "x3", "target"], "x2")
+    assert any(expected in c.value for c in at.caption), [c.value for c in at.caption]
+    at.text_input(key="new-eval-path").input(str(tmp_path / "missing.csv")).run()
+    assert "no such file" in _errors(at)

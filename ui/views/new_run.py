@@ -37,7 +37,7 @@ with st.container(border=True):
                                     key="new-demo", icon=":material/rocket_launch:")
 
 st.subheader("Your model")
-UPLOAD, CSV_UPLOAD = "Upload a file", "Upload a CSV"
+UPLOAD, CSV_UPLOAD = "Upload a file", "CSV file"
 model_from = st.segmented_control("Model from", ["Name or path", UPLOAD], default="Name or path", key="new-model-from",
                                   help="a module:factory / file.py:factory / .pt / .pt2 typed below, or a file from your computer")
 uploaded_model, uploaded_weights, trusted = None, None, True
@@ -75,20 +75,27 @@ if model_from == UPLOAD:
 source = st.segmented_control("Data", ["Built-in Fashion-MNIST", "Dataset spec", CSV_UPLOAD], default="Built-in Fashion-MNIST",
                               key="new-source", help="Fashion-MNIST ships with quantlab's Debian data package; "
                                                      "a spec reads your own files (csv:, parquet:, json:, arrow:, imagefolder:); "
-                                                     "or upload a CSV and pick its input and label columns")
+                                                     "or a CSV (uploaded, or a path) whose input and label columns you pick")
 builtin = source not in ("Dataset spec", CSV_UPLOAD)
 csv_specs = None
 if source == CSV_UPLOAD:
     with st.container(border=True):
         files = st.columns(2, gap="large")
         calib_csv = files[0].file_uploader("Calibration CSV", type=["csv"], key="new-calib-file")
+        calib_typed = files[0].text_input("…or its path on this machine", key="new-calib-path", placeholder="/data/calib.csv")
         eval_csv = files[1].file_uploader("Eval CSV (empty: the calibration file)", type=["csv"], key="new-eval-file")
+        eval_typed = files[1].text_input("…or its path on this machine", key="new-eval-path", placeholder="/data/test.csv")
         saved_csv = {}
-        for role, upload in (("calibration", calib_csv), ("eval", eval_csv)):
-            if upload is None:
-                continue
+        for role, upload, typed in (("calibration", calib_csv, calib_typed), ("eval", eval_csv, eval_typed)):
             try:
-                path = inputs.save_upload(upload.getvalue(), upload.name, data.input_folder())
+                if upload is not None:
+                    path = inputs.save_upload(upload.getvalue(), upload.name, data.input_folder())
+                elif typed.strip():
+                    path = Path(typed.strip()).expanduser().resolve()
+                    if not path.is_file():
+                        raise JobInputError("data", f"no such file: {path}")
+                else:
+                    continue
                 saved_csv[role] = (path, inputs.csv_header(path))
             except JobInputError as exc:
                 st.error(f"{role.capitalize()} CSV refused. {exc}", icon=":material/error:")
@@ -104,7 +111,7 @@ if source == CSV_UPLOAD:
                 label = None if label == NO_LABEL else label
                 features = [c for c in header if c != label]
                 chosen = cols[1].multiselect("Input columns (in this order, stacked into one vector)", features, default=features,
-                                             key="new-input-cols")
+                                             key=f"new-input-cols-{label or 'none'}")  # a new label: all others again
                 try:
                     csv_specs = (columns_spec(f"csv:{calib_path}", chosen, label), columns_spec(f"csv:{eval_path}", chosen, label))
                 except ValueError as exc:
@@ -142,7 +149,7 @@ with st.form("new-run-form", border=True):
             calib_data, eval_data = f"fmnist:calib[:{calib_n}]", f"fmnist:test[:{eval_n}]"
         elif source == CSV_UPLOAD:
             calib_data, eval_data = csv_specs or ("", "")
-            st.caption("From the uploaded CSV, with the columns chosen above." if csv_specs else "Upload a CSV above.")
+            st.caption("From the CSV file, with the columns chosen above." if csv_specs else "Upload a CSV (or give its path) above.")
         else:
             calib_data = st.text_input("Calibration data", key="new-calib", placeholder="csv:data/calib.csv",
                                        help="fmnist:calib[:N], csv:PATH, parquet:PATH, json:PATH, arrow:DIR, imagefolder:DIR, ...; "

@@ -71,6 +71,9 @@ CLIPPED_JS = """() => {
     for (const text of button.querySelectorAll('[data-testid="stMarkdownContainer"]')) {
       if (text.scrollWidth > text.clientWidth + 1) problems.push(`button label cut off: ${label(button)}`);
     }
+    const box = button.closest('[data-testid="stElementContainer"]');
+    if (box && button.getBoundingClientRect().right > box.getBoundingClientRect().right + 1)
+      problems.push(`button reaches past its column: ${label(button)}`);
   }
   const right = document.documentElement.clientWidth;
   for (const el of document.querySelectorAll('[data-testid="stMain"] [data-testid="stElementContainer"]')) {

@@ -67,7 +67,7 @@ with tab_error:
     if layers.empty or layers["sqnr_db"].isna().all():
         st.info("This run has no per-layer SQNR (compare with --layer-batches 0?).")
     else:
-        c = st.columns([2, 3])
+        c = st.columns([1, 1])  # the three "Measured" choices need ~370 px (1024 px windows included)
         which = c[0].segmented_control(
             "Measured", ["in the INT8 model", "layer alone", "alone, per token"], default="in the INT8 model", key="layers-which",
             help="In the INT8 model: every layer quantized, errors compound. Layer alone: only this layer quantized, FP32 inputs. "

@@ -36,6 +36,13 @@ def _store(path: str) -> RunStore:
     return RunStore(path)
 
 
+def input_folder() -> str:
+    """Where uploaded run inputs are saved (``inputs/`` beside the run store file)."""
+    from quantlab.jobs.inputs import input_folder as folder
+
+    return str(folder(store_path()))
+
+
 def store() -> RunStore:
     """The RunStore (one per path per server; each call opens its own connection)."""
     return _store(store_path())
@@ -286,10 +293,45 @@ def histogram(run: Dict[str, Any], module: str):
         if bins.empty:
             bins = summaries.histogram_frame(counts, stats.bin_width)
         entry = sc.get(module, "input")
+        clipped = summaries.clipped_count(counts, stats.bin_width, float(entry.amax))
+        total = int(sum(counts))
         amax_rows.append({"calibrator": calibrator, "amax": float(entry.amax),
                           "clipped": summaries.clipped_fraction(counts, stats.bin_width, float(entry.amax)),
+                          "clipped count": clipped, "values": total,
+                          "clipped values": summaries.format_clipped(clipped, total),
                           "observed max": float(stats.amax), "scale": float(entry.scale)})
-    return bins, pd.DataFrame(amax_rows, columns=["calibrator", "amax", "clipped", "observed max", "scale"])
+    return bins, pd.DataFrame(amax_rows, columns=["calibrator", "amax", "clipped", "clipped count", "values", "clipped values",
+                                                  "observed max", "scale"])
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _layer_info(path: str, mtime: int) -> Dict[str, str]:
+    import json
+
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8")).get("layer_info")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: no descriptions
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    return {str(k): v for k, v in info.items() if isinstance(v, str) and len(v) <= 200}
+
+
+def layer_info(run: Dict[str, Any]) -> Dict[str, str]:
+    """Layer name -> "Conv2d 1→32 3×3" from the run's ``results.json`` ({} for runs recorded before it was kept).
+
+    A sensitivity or export run borrows its parent's descriptions.
+    """
+    for art in artifacts(run, with_children=False):
+        if art["kind"] == "results":
+            return _layer_info(art["path"], _mtime(art["path"]))
+    parent = run.get("parent_id")
+    if parent:
+        try:
+            return layer_info(store().get_run(parent))
+        except QuantlabError:
+            return {}
+    return {}
 
 
 def foreign_code(run: Dict[str, Any]) -> List[str]:

@@ -29,6 +29,7 @@ from torch import nn
 from quantlab._io import write_text_atomic
 from quantlab.errors import ConfigError
 from quantlab.evaluation.compare import PRECISIONS, CompareResult, ResultRow, compare, parse_precisions
+from quantlab.evaluation.layer_info import describe_layers
 from quantlab.evaluation.layers import LayerError
 from quantlab.jobs.description import RunDescription, RunKind
 from quantlab.jobs.folders import JOB_FILES, commit_files, open_run_folder
@@ -192,7 +193,8 @@ def compare_into(
         result.run_id = run.run_id
         result.run_dir = Path(run_dir) if run_dir is not None else None
         if result.run_dir is not None:
-            write_run_folder(result, run, run_config(result.settings, describe), describe, folder)
+            write_run_folder(result, run, run_config(result.settings, describe), describe, folder,
+                             layer_info=describe_layers(model))
         return result
     finally:
         if own_folder:
@@ -227,9 +229,12 @@ def _with_sparse_rows(
 
 
 def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, Any], describe: Dict[str, Any],
-                     folder: Any) -> None:
+                     folder: Any, *, layer_info: Optional[Dict[str, str]] = None) -> None:
     """``run.json``, ``scales.<calibrator>.json`` and ``results.json``: staged, committed as a whole
-    into ``folder`` (an open :class:`quantlab.store.RunFolder` on ``result.run_dir``), then recorded as artifacts."""
+    into ``folder`` (an open :class:`quantlab.store.RunFolder` on ``result.run_dir``), then recorded as artifacts.
+
+    ``layer_info`` (module name -> "Conv2d 1→32 3×3") goes into ``results.json`` for the dashboard's layer labels.
+    """
 
     def write(stage: Path) -> Dict[str, Path]:
         staged: Dict[str, Path] = {}
@@ -268,6 +273,7 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
             "checkpoints": checkpoints,
             "algorithms": algorithm_reports(result),
             "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
+            "layer_info": dict(layer_info or {}),
         }
         staged["results"] = write_text_atomic(stage / "results.json", json.dumps(_json_safe(results), indent=1))
         return staged

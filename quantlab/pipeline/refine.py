@@ -51,4 +51,8 @@ def restore_refinable_state(model: nn.Module, state: Dict[str, torch.Tensor]) ->
             original_weight(ref.module).copy_(state[f"{ref.module_name}:weight"])
             bias = getattr(ref.module, "bias", None)
             if isinstance(bias, torch.Tensor):
-                bias.copy_(state[f"{ref.module_name}:bias"])
+                saved = state.get(f"{ref.module_name}:bias")
+                if saved is None:  # a refiner gave this layer a bias it did not have: take it away again
+                    ref.module.bias = None
+                else:
+                    bias.copy_(saved)

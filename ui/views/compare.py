@@ -42,14 +42,16 @@ best = summaries.best_int8(results, metric)
 fp16 = judged[(judged["precision"] == "fp16") & (judged["source"] == "ptq")]
 within = judged[judged["precision"] != "fp32"]["within"]
 cards = st.columns(4)
-cards[0].metric(f"FP32 {metric}", f"{fp32:.4g}" if fp32 is not None else "-", border=True)
+cards[0].metric(f"FP32 {metric}", summaries.format_value(fp32, metric), border=True)
 if not fp16.empty:
-    cards[1].metric(f"FP16 {metric}", f"{fp16['value'].iloc[0]:.4g}", delta=f"{fp16['delta'].iloc[0]:+.3g}",
+    cards[1].metric(f"FP16 {metric}", summaries.format_value(fp16['value'].iloc[0], metric),
+                    delta=summaries.format_delta(fp16['delta'].iloc[0], metric),
                     delta_color="normal" if higher else "inverse", border=True)
 else:
     cards[1].metric(f"FP16 {metric}", "-", border=True)
 if best is not None:
-    cards[2].metric(f"Best INT8 · {best['label'].replace('INT8 ', '')}", f"{best['value']:.4g}", delta=f"{best['delta']:+.3g}",
+    cards[2].metric(f"Best INT8 · {best['label'].replace('INT8 ', '')}", summaries.format_value(best['value'], metric),
+                    delta=summaries.format_delta(best['delta'], metric),
                     delta_color="normal" if higher else "inverse", border=True)
 else:
     cards[2].metric("Best INT8", "-", border=True)
@@ -74,8 +76,8 @@ shown = table[["configuration", "n", metric, "95% CI", "Δ vs FP32", "p vs FP32"
 styled = shown.style.apply(_highlight, axis=1).format(
     {metric: "{:.3f}", "Δ vs FP32": "{:+.3f}", "seconds": "{:.2f}", "agreement": "{:.2f}"}, na_rep="-")
 
-left, right = st.columns([1, 1], gap="large")
-with left:
+# Full width: n, the interval and the noise verdict need the room (no table may be cut off at 1024 px).
+with st.container():
     st.subheader("Results")
     st.dataframe(styled, hide_index=True, key="compare-table", column_order=[c for c in shown.columns if c != "within"],
                  column_config={
@@ -98,7 +100,7 @@ with left:
     if used["interval"] or used["paired test"]:
         st.caption(f"95% CI: {'; '.join(used['interval']) or '-'}. p vs FP32: {'; '.join(used['paired test']) or '-'} on the "
                    "same samples; within noise = p ≥ 0.05.")
-with right:
+with st.container():
     st.subheader(f"{metric} by configuration")
     st.caption("Dashed navy: FP32; dashed red: the tolerance limit.")
     st.altair_chart(charts.metric_chart(judged, metric, reference=fp32, tolerance=tolerance, higher_is_better=higher), width="stretch")
@@ -118,15 +120,12 @@ if not sparse.empty:
                        "speedup_vs_fp16": st.column_config.NumberColumn("speed-up vs FP16", format="%.2fx")},
     )
 
-left, right = st.columns([1, 1], gap="large")
-with left:
-    numbers.show_deployment(data.deployment(run))
-with right:
-    numbers.show_fidelity(data.fidelity(run))
+numbers.show_deployment(data.deployment(run))
+numbers.show_fidelity(data.fidelity(run))
 
 st.subheader("Δ vs FP32")
 st.caption(f"Dashed red: the tolerance limit ({'−' if higher else '+'}{tolerance:g}); grey: no change.")
-st.altair_chart(charts.delta_chart(judged, tolerance=tolerance, higher_is_better=higher), width="stretch")
+st.altair_chart(charts.delta_chart(judged, tolerance=tolerance, higher_is_better=higher, metric=metric), width="stretch")
 
 if run["status"] == "running":
     st.info("This run is still running: results appear as each configuration finishes.", icon=":material/progress_activity:")
@@ -138,6 +137,10 @@ others = [r for r in runs if r["id"] != run["id"]]
 if st.toggle("Compare with another run", key="compare-side-by-side", disabled=not others,
              help=None if others else "Only one run has results so far."):
     other = components.select_run(others, key="compare-other", label="Second run", default_id=others[0]["id"])
+    unrelated = summaries.unrelated_reasons(run, other, layers_a=data.layer_info(run), layers_b=data.layer_info(other))
+    if unrelated:
+        st.warning("These runs are not of the same model and eval data, so their numbers are not comparable: "
+                   + "; ".join(unrelated) + ".", icon=":material/compare_arrows:")
     other_frame = summaries.results_frame(data.results(other), metric)
     if other_frame.empty:
         st.warning(f"Run {other['id']} has no `{metric}` results.")

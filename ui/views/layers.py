@@ -5,7 +5,8 @@ import shlex
 import streamlit as st
 
 from quantlab.errors import QuantlabError
-from quantlab.ui import charts, components, data, numbers, summaries
+from quantlab.ui import charts, components, data, summaries
+from quantlab.ui.numbers import SENSITIVITY_TEST, sensitivity_noise
 
 components.require_store()
 components.header("Layers", "Per-layer error of INT8 vs FP32, which layers the metric is sensitive to, and what keeping them in FP16 buys.")
@@ -137,10 +138,10 @@ with tab_rank:
     recovered = f"{metric} recovered in FP16" + (f" ({summaries.delta_unit(metric)})" if summaries.delta_unit(metric) else "")
     if ranking["sensitivity"].notna().any():
         st.altair_chart(charts.sensitivity_chart(ranking.dropna(subset=["sensitivity"]), recovered), width="stretch")
-    ranking = ranking.assign(noise=numbers.sensitivity_noise(ranking))
+    ranking = ranking.assign(noise=sensitivity_noise(ranking))
     if ranking["sensitivity_p"].notna().any():
         counts = sorted({int(n) for n in ranking["sensitivity_n"].dropna()})
-        st.caption(f"Noise: {numbers.SENSITIVITY_TEST} of the model with each layer in FP16 against all INT8 on the same "
+        st.caption(f"Noise: {SENSITIVITY_TEST} of the model with each layer in FP16 against all INT8 on the same "
                    f"{' / '.join(map(str, counts))} samples; within noise = p ≥ 0.05 (that recovery cannot be told from noise).")
     st.dataframe(ranking[["rank", "layer", "layer_type", "sensitivity", "noise", "local_row_sqnr_db", "sqnr_db", "local_sqnr_db",
                           "cosine", "sensitivity_n", "sensitivity_p"]],

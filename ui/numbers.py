@@ -117,8 +117,13 @@ def show_deployment(deployment: Sequence[Mapping[str, Any]]) -> None:
         f"{warmup} warmup runs. Size: the .onnx file in MB. TensorRT is timed only where it is installed. "
         "PyTorch fake-quant time is not a deployment cost and is not used here."
     )
-    config = {"size (MB)": st.column_config.NumberColumn(format="%.3f")}
-    config.update({c: st.column_config.NumberColumn(format="%.3f") for c in frame.columns if c.endswith("(ms)")})
+    # Widths: the table must fit a 1024 px window without scrolling sideways.
+    config = {"configuration": st.column_config.Column(width=125),
+              "size (MB)": st.column_config.NumberColumn(format="%.3f", width=75),
+              "timing source": st.column_config.Column(width=215),
+              "TensorRT": st.column_config.Column(width=95)}
+    config.update({c: st.column_config.NumberColumn(c.replace("median", "med."), format="%.3f", width=78, help=c)
+                   for c in frame.columns if c.endswith("(ms)")})
     st.dataframe(frame.drop(columns=["note"]) if frame["note"].isna().all() else frame, hide_index=True,
                  key="compare-deployment", column_config=config)
 

@@ -79,17 +79,19 @@ styled = shown.style.apply(_highlight, axis=1).format(
 # Full width: n, the interval and the noise verdict need the room (no table may be cut off at 1024 px).
 with st.container():
     st.subheader("Results")
-    st.dataframe(styled, hide_index=True, key="compare-table", column_order=[c for c in shown.columns if c != "within"],
+    # The PyTorch fake-quant eval time is not a deployment cost: kept in the data, not shown (Deployment cost below).
+    st.dataframe(styled, hide_index=True, key="compare-table",
+                 column_order=[c for c in shown.columns if c not in ("within", "seconds")],
                  column_config={
-                     metric: st.column_config.Column(present.with_unit(metric, unit)),
-                     "95% CI": st.column_config.Column(present.with_unit("95% CI", unit), help="95% interval of the value"),
-                     "Δ vs FP32": st.column_config.Column(f"Δ vs FP32 ({points})"),
-                     "p vs FP32": st.column_config.Column(help="paired test against FP32 on the same samples"),
-                     "noise": st.column_config.Column(help="within noise: p >= 0.05, these samples cannot tell it from FP32"),
-                     "agreement": st.column_config.Column("agreement with FP32 (%)", help="share of predictions equal to FP32's"),
-                     "seconds": st.column_config.Column(present.PYTORCH_SECONDS,
-                                                        help="wall time of the PyTorch eval pass with fake quantization: "
-                                                             "not a deployment cost (see Deployment cost below)"),
+                     "configuration": st.column_config.Column(width=140),
+                     "n": st.column_config.Column(width=60, help="samples evaluated"),
+                     metric: st.column_config.Column(present.with_unit(metric, unit), width=80),
+                     "95% CI": st.column_config.Column(present.with_unit("95% CI", unit), width=125, help="95% interval of the value"),
+                     "Δ vs FP32": st.column_config.Column(f"Δ ({points})", width=85, help="value − FP32"),
+                     "p vs FP32": st.column_config.Column("p", width=60, help="paired test against FP32 on the same samples"),
+                     "noise": st.column_config.Column(width=105, help="within noise: p ≥ 0.05, these samples cannot tell it from FP32"),
+                     "verdict": st.column_config.Column("tolerance", width=90),
+                     "agreement": st.column_config.Column("agree (%)", width=80, help="share of predictions equal to FP32's"),
                  })
     run_cfg = run.get("config") or {}
     st.caption(

@@ -113,16 +113,17 @@ def show_deployment(deployment: Sequence[Mapping[str, Any]]) -> None:
     warmup = next((r["warmup"] for r in rows if r["warmup"] is not None), None)
     st.caption(
         f"Each configuration exported to ONNX (INT8 in the exact integer form ONNX Runtime runs on this CPU) and timed "
-        f"in the runtime named under 'timing source': median and min ms per batch over {repeats} timed runs after "
+        f"in the runtime named under 'timing source': median and min ms per batch (bs: batch size) over {repeats} timed runs after "
         f"{warmup} warmup runs. Size: the .onnx file in MB. TensorRT is timed only where it is installed. "
         "PyTorch fake-quant time is not a deployment cost and is not used here."
     )
     # Widths: the table must fit a 1024 px window without scrolling sideways.
     config = {"configuration": st.column_config.Column(width=125),
               "size (MB)": st.column_config.NumberColumn(format="%.3f", width=75),
-              "timing source": st.column_config.Column(width=215),
+              "timing source": st.column_config.Column(width=195),
               "TensorRT": st.column_config.Column(width=95)}
-    config.update({c: st.column_config.NumberColumn(c.replace("median", "med."), format="%.3f", width=78, help=c)
+    config.update({c: st.column_config.NumberColumn(c.replace("batch ", "bs ").replace("median", "med.").replace(" (ms)", " ms"),
+                                                    format="%.3f", width=88, help=c)
                    for c in frame.columns if c.endswith("(ms)")})
     st.dataframe(frame.drop(columns=["note"]) if frame["note"].isna().all() else frame, hide_index=True,
                  key="compare-deployment", column_config=config)

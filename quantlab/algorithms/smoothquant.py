@@ -163,7 +163,7 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     counts = _shared_parameters(model)
     groups: List[_Group] = []
     skipped: List[Dict[str, str]] = []
-    unreached = 0
+    unreached: List[str] = []
     for name in trace.order:
         producer = next(p for p in producers if p.name == name)
         consumers = trace.consumers.get(name, [])
@@ -172,7 +172,7 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
             if producer.kind == "norm":
                 skipped.append({"producer": name, "reason": f"its output reaches no Linear through per-channel linear ops (uses: {', '.join(blockers) or 'none'})"})
             else:
-                unreached += 1
+                unreached.append(f"{name}: output used by {', '.join(blockers) or 'nothing'}")
             continue
         reason = ""
         if blockers:
@@ -223,7 +223,8 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
             valid.append(group)
     seconds["probe"] = time.perf_counter() - start
     if not valid:
-        reasons = "; ".join(f"{s['producer']}: {s['reason']}" for s in skipped[:6]) or "no LayerNorm/RMSNorm or Linear output feeds a Linear"
+        reasons = "; ".join([f"{s['producer']}: {s['reason']}" for s in skipped] + unreached[:6 - min(6, len(skipped))])
+        reasons = reasons or "no LayerNorm/RMSNorm or Linear output feeds a Linear"
         raise AlgorithmError(f"smoothquant: nothing in {type(model).__name__} can be smoothed with an exact fold ({reasons})")
 
     # 4. Per group: alpha (searched or fixed), fold, check the producer's fold numerically.
@@ -298,7 +299,7 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
         "linears_smoothed": sum(len(d["consumers"]) for d in smoothed),
         "groups": done,
         "skipped": skipped,
-        "linears_feeding_no_linear": unreached,
+        "linears_feeding_no_linear": len(unreached),
         "fp32_relative_change": change,
         "seconds": seconds,
     }

@@ -223,7 +223,7 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
             valid.append(group)
     seconds["probe"] = time.perf_counter() - start
     if not valid:
-        reasons = "; ".join([f"{s['producer']}: {s['reason']}" for s in skipped] + unreached[:6 - min(6, len(skipped))])
+        reasons = "; ".join([f"{s['producer']}: {s['reason']}" for s in skipped[:6]] + unreached[:6 - min(6, len(skipped))])
         reasons = reasons or "no LayerNorm/RMSNorm or Linear output feeds a Linear"
         raise AlgorithmError(f"smoothquant: nothing in {type(model).__name__} can be smoothed with an exact fold ({reasons})")
 

@@ -78,6 +78,7 @@ class Consumer:
         sample: Calibration rows of its input ``[n, C_in]``.
         amax: Per-column abs-max of its input over the whole calibration data.
         quantized: Whether the config quantizes it (only those count in the loss).
+        cached_reference: ``X W^T`` on the sample and its mean square (filled by the search).
     """
 
     name: str
@@ -86,6 +87,7 @@ class Consumer:
     sample: torch.Tensor
     amax: torch.Tensor
     quantized: bool
+    cached_reference: Optional[Tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default=None, repr=False)
 
 
 def channel_maxima(consumers: Sequence[Consumer], channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -123,14 +125,21 @@ def quantized_output_error(consumers: Sequence[Consumer], s: torch.Tensor, weigh
         weight = c.module.weight.detach().float()
         x = c.sample.to(weight.device)
         sc = s[c.mapping.to(weight.device)]
-        xs = x / sc
-        ws = weight * sc
         x_range = (c.amax.to(weight.device).float() / sc).amax()
-        xq = fake_quantize(xs, x_range, input_spec)
+        xq = fake_quantize(x / sc, x_range, input_spec)
+        ws = weight * sc
         wq = fake_quantize(ws, amax_of_weight(ws, weight_spec), weight_spec)
-        reference = x @ weight.t()
-        total += float(((xq @ wq.t() - reference) ** 2).mean() / (reference**2).mean().clamp_min(1e-30))
+        reference, energy = _reference(c, x, weight)
+        total += float(torch.sub(xq @ wq.t(), reference).pow_(2).mean() / energy)
     return total
+
+
+def _reference(c: Consumer, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``X W^T`` and its mean square, computed once per consumer (the weight is not changed during a search)."""
+    if c.cached_reference is None:
+        reference = x @ weight.t()
+        c.cached_reference = (reference, (reference**2).mean().clamp_min(1e-30))
+    return c.cached_reference
 
 
 def search_alpha(consumers: Sequence[Consumer], channels: int, grid: Sequence[float], weight_spec: QuantizerSpec,

@@ -10,7 +10,7 @@ weight and input specs), or fixed with ``{"alpha": 0.5}``.
 
 Parameters (``algorithm_params["smoothquant"]``):
     alpha: fixed alpha in [0, 1] (default: searched per group).
-    grid: the alphas searched (default 0.0, 0.05, ..., 1.0).
+    grid: the alphas searched (default 0.0, 0.1, ..., 1.0).
     samples: calibration rows (tokens) kept per Linear input for the search (default 256).
     tolerance: largest relative change of the model's FP32 output allowed after
         folding (default 1e-3); beyond it every fold is undone and an error raised.
@@ -40,7 +40,7 @@ from quantlab.attach import _selected
 from quantlab.config import QuantConfig, int8_config
 from quantlab.registry import lookup_quantizable
 
-DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 PARAMS = ("alpha", "grid", "samples", "tolerance")
 
 

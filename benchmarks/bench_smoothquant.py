@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from _common import CPU_NOISE_NOTE, add_common_args, emit, machine_header, markdown_table, setup_torch, sync  # noqa: E402
 
-SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "modelopt")
+SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "modelopt")  # "<row>@<calibrator>" overrides --calibrator
 MINILM_ROWS = ("fp32", "int8", "smoothquant")
 
 
@@ -122,7 +122,7 @@ def modelopt_int8(model: torch.nn.Module, forward_loop: Callable) -> Dict[str, A
 
 
 def smollm(args: argparse.Namespace, device: torch.device) -> str:
-    rows_wanted = [r for r in args.rows.split(",") if r in SMOLLM_ROWS]
+    rows_wanted = [r for r in args.rows.split(",") if r.split("@")[0] in SMOLLM_ROWS]
     if args.random_weights:
         build = lambda: smollm_random(device)  # noqa: E731
     else:
@@ -138,11 +138,13 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
     for row in rows_wanted:
         model = build()
         info: Dict[str, Any] = {}
-        if row == "int8":
-            info = quantlab_int8(model, forward_loop, args.calibrator, (), {}, device)
-        elif row.startswith("smoothquant"):
-            params = {"smoothquant": {"alpha": 0.5}} if row == "smoothquant-0.5" else {}
-            info = quantlab_int8(model, forward_loop, args.calibrator, ("smoothquant",), params, device)
+        kind, _, calibrator = row.partition("@")
+        calibrator = calibrator or args.calibrator
+        if kind == "int8":
+            info = quantlab_int8(model, forward_loop, calibrator, (), {}, device)
+        elif kind.startswith("smoothquant"):
+            params = {"smoothquant": {"alpha": 0.5}} if kind == "smoothquant-0.5" else {}
+            info = quantlab_int8(model, forward_loop, calibrator, ("smoothquant",), params, device)
             d = info["details"]
             alphas = [g["alpha"] for g in d["groups"]]
             notes.append(f"{row}: {d['groups_smoothed']} fold groups smoothed ({d['linears_smoothed']} Linears), "
@@ -150,7 +152,7 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
                          f"alphas {sorted(set(a for a in alphas if a is not None))}, no smoothing chosen for "
                          f"{sum(a is None for a in alphas)}; FP32 relative change {d['fp32_relative_change']:.2g}; "
                          f"smoothquant stages {', '.join(f'{k} {v:.1f} s' for k, v in info['stages'].items())}")
-        elif row == "modelopt":
+        elif kind == "modelopt":
             try:
                 info = modelopt_int8(model, forward_loop)
             except Exception as exc:  # noqa: BLE001 - a peer failing is a result, reported as such
@@ -160,7 +162,7 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
         if row == "fp32":
             fp32 = ppl
         delta = None if fp32 is None or fp32 != fp32 else 100.0 * (ppl / fp32 - 1.0)
-        table.append([row, ppl, delta, info.get("quantized", 0), info.get("seconds"), info.get("transform"),
+        table.append([row if "@" in row or kind in ("fp32", "modelopt") else f"{row}@{calibrator}", ppl, delta, info.get("quantized", 0), info.get("seconds"), info.get("transform"),
                       info.get("statistics"), f"{tokens} tokens scored"])
         del model
     header = machine_header("SmolLM2-135M, every Linear INT8 (W8 per-channel, A8 static per-tensor): SmoothQuant",
@@ -210,7 +212,7 @@ def minilm(args: argparse.Namespace, device: torch.device) -> str:
             task.set_reference(state)
         results[row] = task.compute(state)
         table.append([row, results[row].get("probe_accuracy"), results[row].get("probe_accuracy", 0) - results["fp32"].get("probe_accuracy", 0),
-                      results[row].get("cosine"), info.get("seconds"), info.get("transform")])
+                      f"{results[row].get('cosine', float('nan')):.4f}", info.get("seconds"), info.get("transform")])
     header = machine_header("all-MiniLM-L6-v2 probe, INT8 vs INT8 + SmoothQuant",
                             {"calibration": f"rotten:calib[:{len(calib)}]", "evaluation": f"rotten:test[:{len(test)}] (probe: half train on FP32, half test)",
                              "calibrator": args.minilm_calibrator})

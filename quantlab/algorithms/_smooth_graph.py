@@ -352,7 +352,7 @@ def run_recorded(model: nn.Module, inputs: Tuple[tuple, dict], *, record_inputs:
     def post(name: str):
         def hook(module, args, output):
             if name in scale_outputs:
-                output = output * scale_outputs[name].to(output.dtype)
+                output = output * scale_outputs[name].to(output.device, output.dtype)
             if name in record_io:
                 recorded["io_out:" + name] = output.detach().clone()
             return output

@@ -195,11 +195,16 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     start = time.perf_counter()
     probe_inputs = _one_sample(recorder.inputs)
     consumer_names = sorted({c for g in groups for c in g.consumers})
+    norm_names = [g.producer.name for g in groups if g.producer.kind == "norm"]
     try:
-        reference = run_recorded(model, probe_inputs, record_inputs=consumer_names, record_io=[n for g in groups if g.producer.kind == "norm" for n in [g.producer.name]])
+        reference = run_recorded(model, probe_inputs, record_inputs=consumer_names, record_io=norm_names)
     except Exception:  # the model does not accept a one-sample slice: use the whole first batch
         probe_inputs = recorder.inputs
-        reference = run_recorded(model, probe_inputs, record_inputs=consumer_names, record_io=[n for g in groups if g.producer.kind == "norm" for n in [g.producer.name]])
+        try:
+            reference = run_recorded(model, probe_inputs, record_inputs=consumer_names, record_io=norm_names)
+        except Exception as exc:
+            raise AlgorithmError(f"smoothquant: the model failed when called again with its first calibration batch "
+                                 f"({type(exc).__name__}: {exc})") from exc
     factors = {g.producer.name: probe_factors(g.producer.channels, seed=i) for i, g in enumerate(groups)}
     probed = run_recorded(model, probe_inputs, record_inputs=consumer_names,
                           scale_outputs={n: f.to(torch.float32) for n, f in factors.items()},

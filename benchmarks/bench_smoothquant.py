@@ -39,6 +39,7 @@ from _common import CPU_NOISE_NOTE, add_common_args, emit, machine_header, markd
 
 SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "modelopt")  # "<row>@<calibrator>" overrides --calibrator
 MINILM_ROWS = ("fp32", "int8", "smoothquant")
+EXCLUDE: List[str] = []  # --exclude: module patterns quantlab rows keep in float (diagnostics)
 
 
 # -- SmolLM2 ------------------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def quantlab_int8(model: torch.nn.Module, forward_loop: Callable, calibrator: st
     import quantlab as ql
     from quantlab.pipeline import run
 
-    config = ql.int8_config(calibrator).replace(algorithms=algorithms, algorithm_params=params)
+    config = ql.int8_config(calibrator, exclude=tuple(EXCLUDE)).replace(algorithms=algorithms, algorithm_params=params)
     sync(device)
     start = time.perf_counter()
     result = run(model, forward_loop, {calibrator: {}}, config=config, cuda_graphs=False)
@@ -162,13 +163,14 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
         if row == "fp32":
             fp32 = ppl
         delta = None if fp32 is None or fp32 != fp32 else 100.0 * (ppl / fp32 - 1.0)
+        print(f"row done: {row}: perplexity {ppl:.4g} ({tokens} tokens), info {({k: v for k, v in info.items() if k != 'details'})}", file=sys.stderr, flush=True)
         table.append([row if "@" in row or kind in ("fp32", "modelopt") else f"{row}@{calibrator}", ppl, delta, info.get("quantized", 0), info.get("seconds"), info.get("transform"),
                       info.get("statistics"), f"{tokens} tokens scored"])
         del model
     header = machine_header("SmolLM2-135M, every Linear INT8 (W8 per-channel, A8 static per-tensor): SmoothQuant",
                             {"device": str(device), "weights": "random (timing only)" if args.random_weights else "GGUF Q4_1 -> FP32",
                              "calibration": f"{len(calib)} x 128 tokens", "evaluation": f"{len(test)} x 128 tokens",
-                             "calibrator": args.calibrator})
+                             "calibrator": args.calibrator, "float in quantlab rows": args.exclude or "none"})
     body = markdown_table(["row", "perplexity", "Δ vs FP32 %", "quantized Linears", "PTQ s (all stages)",
                            "transform s", "statistics s", "note"], table)
     return header + "\n" + body + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
@@ -230,12 +232,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--eval-blocks", type=int, default=16, help="SmolLM2 evaluation blocks of 128 tokens")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--calibrator", default="mse", help="quantlab calibrator for SmolLM2 (default mse: the best without algorithms)")
+    parser.add_argument("--exclude", default="", help="comma-separated module patterns quantlab rows keep in float (e.g. lm_head)")
     parser.add_argument("--skip-eval", action="store_true", help="only time the PTQ stages")
     parser.add_argument("--minilm-calib", type=int, default=256)
     parser.add_argument("--minilm-eval", type=int, default=1000)
     parser.add_argument("--minilm-calibrator", default="mse")
     args = parser.parse_args(argv)
     device = setup_torch(args)
+    EXCLUDE[:] = [p for p in args.exclude.split(",") if p]
     sections = []
     for name in args.models.split(","):
         sections.append({"smollm": smollm, "minilm": minilm}[name](args, device))

@@ -160,7 +160,7 @@ def fp32_reference(model: nn.Module, layers: Sequence[QuantizedLayer],
             with quantization_disabled(model):
                 yield model
         else:
-            with _layers_in_float(layers):
+            with layers_in_float(layers):
                 yield model
     finally:
         for owner, attr, value in reversed(swapped):
@@ -171,7 +171,7 @@ def fp32_reference(model: nn.Module, layers: Sequence[QuantizedLayer],
 
 
 @contextlib.contextmanager
-def _layers_in_float(layers: Sequence[QuantizedLayer]) -> Iterator[None]:
+def layers_in_float(layers: Sequence[QuantizedLayer]) -> Iterator[None]:
     """The quantizers of ``layers`` off for the duration."""
     saved = [(q, q.mode) for layer in layers for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None]
     try:

@@ -198,12 +198,14 @@ def reference_of(model: nn.Module, layers: Sequence[QuantizedLayer], context: Al
 
 def execution_order(model: nn.Module, layers: Sequence[QuantizedLayer], context: AlgorithmContext,
                     on_output: Optional[Callable[[QuantizedLayer, Tuple[Any, ...], Any], None]] = None,
-                    ) -> Tuple[List[QuantizedLayer], Dict[str, str]]:
+                    max_samples: Optional[int] = None) -> Tuple[List[QuantizedLayer], Dict[str, str]]:
     """Runs the calibration batches once through ``model`` as it is now (the caller sets
     its mode) and returns the layers in the order they first ran, and those it must skip.
 
     Args:
         on_output: Also called for every layer call (e.g. to accumulate FP32 statistics).
+        max_samples: Stop once the batches run held this many samples (counted at the
+            first layer's input), for a caller that uses only the first ones.
 
     Returns:
         ``(ordered, skipped)``: layers that ran exactly once per batch, in order; and
@@ -213,14 +215,21 @@ def execution_order(model: nn.Module, layers: Sequence[QuantizedLayer], context:
     first_seen: Dict[str, int] = {}
     calls: Dict[str, int] = {}
     batches = [0]
+    samples = [0, -1]  # samples so far, the batch last counted
 
     def hook(layer: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
+        x = first_input(args)
+        if samples[1] != batches[0] and x is not None:
+            samples[0] += x.shape[0] if x.dim() else 1
+            samples[1] = batches[0]
         first_seen.setdefault(layer.name, len(first_seen))
         calls[layer.name] = calls.get(layer.name, 0) + 1
         if on_output is not None:
             on_output(layer, args, output)
 
     def step(run_model: Callable[[], Any]) -> None:
+        if max_samples is not None and samples[0] >= max_samples:
+            raise EnoughSamples
         batches[0] += 1
         run_model()
 

@@ -55,17 +55,21 @@ def restore_refinable_state(model: nn.Module, state: Dict[str, torch.Tensor]) ->
     """Puts back weights and biases saved by :func:`refinable_state`.
 
     A bias the state does not hold (a refiner gave the layer one: bias correction)
-    is removed again, so the layer is as it was when the state was taken.
+    is removed again, and one it holds is given back to a layer without one, so the
+    layer is as it was when the state was taken.
     """
     with torch.no_grad():
         for ref in iter_quantizers(model):
             if ref.role is not Role.WEIGHT:
                 continue
-            original_weight(ref.module).copy_(state[f"{ref.module_name}:weight"])
+            weight = original_weight(ref.module)
+            weight.copy_(state[f"{ref.module_name}:weight"])
             bias = getattr(ref.module, "bias", None)
+            saved = state.get(f"{ref.module_name}:bias")
             if isinstance(bias, torch.Tensor):
-                key = f"{ref.module_name}:bias"
-                if key in state:
-                    bias.copy_(state[key])
+                if saved is not None:
+                    bias.copy_(saved)
                 else:
                     ref.module.bias = None
+            elif saved is not None:
+                ref.module.bias = nn.Parameter(saved.detach().clone().to(weight.device, weight.dtype))

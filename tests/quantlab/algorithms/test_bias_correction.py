@@ -137,6 +137,9 @@ def test_created_biases_are_removed_when_the_pipeline_restores_the_weights():
     restore_refinable_state(model, before)
     assert model[2].bias is None and model[8].bias is None
     assert isinstance(model[0].bias, torch.Tensor)
+    restore_refinable_state(model, result.refined_weights["max"])  # and back: the biases come back too
+    assert torch.equal(model[2].bias.detach(), result.refined_weights["max"]["2:bias"])
+    assert set(refinable_state(model)) == set(result.refined_weights["max"])
 
 
 def test_a_layer_without_bias_whose_own_forward_might_ignore_one_is_skipped():

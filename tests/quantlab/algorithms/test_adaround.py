@@ -175,3 +175,26 @@ def test_pipeline_refines_each_calibrator_from_the_same_weights_and_ends_with_th
     for layer in quantized_layers(model):
         amax = torch.tensor(result.scales["entropy"].as_dict()[f"{layer.name}:weight"].amax)
         assert torch.equal(amax, amax_of_weight(original_weight(layer.module), layer.weight_quantizer.spec))
+
+
+def test_the_qdq_export_carries_the_learned_rounding_and_the_created_biases(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from quantlab.export.qdq import export_int8
+
+    fp32 = small_net()
+    data = batches()
+    model = copy.deepcopy(fp32)
+    run(model, forward_loop(data), ["max"], config=config_with(("adaround", "bias-correction")))
+    plain = copy.deepcopy(fp32)
+    run(plain, forward_loop(data), ["max"], config=config_with(()))
+    path = tmp_path / "refined.int8.onnx"
+    export_int8(model, path, data[0][:2], sidecar=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = data[1]
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected, unrefined = model(x), plain(x)
+    # Float ops in ORT's Q/DQ graph: the refined fake-quant model, within float summation order.
+    gap = float((torch.from_numpy(got) - expected).abs().max())
+    assert gap < 1e-4 * float(expected.abs().max()) + 1e-5
+    assert float((unrefined - expected).abs().max()) > 100 * gap  # the refinements are in the file

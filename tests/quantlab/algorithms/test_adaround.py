@@ -16,7 +16,7 @@ from quantlab.algorithms._layers import quantized_layers
 from quantlab.algorithms.adaround import DEFAULTS, LayerRounding, _reconstruct, beta_at
 from quantlab.attach import original_weight
 from quantlab.batching import forward_loop
-from quantlab.config import QuantConfig, QuantizerSpec
+from quantlab.config import QuantConfig
 from quantlab.functional import amax_of_weight, scale_from_amax
 from quantlab.pipeline.refine import refinable_state
 from quantlab.pipeline.run import run

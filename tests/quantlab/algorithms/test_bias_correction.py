@@ -10,11 +10,9 @@ from torch import nn
 
 import quantlab as ql
 from quantlab.algorithms import AlgorithmContext, AlgorithmError, Stage, get_algorithm, run_stage
-from quantlab.attach import iter_quantizers, original_weight
 from quantlab.batching import forward_loop
 from quantlab.pipeline.refine import refinable_state, restore_refinable_state
 from quantlab.pipeline.run import run
-from quantlab.tensor_quantizer import Role
 
 
 def depthwise_net() -> nn.Module:

@@ -137,7 +137,7 @@ class LayerRounding(nn.Module):
         return (1 - (2 * self.h()[free] - 1).abs().pow(beta)).sum()
 
 
-@register_algorithm(NAME, Stage.REFINE, 10, needs_data=True,
+@register_algorithm(NAME, Stage.REFINE, 10, needs_data=True, params=DEFAULTS,
                     description="AdaRound: learns up/down rounding of each weight by layer-wise output reconstruction")
 def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     """Learns the rounding of every quantized layer's weight (see the module doc).

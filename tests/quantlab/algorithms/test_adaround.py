@@ -44,8 +44,8 @@ def batches(n: int = 3, seed: int = 0):
 def config_with(algorithms, params=None, *, bits: int = 8, per_channel: bool = True) -> QuantConfig:
     base = ql.int8_config(per_channel_weights=per_channel)
     weight = dataclasses.replace(base.weight, num_bits=bits)
-    return dataclasses.replace(base, weight=weight, algorithms=tuple(algorithms),
-                               algorithm_params=params or {"adaround": FAST})
+    params = params or ({"adaround": FAST} if "adaround" in algorithms else {})
+    return dataclasses.replace(base, weight=weight, algorithms=tuple(algorithms), algorithm_params=params)
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
@@ -143,7 +143,7 @@ def test_overflow_in_a_later_layer_names_it_and_leaves_the_weights_as_they_were(
     assert all(torch.equal(before[key], after[key]) for key in before)
 
 
-@pytest.mark.parametrize("params, message", [({"iterations": 0}, "positive integer"), ({"lr": "fast"}, "positive number"),
+@pytest.mark.parametrize("params, message", [({"iterations": 0}, "positive integer"), ({"lr": "fast"}, "must be a number"), ({"lr": -1.0}, "positive number"),
                                              ({"warm_start": 1.5}, "below 1"), ({"steps": 3}, "unknown parameter")])
 def test_bad_parameters_get_a_clear_error(params, message):
     with pytest.raises(AlgorithmError, match=message):

@@ -88,14 +88,16 @@ class ResNet18(nn.Module):
         return self.fc(self.pool(self.layers(self.stem(x))).flatten(1))
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: Optional[Callable[..., torch.Tensor]] = None) -> Callable[[], None]:
+    """One SGD training step of ``model`` (through ``forward``, e.g. its CUDA-graphed form, if given)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
+    call = forward or model
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(call(x), y).backward()
         optimizer.step()
 
     return step
@@ -248,14 +250,20 @@ def main() -> None:
               "qat-off": "QAT model, quantizers off", "qat-lsq": "QAT, learned ranges (LSQ)",
               "qat-fold-bn": "QAT, BN folded", "modelopt": "Model Optimizer QAT (INT8_DEFAULT_CFG, PyTorch fake quant)",
               "fp32-compiled": "FP32 training, torch.compile", "qat-compiled": "QAT, torch.compile"}
+    for name in ("fp32", "qat", "qat-lsq", "qat-fold-bn"):
+        labels[f"{name}-graphed"] = f"{labels[name]}, CUDA graphs (qat.graphed)"
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [n for n in names if n not in builders]
+    unknown = [n for n in names if n not in labels]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(builders)}")
     step_fns: Dict[str, Callable[[], None]] = {}
     skipped: Dict[str, str] = {}
     for name in names:
         try:
+            if name.endswith("-graphed"):  # the same model, its forward and backward replayed as CUDA graphs
+                model = builders[name[: -len("-graphed")]]().train()
+                step_fns[name] = make_step(model, x, y, forward=qat.graphed(model, x))
+                continue
             step_fns[name] = make_step(builders[name](), x, y)
         except ImportError as exc:  # Model Optimizer not installed: say so in the table
             skipped[name] = f"not run: {exc}"

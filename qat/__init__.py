@@ -21,6 +21,7 @@ from typing import Any
 
 from quantlab.qat.bn_fold import find_conv_bn_pairs, fold_conv_bn, freeze_bn_stats, undo_fold
 from quantlab.qat.errors import MissingDependencyError, NonFiniteLossError, QATError
+from quantlab.qat.graphs import graphed
 from quantlab.qat.hooks import enabled, quantization_disabled, set_amax_trainable, set_enabled
 from quantlab.qat.learnable import lsq_fake_quantize, lsq_grad_factor
 from quantlab.qat.prepare import (
@@ -58,6 +59,6 @@ __all__ = [
     "prepare", "save", "load", "convert", "is_prepared", "qat_options", "QATOptions", "deployable_state", "refresh_weight_ranges",
     "quantization_disabled", "enabled", "set_enabled", "set_amax_trainable", "freeze_bn_stats",
     "fold_conv_bn", "find_conv_bn_pairs", "undo_fold", "lsq_fake_quantize", "lsq_grad_factor", "QATQuantizer",
-    "QATError", "NonFiniteLossError", "MissingDependencyError",
+    "graphed", "QATError", "NonFiniteLossError", "MissingDependencyError",
     "LightningCallback", "HFTrainerCallback", "train", "TrainConfig", "run_qat",
 ]

@@ -83,6 +83,7 @@ def _quantlab_json(format_name: str) -> Callable[[Path], bool]:
 ONNX_FILE = Replaceable("an .onnx model", _suffix_in(".onnx"))
 EXPORT_SIDECAR = Replaceable("a quantlab export sidecar", _quantlab_json("quantlab.export"))
 CALIBRATION_CACHE = Replaceable("a TensorRT calibration cache", _starts_with(b"TRT-"))
+CACHE_SIDECAR = Replaceable("a quantlab calibration-cache sidecar", _quantlab_json("quantlab.calibration_cache"))
 ENGINE_FILE = Replaceable("a .plan/.engine file", _suffix_in(".plan", ".engine", ".trt"))
 REPORT_FILE = Replaceable("an .html/.md report", _suffix_in(".html", ".htm", ".md"))
 SCALES_FILE = Replaceable("a quantlab scales file", _quantlab_json("quantlab.scales"))

@@ -11,7 +11,7 @@ from quantlab.batching import forward_loop
 from quantlab.calibrators import get_calibrator, list_calibrators
 from quantlab.config import QuantConfig
 from quantlab.errors import CalibrationError
-from quantlab.pipeline import PTQResult, apply, choose_all, run, scales_of, statistics_of
+from quantlab.pipeline import PTQResult, apply_each, choose_all, run, statistics_of
 from quantlab.scales import Scales
 
 __all__ = ["PTQResult", "parse_calibrators", "run_calibrators", "run_ptq"]
@@ -44,11 +44,9 @@ def run_calibrators(
     statistics = statistics_of(model)
     group = distributed.world_group() if across_ranks else None
     chosen = choose_all(statistics, {name: params.get(name, {}) for name in names}, group=group)
-    scales: Dict[str, Scales] = {}
-    for index, (name, ranges) in enumerate(chosen.items()):
-        apply(model, ranges, weights=index == 0)
-        scales[name] = scales_of(model, calibrator=name, calibrator_params=ranges.params, statistics=statistics.saved())
-    return scales, {name: ranges.seconds for name, ranges in chosen.items()}
+    result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds, calibrate_seconds={})
+    apply_each(model, statistics, chosen, result)
+    return result.scales, result.calibrate_seconds
 
 
 def run_ptq(

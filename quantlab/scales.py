@@ -102,6 +102,10 @@ class Scales:
             (mixed precision): both their quantizers stay off when loaded.
         model: A free-form model description (class name, source).
         created: ISO timestamp.
+        algorithms: What the PTQ algorithms did before these ranges were chosen:
+            ``{"transforms": [report, ...], "refinements": [report, ...]}`` (empty
+            without algorithms). Their weights are in the checkpoint beside this file
+            (:mod:`quantlab.checkpoint`): these ranges fit those weights, not the FP32 ones.
     """
 
     entries: List[QuantizerScale]
@@ -112,6 +116,11 @@ class Scales:
     float_layers: List[str] = dataclasses.field(default_factory=list)
     model: str = ""
     created: str = dataclasses.field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    algorithms: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def changed_weights(self) -> bool:
+        """Whether algorithms changed the weights these ranges were measured on (a checkpoint holds them)."""
+        return bool(self.algorithms.get("transforms") or self.algorithms.get("refinements"))
 
     # -- lookup ---------------------------------------------------------------------------------
     def as_dict(self) -> Dict[str, QuantizerScale]:
@@ -148,7 +157,7 @@ class Scales:
 
     # -- serialization ----------------------------------------------------------------------------
     def to_dict(self, *, include_statistics: bool = True) -> Dict[str, Any]:
-        return {
+        data = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
             "created": self.created,
@@ -159,6 +168,9 @@ class Scales:
             "float_layers": list(self.float_layers),
             "statistics": {k: _stats_to_dict(v) for k, v in self.statistics.items()} if include_statistics else {},
         }
+        if self.algorithms:
+            data["algorithms"] = self.algorithms
+        return data
 
     def save(self, path: Union[str, Path], *, include_statistics: bool = True) -> Path:
         """Writes the scales as JSON, atomically (temp file + rename).
@@ -209,6 +221,7 @@ class Scales:
             float_layers=list(data.get("float_layers") or []),
             model=data.get("model") or "",
             created=data.get("created") or "",
+            algorithms=dict(data.get("algorithms") or {}),
         )
 
     @classmethod

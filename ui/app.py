@@ -1,6 +1,6 @@
 """The quantlab dashboard: declares the pages (``quantlab ui`` runs this file with Streamlit).
 
-Layout lives in ``pages/*.py``, data access in :mod:`quantlab.ui.data`. The root
+Layout lives in ``views/*.py``, data access in :mod:`quantlab.ui.data`. The root
 URL opens "Get started" (runs the built-in demo in one click) while the run store
 is empty, else Runs; "Get started" leaves the menu once there are runs.
 """
@@ -12,7 +12,9 @@ from quantlab.ui import data
 
 st.set_page_config(page_title="quantlab", page_icon=":material/memory:", layout="wide")
 
-PAGES = Path(__file__).resolve().parent / "pages"
+# Not "pages/": a folder of that name beside the main script makes Streamlit serve a deep link
+# (/compare on a fresh server) as its file alone, without this navigation (multipage apps v1).
+PAGES = Path(__file__).resolve().parent / "views"
 empty = data.store_is_empty()
 pages = [
     st.Page(PAGES / "home.py", title="quantlab", icon=":material/home:", default=True, visibility="hidden"),
@@ -24,4 +26,5 @@ pages = [
     st.Page(PAGES / "new_run.py", title="New run", icon=":material/play_arrow:", url_path="new-run"),
     st.Page(PAGES / "export.py", title="Export", icon=":material/download:", url_path="export"),
 ]
-st.navigation(pages).run()
+# Navigation on top: the whole window width is left to the tables (no sidebar to clip them at 1024 px).
+st.navigation(pages, position="top").run()

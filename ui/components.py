@@ -11,7 +11,7 @@ from quantlab.jobs import worker as jobs
 from quantlab.ui import data
 from quantlab.ui.summaries import format_time
 
-PAGES = Path(__file__).resolve().parent / "pages"
+PAGES = Path(__file__).resolve().parent / "views"
 SELECTED_RUN = "selected_run"
 ACTIVE_JOBS = "active_jobs"
 STATUS_BADGE = {"running": ("blue", ":material/progress_activity:"), "done": ("green", ":material/check_circle:"),
@@ -49,13 +49,12 @@ def header(title: str, caption: str) -> None:
 
 
 def require_store() -> bool:
-    """Shows the store path in the sidebar; on an unreadable store shows the error and stops the page."""
+    """On an unreadable store shows the error and stops the page (the Runs page names the store)."""
     try:
         data.runs()
     except QuantlabError as exc:
         st.error(f"The run store cannot be read: {exc}", icon=":material/database:")
         st.stop()
-    st.sidebar.caption(f"Run store  \n`{data.store_path()}`")
     return True
 
 
@@ -147,14 +146,14 @@ def _job_card(run: Dict[str, Any]) -> None:
                 st.markdown(f"Best INT8: **{best['label']}**, Δ {best['delta']:+.3g} {best['metric']} vs FP32")
             for note in state["skipped"]:
                 st.caption(f"skipped: {note}")
-            cols = st.columns([1, 1, 1, 3])
-            if cols[0].button("Compare", key=f"open-compare-{run['id']}", icon=":material/bar_chart:"):
+            cols = st.container(horizontal=True)  # buttons as wide as their labels
+            if cols.button("Compare", key=f"open-compare-{run['id']}", icon=":material/bar_chart:"):
                 st.session_state[SELECTED_RUN] = run["id"]
                 st.switch_page(page("compare"))
-            if cols[1].button("Layers", key=f"open-layers-{run['id']}", icon=":material/layers:"):
+            if cols.button("Layers", key=f"open-layers-{run['id']}", icon=":material/layers:"):
                 st.session_state[SELECTED_RUN] = run["id"]
                 st.switch_page(page("layers"))
-            if cols[2].button("Export", key=f"open-export-{run['id']}", icon=":material/download:"):
+            if cols.button("Export", key=f"open-export-{run['id']}", icon=":material/download:"):
                 st.session_state[SELECTED_RUN] = run["id"]
                 st.switch_page(page("export"))
         else:

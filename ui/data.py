@@ -36,6 +36,13 @@ def _store(path: str) -> RunStore:
     return RunStore(path)
 
 
+def input_folder() -> str:
+    """Where uploaded run inputs are saved (``inputs/`` beside the run store file)."""
+    from quantlab.jobs.inputs import input_folder as folder
+
+    return str(folder(store_path()))
+
+
 def store() -> RunStore:
     """The RunStore (one per path per server; each call opens its own connection)."""
     return _store(store_path())
@@ -286,10 +293,45 @@ def histogram(run: Dict[str, Any], module: str):
         if bins.empty:
             bins = summaries.histogram_frame(counts, stats.bin_width)
         entry = sc.get(module, "input")
+        clipped = summaries.clipped_count(counts, stats.bin_width, float(entry.amax))
+        total = int(sum(counts))
         amax_rows.append({"calibrator": calibrator, "amax": float(entry.amax),
                           "clipped": summaries.clipped_fraction(counts, stats.bin_width, float(entry.amax)),
+                          "clipped count": clipped, "values": total,
+                          "clipped values": summaries.format_clipped(clipped, total),
                           "observed max": float(stats.amax), "scale": float(entry.scale)})
-    return bins, pd.DataFrame(amax_rows, columns=["calibrator", "amax", "clipped", "observed max", "scale"])
+    return bins, pd.DataFrame(amax_rows, columns=["calibrator", "amax", "clipped", "clipped count", "values", "clipped values",
+                                                  "observed max", "scale"])
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _layer_info(path: str, mtime: int) -> Dict[str, str]:
+    import json
+
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8")).get("layer_info")
+    except (OSError, ValueError, AttributeError):  # unreadable or not a JSON object: no descriptions
+        return {}
+    if not isinstance(info, dict):
+        return {}
+    return {str(k): v for k, v in info.items() if isinstance(v, str) and len(v) <= 200}
+
+
+def layer_info(run: Dict[str, Any]) -> Dict[str, str]:
+    """Layer name -> "Conv2d 1→32 3×3" from the run's ``results.json`` ({} for runs recorded before it was kept).
+
+    A sensitivity or export run borrows its parent's descriptions.
+    """
+    for art in artifacts(run, with_children=False):
+        if art["kind"] == "results":
+            return _layer_info(art["path"], _mtime(art["path"]))
+    parent = run.get("parent_id")
+    if parent:
+        try:
+            return layer_info(store().get_run(parent))
+        except QuantlabError:
+            return {}
+    return {}
 
 
 def foreign_code(run: Dict[str, Any]) -> List[str]:
@@ -304,11 +346,73 @@ def foreign_code(run: Dict[str, Any]) -> List[str]:
     return foreign_reasons(info, run_dir=info.get("run_dir"), store_path=store_path())
 
 
-def export_now(run: Dict[str, Any], calibrator: str) -> Dict[str, Any]:
-    """Exports a stored compare run's Q/DQ ONNX, check report and calibration cache (a child export run)."""
-    outcome = export.export_recorded_run(store(), run, calibrator)
+def export_now(run: Dict[str, Any], calibrator: str, scales_file: Optional[str] = None) -> Dict[str, Any]:
+    """Exports a stored compare run's Q/DQ ONNX for ``calibrator`` (any of the run's, or a saved
+    mixed-precision scales file), check report and calibration cache (a child export run)."""
+    outcome = export.export_recorded_run(store(), run, calibrator, scales_file=scales_file)
     clear_caches()
     return outcome
+
+
+def export_choices(run: Dict[str, Any]) -> Dict[str, str]:
+    """What the Export page can export as INT8: ``{calibrator or saved mixed config: its scales file}``."""
+    choices = {name: path for name, path in scales_files(run).items() if name != "mixed"}
+    for art in artifacts(run):
+        path = Path(art["path"])
+        mixed = art["kind"] == "mixed_scales" or (art["kind"] == "scales" and path.name == "scales.mixed.json")
+        if mixed and path.is_file():
+            label = path.stem if art["kind"] == "mixed_scales" else f"mixed ({path.parent.name})"
+            choices.setdefault(label, str(path))
+    return choices
+
+
+def export_fp16(run: Dict[str, Any]) -> Dict[str, Any]:
+    """Exports a stored run's model as FP16 ONNX (a child export run)."""
+    outcome = export.export_float_recorded(store(), run, "fp16")
+    clear_caches()
+    return outcome
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _provenance(path: str, mtime: int) -> Dict[str, Any]:
+    return export.artifact_provenance(path)
+
+
+def provenance(path: str) -> Dict[str, Any]:
+    """What a file says about its origin (precision, calibrator, algorithms; {} if nothing)."""
+    return _provenance(path, _mtime(path))
+
+
+def provenance_text(info: Dict[str, Any]) -> str:
+    return export.provenance_text(info)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _zip(paths: tuple, root: Optional[str], mtimes: tuple) -> bytes:
+    return export.zip_files(list(paths), root)
+
+
+def zip_artifacts(paths: Sequence[str], root: Optional[str]) -> bytes:
+    """"Download all": the files in one in-memory zip (names relative to the run folder)."""
+    return _zip(tuple(paths), root, tuple(_mtime(p) for p in paths))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _qdq_rows(path: str, mtime: int) -> List[Dict[str, Any]]:
+    from quantlab.export.qdq_table import qdq_table
+
+    return [row.to_dict() for row in qdq_table(path)]
+
+
+def qdq_rows(path: str) -> List[Dict[str, Any]]:
+    """Where the Q/DQ nodes of an ONNX file sit (:func:`quantlab.export.qdq_table.qdq_table`), as dicts."""
+    return _qdq_rows(path, _mtime(path))
+
+
+def cache_header_note(algorithm: str, scales_from: Optional[str]) -> str:
+    from quantlab.export.cache import header_note
+
+    return header_note(algorithm, scales_from)
 
 
 def best_calibrator(run: Dict[str, Any]) -> Optional[str]:

@@ -177,6 +177,8 @@ def runs_frame(runs: Iterable[Mapping[str, Any]], results_by_run: Mapping[str, S
         metric = primary_metric(results)
         best = best_int8(results, metric)
         fp32 = next((r["value"] for r in results if r["precision"] == "fp32" and r["metric"] == metric), None)
+        fp16 = next((r["value"] for r in results if r["precision"] == "fp16" and r["metric"] == metric
+                     and r.get("source", "ptq") == "ptq"), None)
         rows.append(
             {
                 "id": run["id"],
@@ -185,20 +187,24 @@ def runs_frame(runs: Iterable[Mapping[str, Any]], results_by_run: Mapping[str, S
                 "status": run["status"],
                 "progress": float(run.get("progress") or 0.0),
                 "model": run.get("model") or "",
+                "model name": short_model(run.get("model")),
                 "data": run.get("data") or "",
                 "eval data": run.get("eval_data") or "",
                 "created": format_time(run.get("created_at")),
                 "metric": metric or "",
+                "unit": metric_unit(metric) if metric else "",
                 "FP32": fp32,
+                "FP16": fp16,
                 "best INT8 Δ": best["delta"] if best else None,
                 "best INT8": best["label"] if best else "",
+                "duration s": run_seconds(run),
                 "parent": run.get("parent_id") or "",
                 "error": run.get("error") or "",
             }
         )
     frame = pd.DataFrame(rows)
     if not frame.empty:
-        for col in ("FP32", "best INT8 Δ"):
+        for col in ("FP32", "FP16", "best INT8 Δ", "duration s"):
             frame[col] = pd.to_numeric(frame[col], errors="coerce")  # None -> NaN: shown as an empty cell
     return frame
 
@@ -322,3 +328,145 @@ def merge_sensitivity(layers: pd.DataFrame, sensitivity_rows: Sequence[Mapping[s
     order = {name: i for i, name in enumerate(dict.fromkeys(layers["layer"]))}
     merged["_o"] = merged["layer"].map(order).fillna(len(order))
     return merged.sort_values(["_o"], kind="stable").drop(columns=["_o"]).reset_index(drop=True)
+
+
+# -- units and labels ---------------------------------------------------------------------------------
+#: Metrics the evaluation tasks report in percent (quantlab.evaluation.tasks); their differences are in points.
+PERCENT_METRICS = frozenset({"top1", "top5", "top1_agreement", "accuracy", "agreement", "probe", "probe_accuracy",
+                             "token_agreement", "next_token_accuracy"})
+
+#: Human names of the per-layer columns (the store's names are for code).
+LAYER_COLUMNS = {
+    "layer": "layer",
+    "layer_type": "type and shape",
+    "calibrator": "calibrator",
+    "sqnr_db": "SQNR in the INT8 model (dB)",
+    "cosine": "cosine to FP32",
+    "one_minus_cosine": "1 − cosine",
+    "local_sqnr_db": "SQNR, layer alone (dB)",
+    "local_cosine": "cosine, layer alone",
+    "row_sqnr_db": "per-token SQNR (dB)",
+    "local_row_sqnr_db": "per-token SQNR, layer alone (dB)",
+    "sensitivity": "metric recovered in FP16",
+    "rank": "rank",
+}
+
+
+def metric_unit(metric: Optional[str]) -> str:
+    """``"%"`` for the percent metrics, else ``""`` (the metric's own units)."""
+    return "%" if (metric or "").lower() in PERCENT_METRICS else ""
+
+
+def delta_unit(metric: Optional[str]) -> str:
+    """What a difference of ``metric`` is measured in: ``"points"`` for percent metrics, else ``""``."""
+    return "points" if metric_unit(metric) else ""
+
+
+def metric_title(metric: Optional[str]) -> str:
+    """``"top1 (%)"`` / ``"perplexity"``: an axis or column title with the unit."""
+    unit = metric_unit(metric)
+    return f"{metric} ({unit})" if unit else str(metric or "")
+
+
+def format_value(value: Optional[float], metric: Optional[str]) -> str:
+    """``93.33 %`` for percent metrics, else 4 significant digits; ``–`` for no value."""
+    if value is None or value != value:
+        return "–"
+    return f"{value:.2f} %" if metric_unit(metric) else f"{value:.4g}"
+
+
+def format_delta(delta: Optional[float], metric: Optional[str]) -> str:
+    """``+0.33 points`` for percent metrics, else ``+0.0123``; ``–`` for no value."""
+    if delta is None or delta != delta:
+        return "–"
+    return f"{delta:+.2f} points" if metric_unit(metric) else f"{delta:+.3g}"
+
+
+def layer_label(layer: str, info: Optional[Mapping[str, str]]) -> str:
+    """``"features.0 · Conv2d 1→32 3×3"`` (the bare name where the run recorded no description)."""
+    text = (info or {}).get(layer)
+    return f"{layer} · {text}" if text else str(layer)
+
+
+def format_clipped(count: int, total: int) -> str:
+    """``"0"``, ``"12 of 1.2M (0.0010 %)"``: a count, so real clipping never rounds to 0 %."""
+    if count <= 0 or total <= 0:
+        return "0"
+    return f"{count:,} of {_si(total)} ({100.0 * count / total:.2g} %)"
+
+
+def _si(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{int(n)}"
+
+
+def clipped_count(counts: Sequence[int], bin_width: float, amax: float) -> int:
+    """How many histogram values lie above ``amax`` (the numerator of :func:`clipped_fraction`)."""
+    first_clipped = int(amax / bin_width) if bin_width > 0 else len(counts)
+    return int(sum(counts[first_clipped + 1 :]))
+
+
+def sqnr_matrix(layers: pd.DataFrame, field: str = "sqnr_db", info: Optional[Mapping[str, str]] = None) -> pd.DataFrame:
+    """Long-form ``layer`` x ``calibrator`` cells of ``field`` (dB) for the heatmap, module order kept.
+
+    Columns: ``layer`` (name), ``label`` (name · type and shape), ``calibrator``, ``value``, ``order``.
+    """
+    columns = ["layer", "label", "calibrator", "value", "order"]
+    if layers.empty or field not in layers:
+        return pd.DataFrame(columns=columns)
+    order = {name: i for i, name in enumerate(dict.fromkeys(layers["layer"]))}
+    sub = layers.dropna(subset=[field])
+    out = pd.DataFrame({
+        "layer": sub["layer"].astype(str),
+        "label": [layer_label(name, info) for name in sub["layer"]],
+        "calibrator": sub["calibrator"].astype(str),
+        "value": sub[field].astype(float),
+        "order": sub["layer"].map(order),
+    })
+    return out.sort_values(["order", "calibrator"], kind="stable").reset_index(drop=True)[columns]
+
+
+def short_model(spec: Optional[str]) -> str:
+    """``quantlab.models.fmnist:pretrained_fmnist_cnn`` -> ``fmnist:pretrained_fmnist_cnn``; paths -> file name."""
+    text = str(spec or "")
+    module, sep, attr = text.rpartition(":")
+    if not sep:
+        return text.replace("\\", "/").rsplit("/", 1)[-1]
+    module = module.replace("\\", "/").rsplit("/", 1)[-1]
+    return f"{module.rsplit('.', 1)[-1] if not module.endswith('.py') else module}:{attr}"
+
+
+def run_seconds(run: Mapping[str, Any]) -> Optional[float]:
+    """Wall time of a finished run (created -> last update), None while it runs or when unknown."""
+    if run.get("status") == "running":
+        return None
+    try:
+        start = _dt.datetime.fromisoformat(run["created_at"])
+        end = _dt.datetime.fromisoformat(run["updated_at"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    seconds = (end - start).total_seconds()
+    return seconds if seconds >= 0 else None
+
+
+def unrelated_reasons(a: Mapping[str, Any], b: Mapping[str, Any], *, layers_a: Optional[Mapping[str, str]] = None,
+                      layers_b: Optional[Mapping[str, str]] = None) -> List[str]:
+    """Why the numbers of runs ``a`` and ``b`` are not comparable ([] when they are the same model and eval data).
+
+    Models are the same when their spec and weights match, or (different specs) when both runs recorded the
+    same layer list (types and shapes).
+    """
+    reasons: List[str] = []
+    cfg_a, cfg_b = a.get("config") or {}, b.get("config") or {}
+    weights_a = cfg_a.get("weights") or (cfg_a.get("job") or {}).get("weights")
+    weights_b = cfg_b.get("weights") or (cfg_b.get("job") or {}).get("weights")
+    same_spec = (a.get("model") or "") == (b.get("model") or "") and weights_a == weights_b
+    same_layers = bool(layers_a) and bool(layers_b) and dict(layers_a) == dict(layers_b)
+    if not same_spec and not same_layers:
+        reasons.append(f"different models: `{a.get('model')}` vs `{b.get('model')}`"
+                       + ("" if not (layers_a and layers_b) else " with different layers"))
+    if (a.get("eval_data") or "") != (b.get("eval_data") or ""):
+        reasons.append(f"different eval data: `{a.get('eval_data')}` vs `{b.get('eval_data')}`")
+    return reasons

@@ -22,8 +22,10 @@ from quantlab.algorithms.base import (
     register_algorithm,
     run_stage,
 )
+from quantlab.algorithms._params import check_params, describe_params, parse_param_items, parse_value
 
 __all__ = [
     "Algorithm", "AlgorithmContext", "AlgorithmError", "AlgorithmReport", "Stage",
-    "get_algorithm", "list_algorithms", "parse_algorithms", "register_algorithm", "run_stage",
+    "check_params", "describe_params", "get_algorithm", "list_algorithms", "parse_algorithms", "parse_param_items",
+    "parse_value", "register_algorithm", "run_stage",
 ]

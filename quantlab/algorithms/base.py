@@ -32,11 +32,17 @@ class AlgorithmContext:
             need data raise :class:`AlgorithmError` then).
         params: This algorithm's parameters (from the config or the CLI).
         config: The :class:`quantlab.config.QuantConfig` of the run.
+        reference_state: For refiners: the float weights and biases the refine
+            stage started from (``quantlab.pipeline.refine.refinable_state``), so
+            a refiner that runs after another one (which changed the float
+            weights) still compares with the FP32 model. None: the model as the
+            algorithm finds it is the reference.
     """
 
     forward_loop: Optional[Callable[[nn.Module], Any]] = None
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config: Any = None
+    reference_state: Optional[Mapping[str, Any]] = None
 
 
 @dataclasses.dataclass
@@ -56,7 +62,24 @@ class AlgorithmReport:
     details: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"name": self.name, "stage": self.stage.value, "seconds": self.seconds, "details": self.details}
+        return {"name": self.name, "stage": self.stage.value, "seconds": self.seconds, "details": _json_safe(self.details)}
+
+
+def _json_safe(value: Any) -> Any:
+    """Details as JSON can hold them (they go into scales files, checkpoints and run records)."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "tolist"):  # tensors, numpy values
+        return _json_safe(value.tolist())
+    return str(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +94,16 @@ class Algorithm:
         run: ``run(model, context) -> details`` changes ``model`` in place.
         needs_data: Whether ``context.forward_loop`` is required.
         description: One line for ``--help`` and the dashboard.
+        rebuild: ``rebuild(model, details)`` redoes, without data, the STRUCTURAL
+            changes ``run`` made (modules replaced, parameters added), given the
+            details ``run`` returned: a quantized checkpoint
+            (:mod:`quantlab.checkpoint`) rebuilds the transformed model's structure
+            with it before loading the weights. None: a data-free transform is
+            simply run again (its weights are then overwritten by the checkpoint's);
+            a transform that needs data is taken to change weights only.
+        params: Its parameters and their defaults (``{"iterations": 1000}``): the CLI
+            and the config refuse other names and give values the default's type
+            (:mod:`quantlab.algorithms.params`). None: not declared (any name accepted).
     """
 
     name: str
@@ -79,20 +112,24 @@ class Algorithm:
     run: Callable[[nn.Module, AlgorithmContext], Dict[str, Any]]
     needs_data: bool = False
     description: str = ""
+    rebuild: Optional[Callable[[nn.Module, Dict[str, Any]], None]] = None
+    params: Optional[Mapping[str, Any]] = None
 
 
 _REGISTRY: Dict[str, Algorithm] = {}
 
 
 def register_algorithm(name: str, stage: Union[Stage, str], order: int, *, needs_data: bool = False,
-                       description: str = "") -> Callable[[Callable[..., Dict[str, Any]]], Callable[..., Dict[str, Any]]]:
-    """Decorator registering ``fn(model, context) -> details`` as an algorithm."""
+                       description: str = "", rebuild: Optional[Callable[[nn.Module, Dict[str, Any]], None]] = None,
+                       params: Optional[Mapping[str, Any]] = None) -> Callable[[Callable[..., Dict[str, Any]]], Callable[..., Dict[str, Any]]]:
+    """Decorator registering ``fn(model, context) -> details`` as an algorithm (see :class:`Algorithm`)."""
 
     def decorator(fn: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
         key = name.lower()
         if key in _REGISTRY and _REGISTRY[key].run is not fn:
             raise ValueError(f"algorithm {name!r} is already registered")
-        _REGISTRY[key] = Algorithm(key, Stage(stage), order, fn, needs_data, description)
+        _REGISTRY[key] = Algorithm(key, Stage(stage), order, fn, needs_data, description, rebuild,
+                                   dict(params) if params is not None else None)
         return fn
 
     return decorator
@@ -129,7 +166,8 @@ def parse_algorithms(names: Union[str, Sequence[str], None]) -> List[Algorithm]:
 
 def run_stage(model: nn.Module, algorithms: Sequence[Algorithm], stage: Stage, *,
               forward_loop: Optional[Callable[[nn.Module], Any]] = None,
-              params: Optional[Mapping[str, Mapping[str, Any]]] = None, config: Any = None) -> List[AlgorithmReport]:
+              params: Optional[Mapping[str, Mapping[str, Any]]] = None, config: Any = None,
+              reference_state: Optional[Mapping[str, Any]] = None) -> List[AlgorithmReport]:
     """Runs the algorithms of one stage on ``model`` in order; returns their reports.
 
     Args:
@@ -139,6 +177,7 @@ def run_stage(model: nn.Module, algorithms: Sequence[Algorithm], stage: Stage, *
         forward_loop: Calibration batches, for algorithms that need data.
         params: Per-algorithm parameters by name.
         config: The run's quantization config.
+        reference_state: The refine stage's starting weights (see :class:`AlgorithmContext`).
     """
     reports = []
     for algorithm in algorithms:
@@ -146,7 +185,8 @@ def run_stage(model: nn.Module, algorithms: Sequence[Algorithm], stage: Stage, *
             continue
         if algorithm.needs_data and forward_loop is None:
             raise AlgorithmError(f"algorithm {algorithm.name!r} needs calibration data (a forward loop)")
-        context = AlgorithmContext(forward_loop=forward_loop, params=dict((params or {}).get(algorithm.name, {})), config=config)
+        context = AlgorithmContext(forward_loop=forward_loop, params=dict((params or {}).get(algorithm.name, {})), config=config,
+                                   reference_state=reference_state)
         start = time.perf_counter()
         details = algorithm.run(model, context) or {}
         reports.append(AlgorithmReport(algorithm.name, stage, time.perf_counter() - start, dict(details)))

@@ -103,6 +103,7 @@ def _relative_change(new: Optional[torch.Tensor], old: Optional[torch.Tensor]) -
 
 
 @register_algorithm("smoothquant", "transform", 20, needs_data=True,
+                    params={"alpha": None, "grid": list(DEFAULT_GRID), "samples": 256, "tolerance": 1e-3},
                     description="SmoothQuant: per-channel factors move activation outliers into the weights, "
                                 "folded into the preceding norm or linear where exact (alpha searched per group)")
 def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:

@@ -6,6 +6,8 @@ import math
 import sys
 from typing import Any, Dict, Optional
 
+from quantlab.cli._progress import StageProgress  # noqa: F401 - compare, sensitivity and autoprecision draw with it
+
 
 def add_store_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="run store file (default $QUANTLAB_STORE, else ./.quantlab/runs.sqlite)")
@@ -33,36 +35,6 @@ def check_trust(info: Dict[str, Any], store, trust: bool) -> None:
 
 def add_run_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a compare run: its folder (with run.json) or its run id")
-
-
-class StageProgress:
-    """``progress(stage, done, total)`` drawing one tqdm bar per stage on stderr."""
-
-    def __init__(self) -> None:
-        self.stage: Optional[str] = None
-        self.bar = None
-        self.done = 0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
-        if stage != self.stage:
-            self.close()
-            self.stage, self.done = stage, 0
-            self.bar = tqdm(total=total or None, desc=stage, unit="step", file=sys.stderr, disable=None, leave=False)
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-    def __enter__(self) -> "StageProgress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def fmt(value: Any, digits: int = 4) -> str:

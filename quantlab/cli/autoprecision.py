@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--max-drop", required=True,
                    help="largest acceptable drop vs FP32: metric units (0.2 = 0.2 points top-1) or relative (10%%)")
     p.add_argument("--calibrator", default=None, help="whose scales to start from (default: the run's best)")
+    p.add_argument("--from", dest="start", default="best",
+                   help="the INT8 row to start from: best (default: the best PTQ row, algorithm rows included) "
+                        "or a row's source such as ptq or ptq+cle")
     p.add_argument("--order", choices=("auto", "sensitivity", "proxy"), default="auto",
                    help="layer order: a saved `quantlab sensitivity` ranking, a fresh SQNR-proxied ranking, or auto (saved if present)")
     p.add_argument("--out", default=None, help="output folder (default <run>/autoprecision.<calibrator>)")
@@ -36,18 +39,22 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab.jobs.autoprecision import run_autoprecision
+    from quantlab.cli._progress import stage
     from quantlab.jobs.runs import load_run_info
 
     max_drop, relative = parse_max_drop(args.max_drop)
     info = load_run_info(args.run, args.store)
     store = open_store(args, run_info=info)
     check_trust(info, store, args.trust)
+    stage(f"rebuilding the model and data of run {info.get('run_id') or info.get('run_dir')}")
     with StageProgress() as progress:
         outcome = run_autoprecision(info, store, max_drop=max_drop, relative=relative, calibrator=args.calibrator,
-                                    order=args.order, out_dir=args.out, device=args.device, progress=progress)
+                                    order=args.order, out_dir=args.out, device=args.device, progress=progress,
+                                    start=args.start)
     result = outcome["result"]
     target = f"{args.max_drop}" + ("" if relative else f" {result.metric}")
-    print(f"{info['model']} ({outcome['calibrator']}), metric {result.metric}, max drop {target} (= {fmt(result.max_drop)}):")
+    started = "" if outcome.get("source", "ptq") == "ptq" else f", {outcome['source']}"
+    print(f"{info['model']} ({outcome['calibrator']}{started}), metric {result.metric}, max drop {target} (= {fmt(result.max_drop)}):")
     print(f"  FP32 {fmt(result.fp32)} | all INT8 {fmt(result.int8)} | mixed {fmt(result.value)} "
           f"with {len(result.float_layers)} layer(s) in FP16 -> target {'met' if result.met else 'NOT met'}")
     print(f"  layer order from: {outcome['order_source']}; evaluations: "

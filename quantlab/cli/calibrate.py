@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--calibrators", default="all", help="comma list or 'all' (default all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-batches", type=int, default=None, help="use at most this many batches")
-    p.add_argument("--out", required=True, help="output folder for scales.<calibrator>.json")
+    p.add_argument("--out", required=True, help="output folder for scales.<calibrator>.json (and model.<calibrator>.safetensors "
+                   "when --algorithms change the weights)")
     add_quant_args(p)
     p.set_defaults(func=run)
 
@@ -34,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from quantlab import distributed
     from quantlab.jobs.folders import check_run_folder, open_on_main_rank
 
+    from quantlab.ptq import parse_calibrators
+
+    parse_calibrators(args.calibrators)  # bad names and --algorithms fail before any work
+    quant_config_from_args(args)
     inputs = input_paths(args)
     check_run_folder(args.out, inputs=inputs)  # every rank: the same answer, before any work
     info = distributed.init_from_env(args.device)
@@ -59,7 +64,10 @@ def _calibrate(args: argparse.Namespace, info, folder) -> int:
     from quantlab.ptq import parse_calibrators, run_ptq
     from quantlab.roles import Role
 
+    from quantlab.cli._progress import stage
+
     names = parse_calibrators(args.calibrators)  # validate before any expensive work
+    stage("loading model and data", main_rank=info.is_main)
     device = distributed.default_device(info, args.device) if info.distributed else args.device
     model = load_cli_model(args, args.data, device=device)
     data = load_data(args.data, batch_size=args.batch_size)
@@ -83,8 +91,10 @@ def _calibrate(args: argparse.Namespace, info, folder) -> int:
         return 0  # every rank holds the same ranges; rank 0 writes them
     from quantlab.jobs.folders import commit_files
 
+    from quantlab.checkpoint import save_ptq_files
+
     def write(stage: Path) -> dict:
-        staged = result.save(stage)
+        staged = save_ptq_files(result, model, stage)
         summary = {
             "model": args.model,
             "data": args.data,
@@ -92,7 +102,10 @@ def _calibrate(args: argparse.Namespace, info, folder) -> int:
             "world_size": info.world_size,
             "statistics_seconds": result.statistics_seconds,
             "calibrate_seconds": result.calibrate_seconds,
-            "scales": {k: str(folder.final(v)) for k, v in staged.items()},
+            "scales": {k[len("scales."):]: str(folder.final(v)) for k, v in staged.items() if k.startswith("scales.")},
+            "checkpoints": {k[len("model."):]: str(folder.final(v)) for k, v in staged.items() if k.startswith("model.")},
+            "algorithms": {"transforms": [r.to_dict() for r in result.transforms],
+                           "refinements": {k: [r.to_dict() for r in v] for k, v in result.refinements.items()}},
         }
         write_text_atomic(stage / "calibration.json", json.dumps(summary, indent=1))
         return staged
@@ -106,6 +119,9 @@ def _calibrate(args: argparse.Namespace, info, folder) -> int:
     inputs = [e.module for e in first.entries if e.role is Role.INPUT]
     rows = [[m] + [f"{result.scales[c].get(m, 'input').amax:.4g}" for c in names] for m in inputs]
     print_table(rows, ["layer input amax"] + names)
+    for report in result.transforms:
+        print(f"transform {report.name}: {report.seconds:.2f} s")
     for name, path in paths.items():
-        print(f"{name}: {path}  ({result.calibrate_seconds[name] * 1000:.1f} ms)")
+        calibrator = name.split(".", 1)[1]
+        print(f"{name}: {path}  ({result.calibrate_seconds[calibrator] * 1000:.1f} ms)")
     return 0

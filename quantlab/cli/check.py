@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("--sparsity", action="store_true",
                    help="also report per layer whether the (INT8) weight is 2:4 along the input axis TensorRT's sparse kernels need, "
                         "and whether the layer is eligible; with --strict, an eligible layer that breaks the pattern exits 1")
+    p.add_argument("--table", action="store_true",
+                   help="also list every Q/DQ node: what it quantizes (activation or weight, which layer), "
+                        "the nodes it feeds, its scale (per tensor or per channel) and zero point")
     p.set_defaults(func=run)
 
 
@@ -32,8 +35,15 @@ def run(args: argparse.Namespace) -> int:
         from quantlab.sparsity.check import check_onnx_sparsity
 
         sparsity = check_onnx_sparsity(args.model)
+    table = None
+    if args.table:
+        from quantlab.export.qdq_table import qdq_table
+
+        table = qdq_table(args.model)
     if args.json:
         data = {**report.to_dict(), "ort_int8": form_info}
+        if table is not None:
+            data["qdq"] = [row.to_dict() for row in table]
         if sparsity is not None:
             data["sparsity"] = sparsity.to_dict()
         print(json.dumps(data, indent=1))
@@ -50,6 +60,15 @@ def run(args: argparse.Namespace) -> int:
             print("note: this is an `--target ort-cpu` export (UINT8 activations for ONNX Runtime); export with --target tensorrt for TensorRT")
         if sparsity is not None:
             print_sparsity(sparsity)
+        if table is not None:
+            from quantlab.export.qdq_table import HEADERS
+            from quantlab.jobs.export import artifact_provenance, provenance_text
+
+            origin = artifact_provenance(args.model)
+            if origin.get("calibrator"):
+                print(f"made from: {provenance_text(origin)}")
+            print(f"Q/DQ nodes ({len(table)}):")
+            print_table([row.cells() for row in table], HEADERS)
     if report.errors or (args.strict and report.warnings):
         return 1
     if sparsity is not None and args.strict and sparsity.eligible_not_compliant:
@@ -83,6 +102,9 @@ def _check_cache(args: argparse.Namespace) -> int:
                           "algorithm": cache.algorithm, "tensors": len(cache.scales)}, indent=1))
     else:
         print(f"{args.model}: calibration cache {cache.header}, {len(cache.scales)} tensor(s), every scale finite, > 0 and normal; 0 error(s)")
+        from quantlab.export.cache import cache_calibrator, header_note
+
+        print(f"note: {header_note(cache.algorithm, cache_calibrator(args.model))}")
     return 0
 
 

@@ -38,7 +38,7 @@ def input_paths(args: argparse.Namespace, *names: str) -> dict:
     """``{"--flag": local path}`` of the command's inputs (model, weights, data, eval, scales, onnx, ...)."""
     from quantlab.outputs import spec_path
 
-    flags = names or ("model", "weights", "data", "eval", "calib_data", "scales", "onnx")
+    flags = names or ("model", "weights", "data", "eval", "calib_data", "scales", "onnx", "checkpoint")
     out = {}
     for name in flags:
         value = getattr(args, name, None)
@@ -54,6 +54,20 @@ def add_quant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-tensor-weights", action="store_true", help="one weight scale per tensor instead of per channel")
     parser.add_argument("--percentile", type=float, default=99.99, help="percentile for the percentile calibrator (default 99.99)")
     parser.add_argument("--num-bins", type=int, default=2048, help="histogram bins per activation (default 2048)")
+    parser.add_argument("--algorithms", default=None,
+                        help="PTQ algorithms, comma list in any order (run in pipeline order), e.g. cle,bias-correction,adaround "
+                             "(see `quantlab algorithms`)")
+    parser.add_argument("--algorithm-param", action="append", default=[], metavar="ALGORITHM.NAME=VALUE",
+                        help="a parameter of one of --algorithms, e.g. adaround.iterations=200 (repeatable)")
+
+
+def algorithms_from_args(args: argparse.Namespace):
+    """``(names, params)`` of --algorithms / --algorithm-param, checked (unknown names raise AlgorithmError)."""
+    from quantlab.algorithms import check_params, parse_algorithms, parse_param_items
+
+    names = tuple(a.name for a in parse_algorithms(getattr(args, "algorithms", None)))
+    params = check_params(names, parse_param_items(getattr(args, "algorithm_param", None)))
+    return names, params
 
 
 def quant_config_from_args(args: argparse.Namespace):
@@ -64,7 +78,8 @@ def quant_config_from_args(args: argparse.Namespace):
         exclude=tuple(args.exclude or []),
         per_channel_weights=not args.per_tensor_weights,
     )
-    return config.replace(num_bins=args.num_bins)
+    names, params = algorithms_from_args(args)
+    return config.replace(num_bins=args.num_bins, algorithms=names, algorithm_params=params)
 
 
 def calibrator_params_from_args(args: argparse.Namespace) -> dict:
@@ -73,20 +88,22 @@ def calibrator_params_from_args(args: argparse.Namespace) -> dict:
 
 @contextmanager
 def progress_bar(total: Optional[int], desc: str, shown: bool = True) -> Iterator:
-    """A tqdm bar on stderr (only where ``shown``: rank 0 of a torchrun job); yields a ``progress(n_done)`` callback."""
-    from tqdm import tqdm
+    """A stage message and a tqdm bar on stderr (only where ``shown``: rank 0 of a torchrun job; never with
+    ``--quiet`` or when stderr is not a terminal); yields a ``progress(n_done)`` callback."""
+    from quantlab.cli import _progress
 
-    bar = tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=None if shown else True, leave=False)
-    state = {"n": 0}
-
-    def update(done: int) -> None:
-        bar.update(done - state["n"])
-        state["n"] = done
-
-    try:
+    with _progress.progress_bar(total, desc, shown) as update:
         yield update
-    finally:
-        bar.close()
+
+
+def add_quiet_arg(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """``--quiet``: no stage messages or progress bars on stderr (results still go to stdout, errors to stderr).
+
+    Progress is drawn only when stderr is a terminal anyway; a pipe or a log file gets none.
+    """
+    parser.add_argument("--quiet", "-q", action="store_true", default=default,
+                        help="no stage messages or progress bars on stderr (drawn only on a terminal anyway); "
+                             "results still go to stdout, errors to stderr")
 
 
 def print_table(rows, headers) -> None:

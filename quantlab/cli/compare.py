@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate at most this many batches")
     p.add_argument("--layer-batches", type=int, default=2, help="eval batches for per-layer SQNR (0 = skip; default 2)")
     p.add_argument("--out", required=True, help="run folder: run.json, scales.<calibrator>.json, results.json")
+    p.add_argument("--checkpoint", help="also evaluate this quantized checkpoint (model.<calibrator>.safetensors, rebuilt on "
+                                        "--model with the scales beside it) as an INT8 row")
     add_store_arg(p)
     add_quant_args(p)
     add_sparsity_args(p)
@@ -38,6 +40,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.cli._progress import stage
     from quantlab.data import load_data
     from quantlab.data.fit import check_model_fits
     from quantlab.evaluation.compare import parse_precisions
@@ -49,9 +52,18 @@ def run(args: argparse.Namespace) -> int:
     precisions = parse_precisions(args.precisions)  # validate before any expensive work
     calibrators = parse_calibrators(args.calibrators) if "int8" in precisions else []
     task, metric = task_for_metric(args.metric)
+    config = quant_config_from_args(args)  # unknown --algorithms / --algorithm-param fail here, before any work
+    checkpoint = None
+    if args.checkpoint:
+        from quantlab.checkpoint import read_checkpoint
+
+        if "int8" not in precisions:
+            raise ValueError("--checkpoint adds an INT8 row: keep int8 in --precisions")
+        checkpoint = read_checkpoint(args.checkpoint, tensors=False)[0]  # a bad file fails before any work
     store = open_store(args)
     # Before any work: --out is checked and locked (a second run on the same folder is refused).
     with open_run_folder(args.out, kind="compare", inputs=input_paths(args), keep=JOB_FILES) as folder:
+        stage("loading model and data")
         # The model first: an examples/ factory module may register the datasets it needs.
         model = load_cli_model(args, args.data if "int8" in precisions else args.eval)
         validate_sparsity(args, model)  # a pattern that matches nothing fails before any evaluation
@@ -70,13 +82,26 @@ def run(args: argparse.Namespace) -> int:
 
             sparsity = SparseCompare(method=args.sparsity_method, include=tuple(args.sparsity_include or ["*"]),
                                      exclude=tuple(args.sparsity_exclude))
+        extra = None
+        if checkpoint is not None:
+            from quantlab.checkpoint import load_checkpoint
+            from quantlab.evaluation.compare import Candidate
+
+            quantized = load_checkpoint(load_cli_model(args, args.data), checkpoint.path)  # mismatches fail before any pass
+            source = checkpoint.source or "+".join(["ptq"] + checkpoint.algorithms())
+
+            def extra(_ptq):
+                return [Candidate("int8", checkpoint.calibrator, source, quantized)]
+
+            describe["checkpoint"] = args.checkpoint
         with StageProgress() as progress:
             result = run_compare(
                 model, calib, eval_data,
                 metric=metric, task=task, calibrators=calibrators, precisions=precisions,
-                config=quant_config_from_args(args), calib_batches=args.max_batches, eval_batches=args.eval_batches,
+                config=config, calib_batches=args.max_batches, eval_batches=args.eval_batches,
                 calibrator_params=calibrator_params_from_args(args), layer_batches=args.layer_batches,
                 store=store, run_dir=args.out, describe=describe, progress=progress, folder=folder, sparsity=sparsity,
+                extra_candidates=extra,
             )
     metrics = list(dict.fromkeys(r.metric for r in result.rows))
     metrics.sort(key=lambda m: m != result.metric)
@@ -97,7 +122,12 @@ def run(args: argparse.Namespace) -> int:
     if result.ptq is not None:
         print(f"statistics pass: {result.ptq.num_batches} batches in {result.ptq.statistics_seconds:.1f} s (shared by {len(calibrators)} calibrators)")
     if result.best_calibrator:
-        print(f"best INT8 calibrator by {result.metric}: {result.best_calibrator}")
+        best = result.best_row
+        print(f"best INT8 calibrator by {result.metric}: {result.best_calibrator}"
+              + (f" ({best.source})" if best is not None and best.source != "ptq" else ""))
+    for source, variant in result.variants.items():
+        for report in variant.ptq.transforms if source == list(result.variants)[-1] else ():
+            print(f"transform {report.name}: {report.seconds:.2f} s")
     if result.layer_errors and result.best_calibrator in result.layer_errors:
         worst = sorted(result.layer_errors[result.best_calibrator], key=lambda e: e.proxy_db)[:5]
         print(f"lowest per-token SQNR, layer alone ({result.best_calibrator}): " + ", ".join(f"{e.layer} {fmt(e.proxy_db, 3)} dB" for e in worst))

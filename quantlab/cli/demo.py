@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(sub) -> None:
@@ -18,8 +17,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+    from quantlab.cli._progress import FractionProgress
     from quantlab.cli.common import print_table
     from quantlab.jobs.demo import run_demo
     from quantlab.jobs.demo_spec import demo_spec, validate
@@ -34,21 +32,8 @@ def run(args: argparse.Namespace) -> int:
     store = RunStore(args.store)
     spec = validate(demo_spec(args.out, eval_samples=args.eval_samples, calib_samples=args.calib_samples))
     print(f"demo: {spec.model} · calibration {spec.calib_data} · eval {spec.eval_data}", flush=True)
-    bar = tqdm(total=100, desc="demo", unit="%", file=sys.stderr, disable=None, leave=False,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}")
-    state = {"done": 0}
-
-    def progress(stage: str, fraction: float) -> None:
-        bar.set_description_str(stage[:48])
-        target = int(fraction * 100)
-        if target > state["done"]:
-            bar.update(target - state["done"])
-            state["done"] = target
-
-    try:
+    with FractionProgress("demo") as progress:  # stage lines and a bar on a terminal; nothing with --quiet or in a pipe
         outcome = run_demo(store, spec, progress=progress)
-    finally:
-        bar.close()
     metric = outcome["metric"]
     rows = [r for r in outcome["rows"] if r["metric"] == metric]
     print_table(

@@ -10,7 +10,9 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export INT8 (Q/DQ), FP16 or FP32 ONNX for TensorRT or ONNX Runtime")
     add_model_args(p)
     p.add_argument("--precision", choices=("int8", "fp16", "fp32"), default="int8", help="default int8")
-    p.add_argument("--scales", help="scales file from `quantlab calibrate` (required for int8)")
+    p.add_argument("--scales", help="scales file from `quantlab calibrate` (int8: this or --checkpoint)")
+    p.add_argument("--checkpoint", help="quantized checkpoint model.<calibrator>.safetensors (written where --algorithms changed "
+                                        "the weights): rebuilt on --model's FP32 model with the scales beside it (or --scales)")
     p.add_argument("--out", required=True, help="output .onnx file (a <out>.json sidecar records tensor names)")
     p.add_argument("--target", choices=("tensorrt", "ort-cpu"), default="tensorrt",
                    help="int8 form: tensorrt (INT8, zero point 0; default) or ort-cpu (UINT8 activations, ONNX Runtime integer kernels)")
@@ -37,7 +39,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantlab.jobs.export import run_export
+    from quantlab.cli._progress import StageProgress
+    from quantlab.jobs.export import artifact_provenance, provenance_text, run_export
     from quantlab.jobs.recorder import optional_store
 
     outcome = run_export(
@@ -46,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
         ort_int8=args.ort_int8, ort_reduce_range=args.ort_reduce_range,
         exporter=args.exporter, opset=args.opset, io_dtype=args.io_dtype, dynamic_batch=not args.static_batch,
         placement=not args.no_placement, check=not args.no_check, store=optional_store(args.store),
-        sparsity=args.sparsity,
+        sparsity=args.sparsity, checkpoint=args.checkpoint, progress=StageProgress(),
     )
     result = outcome.result
     print(f"wrote {result.path} ({result.precision}{'/' + result.target if result.target else ''}, opset {result.opset}, "
           f"{result.exporter} exporter, {result.seconds:.1f} s); tensor map: {result.sidecar}")
+    origin = artifact_provenance(result.path)
+    if origin:
+        print(f"from: {provenance_text(origin)}")
     if result.folded_batchnorm:
         print(f"folded {len(result.folded_batchnorm)} BatchNormalization node(s) into their convs")
     if result.placement:

@@ -15,6 +15,8 @@ import pkgutil
 import sys
 from typing import List, Optional
 
+from quantlab.cli._progress import configure as configure_progress
+from quantlab.cli.common import add_quiet_arg
 from quantlab.errors import QuantlabError
 from quantlab.interrupts import Terminated, terminate_as_interrupt
 
@@ -34,11 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantlab", description="INT8 quantization workbench for PyTorch models")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--debug", action="store_true", help="full tracebacks for errors (without debug logging)")
+    add_quiet_arg(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in command_modules():
         module = importlib.import_module(f"quantlab.cli.{name}")
         if hasattr(module, "register"):
             module.register(sub)
+    for command in sub.choices.values():  # `quantlab demo --quiet` as well as `quantlab --quiet demo`
+        if not any("--quiet" in action.option_strings for action in command._actions):
+            add_quiet_arg(command)
     return parser
 
 
@@ -69,6 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    configure_progress(quiet=args.quiet, command=args.command)
     tracebacks = args.verbose or args.debug
     prefix = f"quantlab {args.command}"
     try:

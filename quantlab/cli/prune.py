@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantlab._io import atomic_path, write_text_atomic
+    from quantlab.cli._progress import stage
     from quantlab.model_source import load_model
     from quantlab.sparsity.check import check_model_sparsity
     from quantlab.sparsity.mask import remove_masks
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {out} would overwrite an input; choose another file")
     if args.sparsity_method == "sparsegpt" and not args.data:
         raise ValueError("--sparsity-method sparsegpt needs --data (its weight update uses the layers' inputs)")
+    stage("loading model" + (" and data" if args.data else ""))
     model = load_model(args.model, weights=args.weights, device=args.device)
     data = None
     if args.data:
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
         data = load_data(args.data, batch_size=args.batch_size)
     args.sparsity = "2:4"
+    stage(f"pruning to 2:4 ({args.sparsity_method})")
     summary = apply_sparsity(args, model, data, max_batches=args.max_batches)
     report = check_model_sparsity(model)
     remove_masks(model)  # the weights are baked: a plain state_dict of the original architecture

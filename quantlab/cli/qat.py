@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--eval", required=True, help="eval data: fmnist:test, ...")
     p.add_argument("--out", required=True, help="run folder: checkpoint, scales.json, model.pt, run.json")
     p.add_argument("--scales", help="starting scales file (else calibrate from --calib-data)")
+    p.add_argument("--checkpoint", help="start from a quantized checkpoint model.<calibrator>.safetensors (weights changed by "
+                                        "PTQ algorithms) and the scales beside it (or --scales); give it again with --resume")
     p.add_argument("--calib-data", default=None, help="calibration data when no --scales (default: the training data)")
     p.add_argument("--calibrator", default="entropy", help="calibrator for the starting ranges (default entropy)")
     p.add_argument("--calib-batches", type=int, default=16,
@@ -55,7 +57,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quantlab.cli.common import progress_bar
+    from quantlab.cli._progress import StageProgress, stage
     from quantlab.data import load_data
     from quantlab.data.fit import check_model_fits
     from quantlab.jobs.folders import check_run_folder, open_on_main_rank
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from quantlab.qat.loop import TrainConfig
     from quantlab.qat.run import read_resumable
 
+    quant_config_from_args(args)  # unknown --algorithms / --algorithm-param fail here, before any work
+    checkpoint = _read_checkpoint(args)  # a bad checkpoint or scales that need one fail here too
     inputs = input_paths(args)
     if args.resume:
         read_resumable(Path(args.out))  # a finished run is refused here: nothing recorded, nothing written
@@ -83,14 +87,21 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
             freeze_bn_after=args.freeze_bn_after, seed=args.seed, sync_batchnorm=args.sync_bn,
         )
+        stage("loading model and data", main_rank=main)
         model = load_cli_model(args, args.data, device=device)
+        scales = args.scales
+        if checkpoint is not None:
+            from quantlab.checkpoint import load_checkpoint, paired_scales
+
+            load_checkpoint(model, checkpoint.path, with_scales=False)  # the transformed structure and weights
+            scales = args.scales or paired_scales(checkpoint)
         validate_sparsity(args, model)  # a pattern that matches nothing fails before any training
         train_data = load_data(args.data, batch_size=args.batch_size)
         eval_data = load_data(args.eval, batch_size=args.batch_size)
         for spec, data in ((args.data, train_data), (args.eval, eval_data)):
             check_model_fits(model, data, spec)  # two samples first: a shape mismatch in words, before any pass
         calib_data = None
-        if not args.scales and not args.resume:
+        if not scales and not args.resume:
             calib = load_data(args.calib_data or args.data, batch_size=args.batch_size)
             # Each rank calibrates on its share of the first --calib-batches batches; prepare()
             # merges the statistics exactly, so the ranges equal a one-process run's.
@@ -111,14 +122,14 @@ def run(args: argparse.Namespace) -> int:
             from quantlab.store import RunStore
 
             store = RunStore()
-        with progress_bar(None, "qat steps") as bar:
+        stage("FP32 reference, starting ranges, then training", main_rank=main)
+        with StageProgress(main_rank=main) as steps:
 
             def progress(p) -> None:
-                if main:
-                    bar(p.step)
+                steps("training (QAT)", p.step, p.total_steps)
 
             result = run_qat(
-                model, train_data, eval_data, out_dir=args.out, scales=args.scales, calib_data=calib_data,
+                model, train_data, eval_data, out_dir=args.out, scales=scales, calib_data=calib_data,
                 calibrator=args.calibrator, calibrator_params=calibrator_params_from_args(args).get(args.calibrator),
                 quant_config=quant_config_from_args(args),
                 train_config=train_config, learn_amax=args.learn_amax, weight_ranges=args.weight_ranges,
@@ -148,3 +159,18 @@ def run(args: argparse.Namespace) -> int:
             folder.close()
         if info.distributed:
             ddp.destroy()
+
+
+def _read_checkpoint(args: argparse.Namespace):
+    """--checkpoint's header (checked), or None; --scales whose weights algorithms changed need it."""
+    if args.checkpoint:
+        from quantlab.checkpoint import read_checkpoint
+
+        return read_checkpoint(args.checkpoint, tensors=False)[0]
+    if args.scales and not args.resume:
+        from quantlab.scales import Scales
+
+        if Scales.load(args.scales).changed_weights():
+            raise ValueError(f"--scales {args.scales} fit weights changed by PTQ algorithms: "
+                             "give their checkpoint too (--checkpoint model.<calibrator>.safetensors)")
+    return None

@@ -20,12 +20,15 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.cli._progress import stage
     from quantlab.jobs.recorder import optional_store
     from quantlab.jobs.run import run_model
 
+    stage(f"loading {args.model} and {args.data}")
     outcome = run_model(args.model, args.data, batch_size=args.batch_size, max_batches=args.max_batches,
                         threads=args.threads, backend=args.backend, latency=args.latency,
-                        store=optional_store(args.store), progress_bar=progress_bar)
+                        store=optional_store(args.store),
+                        progress_bar=lambda total, backend: progress_bar(total, f"running on {backend}"))
     result, latency = outcome.result, outcome.latency
     rows = [["samples", result.num_samples], ["top-1 (%)", f"{result.top1:.2f}" if result.top1 is not None else "n/a (no labels)"],
             ["wall time (s)", f"{result.seconds:.2f}"]]

@@ -26,12 +26,14 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantlab.cli._progress import stage
     from quantlab.jobs.runs import load_run_info
     from quantlab.jobs.sensitivity import run_sensitivity
 
     info = load_run_info(args.run, args.store)
     store = open_store(args, run_info=info)
     check_trust(info, store, args.trust)  # before the recorded model file is imported
+    stage(f"rebuilding the model and data of run {info.get('run_id') or info.get('run_dir')}")
     with StageProgress() as progress:
         outcome = run_sensitivity(info, store, calibrator=args.calibrator, top_k=args.top_k, budget_passes=args.budget,
                                   subset_fraction=args.subset_fraction, full=args.full,

@@ -11,7 +11,9 @@ Spec strings have the form ``"<name>:<argument>"``:
 * ``"hub:owner/name"``: ``datasets.load_dataset`` from the Hub (fails
   offline with a clear :class:`HubUnreachableError`).
 
-A trailing ``[:N]`` keeps the first ``N`` samples of any spec. A bare path
+A trailing ``[:N]`` keeps the first ``N`` samples of any spec. A table spec may
+name its columns: ``"csv:data.csv?inputs=f1,f2,f3&label=y"`` (names URL-quoted;
+``label=`` empty for unlabeled data; see :func:`columns_spec`). A bare path
 with a ``.csv``/``.json``/``.jsonl``/``.parquet`` suffix, or a directory, is
 accepted without a prefix. Batches are ``(inputs, targets)`` tuples.
 
@@ -57,6 +59,52 @@ class DatasetLoader(Protocol):
 _REGISTRY: dict[str, DatasetLoader] = {}
 _LIMIT_RE = re.compile(r"^(.*)\[\s*:\s*(\d+)\s*\]\s*$", re.DOTALL)
 _SUFFIX_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# "csv:data.csv?inputs=a,b&label=y": which columns are the input and the label (names URL-quoted).
+_COLUMNS_RE = re.compile(r"^(.*)\?((?:inputs|label)=[^?]*)$", re.DOTALL)
+
+
+def columns_spec(spec: str, inputs: list[str], label: str | None, *, limit: int | None = None) -> str:
+    """A data spec that names its input columns and label column, e.g. ``csv:d.csv?inputs=a,b&label=y[:500]``.
+
+    Args:
+        spec: A table spec without columns or limit (``csv:/data/train.csv``).
+        inputs: Input column names, in order (stacked into one vector per sample).
+        label: The label column, or None for unlabeled data.
+        limit: Keep the first ``limit`` samples (a ``[:N]`` suffix).
+
+    Raises:
+        ValueError: no input column, or the label among the inputs.
+    """
+    from urllib.parse import quote
+
+    if not inputs:
+        raise ValueError("choose at least one input column")
+    if label is not None and label in inputs:
+        raise ValueError(f"column {label!r} cannot be both an input and the label")
+    text = f"{spec}?inputs={','.join(quote(c, safe='') for c in inputs)}&label={quote(label, safe='') if label else ''}"
+    return f"{text}[:{int(limit)}]" if limit else text
+
+
+def _split_columns(spec: str) -> tuple[str, dict[str, Any] | None]:
+    """``(spec, columns)`` from a spec ending in ``?inputs=...&label=...`` (columns None when it does not)."""
+    from urllib.parse import unquote
+
+    match = _COLUMNS_RE.match(spec)
+    if not match:
+        return spec, None
+    columns: dict[str, Any] = {}
+    for part in match.group(2).split("&"):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("inputs", "label") or key in columns:
+            raise ValueError(f"bad column selection {match.group(2)!r} in {spec!r}: expected inputs=A,B&label=C")
+        if key == "inputs":
+            names = [unquote(v) for v in value.split(",") if v]
+            if not names:
+                raise ValueError(f"no input column named in {spec!r}")
+            columns["inputs"] = names
+        else:
+            columns["label"] = unquote(value) or None
+    return match.group(1), columns
 
 
 def register_dataset(name: str, loader_fn: DatasetLoader, *, overwrite: bool = False) -> None:
@@ -170,6 +218,11 @@ def load_data(
         if match:
             spec, suffix_limit = match.group(1), int(match.group(2))
             limit = suffix_limit if limit is None else min(limit, suffix_limit)
+        spec, spec_columns = _split_columns(spec.strip())
+        if spec_columns is not None:
+            if columns is not None and columns != spec_columns:
+                raise ValueError(f"{label!r} names its columns; do not pass columns= as well")
+            columns = spec_columns
         name, argument = _split_spec(spec.strip())
         try:
             data = _REGISTRY[name](
@@ -266,4 +319,4 @@ for _fmt in ("csv", "json", "parquet", "imagefolder"):
 register_dataset("arrow", _arrow)
 register_dataset("hub", _hub)
 
-__all__: list[str] = ["DatasetLoader", "load_data", "register_dataset", "registered_datasets"]
+__all__: list[str] = ["DatasetLoader", "columns_spec", "load_data", "register_dataset", "registered_datasets"]

@@ -12,6 +12,10 @@
   ``extra_candidates`` (any callable taking the model's inputs), evaluated on the
   same batches and reported the same way.
 * Per-layer SQNR / cosine per calibrator on a few batches (:mod:`.layers`).
+* With PTQ algorithms in the config (``config.algorithms``), INT8 runs once per
+  prefix of the pipeline (``ptq``, ``ptq+cle``, ``ptq+cle+bias-correction``, ...):
+  each is its own row per calibrator (``source``), so the user sees what each stage
+  buys; :attr:`CompareResult.variants` keeps each one's PTQ result and model.
 
 This is measurement only: nothing is recorded or written. The compare job
 (:func:`quantlab.jobs.compare.run_compare`) records the rows as they come (the
@@ -23,11 +27,12 @@ import copy
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from quantlab.algorithms import check_params, parse_algorithms
 from quantlab.api import load_scales
 from quantlab.attach import is_quantized
 from quantlab.config import QuantConfig, int8_config
@@ -36,6 +41,7 @@ from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import Evaluation, evaluate, evaluate_reference
 from quantlab.evaluation.layers import LayerError, layer_errors
 from quantlab.evaluation.tasks import Task, batches_of, task_for_metric
+from quantlab.pipeline.refine import restore_refinable_state
 from quantlab.ptq import PTQResult, parse_calibrators, run_ptq
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -82,6 +88,35 @@ class ResultRow:
 
 
 @dataclasses.dataclass
+class Variant:
+    """One INT8 pipeline of a comparison: PTQ with a prefix of the config's algorithms.
+
+    Attributes:
+        source: Its rows' source, ``"ptq"`` or ``"ptq+cle+..."``.
+        algorithms: The algorithms it ran, in pipeline order.
+        ptq: Its scales per calibrator and the algorithms' reports.
+        model: The quantized copy it ran on (it holds the last calibrator's refined
+            weights; ``ptq.refined_weights`` the others'); kept only where algorithms
+            changed the weights (a checkpoint is written from it).
+    """
+
+    source: str
+    algorithms: Tuple[str, ...]
+    ptq: PTQResult
+    model: Optional[nn.Module] = None
+
+
+def variant_source(algorithms: Sequence[str]) -> str:
+    """``()`` -> ``"ptq"``; ``("cle", "adaround")`` -> ``"ptq+cle+adaround"``."""
+    return "+".join(("ptq",) + tuple(algorithms))
+
+
+def is_ptq_source(source: str) -> bool:
+    """Whether a row comes from PTQ (plain or with algorithms)."""
+    return source == "ptq" or source.startswith("ptq+")
+
+
+@dataclasses.dataclass
 class CompareResult:
     """Everything a comparison produced.
 
@@ -100,6 +135,8 @@ class CompareResult:
         sparsity: What the "2:4 + INT8" rows did (pruning reports, GPU speed): a
             :class:`quantlab.sparsity.compare.SparseOutcome`, set by the compare job when
             asked for those rows (None otherwise).
+        variants: Every INT8 pipeline by source (one, ``"ptq"``, without algorithms);
+            ``ptq`` is the last (all the algorithms).
     """
 
     rows: List[ResultRow]
@@ -113,6 +150,7 @@ class CompareResult:
     eval_batches: int
     settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
     sparsity: Any = None
+    variants: Dict[str, Variant] = dataclasses.field(default_factory=dict)
 
     def value(self, precision: str, calibrator: Optional[str] = None, metric: Optional[str] = None) -> float:
         """The value of ``metric`` (default primary) for a precision (and calibrator)."""
@@ -128,11 +166,19 @@ class CompareResult:
     @property
     def best_calibrator(self) -> Optional[str]:
         """The INT8 calibrator with the best primary metric."""
-        int8 = [r for r in self.primary_rows() if r.precision == "int8" and r.source == "ptq" and r.calibrator]
+        best = self.best_row
+        return best.calibrator if best is not None else None
+
+    @property
+    def best_row(self) -> Optional[ResultRow]:
+        """The INT8 PTQ row (any algorithm prefix) with the best primary metric; the first on ties."""
+        int8 = [r for r in self.primary_rows() if r.precision == "int8" and r.source in self.variants and r.calibrator]
+        if not int8:
+            int8 = [r for r in self.primary_rows() if r.precision == "int8" and r.source == "ptq" and r.calibrator]
         if not int8:
             return None
         sign = 1.0 if self.higher_is_better else -1.0
-        return max(int8, key=lambda r: sign * r.value).calibrator
+        return max(int8, key=lambda r: sign * r.value)
 
 
 def parse_precisions(precisions: Union[str, Sequence[str]]) -> List[str]:
@@ -211,6 +257,10 @@ def compare(
     if task is None:
         task, metric = task_for_metric(metric)
     config = config or int8_config()
+    # ptq, ptq+first, ptq+first+second, ...: each prefix of the pipeline is its own INT8 row.
+    ordered = tuple(a.name for a in parse_algorithms(config.algorithms))
+    check_params(ordered, {n: dict(p) for n, p in config.algorithm_params})  # before any work
+    prefixes = [ordered[:i] for i in range(len(ordered) + 1)]
 
     def stage(name: str, total: int) -> Optional[Callable[[int], None]]:
         return (lambda done: progress(name, done, total)) if progress is not None else None
@@ -233,6 +283,9 @@ def compare(
         "calibrator_params": calibrator_params or {},
         "quant_config": config.to_dict(),
     }
+    if ordered:
+        settings["algorithms"] = list(ordered)
+        settings["algorithm_params"] = {n: dict(p) for n, p in config.algorithm_params}
     if on_reference is not None:
         on_reference(dict(settings))
     rows: List[ResultRow] = []
@@ -255,24 +308,36 @@ def compare(
         del half
     ptq: Optional[PTQResult] = None
     errors: Dict[str, List[LayerError]] = {}
+    variants: Dict[str, Variant] = {}
     if "int8" in wanted:
-        quant = copy.deepcopy(model)
-        ptq = run_ptq(quant, calib_data, names, config=config, max_batches=calib_batches,
-                      calibrator_params=calibrator_params, progress=stage("statistics", calib_batches or 0))
-        for name in names:
-            load_scales(quant, ptq.scales[name])
-            evaluation = evaluate(quant, task, batches, progress=stage(f"int8 {name}", len(batches)))
-            record(_rows("int8", name, "ptq", evaluation, fp32.metrics))
-            if layer_batches > 0:
-                errors[name] = layer_errors(model, quant, batches[:layer_batches], inputs_of=task.inputs)
-                if on_layers is not None:
-                    on_layers(name, errors[name])
-        if extra_candidates is not None:
-            for candidate in extra_candidates(ptq):
-                evaluation = evaluate(candidate.model, task, batches, input_dtype=candidate.input_dtype, device=candidate.device)
-                record(_rows(candidate.precision, candidate.calibrator, candidate.source, evaluation, fp32.metrics))
-        del quant
+        steps += len(names) * (len(prefixes) - 1)
+        for index, algorithms in enumerate(prefixes):
+            last = index == len(prefixes) - 1
+            source = variant_source(algorithms)
+            quant = copy.deepcopy(model)
+            variant_config = config.replace(algorithms=algorithms, algorithm_params=tuple(
+                (n, p) for n, p in config.algorithm_params if n in algorithms))
+            ptq = run_ptq(quant, calib_data, names, config=variant_config, max_batches=calib_batches,
+                          calibrator_params=calibrator_params, progress=stage(f"statistics {source}" if prefixes[1:] else "statistics",
+                                                                              calib_batches or 0))
+            for name in names:
+                if ptq.refined_weights:
+                    restore_refinable_state(quant, ptq.refined_weights[name])  # this calibrator's refined weights
+                load_scales(quant, ptq.scales[name])
+                label = name if not prefixes[1:] else f"{name} {source}"
+                evaluation = evaluate(quant, task, batches, progress=stage(f"int8 {label}", len(batches)))
+                record(_rows("int8", name, source, evaluation, fp32.metrics))
+                if layer_batches > 0 and last:
+                    errors[name] = layer_errors(model, quant, batches[:layer_batches], inputs_of=task.inputs)
+                    if on_layers is not None:
+                        on_layers(name, errors[name])
+            variants[source] = Variant(source, tuple(algorithms), ptq, quant if (ptq.transforms or any(ptq.refinements.values())) else None)
+            if last and extra_candidates is not None:
+                for candidate in extra_candidates(ptq):
+                    evaluation = evaluate(candidate.model, task, batches, input_dtype=candidate.input_dtype, device=candidate.device)
+                    record(_rows(candidate.precision, candidate.calibrator, candidate.source, evaluation, fp32.metrics))
+            del quant
     return CompareResult(
         rows=rows, metric=metric, higher_is_better=task.higher_is_better(metric), task=task, ptq=ptq,
-        layer_errors=errors, run_id=None, run_dir=None, eval_batches=len(batches), settings=settings,
+        layer_errors=errors, run_id=None, run_dir=None, eval_batches=len(batches), settings=settings, variants=variants,
     )

@@ -37,6 +37,8 @@ _EXPORTS = {
     "ExportResult": "quantlab.export.result",
     "load_onnx": "quantlab.export.graph",
     "read_tensor_map": "quantlab.export.mapping",
+    "qdq_table": "quantlab.export.qdq_table",
+    "QdqRow": "quantlab.export.qdq_table",
     "ExportError": "quantlab.export.errors",
     "OnnxFormatError": "quantlab.export.errors",
     "CacheFormatError": "quantlab.export.errors",

@@ -16,10 +16,16 @@ ONNX tensor of the FP32 graph, in hex: ``3c008912`` is 0.0078452, amax ~ 0.996.
 
 Only the inputs of quantized layers get entries (that is what quantlab
 calibrates); TensorRT leaves tensors without a range in floating point.
+
+The header's algorithm is NOT how the scales were chosen (see :func:`header_note`):
+it names the TensorRT calibrator that reads the cache. A quantlab cache says
+``EntropyCalibration2`` for scales of any calibrator (mse, percentile, max, ...),
+and ``<cache>.json`` beside it records where the scales came from.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import struct
 from pathlib import Path
@@ -37,6 +43,18 @@ _HEADER_RE = re.compile(r"^TRT-(\d+)-([A-Za-z0-9]+)$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{1,8}$")
 #: A cache line is ~60 bytes: 64 MB is a million tensors, far beyond any network.
 MAX_CACHE_BYTES = 64 << 20
+
+
+def header_note(algorithm: str = DEFAULT_ALGORITHM, scales_from: Optional[str] = None) -> str:
+    """Why the header names ``algorithm`` whatever chose the scales (CLI help, Export page, cache sidecar)."""
+    source = f"quantlab's {scales_from} calibrator" if scales_from else "quantlab's calibrator (see the scales file)"
+    return (
+        f"The header's '{algorithm}' does not say how the scales were chosen: it names the TensorRT calibrator "
+        f"that reads the cache (IInt8EntropyCalibrator2 is EntropyCalibration2, IInt8MinMaxCalibrator is MinMaxCalibration). "
+        "TensorRT uses a cache only when its header matches its own version and that calibrator's algorithm, and then "
+        "takes the scales as they are; on a mismatch it ignores the cache and recalibrates with its own algorithm. "
+        f"The scales in this cache came from {source}."
+    )
 
 
 def trt_version_number(version: Union[str, int]) -> int:
@@ -238,16 +256,20 @@ def write_calibration_cache(
 ) -> Tuple[Path, CalibrationCache]:
     """Writes ``out`` from a scales file and the FP32 ONNX graph the cache is for.
 
+    Also writes ``<out>.json`` (:func:`cache_sidecar`): the header, which
+    calibrator and algorithms chose the scales, and :func:`header_note`.
+
     Raises:
         OutputPathError: ``out`` is an input, a folder, or an existing file that is not a cache.
         ScalesFormatError / FileNotFoundError / OnnxFormatError: unreadable inputs.
         TensorMappingError: scales that do not match the graph.
     """
-    from quantlab.outputs import CALIBRATION_CACHE, check_output_file
+    from quantlab.outputs import CACHE_SIDECAR, CALIBRATION_CACHE, check_output_file
 
     # Before any work: the cache never replaces its inputs (``--out`` = ``--onnx`` replaced the model).
-    check_output_file(out, label="--out", replace=CALIBRATION_CACHE,
-                      inputs={"--onnx": onnx_path, "--scales": None if isinstance(scales, Scales) else scales})
+    inputs = {"--onnx": onnx_path, "--scales": None if isinstance(scales, Scales) else scales}
+    check_output_file(out, label="--out", replace=CALIBRATION_CACHE, inputs=inputs)
+    check_output_file(f"{out}.json", label="--out's sidecar", replace=CACHE_SIDECAR, inputs=inputs)
     if not isinstance(scales, Scales):
         scales = Scales.load(scales)
     modules = sorted({e.module for e in scales.entries})
@@ -256,7 +278,37 @@ def write_calibration_cache(
         raise TensorMappingError(f"{onnx_path}: no layer of the scales file could be located in this ONNX graph")
     _check_tensors_exist(onnx_path, tensor_map)
     cache = cache_from_scales(scales, tensor_map, trt_version=trt_version, algorithm=algorithm, strict=strict)
-    return cache.save(out), cache
+    path = cache.save(out)
+    write_text_atomic(f"{path}.json", json.dumps(cache_sidecar(cache, scales, onnx_path), indent=1))
+    return path, cache
+
+
+def cache_calibrator(cache_path: Union[str, Path]) -> Optional[str]:
+    """The calibrator recorded in ``<cache>.json`` (None when absent or unreadable: e.g. TensorRT's own cache)."""
+    try:
+        with open(f"{cache_path}.json", encoding="utf-8") as fh:
+            data = json.loads(fh.read(1 << 20))
+        name = data["scales_from"]["calibrator"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name.isidentifier() else None
+
+
+def cache_sidecar(cache: CalibrationCache, scales: Scales, onnx_path: Union[str, Path]) -> Dict[str, object]:
+    """The cache's metadata: its header, where its scales came from, and why the header may name another algorithm."""
+    algorithms = list(scales.config.algorithms) if scales.config is not None else []
+    return {
+        "format": "quantlab.calibration_cache",
+        "version": 1,
+        "header": cache.header,
+        "trt_version": cache.version,
+        "header_algorithm": cache.algorithm,
+        "scales_from": {"calibrator": scales.calibrator, "calibrator_params": dict(scales.calibrator_params),
+                        "algorithms": algorithms, "float_layers": list(scales.float_layers)},
+        "onnx": str(onnx_path),
+        "tensors": len(cache.scales),
+        "note": header_note(cache.algorithm, scales.calibrator),
+    }
 
 
 def _check_tensors_exist(onnx_path: Union[str, Path], tensor_map: Mapping[str, str]) -> None:
@@ -273,7 +325,10 @@ __all__ = [
     "ALGORITHMS",
     "CalibrationCache",
     "DEFAULT_ALGORITHM",
+    "cache_calibrator",
     "cache_from_scales",
+    "cache_sidecar",
+    "header_note",
     "hex_to_scale",
     "read_calibration_cache",
     "scale_to_hex",

@@ -17,7 +17,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -62,6 +62,7 @@ def export_float(
     output_names: Optional[Sequence[str]] = None,
     dynamic_batch: bool = True,
     sidecar: bool = True,
+    metadata: Optional[Dict[str, str]] = None,
 ) -> ExportResult:
     """Exports ``model`` as an FP32 or FP16 ONNX file (quantizers, if any, switched off).
 
@@ -75,6 +76,7 @@ def export_float(
         exporter / opset / input_names / output_names / dynamic_batch: as in
             :func:`quantlab.export.qdq.export_int8`.
         sidecar: Also write ``<path>.json`` with the layer -> tensor map.
+        metadata: Extra string entries for the file's metadata (its provenance).
 
     Raises:
         ExportError: unknown precision, exporter failure, or an invalid result.
@@ -105,6 +107,7 @@ def export_float(
         "quantlab.exporter": exporter,
         "quantlab.version": quantlab.__version__,
         METADATA_KEY: json.dumps(tensor_map, sort_keys=True),
+        **(metadata or {}),  # the caller's provenance (``quantlab.source_run`` ...)
     })
     proto.producer_name = "quantlab"
     try:

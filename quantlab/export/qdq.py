@@ -25,7 +25,7 @@ import onnx
 from torch import nn
 
 import quantlab
-from quantlab.attach import float_layers, iter_quantizers
+from quantlab.attach import float_layers, get_config, iter_quantizers
 from quantlab.export.errors import ExportError
 from quantlab.export.fold import fold_batchnorm, fold_constants, fold_weight_quantizers
 from quantlab.export.graph import GraphView, default_opset, save_onnx
@@ -100,6 +100,7 @@ def export_int8(
     ort_int8: str = "auto",
     ort_reduce_range: bool = False,
     sidecar: bool = True,
+    metadata: Optional[Dict[str, str]] = None,
 ) -> ExportResult:
     """Exports a calibrated quantized model as a Q/DQ ONNX file.
 
@@ -127,6 +128,9 @@ def export_int8(
         ort_reduce_range: ort-cpu only: 7-bit weights (exact u8s8 on any CPU, but
             NOT the values TensorRT computes with); recorded in the metadata.
         sidecar: Also write ``<path>.json`` with the quantizer -> tensor map.
+        metadata: More ``metadata_props`` entries (keys ``quantlab.*``): where the scales came
+            from (``quantlab.calibrator``, ``quantlab.algorithms``, ``quantlab.algorithm_reports``, ...).
+            Without it the algorithms the model's config names are recorded.
 
     Raises:
         ExportError: the model is not exportable (see :func:`check_exportable`),
@@ -178,10 +182,14 @@ def export_int8(
         "quantlab.version": quantlab.__version__,
         METADATA_KEY: json.dumps(tensor_map, sort_keys=True),
     }
+    config = get_config(model)
+    if config is not None and config.algorithms:
+        entries["quantlab.algorithms"] = json.dumps(list(config.algorithms))
     if choice is not None:
         from quantlab.runtimes.onnxruntime.verify import form_metadata
 
         entries.update(form_metadata(choice))
+    entries.update(metadata or {})
     set_metadata(proto, entries)
     proto.producer_name = "quantlab"
     _check_graph(proto, "INT8 export")

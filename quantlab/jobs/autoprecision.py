@@ -24,7 +24,9 @@ from quantlab.jobs.runs import (
     RebuiltRun,
     RunFolderError,
     autoprecision_dir,
-    calibrator_of,
+    checkpoint_path,
+    choose_variant,
+    full_source,
     quantized_copy,
     read_results,
     read_run_file,
@@ -64,10 +66,15 @@ def run_autoprecision(
     device: Optional[str] = None,
     export_onnx: bool = True,
     progress: Optional[Progress] = None,
+    start: str = "best",
 ) -> Dict[str, Any]:
     """Mixed precision for a compare run; writes ``scales.mixed.json``, ``mixed.json`` (and ONNX).
 
     Args:
+        start: The INT8 row to start from: ``"best"`` (the best PTQ row; with PTQ
+            algorithm rows, whichever prefix of the pipeline measured best) or a
+            row's source (``"ptq"``, ``"ptq+cle"``); its checkpoint is used where
+            algorithms changed the weights.
         order: ``"sensitivity"`` (a saved ``sensitivity.<calibrator>.json``),
             ``"proxy"`` (a fresh :func:`rank_layers`), ``"auto"`` (saved if present).
 
@@ -76,36 +83,37 @@ def run_autoprecision(
     """
     if order not in ("auto", "sensitivity", "proxy"):
         raise ValueError(f"order must be auto, sensitivity or proxy, got {order!r}")
-    calibrator = calibrator_of(info, calibrator)
+    calibrator, source = choose_variant(info, calibrator, start)
     run_dir = Path(info["run_dir"])
     saved = sensitivity_path(run_dir, calibrator)
     if order == "sensitivity" and not saved.is_file():
         raise RunFolderError(f"{saved} not found: run `quantlab sensitivity --run {run_dir} --calibrator {calibrator}` first")
-    out = Path(out_dir) if out_dir else autoprecision_dir(run_dir, calibrator)
+    out = Path(out_dir) if out_dir else autoprecision_dir(run_dir, calibrator, None if source == full_source(info) else source)
     # Before any work: the output folder is checked and locked (never over the run's own files);
     # it is committed as a whole at the end.
     with open_run_folder(out, kind="autoprecision", inputs=relative_inputs(run_dir)) as folder:
         model, batches, task, metric, _ = rebuild(info, device=device)
-        quant = quantized_copy(model, info, calibrator)
+        quant = quantized_copy(model, info, calibrator, source)
         description = RunDescription(
             kind=RunKind.AUTOPRECISION, model=info["model"], data=info.get("data"), eval_data=info.get("eval_data"),
-            config={"calibrator": calibrator, "metric": metric, "max_drop": max_drop, "relative": relative, "order": order},
+            config={"calibrator": calibrator, "source": source, "metric": metric, "max_drop": max_drop, "relative": relative,
+                    "order": order},
             run_dir=str(out), parent_id=info.get("run_id"),
         )
         with Recorder(store).run(description) as run:
             fp32 = evaluate_reference(model, task, batches).metrics[metric]
             int8 = None
             for row in read_results(run_dir).get("rows", []):
-                if row["precision"] == "int8" and row["calibrator"] == calibrator and row["metric"] == metric and row.get("source", "ptq") == "ptq":
+                if row["precision"] == "int8" and row["calibrator"] == calibrator and row["metric"] == metric and (row.get("source") or "ptq") == source:
                     int8 = float(row["value"])  # same batches, deterministic: no need to run it again
             if saved.is_file() and order in ("auto", "sensitivity"):
                 ranking = read_run_file(saved, check_sensitivity)
                 layer_order = [entry["layer"] for entry in ranking["layers"]]
-                source = f"{saved.name} (metric-ranked top candidates, then SQNR proxy)"
+                order_source = f"{saved.name} (metric-ranked top candidates, then SQNR proxy)"
             else:
                 layer_order = rank_layers(model, quant, task, batches, metric=metric, progress=progress).order()
                 evaluate_reference(model, task, batches)  # rank_layers left a subset as the reference: restore the full one
-                source = "fresh sensitivity ranking (SQNR proxy + metric on top candidates)"
+                order_source = "fresh sensitivity ranking (SQNR proxy + metric on top candidates)"
             result = auto_precision(quant, task, batches, metric=metric, fp32_value=fp32, order=layer_order, max_drop=max_drop,
                                     relative=relative, int8_value=int8, progress=progress)
             onnx_note = None
@@ -118,7 +126,7 @@ def run_autoprecision(
                     if export_onnx:
                         from quantlab.api import load_scales
 
-                        mixed = load_scales(quantized_copy(model, info, calibrator), result.scales)
+                        mixed = load_scales(quantized_copy(model, info, calibrator, source), result.scales)
                         onnx_path = stage / "model.mixed.onnx"
                         try:
                             onnx_note = export_onnx_if_available(mixed, task.inputs(batches[0]), onnx_path)
@@ -126,7 +134,9 @@ def run_autoprecision(
                             onnx_note = f"ONNX export failed: {type(exc).__name__}: {exc}"
                         if onnx_note is None:
                             staged["onnx"] = onnx_path
-                summary = {"run_id": run.run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "order_source": source,
+                checkpoint = checkpoint_path(run_dir, calibrator, source, info)
+                summary = {"run_id": run.run_id, "parent_id": info.get("run_id"), "calibrator": calibrator, "start": source,
+                           "checkpoint": str(checkpoint) if checkpoint.is_file() else None, "order_source": order_source,
                            "relative": relative, "requested_max_drop": max_drop, **result.to_dict(), "onnx_note": onnx_note}
                 staged["summary"] = write_text_atomic(stage / "mixed.json", json.dumps(summary, indent=1, default=str))
                 return staged
@@ -134,7 +144,7 @@ def run_autoprecision(
             artifacts = {kind: str(path) for kind, path in commit_files(folder, write, run=run).items()}
             run.results([
                 {"precision": "fp32", "calibrator": None, "source": "ptq", "metric": metric, "value": fp32, "delta": 0.0, "seconds": None},
-                {"precision": "int8", "calibrator": calibrator, "source": "ptq", "metric": metric, "value": result.int8,
+                {"precision": "int8", "calibrator": calibrator, "source": source, "metric": metric, "value": result.int8,
                  "delta": result.int8 - fp32, "seconds": None},
                 {"precision": "int8", "calibrator": calibrator, "source": "mixed", "metric": metric, "value": result.value,
                  "delta": result.value - fp32, "seconds": result.seconds},
@@ -142,7 +152,7 @@ def run_autoprecision(
             run.layer_stats([{"calibrator": calibrator, "layer": name, "rank": i + 1} for i, name in enumerate(result.float_layers)])
             for kind, path in artifacts.items():  # recorded once committed: the files are there
                 run.artifact(kind, path)
-    return {"run_id": run.run_id, "calibrator": calibrator, "result": result, "order_source": source,
+    return {"run_id": run.run_id, "calibrator": calibrator, "source": source, "result": result, "order_source": order_source,
             "artifacts": artifacts, "onnx_note": onnx_note}
 
 

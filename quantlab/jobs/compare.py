@@ -29,6 +29,7 @@ from torch import nn
 from quantlab._io import write_text_atomic
 from quantlab.errors import ConfigError
 from quantlab.evaluation.compare import PRECISIONS, CompareResult, ResultRow, compare, parse_precisions
+from quantlab.evaluation.layer_info import describe_layers
 from quantlab.evaluation.layers import LayerError
 from quantlab.jobs.description import RunDescription, RunKind
 from quantlab.jobs.folders import JOB_FILES, commit_files, open_run_folder
@@ -192,7 +193,8 @@ def compare_into(
         result.run_id = run.run_id
         result.run_dir = Path(run_dir) if run_dir is not None else None
         if result.run_dir is not None:
-            write_run_folder(result, run, run_config(result.settings, describe), describe, folder)
+            write_run_folder(result, run, run_config(result.settings, describe), describe, folder,
+                             layer_info=describe_layers(model))
         return result
     finally:
         if own_folder:
@@ -227,17 +229,22 @@ def _with_sparse_rows(
 
 
 def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, Any], describe: Dict[str, Any],
-                     folder: Any) -> None:
+                     folder: Any, *, layer_info: Optional[Dict[str, str]] = None) -> None:
     """``run.json``, ``scales.<calibrator>.json`` and ``results.json``: staged, committed as a whole
-    into ``folder`` (an open :class:`quantlab.store.RunFolder` on ``result.run_dir``), then recorded as artifacts."""
+    into ``folder`` (an open :class:`quantlab.store.RunFolder` on ``result.run_dir``), then recorded as artifacts.
+
+    ``layer_info`` (module name -> "Conv2d 1→32 3×3") goes into ``results.json`` for the dashboard's layer labels.
+    """
 
     def write(stage: Path) -> Dict[str, Path]:
         staged: Dict[str, Path] = {}
         scales_paths: Dict[str, str] = {}
+        checkpoints: Dict[str, str] = {}
         if result.ptq is not None:
-            for name, path in result.ptq.save(stage).items():
-                staged[f"scales.{name}"] = path
-                scales_paths[name] = str(folder.final(path))  # where it is once committed
+            for label, path in save_variants(result, stage).items():
+                staged[label] = path
+                kind, _, key = label.partition(".")
+                (scales_paths if kind == "scales" else checkpoints)[key] = str(folder.final(path))  # where it is once committed
         run_info = {
             "run_id": result.run_id,
             "store": str(run.store_path) if run.store_path is not None else None,
@@ -247,12 +254,15 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
             "eval_data": describe.get("eval_data"),
             **config,
         }
+        if result.variants and len(result.variants) > 1:
+            run_info["algorithm_reports"] = algorithm_reports(result)
         write_text_atomic(stage / "run.json", json.dumps(_json_safe(run_info), indent=1))
         results = {
             "run_id": result.run_id,
             "metric": result.metric,
             "higher_is_better": result.higher_is_better,
             "best_calibrator": result.best_calibrator,
+            "best_source": result.best_row.source if result.best_row is not None else None,
             "rows": [r.to_dict() for r in result.rows],
             "statistics": None if result.ptq is None else {
                 "num_batches": result.ptq.num_batches,
@@ -260,13 +270,43 @@ def write_run_folder(result: CompareResult, run: RecordedRun, config: Dict[str, 
                 "calibrate_seconds": result.ptq.calibrate_seconds,
             },
             "scales": scales_paths,
+            "checkpoints": checkpoints,
+            "algorithms": algorithm_reports(result),
             "layers": {name: [dataclasses.asdict(e) for e in errs] for name, errs in result.layer_errors.items()},
+            "layer_info": dict(layer_info or {}),
         }
         staged["results"] = write_text_atomic(stage / "results.json", json.dumps(_json_safe(results), indent=1))
         return staged
 
     for name, path in commit_files(folder, write, run=run).items():  # recorded once committed: the files are there
-        run.artifact("results" if name == "results" else "scales", path)
+        run.artifact({"results": "results", "model": "checkpoint"}.get(name.split(".")[0], "scales"), path)
 
 
-__all__ = ["compare_into", "description", "run_compare", "run_config", "write_run_folder"]
+def algorithm_reports(result: CompareResult) -> Dict[str, Any]:
+    """What the PTQ algorithms did in each INT8 pipeline: ``{source: {"transforms": [...], "refinements": {calibrator: [...]}}}``."""
+    return {source: {"transforms": [r.to_dict() for r in v.ptq.transforms],
+                     "refinements": {name: [r.to_dict() for r in reports] for name, reports in v.ptq.refinements.items()}}
+            for source, v in result.variants.items() if v.algorithms}
+
+
+def save_variants(result: CompareResult, folder: Path) -> Dict[str, Path]:
+    """Each INT8 pipeline's scales (and checkpoints where algorithms changed the weights) into ``folder``.
+
+    The full pipeline (every algorithm) gets the plain names (``scales.<calibrator>.json``,
+    ``model.<calibrator>.safetensors``); shorter prefixes add their source
+    (``scales.<calibrator>.ptq+cle.json``). Returns ``{file stem: path}``.
+    """
+    from quantlab.checkpoint import save_ptq_files
+
+    if not result.variants:
+        return {f"scales.{name}": path for name, path in result.ptq.save(folder).items()}
+    full = list(result.variants)[-1]
+    written: Dict[str, Path] = {}
+    for source, variant in result.variants.items():
+        written.update(save_ptq_files(variant.ptq, variant.model, folder, source=None if source == full else source,
+                                      row_source=source))
+    return written
+
+
+__all__ = ["algorithm_reports", "compare_into", "description", "run_compare", "run_config", "save_variants",
+           "write_run_folder"]

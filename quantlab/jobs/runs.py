@@ -120,25 +120,94 @@ def calibrator_of(info: Dict[str, Any], requested: Optional[str] = None) -> str:
     return best
 
 
-def scales_path(run_dir: PathLike, calibrator: str) -> Path:
-    return Path(run_dir) / f"scales.{calibrator}.json"
+def full_source(info: Dict[str, Any]) -> str:
+    """The source of a run's full INT8 pipeline: ``"ptq"``, or ``"ptq+cle+..."`` with every algorithm it ran."""
+    return "+".join(["ptq"] + list(info.get("algorithms") or []))
+
+
+def _file_source(info: Optional[Dict[str, Any]], source: Optional[str]) -> Optional[str]:
+    """The source part of a variant's file names: none for the full pipeline (plain names)."""
+    if source is None or info is None or source == full_source(info):
+        return None
+    return source
+
+
+def scales_path(run_dir: PathLike, calibrator: str, source: Optional[str] = None, info: Optional[Dict[str, Any]] = None) -> Path:
+    """``scales.<calibrator>.json``; another pipeline prefix's (``source``) is ``scales.<calibrator>.<source>.json``."""
+    from quantlab.checkpoint import scales_name
+
+    return Path(run_dir) / scales_name(calibrator, _file_source(info, source) if info is not None else source)
+
+
+def checkpoint_path(run_dir: PathLike, calibrator: str, source: Optional[str] = None, info: Optional[Dict[str, Any]] = None) -> Path:
+    """``model.<calibrator>.safetensors`` (or ``model.<calibrator>.<source>.safetensors``) beside the scales."""
+    from quantlab.checkpoint import checkpoint_name
+
+    return Path(run_dir) / checkpoint_name(calibrator, _file_source(info, source) if info is not None else source)
 
 
 def sensitivity_path(run_dir: PathLike, calibrator: str) -> Path:
     return Path(run_dir) / f"sensitivity.{calibrator}.json"
 
 
-def autoprecision_dir(run_dir: PathLike, calibrator: str) -> Path:
-    return Path(run_dir) / f"autoprecision.{calibrator}"
+def autoprecision_dir(run_dir: PathLike, calibrator: str, source: Optional[str] = None) -> Path:
+    return Path(run_dir) / (f"autoprecision.{calibrator}" if not source else f"autoprecision.{calibrator}.{source}")
 
 
-def quantized_copy(model: nn.Module, info: Dict[str, Any], calibrator: str) -> nn.Module:
-    """A deep copy of ``model`` quantized with the run's scales for ``calibrator``."""
+def choose_variant(info: Dict[str, Any], calibrator: Optional[str] = None, start: str = "best") -> Tuple[str, str]:
+    """``(calibrator, source)`` of the INT8 row to start from.
+
+    Args:
+        calibrator: A calibrator of the run (None: the best by the run's metric).
+        start: ``"best"`` (the best INT8 PTQ row: with algorithm rows, whichever prefix
+            of the pipeline measured best) or a row's source (``"ptq"``, ``"ptq+cle"``).
+
+    Raises:
+        RunFolderError: an unknown calibrator or source, or no INT8 rows.
+    """
+    results = read_results(info["run_dir"])
+    metric = info["metric"]
+    rows = [r for r in results.get("rows", []) if r["precision"] == "int8" and r.get("metric") == metric
+            and (r.get("source") or "ptq").startswith("ptq") and r.get("calibrator")]
+    sources = list(dict.fromkeys(r.get("source") or "ptq" for r in rows))
+    if start != "best" and start not in sources:
+        raise RunFolderError(f"--from {start!r}: run {info.get('run_id')} has INT8 rows from {', '.join(sources) or 'none'} (or use best)")
+    if calibrator is not None:
+        calibrator = calibrator_of(info, calibrator)
+    candidates = [r for r in rows if (start == "best" or (r.get("source") or "ptq") == start)
+                  and (calibrator is None or r["calibrator"] == calibrator)]
+    if not candidates:
+        if calibrator is None and start == "best":
+            return calibrator_of(info), full_source(info)
+        raise RunFolderError(f"run {info.get('run_id')} has no INT8 row for {calibrator or 'any calibrator'} from {start}")
+    sign = 1.0 if results.get("higher_is_better", True) else -1.0
+    values = [float(r["value"]) for r in candidates]
+    best = max(range(len(candidates)), key=lambda i: (sign * values[i] if values[i] == values[i] else float("-inf"), -i))
+    return candidates[best]["calibrator"], candidates[best].get("source") or "ptq"
+
+
+def quantized_copy(model: nn.Module, info: Dict[str, Any], calibrator: str, source: Optional[str] = None) -> nn.Module:
+    """A deep copy of ``model`` quantized with the run's scales for ``calibrator`` (and ``source``'s pipeline).
+
+    Where algorithms changed the weights, the copy is rebuilt from the run's checkpoint
+    (:func:`quantlab.checkpoint.load_checkpoint`): the scales alone fit those weights only.
+
+    Raises:
+        RunFolderError: the scales say the weights changed but their checkpoint is missing.
+    """
     from quantlab.api import load_scales
+    from quantlab.checkpoint import load_checkpoint
     from quantlab.config import QuantConfig
     from quantlab.scales import Scales
 
-    scales = Scales.load(scales_path(info["run_dir"], calibrator))
+    path = scales_path(info["run_dir"], calibrator, source, info)
+    checkpoint = checkpoint_path(info["run_dir"], calibrator, source, info)
+    scales = Scales.load(path)
+    if checkpoint.is_file():
+        return load_checkpoint(copy.deepcopy(model), checkpoint)
+    if scales.changed_weights():
+        names = [r.get("name") for r in scales.algorithms.get("transforms", []) + scales.algorithms.get("refinements", [])]
+        raise RunFolderError(f"{path} fits weights changed by {', '.join(map(str, names))}, but their checkpoint {checkpoint} is missing")
     if scales.config is None and info.get("quant_config"):
         scales.config = QuantConfig.from_dict(info["quant_config"])
     return load_scales(copy.deepcopy(model), scales)

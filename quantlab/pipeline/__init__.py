@@ -12,12 +12,12 @@ from quantlab.pipeline.apply import amax_on_host, apply, apply_scales, measure_w
 from quantlab.pipeline.choose import calibrator_params, choose, choose_all
 from quantlab.pipeline.collect import collect, statistics_of
 from quantlab.pipeline.refine import refine
-from quantlab.pipeline.run import PTQResult, prepare, run
+from quantlab.pipeline.run import PTQResult, apply_each, prepare, run
 from quantlab.pipeline.transform import transform
 from quantlab.pipeline.types import Ranges, Statistics
 
 __all__ = [
     "PTQResult", "Ranges", "Statistics", "amax_on_host", "apply", "apply_scales", "calibrator_params", "choose",
-    "choose_all", "collect", "measure_weight_ranges", "prepare", "refine", "run", "scales_of", "statistics_of",
+    "apply_each", "choose_all", "collect", "measure_weight_ranges", "prepare", "refine", "run", "scales_of", "statistics_of",
     "transform",
 ]

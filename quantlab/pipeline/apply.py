@@ -214,7 +214,10 @@ def apply_scales(model: nn.Module, scales: Union[str, Path, Scales], *, strict: 
         elif ref.role is Role.WEIGHT:
             problems += zero_weight_range_problems(key, entry.amax, ref.module, ref.quantizer.spec)
     floats = set(scales.float_layers)
-    unknown_floats = sorted(floats - {r.module_name for r in refs.values()})
+    known = {r.module_name for r in refs.values()}
+    if attached_here:  # the file's config excludes its float layers (a saved mixed config): they exist, unquantized
+        known |= {name for name, _ in model.named_modules()}
+    unknown_floats = sorted(floats - known)
     problems += [f"float layer '{m}' is not a quantized layer of the model" for m in unknown_floats]
     if strict:
         for key, ref in refs.items():

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from quantlab.algorithms import AlgorithmReport, Stage, parse_algorithms
+from quantlab.algorithms import Algorithm, AlgorithmReport, Stage, check_params, parse_algorithms
 from quantlab.attach import attach_quantizers, get_config, is_quantized, iter_quantizers
 from quantlab.calibrators import get_calibrator
 from quantlab.config import QuantConfig, int8_config
@@ -24,6 +24,7 @@ from quantlab.pipeline.choose import Calibrators, calibrator_params, choose_all
 from quantlab.pipeline.collect import collect
 from quantlab.pipeline.refine import refinable_state, refine, restore_refinable_state
 from quantlab.pipeline.transform import transform
+from quantlab.pipeline.types import Ranges, Statistics
 from quantlab.scales import Scales
 
 
@@ -97,29 +98,42 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
         get_calibrator(name)
     config = config or get_config(model) or int8_config()
     algorithms = parse_algorithms(config.algorithms)
+    check_params(config.algorithms, {name: dict(p) for name, p in config.algorithm_params})
     transforms = prepare(model, config, forward_loop)
     statistics = collect(model, forward_loop, group=group, cuda_graphs=cuda_graphs)
     if statistics.num_batches == 0:
         raise CalibrationError("calibration data is empty: no batch reached the model")
     chosen = choose_all(statistics, wanted, group=group)
+    result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds,
+                       calibrate_seconds={}, transforms=transforms)
     refiners = [a for a in algorithms if a.stage is Stage.REFINE]
+    return apply_each(model, statistics, chosen, result, refiners=refiners, forward_loop=forward_loop, config=config)
+
+
+def apply_each(model: nn.Module, statistics: Statistics, chosen: Dict[str, Ranges], result: PTQResult, *,
+               refiners: Sequence[Algorithm] = (), forward_loop: Optional[Callable[[nn.Module], Any]] = None,
+               config: Optional[QuantConfig] = None) -> PTQResult:
+    """refine -> apply for each calibrator's ranges in turn; fills ``result``'s scales,
+    seconds, refinements and refined weights. The model is left with the last calibrator's."""
     before = refinable_state(model) if refiners and len(chosen) > 1 else None
     refs = list(iter_quantizers(model))  # listed once for every calibrator
     previous: Optional[Scales] = None
-    result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds,
-                       calibrate_seconds={}, transforms=transforms)
+    saved_statistics = statistics.saved()
     for index, (name, ranges) in enumerate(chosen.items()):
         start = time.perf_counter()
         if before is not None and index:
             restore_refinable_state(model, before)  # every calibrator refines the same weights
-        result.refinements[name] = refine(model, ranges, refiners, forward_loop, config)
+        result.refinements[name] = refine(model, ranges, refiners, forward_loop, config, reference_state=before)
         # Weight ranges do not depend on the calibrator unless refiners changed the weights.
         same_weights = index > 0 and not refiners
         apply(model, ranges, weights=not same_weights, refs=refs)
         previous = result.scales[name] = scales_of(
-            model, calibrator=name, calibrator_params=ranges.params, statistics=statistics.saved(), refs=refs,
+            model, calibrator=name, calibrator_params=ranges.params, statistics=saved_statistics, refs=refs,
             weights_from=previous if same_weights else None)
         if refiners:
             result.refined_weights[name] = refinable_state(model)
+        if result.transforms or result.refinements[name]:  # the ranges fit the changed weights: say so in the file
+            previous.algorithms = {"transforms": [r.to_dict() for r in result.transforms],
+                                   "refinements": [r.to_dict() for r in result.refinements[name]]}
         result.calibrate_seconds[name] = ranges.seconds + time.perf_counter() - start
     return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import re
 import math
 import os
 import secrets
@@ -35,6 +36,8 @@ STATUSES = ("running", "done", "failed", "interrupted")
 FINAL_STATUSES = ("done", "failed", "interrupted")
 PRECISIONS = ("fp32", "fp16", "int8")
 SOURCES = ("ptq", "qat", "mixed", "sparse", "sparse-qat")  # sparse: 2:4 + INT8 (quantlab.sparsity)
+#: PTQ with algorithms, one row per prefix of the pipeline (quantlab.algorithms): "ptq+cle+bias-correction".
+ALGORITHM_SOURCE = re.compile(r"ptq(\+[a-z0-9][a-z0-9_.-]{0,63}){1,16}")
 
 _RESULT_KEYS = {"precision", "calibrator", "source", "metric", "value", "delta", "seconds"}
 _LAYER_KEYS = {
@@ -410,7 +413,7 @@ class RunStore:
             if precision not in PRECISIONS:
                 raise StoreError(f"{where}: precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
             source = row.get("source") or "ptq"
-            if source not in SOURCES:
+            if source not in SOURCES and not (isinstance(source, str) and ALGORITHM_SOURCE.fullmatch(source)):
                 raise StoreError(f"{where}: source must be one of {', '.join(SOURCES)}, got {source!r}")
             metric = row.get("metric")
             if not isinstance(metric, str) or not metric:

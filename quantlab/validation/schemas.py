@@ -97,6 +97,14 @@ def check_scales(data: Any, where: str, *, format_name: str, max_version: int, e
     statistics = f.obj("statistics") or {}
     for name, raw in statistics.items():
         check_statistics_entry(raw, f"{where}: statistics of '{name}'", error)
+    algorithms = f.sub("algorithms")
+    if algorithms is not None:
+        for key in ("transforms", "refinements"):
+            for i, report in enumerate(algorithms.array(key) or []):
+                r = Fields(report, f"{where}: algorithms: {key}[{i}]", error)
+                r.string("name", required=True, nullable=False, non_empty=True, max_len=200)
+                r.string("stage", max_len=50)
+                r.obj("details")
 
 
 # -- run folders ------------------------------------------------------------------------------------
@@ -133,16 +141,18 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
     f.string("metric", max_len=400)
     f.boolean("higher_is_better")
     f.string("best_calibrator", max_len=200)
+    f.string("best_source", max_len=400)
     for i, row in enumerate(f.array("rows") or []):
         r = Fields(row, f"{where}: rows[{i}]", error)
         r.string("precision", required=True, nullable=False, choices=PRECISIONS)
         r.string("calibrator", max_len=200)
-        r.string("source", max_len=50)
+        r.string("source", max_len=400)  # "ptq+cle+bias-correction+adaround": one per algorithm prefix
         r.string("metric", required=True, nullable=False, max_len=400)
         r.number("value", finite=False, text_nonfinite=True)
         r.number("delta", finite=False, text_nonfinite=True)
         r.number("seconds", low=0.0, text_nonfinite=True)
     f.string_map("scales")
+    f.string_map("checkpoints")
     f.obj("statistics")
     layers = f.obj("layers") or {}
     for name, rows in layers.items():

@@ -24,7 +24,8 @@ LAYERS = [
               "quantlab.tensor_quantizer", "quantlab.attach", "quantlab.cuda_graphs", "quantlab.batching",
               "quantlab.scales", "quantlab.distributed", "quantlab.validation", "quantlab.outputs",
               "quantlab.interrupts", "quantlab.devices"]),
-    ("pipeline", ["quantlab.algorithms", "quantlab.pipeline", "quantlab.api", "quantlab.ptq"]),
+    # checkpoint: the weights PTQ algorithms changed, saved and rebuilt (it loads scales through the pipeline).
+    ("pipeline", ["quantlab.algorithms", "quantlab.pipeline", "quantlab.api", "quantlab.ptq", "quantlab.checkpoint"]),
     # graph_models (saved .pt/.pt2 graphs rebuilt as quantizable modules: beside model_source, which loads
     # them) and trust (whose code a recorded run would import: read by jobs and faces) are services.
     ("services", ["quantlab.data", "quantlab.models", "quantlab.model_source", "quantlab.export", "quantlab.runtimes",

@@ -22,7 +22,7 @@ def open_page(name: str, timeout: float = 60):
     at = app_test(timeout)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    at.switch_page(f"pages/{name}.py").run()
+    at.switch_page(f"views/{name}.py").run()
     return at
 
 

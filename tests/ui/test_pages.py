@@ -1,6 +1,7 @@
 """Every dashboard page through streamlit.testing's AppTest, on an empty store and on a real demo run."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def test_compare_table_shows_the_stored_numbers(demo_store, demo_run):
         assert shown["top1"] == pytest.approx(row["value"], abs=1e-9)
         assert shown["Δ vs FP32"] == pytest.approx(row["delta"], abs=1e-9)
     fp32 = next(r["value"] for r in stored if r["precision"] == "fp32")
-    assert any(m.label == "FP32 top1" and m.value == f"{fp32:.4g}" for m in at.metric)
+    assert any(m.label == "FP32 top1" and m.value == f"{fp32:.2f} %" for m in at.metric)
 
 
 def test_compare_tolerance_drives_the_verdicts(demo_store, demo_run):
@@ -118,9 +119,11 @@ def test_layers_histogram_shows_each_calibrators_amax(demo_store, demo_run):
     tensor = at.selectbox(key="layers-tensor")
     scales = {name: Scales.load(out / f"scales.{name}.json") for name in ("entropy", "max", "mse", "percentile")}
     first = scales["max"]
-    assert list(tensor.options) == [e.module for e in first.entries if e.role == "input" and e.module in first.statistics]
-    module = tensor.options[-1]
-    tensor.select(module).run()
+    modules = [e.module for e in first.entries if e.role == "input" and e.module in first.statistics]
+    info = json.loads((out / "results.json").read_text())["layer_info"]
+    assert list(tensor.options) == [f"{m} · {info[m]}" for m in modules]  # each named with its type and shape
+    module = modules[-1]
+    tensor.set_value(module).run()
     no_exceptions(at)
     amax = _frame(at, "clipped").set_index("calibrator")["amax"]
     for name, sc in scales.items():
@@ -168,7 +171,7 @@ def test_layers_fp16_selection_measures_and_saves_a_mixed_config(demo_store, dem
     assert measured["fp32"] == pytest.approx(fp32)
     assert measured["int8"] == pytest.approx(int8)
     shown = next(m for m in at.metric if m.label == "Measured, 1 in FP16")
-    assert shown.value == f"{measured['mixed']:.4g}"
+    assert shown.value == f"{measured['mixed']:.2f} %"
     assert any(c.value.startswith("Measured on") for c in at.caption)
 
     at.button(key="layers-save").click().run()

@@ -41,14 +41,16 @@ best = summaries.best_int8(results, metric)
 fp16 = judged[(judged["precision"] == "fp16") & (judged["source"] == "ptq")]
 within = judged[judged["precision"] != "fp32"]["within"]
 cards = st.columns(4)
-cards[0].metric(f"FP32 {metric}", f"{fp32:.4g}" if fp32 is not None else "-", border=True)
+cards[0].metric(f"FP32 {metric}", summaries.format_value(fp32, metric), border=True)
 if not fp16.empty:
-    cards[1].metric(f"FP16 {metric}", f"{fp16['value'].iloc[0]:.4g}", delta=f"{fp16['delta'].iloc[0]:+.3g}",
+    cards[1].metric(f"FP16 {metric}", summaries.format_value(fp16['value'].iloc[0], metric),
+                    delta=summaries.format_delta(fp16['delta'].iloc[0], metric),
                     delta_color="normal" if higher else "inverse", border=True)
 else:
     cards[1].metric(f"FP16 {metric}", "-", border=True)
 if best is not None:
-    cards[2].metric(f"Best INT8 · {best['label'].replace('INT8 ', '')}", f"{best['value']:.4g}", delta=f"{best['delta']:+.3g}",
+    cards[2].metric(f"Best INT8 · {best['label'].replace('INT8 ', '')}", summaries.format_value(best['value'], metric),
+                    delta=summaries.format_delta(best['delta'], metric),
                     delta_color="normal" if higher else "inverse", border=True)
 else:
     cards[2].metric("Best INT8", "-", border=True)
@@ -98,7 +100,7 @@ if not sparse.empty:
 
 st.subheader("Δ vs FP32")
 st.caption(f"Dashed red: the tolerance limit ({'−' if higher else '+'}{tolerance:g}); grey: no change.")
-st.altair_chart(charts.delta_chart(judged, tolerance=tolerance, higher_is_better=higher), width="stretch")
+st.altair_chart(charts.delta_chart(judged, tolerance=tolerance, higher_is_better=higher, metric=metric), width="stretch")
 
 if run["status"] == "running":
     st.info("This run is still running: results appear as each configuration finishes.", icon=":material/progress_activity:")
@@ -110,6 +112,10 @@ others = [r for r in runs if r["id"] != run["id"]]
 if st.toggle("Compare with another run", key="compare-side-by-side", disabled=not others,
              help=None if others else "Only one run has results so far."):
     other = components.select_run(others, key="compare-other", label="Second run", default_id=others[0]["id"])
+    unrelated = summaries.unrelated_reasons(run, other, layers_a=data.layer_info(run), layers_b=data.layer_info(other))
+    if unrelated:
+        st.warning("These runs are not of the same model and eval data, so their numbers are not comparable: "
+                   + "; ".join(unrelated) + ".", icon=":material/compare_arrows:")
     other_frame = summaries.results_frame(data.results(other), metric)
     if other_frame.empty:
         st.warning(f"Run {other['id']} has no `{metric}` results.")

@@ -31,9 +31,10 @@ with right:
     st.markdown(
         "- **New run**: a `module:factory` or `file.py:factory` model, any data spec "
         "(`csv:`, `parquet:`, `imagefolder:` ...), the calibrators and precisions you want.\n"
-        "- From a terminal: `quantlab compare --model ... --data ... --eval ... --out runs/x` "
-        "records into the same run store; this dashboard picks it up."
+        "- From a terminal (records into the same run store; this dashboard picks it up):"
     )
+    st.code("quantlab compare --model MODULE:FACTORY --data csv:calib.csv \\\n"
+            "    --eval csv:test.csv --out runs/x", language="bash")
     st.page_link(components.page("new_run"), label="New run", icon=":material/play_arrow:")
     st.page_link(components.page("runs"), label="Runs", icon=":material/table_rows:")
 

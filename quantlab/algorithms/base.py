@@ -32,11 +32,17 @@ class AlgorithmContext:
             need data raise :class:`AlgorithmError` then).
         params: This algorithm's parameters (from the config or the CLI).
         config: The :class:`quantlab.config.QuantConfig` of the run.
+        reference_state: For refiners: the float weights and biases the refine
+            stage started from (``quantlab.pipeline.refine.refinable_state``), so
+            a refiner that runs after another one (which changed the float
+            weights) still compares with the FP32 model. None: the model as the
+            algorithm finds it is the reference.
     """
 
     forward_loop: Optional[Callable[[nn.Module], Any]] = None
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config: Any = None
+    reference_state: Optional[Mapping[str, Any]] = None
 
 
 @dataclasses.dataclass
@@ -160,7 +166,8 @@ def parse_algorithms(names: Union[str, Sequence[str], None]) -> List[Algorithm]:
 
 def run_stage(model: nn.Module, algorithms: Sequence[Algorithm], stage: Stage, *,
               forward_loop: Optional[Callable[[nn.Module], Any]] = None,
-              params: Optional[Mapping[str, Mapping[str, Any]]] = None, config: Any = None) -> List[AlgorithmReport]:
+              params: Optional[Mapping[str, Mapping[str, Any]]] = None, config: Any = None,
+              reference_state: Optional[Mapping[str, Any]] = None) -> List[AlgorithmReport]:
     """Runs the algorithms of one stage on ``model`` in order; returns their reports.
 
     Args:
@@ -170,6 +177,7 @@ def run_stage(model: nn.Module, algorithms: Sequence[Algorithm], stage: Stage, *
         forward_loop: Calibration batches, for algorithms that need data.
         params: Per-algorithm parameters by name.
         config: The run's quantization config.
+        reference_state: The refine stage's starting weights (see :class:`AlgorithmContext`).
     """
     reports = []
     for algorithm in algorithms:
@@ -177,7 +185,8 @@ def run_stage(model: nn.Module, algorithms: Sequence[Algorithm], stage: Stage, *
             continue
         if algorithm.needs_data and forward_loop is None:
             raise AlgorithmError(f"algorithm {algorithm.name!r} needs calibration data (a forward loop)")
-        context = AlgorithmContext(forward_loop=forward_loop, params=dict((params or {}).get(algorithm.name, {})), config=config)
+        context = AlgorithmContext(forward_loop=forward_loop, params=dict((params or {}).get(algorithm.name, {})), config=config,
+                                   reference_state=reference_state)
         start = time.perf_counter()
         details = algorithm.run(model, context) or {}
         reports.append(AlgorithmReport(algorithm.name, stage, time.perf_counter() - start, dict(details)))

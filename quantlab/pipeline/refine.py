@@ -16,18 +16,27 @@ from quantlab.tensor_quantizer import Role
 
 
 def refine(model: nn.Module, ranges: Ranges, algorithms: Sequence[Algorithm],
-           forward_loop: Optional[Callable[[nn.Module], Any]] = None, config: Any = None) -> List[AlgorithmReport]:
+           forward_loop: Optional[Callable[[nn.Module], Any]] = None, config: Any = None,
+           reference_state: Optional[Dict[str, torch.Tensor]] = None) -> List[AlgorithmReport]:
     """Runs the refiners among ``algorithms`` with ``ranges`` in place; returns their reports.
 
     The model fake-quantizes with ``ranges`` while they run (they reconstruct the
     quantized network's outputs), and keeps the weights they leave.
+
+    Args:
+        reference_state: The float weights before any refiner ran (:func:`refinable_state`;
+            taken here when None): each refiner compares with this FP32 model, also
+            after an earlier refiner changed the float weights.
     """
     refiners = [a for a in algorithms if a.stage is Stage.REFINE]
     if not refiners:
         return []
     apply(model, ranges)
     params = {a.name: config.params_of(a.name) for a in refiners} if config is not None else None
-    return run_stage(model, refiners, Stage.REFINE, forward_loop=forward_loop, params=params, config=config)
+    if reference_state is None and len(refiners) > 1:
+        reference_state = refinable_state(model)
+    return run_stage(model, refiners, Stage.REFINE, forward_loop=forward_loop, params=params, config=config,
+                     reference_state=reference_state)
 
 
 def refinable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -43,16 +52,24 @@ def refinable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def restore_refinable_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Puts back weights and biases saved by :func:`refinable_state`."""
+    """Puts back weights and biases saved by :func:`refinable_state`.
+
+    A bias the state does not hold (a refiner gave the layer one: bias correction)
+    is removed again, and one it holds is given back to a layer without one, so the
+    layer is as it was when the state was taken.
+    """
     with torch.no_grad():
         for ref in iter_quantizers(model):
             if ref.role is not Role.WEIGHT:
                 continue
-            original_weight(ref.module).copy_(state[f"{ref.module_name}:weight"])
+            weight = original_weight(ref.module)
+            weight.copy_(state[f"{ref.module_name}:weight"])
             bias = getattr(ref.module, "bias", None)
+            saved = state.get(f"{ref.module_name}:bias")
             if isinstance(bias, torch.Tensor):
-                saved = state.get(f"{ref.module_name}:bias")
-                if saved is None:  # a refiner gave this layer a bias it did not have: take it away again
-                    ref.module.bias = None
-                else:
+                if saved is not None:
                     bias.copy_(saved)
+                else:
+                    ref.module.bias = None
+            elif saved is not None:
+                ref.module.bias = nn.Parameter(saved.detach().clone().to(weight.device, weight.dtype))

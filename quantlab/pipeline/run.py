@@ -123,7 +123,7 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Dict[str, Range
         start = time.perf_counter()
         if before is not None and index:
             restore_refinable_state(model, before)  # every calibrator refines the same weights
-        result.refinements[name] = refine(model, ranges, refiners, forward_loop, config)
+        result.refinements[name] = refine(model, ranges, refiners, forward_loop, config, reference_state=before)
         # Weight ranges do not depend on the calibrator unless refiners changed the weights.
         same_weights = index > 0 and not refiners
         apply(model, ranges, weights=not same_weights, refs=refs)

@@ -1,0 +1,308 @@
+"""AdaRound (Nagel et al., "Up or Down? Adaptive Rounding for Post-Training Quantization", ICML 2020).
+
+Rounding every weight to the nearest grid point is not the best rounding for the
+layer's output. AdaRound learns, per weight, whether to round down or up, by
+reconstructing each layer's FP32 output on calibration data:
+
+* ``W~ = s * clamp(floor(W / s) + h(V), qmin, qmax)`` with the rectified sigmoid
+  ``h(V) = clamp(sigmoid(V) (zeta - gamma) + gamma, 0, 1)``, zeta = 1.1, gamma = -0.1,
+  ``V`` started where ``h(V)`` is the fractional part (round-to-nearest start);
+  ``s`` is the weight quantizer's scale for the range it holds (fixed).
+* Loss ``|| f(x~, W~) - y ||^2 + lambda * sum(1 - |2 h(V) - 1|^beta)``: ``x~`` is the
+  layer's input in the quantized model (earlier layers quantized and already
+  rounded, so their error is compensated), ``y`` the layer's output in the FP32
+  model; beta anneals from 20 to 2 (cosine) after a warm start without the
+  regularizer, which then drives every ``h(V)`` to 0 or 1. Adam on ``V``.
+* Layers go in network order; each caches its inputs and targets (at most
+  ``max_samples`` samples, on the model's device) from one calibration pass that stops
+  right after the layer, then trains on random mini-batches of that cache.
+
+At the end the rounded weights, exact grid values ``s * code``, are written into the
+float weight: the weight quantizer (same range) rounds them to themselves, so
+fake quantization, scales files and the Q/DQ export carry the learned codes. The
+weights at the edge of the grid (``|round(W / s)| = 127``, which define the range)
+keep their nearest rounding and their float value, so the range measured again from
+the weights is unchanged. A layer whose learned rounding reconstructs worse than
+round-to-nearest on its cached data keeps round-to-nearest (reported).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from quantlab.algorithms._layers import (
+    EnoughSamples,
+    QuantizedLayer,
+    StopForward,
+    call_stopping,
+    execution_order,
+    first_input,
+    fp32_reference,
+    hooks,
+    main_output,
+    output_channel_dim,
+    output_channels,
+    quantized_layers,
+    read_params,
+    reference_of,
+    layers_in_float,
+    run_pass,
+)
+from quantlab.algorithms.base import AlgorithmContext, AlgorithmError, Stage, register_algorithm
+from quantlab.attach import weight_name
+from quantlab.functional import scale_from_amax
+
+NAME = "adaround"
+ZETA, GAMMA = 1.1, -0.1
+DEFAULTS: Dict[str, Any] = {
+    "iterations": 300,  # per layer (the paper: 10k at lr 1e-3; fewer, larger steps here)
+    "lr": 1e-2,
+    "reg_weight": 0.01,  # lambda
+    "batch_size": 32,  # samples per step
+    "max_samples": 256,  # cached calibration samples per layer
+    "warm_start": 0.2,  # fraction of iterations without the rounding regularizer
+    "beta_start": 20.0,
+    "beta_end": 2.0,
+}
+_CHECK_EVERY = 100  # iterations between NaN checks (each reads a value back from the device)
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``h(V)``: sigmoid stretched to (gamma, zeta) and clipped to [0, 1]."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def beta_at(iteration: int, params: Dict[str, Any]) -> Optional[float]:
+    """The regularizer's beta at an iteration (None during the warm start: no regularizer)."""
+    total = params["iterations"]
+    warm = int(params["warm_start"] * total)
+    if iteration < warm:
+        return None
+    progress = (iteration - warm) / max(1, total - warm)
+    return params["beta_end"] + 0.5 * (params["beta_start"] - params["beta_end"]) * (1 + math.cos(progress * math.pi))
+
+
+class LayerRounding(nn.Module):
+    """The learnable rounding of one layer's weight on its quantizer's grid.
+
+    Args:
+        weight: The FP32 weight.
+        scale: The quantizer's scale (0-d, or one per channel along ``axis``).
+        axis: The channel axis of a per-channel scale.
+        quant_min, quant_max: The integer grid.
+        bound: Largest magnitude on the grid (127): weights that round to it stay fixed.
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, axis: Optional[int], quant_min: int, quant_max: int,
+                 bound: int) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        shape = [1] * w.dim()
+        if axis is not None and scale.dim() > 0:
+            shape[axis] = -1
+        self.register_buffer("scale", scale.detach().float().reshape(shape) if scale.dim() > 0 else scale.detach().float())
+        self.register_buffer("weight", w)
+        scaled = w * torch.reciprocal(self.scale)  # the quantizer's own arithmetic: x * (1 / s)
+        self.register_buffer("floor", torch.floor(scaled))
+        self.register_buffer("nearest", torch.round(scaled).clamp(quant_min, quant_max))
+        self.register_buffer("fixed", self.nearest.abs() >= bound)
+        self.quant_min, self.quant_max = quant_min, quant_max
+        rest = ((scaled - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.v = nn.Parameter(torch.log(rest) - torch.log1p(-rest))
+
+    def h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v)
+
+    def codes(self, hard: bool) -> torch.Tensor:
+        """Integer codes (as floats): ``floor + h(V)`` (soft) or ``floor + [h(V) >= 0.5]`` (hard)."""
+        up = (self.v >= 0).to(self.floor.dtype) if hard else self.h()
+        return torch.where(self.fixed, self.nearest, (self.floor + up).clamp(self.quant_min, self.quant_max))
+
+    def soft_weight(self) -> torch.Tensor:
+        return self.codes(hard=False) * self.scale
+
+    def hard_weight(self) -> torch.Tensor:
+        """The rounded weight: grid values, and the fixed (range-defining) weights as they were."""
+        return torch.where(self.fixed, self.weight, self.codes(hard=True) * self.scale)
+
+    def nearest_weight(self) -> torch.Tensor:
+        return torch.where(self.fixed, self.weight, self.nearest * self.scale)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        free = ~self.fixed
+        return (1 - (2 * self.h()[free] - 1).abs().pow(beta)).sum()
+
+
+@register_algorithm(NAME, Stage.REFINE, 10, needs_data=True, params=DEFAULTS,
+                    description="AdaRound: learns up/down rounding of each weight by layer-wise output reconstruction")
+def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
+    """Learns the rounding of every quantized layer's weight (see the module doc).
+
+    Params: ``iterations`` (per layer), ``lr``, ``reg_weight`` (lambda), ``batch_size``,
+    ``max_samples`` (cached per layer), ``warm_start``, ``beta_start``, ``beta_end``.
+
+    Returns:
+        Per layer: reconstruction loss (mean over the cached samples) with nearest
+        rounding and with the learned rounding, the share of weights rounded the
+        other way than nearest, which rounding was kept, samples and seconds; the
+        layers skipped and why.
+
+    Raises:
+        AlgorithmError: bad parameters, no quantized layer, NaN or Inf during a
+            layer's reconstruction (naming the layer; the weights are left as they were).
+    """
+    params = read_params(NAME, context.params, DEFAULTS)
+    if not params["warm_start"] < 1:
+        raise AlgorithmError(f"{NAME}: warm_start must be below 1, got {params['warm_start']}")
+    layers = quantized_layers(model)
+    reference = reference_of(model, layers, context)
+    with fp32_reference(model, layers, reference):
+        order, skipped = execution_order(model, layers, context, max_samples=params["max_samples"])
+    reports: List[Dict[str, Any]] = []
+    written: List[Tuple[QuantizedLayer, torch.Tensor]] = []
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        for layer in order:
+            start = time.perf_counter()
+            inputs, targets = _capture(model, layer, layers, reference, context, params["max_samples"])
+            if inputs is None:
+                skipped[layer.name] = "its input or output is not a single tensor"
+                continue
+            report, weight = _reconstruct(layer, inputs, targets, params, generator)
+            del inputs, targets
+            if weight is not None:
+                with torch.no_grad():
+                    saved = layer.weight.detach().clone()
+                    layer.weight.copy_(weight.to(layer.weight.dtype))
+                written.append((layer, saved))
+            report["seconds"] = time.perf_counter() - start
+            reports.append(report)
+    except BaseException:
+        with torch.no_grad():  # leave the model as it was
+            for layer, saved in written:
+                layer.weight.copy_(saved)
+        raise
+    return {"layers": reports, "rounded": len(reports), "skipped": skipped,
+            "params": {k: params[k] for k in sorted(params)}}
+
+
+def _capture(model: nn.Module, layer: QuantizedLayer, layers: List[QuantizedLayer], reference: Dict[str, torch.Tensor],
+             context: AlgorithmContext, max_samples: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """One pass: the layer's quantized-model inputs and FP32-model outputs, up to ``max_samples`` samples."""
+    inputs: List[torch.Tensor] = []
+    targets: List[torch.Tensor] = []
+    count = [0]
+    bad = [False]
+
+    def on_fp32(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
+        out = main_output(output)
+        if out is None:
+            bad[0] = True
+        else:
+            targets.append(out.detach().float().clone())
+        raise StopForward
+
+    def on_quant(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
+        x = first_input(args)
+        if x is None or len(args) > 1:
+            bad[0] = True
+        else:
+            inputs.append(x.detach().clone())
+            count[0] += x.shape[0] if x.dim() else 1
+        raise StopForward
+
+    def step(run_model: Callable[[], Any]) -> None:
+        with fp32_reference(model, layers, reference), hooks([layer], on_fp32):
+            call_stopping(run_model)
+        with hooks([layer], on_quant):
+            call_stopping(run_model)
+        if bad[0] or count[0] >= max_samples:
+            raise EnoughSamples
+
+    run_pass(model, context, step)
+    if bad[0] or not inputs or len(inputs) != len(targets):
+        return None, None
+    x, y = torch.cat(inputs)[:max_samples], torch.cat(targets)[:max_samples]
+    if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(y).all()):
+        raise AlgorithmError(f"{NAME}: NaN or Inf in the inputs or FP32 outputs of layer '{layer.name}'")
+    return x, y
+
+
+def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Tensor, params: Dict[str, Any],
+                 generator: torch.Generator) -> Tuple[Dict[str, Any], Optional[torch.Tensor]]:
+    """Trains the layer's rounding; returns its report and the weight to write (None: keep nearest)."""
+    quantizer = layer.weight_quantizer
+    spec = quantizer.spec
+    rounding = LayerRounding(layer.weight, scale_from_amax(quantizer.amax, spec), spec.axis, spec.quant_min,
+                             spec.quant_max, spec.bound).to(layer.weight.device)
+    key = f"parametrizations.{weight_name(layer.module)}.original"
+    channels = output_channels(layer)
+    channel_dim = output_channel_dim(layer.module, targets, channels)
+
+    def loss_of(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(layer.module, {key: weight.to(layer.weight.dtype)}, (x,))
+        diff = (out.float() - y).pow(2)
+        # Sum over output channels, mean over the rest (AdaRound's ||.||_F^2 per sample position).
+        return diff.sum(channel_dim).mean() if channel_dim is not None else diff.mean() * channels
+
+    samples = inputs.shape[0]
+
+    def full_loss(weight: torch.Tensor) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, samples, params["batch_size"]):
+                x, y = inputs[i:i + params["batch_size"]], targets[i:i + params["batch_size"]]
+                total += float(loss_of(weight, x, y)) * x.shape[0]
+        return total / samples
+
+    def fail(where: str) -> AlgorithmError:
+        return AlgorithmError(f"{NAME}: NaN or Inf in the reconstruction of layer '{layer.name}' ({where}); "
+                              "its weights are left as they were")
+
+    with layers_in_float([layer]):  # the cached input is already quantized; the weight is given
+        before = full_loss(rounding.nearest_weight())
+        if not math.isfinite(before):
+            raise fail("with round-to-nearest")
+        optimizer = torch.optim.Adam([rounding.v], lr=params["lr"])
+        batch = min(params["batch_size"], samples)
+        first_loss = last_loss = None
+        for iteration in range(params["iterations"]):
+            index = torch.randint(0, samples, (batch,), generator=generator).to(inputs.device)
+            reconstruction = loss_of(rounding.soft_weight(), inputs[index], targets[index])
+            beta = beta_at(iteration, params)
+            loss = reconstruction if beta is None else reconstruction + params["reg_weight"] * rounding.regularizer(beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if iteration % _CHECK_EVERY == 0 or iteration == params["iterations"] - 1:
+                value = float(loss.detach())
+                if not math.isfinite(value) or not bool(torch.isfinite(rounding.v).all()):
+                    raise fail(f"iteration {iteration}")
+                if first_loss is None:
+                    first_loss = float(reconstruction.detach())
+                last_loss = float(reconstruction.detach())
+        with torch.no_grad():
+            hard = rounding.hard_weight()
+            after = full_loss(hard)
+            if not math.isfinite(after):
+                raise fail("with the learned rounding")
+            free = ~rounding.fixed
+            flipped = (rounding.codes(hard=True) != rounding.nearest)[free]
+            undecided = ((rounding.h() > 0.01) & (rounding.h() < 0.99))[free]
+    keep = after <= before
+    report = {
+        "layer": layer.name,
+        "samples": samples,
+        "loss_nearest": before,
+        "loss_adaround": after,
+        "soft_loss_first": first_loss,
+        "soft_loss_last": last_loss,
+        "flipped_fraction": float(flipped.float().mean()) if flipped.numel() else 0.0,
+        "undecided_fraction": float(undecided.float().mean()) if undecided.numel() else 0.0,
+        "kept": "adaround" if keep else "nearest",
+    }
+    return report, hard if keep else None

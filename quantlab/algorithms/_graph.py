@@ -81,7 +81,11 @@ def plain_sequentials(model: nn.Module) -> List[Tuple[str, nn.Sequential]]:
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Puts ``new`` at dotted path ``name`` of ``model``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    """Puts ``new`` in place of the module at dotted path ``name``, and at every other path that holds
+    the same module object (an alias such as ``self.act2 = self.act``: fx names both calls ``act``)."""
+    old = model.get_submodule(name)
+    paths = [n for n, m in model.named_modules(remove_duplicate=False) if m is old and n]
+    for path in paths or [name]:
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)

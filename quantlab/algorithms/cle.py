@@ -22,8 +22,21 @@ site (``relu(min(x, u)) == clamp(x, 0, u)`` for ``u >= 0``); where a site has no
 such place the pairs through that ReLU6 are skipped. ``relu6="skip"`` skips every
 pair through a clip. Both are reported.
 
+``balance="activations"`` (with calibration data) chooses the scales from the
+measured per-channel range ``a_i`` of the second layer's input instead:
+``s_i = a_i^alpha / r2_i^(1 - alpha)``, and ``alpha = 1`` before a depthwise layer.
+With per-channel weight scales (TensorRT's default) rescaling a row of the first
+layer costs nothing, nor does rescaling a depthwise layer's channel; what CLE
+can improve there is the per-tensor INT8 grid of the activation between the two
+layers, whose channels then span equal ranges (the conv counterpart of
+SmoothQuant, folded exactly into the layer before). DFQ's weight balance is
+meant for per-tensor weights.
+
 Parameters (``algorithm_params={"cle": {...}}``):
     relu6: ``"clamp"`` (default) or ``"skip"``.
+    balance: ``"weights"`` (default, DFQ, data-free) or ``"activations"``.
+    alpha: Activation share for ``balance="activations"`` where the second layer
+        mixes channels (default 0.5).
     iterations: Most sweeps over all pairs (default 100).
     tolerance: Stop once no scale changes by more than this factor, as
         ``max |log s|`` of a sweep (default 1e-4).
@@ -33,7 +46,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +59,8 @@ from quantlab.algorithms.bn_fold import fold_batchnorms, is_plain_layer
 from quantlab.attach import is_quantized
 
 ORDER = 20  # after bn-fold (10); SmoothQuant and the statistics pass come later
-_PARAMS = {"relu6": ("clamp", "skip"), "iterations": None, "tolerance": None}
+_PARAMS = {"relu6": ("clamp", "skip"), "balance": ("weights", "activations"), "alpha": None, "iterations": None,
+           "tolerance": None}
 
 
 class ChannelClamp(nn.Module):
@@ -317,8 +331,16 @@ def _scale_inputs(weight: torch.Tensor, groups: int, scale: torch.Tensor) -> tor
     return w.reshape(weight.shape)
 
 
-def equalize(model: nn.Module, pairs: List[_Pair], iterations: int, tolerance: float) -> Dict[str, Any]:
-    """Scales the pairs' weights, biases and clamp bounds until the scales settle (float64 on the way)."""
+def equalize(model: nn.Module, pairs: List[_Pair], iterations: int, tolerance: float,
+             activations: Optional[List[torch.Tensor]] = None, alpha: float = 0.5) -> Dict[str, Any]:
+    """Scales the pairs' weights, biases and clamp bounds until the scales settle (float64 on the way).
+
+    Args:
+        activations: Per pair, the measured per-channel max |input| of its second layer
+            (``balance="activations"``); None for DFQ's weight ranges.
+        alpha: Activation share of the balance where the second layer mixes channels (a
+            depthwise second layer rescales per channel for free: there alpha is 1).
+    """
     modules = dict(model.named_modules())
     names = sorted({p.first for p in pairs} | {p.second for p in pairs})
     weights = {n: modules[n].weight.detach().double().clone() for n in names}
@@ -332,8 +354,15 @@ def equalize(model: nn.Module, pairs: List[_Pair], iterations: int, tolerance: f
         change = 0.0
         for index, pair in enumerate(pairs):
             r1, r2 = _ranges(weights, groups, pair)
-            s = torch.sqrt(r1 / r2)
-            s = torch.where((r1 > 0) & (r2 > 0) & torch.isfinite(s), s, torch.ones_like(s))
+            if activations is None:
+                s = torch.sqrt(r1 / r2)
+                ok = (r1 > 0) & (r2 > 0)
+            else:  # the activation's range now is the measured one over the scales applied so far
+                act = activations[index] / totals[index]
+                share = 1.0 if _is_depthwise(modules[pair.second]) else alpha
+                s = act.pow(share) / r2.pow(1.0 - share)
+                ok = (act > 0) & (r2 > 0)
+            s = torch.where(ok & torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
             w1 = weights[pair.first]
             weights[pair.first] = w1 / s.reshape([-1] + [1] * (w1.dim() - 1))
             if pair.first in biases:
@@ -364,6 +393,41 @@ def equalize(model: nn.Module, pairs: List[_Pair], iterations: int, tolerance: f
     return {"sweeps": sweeps, "converged": change <= tolerance, "last_max_log_scale": change, "pairs": report}
 
 
+def _is_depthwise(layer: nn.Module) -> bool:
+    """Each input channel feeds only its own output channel(s): rescaling it is free under per-channel weights."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and int(layer.weight.shape[1]) == 1 and int(layer.groups) > 1
+
+
+def measure_inputs(model: nn.Module, pairs: List[_Pair], forward_loop: Callable[[nn.Module], Any]) -> List[torch.Tensor]:
+    """Per pair, the max |x| per channel of its second layer's input over the calibration batches (float64, CPU)."""
+    modules = dict(model.named_modules())
+    maxima: Dict[str, torch.Tensor] = {}
+
+    def hook(name: str, channel_last: bool) -> Callable[..., None]:
+        def record(module: nn.Module, args: Tuple[Any, ...]) -> None:
+            x = args[0].detach().abs()
+            dims = [d for d in range(x.dim()) if d != (x.dim() - 1 if channel_last else 1)]
+            m = x.amax(dim=dims).double().cpu()
+            maxima[name] = m if name not in maxima else torch.maximum(maxima[name], m)
+        return record
+
+    handles = [modules[p.second].register_forward_pre_hook(hook(p.second, isinstance(modules[p.second], nn.Linear)))
+               for p in pairs]
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [p.second for p in pairs if p.second not in maxima]
+    if missing:
+        raise AlgorithmError(f"cle: the calibration batches never reached {missing[:5]}")
+    for p in pairs:
+        if not bool(torch.isfinite(maxima[p.second]).all()):
+            raise AlgorithmError(f"cle: non-finite activations reach '{p.second}'")
+    return [maxima[p.second] for p in pairs]
+
+
 def _ranges(weights: Dict[str, torch.Tensor], groups: Dict[str, int], pair: _Pair) -> Tuple[torch.Tensor, torch.Tensor]:
     w1 = weights[pair.first]
     r1 = w1.abs().reshape(w1.shape[0], -1).amax(dim=1)
@@ -386,33 +450,54 @@ def _mismatch(r1: torch.Tensor, r2: torch.Tensor) -> float:
     return float(torch.maximum(ratio, 1 / ratio).max())
 
 
-def _check_params(params: Dict[str, Any]) -> Tuple[str, int, float]:
+def _check_params(params: Dict[str, Any]) -> Dict[str, Any]:
     unknown = sorted(set(params) - set(_PARAMS))
     if unknown:
         raise AlgorithmError(f"cle: unknown parameter(s) {unknown}; known: {sorted(_PARAMS)}")
-    policy = str(params.get("relu6", "clamp")).lower()
-    if policy not in _PARAMS["relu6"]:
-        raise AlgorithmError(f"cle: relu6 must be one of {list(_PARAMS['relu6'])}, got {params['relu6']!r}")
+    out: Dict[str, Any] = {}
+    for key in ("relu6", "balance"):
+        value = str(params.get(key, _PARAMS[key][0])).lower()
+        if value not in _PARAMS[key]:
+            raise AlgorithmError(f"cle: {key} must be one of {list(_PARAMS[key])}, got {params[key]!r}")
+        out[key] = value
     try:
-        iterations = int(params.get("iterations", 100))
-        tolerance = float(params.get("tolerance", 1e-4))
+        out["iterations"] = int(params.get("iterations", 100))
+        out["tolerance"] = float(params.get("tolerance", 1e-4))
+        out["alpha"] = float(params.get("alpha", 0.5))
     except (TypeError, ValueError) as exc:
-        raise AlgorithmError(f"cle: bad iterations/tolerance ({exc})") from None
-    if iterations < 1 or not tolerance > 0 or not math.isfinite(tolerance):
-        raise AlgorithmError(f"cle: iterations must be >= 1 and tolerance > 0, got {iterations}, {tolerance}")
-    return policy, iterations, tolerance
+        raise AlgorithmError(f"cle: bad iterations/tolerance/alpha ({exc})") from None
+    if out["iterations"] < 1 or not out["tolerance"] > 0 or not math.isfinite(out["tolerance"]):
+        raise AlgorithmError(f"cle: iterations must be >= 1 and tolerance > 0, got {out['iterations']}, {out['tolerance']}")
+    if not 0.0 <= out["alpha"] <= 1.0:
+        raise AlgorithmError(f"cle: alpha must be in [0, 1], got {out['alpha']}")
+    return out
 
 
-def cross_layer_equalize(model: nn.Module, *, relu6: str = "clamp", iterations: int = 100,
-                         tolerance: float = 1e-4) -> Dict[str, Any]:
+def cross_layer_equalize(model: nn.Module, *, relu6: str = "clamp", balance: str = "weights", alpha: float = 0.5,
+                         iterations: int = 100, tolerance: float = 1e-4,
+                         forward_loop: Optional[Callable[[nn.Module], Any]] = None) -> Dict[str, Any]:
     """Folds BatchNorms, then equalizes every pair of ``model`` in place; returns the report (JSON-safe).
 
+    Args:
+        relu6: ``"clamp"`` (exact per-channel clips) or ``"skip"`` (no pairs through a clip).
+        balance: ``"weights"`` (DFQ: ``s = sqrt(r1 / r2)``, data-free) or ``"activations"``
+            (``s = a^alpha / r2^(1 - alpha)`` with ``a`` the measured per-channel max of the
+            second layer's input; alpha 1 before a depthwise layer; needs ``forward_loop``).
+        alpha: See ``balance``.
+        iterations: Most sweeps.
+        tolerance: Stop when a sweep changes no scale by more than this (``max |log s|``).
+        forward_loop: Calibration batches (``balance="activations"``).
+
     Raises:
-        AlgorithmError: the model is quantized already, cannot be traced, or has no pair to equalize.
+        AlgorithmError: the model is quantized already, cannot be traced, has no pair to
+            equalize, or activations are asked for without data.
     """
-    policy, iterations, tolerance = _check_params({"relu6": relu6, "iterations": iterations, "tolerance": tolerance})
+    opts = _check_params({"relu6": relu6, "balance": balance, "alpha": alpha, "iterations": iterations,
+                          "tolerance": tolerance})
     if is_quantized(model):
         raise AlgorithmError("cle runs on the floating-point model, before quantizers are attached")
+    if opts["balance"] == "activations" and forward_loop is None:
+        raise AlgorithmError("cle: balance='activations' needs calibration data (a forward loop)")
     details: Dict[str, Any] = {}
     if any(isinstance(m, _BatchNorm) for m in model.modules()):
         details["bn_fold"] = fold_batchnorms(model)
@@ -420,24 +505,24 @@ def cross_layer_equalize(model: nn.Module, *, relu6: str = "clamp", iterations: 
     if flow is None:
         raise AlgorithmError(f"cle needs the model's data flow, and torch.fx cannot trace {type(model).__name__} ({error})")
     candidates, skipped, others = find_pairs(model, flow)
-    pairs, plans = _plan_clips(flow, candidates, policy, skipped)
+    pairs, plans = _plan_clips(flow, candidates, opts["relu6"], skipped)
     if not pairs:
         near = "; ".join(f"{s['first']}: {s['reason']}" for s in skipped[:5])
         raise AlgorithmError(
             f"cle found no layer pairs to equalize in {type(model).__name__} (it needs Conv/Linear -> ReLU/identity/"
             f"pooling -> Conv/Linear chains{'; ' + near if near else ''})")
     details["clips"] = _apply_clip_plans(model, flow, pairs, plans)
-    details.update(equalize(model, pairs, iterations, tolerance))
-    details["relu6"] = policy
-    details["skipped"] = skipped
-    details["layers_without_pair"] = others
+    activations = measure_inputs(model, pairs, forward_loop) if opts["balance"] == "activations" else None
+    details.update(equalize(model, pairs, opts["iterations"], opts["tolerance"], activations, opts["alpha"]))
+    details.update({"relu6": opts["relu6"], "balance": opts["balance"], "skipped": skipped, "layers_without_pair": others})
+    if activations is not None:
+        details["alpha"] = opts["alpha"]
     return details
 
 
 @register_algorithm("cle", Stage.TRANSFORM, ORDER,
-                    description="cross-layer equalization (DFQ): folds BatchNorms, equalizes weight ranges of "
-                                "Conv/Linear pairs; ReLU6 clips become exact per-channel clamps")
+                    description="cross-layer equalization (DFQ): folds BatchNorms, equalizes weight (or activation) "
+                                "ranges of Conv/Linear pairs; ReLU6 clips become exact per-channel clamps")
 def run_cle(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
-    """The ``cle`` transform (parameters: ``relu6``, ``iterations``, ``tolerance``)."""
-    policy, iterations, tolerance = _check_params(dict(context.params))
-    return cross_layer_equalize(model, relu6=policy, iterations=iterations, tolerance=tolerance)
+    """The ``cle`` transform (parameters: ``relu6``, ``balance``, ``alpha``, ``iterations``, ``tolerance``)."""
+    return cross_layer_equalize(model, forward_loop=context.forward_loop, **_check_params(dict(context.params)))

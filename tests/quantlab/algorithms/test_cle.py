@@ -110,7 +110,8 @@ def test_model_without_pairs_is_a_clear_error():
 def test_bad_parameters_and_registry():
     assert list_algorithms().index("bn-fold") < list_algorithms().index("cle")
     for params, match in (({"relu6": "relu"}, "relu6 must be"), ({"iterations": 0}, "iterations"),
-                          ({"alpha": 1}, "unknown parameter")):
+                          ({"beta": 1}, "unknown parameter"), ({"balance": "activations", "alpha": 2}, "alpha"),
+                          ({"balance": "activations"}, "needs calibration data")):
         with pytest.raises(AlgorithmError, match=match):
             get_algorithm("cle").run(MobileBlockNet(), AlgorithmContext(params=params))
 
@@ -138,9 +139,9 @@ class ImbalancedDepthwise(nn.Module):
         return self.pw(self.relu(self.dw(self.relu(self.stem(x)))))
 
 
-def _int8_error(model, algorithms, data):
+def _int8_error(model, algorithms, data, params=None):
     quantized = copy.deepcopy(model)
-    config = int8_config("max").replace(algorithms=algorithms)
+    config = int8_config("max").replace(algorithms=algorithms, algorithm_params=params or {})
 
     def loop(m):
         with torch.no_grad():
@@ -159,3 +160,29 @@ def test_cle_lowers_int8_error_end_to_end():
     plain = _int8_error(model, (), data)
     equalized = _int8_error(model, ("cle",), data)
     assert equalized < plain / 4, (plain, equalized)
+    balanced = _int8_error(model, ("cle",), data, {"cle": {"balance": "activations"}})
+    assert balanced < plain / 4, (plain, balanced)
+
+
+def test_activation_balance_equalizes_measured_ranges_exactly():
+    model = MobileBlockNet(relu6_shared=True)
+    g = torch.Generator().manual_seed(7)
+    data = [torch.randn(4, 3, 12, 12, generator=g) * 2 for _ in range(3)]
+    expected = [model(x) for x in data]
+
+    def loop(m):
+        for x in data:
+            m(x)
+
+    details = get_algorithm("cle").run(model, AlgorithmContext(forward_loop=loop, params={"balance": "activations"}))
+    assert details["balance"] == "activations" and details["converged"]
+    for x, y in zip(data, expected):
+        _same(model(x), y)
+    # the depthwise layer's input channels now all peak at the same value (alpha = 1 before a depthwise conv)
+    seen = []
+    handle = model.dw.register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().amax(dim=(0, 2, 3))))
+    loop(model)
+    handle.remove()
+    peaks = torch.stack(seen).amax(0)
+    live = peaks[peaks > 0]
+    assert float(live.max() / live.min()) < 1.001

@@ -58,7 +58,32 @@ def score(logits: torch.Tensor, reference: torch.Tensor) -> Dict[str, float]:
             "kl": float((ref.exp() * (ref - out)).sum(1).mean())}
 
 
-def run_quantlab(fp32: torch.nn.Module, algorithms: Sequence[str], calibrators: Sequence[str],
+def parse_sets(text: str) -> List[Dict[str, Dict[str, Any]]]:
+    """``"none;cle;cle:balance=activations+alpha=0.5,bias-correction"`` -> per set, name -> parameters."""
+    sets = []
+    for chunk in text.split(";"):
+        found: Dict[str, Dict[str, Any]] = {}
+        for item in (i.strip() for i in chunk.split(",")):
+            if not item or item == "none":
+                continue
+            name, _, rest = item.partition(":")
+            params: Dict[str, Any] = {}
+            for kv in filter(None, rest.split("+")):
+                key, _, value = kv.partition("=")
+                try:
+                    params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+                except ValueError:
+                    params[key] = value
+            found[name] = params
+        sets.append(found)
+    return sets
+
+
+def label(algorithms: Dict[str, Dict[str, Any]]) -> str:
+    return ",".join(name + "".join(f" {k}={v}" for k, v in p.items()) for name, p in algorithms.items()) or "none"
+
+
+def run_quantlab(fp32: torch.nn.Module, algorithms: Dict[str, Dict[str, Any]], calibrators: Sequence[str],
                  calib: Sequence[torch.Tensor], evaluation: Sequence[torch.Tensor], reference: torch.Tensor) -> List[Dict[str, Any]]:
     from quantlab.config import int8_config
     from quantlab.pipeline.apply import apply_scales
@@ -66,7 +91,7 @@ def run_quantlab(fp32: torch.nn.Module, algorithms: Sequence[str], calibrators: 
     from quantlab.ptq import run_ptq
 
     model = copy.deepcopy(fp32)
-    config = int8_config().replace(algorithms=tuple(algorithms))
+    config = int8_config().replace(algorithms=tuple(algorithms), algorithm_params={k: v for k, v in algorithms.items() if v})
     start = time.perf_counter()
     result = run_ptq(model, calib, list(calibrators), config=config)
     total = time.perf_counter() - start
@@ -79,7 +104,7 @@ def run_quantlab(fp32: torch.nn.Module, algorithms: Sequence[str], calibrators: 
         t0 = time.perf_counter()
         metrics = score(logits_of(model, evaluation), reference)
         refine_s = sum(r.seconds for r in result.refinements.get(name, []))
-        rows.append({"tool": "quantlab", "algorithms": ",".join(algorithms) or "none", "calibrator": name, **metrics,
+        rows.append({"tool": "quantlab", "algorithms": label(algorithms), "calibrator": name, **metrics,
                      "transform_s": transform_s, "statistics_s": result.statistics_seconds,
                      "refine_s": refine_s, "calibrate_s": result.calibrate_seconds[name], "ptq_total_s": total,
                      "eval_s": time.perf_counter() - t0,
@@ -185,7 +210,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     C.add_common_args(parser)
     parser.add_argument("--algorithms", default="none;bn-fold;cle",
-                        help="';'-separated algorithm sets, each ','-separated (default 'none;bn-fold;cle')")
+                        help="';'-separated algorithm sets, each ','-separated, parameters after ':' joined by '+' "
+                             "(e.g. 'none;cle;cle:balance=activations,bias-correction')")
     parser.add_argument("--calibrators", default=",".join(CALIBRATORS))
     parser.add_argument("--eval-samples", type=int, default=640)
     parser.add_argument("--calib-samples", type=int, default=256)
@@ -198,9 +224,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     from quantlab.algorithms import parse_algorithms
     from quantlab.data.photos import PhotoCrops, describe
 
-    sets = [[a for a in s.split(",") if a.strip() and a.strip() != "none"] for s in args.algorithms.split(";")]
+    sets = parse_sets(args.algorithms)
     for s in sets:
-        parse_algorithms(s)  # unknown names fail before any work
+        parse_algorithms(list(s))  # unknown names fail before any work
     calibrators = [c.strip() for c in args.calibrators.split(",") if c.strip()]
 
     t0 = time.perf_counter()

@@ -276,7 +276,11 @@ def _apply_clip_plans(model: nn.Module, flow: Dataflow, pairs: List[_Pair], plan
     shapes: Dict[str, List[int]] = {}  # the ChannelClamp's name -> bound shape
     for pair in pairs:
         for clip in pair.clips:
-            if isinstance(clip.module, ChannelClamp):
+            if isinstance(clip.module, ChannelClamp):  # from an earlier run: give it per-channel bounds
+                shape = _bound_shape(clip.layout, modules[pair.first])
+                if list(clip.module.upper.shape) != shape:
+                    clip.module.lower = clip.module.lower.expand(shape).clone()
+                    clip.module.upper = clip.module.upper.expand(shape).clone()
                 pair.clamps.append(clip.name)
                 continue
             where = clip.name if plans[clip.name][0] == "own" else clip.slot

@@ -84,14 +84,15 @@ def label(algorithms: Dict[str, Dict[str, Any]]) -> str:
 
 
 def run_quantlab(fp32: torch.nn.Module, algorithms: Dict[str, Dict[str, Any]], calibrators: Sequence[str],
-                 calib: Sequence[torch.Tensor], evaluation: Sequence[torch.Tensor], reference: torch.Tensor) -> List[Dict[str, Any]]:
+                 calib: Sequence[torch.Tensor], evaluation: Sequence[torch.Tensor], reference: torch.Tensor,
+                 per_channel_weights: bool = True) -> List[Dict[str, Any]]:
     from quantlab.config import int8_config
     from quantlab.pipeline.apply import apply_scales
     from quantlab.pipeline.refine import restore_refinable_state
     from quantlab.ptq import run_ptq
 
     model = copy.deepcopy(fp32)
-    config = int8_config().replace(algorithms=tuple(algorithms), algorithm_params={k: v for k, v in algorithms.items() if v})
+    config = int8_config(per_channel_weights=per_channel_weights).replace(algorithms=tuple(algorithms), algorithm_params={k: v for k, v in algorithms.items() if v})
     start = time.perf_counter()
     result = run_ptq(model, calib, list(calibrators), config=config)
     total = time.perf_counter() - start
@@ -217,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--calib-samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--modelopt", action="store_true", help="also run NVIDIA Model Optimizer")
+    parser.add_argument("--weights", choices=("per-channel", "per-tensor"), default="per-channel",
+                        help="quantlab weight scales (per-tensor: the case DFQ's weight equalization is made for)")
     args = parser.parse_args(argv)
     device = C.setup_torch(args)
 
@@ -239,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     fp32_eval_s = time.perf_counter() - t0
     rows: List[Dict[str, Any]] = []
     for algorithms in sets:
-        rows += run_quantlab(fp32, algorithms, calibrators, calib, evaluation, reference)
+        rows += run_quantlab(fp32, algorithms, calibrators, calib, evaluation, reference, args.weights == "per-channel")
         print(rows[-len(calibrators):], file=sys.stderr, flush=True)
     modelopt_note = "Model Optimizer: not run (pass --modelopt)"
     if args.modelopt:
@@ -262,7 +265,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         [[r["tool"], r["algorithms"], r["calibrator"], f"{r['agreement']:.2f}", f"{r['kl']:.4f}", f"{r['transform_s']:.2f}",
           f"{r['statistics_s']:.1f}", f"{r['refine_s']:.1f}", f"{r['calibrate_s']:.1f}", f"{r['ptq_total_s']:.1f}",
           f"{r['eval_s']:.1f}", "; ".join(v for v in r["details"].values() if v)] for r in rows])
-    notes = (f"Every Conv and Linear INT8 (per-channel weights, per-tensor activations). FP32 eval {fp32_eval_s:.1f} s, "
+    notes = (f"Every Conv and Linear INT8 ({args.weights} weights in quantlab's rows, per-tensor activations). FP32 eval {fp32_eval_s:.1f} s, "
              f"data {data_s:.1f} s. One agreement point = {100.0 / n_eval:.2f}% of the crops. {modelopt_note}.")
     C.emit(header + "\n" + table + "\n\n" + notes + "\n", args.append)
 

@@ -32,6 +32,13 @@ layers, whose channels then span equal ranges (the conv counterpart of
 SmoothQuant, folded exactly into the layer before). DFQ's weight balance is
 meant for per-tensor weights.
 
+Measured on EfficientNet-Lite1 (benchmarks/RESULTS.md): CLE does not help there.
+Its ReLU6 clips saturate, so nearly every channel of an activation already peaks
+at 6 (balanced for a per-tensor grid); equalizing the weights gives each channel
+its own clip ``6 / s_i`` and unbalances the activations, which costs more than the
+weights gain (per-channel weights gain nothing at all). CLE is for nets whose
+activation ranges differ per channel (ReLU nets, per-tensor weights).
+
 Parameters (``algorithm_params={"cle": {...}}``):
     relu6: ``"clamp"`` (default) or ``"skip"``.
     balance: ``"weights"`` (default, DFQ, data-free) or ``"activations"``.

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from quantlab.algorithms.bn_fold import bn_scale_shift
 from quantlab.attach import weight_quantizer
 from quantlab.qat.errors import QATError
 
@@ -65,10 +66,8 @@ class _QATConvBnMixin:
         return self.weight
 
     def fold_factor(self) -> torch.Tensor:
-        """``gamma / sqrt(running_var + eps)`` per output channel (running statistics)."""
-        bn = self.bn
-        inv_std = torch.rsqrt(bn.running_var + bn.eps)
-        return bn.weight * inv_std if bn.weight is not None else inv_std
+        """``gamma / sqrt(running_var + eps)`` per output channel (running statistics; the PTQ fold's math)."""
+        return bn_scale_shift(self.bn)[0]
 
     def folded_weight(self) -> torch.Tensor:
         """The weight TensorRT will quantize: ``w * fold_factor`` per output channel."""

@@ -26,7 +26,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # The CPU build of torch 2.13.0 (a wheel on this kind of machine's disk); other
   # machines get it from PyPI.
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[onnx,ui,hf,lightning,dev]"
+  .venv/bin/python -m pip install -q -e ".[onnx,ui,hf,lightning,dev,vision]"
   touch "$stamp"
 fi
 echo "setup: ok ($(.venv/bin/python -c 'import torch, quantlab; print("torch", torch.__version__, "quantlab", quantlab.__version__)'))"

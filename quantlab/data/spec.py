@@ -3,6 +3,8 @@
 Spec strings have the form ``"<name>:<argument>"``:
 
 * ``"fmnist:calib"``, ``"fmnist:test[:1000]"``: built-in Fashion-MNIST.
+* ``"photos:calib"``, ``"photos:eval"``: unlabelled natural-photo crops
+  (scikit-image / scikit-learn photos, 240x240, ``(x - 127) / 128``).
 * ``"csv:data.csv"``, ``"json:rows.jsonl"``, ``"parquet:dir/"``: local files
   read with Hugging Face ``datasets`` (a file, a directory or a glob).
 * ``"arrow:saved_dir"``: a directory written by ``Dataset.save_to_disk``.
@@ -35,6 +37,7 @@ from quantlab.data.checked import CheckedDataset
 from quantlab.data.errors import CorruptDataError, DataShapeError, EmptyDataError
 from quantlab.data.fmnist import load_fmnist, parse_split
 from quantlab.data.hf import HFTorchDataset, load_hf_disk, load_hf_files, load_hf_hub
+from quantlab.data.photos import photos_dataset
 
 
 class DatasetLoader(Protocol):
@@ -314,6 +317,7 @@ def _hub(argument: str, *, split: str | None = None, **options: Any) -> Dataset:
 
 
 register_dataset("fmnist", _fmnist)
+register_dataset("photos", photos_dataset)
 for _fmt in ("csv", "json", "parquet", "imagefolder"):
     register_dataset(_fmt, _file_loader(_fmt))
 register_dataset("arrow", _arrow)

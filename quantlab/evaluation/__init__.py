@@ -17,6 +17,7 @@ from quantlab.evaluation.layers import LayerError, layer_errors
 from quantlab.evaluation.ranking import kendall_tau_b, ranking_agreement, spearman
 from quantlab.evaluation.sensitivity import SensitivityResult, full_ranking, proxy_agreement, rank_layers
 from quantlab.evaluation.tasks import (
+    AgreementTask,
     CausalLMTask,
     ClassificationTask,
     EmbeddingTask,
@@ -27,7 +28,7 @@ from quantlab.evaluation.tasks import (
 )
 
 __all__ = [
-    "Candidate", "CausalLMTask", "ClassificationTask", "CompareResult", "EmbeddingTask", "Evaluation", "EvaluationError",
+    "AgreementTask", "Candidate", "CausalLMTask", "ClassificationTask", "CompareResult", "EmbeddingTask", "Evaluation", "EvaluationError",
     "FunctionTask", "LayerError", "MetricError", "MixedPrecisionResult", "ResultRow", "SensitivityResult", "Task",
     "UnknownMetricError", "auto_precision", "compare", "evaluate", "evaluate_reference", "full_ranking", "kendall_tau_b",
     "layer_errors", "proxy_agreement", "rank_layers", "ranking_agreement", "register_metric", "spearman",

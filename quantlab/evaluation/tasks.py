@@ -8,7 +8,8 @@ agreement, linear probe) get the FP32 state once through
 
 Built-in tasks, chosen by metric name with :func:`task_for_metric`:
 
-* image classification: ``top1``, ``top5``, ``top1_agreement`` (percent);
+* image classification: ``top1``, ``top5`` (percent, labelled data);
+  ``top1_agreement`` (percent) and ``logit_kl`` (nats) against FP32, labels not needed;
 * sentence embeddings: ``cosine`` (mean cosine to FP32 embeddings) and
   ``probe_accuracy`` (a linear probe trained on FP32 embeddings, percent);
 * causal LM: ``perplexity`` (lower is better), ``token_agreement`` (argmax next
@@ -176,6 +177,50 @@ class ClassificationTask(Task):
             if predictions.shape == reference.shape:
                 out["top1_agreement"] = SampleScores("proportion", (predictions == reference).double().tolist(), paired=False)
         return out
+
+
+class AgreementTask(Task):
+    """Classifier logits against FP32's, no labels needed (e.g. ImageNet models on unlabelled photos).
+
+    ``top1_agreement``: percent of samples whose argmax equals FP32's.
+    ``logit_kl``: mean over samples of KL(softmax(FP32 logits) || softmax(logits)), in nats
+    (lower is better). Labels in the batch, if any, are ignored.
+    """
+
+    name = "agreement"
+    metrics = ("top1_agreement", "logit_kl")
+    lower_is_better = frozenset({"logit_kl"})
+
+    def __init__(self) -> None:
+        self._reference: Optional[torch.Tensor] = None
+
+    def new_state(self):
+        return {"log_probs": []}
+
+    def update(self, state, outputs, batch, index):
+        if outputs.dim() != 2:
+            raise EvaluationError(
+                f"eval batch {index}: agreement needs [batch, classes] logits, the model returned {_describe(outputs)}"
+            )
+        state["log_probs"].append(torch.log_softmax(outputs.detach().float(), dim=1).cpu())
+
+    def set_reference(self, fp32_state):
+        self._reference = torch.cat(fp32_state["log_probs"]) if fp32_state["log_probs"] else None
+
+    def compute(self, state):
+        if not state["log_probs"]:
+            raise EvaluationError("the eval data is empty")
+        log_probs = torch.cat(state["log_probs"])
+        if self._reference is None:
+            raise EvaluationError("top1_agreement / logit_kl need the FP32 reference outputs first")
+        if self._reference.shape != log_probs.shape:
+            raise EvaluationError(f"logits {list(log_probs.shape)} do not match the FP32 reference {list(self._reference.shape)}")
+        reference = self._reference.double()
+        kl = (reference.exp() * (reference - log_probs.double())).sum(dim=1)
+        return {
+            "top1_agreement": 100.0 * float((log_probs.argmax(1) == self._reference.argmax(1)).double().mean()),
+            "logit_kl": float(kl.mean()),
+        }
 
 
 # -- sentence embeddings ------------------------------------------------------------------------------
@@ -457,7 +502,8 @@ _METRIC_TASKS: Dict[str, Callable[[], Task]] = {
     "top1": ClassificationTask,
     "top5": ClassificationTask,
     "accuracy": ClassificationTask,
-    "top1_agreement": ClassificationTask,
+    "top1_agreement": AgreementTask,
+    "logit_kl": AgreementTask,
     "cosine": EmbeddingTask,
     "probe_accuracy": EmbeddingTask,
     "perplexity": CausalLMTask,

@@ -162,6 +162,8 @@ def int8_config(
     include: Tuple[str, ...] = ("*",),
     exclude: Tuple[str, ...] = (),
     per_channel_weights: bool = True,
+    algorithms: Tuple[str, ...] = (),
+    algorithm_params: Optional[Dict[str, Dict[str, Any]]] = None,
     **calibrator_params: Any,
 ) -> QuantConfig:
     """TensorRT-style INT8: per-channel narrow-range weights, per-tensor activations.
@@ -172,6 +174,9 @@ def int8_config(
         exclude: Module-name patterns to keep in floating point.
         per_channel_weights: Per-output-channel weight scales (recommended; essential
             for depthwise convolutions).
+        algorithms: PTQ algorithms of the pipeline (:mod:`quantlab.algorithms`), e.g.
+            ``("bn-fold", "adaround", "bias-correction")``.
+        algorithm_params: Per-algorithm parameters, e.g. ``{"adaround": {"iterations": 500}}``.
         **calibrator_params: Passed to the calibrator (e.g. ``percentile=99.9``).
     """
     return QuantConfig(
@@ -180,4 +185,6 @@ def int8_config(
         exclude=tuple(exclude),
         calibrator=calibrator,
         calibrator_params=tuple(sorted(calibrator_params.items())),
+        algorithms=tuple(algorithms),
+        algorithm_params=dict(algorithm_params or {}),  # normalized to nested tuples by QuantConfig
     )

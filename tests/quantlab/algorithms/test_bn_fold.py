@@ -121,3 +121,12 @@ def _context(params=None):
     from quantlab.algorithms import AlgorithmContext
 
     return AlgorithmContext(params=dict(params or {}))
+
+
+def test_int8_config_takes_algorithms_and_their_parameters():
+    from quantlab.config import int8_config
+
+    config = int8_config(algorithms=("bn-fold", "adaround"), algorithm_params={"adaround": {"iterations": 5}})
+    assert config.algorithms == ("bn-fold", "adaround")
+    assert config.params_of("adaround") == {"iterations": 5}
+    assert dict(config.calibrator_params) == {}  # not swallowed as calibrator parameters

@@ -46,7 +46,10 @@ def configuration_label(precision: str, calibrator: Optional[str], source: Optio
         return f"2:4 + {precision.upper()} {calibrator}" if calibrator else f"2:4 + {precision.upper()}"
     if source == "sparse-qat":
         return f"2:4 + {precision.upper()} QAT ({calibrator})" if calibrator else f"2:4 + {precision.upper()} QAT"
-    return f"{precision.upper()} {calibrator}" if calibrator else precision.upper()
+    label = f"{precision.upper()} {calibrator}" if calibrator else precision.upper()
+    if source and source.startswith("ptq+"):  # a prefix of the PTQ algorithms (compare --algorithms)
+        return f"{label} ({source})"
+    return label
 
 
 def _key(row: Mapping[str, Any]) -> Tuple[str, Optional[str], str]:

@@ -105,7 +105,7 @@ def test_compare_with_algorithms_and_a_checkpoint_row(algorithms, tmp_path, caps
     capsys.readouterr()
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "int8 (ptq+test-rescale)" in printed and "int8 (ptq+test-clamp+test-nudge)" in printed
+    assert "INT8 max (ptq+test-rescale)" in printed and "INT8 max (ptq+test-clamp+test-nudge)" in printed
     results = json.loads((out / "results.json").read_text())
     sources = [r["source"] for r in results["rows"] if r["precision"] == "int8" and r["metric"] == "top1"]
     assert sources == ["ptq", "ptq+test-rescale", "ptq+test-clamp+test-nudge"]

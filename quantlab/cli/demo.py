@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantlab.cli._progress import FractionProgress
-    from quantlab.cli.common import print_table
+    from quantlab.cli._compare_tables import print_accuracy, print_deployment, print_fidelity
     from quantlab.jobs.demo import run_demo
     from quantlab.jobs.demo_spec import demo_spec, validate
     from quantlab.store import RunStore
@@ -36,16 +36,15 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_demo(store, spec, progress=progress)
     metric = outcome["metric"]
     rows = [r for r in outcome["rows"] if r["metric"] == metric]
-    print_table(
-        [[_label(r), f"{r['value']:.2f}", "-" if r["delta"] is None else f"{r['delta']:+.2f}",
-          "-" if r["seconds"] is None else f"{r['seconds']:.1f}"] for r in rows],
-        ["configuration", f"{metric} %" if metric == "top1" else metric, "Δ vs FP32",
-         "PyTorch eval s (fake-quant, not deployment)"],
-    )
+    # The same tables as `quantlab compare`: n, 95% CI and the paired test vs FP32, fidelity, deployment cost.
+    print_accuracy(outcome["rows"], metric)
+    print_fidelity(outcome.get("fidelity") or [])
+    print_deployment(outcome.get("deployment") or [])
     best = outcome["best_calibrator"]
     int8 = [r for r in rows if r["precision"] == "int8" and r["calibrator"] == best]
     if int8:
-        print(f"best INT8: {_label(int8[0])} ({int8[0]['delta']:+.2f} points vs FP32)")
+        noise = ", within noise" if int8[0].get("within_noise") else ""
+        print(f"best INT8: {_label(int8[0])} ({int8[0]['delta']:+.2f} points vs FP32{noise})")
     run_id = outcome["run_id"]
     print(f"run {run_id} recorded in {store.path}")
     print(f"run folder: {outcome['run_dir']}")

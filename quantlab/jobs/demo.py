@@ -223,7 +223,8 @@ def run_demo(store: Any, spec: JobSpec, *, run_id: Optional[str] = None, progres
             raise
     return {"run_id": run.run_id, "run_dir": str(run_dir), "outputs": dict(reporter.info["outputs"]),
             "skipped": list(reporter.info["skipped"]), "children": children, "best_calibrator": best,
-            "metric": result.metric, "rows": [r.to_dict() for r in result.rows]}
+            "metric": result.metric, "rows": [r.to_dict() for r in result.rows],
+            "fidelity": [r.to_dict() for r in result.fidelity], "deployment": [r.to_dict() for r in result.deployment]}
 
 
 def _quantized_copy(model: Any, scales: Any) -> Any:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from quantlab.runtimes.cusparselt.kernels import dequantize_int32, quantize_int8
-from quantlab.runtimes.cusparselt.library import CuSparseLt, CuSparseLtError, load_library
+from quantlab.runtimes.cusparselt.library import CuSparseLt, CuSparseLtError, CuSparseLtUnavailableError, load_library
 
 #: Plan kinds of the shim (shim.cpp): INT8 -> FP16 with alpha vector, INT8 -> INT32, FP16 -> FP16.
 KIND_INT8_FP16, KIND_INT8_INT32, KIND_FP16 = 0, 1, 2
@@ -306,7 +306,9 @@ class SparseInt8Linear(_Int8LinearBase):
 
         weight = params.weight.to(torch.int8).contiguous()
         if not weight.is_cuda:
-            raise ValueError(f"layer '{self.name}': the sparse runner needs its weight on a CUDA device")
+            # A model left on the CPU of a GPU machine: convert_linears keeps such a layer dense (or names it).
+            raise CuSparseLtUnavailableError(
+                f"layer '{self.name}': the sparse runner needs its weight on a CUDA device (2:4 sparse INT8 needs an NVIDIA GPU)")
         if not is_2to4(weight, axis=1):
             raise ValueError(f"layer '{self.name}': weight {tuple(weight.shape)} is not 2:4 along its input dimension; prune it first")
         self.search = search

@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 import pandas as pd
 
 from quantlab.evaluation.layers import PROXY_FIELDS
+from quantlab.evaluation.present import configuration_label
 
 
 def series_key(precision: str, calibrator: Optional[str], source: Optional[str] = "ptq") -> str:
@@ -26,18 +27,9 @@ def series_key(precision: str, calibrator: Optional[str], source: Optional[str] 
 
 
 def series_label(precision: str, calibrator: Optional[str], source: Optional[str] = "ptq") -> str:
-    """Human label of a result row: ``FP32``, ``FP16``, ``INT8 entropy``, ``INT8 QAT (entropy)``, ``2:4 + INT8 entropy``."""
-    if precision in ("fp32", "fp16"):  # the reference rows of a QAT run carry source "qat" too
-        return precision.upper()
-    if source == "qat":
-        return f"INT8 QAT ({calibrator})" if calibrator else "INT8 QAT"
-    if source == "mixed":
-        return f"Mixed {precision.upper()}/FP16 ({calibrator})" if calibrator else "Mixed precision"
-    if source == "sparse":
-        return f"2:4 + {precision.upper()} {calibrator}" if calibrator else f"2:4 + {precision.upper()}"
-    if source == "sparse-qat":
-        return f"2:4 + {precision.upper()} QAT ({calibrator})" if calibrator else f"2:4 + {precision.upper()} QAT"
-    return f"{precision.upper()} {calibrator}" if calibrator else precision.upper()
+    """Human label of a result row: ``FP32``, ``FP16``, ``INT8 entropy``, ``INT8 QAT (entropy)``, ``2:4 + INT8 entropy``
+    (the CLI's label: one wording on every face)."""
+    return configuration_label(precision, calibrator, source)
 
 
 # Metrics where smaller is better; everything else (accuracy, cosine, agreement) is larger-is-better.

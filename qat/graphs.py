@@ -32,6 +32,7 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from quantlab.graph_capture import generator_kept_on_failure
 from quantlab.qat.errors import QATError
 
 
@@ -85,5 +86,5 @@ def graphed(model: nn.Module, sample: Union[torch.Tensor, Sequence[torch.Tensor]
     if warmup < 1:
         raise QATError(f"qat.graphed: warmup must be >= 1 (got {warmup})")
     step = _Step(model)
-    with torch.cuda.device(device):
+    with torch.cuda.device(device), generator_kept_on_failure(device):
         return torch.cuda.make_graphed_callables(step, args, num_warmup_iters=warmup)

@@ -281,3 +281,43 @@ def test_deepcopy_of_collectors_fed_on_cuda(kernels):
     ql.quantize(model, ql.int8_config("max"), forward_loop=lambda m: m(x))
     twin = copy.deepcopy(model)
     assert torch.equal(twin(x), model(x))
+
+
+@pytest.mark.parametrize("where", ["statistics pass", "qat.graphed", "sparse timing"])
+def test_a_failed_capture_leaves_random_numbers_working(kernels, where):
+    """A capture that fails (a host read inside it) must not leave the device's generator in capture mode:
+    torch leaves it there when cudaStreamEndCapture fails, and every later eager randn/dropout raised."""
+    from quantlab.qat.errors import QATError
+
+    def host_read(x):
+        return x * 2 if float(x.sum()) > -1e30 else x  # a sync: invalidates any capture
+
+    if where == "statistics pass":
+        from quantlab import collect_statistics
+
+        model, _, batches = _graph_case(sync_in_forward=True)
+        collect_statistics(model, lambda m: [m(x) for x in batches])  # tries a capture, stays eager
+    elif where == "qat.graphed":
+        from quantlab import qat
+
+        class Syncing(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(8, 8)
+
+            def forward(self, x):
+                return host_read(self.fc(x))
+
+        model = Syncing().cuda().train()
+        with pytest.raises(Exception) as failed:
+            qat.graphed(model, torch.randn(4, 8, device="cuda"), warmup=1)
+        assert not isinstance(failed.value, QATError)  # the capture itself failed
+    else:
+        from quantlab.runtimes.cusparselt.speed import time_call
+
+        timing = time_call(lambda i: host_read(torch.ones(4, device="cuda")), device=torch.device("cuda"), calls=2, repeats=2)
+        assert timing.how.startswith("eager (")  # the graph was tried and refused
+    g = torch.Generator(device="cuda").manual_seed(3)
+    torch.randn(8, device="cuda")  # raised "Offset increment outside graph capture" before
+    torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5, training=True)
+    assert torch.randn(4, device="cuda", generator=g).isfinite().all()

@@ -1,0 +1,49 @@
+"""A failed CUDA-graph capture must not break the caller's random numbers afterwards.
+
+``CUDAGraph.capture_begin`` puts the device's default generator into capture mode, and
+only a successful ``capture_end`` takes it out: when the capture is invalidated (a host
+sync, an unsupported op), ``cudaStreamEndCapture`` fails first and the generator stays
+in capture mode, so every later eager ``torch.randn``/dropout on that device raises
+"Offset increment outside graph capture encountered unexpectedly" (torch 2.11, seen on
+an H200). quantlab tries captures and falls back to eager code (statistics pass,
+``qat.graphed``, the cuSPARSELt timing), so each capture runs inside
+:func:`generator_kept_on_failure`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional, Union
+
+import torch
+
+
+@contextlib.contextmanager
+def generator_kept_on_failure(device: Optional[Union[torch.device, str, int]] = None) -> Iterator[None]:
+    """Restores the CUDA default generator of ``device`` if the block raises.
+
+    The state cloned before the block (seed and offset; not in capture mode) replaces
+    the generator's state on failure, so eager code draws the same numbers it would
+    have drawn had no capture been tried. On success nothing is touched.
+
+    Args:
+        device: The CUDA device whose default generator a capture registers (the current
+            device when None or an index-less ``cuda``).
+    """
+    index = _device_index(device)
+    generator = torch.cuda.default_generators[index]
+    saved = generator.clone_state()
+    try:
+        yield
+    except BaseException:
+        generator.graphsafe_set_state(saved)
+        raise
+
+
+def _device_index(device: Optional[Union[torch.device, str, int]]) -> int:
+    if isinstance(device, int):
+        return device
+    if device is not None:
+        device = torch.device(device)
+        if device.index is not None:
+            return device.index
+    return torch.cuda.current_device()

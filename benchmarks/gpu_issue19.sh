@@ -7,6 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 cp -r tests pyproject.toml /tmp/ql/
 (cd /tmp/ql && timeout 110 python3 -m pytest -q -p no:cacheprovider tests/qat/test_graphed.py tests/qat/test_sync_free_cuda.py \
   tests/quantlab/test_statistics_cuda.py tests/calibrators/test_many_cuda.py tests/runtimes/test_cusparselt.py 2>&1 | tail -15) | tee "$OUT/tests.log"
-timeout 140 python3 benchmarks/bench_smoothquant.py --device cuda --random-weights --models smollm --rows int8,smoothquant --skip-eval 2>&1 | tee "$OUT/smoothquant.md" | tail -15
-timeout 300 python3 benchmarks/bench_efficientnet_lite.py --device cuda --tools quantlab,modelopt --calibrators max,entropy \
-  --algorithms "none;bn-fold,adaround,bias-correction;adaround,bias-correction;bias-correction;bn-fold;cle,adaround,bias-correction" 2>&1 | tee "$OUT/efficientnet.md" | tail -30
+cp -r benchmarks examples /tmp/ql/
+(cd /tmp/ql && timeout 140 python3 benchmarks/bench_smoothquant.py --device cuda --random-weights --models smollm --rows int8,smoothquant --skip-eval) 2>&1 | tee "$OUT/smoothquant.md" | tail -15
+(cd /tmp/ql && timeout 300 python3 benchmarks/bench_efficientnet_lite.py --device cuda --tools quantlab,modelopt --calibrators max,entropy \
+  --algorithms "none;bn-fold,adaround,bias-correction;adaround,bias-correction;bias-correction;bn-fold;cle,adaround,bias-correction") 2>&1 | tee "$OUT/efficientnet.md" | tail -30

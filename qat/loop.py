@@ -10,6 +10,10 @@
   they hold the model, optimizer, scheduler, step and every rank's RNG state.
 * A NaN/Inf loss stops the run before the update, with an error naming the
   step; the last good checkpoint stays as it was.
+* CUDA graphs (``cuda_graphs``, default ``"auto"``): on one CUDA device outside
+  DDP, full batches replay the model's captured forward and backward; partial
+  batches, other shapes and uncapturable steps run eagerly on the same
+  parameters (see :mod:`quantlab.qat.loop_graphs` for what re-captures).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from quantlab.qat import ddp
 from quantlab.qat.bn_fold import freeze_bn_stats
 from quantlab.qat.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from quantlab.qat.errors import NonFiniteLossError, QATError
+from quantlab.qat.loop_graphs import LoopGraphs, check_mode, eager_reason
 from quantlab.qat.sync_bn import synced_batchnorm
 from quantlab.sparsity.mask import iter_masks, reapply_masks
 
@@ -66,6 +71,12 @@ class TrainConfig:
         sync_batchnorm: Under DDP on CUDA, normalize with the statistics of the
             global batch (SyncBatchNorm for the run, plain BatchNorm again after),
             so N GPUs at batch B/N train as one GPU at batch B.
+        cuda_graphs: ``"auto"``: replay the training forward and backward as CUDA
+            graphs when the model is on one CUDA device outside DDP (eager on the
+            CPU, under DDP and when the step cannot be captured); ``"on"``: the
+            same, but a model that cannot be graphed (CPU, several devices, DDP)
+            is an error before any work; ``"off"``: always eager. Not part of the
+            schedule: a run may resume with another value.
     """
 
     task: str = "classification"
@@ -84,8 +95,10 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     sync_batchnorm: bool = False
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
+        check_mode(self.cuda_graphs)
         if self.task not in TASKS:
             raise QATError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -125,6 +138,8 @@ class TrainResult:
     seconds: float
     checkpoint: Optional[Path]
     resumed_from: Optional[int] = None
+    #: How the steps ran (:meth:`quantlab.qat.loop_graphs.LoopGraphs.report`): graphs used, steps graphed/eager, why eager.
+    cuda_graphs: Optional[Dict[str, Any]] = None
 
 
 class EpochSampler(Sampler[int]):
@@ -271,9 +286,11 @@ def train(
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf (names the step, keeps the last checkpoint).
-        QATError: resume without a checkpoint, or with a different schedule.
+        QATError: resume without a checkpoint, or with a different schedule;
+            ``cuda_graphs="on"`` for a model that cannot be graphed.
     """
     config = config or TrainConfig()
+    eager_reason(model, config.cuda_graphs)  # "on" where graphs cannot run: refused before any work
     base = ddp.unwrap(model)
     device = model_device(base)
     world, rank = ddp.world_size(), ddp.rank()
@@ -328,6 +345,8 @@ def train(
             train_model = model
         if config.freeze_bn_after is not None and step >= config.freeze_bn_after:
             freeze_bn_stats(base)
+        # Replays full batches' forward and backward where it can; eager otherwise (loop_graphs).
+        graphs = LoopGraphs(train_model, config.cuda_graphs, batch_size=loader_args["batch_size"])
 
         def write_checkpoint() -> Optional[Path]:
             nonlocal last_good_step
@@ -350,7 +369,7 @@ def train(
             sampler.set_epoch(epoch, offset * loader_args["batch_size"])
             for batch in loader:
                 batch = to_device(batch, device)
-                loss = compute_loss(train_model, batch, config.task)
+                loss = compute_loss(graphs.model, batch, config.task)
                 # One collective gives both the mean loss over ranks and a NaN on any rank.
                 mean_loss = loss.detach().reshape(1).double()
                 if ddp.is_distributed():
@@ -386,4 +405,4 @@ def train(
         last_good = write_checkpoint()
     base.eval()
     return TrainResult(steps=step, total_steps=total, losses=losses, seconds=time.perf_counter() - start_time,
-                       checkpoint=last_good, resumed_from=resumed_from)
+                       checkpoint=last_good, resumed_from=resumed_from, cuda_graphs=graphs.report(step - (resumed_from or 0)))

@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -336,7 +337,7 @@ def train(
     sync_bn = config.sync_batchnorm and ddp.is_distributed()
     if sync_bn and device.type != "cuda":
         raise QATError("sync_batchnorm needs every rank on a CUDA device (NCCL); this job runs on " + device.type)
-    with synced_batchnorm(base, sync_bn):
+    with synced_batchnorm(base, sync_bn), contextlib.ExitStack() as cleanup:
         train_model: nn.Module = base
         if ddp.is_distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
             ids = [device.index] if device.type == "cuda" else None
@@ -347,6 +348,7 @@ def train(
             freeze_bn_stats(base)
         # Replays full batches' forward and backward where it can; eager otherwise (loop_graphs).
         graphs = LoopGraphs(train_model, config.cuda_graphs, batch_size=loader_args["batch_size"])
+        cleanup.callback(graphs.close)  # the graphs' memory is freed when the loop ends, also on an error
 
         def write_checkpoint() -> Optional[Path]:
             nonlocal last_good_step

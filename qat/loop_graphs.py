@@ -51,6 +51,7 @@ warm-up draws numbers and replays draw theirs from the graph's RNG offsets).
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from typing import Any, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
@@ -194,7 +195,8 @@ class LoopGraphs:
         if captured is not None and captured.state != state:
             _LOG.info("QAT loop: the model changed since its CUDA graphs were captured (train/eval mode, BatchNorm "
                       "freezing, quantizer modes or parameters): capturing again")
-            self._captured = captured = None
+            self.close()
+            captured = None
         if captured is None:
             if not self._is_full_batch(tensors):
                 return self._eager(args, kwargs)
@@ -209,6 +211,17 @@ class LoopGraphs:
                 module.train_steps += 1
         self.graphed_steps += 1
         return output
+
+    def close(self) -> None:
+        """Frees the captured graphs and their memory pool now (the loop calls it when it ends).
+
+        A capture's objects (``make_graphed_callables``' autograd Function and closures) form
+        reference cycles, which only a garbage collection frees: without one, a dropped capture's
+        memory pool (the step's activations) would stay allocated until Python happens to collect.
+        """
+        if self._captured is not None:
+            self._captured = None
+            gc.collect()
 
     def _eager(self, args: tuple, kwargs: dict) -> Any:
         return self.eager_model(*args, **kwargs)
@@ -278,6 +291,7 @@ class LoopGraphs:
     def _give_up(self, reason: str) -> None:
         self.reason = reason
         self._captured = None
+        gc.collect()  # also what a failed capture left in reference cycles (its memory pool)
         _LOG.warning("QAT loop: CUDA graphs not used from here on (%s); eager steps instead (%d steps were graphed)",
                      reason, self.graphed_steps)
 

@@ -154,3 +154,31 @@ def test_dropout_draws_fresh_masks_on_every_replay():
     result = train(model, data, _config(lr=1e-8))
     assert result.cuda_graphs["graphed_steps"] == 8
     assert max(result.losses) - min(result.losses) > 1e-3, result.losses
+
+
+def test_the_graphs_are_freed_when_the_loop_ends(monkeypatch):
+    # A capture's objects form reference cycles (make_graphed_callables' closures and autograd Function):
+    # the loop collects them on a re-capture and when it ends, so the graphs' memory pool goes back to
+    # the allocator without waiting for Python's GC (disabled here).
+    import gc
+    import weakref
+
+    from quantlab.qat import loop_graphs
+
+    made = []
+
+    class Tracked(loop_graphs._Call):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(loop_graphs, "_Call", Tracked)
+    gc.collect()
+    gc.disable()
+    try:
+        result = train(_model(), _data(), _config(freeze_bn_after=2))
+        alive = [r for r in made if r() is not None]
+    finally:
+        gc.enable()
+    assert result.cuda_graphs["captures"] == 2 and len(made) == 2
+    assert alive == []

@@ -45,8 +45,15 @@ does not compose with DistributedDataParallel's hooks, and DDP also broadcasts
 buffers every forward: the loop stays eager under torchrun and says so in the
 run record), and a step that cannot be captured (a host sync such as
 ``.item()`` in the forward, an unsupported op): one log line, then eager for the
-rest of the run. Dropout draws differ from an eager run's (the capture's
-warm-up draws numbers and replays draw theirs from the graph's RNG offsets).
+rest of the run. ``cuda_graphs="on"`` makes the first three an error before
+any work; a capture failure stays a fallback in every mode.
+
+Limits: dropout draws differ from an eager run's (the capture's warm-up draws
+numbers and replays draw theirs from the graph's RNG offsets), so a run with
+dropout is not bit-identical to its eager twin, nor to its own resumed run.
+Python state outside the key above (e.g. a dropout probability or a module
+attribute changed mid-run, a module added to the model) is not watched. The
+key costs ~0.2-0.3 ms of host time per step for a prepared ResNet-18.
 """
 from __future__ import annotations
 

@@ -126,7 +126,9 @@ def test_a_capture_failure_falls_back_to_eager(caplog):
     assert report["used"] is False and report["eager_steps"] == 6 and report["captures"] == 1
     assert report["eager_reason"].startswith("capture failed")
     assert sum("CUDA graphs not used" in r.getMessage() for r in caplog.records) == 1
-    # The device's RNG left capture mode (quantlab.graph_capture): eager random numbers and dropout work.
+    # The eager steps ran on the stream the loop was on, not on the failed capture's stream, and the
+    # device's RNG left capture mode (quantlab.graph_capture): eager random numbers and dropout work.
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
     torch.randn(8, device="cuda")
     nn.functional.dropout(torch.ones(8, device="cuda"), 0.5, training=True)
 

@@ -386,6 +386,7 @@ def train(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                del loss  # its autograd graph holds the replayed graph's buffers: gone by the loop's end (graphs.close)
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(base.parameters(), config.grad_clip)
                 optimizer.step()

@@ -159,28 +159,30 @@ def test_dropout_draws_fresh_masks_on_every_replay():
 
 
 def test_the_graphs_are_freed_when_the_loop_ends(monkeypatch):
-    # A capture's objects form reference cycles (make_graphed_callables' closures and autograd Function):
-    # the loop collects them on a re-capture and when it ends, so the graphs' memory pool goes back to
-    # the allocator without waiting for Python's GC (disabled here).
+    # A capture's objects form reference cycles (make_graphed_callables' closures and autograd Function,
+    # which hold the graphs, their memory pool and input buffers): the loop collects them on a re-capture
+    # and when it ends, without waiting for Python's GC (disabled here).
     import gc
     import weakref
 
     from quantlab.qat import loop_graphs
 
-    made = []
+    real_capture = loop_graphs.capture
+    wrappers, inputs = [], []
 
-    class Tracked(loop_graphs._Call):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(weakref.ref(self))
+    def tracked_capture(step, args, device, **kwargs):
+        wrappers.append(weakref.ref(step))
+        inputs.extend(weakref.ref(a) for a in args)  # the graph's own input buffers
+        return real_capture(step, args, device, **kwargs)
 
-    monkeypatch.setattr(loop_graphs, "_Call", Tracked)
+    monkeypatch.setattr(loop_graphs, "capture", tracked_capture)
+    model = _model()
     gc.collect()
     gc.disable()
     try:
-        result = train(_model(), _data(), _config(freeze_bn_after=2))
-        alive = [r for r in made if r() is not None]
+        result = train(model, _data(), _config(freeze_bn_after=2))
+        alive = [r for r in wrappers + inputs if r() is not None]
     finally:
         gc.enable()
-    assert result.cuda_graphs["captures"] == 2 and len(made) == 2
+    assert result.cuda_graphs["captures"] == 2 and len(wrappers) == 2 and len(inputs) == 2
     assert alive == []

@@ -90,7 +90,7 @@ def graphed(model: nn.Module, sample: Union[torch.Tensor, Sequence[torch.Tensor]
 
 def capture(step: nn.Module, args: Tuple[torch.Tensor, ...], device: torch.device, *, warmup: int = 3,
             allow_unused: bool = False) -> nn.Module:
-    """``torch.cuda.make_graphed_callables(step, args)`` on ``device``, the device's RNG kept on failure.
+    """``torch.cuda.make_graphed_callables(step, args)`` on ``device``; a failure leaves its RNG and stream as they were.
 
     Shared by :func:`graphed` and the built-in loop (:mod:`quantlab.qat.loop_graphs`).
 

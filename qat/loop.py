@@ -348,7 +348,7 @@ def train(
             freeze_bn_stats(base)
         # Replays full batches' forward and backward where it can; eager otherwise (loop_graphs).
         graphs = LoopGraphs(train_model, config.cuda_graphs, batch_size=loader_args["batch_size"])
-        cleanup.callback(graphs.close)  # the graphs' memory is freed when the loop ends, also on an error
+        cleanup.callback(graphs.close)  # the graphs and their memory pool are dropped when the loop ends (also on an error)
 
         def write_checkpoint() -> Optional[Path]:
             nonlocal last_good_step

@@ -32,7 +32,7 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from quantlab.graph_capture import generator_kept_on_failure
+from quantlab.graph_capture import generator_kept_on_failure, stream_kept_on_failure
 from quantlab.qat.errors import QATError
 
 
@@ -85,6 +85,25 @@ def graphed(model: nn.Module, sample: Union[torch.Tensor, Sequence[torch.Tensor]
         raise QATError("qat.graphed captures training steps: call model.train() first")
     if warmup < 1:
         raise QATError(f"qat.graphed: warmup must be >= 1 (got {warmup})")
-    step = _Step(model)
-    with torch.cuda.device(device), generator_kept_on_failure(device):
-        return torch.cuda.make_graphed_callables(step, args, num_warmup_iters=warmup)
+    return capture(_Step(model), args, device, warmup=warmup)
+
+
+def capture(step: nn.Module, args: Tuple[torch.Tensor, ...], device: torch.device, *, warmup: int = 3,
+            allow_unused: bool = False) -> nn.Module:
+    """``torch.cuda.make_graphed_callables(step, args)`` on ``device``; a failure leaves its RNG and stream as they were.
+
+    Shared by :func:`graphed` and the built-in loop (:mod:`quantlab.qat.loop_graphs`).
+
+    Args:
+        step: The module to capture (without hooks of its own: wrap the model).
+        args: Its positional sample tensors; they become the graph's input buffers.
+        device: The CUDA device of the step.
+        warmup: Eager forward+backward passes on a side stream before the capture.
+        allow_unused: Parameters that the forward does not use get no gradient
+            instead of failing the capture.
+
+    Raises:
+        Exception: whatever the capture raised (the device's RNG and current stream are as before it).
+    """
+    with torch.cuda.device(device), stream_kept_on_failure(device), generator_kept_on_failure(device):
+        return torch.cuda.make_graphed_callables(step, args, num_warmup_iters=warmup, allow_unused_input=allow_unused)

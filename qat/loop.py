@@ -10,9 +10,14 @@
   they hold the model, optimizer, scheduler, step and every rank's RNG state.
 * A NaN/Inf loss stops the run before the update, with an error naming the
   step; the last good checkpoint stays as it was.
+* CUDA graphs (``cuda_graphs``, default ``"auto"``): on one CUDA device outside
+  DDP, full batches replay the model's captured forward and backward; partial
+  batches, other shapes and uncapturable steps run eagerly on the same
+  parameters (see :mod:`quantlab.qat.loop_graphs` for what re-captures).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -29,6 +34,7 @@ from quantlab.qat import ddp
 from quantlab.qat.bn_fold import freeze_bn_stats
 from quantlab.qat.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from quantlab.qat.errors import NonFiniteLossError, QATError
+from quantlab.qat.loop_graphs import LoopGraphs, check_mode, eager_reason
 from quantlab.qat.sync_bn import synced_batchnorm
 from quantlab.sparsity.mask import iter_masks, reapply_masks
 
@@ -66,6 +72,12 @@ class TrainConfig:
         sync_batchnorm: Under DDP on CUDA, normalize with the statistics of the
             global batch (SyncBatchNorm for the run, plain BatchNorm again after),
             so N GPUs at batch B/N train as one GPU at batch B.
+        cuda_graphs: ``"auto"``: replay the training forward and backward as CUDA
+            graphs when the model is on one CUDA device outside DDP (eager on the
+            CPU, under DDP and when the step cannot be captured); ``"on"``: the
+            same, but a model that cannot be graphed (CPU, several devices, DDP)
+            is an error before any work; ``"off"``: always eager. Not part of the
+            schedule: a run may resume with another value.
     """
 
     task: str = "classification"
@@ -84,8 +96,10 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     sync_batchnorm: bool = False
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
+        check_mode(self.cuda_graphs)
         if self.task not in TASKS:
             raise QATError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -125,6 +139,8 @@ class TrainResult:
     seconds: float
     checkpoint: Optional[Path]
     resumed_from: Optional[int] = None
+    #: How the steps ran (:meth:`quantlab.qat.loop_graphs.LoopGraphs.report`): graphs used, steps graphed/eager, why eager.
+    cuda_graphs: Optional[Dict[str, Any]] = None
 
 
 class EpochSampler(Sampler[int]):
@@ -271,9 +287,11 @@ def train(
 
     Raises:
         NonFiniteLossError: the loss became NaN/Inf (names the step, keeps the last checkpoint).
-        QATError: resume without a checkpoint, or with a different schedule.
+        QATError: resume without a checkpoint, or with a different schedule;
+            ``cuda_graphs="on"`` for a model that cannot be graphed.
     """
     config = config or TrainConfig()
+    eager_reason(model, config.cuda_graphs)  # "on" where graphs cannot run: refused before any work
     base = ddp.unwrap(model)
     device = model_device(base)
     world, rank = ddp.world_size(), ddp.rank()
@@ -319,7 +337,7 @@ def train(
     sync_bn = config.sync_batchnorm and ddp.is_distributed()
     if sync_bn and device.type != "cuda":
         raise QATError("sync_batchnorm needs every rank on a CUDA device (NCCL); this job runs on " + device.type)
-    with synced_batchnorm(base, sync_bn):
+    with synced_batchnorm(base, sync_bn), contextlib.ExitStack() as cleanup:
         train_model: nn.Module = base
         if ddp.is_distributed() and not isinstance(model, nn.parallel.DistributedDataParallel):
             ids = [device.index] if device.type == "cuda" else None
@@ -328,6 +346,9 @@ def train(
             train_model = model
         if config.freeze_bn_after is not None and step >= config.freeze_bn_after:
             freeze_bn_stats(base)
+        # Replays full batches' forward and backward where it can; eager otherwise (loop_graphs).
+        graphs = LoopGraphs(train_model, config.cuda_graphs, batch_size=loader_args["batch_size"])
+        cleanup.callback(graphs.close)  # the graphs and their memory pool are dropped when the loop ends (also on an error)
 
         def write_checkpoint() -> Optional[Path]:
             nonlocal last_good_step
@@ -350,7 +371,7 @@ def train(
             sampler.set_epoch(epoch, offset * loader_args["batch_size"])
             for batch in loader:
                 batch = to_device(batch, device)
-                loss = compute_loss(train_model, batch, config.task)
+                loss = compute_loss(graphs.model, batch, config.task)
                 # One collective gives both the mean loss over ranks and a NaN on any rank.
                 mean_loss = loss.detach().reshape(1).double()
                 if ddp.is_distributed():
@@ -365,6 +386,7 @@ def train(
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                del loss  # its autograd graph holds the replayed graph's buffers: gone by the loop's end (graphs.close)
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(base.parameters(), config.grad_clip)
                 optimizer.step()
@@ -386,4 +408,4 @@ def train(
         last_good = write_checkpoint()
     base.eval()
     return TrainResult(steps=step, total_steps=total, losses=losses, seconds=time.perf_counter() - start_time,
-                       checkpoint=last_good, resumed_from=resumed_from)
+                       checkpoint=last_good, resumed_from=resumed_from, cuda_graphs=graphs.report(step - (resumed_from or 0)))

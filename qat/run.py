@@ -19,6 +19,7 @@ from quantlab.qat import ddp
 from quantlab.qat.checkpoint import CHECKPOINT_FILE
 from quantlab.qat.errors import QATError
 from quantlab.qat.loop import TrainConfig, TrainProgress, TrainResult, train
+from quantlab.qat.loop_graphs import eager_reason
 from quantlab.qat.hooks import enabled
 from quantlab.qat.prepare import prepare, save
 from quantlab.api import current_scales
@@ -136,6 +137,7 @@ def run_qat(
     train_config = train_config or TrainConfig()
     metric = metric or DEFAULT_METRIC[train_config.task]
     main = ddp.is_main_process()
+    eager_reason(model, train_config.cuda_graphs)  # cuda_graphs="on" where graphs cannot run: refused before any work
     previous: Dict[str, Any] = {}
     if resume:
         # Refused before anything is written: a finished run (also a copied folder) is final.
@@ -264,5 +266,7 @@ def _write_run_file(out: Path, run_id, metric, fp32, ptq, calibrator, after=None
         "world_size": ddp.world_size(),
         # Mean over ranks, one per step (a resumed run keeps the steps before the interruption).
         "losses": list(train.losses) if train else None,
+        # Whether the steps replayed CUDA graphs (this call of the loop: a resumed run's own steps).
+        "cuda_graphs": train.cuda_graphs if train else None,
     }
     return write_text_atomic(out / RUN_FILE, json.dumps(data, indent=1))

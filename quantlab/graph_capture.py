@@ -7,7 +7,9 @@ in capture mode, so every later eager ``torch.randn``/dropout on that device rai
 "Offset increment outside graph capture encountered unexpectedly" (torch 2.11, seen on
 an H200). quantlab tries captures and falls back to eager code (statistics pass,
 ``qat.graphed``, the cuSPARSELt timing), so each capture runs inside
-:func:`generator_kept_on_failure`.
+:func:`generator_kept_on_failure`. ``torch.cuda.graph`` also leaves its capture
+stream current when ``capture_end`` fails: captures made through it (``qat.graphed``,
+the QAT loop, the cuSPARSELt timing) also run inside :func:`stream_kept_on_failure`.
 """
 from __future__ import annotations
 
@@ -36,6 +38,27 @@ def generator_kept_on_failure(device: Optional[Union[torch.device, str, int]] = 
         yield
     except BaseException:
         generator.graphsafe_set_state(saved)
+        raise
+
+
+@contextlib.contextmanager
+def stream_kept_on_failure(device: Optional[Union[torch.device, str, int]] = None) -> Iterator[None]:
+    """Makes the current stream of ``device`` current again if the block raises.
+
+    ``torch.cuda.graph``'s ``__exit__`` calls ``capture_end`` before it leaves its
+    capture stream: when the capture failed, ``capture_end`` raises and the capture
+    stream stays the current stream, so every later eager kernel would run on it
+    instead of the stream the caller was on (no longer ordered with that stream's
+    work). ``torch.cuda.make_graphed_callables`` captures that way.
+
+    Args:
+        device: The CUDA device (the current device when None or an index-less ``cuda``).
+    """
+    stream = torch.cuda.current_stream(_device_index(device))
+    try:
+        yield
+    except BaseException:
+        torch.cuda.set_stream(stream)
         raise
 
 

@@ -46,6 +46,10 @@ def register(sub) -> None:
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm during training)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="replay each full batch's forward and backward as CUDA graphs: auto (on one GPU outside torchrun; "
+                        "eager elsewhere or when the step cannot be captured), on (an error where graphs cannot run), "
+                        "off (default auto)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--eval-batches", type=int, default=None, help="evaluate on at most this many batches")
     p.add_argument("--no-store", action="store_true", help="do not record the run in the run store")
@@ -57,16 +61,21 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from quantlab.cli._progress import StageProgress, stage
     from quantlab.data import load_data
     from quantlab.data.fit import check_model_fits
     from quantlab.jobs.folders import check_run_folder, open_on_main_rank
     from quantlab.jobs.qat import run_qat
     from quantlab.qat import ddp
+    from quantlab.qat.errors import QATError
     from quantlab.qat.loop import TrainConfig
     from quantlab.qat.run import read_resumable
 
     quant_config_from_args(args)  # unknown --algorithms / --algorithm-param fail here, before any work
+    if args.cuda_graphs == "on" and args.device is not None and torch.device(args.device).type != "cuda":
+        raise QATError(f"--cuda-graphs on needs a CUDA device, not --device {args.device}; use auto or off")
     checkpoint = _read_checkpoint(args)  # a bad checkpoint or scales that need one fail here too
     inputs = input_paths(args)
     if args.resume:
@@ -86,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             warmup_steps=args.warmup_steps, optimizer=args.optimizer, weight_decay=args.weight_decay, range_lr=args.range_lr,
             batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
             freeze_bn_after=args.freeze_bn_after, seed=args.seed, sync_batchnorm=args.sync_bn,
+            cuda_graphs=args.cuda_graphs,
         )
         stage("loading model and data", main_rank=main)
         model = load_cli_model(args, args.data, device=device)
@@ -149,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
             t = result.train
             print(f"{t.steps} steps in {t.seconds:.1f} s ({t.seconds / max(1, t.steps - (t.resumed_from or 0)) * 1000:.1f} ms/step)"
                   + (f", resumed from step {t.resumed_from}" if t.resumed_from else ""))
+            print(_graphs_line(t.cuda_graphs))
             for role, path in result.files.items():
                 print(f"{role}: {path}")
             if result.run_id:
@@ -159,6 +170,16 @@ def run(args: argparse.Namespace) -> int:
             folder.close()
         if info.distributed:
             ddp.destroy()
+
+
+def _graphs_line(report) -> str:
+    """One line on how the training steps ran (CUDA graphs or eager, and why)."""
+    if not report:
+        return "CUDA graphs: -"
+    if report["used"]:
+        line = f"CUDA graphs: {report['graphed_steps']} steps replayed, {report['eager_steps']} eager, {report['captures']} capture(s)"
+        return line + (f"; then eager: {report['eager_reason']}" if report.get("eager_reason") else "")
+    return f"CUDA graphs: not used ({report.get('eager_reason') or 'no full batch'})"
 
 
 def _read_checkpoint(args: argparse.Namespace):

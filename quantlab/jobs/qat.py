@@ -21,6 +21,7 @@ from quantlab.jobs.folders import OPEN_HERE, commit_files, open_on_main_rank
 from quantlab.jobs.recorder import Recorder
 from quantlab.qat import ddp
 from quantlab.qat.loop import TrainConfig, TrainProgress
+from quantlab.qat.loop_graphs import eager_reason
 from quantlab.qat.run import DEFAULT_METRIC, QATRunResult, read_resumable
 from quantlab.qat.run import run_qat as train_and_measure
 from quantlab.sparsity.mask import masked_layers
@@ -78,6 +79,9 @@ def run_qat(
     main = ddp.is_main_process()
     recorder = Recorder(store if main else None)
     previous_id = read_resumable(out, metric).get("run_id") if resume else None  # refused before anything is recorded
+    # cuda_graphs="on" where graphs cannot run is refused here too; the plan goes into the record's config
+    # (the outcome, e.g. a capture that failed and left the run eager, into run.json's "cuda_graphs").
+    why_eager = eager_reason(model, train_config.cuda_graphs)
     own_folder = folder is OPEN_HERE
     if own_folder:
         folder = open_on_main_rank(out, main=main, kind="qat", inputs=None if resume else inputs,
@@ -90,6 +94,8 @@ def run_qat(
             config={"train": train_config.to_dict(), "learn_amax": learn_amax, "weight_ranges": weight_ranges,
                     "fold_bn": fold_bn, "calibrator": calibrator, "metric": metric, "resumed": bool(resume),
                     "sparsity": "2:4" if (prune is not None or masked_layers(model)) else None,
+                    "cuda_graphs": {"requested": train_config.cuda_graphs, "planned": "eager" if why_eager else "graphs",
+                                    "eager_reason": why_eager},
                     "quant_config": quant_config.to_dict() if quant_config else None},
         )
         with recorder.run(description, interrupted_hint="resume with --resume") as run:

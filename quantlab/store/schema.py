@@ -116,6 +116,7 @@ class Migration:
 
 
 def _move_v1_data(conn: sqlite3.Connection) -> None:
+    """Version 2's data step: configs out of the runs, ``updated_at`` and ``delta`` filled in."""
     # Version 1 kept the config JSON inline in each run: move it to the configs table.
     for run_id, text in conn.execute("SELECT id, config FROM runs WHERE config IS NOT NULL").fetchall():
         digest = config_hash(text)

@@ -64,56 +64,49 @@ def run(run_id: str) -> Dict[str, Any]:
     return store().get_run(run_id)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
-def _results(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
-    return _store(path).results(run_id)
+#: The per-run tables of the store (RunStore methods ``name(run_id)``) that :func:`_run_rows` reads.
+_RUN_TABLES = ("results", "layer_stats", "fidelity", "deployment", "artifacts")
+
+
+# One cached loader for every per-run table: the table is an argument, so it is part of the cache
+# key (separate functions made by a factory would share one cache: Streamlit keys a cached function
+# by its name and source). ``updated_at`` is only part of the key: a write to the run makes a new entry.
+@st.cache_data(show_spinner=False, max_entries=256 * len(_RUN_TABLES))
+def _run_rows(path: str, table: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
+    if table not in _RUN_TABLES:
+        raise ValueError(f"unknown run table {table!r}; expected one of {', '.join(_RUN_TABLES)}")
+    return getattr(_store(path), table)(run_id)
+
+
+def _rows(run: Dict[str, Any], table: str) -> List[Dict[str, Any]]:
+    return _run_rows(store_path(), table, run["id"], run.get("updated_at") or "")
 
 
 def results(run: Dict[str, Any]) -> List[Dict[str, Any]]:
-    return _results(store_path(), run["id"], run.get("updated_at") or "")
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _layer_stats(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
-    return _store(path).layer_stats(run_id)
+    return _rows(run, "results")
 
 
 def layer_stats(run: Dict[str, Any]) -> List[Dict[str, Any]]:
-    return _layer_stats(store_path(), run["id"], run.get("updated_at") or "")
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _fidelity(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
-    return _store(path).fidelity(run_id)
+    return _rows(run, "layer_stats")
 
 
 def fidelity(run: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The run's output-fidelity rows against FP32 (empty for runs recorded before they existed)."""
-    return _fidelity(store_path(), run["id"], run.get("updated_at") or "")
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _deployment(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
-    return _store(path).deployment(run_id)
+    return _rows(run, "fidelity")
 
 
 def deployment(run: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The run's deployment-cost rows (latency and size of the exported files; empty for older runs)."""
-    return _deployment(store_path(), run["id"], run.get("updated_at") or "")
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _artifacts(path: str, run_id: str, updated_at: str) -> List[Dict[str, Any]]:
-    return _store(path).artifacts(run_id)
+    return _rows(run, "deployment")
 
 
 def artifacts(run: Dict[str, Any], *, with_children: bool = True) -> List[Dict[str, Any]]:
     """The run's artifacts, plus those of runs started from it (exports, autoprecision)."""
-    rows = [dict(a, run_id=run["id"]) for a in _artifacts(store_path(), run["id"], run.get("updated_at") or "")]
+    rows = [dict(a, run_id=run["id"]) for a in _rows(run, "artifacts")]
     if with_children:
         for child in runs():
             if child.get("parent_id") == run["id"]:
-                rows += [dict(a, run_id=child["id"]) for a in _artifacts(store_path(), child["id"], child.get("updated_at") or "")]
+                rows += [dict(a, run_id=child["id"]) for a in _rows(child, "artifacts")]
     return rows
 
 
@@ -279,7 +272,9 @@ def sensitivity_runs(run: Dict[str, Any]) -> List[Dict[str, Any]]:
 def clear_caches() -> None:
     """Forget cached reads (after this session wrote to the store)."""
     _runs.clear()
-    _artifacts.clear()
+    # Adding an artifact does not change the run's updated_at (the key), so cached artifact lists
+    # must go; the other per-run tables share the loader and are read again too (cheap).
+    _run_rows.clear()
 
 
 def store_is_empty() -> bool:

@@ -44,7 +44,7 @@ from quantlab.config import QuantConfig, int8_config
 from quantlab.errors import ConfigError
 from quantlab.evaluation.errors import EvaluationError
 from quantlab.evaluation.evaluate import Evaluation, evaluate, evaluate_reference
-from quantlab.evaluation.fidelity import FidelityAccumulator
+from quantlab.evaluation.fidelity import Fidelity, FidelityAccumulator
 from quantlab.evaluation.layers import LayerError, layer_errors
 from quantlab.evaluation.noise import MetricNoise, SampleScores, metric_noise
 from quantlab.evaluation.tasks import Task, batches_of, task_for_metric
@@ -81,46 +81,40 @@ class Candidate:
 
 
 @dataclasses.dataclass
-class ResultRow:
-    """One metric of one precision/calibrator (the run store's ``results`` row)."""
+class _Configuration:
+    """The configuration a row describes (the first fields of every row)."""
 
     precision: str
     calibrator: Optional[str]
     source: str
+
+
+@dataclasses.dataclass
+class _MetricValue(_Configuration):
+    """A metric's value for a configuration, its difference to FP32 and the time it took."""
+
     metric: str
     value: float
     delta: Optional[float]
     seconds: Optional[float]
-    n: Optional[int] = None
-    ci_low: Optional[float] = None
-    ci_high: Optional[float] = None
-    ci_method: Optional[str] = None
-    p_value: Optional[float] = None
-    paired_test: Optional[str] = None
-    within_noise: Optional[bool] = None
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+
+# A row is its configuration followed by the fields of what was measured, declared once where
+# they are computed (MetricNoise, Fidelity). dataclasses collects fields in reverse MRO order,
+# so the measurement base goes FIRST in the bases: its fields then come after the configuration's,
+# and positional construction keeps the order precision, calibrator, source, ...
 
 
 @dataclasses.dataclass
-class FidelityRow:
-    """Output fidelity of one precision/calibrator against FP32 (the run store's ``fidelity`` row;
-    fields as :class:`quantlab.evaluation.fidelity.Fidelity`)."""
+class ResultRow(MetricNoise, _MetricValue):
+    """One metric of one precision/calibrator (the run store's ``results`` row): precision, calibrator,
+    source, metric, value, delta, seconds, then the fields of :class:`quantlab.evaluation.noise.MetricNoise`."""
 
-    precision: str
-    calibrator: Optional[str]
-    source: str
-    n: int
-    top1_agreement: Optional[float]
-    max_abs_error: float
-    max_rel_error: float
-    mean_cosine: float
-    one_minus_cosine: float
-    kl_divergence: Optional[float]
 
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+@dataclasses.dataclass
+class FidelityRow(Fidelity, _Configuration):
+    """Output fidelity of one precision/calibrator against FP32 (the run store's ``fidelity`` row):
+    precision, calibrator, source, then the fields of :class:`quantlab.evaluation.fidelity.Fidelity`."""
 
 
 @dataclasses.dataclass

@@ -28,9 +28,10 @@ Version history:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sqlite3
-from typing import Callable, Dict
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 SCHEMA_VERSION = 5
 
@@ -86,32 +87,36 @@ def config_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
-    run_script(
-        conn,
-        """
-        CREATE TABLE configs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            sha256 TEXT NOT NULL UNIQUE,
-            json TEXT NOT NULL
-        );
-        ALTER TABLE runs ADD COLUMN name TEXT;
-        ALTER TABLE runs ADD COLUMN eval_data TEXT;
-        ALTER TABLE runs ADD COLUMN config_id INTEGER REFERENCES configs(id);
-        ALTER TABLE runs ADD COLUMN parent_id TEXT;
-        ALTER TABLE runs ADD COLUMN progress REAL;
-        ALTER TABLE runs ADD COLUMN error TEXT;
-        ALTER TABLE runs ADD COLUMN updated_at TEXT;
-        ALTER TABLE results ADD COLUMN source TEXT NOT NULL DEFAULT 'ptq';
-        ALTER TABLE results ADD COLUMN delta REAL;
-        ALTER TABLE results ADD COLUMN seconds REAL;
-        ALTER TABLE layer_stats ADD COLUMN local_sqnr_db REAL;
-        ALTER TABLE layer_stats ADD COLUMN local_cosine REAL;
-        ALTER TABLE layer_stats ADD COLUMN sensitivity REAL;
-        ALTER TABLE layer_stats ADD COLUMN rank INTEGER;
-        ALTER TABLE artifacts ADD COLUMN created_at TEXT;
-        """
-    )
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    """One step of the schema: what version ``v + 1`` adds to version ``v``.
+
+    Calling it applies the step on ``conn`` (inside the caller's transaction): first
+    ``creates`` (new tables and indexes), then ``columns`` (each added with
+    ``ALTER TABLE ... ADD COLUMN``), then ``data`` (rows moved or derived, once the
+    new columns exist).
+
+    Attributes:
+        columns: Table -> the column definitions it gains (``"name TYPE ..."``), in order.
+        creates: ``;``-separated CREATE TABLE / CREATE INDEX statements.
+        data: Rewrites rows for the new schema (None: nothing to move).
+    """
+
+    columns: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+    creates: str = ""
+    data: Optional[Callable[[sqlite3.Connection], None]] = None
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        run_script(conn, self.creates)
+        for table, definitions in self.columns.items():
+            for definition in definitions:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
+        if self.data is not None:
+            self.data(conn)
+
+
+def _move_v1_data(conn: sqlite3.Connection) -> None:
+    """Version 2's data step: configs out of the runs, ``updated_at`` and ``delta`` filled in."""
     # Version 1 kept the config JSON inline in each run: move it to the configs table.
     for run_id, text in conn.execute("SELECT id, config FROM runs WHERE config IS NOT NULL").fetchall():
         digest = config_hash(text)
@@ -128,53 +133,42 @@ def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
             ORDER BY f.id LIMIT 1)
         """
     )
-    run_script(
-        conn,
-        """
+
+
+_V2 = Migration(
+    columns={
+        "runs": ("name TEXT", "eval_data TEXT", "config_id INTEGER REFERENCES configs(id)", "parent_id TEXT",
+                 "progress REAL", "error TEXT", "updated_at TEXT"),
+        "results": ("source TEXT NOT NULL DEFAULT 'ptq'", "delta REAL", "seconds REAL"),
+        "layer_stats": ("local_sqnr_db REAL", "local_cosine REAL", "sensitivity REAL", "rank INTEGER"),
+        "artifacts": ("created_at TEXT",),
+    },
+    creates="""
+        CREATE TABLE configs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            sha256 TEXT NOT NULL UNIQUE,
+            json TEXT NOT NULL
+        );
         CREATE INDEX idx_runs_kind_created ON runs(kind, created_at);
         CREATE INDEX idx_runs_run_dir ON runs(run_dir);
         CREATE INDEX idx_results_run ON results(run_id);
         CREATE INDEX idx_layer_stats_run ON layer_stats(run_id);
         CREATE INDEX idx_artifacts_run ON artifacts(run_id);
-        """
-    )
-
-
-def _migrate_2_to_3(conn: sqlite3.Connection) -> None:
-    run_script(
-        conn,
-        """
-        ALTER TABLE layer_stats ADD COLUMN row_sqnr_db REAL;
-        ALTER TABLE layer_stats ADD COLUMN local_row_sqnr_db REAL
         """,
-    )
+    data=_move_v1_data,
+)
 
+_V3 = Migration(columns={"layer_stats": ("row_sqnr_db REAL", "local_row_sqnr_db REAL")})
 
-def _migrate_3_to_4(conn: sqlite3.Connection) -> None:
-    run_script(
-        conn,
-        """
-        ALTER TABLE runs ADD COLUMN owner_pid INTEGER;
-        ALTER TABLE runs ADD COLUMN owner_host TEXT;
-        ALTER TABLE runs ADD COLUMN owner_start TEXT
-        """,
-    )
+_V4 = Migration(columns={"runs": ("owner_pid INTEGER", "owner_host TEXT", "owner_start TEXT")})
 
-
-def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
-    run_script(
-        conn,
-        """
-        ALTER TABLE results ADD COLUMN n INTEGER;
-        ALTER TABLE results ADD COLUMN ci_low REAL;
-        ALTER TABLE results ADD COLUMN ci_high REAL;
-        ALTER TABLE results ADD COLUMN ci_method TEXT;
-        ALTER TABLE results ADD COLUMN p_value REAL;
-        ALTER TABLE results ADD COLUMN paired_test TEXT;
-        ALTER TABLE results ADD COLUMN within_noise INTEGER;
-        ALTER TABLE layer_stats ADD COLUMN sensitivity_n INTEGER;
-        ALTER TABLE layer_stats ADD COLUMN sensitivity_p REAL;
-        ALTER TABLE layer_stats ADD COLUMN sensitivity_within_noise INTEGER;
+_V5 = Migration(
+    columns={
+        "results": ("n INTEGER", "ci_low REAL", "ci_high REAL", "ci_method TEXT", "p_value REAL", "paired_test TEXT",
+                    "within_noise INTEGER"),
+        "layer_stats": ("sensitivity_n INTEGER", "sensitivity_p REAL", "sensitivity_within_noise INTEGER"),
+    },
+    creates="""
         CREATE TABLE fidelity (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -211,12 +205,9 @@ def _migrate_4_to_5(conn: sqlite3.Connection) -> None:
         CREATE INDEX idx_fidelity_run ON fidelity(run_id);
         CREATE INDEX idx_deployment_run ON deployment(run_id)
         """,
-    )
-
+)
 
 #: ``MIGRATIONS[v]`` upgrades a store from version ``v`` to ``v + 1`` inside one transaction.
-MIGRATIONS: Dict[int, Callable[[sqlite3.Connection], None]] = {
-    1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _migrate_3_to_4, 4: _migrate_4_to_5,
-}
+MIGRATIONS: Dict[int, Migration] = {1: _V2, 2: _V3, 3: _V4, 4: _V5}
 
 assert all(v in MIGRATIONS for v in range(1, SCHEMA_VERSION)), "a migration is missing"

@@ -37,9 +37,10 @@ import torch  # noqa: E402
 
 from _common import CPU_NOISE_NOTE, add_common_args, emit, machine_header, markdown_table, setup_torch, sync  # noqa: E402
 
-SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "modelopt")  # "<row>@<calibrator>" overrides --calibrator
+SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "smoothquant-untie", "modelopt")  # "<row>@<calibrator>" overrides --calibrator
 MINILM_ROWS = ("fp32", "int8", "smoothquant")
 EXCLUDE: List[str] = []  # --exclude: module patterns quantlab rows keep in float (diagnostics)
+SMOOTHQUANT_PARAMS: Dict[str, Any] = {}  # --smoothquant-param: added to every smoothquant row's parameters
 
 
 # -- SmolLM2 ------------------------------------------------------------------------------------------------------
@@ -144,7 +145,8 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
         if kind == "int8":
             info = quantlab_int8(model, forward_loop, calibrator, (), {}, device)
         elif kind.startswith("smoothquant"):
-            params = {"smoothquant": {"alpha": 0.5}} if kind == "smoothquant-0.5" else {}
+            params = {"smoothquant": {**SMOOTHQUANT_PARAMS, **({"alpha": 0.5} if kind == "smoothquant-0.5" else {}),
+                                      **({"untie": True} if kind == "smoothquant-untie" else {})}}
             info = quantlab_int8(model, forward_loop, calibrator, ("smoothquant",), params, device)
             d = info["details"]
             alphas = [g["alpha"] for g in d["groups"]]
@@ -152,7 +154,13 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
                          f"{len(d['skipped'])} skipped ({'; '.join(sorted({s['reason'][:60] for s in d['skipped']}))}); "
                          f"alphas {sorted(set(a for a in alphas if a is not None))}, no smoothing chosen for "
                          f"{sum(a is None for a in alphas)}; FP32 relative change {d['fp32_relative_change']:.2g}; "
-                         f"smoothquant stages {', '.join(f'{k} {v:.1f} s' for k, v in info['stages'].items())}")
+                         f"smoothquant stages {', '.join(f'{k} {v:.1f} s' for k, v in info['stages'].items())}"
+                         + (f"; parameters {params['smoothquant']}" if params["smoothquant"] else ""))
+            untie = d.get("untie") or {}
+            if untie.get("modules"):
+                notes.append(f"{row}: untied {', '.join(m['module'] + ' (from ' + ', '.join(m['shared_with']) + ')' for m in untie['modules'])}: "
+                             f"+{untie['extra_parameters']:,} parameters, +{untie['extra_bytes'] / 2**20:.1f} MiB in FP32 "
+                             f"(+{untie['extra_parameters'] / 2**20:.1f} MiB as an INT8 weight)")
         elif kind == "modelopt":
             try:
                 info = modelopt_int8(model, forward_loop)
@@ -234,12 +242,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--calibrator", default="mse", help="quantlab calibrator for SmolLM2 (default mse: the best without algorithms)")
     parser.add_argument("--exclude", default="", help="comma-separated module patterns quantlab rows keep in float (e.g. lm_head)")
     parser.add_argument("--skip-eval", action="store_true", help="only time the PTQ stages")
+    parser.add_argument("--smoothquant-param", action="append", default=[], metavar="NAME=VALUE",
+                        help="smoothquant parameter for every smoothquant row (repeatable), e.g. grid=[0.7,0.8,0.9,1]")
     parser.add_argument("--minilm-calib", type=int, default=256)
     parser.add_argument("--minilm-eval", type=int, default=1000)
     parser.add_argument("--minilm-calibrator", default="mse")
     args = parser.parse_args(argv)
     device = setup_torch(args)
     EXCLUDE[:] = [p for p in args.exclude.split(",") if p]
+    from quantlab.algorithms._params import parse_param_items
+
+    SMOOTHQUANT_PARAMS.update(parse_param_items(f"smoothquant.{p}" for p in args.smoothquant_param).get("smoothquant", {}))
     sections = []
     for name in args.models.split(","):
         sections.append({"smollm": smollm, "minilm": minilm}[name](args, device))

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 
 from _common import CPU_NOISE_NOTE, add_common_args, emit, machine_header, markdown_table, setup_torch, sync  # noqa: E402
 
-SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "smoothquant-untie", "modelopt")  # "<row>@<calibrator>" overrides --calibrator
+SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "smoothquant-untie", "modelopt")
+# "<row>@<calibrator>" overrides --calibrator; "<row>@mse+max+entropy": one transform and statistics pass, a row per calibrator
 MINILM_ROWS = ("fp32", "int8", "smoothquant")
 EXCLUDE: List[str] = []  # --exclude: module patterns quantlab rows keep in float (diagnostics)
 SMOOTHQUANT_PARAMS: Dict[str, Any] = {}  # --smoothquant-param: added to every smoothquant row's parameters
@@ -91,20 +92,22 @@ def loop_over(blocks: torch.Tensor, batch: int, device: torch.device, key: Optio
 
 def quantlab_int8(model: torch.nn.Module, forward_loop: Callable, calibrator: str, algorithms: tuple,
                   params: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    """INT8 PTQ through the pipeline; returns stage seconds and the smoothquant report."""
+    """INT8 PTQ through the pipeline (``calibrator``: one name or ``"mse+max"``, all from one statistics pass;
+    the model is left with the last one's ranges); returns stage seconds, the smoothquant report, the scales."""
     import quantlab as ql
     from quantlab.pipeline import run
 
-    config = ql.int8_config(calibrator, exclude=tuple(EXCLUDE)).replace(algorithms=algorithms, algorithm_params=params)
+    names = calibrator.split("+")
+    config = ql.int8_config(names[0], exclude=tuple(EXCLUDE)).replace(algorithms=algorithms, algorithm_params=params)
     sync(device)
     start = time.perf_counter()
-    result = run(model, forward_loop, {calibrator: {}}, config=config, cuda_graphs=False)
+    result = run(model, forward_loop, {name: {} for name in names}, config=config, cuda_graphs=False)
     sync(device)
     total = time.perf_counter() - start
     transform = sum(r.seconds for r in result.transforms)
     info: Dict[str, Any] = {"seconds": total, "transform": transform, "statistics": result.statistics_seconds,
                             "calibrate": sum(result.calibrate_seconds.values()),
-                            "quantized": sum(1 for _ in ql.iter_quantizers(model)) // 2}
+                            "quantized": sum(1 for _ in ql.iter_quantizers(model)) // 2, "scales": result.scales}
     if result.transforms:
         details = result.transforms[0].details
         info["details"] = details
@@ -167,13 +170,20 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
             except Exception as exc:  # noqa: BLE001 - a peer failing is a result, reported as such
                 table.append([row, None, None, None, None, None, None, f"failed: {type(exc).__name__}: {str(exc)[:200]}"])
                 continue
-        ppl, tokens = perplexity(model, test, args.batch_size, device) if not args.skip_eval else (float("nan"), 0)
-        if row == "fp32":
-            fp32 = ppl
-        delta = None if fp32 is None or fp32 != fp32 else 100.0 * (ppl / fp32 - 1.0)
-        print(f"row done: {row}: perplexity {ppl:.4g} ({tokens} tokens), info {({k: v for k, v in info.items() if k != 'details'})}", file=sys.stderr, flush=True)
-        table.append([row if "@" in row or kind in ("fp32", "modelopt") else f"{row}@{calibrator}", ppl, delta, info.get("quantized", 0), info.get("seconds"), info.get("transform"),
-                      info.get("statistics"), f"{tokens} tokens scored"])
+        for name in calibrator.split("+") if "scales" in info else [calibrator]:
+            if "scales" in info:
+                import quantlab as ql
+
+                ql.load_scales(model, info["scales"][name])
+            ppl, tokens = perplexity(model, test, args.batch_size, device) if not args.skip_eval else (float("nan"), 0)
+            if row == "fp32":
+                fp32 = ppl
+            delta = None if fp32 is None or fp32 != fp32 else 100.0 * (ppl / fp32 - 1.0)
+            label = row if kind in ("fp32", "modelopt") else f"{kind}@{name}"
+            print(f"row done: {label}: perplexity {ppl:.4g} ({tokens} tokens), info "
+                  f"{({k: v for k, v in info.items() if k not in ('details', 'scales')})}", file=sys.stderr, flush=True)
+            table.append([label, ppl, delta, info.get("quantized", 0), info.get("seconds"), info.get("transform"),
+                          info.get("statistics"), f"{tokens} tokens scored"])
         del model
     header = machine_header("SmolLM2-135M, every Linear INT8 (W8 per-channel, A8 static per-tensor): SmoothQuant",
                             {"device": str(device), "weights": "random (timing only)" if args.random_weights else "GGUF Q4_1 -> FP32",

@@ -18,7 +18,9 @@ Parameters (``algorithm_params["smoothquant"]``):
         language model's lm_head tied to the token embedding) gets its own copy of
         the weight, so its group (final norm -> lm_head) can be folded exactly; the
         copy is kept only where a fold happened, and the report's ``untie`` gives
-        its size (one more weight: ``extra_parameters``, ``extra_bytes``). Default False.
+        its size (one more weight in the float model: ``extra_parameters``,
+        ``extra_bytes``; a checkpoint already stores both names and the INT8 ONNX
+        export already gives lm_head its own INT8 weight, so those do not grow). Default False.
 """
 from __future__ import annotations
 

@@ -162,8 +162,8 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
             untie = d.get("untie") or {}
             if untie.get("modules"):
                 notes.append(f"{row}: untied {', '.join(m['module'] + ' (from ' + ', '.join(m['shared_with']) + ')' for m in untie['modules'])}: "
-                             f"+{untie['extra_parameters']:,} parameters, +{untie['extra_bytes'] / 2**20:.1f} MiB in FP32 "
-                             f"(+{untie['extra_parameters'] / 2**20:.1f} MiB as an INT8 weight)")
+                             f"+{untie['extra_parameters']:,} parameters, +{untie['extra_bytes'] / 2**20:.1f} MiB in the float model "
+                             "(checkpoint and INT8 ONNX: no growth, they hold lm_head's weight separately tied or not)")
         elif kind == "modelopt":
             try:
                 info = modelopt_int8(model, forward_loop)

@@ -37,9 +37,11 @@ import torch  # noqa: E402
 
 from _common import CPU_NOISE_NOTE, add_common_args, emit, machine_header, markdown_table, setup_torch, sync  # noqa: E402
 
-SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "modelopt")  # "<row>@<calibrator>" overrides --calibrator
+SMOLLM_ROWS = ("fp32", "int8", "smoothquant", "smoothquant-0.5", "smoothquant-untie", "modelopt")
+# "<row>@<calibrator>" overrides --calibrator; "<row>@mse+max+entropy": one transform and statistics pass, a row per calibrator
 MINILM_ROWS = ("fp32", "int8", "smoothquant")
 EXCLUDE: List[str] = []  # --exclude: module patterns quantlab rows keep in float (diagnostics)
+SMOOTHQUANT_PARAMS: Dict[str, Any] = {}  # --smoothquant-param: added to every smoothquant row's parameters
 
 
 # -- SmolLM2 ------------------------------------------------------------------------------------------------------
@@ -90,20 +92,22 @@ def loop_over(blocks: torch.Tensor, batch: int, device: torch.device, key: Optio
 
 def quantlab_int8(model: torch.nn.Module, forward_loop: Callable, calibrator: str, algorithms: tuple,
                   params: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
-    """INT8 PTQ through the pipeline; returns stage seconds and the smoothquant report."""
+    """INT8 PTQ through the pipeline (``calibrator``: one name or ``"mse+max"``, all from one statistics pass;
+    the model is left with the last one's ranges); returns stage seconds, the smoothquant report, the scales."""
     import quantlab as ql
     from quantlab.pipeline import run
 
-    config = ql.int8_config(calibrator, exclude=tuple(EXCLUDE)).replace(algorithms=algorithms, algorithm_params=params)
+    names = calibrator.split("+")
+    config = ql.int8_config(names[0], exclude=tuple(EXCLUDE)).replace(algorithms=algorithms, algorithm_params=params)
     sync(device)
     start = time.perf_counter()
-    result = run(model, forward_loop, {calibrator: {}}, config=config, cuda_graphs=False)
+    result = run(model, forward_loop, {name: {} for name in names}, config=config, cuda_graphs=False)
     sync(device)
     total = time.perf_counter() - start
     transform = sum(r.seconds for r in result.transforms)
     info: Dict[str, Any] = {"seconds": total, "transform": transform, "statistics": result.statistics_seconds,
                             "calibrate": sum(result.calibrate_seconds.values()),
-                            "quantized": sum(1 for _ in ql.iter_quantizers(model)) // 2}
+                            "quantized": sum(1 for _ in ql.iter_quantizers(model)) // 2, "scales": result.scales}
     if result.transforms:
         details = result.transforms[0].details
         info["details"] = details
@@ -144,7 +148,8 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
         if kind == "int8":
             info = quantlab_int8(model, forward_loop, calibrator, (), {}, device)
         elif kind.startswith("smoothquant"):
-            params = {"smoothquant": {"alpha": 0.5}} if kind == "smoothquant-0.5" else {}
+            params = {"smoothquant": {**SMOOTHQUANT_PARAMS, **({"alpha": 0.5} if kind == "smoothquant-0.5" else {}),
+                                      **({"untie": True} if kind == "smoothquant-untie" else {})}}
             info = quantlab_int8(model, forward_loop, calibrator, ("smoothquant",), params, device)
             d = info["details"]
             alphas = [g["alpha"] for g in d["groups"]]
@@ -152,20 +157,33 @@ def smollm(args: argparse.Namespace, device: torch.device) -> str:
                          f"{len(d['skipped'])} skipped ({'; '.join(sorted({s['reason'][:60] for s in d['skipped']}))}); "
                          f"alphas {sorted(set(a for a in alphas if a is not None))}, no smoothing chosen for "
                          f"{sum(a is None for a in alphas)}; FP32 relative change {d['fp32_relative_change']:.2g}; "
-                         f"smoothquant stages {', '.join(f'{k} {v:.1f} s' for k, v in info['stages'].items())}")
+                         f"smoothquant stages {', '.join(f'{k} {v:.1f} s' for k, v in info['stages'].items())}"
+                         + (f"; parameters {params['smoothquant']}" if params["smoothquant"] else ""))
+            untie = d.get("untie") or {}
+            if untie.get("modules"):
+                notes.append(f"{row}: untied {', '.join(m['module'] + ' (from ' + ', '.join(m['shared_with']) + ')' for m in untie['modules'])}: "
+                             f"+{untie['extra_parameters']:,} parameters, +{untie['extra_bytes'] / 2**20:.1f} MiB in the float model "
+                             "(checkpoint and INT8 ONNX: no growth, they hold lm_head's weight separately tied or not)")
         elif kind == "modelopt":
             try:
                 info = modelopt_int8(model, forward_loop)
             except Exception as exc:  # noqa: BLE001 - a peer failing is a result, reported as such
                 table.append([row, None, None, None, None, None, None, f"failed: {type(exc).__name__}: {str(exc)[:200]}"])
                 continue
-        ppl, tokens = perplexity(model, test, args.batch_size, device) if not args.skip_eval else (float("nan"), 0)
-        if row == "fp32":
-            fp32 = ppl
-        delta = None if fp32 is None or fp32 != fp32 else 100.0 * (ppl / fp32 - 1.0)
-        print(f"row done: {row}: perplexity {ppl:.4g} ({tokens} tokens), info {({k: v for k, v in info.items() if k != 'details'})}", file=sys.stderr, flush=True)
-        table.append([row if "@" in row or kind in ("fp32", "modelopt") else f"{row}@{calibrator}", ppl, delta, info.get("quantized", 0), info.get("seconds"), info.get("transform"),
-                      info.get("statistics"), f"{tokens} tokens scored"])
+        for name in calibrator.split("+") if "scales" in info else [calibrator]:
+            if "scales" in info:
+                import quantlab as ql
+
+                ql.load_scales(model, info["scales"][name])
+            ppl, tokens = perplexity(model, test, args.batch_size, device) if not args.skip_eval else (float("nan"), 0)
+            if row == "fp32":
+                fp32 = ppl
+            delta = None if fp32 is None or fp32 != fp32 else 100.0 * (ppl / fp32 - 1.0)
+            label = row if kind in ("fp32", "modelopt") else f"{kind}@{name}"
+            print(f"row done: {label}: perplexity {ppl:.4g} ({tokens} tokens), info "
+                  f"{({k: v for k, v in info.items() if k not in ('details', 'scales')})}", file=sys.stderr, flush=True)
+            table.append([label, ppl, delta, info.get("quantized", 0), info.get("seconds"), info.get("transform"),
+                          info.get("statistics"), f"{tokens} tokens scored"])
         del model
     header = machine_header("SmolLM2-135M, every Linear INT8 (W8 per-channel, A8 static per-tensor): SmoothQuant",
                             {"device": str(device), "weights": "random (timing only)" if args.random_weights else "GGUF Q4_1 -> FP32",
@@ -234,12 +252,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--calibrator", default="mse", help="quantlab calibrator for SmolLM2 (default mse: the best without algorithms)")
     parser.add_argument("--exclude", default="", help="comma-separated module patterns quantlab rows keep in float (e.g. lm_head)")
     parser.add_argument("--skip-eval", action="store_true", help="only time the PTQ stages")
+    parser.add_argument("--smoothquant-param", action="append", default=[], metavar="NAME=VALUE",
+                        help="smoothquant parameter for every smoothquant row (repeatable), e.g. grid=[0.7,0.8,0.9,1]")
     parser.add_argument("--minilm-calib", type=int, default=256)
     parser.add_argument("--minilm-eval", type=int, default=1000)
     parser.add_argument("--minilm-calibrator", default="mse")
     args = parser.parse_args(argv)
     device = setup_torch(args)
     EXCLUDE[:] = [p for p in args.exclude.split(",") if p]
+    from quantlab.algorithms._params import parse_param_items
+
+    SMOOTHQUANT_PARAMS.update(parse_param_items(f"smoothquant.{p}" for p in args.smoothquant_param).get("smoothquant", {}))
     sections = []
     for name in args.models.split(","):
         sections.append({"smollm": smollm, "minilm": minilm}[name](args, device))

@@ -14,10 +14,16 @@ Parameters (``algorithm_params["smoothquant"]``):
     samples: calibration rows (tokens) kept per Linear input for the search (default 256).
     tolerance: largest relative change of the model's FP32 output allowed after
         folding (default 1e-3); beyond it every fold is undone and an error raised.
+    untie: True: a consumer Linear whose weight is shared with another module (a
+        language model's lm_head tied to the token embedding) gets its own copy of
+        the weight, so its group (final norm -> lm_head) can be folded exactly; the
+        copy is kept only where a fold happened, and the report's ``untie`` gives
+        its size (one more weight in the float model: ``extra_parameters``,
+        ``extra_bytes``; a checkpoint already stores both names and the INT8 ONNX
+        export already gives lm_head its own INT8 weight, so those do not grow). Default False.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -35,13 +41,14 @@ from quantlab.algorithms._smooth_graph import (
     run_recorded,
 )
 from quantlab.algorithms._smooth_search import Consumer, InputStatistics, fold, search_alpha, smoothing_factors, channel_maxima
+from quantlab.algorithms._untie import finish as finish_untie, parameter_holders, rebuild_untied, retie, untie_weight
 from quantlab.algorithms.base import AlgorithmContext, AlgorithmError, register_algorithm
 from quantlab.attach import _selected
 from quantlab.config import QuantConfig, int8_config
 from quantlab.registry import lookup_quantizable
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
-PARAMS = ("alpha", "grid", "samples", "tolerance")
+PARAMS = ("alpha", "grid", "samples", "tolerance", "untie")
 
 
 @dataclasses.dataclass
@@ -51,7 +58,7 @@ class _Group:
     maps: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-def _params(params: Mapping[str, Any]) -> Tuple[Optional[float], Tuple[float, ...], int, float]:
+def _params(params: Mapping[str, Any]) -> Tuple[Optional[float], Tuple[float, ...], int, float, bool]:
     unknown = sorted(set(params) - set(PARAMS))
     if unknown:
         raise AlgorithmError(f"smoothquant: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMS)}")
@@ -76,16 +83,10 @@ def _params(params: Mapping[str, Any]) -> Tuple[Optional[float], Tuple[float, ..
     tolerance = params.get("tolerance", 1e-3)
     if not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise AlgorithmError(f"smoothquant: tolerance must be a positive number, got {tolerance!r}")
-    return alpha, grid, samples, float(tolerance)
-
-
-def _shared_parameters(model: nn.Module) -> Dict[int, int]:
-    counts: Dict[int, int] = collections.Counter()
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                counts[id(p)] += 1
-    return counts
+    untie = params.get("untie", False)
+    if not isinstance(untie, bool):
+        raise AlgorithmError(f"smoothquant: untie must be true or false, got {untie!r}")
+    return alpha, grid, samples, float(tolerance), untie
 
 
 def _one_sample(inputs: Tuple[tuple, dict]) -> Tuple[tuple, dict]:
@@ -102,13 +103,13 @@ def _relative_change(new: Optional[torch.Tensor], old: Optional[torch.Tensor]) -
     return float((new.double() - old.double()).abs().max() / old.double().abs().max().clamp_min(1e-30))
 
 
-@register_algorithm("smoothquant", "transform", 20, needs_data=True,
-                    params={"alpha": None, "grid": list(DEFAULT_GRID), "samples": 256, "tolerance": 1e-3},
+@register_algorithm("smoothquant", "transform", 20, needs_data=True, rebuild=rebuild_untied,
+                    params={"alpha": None, "grid": list(DEFAULT_GRID), "samples": 256, "tolerance": 1e-3, "untie": False},
                     description="SmoothQuant: per-channel factors move activation outliers into the weights, "
                                 "folded into the preceding norm or linear where exact (alpha searched per group)")
 def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     """Smooths ``model`` in place (its FP32 function is kept); returns what it did."""
-    fixed_alpha, grid, rows, tolerance = _params(context.params)
+    fixed_alpha, grid, rows, tolerance, untie = _params(context.params)
     if context.forward_loop is None:
         raise AlgorithmError("smoothquant needs calibration data (a forward loop) to measure activation ranges")
     config: QuantConfig = context.config if isinstance(context.config, QuantConfig) else int8_config()
@@ -161,7 +162,8 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     trace = recorder.result()
 
     # 2. Exact fold groups: every use of the producer's output ends in Linears, through per-channel linear ops.
-    counts = _shared_parameters(model)
+    holders = parameter_holders(model)
+    untied: Dict[str, List[Dict[str, Any]]] = {}  # producer -> its consumers' unties (undone unless folded)
     groups: List[_Group] = []
     skipped: List[Dict[str, str]] = []
     unreached: List[str] = []
@@ -180,12 +182,19 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
             reason = f"its output is also used by {', '.join(blockers)} (not a per-channel linear use): folding would change the model"
         elif any(trace.calls.get(n, 0) != 1 for n in [name] + consumers):
             reason = "the producer or a consumer runs more than once per forward"
-        elif any(counts.get(id(p), 0) > 1 for n in [name] + consumers for p in modules[n].parameters(recurse=False)):
-            reason = "a weight is shared (tied) with another module"
         elif producer.kind == "linear" and type(modules[name]).forward is not nn.Linear.forward:
             reason = "the producer Linear has its own forward (its output may not be x W^T + b)"
         elif not any(lookup_quantizable(modules[c]) is not None and _selected(c, config) for c in consumers):
             reason = "none of its consumers is quantized by the config"
+        elif any(len(holders.get(id(p), ())) > 1 for p in modules[name].parameters(recurse=False)):
+            reason = "the producer's weight is shared (tied) with another module"
+        else:
+            tied = [c for c in consumers if len(holders.get(id(modules[c].weight), ())) > 1]
+            if tied and not untie:
+                reason = ("a weight is shared (tied) with another module: " + ", ".join(tied)
+                          + " (smoothquant.untie=true gives it its own copy)")
+            elif tied:  # an equal copy: the function is unchanged, and the fold no longer reaches the other holder
+                untied[name] = [untie_weight(model, c, holders) for c in tied]
         if reason:
             skipped.append({"producer": name, "consumers": ", ".join(consumers), "reason": reason})
         else:
@@ -229,6 +238,7 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
             valid.append(group)
     seconds["probe"] = time.perf_counter() - start
     if not valid:
+        _retie(model, untied, keep=())
         reasons = "; ".join([f"{s['producer']}: {s['reason']}" for s in skipped[:6]] + unreached[:6 - min(6, len(skipped))])
         reasons = reasons or "no LayerNorm/RMSNorm or Linear output feeds a Linear"
         raise AlgorithmError(f"smoothquant: nothing in {type(model).__name__} can be smoothed with an exact fold ({reasons})")
@@ -295,9 +305,11 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     change = _relative_change(final["output"], reference["output"])
     if not change <= tolerance:
         restore()
+        _retie(model, untied, keep=())
         raise AlgorithmError(f"smoothquant: the folded model's FP32 output changed by {change:.3g} (relative, > tolerance "
                              f"{tolerance:g}); every fold was undone")
     smoothed = [d for d in done if d["alpha"] is not None]
+    kept = _retie(model, untied, keep={d["producer"] for d in smoothed})
     return {
         "alpha": "searched" if fixed_alpha is None else fixed_alpha,
         "grid": list(grid) if fixed_alpha is None else None,
@@ -307,5 +319,18 @@ def smoothquant(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
         "skipped": skipped,
         "linears_feeding_no_linear": len(unreached),
         "fp32_relative_change": change,
+        "untie": finish_untie(model, kept),
         "seconds": seconds,
     }
+
+
+def _retie(model: nn.Module, untied: Mapping[str, List[Dict[str, Any]]], keep: Any) -> List[Dict[str, Any]]:
+    """Gives back the shared weight to consumers untied for a group that was not folded; returns the kept unties."""
+    kept = []
+    for producer, entries in untied.items():
+        for entry in entries:
+            if producer in keep:
+                kept.append(entry)
+            else:
+                retie(model, entry)
+    return kept

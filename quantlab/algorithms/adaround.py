@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from quantlab.algorithms._adaround_loop import NonFinite, batch_indices, optimize
 from quantlab.algorithms._layers import (
     EnoughSamples,
     QuantizedLayer,
@@ -67,8 +68,8 @@ DEFAULTS: Dict[str, Any] = {
     "warm_start": 0.2,  # fraction of iterations without the rounding regularizer
     "beta_start": 20.0,
     "beta_end": 2.0,
+    "cuda_graphs": True,  # on CUDA, replay each optimization iteration as one CUDA graph (else eager)
 }
-_CHECK_EVERY = 100  # iterations between NaN checks (each reads a value back from the device)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -110,6 +111,9 @@ class LayerRounding(nn.Module):
         self.register_buffer("floor", torch.floor(scaled))
         self.register_buffer("nearest", torch.round(scaled).clamp(quant_min, quant_max))
         self.register_buffer("fixed", self.nearest.abs() >= bound)
+        # The free weights' flat positions, found once: selecting them by a boolean mask in every
+        # iteration would make the device report their number to the host (a sync, and no CUDA graph).
+        self.register_buffer("free_index", torch.nonzero(~self.fixed.flatten()).flatten())
         self.quant_min, self.quant_max = quant_min, quant_max
         rest = ((scaled - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
         self.v = nn.Parameter(torch.log(rest) - torch.log1p(-rest))
@@ -132,9 +136,9 @@ class LayerRounding(nn.Module):
     def nearest_weight(self) -> torch.Tensor:
         return torch.where(self.fixed, self.weight, self.nearest * self.scale)
 
-    def regularizer(self, beta: float) -> torch.Tensor:
-        free = ~self.fixed
-        return (1 - (2 * self.h()[free] - 1).abs().pow(beta)).sum()
+    def regularizer(self, beta: Union[float, torch.Tensor]) -> torch.Tensor:
+        """``sum(1 - |2 h(V) - 1|^beta)`` over the free weights (beta: a number or a 0-d tensor)."""
+        return (1 - (2 * self.h().flatten().index_select(0, self.free_index) - 1).abs().pow(beta)).sum()
 
 
 @register_algorithm(NAME, Stage.REFINE, 10, needs_data=True, params=DEFAULTS,
@@ -250,14 +254,16 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         return diff.sum(channel_dim).mean() if channel_dim is not None else diff.mean() * channels
 
     samples = inputs.shape[0]
+    # Float64 sums on the device, read back once (the former per-batch float() read-backs, same sums).
+    total_dtype = torch.float32 if inputs.device.type == "mps" else torch.float64
 
     def full_loss(weight: torch.Tensor) -> float:
-        total = 0.0
+        total = torch.zeros((), dtype=total_dtype, device=inputs.device)
         with torch.no_grad():
             for i in range(0, samples, params["batch_size"]):
                 x, y = inputs[i:i + params["batch_size"]], targets[i:i + params["batch_size"]]
-                total += float(loss_of(weight, x, y)) * x.shape[0]
-        return total / samples
+                total += loss_of(weight, x, y).to(total_dtype) * x.shape[0]
+        return float(total) / samples
 
     def fail(where: str) -> AlgorithmError:
         return AlgorithmError(f"{NAME}: NaN or Inf in the reconstruction of layer '{layer.name}' ({where}); "
@@ -267,24 +273,13 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         before = full_loss(rounding.nearest_weight())
         if not math.isfinite(before):
             raise fail("with round-to-nearest")
-        optimizer = torch.optim.Adam([rounding.v], lr=params["lr"])
-        batch = min(params["batch_size"], samples)
-        first_loss = last_loss = None
-        for iteration in range(params["iterations"]):
-            index = torch.randint(0, samples, (batch,), generator=generator).to(inputs.device)
-            reconstruction = loss_of(rounding.soft_weight(), inputs[index], targets[index])
-            beta = beta_at(iteration, params)
-            loss = reconstruction if beta is None else reconstruction + params["reg_weight"] * rounding.regularizer(beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if iteration % _CHECK_EVERY == 0 or iteration == params["iterations"] - 1:
-                value = float(loss.detach())
-                if not math.isfinite(value) or not bool(torch.isfinite(rounding.v).all()):
-                    raise fail(f"iteration {iteration}")
-                if first_loss is None:
-                    first_loss = float(reconstruction.detach())
-                last_loss = float(reconstruction.detach())
+        iterations = params["iterations"]
+        index = batch_indices(samples, min(params["batch_size"], samples), iterations, generator, inputs.device)
+        try:
+            outcome = optimize(rounding, loss_of, inputs, targets, index, [beta_at(i, params) for i in range(iterations)],
+                               params["reg_weight"], params["lr"], cuda_graph=params["cuda_graphs"])
+        except NonFinite as error:
+            raise fail(f"iteration {error.iteration}") from None
         with torch.no_grad():
             hard = rounding.hard_weight()
             after = full_loss(hard)
@@ -299,10 +294,11 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         "samples": samples,
         "loss_nearest": before,
         "loss_adaround": after,
-        "soft_loss_first": first_loss,
-        "soft_loss_last": last_loss,
+        "soft_loss_first": outcome.first_loss,
+        "soft_loss_last": outcome.last_loss,
         "flipped_fraction": float(flipped.float().mean()) if flipped.numel() else 0.0,
         "undecided_fraction": float(undecided.float().mean()) if undecided.numel() else 0.0,
         "kept": "adaround" if keep else "nearest",
+        "optimizer": outcome.mode,
     }
     return report, hard if keep else None

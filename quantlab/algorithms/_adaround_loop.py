@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -92,6 +92,7 @@ def optimize(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, t
             raise
         except Exception as error:  # noqa: BLE001 - any capture failure: the eager loop gives the answer
             _LOG.info("adaround: the optimization was not captured as a CUDA graph (%s); running it eagerly", error)
+            torch.cuda.synchronize(inputs.device)
             with torch.no_grad():
                 rounding.v.copy_(start)
             rounding.v.grad = None

@@ -14,8 +14,11 @@ reconstructing each layer's FP32 output on calibration data:
   model; beta anneals from 20 to 2 (cosine) after a warm start without the
   regularizer, which then drives every ``h(V)`` to 0 or 1. Adam on ``V``.
 * Layers go in network order; each caches its inputs and targets (at most
-  ``max_samples`` samples, on the model's device) from one calibration pass that stops
-  right after the layer, then trains on random mini-batches of that cache.
+  ``max_samples`` samples, on the model's device) from calibration passes that stop
+  right after the layer, then trains on random mini-batches of that cache. The FP32
+  targets of several consecutive layers come from one pass (up to ``target_cache_mb``;
+  see ``_adaround_data``); on CUDA each iteration is replayed as one CUDA graph
+  (``cuda_graphs``; see ``_adaround_loop``): the same computation, without the host.
 
 At the end the rounded weights, exact grid values ``s * code``, are written into the
 float weight: the weight quantizer (same range) rounds them to themselves, so
@@ -29,29 +32,23 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from quantlab.algorithms._adaround_data import LayerData, output_bytes
 from quantlab.algorithms._adaround_loop import NonFinite, batch_indices, optimize
 from quantlab.algorithms._layers import (
-    EnoughSamples,
     QuantizedLayer,
-    StopForward,
-    call_stopping,
     execution_order,
-    first_input,
     fp32_reference,
-    hooks,
-    main_output,
+    layers_in_float,
     output_channel_dim,
     output_channels,
     quantized_layers,
     read_params,
     reference_of,
-    layers_in_float,
-    run_pass,
 )
 from quantlab.algorithms.base import AlgorithmContext, AlgorithmError, Stage, register_algorithm
 from quantlab.attach import weight_name
@@ -68,6 +65,7 @@ DEFAULTS: Dict[str, Any] = {
     "warm_start": 0.2,  # fraction of iterations without the rounding regularizer
     "beta_start": 20.0,
     "beta_end": 2.0,
+    "target_cache_mb": 1024,  # FP32 layer outputs cached ahead of their layer (one FP32 pass for several layers)
     "cuda_graphs": True,  # on CUDA, replay each optimization iteration as one CUDA graph (else eager)
 }
 
@@ -147,13 +145,15 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     """Learns the rounding of every quantized layer's weight (see the module doc).
 
     Params: ``iterations`` (per layer), ``lr``, ``reg_weight`` (lambda), ``batch_size``,
-    ``max_samples`` (cached per layer), ``warm_start``, ``beta_start``, ``beta_end``.
+    ``max_samples`` (cached per layer), ``warm_start``, ``beta_start``, ``beta_end``,
+    ``target_cache_mb`` (FP32 targets cached ahead), ``cuda_graphs`` (replay the iterations on CUDA).
 
     Returns:
         Per layer: reconstruction loss (mean over the cached samples) with nearest
         rounding and with the learned rounding, the share of weights rounded the
-        other way than nearest, which rounding was kept, samples and seconds; the
-        layers skipped and why.
+        other way than nearest, which rounding was kept, how the optimization ran
+        (``optimizer``: cuda-graph or eager), samples and seconds (capture, optimize,
+        total); the layers skipped and why; the calibration passes run.
 
     Raises:
         AlgorithmError: bad parameters, no quantized layer, NaN or Inf during a
@@ -164,18 +164,26 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
         raise AlgorithmError(f"{NAME}: warm_start must be below 1, got {params['warm_start']}")
     layers = quantized_layers(model)
     reference = reference_of(model, layers, context)
+    sample_bytes: Dict[str, int] = {}
+
+    def record_size(layer: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
+        sample_bytes[layer.name] = max(sample_bytes.get(layer.name, 0), output_bytes(output))
+
     with fp32_reference(model, layers, reference):
-        order, skipped = execution_order(model, layers, context, max_samples=params["max_samples"])
+        order, skipped = execution_order(model, layers, context, on_output=record_size, max_samples=params["max_samples"])
+    data = LayerData(model, layers, order, reference, context, params["max_samples"], sample_bytes,
+                     params["target_cache_mb"] << 20, NAME)
     reports: List[Dict[str, Any]] = []
     written: List[Tuple[QuantizedLayer, torch.Tensor]] = []
     generator = torch.Generator(device="cpu").manual_seed(0)
     try:
         for layer in order:
             start = time.perf_counter()
-            inputs, targets = _capture(model, layer, layers, reference, context, params["max_samples"])
+            inputs, targets = data.take(layer)
             if inputs is None:
                 skipped[layer.name] = "its input or output is not a single tensor"
                 continue
+            captured = time.perf_counter()
             report, weight = _reconstruct(layer, inputs, targets, params, generator)
             del inputs, targets
             if weight is not None:
@@ -183,7 +191,8 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
                     saved = layer.weight.detach().clone()
                     layer.weight.copy_(weight.to(layer.weight.dtype))
                 written.append((layer, saved))
-            report["seconds"] = time.perf_counter() - start
+            end = time.perf_counter()
+            report.update(seconds=end - start, capture_seconds=captured - start, optimize_seconds=end - captured)
             reports.append(report)
     except BaseException:
         with torch.no_grad():  # leave the model as it was
@@ -191,49 +200,9 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
                 layer.weight.copy_(saved)
         raise
     return {"layers": reports, "rounded": len(reports), "skipped": skipped,
+            "passes": {"fp32": data.fp32_passes, "quantized": data.quantized_passes,
+                       "fp32_outputs_cached_ahead": not data.paired_only},
             "params": {k: params[k] for k in sorted(params)}}
-
-
-def _capture(model: nn.Module, layer: QuantizedLayer, layers: List[QuantizedLayer], reference: Dict[str, torch.Tensor],
-             context: AlgorithmContext, max_samples: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One pass: the layer's quantized-model inputs and FP32-model outputs, up to ``max_samples`` samples."""
-    inputs: List[torch.Tensor] = []
-    targets: List[torch.Tensor] = []
-    count = [0]
-    bad = [False]
-
-    def on_fp32(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
-        out = main_output(output)
-        if out is None:
-            bad[0] = True
-        else:
-            targets.append(out.detach().float().clone())
-        raise StopForward
-
-    def on_quant(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
-        x = first_input(args)
-        if x is None or len(args) > 1:
-            bad[0] = True
-        else:
-            inputs.append(x.detach().clone())
-            count[0] += x.shape[0] if x.dim() else 1
-        raise StopForward
-
-    def step(run_model: Callable[[], Any]) -> None:
-        with fp32_reference(model, layers, reference), hooks([layer], on_fp32):
-            call_stopping(run_model)
-        with hooks([layer], on_quant):
-            call_stopping(run_model)
-        if bad[0] or count[0] >= max_samples:
-            raise EnoughSamples
-
-    run_pass(model, context, step)
-    if bad[0] or not inputs or len(inputs) != len(targets):
-        return None, None
-    x, y = torch.cat(inputs)[:max_samples], torch.cat(targets)[:max_samples]
-    if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(y).all()):
-        raise AlgorithmError(f"{NAME}: NaN or Inf in the inputs or FP32 outputs of layer '{layer.name}'")
-    return x, y
 
 
 def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Tensor, params: Dict[str, Any],
@@ -247,8 +216,12 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
     channels = output_channels(layer)
     channel_dim = output_channel_dim(layer.module, targets, channels)
 
+    # The layer's other parameters (its bias) enter detached: autograd then computes no gradient
+    # for them (a reduction over the whole output per iteration) and leaves no .grad on the model.
+    frozen = {name: p.detach() for name, p in layer.module.named_parameters() if name != key}
+
     def loss_of(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(layer.module, {key: weight.to(layer.weight.dtype)}, (x,))
+        out = torch.func.functional_call(layer.module, {**frozen, key: weight.to(layer.weight.dtype)}, (x,))
         diff = (out.float() - y).pow(2)
         # Sum over output channels, mean over the rest (AdaRound's ||.||_F^2 per sample position).
         return diff.sum(channel_dim).mean() if channel_dim is not None else diff.mean() * channels

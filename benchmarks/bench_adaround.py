@@ -108,12 +108,14 @@ def summary(details: Dict[str, Any]) -> str:
     seconds = [r["seconds"] for r in layers]
     parts = [f"AdaRound total {details['wall_s']:.2f} s for {len(layers)} layers",
              f"per-layer median {statistics.median(seconds):.3f} s" if seconds else "no layer"]
-    for key in ("targets_seconds", "capture_seconds", "optimize_seconds"):
+    for key in ("capture_seconds", "optimize_seconds"):
         values = [r[key] for r in layers if key in r]
         if values:
-            parts.append(f"{key.replace('_seconds', '')} {sum(values):.2f} s")
-    if "targets_seconds" in details:
-        parts.append(f"FP32 target passes {details['targets_seconds']:.2f} s")
+            parts.append(f"{key.replace('_seconds', '')} {sum(values):.2f} s (median {statistics.median(values):.3f})")
+    modes = sorted({r.get("optimizer", "-") for r in layers})
+    parts.append(f"optimization: {', '.join(modes)}")
+    if "passes" in details:
+        parts.append(f"calibration passes: {details['passes']}")
     return "; ".join(parts)
 
 

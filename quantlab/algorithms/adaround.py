@@ -139,6 +139,29 @@ class LayerRounding(nn.Module):
         return (1 - (2 * self.h().flatten().index_select(0, self.free_index) - 1).abs().pow(beta)).sum()
 
 
+class ChannelSquaredError(torch.autograd.Function):
+    """``((out - y) ** 2).sum(dim).mean()``, its value and gradient bit for bit, with one
+    full-size temporary kept and a one-pass backward.
+
+    The plain expression keeps the difference and its square and takes three full-size
+    passes backward; on a CPU, allocating those activation-sized tensors every iteration
+    (page faults) costs as much as the arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+        diff = out - y
+        ctx.save_for_backward(diff)
+        ctx.rest = diff.numel() // diff.shape[dim]  # the elements the mean is over
+        return (diff * diff).sum(dim).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+        (diff,) = ctx.saved_tensors
+        # mean -> sum -> pow(2) backward: (grad / rest) * 2 * diff, the same products in place.
+        return diff.mul_(2 * (grad / ctx.rest)), None, None
+
+
 @register_algorithm(NAME, Stage.REFINE, 10, needs_data=True, params=DEFAULTS,
                     description="AdaRound: learns up/down rounding of each weight by layer-wise output reconstruction")
 def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
@@ -222,9 +245,10 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
 
     def loss_of(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(layer.module, {**frozen, key: weight.to(layer.weight.dtype)}, (x,))
-        diff = (out.float() - y).pow(2)
         # Sum over output channels, mean over the rest (AdaRound's ||.||_F^2 per sample position).
-        return diff.sum(channel_dim).mean() if channel_dim is not None else diff.mean() * channels
+        if channel_dim is not None:
+            return ChannelSquaredError.apply(out.float(), y, channel_dim)
+        return (out.float() - y).pow(2).mean() * channels
 
     samples = inputs.shape[0]
     # Float64 sums on the device, read back once (the former per-batch float() read-backs, same sums).

@@ -248,3 +248,19 @@ def test_leaves_no_gradient_on_the_model():
     model = copy.deepcopy(small_net())
     run(model, forward_loop(batches()), ["max"], config=config_with(("adaround",), {"adaround": dict(FAST, iterations=10)}))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.7])
+def test_the_channel_squared_error_has_the_plain_expressions_value_and_gradient_bit_for_bit(scale):
+    from quantlab.algorithms.adaround import ChannelSquaredError
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 3, 3, 3, generator=g)
+    x, y = torch.randn(4, 3, 10, 10, generator=g), torch.randn(4, 8, 8, 8, generator=g)
+    plain, fused = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = (torch.nn.functional.conv2d(x, plain) - y).pow(2).sum(1).mean()
+    got = ChannelSquaredError.apply(torch.nn.functional.conv2d(x, fused), y, 1)
+    (scale * expected).backward()
+    (scale * got).backward()
+    assert torch.equal(got, expected)
+    assert torch.equal(fused.grad, plain.grad)

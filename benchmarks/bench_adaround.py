@@ -15,9 +15,10 @@ that differ and the two totals.
 
 Examples:
     .venv/bin/python benchmarks/bench_adaround.py --threads 2 --layers 4 --calib-samples 64
-    # on a GPU machine, from the mirror of benchmarks/gpu_setup.sh:
+    # on a GPU machine (repo root as cwd, .whl carried), from the mirror of benchmarks/gpu_setup.sh:
     source benchmarks/gpu_setup.sh; cp -r benchmarks examples /tmp/ql/; cd /tmp/ql
-    python3 benchmarks/bench_adaround.py --device cuda --compare-eager
+    python3 benchmarks/bench_adaround.py --device cuda --compare-eager --per-layer
+    # or, with the CUDA tests first: bash benchmarks/gpu_adaround.sh
 """
 from __future__ import annotations
 

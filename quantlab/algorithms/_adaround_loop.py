@@ -108,15 +108,11 @@ def _eager(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, tar
     v = rounding.v
     last = len(betas) - 1
     first_loss = last_loss = math.nan
-    # The mini-batch gathered into the same two buffers every iteration (no activation-sized
-    # allocations: on a CPU each one is page faults).
-    x = inputs.new_empty((index.shape[1],) + tuple(inputs.shape[1:]))
-    y = targets.new_empty((index.shape[1],) + tuple(targets.shape[1:]))
     for iteration, beta in enumerate(betas):
         rows = index[iteration]
-        torch.index_select(inputs, 0, rows, out=x)
-        torch.index_select(targets, 0, rows, out=y)
-        reconstruction = loss_of(rounding.soft_weight(), x, y)
+        # Advanced indexing, not index_select: on a CPU index_select of activation-sized rows
+        # is ~5x slower (measured: 0.26 s against 0.05 s for 32 x 32 x 120 x 120 floats).
+        reconstruction = loss_of(rounding.soft_weight(), inputs[rows], targets[rows])
         loss = reconstruction if beta is None else reconstruction + reg_weight * rounding.regularizer(beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

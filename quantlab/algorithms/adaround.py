@@ -14,8 +14,11 @@ reconstructing each layer's FP32 output on calibration data:
   model; beta anneals from 20 to 2 (cosine) after a warm start without the
   regularizer, which then drives every ``h(V)`` to 0 or 1. Adam on ``V``.
 * Layers go in network order; each caches its inputs and targets (at most
-  ``max_samples`` samples, on the model's device) from one calibration pass that stops
-  right after the layer, then trains on random mini-batches of that cache.
+  ``max_samples`` samples, on the model's device) from calibration passes that stop
+  right after the layer, then trains on random mini-batches of that cache. The FP32
+  targets of several consecutive layers come from one pass (up to ``target_cache_mb``;
+  see ``_adaround_data``); on CUDA each iteration is replayed as one CUDA graph
+  (``cuda_graphs``; see ``_adaround_loop``): the same computation, without the host.
 
 At the end the rounded weights, exact grid values ``s * code``, are written into the
 float weight: the weight quantizer (same range) rounds them to themselves, so
@@ -29,28 +32,23 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from quantlab.algorithms._adaround_data import LayerData, output_bytes
+from quantlab.algorithms._adaround_loop import NonFinite, batch_indices, optimize
 from quantlab.algorithms._layers import (
-    EnoughSamples,
     QuantizedLayer,
-    StopForward,
-    call_stopping,
     execution_order,
-    first_input,
     fp32_reference,
-    hooks,
-    main_output,
+    layers_in_float,
     output_channel_dim,
     output_channels,
     quantized_layers,
     read_params,
     reference_of,
-    layers_in_float,
-    run_pass,
 )
 from quantlab.algorithms.base import AlgorithmContext, AlgorithmError, Stage, register_algorithm
 from quantlab.attach import weight_name
@@ -67,8 +65,9 @@ DEFAULTS: Dict[str, Any] = {
     "warm_start": 0.2,  # fraction of iterations without the rounding regularizer
     "beta_start": 20.0,
     "beta_end": 2.0,
+    "target_cache_mb": 1024,  # FP32 layer outputs cached ahead of their layer (one FP32 pass for several layers)
+    "cuda_graphs": True,  # on CUDA, replay each optimization iteration as one CUDA graph (else eager)
 }
-_CHECK_EVERY = 100  # iterations between NaN checks (each reads a value back from the device)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -110,6 +109,9 @@ class LayerRounding(nn.Module):
         self.register_buffer("floor", torch.floor(scaled))
         self.register_buffer("nearest", torch.round(scaled).clamp(quant_min, quant_max))
         self.register_buffer("fixed", self.nearest.abs() >= bound)
+        # The free weights' flat positions, found once: selecting them by a boolean mask in every
+        # iteration would make the device report their number to the host (a sync, and no CUDA graph).
+        self.register_buffer("free_index", torch.nonzero(~self.fixed.flatten()).flatten())
         self.quant_min, self.quant_max = quant_min, quant_max
         rest = ((scaled - self.floor - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
         self.v = nn.Parameter(torch.log(rest) - torch.log1p(-rest))
@@ -132,9 +134,32 @@ class LayerRounding(nn.Module):
     def nearest_weight(self) -> torch.Tensor:
         return torch.where(self.fixed, self.weight, self.nearest * self.scale)
 
-    def regularizer(self, beta: float) -> torch.Tensor:
-        free = ~self.fixed
-        return (1 - (2 * self.h()[free] - 1).abs().pow(beta)).sum()
+    def regularizer(self, beta: Union[float, torch.Tensor]) -> torch.Tensor:
+        """``sum(1 - |2 h(V) - 1|^beta)`` over the free weights (beta: a number or a 0-d tensor)."""
+        return (1 - (2 * self.h().flatten().index_select(0, self.free_index) - 1).abs().pow(beta)).sum()
+
+
+class ChannelSquaredError(torch.autograd.Function):
+    """``((out - y) ** 2).sum(dim).mean()``, its value and gradient bit for bit, with one
+    full-size temporary kept and a one-pass backward.
+
+    The plain expression keeps the difference and its square and takes three full-size
+    passes backward; on a CPU, allocating those activation-sized tensors every iteration
+    (page faults) costs as much as the arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+        diff = out - y
+        ctx.save_for_backward(diff)
+        ctx.rest = diff.numel() // diff.shape[dim]  # the elements the mean is over
+        return (diff * diff).sum(dim).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+        (diff,) = ctx.saved_tensors
+        # mean -> sum -> pow(2) backward: (grad / rest) * 2 * diff, the same products in place.
+        return diff.mul_(2 * (grad / ctx.rest)), None, None
 
 
 @register_algorithm(NAME, Stage.REFINE, 10, needs_data=True, params=DEFAULTS,
@@ -143,13 +168,15 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     """Learns the rounding of every quantized layer's weight (see the module doc).
 
     Params: ``iterations`` (per layer), ``lr``, ``reg_weight`` (lambda), ``batch_size``,
-    ``max_samples`` (cached per layer), ``warm_start``, ``beta_start``, ``beta_end``.
+    ``max_samples`` (cached per layer), ``warm_start``, ``beta_start``, ``beta_end``,
+    ``target_cache_mb`` (FP32 targets cached ahead), ``cuda_graphs`` (replay the iterations on CUDA).
 
     Returns:
         Per layer: reconstruction loss (mean over the cached samples) with nearest
         rounding and with the learned rounding, the share of weights rounded the
-        other way than nearest, which rounding was kept, samples and seconds; the
-        layers skipped and why.
+        other way than nearest, which rounding was kept, how the optimization ran
+        (``optimizer``: cuda-graph or eager), samples and seconds (capture, optimize,
+        total); the layers skipped and why; the calibration passes run.
 
     Raises:
         AlgorithmError: bad parameters, no quantized layer, NaN or Inf during a
@@ -160,18 +187,26 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
         raise AlgorithmError(f"{NAME}: warm_start must be below 1, got {params['warm_start']}")
     layers = quantized_layers(model)
     reference = reference_of(model, layers, context)
+    sample_bytes: Dict[str, int] = {}
+
+    def record_size(layer: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
+        sample_bytes[layer.name] = max(sample_bytes.get(layer.name, 0), output_bytes(output))
+
     with fp32_reference(model, layers, reference):
-        order, skipped = execution_order(model, layers, context, max_samples=params["max_samples"])
+        order, skipped = execution_order(model, layers, context, on_output=record_size, max_samples=params["max_samples"])
+    data = LayerData(model, layers, order, reference, context, params["max_samples"], sample_bytes,
+                     params["target_cache_mb"] << 20, NAME)
     reports: List[Dict[str, Any]] = []
     written: List[Tuple[QuantizedLayer, torch.Tensor]] = []
     generator = torch.Generator(device="cpu").manual_seed(0)
     try:
         for layer in order:
             start = time.perf_counter()
-            inputs, targets = _capture(model, layer, layers, reference, context, params["max_samples"])
+            inputs, targets = data.take(layer)
             if inputs is None:
                 skipped[layer.name] = "its input or output is not a single tensor"
                 continue
+            captured = time.perf_counter()
             report, weight = _reconstruct(layer, inputs, targets, params, generator)
             del inputs, targets
             if weight is not None:
@@ -179,7 +214,8 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
                     saved = layer.weight.detach().clone()
                     layer.weight.copy_(weight.to(layer.weight.dtype))
                 written.append((layer, saved))
-            report["seconds"] = time.perf_counter() - start
+            end = time.perf_counter()
+            report.update(seconds=end - start, capture_seconds=captured - start, optimize_seconds=end - captured)
             reports.append(report)
     except BaseException:
         with torch.no_grad():  # leave the model as it was
@@ -187,49 +223,9 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
                 layer.weight.copy_(saved)
         raise
     return {"layers": reports, "rounded": len(reports), "skipped": skipped,
+            "passes": {"fp32": data.fp32_passes, "quantized": data.quantized_passes,
+                       "fp32_outputs_cached_ahead": not data.paired_only},
             "params": {k: params[k] for k in sorted(params)}}
-
-
-def _capture(model: nn.Module, layer: QuantizedLayer, layers: List[QuantizedLayer], reference: Dict[str, torch.Tensor],
-             context: AlgorithmContext, max_samples: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One pass: the layer's quantized-model inputs and FP32-model outputs, up to ``max_samples`` samples."""
-    inputs: List[torch.Tensor] = []
-    targets: List[torch.Tensor] = []
-    count = [0]
-    bad = [False]
-
-    def on_fp32(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
-        out = main_output(output)
-        if out is None:
-            bad[0] = True
-        else:
-            targets.append(out.detach().float().clone())
-        raise StopForward
-
-    def on_quant(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
-        x = first_input(args)
-        if x is None or len(args) > 1:
-            bad[0] = True
-        else:
-            inputs.append(x.detach().clone())
-            count[0] += x.shape[0] if x.dim() else 1
-        raise StopForward
-
-    def step(run_model: Callable[[], Any]) -> None:
-        with fp32_reference(model, layers, reference), hooks([layer], on_fp32):
-            call_stopping(run_model)
-        with hooks([layer], on_quant):
-            call_stopping(run_model)
-        if bad[0] or count[0] >= max_samples:
-            raise EnoughSamples
-
-    run_pass(model, context, step)
-    if bad[0] or not inputs or len(inputs) != len(targets):
-        return None, None
-    x, y = torch.cat(inputs)[:max_samples], torch.cat(targets)[:max_samples]
-    if not bool(torch.isfinite(x).all()) or not bool(torch.isfinite(y).all()):
-        raise AlgorithmError(f"{NAME}: NaN or Inf in the inputs or FP32 outputs of layer '{layer.name}'")
-    return x, y
 
 
 def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Tensor, params: Dict[str, Any],
@@ -243,21 +239,28 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
     channels = output_channels(layer)
     channel_dim = output_channel_dim(layer.module, targets, channels)
 
+    # The layer's other parameters (its bias) enter detached: autograd then computes no gradient
+    # for them (a reduction over the whole output per iteration) and leaves no .grad on the model.
+    frozen = {name: p.detach() for name, p in layer.module.named_parameters() if name != key}
+
     def loss_of(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = torch.func.functional_call(layer.module, {key: weight.to(layer.weight.dtype)}, (x,))
-        diff = (out.float() - y).pow(2)
+        out = torch.func.functional_call(layer.module, {**frozen, key: weight.to(layer.weight.dtype)}, (x,))
         # Sum over output channels, mean over the rest (AdaRound's ||.||_F^2 per sample position).
-        return diff.sum(channel_dim).mean() if channel_dim is not None else diff.mean() * channels
+        if channel_dim is not None:
+            return ChannelSquaredError.apply(out.float(), y, channel_dim)
+        return (out.float() - y).pow(2).mean() * channels
 
     samples = inputs.shape[0]
+    # Float64 sums on the device, read back once (the former per-batch float() read-backs, same sums).
+    total_dtype = torch.float32 if inputs.device.type == "mps" else torch.float64
 
     def full_loss(weight: torch.Tensor) -> float:
-        total = 0.0
+        total = torch.zeros((), dtype=total_dtype, device=inputs.device)
         with torch.no_grad():
             for i in range(0, samples, params["batch_size"]):
                 x, y = inputs[i:i + params["batch_size"]], targets[i:i + params["batch_size"]]
-                total += float(loss_of(weight, x, y)) * x.shape[0]
-        return total / samples
+                total += loss_of(weight, x, y).to(total_dtype) * x.shape[0]
+        return float(total) / samples
 
     def fail(where: str) -> AlgorithmError:
         return AlgorithmError(f"{NAME}: NaN or Inf in the reconstruction of layer '{layer.name}' ({where}); "
@@ -267,24 +270,13 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         before = full_loss(rounding.nearest_weight())
         if not math.isfinite(before):
             raise fail("with round-to-nearest")
-        optimizer = torch.optim.Adam([rounding.v], lr=params["lr"])
-        batch = min(params["batch_size"], samples)
-        first_loss = last_loss = None
-        for iteration in range(params["iterations"]):
-            index = torch.randint(0, samples, (batch,), generator=generator).to(inputs.device)
-            reconstruction = loss_of(rounding.soft_weight(), inputs[index], targets[index])
-            beta = beta_at(iteration, params)
-            loss = reconstruction if beta is None else reconstruction + params["reg_weight"] * rounding.regularizer(beta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if iteration % _CHECK_EVERY == 0 or iteration == params["iterations"] - 1:
-                value = float(loss.detach())
-                if not math.isfinite(value) or not bool(torch.isfinite(rounding.v).all()):
-                    raise fail(f"iteration {iteration}")
-                if first_loss is None:
-                    first_loss = float(reconstruction.detach())
-                last_loss = float(reconstruction.detach())
+        iterations = params["iterations"]
+        index = batch_indices(samples, min(params["batch_size"], samples), iterations, generator, inputs.device)
+        try:
+            outcome = optimize(rounding, loss_of, inputs, targets, index, [beta_at(i, params) for i in range(iterations)],
+                               params["reg_weight"], params["lr"], cuda_graph=params["cuda_graphs"])
+        except NonFinite as error:
+            raise fail(f"iteration {error.iteration}") from None
         with torch.no_grad():
             hard = rounding.hard_weight()
             after = full_loss(hard)
@@ -299,10 +291,11 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         "samples": samples,
         "loss_nearest": before,
         "loss_adaround": after,
-        "soft_loss_first": first_loss,
-        "soft_loss_last": last_loss,
+        "soft_loss_first": outcome.first_loss,
+        "soft_loss_last": outcome.last_loss,
         "flipped_fraction": float(flipped.float().mean()) if flipped.numel() else 0.0,
         "undecided_fraction": float(undecided.float().mean()) if undecided.numel() else 0.0,
         "kept": "adaround" if keep else "nearest",
+        "optimizer": outcome.mode,
     }
     return report, hard if keep else None

@@ -198,3 +198,69 @@ def test_the_qdq_export_carries_the_learned_rounding_and_the_created_biases(tmp_
     gap = float((torch.from_numpy(got) - expected).abs().max())
     assert gap < 1e-4 * float(expected.abs().max()) + 1e-5
     assert float((unrefined - expected).abs().max()) > 100 * gap  # the refinements are in the file
+
+
+def test_fp32_outputs_cached_ahead_give_the_same_rounding_as_one_pass_per_layer():
+    fp32 = small_net()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 3, 32, 32, generator=g) for _ in range(4)]  # 64 samples of 8 x 32 x 32 floats: 2 MiB a layer
+    model = copy.deepcopy(fp32)
+    run(model, forward_loop(data), ["max"], config=config_with(()))
+    per_layer = copy.deepcopy(model)
+    algorithm = get_algorithm("adaround")
+    ahead = algorithm.run(model, AlgorithmContext(forward_loop=forward_loop(data), params=FAST))
+    alone = algorithm.run(per_layer, AlgorithmContext(forward_loop=forward_loop(data), params=dict(FAST, target_cache_mb=1)))
+    assert ahead["passes"] == {"fp32": 1, "quantized": 4, "fp32_outputs_cached_ahead": True}
+    assert alone["passes"]["fp32"] == 4  # a conv's outputs alone exceed 1 MiB: no window holds two layers
+    before, after = refinable_state(model), refinable_state(per_layer)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert [r["loss_adaround"] for r in ahead["layers"]] == [r["loss_adaround"] for r in alone["layers"]]
+
+
+def test_a_loop_whose_batches_change_between_passes_still_pairs_inputs_with_their_targets():
+    from quantlab.algorithms._adaround_data import LayerData
+    from quantlab.algorithms._layers import execution_order, reference_of
+
+    data = batches(4)
+    calls = [0]
+
+    def rotating(model):  # each pass starts at another batch, like a shuffling loader
+        calls[0] += 1
+        for i in range(len(data)):
+            model(data[(i + calls[0]) % len(data)])
+
+    model = copy.deepcopy(small_net())
+    run(model, forward_loop(data), ["max"], config=config_with(()))
+    layers = quantized_layers(model)
+    context = AlgorithmContext(forward_loop=rotating)
+    reference = reference_of(model, layers, context)
+    order, _ = execution_order(model, layers, context)
+    layer_data = LayerData(model, layers, order, reference, context, 32, {l.name: 1024 for l in layers}, 1 << 20, "adaround")
+    x, y = layer_data.take(order[1])
+    assert layer_data.paired_only and layer_data.fp32_passes == 2  # the cached pass's batches were not the inputs'
+    with torch.no_grad():  # the targets are the FP32 layer's outputs on (the FP32 version of) these very inputs
+        expected = torch.nn.functional.conv2d(x, reference["2:weight"], None, padding=1, groups=8)
+    gap = float((expected - y).abs().max() / y.abs().max())
+    assert gap < 0.05, gap
+
+
+def test_leaves_no_gradient_on_the_model():
+    model = copy.deepcopy(small_net())
+    run(model, forward_loop(batches()), ["max"], config=config_with(("adaround",), {"adaround": dict(FAST, iterations=10)}))
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.7])
+def test_the_channel_squared_error_has_the_plain_expressions_value_and_gradient_bit_for_bit(scale):
+    from quantlab.algorithms.adaround import ChannelSquaredError
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 3, 3, 3, generator=g)
+    x, y = torch.randn(4, 3, 10, 10, generator=g), torch.randn(4, 8, 8, 8, generator=g)
+    plain, fused = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    expected = (torch.nn.functional.conv2d(x, plain) - y).pow(2).sum(1).mean()
+    got = ChannelSquaredError.apply(torch.nn.functional.conv2d(x, fused), y, 1)
+    (scale * expected).backward()
+    (scale * got).backward()
+    assert torch.equal(got, expected)
+    assert torch.equal(fused.grad, plain.grad)

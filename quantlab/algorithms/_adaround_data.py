@@ -159,14 +159,7 @@ class LayerData:
         count = [0]
         bad = [False]
 
-        def on_quant(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
-            x = first_input(args)
-            if x is None or len(args) > 1:
-                bad[0] = True
-            else:
-                inputs.append(x.detach().clone())
-                count[0] += x.shape[0] if x.dim() else 1
-            raise StopForward
+        on_quant = _input_recorder(inputs, count, bad)
 
         def step(run_model: Callable[[], Any]) -> None:
             with hooks([layer], on_quant), _fingerprints(self.model, prints):
@@ -193,14 +186,7 @@ class LayerData:
                 targets.append(out.detach().float().clone())
             raise StopForward
 
-        def on_quant(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
-            x = first_input(args)
-            if x is None or len(args) > 1:
-                bad[0] = True
-            else:
-                inputs.append(x.detach().clone())
-                count[0] += x.shape[0] if x.dim() else 1
-            raise StopForward
+        on_quant = _input_recorder(inputs, count, bad)
 
         def step(run_model: Callable[[], Any]) -> None:
             with fp32_reference(self.model, self.layers, self.reference), hooks([layer], on_fp32):
@@ -246,3 +232,20 @@ def _same(a: Sequence[Tuple[Any, ...]], b: Sequence[Tuple[Any, ...]]) -> bool:
     if not a:
         return True
     return torch.equal(torch.stack([x[2] for x in a]), torch.stack([y[2] for y in b]))
+
+
+def _input_recorder(inputs: List[torch.Tensor], count: List[int], bad: List[bool]
+                    ) -> Callable[[QuantizedLayer, Tuple[Any, ...], Any], None]:
+    """A hook that keeps the layer's single input (counting its samples) and stops the forward there;
+    ``bad[0]`` is set where the input is not one tensor."""
+
+    def on_quant(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
+        x = first_input(args)
+        if x is None or len(args) > 1:
+            bad[0] = True
+        else:
+            inputs.append(x.detach().clone())
+            count[0] += x.shape[0] if x.dim() else 1
+        raise StopForward
+
+    return on_quant

@@ -182,14 +182,9 @@ def _weight_error_means(model: nn.Module, layers: List[QuantizedLayer], referenc
                         context: AlgorithmContext) -> Tuple[List[Dict[str, Any]], Dict[str, str], int]:
     """One pass: per layer, E[f(x~, W_fp32) - f(x~, W~)] on the same quantized input x~."""
     means = _ChannelMeans()
-    first_seen: Dict[str, int] = {}
-    calls: Dict[str, int] = {}
-    batches = [0]
     unclear: Dict[str, str] = {}
 
     def on_output(layer: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
-        first_seen.setdefault(layer.name, len(first_seen))
-        calls[layer.name] = calls.get(layer.name, 0) + 1
         x, out = first_input(args), main_output(output)
         if x is None or out is None:
             unclear[layer.name] = "its input or output is not a single tensor"
@@ -199,21 +194,10 @@ def _weight_error_means(model: nn.Module, layers: List[QuantizedLayer], referenc
         if not means.add(layer, fp32_out - out):
             unclear[layer.name] = "its output has no clear channel dimension"
 
-    def step(run_model: Callable[[], Any]) -> None:
-        batches[0] += 1
-        run_model()
-
-    with hooks(layers, on_output):
-        run_pass(model, context, step)
-    if batches[0] == 0:
-        raise AlgorithmError("calibration data is empty: no batch reached the model")
+    # The same pass gives the execution order and the layers to skip (never reached, shared weights).
+    order, not_once = execution_order(model, layers, context, on_output=on_output)
     skipped = dict(unclear)
-    order = sorted((l for l in layers if l.name in first_seen), key=lambda l: first_seen[l.name])
-    for layer in layers:
-        if layer.name not in first_seen:
-            skipped[layer.name] = "no calibration batch reached it"
-        elif calls[layer.name] != batches[0]:
-            skipped[layer.name] = f"runs {calls[layer.name]} times in {batches[0]} batches (shared weights)"
+    skipped.update((layer.name, not_once[layer.name]) for layer in layers if layer.name in not_once)
     reports = []
     for layer in order:
         mean = means.mean(layer.name)

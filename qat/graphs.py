@@ -32,7 +32,7 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from quantlab.graph_capture import generator_kept_on_failure, stream_kept_on_failure
+from quantlab.graph_capture import state_kept_on_failure
 from quantlab.qat.errors import QATError
 
 
@@ -105,5 +105,5 @@ def capture(step: nn.Module, args: Tuple[torch.Tensor, ...], device: torch.devic
     Raises:
         Exception: whatever the capture raised (the device's RNG and current stream are as before it).
     """
-    with torch.cuda.device(device), stream_kept_on_failure(device), generator_kept_on_failure(device):
+    with torch.cuda.device(device), state_kept_on_failure(device):
         return torch.cuda.make_graphed_callables(step, args, num_warmup_iters=warmup, allow_unused_input=allow_unused)

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from quantlab import statistics
 from quantlab.attach import is_input_hook
-from quantlab.graph_capture import generator_kept_on_failure
+from quantlab.graph_capture import state_kept_on_failure
 
 _LOG = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class GraphedForward:
         try:
             # capture_begin/end directly: torch.cuda.graph() would first run gc.collect() and
             # empty_cache(), a cost per capture that a pass of a few batches does not repay.
-            with (torch.cuda.device(self.device), generator_kept_on_failure(self.device), statistics.capturing() as recorded,
+            with (torch.cuda.device(self.device), state_kept_on_failure(self.device), statistics.capturing() as recorded,
                   torch.cuda.stream(self.stream)):
                 graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
                 try:

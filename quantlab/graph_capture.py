@@ -1,15 +1,14 @@
-"""A failed CUDA-graph capture must not break the caller's random numbers afterwards.
+"""A failed CUDA-graph capture must not break the caller's random numbers or stream afterwards.
 
 ``CUDAGraph.capture_begin`` puts the device's default generator into capture mode, and
 only a successful ``capture_end`` takes it out: when the capture is invalidated (a host
 sync, an unsupported op), ``cudaStreamEndCapture`` fails first and the generator stays
 in capture mode, so every later eager ``torch.randn``/dropout on that device raises
 "Offset increment outside graph capture encountered unexpectedly" (torch 2.11, seen on
-an H200). quantlab tries captures and falls back to eager code (statistics pass,
-``qat.graphed``, the cuSPARSELt timing), so each capture runs inside
-:func:`generator_kept_on_failure`. ``torch.cuda.graph`` also leaves its capture
-stream current when ``capture_end`` fails: captures made through it (``qat.graphed``,
-the QAT loop, the cuSPARSELt timing) also run inside :func:`stream_kept_on_failure`.
+an H200). ``torch.cuda.graph`` also leaves its capture stream current when
+``capture_end`` fails. quantlab tries captures and falls back to eager code (statistics
+pass, ``qat.graphed`` and the QAT loop, AdaRound, the cuSPARSELt timing), so each
+capture runs inside :func:`state_kept_on_failure`.
 """
 from __future__ import annotations
 
@@ -20,12 +19,20 @@ import torch
 
 
 @contextlib.contextmanager
-def generator_kept_on_failure(device: Optional[Union[torch.device, str, int]] = None) -> Iterator[None]:
-    """Restores the CUDA default generator of ``device`` if the block raises.
+def state_kept_on_failure(device: Optional[Union[torch.device, str, int]] = None) -> Iterator[None]:
+    """Puts back the device's default generator and current stream if the block (a capture) raises.
 
-    The state cloned before the block (seed and offset; not in capture mode) replaces
-    the generator's state on failure, so eager code draws the same numbers it would
-    have drawn had no capture been tried. On success nothing is touched.
+    Generator: the state cloned before the block (seed and offset; not in capture mode)
+    replaces the generator's state on failure, so eager code draws the same numbers it
+    would have drawn had no capture been tried.
+
+    Stream: ``torch.cuda.graph``'s ``__exit__`` calls ``capture_end`` before it leaves its
+    capture stream: when the capture failed, ``capture_end`` raises and the capture
+    stream stays the current stream, so every later eager kernel would run on it
+    instead of the stream the caller was on (no longer ordered with that stream's
+    work). ``torch.cuda.make_graphed_callables`` captures that way.
+
+    On success nothing is touched.
 
     Args:
         device: The CUDA device whose default generator a capture registers (the current
@@ -34,30 +41,11 @@ def generator_kept_on_failure(device: Optional[Union[torch.device, str, int]] = 
     index = _device_index(device)
     generator = torch.cuda.default_generators[index]
     saved = generator.clone_state()
+    stream = torch.cuda.current_stream(index)
     try:
         yield
     except BaseException:
         generator.graphsafe_set_state(saved)
-        raise
-
-
-@contextlib.contextmanager
-def stream_kept_on_failure(device: Optional[Union[torch.device, str, int]] = None) -> Iterator[None]:
-    """Makes the current stream of ``device`` current again if the block raises.
-
-    ``torch.cuda.graph``'s ``__exit__`` calls ``capture_end`` before it leaves its
-    capture stream: when the capture failed, ``capture_end`` raises and the capture
-    stream stays the current stream, so every later eager kernel would run on it
-    instead of the stream the caller was on (no longer ordered with that stream's
-    work). ``torch.cuda.make_graphed_callables`` captures that way.
-
-    Args:
-        device: The CUDA device (the current device when None or an index-less ``cuda``).
-    """
-    stream = torch.cuda.current_stream(_device_index(device))
-    try:
-        yield
-    except BaseException:
         torch.cuda.set_stream(stream)
         raise
 

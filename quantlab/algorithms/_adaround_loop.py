@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from quantlab.graph_capture import generator_kept_on_failure
+from quantlab.graph_capture import state_kept_on_failure
 
 _LOG = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def _graphed(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, t
     torch.cuda.synchronize(device)
     # capture_begin/end directly: torch.cuda.graph() would also run gc.collect() and empty_cache()
     # for every layer.
-    with torch.cuda.device(device), generator_kept_on_failure(device), torch.cuda.stream(torch.cuda.Stream(device)):
+    with torch.cuda.device(device), state_kept_on_failure(device), torch.cuda.stream(torch.cuda.Stream(device)):
         graph.capture_begin(capture_error_mode="thread_local")
         try:
             step()

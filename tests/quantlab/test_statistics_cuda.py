@@ -317,7 +317,7 @@ def test_a_failed_capture_leaves_random_numbers_working(kernels, where):
 
         timing = time_call(lambda i: host_read(torch.ones(4, device="cuda")), device=torch.device("cuda"), calls=2, repeats=2)
         assert timing.how.startswith("eager (")  # the graph was tried and refused
-    # torch.cuda.graph leaves its capture stream current when capture_end fails (graph_capture.stream_kept_on_failure).
+    # torch.cuda.graph leaves its capture stream current when capture_end fails (graph_capture.state_kept_on_failure).
     assert torch.cuda.current_stream() == torch.cuda.default_stream()
     g = torch.Generator(device="cuda").manual_seed(3)
     torch.randn(8, device="cuda")  # raised "Offset increment outside graph capture" before

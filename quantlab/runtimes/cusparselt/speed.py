@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from quantlab.graph_capture import generator_kept_on_failure, stream_kept_on_failure
+from quantlab.graph_capture import state_kept_on_failure
 
 
 @dataclasses.dataclass
@@ -56,7 +56,7 @@ def time_call(fn: Callable[[int], Any], *, device: torch.device, calls: int = 8,
                 for i in range(calls):
                     fn(i)
             torch.cuda.current_stream().wait_stream(side)
-            with stream_kept_on_failure(), generator_kept_on_failure(), torch.cuda.graph(g):
+            with state_kept_on_failure(), torch.cuda.graph(g):
                 for i in range(calls):
                     fn(i)
             g.replay()

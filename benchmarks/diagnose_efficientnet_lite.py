@@ -1,0 +1,271 @@
+"""Where EfficientNet-Lite1's remaining INT8 loss lives, and how fragile the crops are.
+
+After bn-fold + AdaRound + bias correction (max calibrator), scores top-1 agreement with
+FP32 on ``photos:eval`` for: the whole INT8 model; weights only (every input quantizer
+off); activations only (BN folded, FP weights, every input INT8); each layer's input
+quantizer turned off alone (the per-layer gain); and the noise floors of the metric
+(FP16, and FP32 with uniform noise of one input step added to the image). Then
+experiments on the activation ranges, each followed by the same AdaRound + bias correction:
+``local``: each input's amax chosen from multiples of its max by the mean squared error of
+its own layer's output (FP32 input and weights as reference, quantized weights in the loop);
+``greedy``: in network order, each input's multiple chosen by the KL of the final logits
+on calibration crops.
+
+Example (the GPU call):
+    python benchmarks/diagnose_efficientnet_lite.py --device cuda --experiments local,greedy
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+from bench_efficientnet_lite import batches, logits_of, score  # noqa: E402
+
+class _Stop(Exception):
+    """Ends a forward at the hooked layer."""
+
+
+MULTIPLES = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.4)
+
+
+def input_quantizers(model: torch.nn.Module) -> List[Any]:
+    from quantlab.attach import iter_quantizers
+    from quantlab.tensor_quantizer import Role
+
+    return [ref for ref in iter_quantizers(model) if ref.role is Role.INPUT]
+
+
+def prepared(fp32: torch.nn.Module, algorithms: Sequence[str], calib: Sequence[torch.Tensor]) -> Any:
+    """A copy of ``fp32`` transformed (the config's transforms), quantizers attached, max ranges chosen."""
+    from quantlab.batching import forward_loop
+    from quantlab.config import int8_config
+    from quantlab.pipeline.choose import choose_all
+    from quantlab.pipeline.collect import collect
+    from quantlab.pipeline.run import prepare
+
+    model = copy.deepcopy(fp32)
+    config = int8_config().replace(algorithms=tuple(algorithms))
+    loop = forward_loop(calib)
+    prepare(model, config, loop)
+    statistics = collect(model, loop)
+    ranges = choose_all(statistics, {"max": {}})["max"]
+    return model, config, loop, statistics, ranges
+
+
+def refined(model: torch.nn.Module, config: Any, loop: Callable, statistics: Any, ranges: Any) -> Dict[str, Any]:
+    """AdaRound + bias correction with ``ranges`` (the pipeline's refine -> apply)."""
+    from quantlab.algorithms import Stage, parse_algorithms
+    from quantlab.pipeline.run import PTQResult, apply_each
+
+    refiners = [a for a in parse_algorithms(config.algorithms) if a.stage is Stage.REFINE]
+    result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds,
+                       calibrate_seconds={})
+    start = time.perf_counter()
+    apply_each(model, statistics, {"max": ranges}, result, refiners=refiners, forward_loop=loop, config=config)
+    return {"refine_s": time.perf_counter() - start}
+
+
+def local_search(model: torch.nn.Module, ranges: Any, calib: Sequence[torch.Tensor], samples: int) -> Dict[str, float]:
+    """Per input: the multiple of its max amax with the least squared error of its layer's output."""
+    from quantlab.attach import quantization_disabled
+    from quantlab.pipeline.apply import apply
+
+    apply(model, ranges)
+    chosen: Dict[str, float] = {}
+    refs = [r for r in input_quantizers(model) if r.module_name in ranges.inputs]
+    for ref in refs:
+        captured: List[torch.Tensor] = []
+
+        def grab(module: torch.nn.Module, args: Any) -> None:
+            captured.append(args[0].detach())
+            raise _Stop
+
+        handle = ref.module.register_forward_pre_hook(grab, prepend=True)
+        try:
+            with torch.no_grad(), quantization_disabled(model):
+                seen = 0
+                for x in calib:
+                    try:
+                        model(x)
+                    except _Stop:
+                        pass
+                    seen += x.shape[0]
+                    if seen >= samples:
+                        break
+        finally:
+            handle.remove()
+        best, best_err = 1.0, float("inf")
+        base = ranges.inputs[ref.module_name]
+        with torch.no_grad():
+            with quantization_disabled(model, [ref.module_name]):
+                targets = [ref.module(x) for x in captured]
+            for m in MULTIPLES:
+                ref.quantizer.set_amax(base * m)
+                err = sum(float((ref.module(x) - y).double().pow(2).sum()) for x, y in zip(captured, targets))
+                if err < best_err:
+                    best, best_err = m, err
+            ref.quantizer.set_amax(base)
+        chosen[ref.module_name] = best
+    return chosen
+
+
+def greedy_search(model: torch.nn.Module, ranges: Any, calib: Sequence[torch.Tensor],
+                  reference: torch.Tensor) -> Dict[str, float]:
+    """In network order, each input's multiple that minimizes the KL of the final logits on ``calib``."""
+    from quantlab.pipeline.apply import apply
+
+    apply(model, ranges)
+    chosen: Dict[str, float] = {}
+    for ref in [r for r in input_quantizers(model) if r.module_name in ranges.inputs]:
+        base = ranges.inputs[ref.module_name]
+        best, best_kl = 1.0, float("inf")
+        for m in MULTIPLES:
+            ref.quantizer.set_amax(base * m)
+            kl = score(logits_of(model, calib), reference)["kl"]
+            if kl < best_kl:
+                best, best_kl = m, kl
+        ref.quantizer.set_amax(base * best)
+        chosen[ref.module_name] = best
+    return chosen
+
+
+def scaled(ranges: Any, multiples: Dict[str, float]) -> Any:
+    out = copy.copy(ranges)
+    out.inputs = {k: v * multiples.get(k, 1.0) for k, v in ranges.inputs.items()}
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    C.add_common_args(parser)
+    parser.add_argument("--eval-samples", type=int, default=640)
+    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--algorithms", default="bn-fold,adaround,bias-correction")
+    parser.add_argument("--adaround", default="", help="AdaRound parameters, e.g. iterations=10+max_samples=16")
+    parser.add_argument("--per-layer", action="store_true", help="score each input quantizer turned off alone")
+    parser.add_argument("--experiments", default="", help="comma list of local, greedy")
+    parser.add_argument("--local-samples", type=int, default=64)
+    parser.add_argument("--json", metavar="PATH", help="also write every number as JSON")
+    args = parser.parse_args(argv)
+    device = C.setup_torch(args)
+
+    from bench_efficientnet_lite import parse_sets
+    from examples.efficientnet_lite import build
+    from quantlab.attach import iter_quantizers, quantization_disabled
+    from quantlab.data.photos import PhotoCrops
+    from quantlab.tensor_quantizer import Role
+
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    adaround_params = parse_sets("adaround:" + args.adaround.replace(",", "+"))[0]["adaround"] if args.adaround else {}
+    fp32 = build().to(device)
+    calib = batches(PhotoCrops("calib"), args.calib_samples, args.batch_size, device)
+    evaluation = batches(PhotoCrops("eval"), args.eval_samples, args.batch_size, device)
+    reference = logits_of(fp32, evaluation)
+    calib_reference = logits_of(fp32, calib)
+    out: Dict[str, Any] = {"eval_crops": int(reference.shape[0]), "calib_crops": int(calib_reference.shape[0])}
+
+    # How fragile the metric is: the top-1 margin of FP32's logits, FP16, one input step of noise.
+    top2 = reference.topk(2, 1).values
+    margin = top2[:, 0] - top2[:, 1]
+    probs = torch.softmax(reference.double(), 1).max(1).values
+    out["margin_quantiles"] = {str(q): float(margin.quantile(q)) for q in (0.05, 0.1, 0.25, 0.5)}
+    out["top1_prob_median"] = float(probs.median())
+    half = copy.deepcopy(fp32).half()
+    out["fp16"] = score(torch.cat([half(x.half()).float().cpu() for x in evaluation]), reference)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    noisy = [x + ((torch.rand(x.shape, generator=generator) - 0.5) / 127).to(device) for x in evaluation]
+    out["fp32_input_step_noise"] = score(logits_of(fp32, noisy), reference)
+    print(json.dumps(out), file=sys.stderr, flush=True)
+
+    def with_adaround(config: Any) -> Any:
+        if not adaround_params:
+            return config
+        return config.replace(algorithm_params={"adaround": adaround_params})
+
+    # Activations only: BN folded, FP weights, every input INT8 (max).
+    model, config, loop, statistics, ranges = prepared(fp32, ["bn-fold"], calib)
+    from quantlab.pipeline.apply import apply
+    apply(model, ranges)
+    weight_names = [r.module_name for r in iter_quantizers(model) if r.role is Role.WEIGHT]
+    saved = [(r.quantizer, r.quantizer.mode) for r in iter_quantizers(model) if r.role is Role.WEIGHT]
+    for q, _ in saved:
+        q.off()
+    out["activations_only"] = score(logits_of(model, evaluation), reference)
+    for q, mode in saved:
+        q.restore(mode)
+    out["bn_fold_max"] = score(logits_of(model, evaluation), reference)
+    del model, weight_names
+
+    # The baseline: the algorithms with max ranges.
+    model, config, loop, statistics, ranges = prepared(fp32, algorithms, calib)
+    config = with_adaround(config)
+    out["baseline_refine_s"] = refined(model, config, loop, statistics, ranges)["refine_s"]
+    out["baseline"] = score(logits_of(model, evaluation), reference)
+    inputs = input_quantizers(model)
+    saved = [(r.quantizer, r.quantizer.mode) for r in inputs]
+    for q, _ in saved:
+        q.off()
+    out["weights_only"] = score(logits_of(model, evaluation), reference)
+    for q, mode in saved:
+        q.restore(mode)
+    first = inputs[0]
+    first.quantizer.off()
+    out["image_input_float"] = {"layer": first.module_name, **score(logits_of(model, evaluation), reference)}
+    first.quantizer.restore("quantize")
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    if args.per_layer:
+        gains = []
+        for ref in inputs:
+            mode = ref.quantizer.mode
+            ref.quantizer.off()
+            s = score(logits_of(model, evaluation), reference)
+            ref.quantizer.restore(mode)
+            gains.append({"layer": ref.module_name, "amax": ranges.inputs.get(ref.module_name),
+                          "agreement_gain": s["agreement"] - out["baseline"]["agreement"],
+                          "kl_ratio": s["kl"] / out["baseline"]["kl"]})
+        gains.sort(key=lambda g: g["kl_ratio"])
+        out["per_layer_input_off"] = gains
+    del model
+
+    for experiment in [e.strip() for e in args.experiments.split(",") if e.strip()]:
+        model, config, loop, statistics, ranges = prepared(fp32, algorithms, calib)
+        config = with_adaround(config)
+        start = time.perf_counter()
+        if experiment == "local":
+            multiples = local_search(model, ranges, calib, args.local_samples)
+        elif experiment == "greedy":
+            multiples = greedy_search(model, ranges, calib, calib_reference)
+        else:
+            raise SystemExit(f"unknown experiment {experiment!r}")
+        search_s = time.perf_counter() - start
+        new_ranges = scaled(ranges, multiples)
+        from quantlab.pipeline.apply import apply as apply_ranges
+        apply_ranges(model, new_ranges)
+        before_refine = score(logits_of(model, evaluation), reference)
+        refine_s = refined(model, config, loop, statistics, new_ranges)["refine_s"]
+        out[experiment] = {"search_s": search_s, "refine_s": refine_s, "before_refine": before_refine,
+                           **score(logits_of(model, evaluation), reference),
+                           "multiples": {k: v for k, v in multiples.items() if v != 1.0}}
+        print(json.dumps({experiment: out[experiment]}), file=sys.stderr, flush=True)
+        del model
+
+    text = json.dumps(out, indent=1)
+    print(C.machine_header("EfficientNet-Lite1: where the INT8 loss lives") + "\n```\n" + text + "\n```")
+    if args.json:
+        Path(args.json).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

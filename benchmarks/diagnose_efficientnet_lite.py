@@ -4,7 +4,8 @@ After bn-fold + AdaRound + bias correction (max calibrator), scores top-1 agreem
 FP32 on ``photos:eval`` for: the whole INT8 model; weights only (every input quantizer
 off); activations only (BN folded, FP weights, every input INT8); each layer's input
 quantizer turned off alone (the per-layer gain); and the noise floors of the metric
-(FP16, and FP32 with uniform noise of one input step added to the image). Then
+(FP16; FP32 with uniform noise of one input step added to the image; FP32 with only the
+image rounded to the stem's INT8 grid). Then
 experiments on the activation ranges, each followed by the same AdaRound + bias correction:
 ``local``: each input's amax chosen from multiples of its max by the mean squared error of
 its own layer's output (FP32 input and weights as reference, quantized weights in the loop);
@@ -158,6 +159,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--experiments", default="", help="comma list of local, greedy")
     parser.add_argument("--local-samples", type=int, default=64)
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON")
+    parser.add_argument("--floors-only", action="store_true", help="only the metric's floors (FP16, input noise, INT8 image)")
     args = parser.parse_args(argv)
     device = C.setup_torch(args)
 
@@ -187,7 +189,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     generator = torch.Generator(device="cpu").manual_seed(0)
     noisy = [x + ((torch.rand(x.shape, generator=generator) - 0.5) / 127).to(device) for x in evaluation]
     out["fp32_input_step_noise"] = score(logits_of(fp32, noisy), reference)
+    # The image alone on the INT8 grid (what the stem's input quantizer does; everything else FP32).
+    image_amax = max(float(x.abs().max()) for x in calib)
+    out["image_only_int8"] = {"amax": image_amax, **score(logits_of(fp32, [
+        torch.clamp(torch.round(x * (127 / image_amax)), -127, 127) * (image_amax / 127) for x in evaluation]), reference)}
     print(json.dumps(out), file=sys.stderr, flush=True)
+    if args.floors_only:
+        print(C.machine_header("EfficientNet-Lite1: the agreement metric's floors") + "\n```\n" + json.dumps(out, indent=1) + "\n```")
+        return
 
     def with_adaround(config: Any) -> Any:
         if not adaround_params:

@@ -61,21 +61,15 @@ class LayerData:
         sample_bytes: Per layer name, bytes of one sample of its output (:func:`output_bytes`).
         cache_bytes: At most this many bytes of FP32 outputs cached ahead of their layer.
         name: The algorithm's name, for errors.
-        fisher: Also weigh each output element by how much it matters to the model's
-            prediction (see :meth:`importance`); the FP32 passes then run the whole
-            network forward and backward.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[QuantizedLayer], order: Sequence[QuantizedLayer],
                  reference: Mapping[str, torch.Tensor], context: AlgorithmContext, max_samples: int,
-                 sample_bytes: Mapping[str, int], cache_bytes: int, name: str, fisher: bool = False) -> None:
+                 sample_bytes: Mapping[str, int], cache_bytes: int, name: str) -> None:
         self.model, self.layers, self.order = model, list(layers), list(order)
         self.reference, self.context, self.max_samples = reference, context, max_samples
         self.sample_bytes, self.cache_bytes, self.name = dict(sample_bytes), cache_bytes, name
-        self.fisher = fisher
         self.cached: Dict[str, List[torch.Tensor]] = {}  # layer name -> its FP32 outputs, per batch
-        self.gradients: Dict[str, List[torch.Tensor]] = {}  # layer name -> squared gradients, per batch (fisher)
-        self.taken_importance: Dict[str, Optional[torch.Tensor]] = {}
         self.bad: Set[str] = set()  # layers whose FP32 output is not a single tensor
         self.prints: List[Tuple[Any, ...]] = []  # the cached pass's batch fingerprints
         self.paired_only = False  # the forward loop's batches changed between passes
@@ -96,10 +90,7 @@ class LayerData:
             self.bad.discard(layer.name)
             return None, None
         if layer.name in self.cached:
-            gradients = self.gradients.pop(layer.name, None)
             pair = self._with_cached(layer, self.cached.pop(layer.name))
-            if pair[0] is not None and gradients is not None and not self.paired_only:
-                self.taken_importance[layer.name] = _normalized(torch.cat(gradients)[:pair[0].shape[0]])
         else:
             pair = self._paired(layer)
         x, y = pair
@@ -107,21 +98,13 @@ class LayerData:
             raise AlgorithmError(f"{self.name}: NaN or Inf in the inputs or FP32 outputs of layer '{layer.name}'")
         return pair
 
-    def importance(self, layer: QuantizedLayer) -> Optional[torch.Tensor]:
-        """With ``fisher``: per element of the layer's taken targets, the squared gradient of the
-        FP32 model's cross-entropy against its own top-1 prediction (the diagonal of the
-        empirical Fisher information, as BRECQ weighs its reconstruction), scaled to mean 1.
-        None without ``fisher``, where the forward loop's batches change between passes, or
-        where no gradient reaches the layer (then every element weighs the same)."""
-        return self.taken_importance.pop(layer.name, None)
-
     def _window(self, layer: QuantizedLayer) -> List[QuantizedLayer]:
         """``layer`` and the layers after it whose FP32 outputs fit in the cache together."""
         start = next(i for i, l in enumerate(self.order) if l is layer)
         window: List[QuantizedLayer] = []
         total = 0
         for candidate in self.order[start:]:
-            size = self.sample_bytes.get(candidate.name, 0) * self.max_samples * (2 if self.fisher else 1)
+            size = self.sample_bytes.get(candidate.name, 0) * self.max_samples
             if size <= 0 or (window and total + size > self.cache_bytes):
                 break
             window.append(candidate)
@@ -136,42 +119,20 @@ class LayerData:
         last = window[-1]
         self.prints = []
 
-        gradients: Dict[str, List[torch.Tensor]] = {l.name: [] for l in window}
-        leaves: Dict[str, torch.Tensor] = {}
-
-        def on_fp32(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> Any:
+        def on_fp32(hooked: QuantizedLayer, args: Tuple[Any, ...], output: Any) -> None:
             out, x = main_output(output), first_input(args)
             if out is None:
                 bad.add(hooked.name)
             else:
                 outputs[hooked.name].append(out.detach().float().clone())
             counts[hooked.name] += x.shape[0] if x is not None and x.dim() else 1
-            if self.fisher and out is not None and out.is_floating_point():
-                # The gradient is taken at this tensor; the rest of the network runs on a copy
-                # (a later in-place activation would change the tensor the gradient is for).
-                if not out.requires_grad:  # frozen parameters: the graph starts here
-                    out = out.detach().requires_grad_()
-                leaves[hooked.name] = out
-                return out.clone()
             if hooked is last:
                 raise StopForward
-            return None
 
         def step(run_model: Callable[[], Any]) -> None:
-            leaves.clear()
             with fp32_reference(self.model, self.layers, self.reference), hooks(window, on_fp32), \
                     _fingerprints(self.model, self.prints):
-                if self.fisher:
-                    with torch.enable_grad():
-                        loss = _prediction_loss(run_model())
-                        names = list(leaves)
-                        # autograd.grad, not backward(): no .grad is left on the model's parameters.
-                        found = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True) \
-                            if loss is not None and names else [None] * len(names)
-                    for name, g in zip(names, found):
-                        gradients[name].append(torch.zeros_like(leaves[name]) if g is None else g.float().square())
-                else:
-                    call_stopping(run_model)
+                call_stopping(run_model)
             if all(counts[name] >= self.max_samples for name in counts if name not in bad):
                 raise EnoughSamples
 
@@ -179,8 +140,6 @@ class LayerData:
         run_pass(self.model, self.context, step)
         self.bad |= bad
         self.cached.update({name: out for name, out in outputs.items() if name not in bad})
-        if self.fisher:
-            self.gradients.update({name: g for name, g in gradients.items() if name not in bad and g})
 
     def _with_cached(self, layer: QuantizedLayer, targets: List[torch.Tensor]) -> Pair:
         """One quantized pass for the inputs, paired with the cached FP32 outputs of the same batches."""
@@ -273,25 +232,6 @@ def _same(a: Sequence[Tuple[Any, ...]], b: Sequence[Tuple[Any, ...]]) -> bool:
     if not a:
         return True
     return torch.equal(torch.stack([x[2] for x in a]), torch.stack([y[2] for y in b]))
-
-
-def _prediction_loss(output: Any) -> Optional[torch.Tensor]:
-    """The cross-entropy of the model's output against its own top-1 prediction, summed over
-    samples and positions (the first floating-point tensor of the output is the logits);
-    None where no such tensor carries a gradient."""
-    logits = next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
-    if logits is None or not logits.requires_grad or logits.dim() == 0:
-        return None
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    return -log_p.gather(-1, log_p.argmax(-1, keepdim=True)).sum()
-
-
-def _normalized(squared: torch.Tensor) -> Optional[torch.Tensor]:
-    """Squared gradients scaled to mean 1 (None where they are all 0 or not finite)."""
-    mean = squared.double().mean()
-    if not bool(torch.isfinite(mean)) or float(mean) <= 0:
-        return None
-    return (squared / mean).float()
 
 
 def _input_recorder(inputs: List[torch.Tensor], count: List[int], bad: List[bool]

@@ -32,8 +32,7 @@ CHECK_EVERY = 100
 # the allocator): real iterations, run by the same step as the replays.
 WARMUP = 2
 
-# loss_of(weight, x, y, importance or None)
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class NonFinite(Exception):
@@ -67,13 +66,12 @@ def batch_indices(samples: int, batch: int, iterations: int, generator: torch.Ge
 
 def optimize(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, targets: torch.Tensor,
              index: torch.Tensor, betas: Sequence[Optional[float]], reg_weight: float, lr: float,
-             cuda_graph: bool = True, importance: Optional[torch.Tensor] = None) -> Outcome:
+             cuda_graph: bool = True) -> Outcome:
     """Trains ``rounding.v`` for ``len(betas)`` iterations (see :mod:`quantlab.algorithms.adaround`).
 
     Args:
         rounding: The layer's ``LayerRounding``.
-        loss_of: ``loss_of(weight, x, y, f)``: the reconstruction loss of a mini-batch (``f``: the
-            mini-batch's rows of ``importance``, or None).
+        loss_of: ``loss_of(weight, x, y)``: the reconstruction loss of a mini-batch.
         inputs, targets: The cached samples (on the layer's device).
         index: :func:`batch_indices` (on the same device).
         betas: Per iteration, the regularizer's beta (None: no regularizer, the warm start).
@@ -81,7 +79,6 @@ def optimize(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, t
         lr: Adam's learning rate.
         cuda_graph: Replay the iteration as a CUDA graph when on a CUDA device; on any
             failure to capture it, the layer is optimized again from the start, eagerly.
-        importance: Per element of ``targets``, the weight of its squared error (None: all 1).
 
     Raises:
         NonFinite: the loss or ``v`` became NaN or Inf (checked every :data:`CHECK_EVERY`
@@ -90,7 +87,7 @@ def optimize(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, t
     if cuda_graph and inputs.device.type == "cuda" and len(betas) > WARMUP:
         start = rounding.v.detach().clone()
         try:
-            return _graphed(rounding, loss_of, inputs, targets, index, betas, reg_weight, lr, importance)
+            return _graphed(rounding, loss_of, inputs, targets, index, betas, reg_weight, lr)
         except NonFinite:
             raise
         except Exception as error:  # noqa: BLE001 - any capture failure: the eager loop gives the answer
@@ -99,15 +96,14 @@ def optimize(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, t
             with torch.no_grad():
                 rounding.v.copy_(start)
             rounding.v.grad = None
-            outcome = _eager(rounding, loss_of, inputs, targets, index, betas, reg_weight, lr, importance)
+            outcome = _eager(rounding, loss_of, inputs, targets, index, betas, reg_weight, lr)
             outcome.mode = f"eager (CUDA graph capture failed: {type(error).__name__})"
             return outcome
-    return _eager(rounding, loss_of, inputs, targets, index, betas, reg_weight, lr, importance)
+    return _eager(rounding, loss_of, inputs, targets, index, betas, reg_weight, lr)
 
 
 def _eager(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, targets: torch.Tensor,
-           index: torch.Tensor, betas: Sequence[Optional[float]], reg_weight: float, lr: float,
-           importance: Optional[torch.Tensor] = None) -> Outcome:
+           index: torch.Tensor, betas: Sequence[Optional[float]], reg_weight: float, lr: float) -> Outcome:
     optimizer = torch.optim.Adam([rounding.v], lr=lr)
     v = rounding.v
     last = len(betas) - 1
@@ -116,8 +112,7 @@ def _eager(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, tar
         rows = index[iteration]
         # Advanced indexing, not index_select: on a CPU index_select of activation-sized rows
         # is ~5x slower (measured: 0.26 s against 0.05 s for 32 x 32 x 120 x 120 floats).
-        reconstruction = loss_of(rounding.soft_weight(), inputs[rows], targets[rows],
-                                 None if importance is None else importance[rows])
+        reconstruction = loss_of(rounding.soft_weight(), inputs[rows], targets[rows])
         loss = reconstruction if beta is None else reconstruction + reg_weight * rounding.regularizer(beta)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,8 +138,7 @@ class GraphStep:
     """
 
     def __init__(self, rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, targets: torch.Tensor,
-                 index: torch.Tensor, betas: Sequence[Optional[float]], reg_weight: float, lr: float,
-                 importance: Optional[torch.Tensor] = None) -> None:
+                 index: torch.Tensor, betas: Sequence[Optional[float]], reg_weight: float, lr: float) -> None:
         device = inputs.device
         self.rounding, self.loss_of = rounding, loss_of
         self.inputs, self.targets, self.index = inputs, targets, index
@@ -156,8 +150,6 @@ class GraphStep:
         batch = index.shape[1]
         self.x = inputs.new_empty((batch,) + tuple(inputs.shape[1:]))
         self.y = targets.new_empty((batch,) + tuple(targets.shape[1:]))
-        self.importance = importance
-        self.f = None if importance is None else importance.new_empty((batch,) + tuple(importance.shape[1:]))
         self.optimizer = torch.optim.Adam([rounding.v], lr=lr, capturable=device.type == "cuda")
 
     def __call__(self) -> None:
@@ -165,9 +157,7 @@ class GraphStep:
         rows = self.index.index_select(0, counter).view(-1)
         torch.index_select(self.inputs, 0, rows, out=self.x)
         torch.index_select(self.targets, 0, rows, out=self.y)
-        if self.importance is not None:
-            torch.index_select(self.importance, 0, rows, out=self.f)
-        reconstruction = self.loss_of(self.rounding.soft_weight(), self.x, self.y, self.f)
+        reconstruction = self.loss_of(self.rounding.soft_weight(), self.x, self.y)
         beta = self.betas.index_select(0, counter).view(())
         weight = self.weights.index_select(0, counter).view(())
         loss = reconstruction + weight * self.rounding.regularizer(beta)
@@ -204,11 +194,10 @@ def run_step_eagerly(step: GraphStep, iterations: int) -> Outcome:
 
 
 def _graphed(rounding: torch.nn.Module, loss_of: LossFn, inputs: torch.Tensor, targets: torch.Tensor,
-             index: torch.Tensor, betas: Sequence[Optional[float]], reg_weight: float, lr: float,
-             importance: Optional[torch.Tensor] = None) -> Outcome:
+             index: torch.Tensor, betas: Sequence[Optional[float]], reg_weight: float, lr: float) -> Outcome:
     device = inputs.device
     iterations = len(betas)
-    step = GraphStep(rounding, loss_of, inputs, targets, index, betas, reg_weight, lr, importance)
+    step = GraphStep(rounding, loss_of, inputs, targets, index, betas, reg_weight, lr)
     for _ in range(WARMUP):  # cuDNN/cuBLAS plans, Adam's state, the allocator: real iterations
         step.zero_grad()
         step()

@@ -67,9 +67,7 @@ DEFAULTS: Dict[str, Any] = {
     "beta_end": 2.0,
     "target_cache_mb": 1024,  # FP32 layer outputs cached ahead of their layer (one FP32 pass for several layers)
     "cuda_graphs": True,  # on CUDA, replay each optimization iteration as one CUDA graph (else eager)
-    "loss": "mse",  # "fisher": each output element weighted by its squared gradient of the prediction (BRECQ)
 }
-LOSSES = ("mse", "fisher")
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -184,7 +182,7 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
         AlgorithmError: bad parameters, no quantized layer, NaN or Inf during a
             layer's reconstruction (naming the layer; the weights are left as they were).
     """
-    params = read_params(NAME, context.params, DEFAULTS, choices={"loss": LOSSES})
+    params = read_params(NAME, context.params, DEFAULTS)
     if not params["warm_start"] < 1:
         raise AlgorithmError(f"{NAME}: warm_start must be below 1, got {params['warm_start']}")
     layers = quantized_layers(model)
@@ -197,7 +195,7 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     with fp32_reference(model, layers, reference):
         order, skipped = execution_order(model, layers, context, on_output=record_size, max_samples=params["max_samples"])
     data = LayerData(model, layers, order, reference, context, params["max_samples"], sample_bytes,
-                     params["target_cache_mb"] << 20, NAME, fisher=params["loss"] == "fisher")
+                     params["target_cache_mb"] << 20, NAME)
     reports: List[Dict[str, Any]] = []
     written: List[Tuple[QuantizedLayer, torch.Tensor]] = []
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -208,10 +206,9 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
             if inputs is None:
                 skipped[layer.name] = "its input or output is not a single tensor"
                 continue
-            importance = data.importance(layer)
             captured = time.perf_counter()
-            report, weight = _reconstruct(layer, inputs, targets, params, generator, importance)
-            del inputs, targets, importance
+            report, weight = _reconstruct(layer, inputs, targets, params, generator)
+            del inputs, targets
             if weight is not None:
                 with torch.no_grad():
                     saved = layer.weight.detach().clone()
@@ -232,12 +229,8 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
 
 
 def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Tensor, params: Dict[str, Any],
-                 generator: torch.Generator, importance: Optional[torch.Tensor] = None
-                 ) -> Tuple[Dict[str, Any], Optional[torch.Tensor]]:
-    """Trains the layer's rounding; returns its report and the weight to write (None: keep nearest).
-
-    ``importance``: per element of ``targets``, the weight of its squared error (None: all 1).
-    """
+                 generator: torch.Generator) -> Tuple[Dict[str, Any], Optional[torch.Tensor]]:
+    """Trains the layer's rounding; returns its report and the weight to write (None: keep nearest)."""
     quantizer = layer.weight_quantizer
     spec = quantizer.spec
     rounding = LayerRounding(layer.weight, scale_from_amax(quantizer.amax, spec), spec.axis, spec.quant_min,
@@ -250,12 +243,9 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
     # for them (a reduction over the whole output per iteration) and leaves no .grad on the model.
     frozen = {name: p.detach() for name, p in layer.module.named_parameters() if name != key}
 
-    def loss_of(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor, f: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def loss_of(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(layer.module, {**frozen, key: weight.to(layer.weight.dtype)}, (x,))
         # Sum over output channels, mean over the rest (AdaRound's ||.||_F^2 per sample position).
-        if f is not None:
-            squared = (out.float() - y).pow(2) * f
-            return squared.sum(channel_dim).mean() if channel_dim is not None else squared.mean() * channels
         if channel_dim is not None:
             return ChannelSquaredError.apply(out.float(), y, channel_dim)
         return (out.float() - y).pow(2).mean() * channels
@@ -269,8 +259,7 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         with torch.no_grad():
             for i in range(0, samples, params["batch_size"]):
                 x, y = inputs[i:i + params["batch_size"]], targets[i:i + params["batch_size"]]
-                f = None if importance is None else importance[i:i + params["batch_size"]]
-                total += loss_of(weight, x, y, f).to(total_dtype) * x.shape[0]
+                total += loss_of(weight, x, y).to(total_dtype) * x.shape[0]
         return float(total) / samples
 
     def fail(where: str) -> AlgorithmError:
@@ -285,7 +274,7 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         index = batch_indices(samples, min(params["batch_size"], samples), iterations, generator, inputs.device)
         try:
             outcome = optimize(rounding, loss_of, inputs, targets, index, [beta_at(i, params) for i in range(iterations)],
-                               params["reg_weight"], params["lr"], cuda_graph=params["cuda_graphs"], importance=importance)
+                               params["reg_weight"], params["lr"], cuda_graph=params["cuda_graphs"])
         except NonFinite as error:
             raise fail(f"iteration {error.iteration}") from None
         with torch.no_grad():
@@ -307,7 +296,6 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         "flipped_fraction": float(flipped.float().mean()) if flipped.numel() else 0.0,
         "undecided_fraction": float(undecided.float().mean()) if undecided.numel() else 0.0,
         "kept": "adaround" if keep else "nearest",
-        "loss": "fisher" if importance is not None else "mse",
         "optimizer": outcome.mode,
     }
     return report, hard if keep else None

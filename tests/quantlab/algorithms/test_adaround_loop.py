@@ -32,7 +32,7 @@ def layer_case(seed: int = 0, samples: int = 48, device: str = "cpu"):
     rounding = LayerRounding(conv.weight, scale, 0, -7, 7, 7)
     weight = conv.weight
 
-    def loss_of(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, f=None) -> torch.Tensor:
+    def loss_of(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = torch.nn.functional.conv2d(x, w, conv.bias, padding=1, groups=2)
         return (out - y).pow(2).sum(1).mean()
 

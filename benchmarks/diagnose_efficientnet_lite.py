@@ -184,8 +184,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     probs = torch.softmax(reference.double(), 1).max(1).values
     out["margin_quantiles"] = {str(q): float(margin.quantile(q)) for q in (0.05, 0.1, 0.25, 0.5)}
     out["top1_prob_median"] = float(probs.median())
-    half = copy.deepcopy(fp32).half()
-    out["fp16"] = score(torch.cat([half(x.half()).float().cpu() for x in evaluation]), reference)
+    if device.type == "cuda":  # FP16 convolutions on a CPU: a slow path that took > 20 GB here
+        half = copy.deepcopy(fp32).half()
+        out["fp16"] = score(torch.cat([half(x.half()).float().cpu() for x in evaluation]), reference)
+        del half
     generator = torch.Generator(device="cpu").manual_seed(0)
     noisy = [x + ((torch.rand(x.shape, generator=generator) - 0.5) / 127).to(device) for x in evaluation]
     out["fp32_input_step_noise"] = score(logits_of(fp32, noisy), reference)

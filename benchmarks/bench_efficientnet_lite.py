@@ -70,6 +70,9 @@ def parse_sets(text: str) -> List[Dict[str, Dict[str, Any]]]:
             params: Dict[str, Any] = {}
             for kv in filter(None, rest.split("+")):
                 key, _, value = kv.partition("=")
+                if value in ("true", "false"):
+                    params[key] = value == "true"
+                    continue
                 try:
                     params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
                 except ValueError:

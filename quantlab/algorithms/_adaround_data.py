@@ -65,8 +65,7 @@ class LayerData:
 
     def __init__(self, model: nn.Module, layers: Sequence[QuantizedLayer], order: Sequence[QuantizedLayer],
                  reference: Mapping[str, torch.Tensor], context: AlgorithmContext, max_samples: int,
-                 sample_bytes: Mapping[str, int], cache_bytes: int, name: str, raw_inputs: bool = False) -> None:
-        self.raw_inputs = raw_inputs  # record each layer's input before its own input quantizer
+                 sample_bytes: Mapping[str, int], cache_bytes: int, name: str) -> None:
         self.model, self.layers, self.order = model, list(layers), list(order)
         self.reference, self.context, self.max_samples = reference, context, max_samples
         self.sample_bytes, self.cache_bytes, self.name = dict(sample_bytes), cache_bytes, name
@@ -163,7 +162,7 @@ class LayerData:
         on_quant = _input_recorder(inputs, count, bad)
 
         def step(run_model: Callable[[], Any]) -> None:
-            with hooks([layer], on_quant), _fingerprints(self.model, prints), self._own_input_raw(layer):
+            with hooks([layer], on_quant), _fingerprints(self.model, prints):
                 call_stopping(run_model)
             if bad[0] or count[0] >= self.max_samples:
                 raise EnoughSamples
@@ -171,12 +170,6 @@ class LayerData:
         self.quantized_passes += 1
         run_pass(self.model, self.context, step)
         return bad[0]
-
-    def _own_input_raw(self, layer: QuantizedLayer) -> Any:
-        q = layer.input_quantizer
-        if not self.raw_inputs or q is None:
-            return contextlib.nullcontext()
-        return _quantizer_off(q)
 
     def _paired(self, layer: QuantizedLayer) -> Pair:
         """One pass, each batch run through the FP32 model then the quantized one (up to the layer)."""
@@ -198,7 +191,7 @@ class LayerData:
         def step(run_model: Callable[[], Any]) -> None:
             with fp32_reference(self.model, self.layers, self.reference), hooks([layer], on_fp32):
                 call_stopping(run_model)
-            with hooks([layer], on_quant), self._own_input_raw(layer):
+            with hooks([layer], on_quant):
                 call_stopping(run_model)
             if bad[0] or count[0] >= self.max_samples:
                 raise EnoughSamples
@@ -239,16 +232,6 @@ def _same(a: Sequence[Tuple[Any, ...]], b: Sequence[Tuple[Any, ...]]) -> bool:
     if not a:
         return True
     return torch.equal(torch.stack([x[2] for x in a]), torch.stack([y[2] for y in b]))
-
-
-@contextlib.contextmanager
-def _quantizer_off(quantizer: Any) -> Iterator[None]:
-    mode = quantizer.mode
-    quantizer.off()
-    try:
-        yield
-    finally:
-        quantizer.restore(mode)
 
 
 def _input_recorder(inputs: List[torch.Tensor], count: List[int], bad: List[bool]

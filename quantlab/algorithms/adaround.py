@@ -52,8 +52,7 @@ from quantlab.algorithms._layers import (
 )
 from quantlab.algorithms.base import AlgorithmContext, AlgorithmError, Stage, register_algorithm
 from quantlab.attach import weight_name
-from quantlab.functional import fake_quantize, scale_from_amax
-from quantlab.tensor_quantizer import QuantizerMode
+from quantlab.functional import scale_from_amax
 
 NAME = "adaround"
 ZETA, GAMMA = 1.1, -0.1
@@ -68,7 +67,6 @@ DEFAULTS: Dict[str, Any] = {
     "beta_end": 2.0,
     "target_cache_mb": 1024,  # FP32 layer outputs cached ahead of their layer (one FP32 pass for several layers)
     "cuda_graphs": True,  # on CUDA, replay each optimization iteration as one CUDA graph (else eager)
-    "qdrop": False,  # QDrop: each input element quantized with probability 1/2 during the optimization
 }
 
 
@@ -197,7 +195,7 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     with fp32_reference(model, layers, reference):
         order, skipped = execution_order(model, layers, context, on_output=record_size, max_samples=params["max_samples"])
     data = LayerData(model, layers, order, reference, context, params["max_samples"], sample_bytes,
-                     params["target_cache_mb"] << 20, NAME, raw_inputs=params["qdrop"])
+                     params["target_cache_mb"] << 20, NAME)
     reports: List[Dict[str, Any]] = []
     written: List[Tuple[QuantizedLayer, torch.Tensor]] = []
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -245,23 +243,6 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
     # for them (a reduction over the whole output per iteration) and leaves no .grad on the model.
     frozen = {name: p.detach() for name, p in layer.module.named_parameters() if name != key}
 
-    input_q = layer.input_quantizer if params["qdrop"] else None
-    if input_q is not None and input_q.mode is not QuantizerMode.QUANTIZE:
-        input_q = None
-    input_scale = None if input_q is None else scale_from_amax(input_q.amax, input_q.spec)
-
-    def quantized_input(x: torch.Tensor, drop: bool) -> torch.Tensor:
-        if input_q is None:
-            return x
-        xq = fake_quantize(x, input_q.amax, input_q.spec, scale=input_scale)
-        return torch.where(torch.rand_like(x) < 0.5, xq, x) if drop else xq
-
-    def train_loss(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss_of(weight, quantized_input(x, True), y)
-
-    def eval_loss(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss_of(weight, quantized_input(x, False), y)
-
     def loss_of(weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(layer.module, {**frozen, key: weight.to(layer.weight.dtype)}, (x,))
         # Sum over output channels, mean over the rest (AdaRound's ||.||_F^2 per sample position).
@@ -278,7 +259,7 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         with torch.no_grad():
             for i in range(0, samples, params["batch_size"]):
                 x, y = inputs[i:i + params["batch_size"]], targets[i:i + params["batch_size"]]
-                total += eval_loss(weight, x, y).to(total_dtype) * x.shape[0]
+                total += loss_of(weight, x, y).to(total_dtype) * x.shape[0]
         return float(total) / samples
 
     def fail(where: str) -> AlgorithmError:
@@ -292,7 +273,7 @@ def _reconstruct(layer: QuantizedLayer, inputs: torch.Tensor, targets: torch.Ten
         iterations = params["iterations"]
         index = batch_indices(samples, min(params["batch_size"], samples), iterations, generator, inputs.device)
         try:
-            outcome = optimize(rounding, train_loss if input_q is not None else loss_of, inputs, targets, index, [beta_at(i, params) for i in range(iterations)],
+            outcome = optimize(rounding, loss_of, inputs, targets, index, [beta_at(i, params) for i in range(iterations)],
                                params["reg_weight"], params["lr"], cuda_graph=params["cuda_graphs"])
         except NonFinite as error:
             raise fail(f"iteration {error.iteration}") from None

@@ -141,6 +141,97 @@ def greedy_search(model: torch.nn.Module, ranges: Any, calib: Sequence[torch.Ten
     return chosen
 
 
+def block_reconstruction(model: torch.nn.Module, calib: Sequence[torch.Tensor], samples: int = 256,
+                         iterations: int = 300, batch: int = 32) -> Dict[str, Any]:
+    """BRECQ-style experiment: AdaRound's rounding learned per MBConv block (expand, depthwise and project
+    convs together, the block's inner input quantizers on, straight-through) against the FP32 block's
+    output; the stem, head and classifier layer by layer. Inputs from the quantized model (earlier units
+    rounded), targets from a copy of the model with every quantizer off."""
+    from quantlab.algorithms._layers import quantized_layers
+    from quantlab.algorithms.adaround import DEFAULTS, LayerRounding, beta_at
+    from quantlab.attach import quantization_disabled, weight_name
+    from quantlab.functional import scale_from_amax
+
+    params = dict(DEFAULTS, iterations=iterations, batch_size=batch)
+    reference = copy.deepcopy(model)
+    layers = {l.name: l for l in quantized_layers(model)}
+    units = [("_conv_stem", model._conv_stem, reference._conv_stem)]
+    units += [(f"_blocks.{i}", b, reference._blocks[i]) for i, b in enumerate(model._blocks)]
+    units += [("_conv_head", model._conv_head, reference._conv_head), ("_fc", model._fc, reference._fc)]
+    report: Dict[str, Any] = {}
+
+    def capture(net: torch.nn.Module, module: torch.nn.Module, what: str) -> torch.Tensor:
+        got: List[torch.Tensor] = []
+
+        def hook(mod: torch.nn.Module, args: Any, output: Any = None) -> None:
+            got.append((args[0] if what == "input" else output).detach().float().clone())
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(hook, prepend=True) if what == "input" else module.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                seen = 0
+                for x in calib:
+                    try:
+                        net(x)
+                    except _Stop:
+                        pass
+                    seen += x.shape[0]
+                    if seen >= samples:
+                        break
+        finally:
+            handle.remove()
+        return torch.cat(got)[:samples]
+
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for name, unit, ref_unit in units:
+        convs = [(n, l) for n, l in layers.items() if n == name or n.startswith(name + ".")]
+        x = capture(model, unit, "input")
+        with quantization_disabled(reference):
+            y = capture(reference, ref_unit, "output")
+        roundings = {}
+        for n, l in convs:
+            q = l.weight_quantizer
+            roundings[n] = LayerRounding(l.weight, scale_from_amax(q.amax, q.spec), q.spec.axis, q.spec.quant_min,
+                                         q.spec.quant_max, q.spec.bound).to(x.device)
+        keys = {n: (n[len(name) + 1:] + "." if n != name else "") + f"parametrizations.{weight_name(l.module)}.original"
+                for n, l in convs}
+        modes = [(l.weight_quantizer, l.weight_quantizer.mode) for _, l in convs]
+        for q, _ in modes:
+            q.off()
+        own_input = unit.__dict__["_modules"].get("input_quantizer")
+        optimizer = torch.optim.Adam([r.v for r in roundings.values()], lr=params["lr"])
+
+        def loss_of(weights: Dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            out = torch.func.functional_call(unit, {keys[n]: w for n, w in weights.items()}, (xb,))
+            return (out.float() - yb).pow(2).sum(1).mean()
+
+        try:
+            with torch.no_grad():
+                before = float(loss_of({n: r.nearest_weight() for n, r in roundings.items()}, x, y))
+            for i in range(params["iterations"]):
+                rows = torch.randint(0, x.shape[0], (batch,), generator=generator).to(x.device)
+                rec = loss_of({n: r.soft_weight() for n, r in roundings.items()}, x[rows], y[rows])
+                beta = beta_at(i, params)
+                loss = rec if beta is None else rec + params["reg_weight"] * sum(r.regularizer(beta) for r in roundings.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                hard = {n: r.hard_weight() for n, r in roundings.items()}
+                after = float(loss_of(hard, x, y))
+                if after <= before:
+                    for n, l in convs:
+                        l.weight.copy_(hard[n].to(l.weight.dtype))
+        finally:
+            for q, mode in modes:
+                q.restore(mode)
+        report[name] = {"before": before, "after": after, "kept": "learned" if after <= before else "nearest",
+                        "convs": len(convs), "own_input_quantized": own_input is not None}
+        del x, y
+    return report
+
+
 def scaled(ranges: Any, multiples: Dict[str, float]) -> Any:
     out = copy.copy(ranges)
     out.inputs = {k: v * multiples.get(k, 1.0) for k, v in ranges.inputs.items()}
@@ -258,6 +349,25 @@ def main(argv: Optional[List[str]] = None) -> None:
             multiples = local_search(model, ranges, calib, args.local_samples)
         elif experiment == "greedy":
             multiples = greedy_search(model, ranges, calib, calib_reference)
+        elif experiment.startswith("block"):
+            # Block reconstruction instead of the pipeline's AdaRound, then bias correction.
+            from quantlab.algorithms import AlgorithmContext, get_algorithm
+            from quantlab.pipeline.apply import apply as apply_ranges
+            from quantlab.pipeline.refine import refinable_state
+            apply_ranges(model, ranges)
+            before_state = refinable_state(model)
+            units = block_reconstruction(model, calib, iterations=int(experiment[5:] or 300))
+            block_s = time.perf_counter() - start
+            after_block = score(logits_of(model, evaluation), reference)
+            if "bias-correction" in algorithms:
+                get_algorithm("bias-correction").run(model, AlgorithmContext(forward_loop=loop, reference_state=before_state))
+            out[experiment] = {"seconds": time.perf_counter() - start, "block_s": block_s, "before_bias_correction": after_block,
+                               **score(logits_of(model, evaluation), reference),
+                               "units_kept_nearest": [k for k, v in units.items() if v["kept"] == "nearest"],
+                               "loss_ratio": {k: v["after"] / v["before"] for k, v in units.items() if v["before"] > 0}}
+            print(json.dumps({experiment: out[experiment]}), file=sys.stderr, flush=True)
+            del model
+            continue
         else:
             raise SystemExit(f"unknown experiment {experiment!r}")
         search_s = time.perf_counter() - start

@@ -103,7 +103,7 @@ def _relative_change(new: Optional[torch.Tensor], old: Optional[torch.Tensor]) -
     return float((new.double() - old.double()).abs().max() / old.double().abs().max().clamp_min(1e-30))
 
 
-@register_algorithm("smoothquant", "transform", 20, needs_data=True, rebuild=rebuild_untied,
+@register_algorithm("smoothquant", "transform", 20, needs_data=True, rebuild=rebuild_untied, check=_params,
                     params={"alpha": None, "grid": list(DEFAULT_GRID), "samples": 256, "tolerance": 1e-3, "untie": False},
                     description="SmoothQuant: per-channel factors move activation outliers into the weights, "
                                 "folded into the preceding norm or linear where exact (alpha searched per group)")

@@ -131,7 +131,10 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, scales: Optional[Union[
         raise CheckpointMismatchError(f"load_checkpoint needs the FP32 model from its factory, but {type(model).__name__} already has quantizers")
     info, tensors = read_checkpoint(path)
     loaded_scales = paired_scales(info, scales) if with_scales else None  # a missing/altered pair fails before the model changes
-    rebuild_structure(model, info.transforms, info.config)
+    try:
+        rebuild_structure(model, info.transforms, info.config)
+    except AlgorithmError as exc:  # named with the file it came from
+        raise AlgorithmError(f"{path}: {exc}") from None
     expected = dict(model.state_dict())
     _add_refiner_biases(model, tensors, expected)
     problems = _problems(expected, tensors)

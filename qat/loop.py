@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from quantlab.batching import call_model, model_device, split_batch, to_device
 from quantlab.qat import ddp
 from quantlab.qat.bn_fold import freeze_bn_stats
-from quantlab.qat.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from quantlab.qat.checkpoint import CHECKPOINT_FILE, check_resume_payload, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from quantlab.qat.errors import NonFiniteLossError, QATError
 from quantlab.qat.loop_graphs import LoopGraphs, check_mode, eager_reason
 from quantlab.qat.sync_bn import synced_batchnorm
@@ -315,19 +315,25 @@ def train(
         if ckpt_path is None:
             raise QATError("resume needs a checkpoint folder")
         payload = load_checkpoint(ckpt_path, map_location=device)
-        saved = payload.get("schedule", {})
-        changed = [f for f in _SCHEDULE_FIELDS if f in saved and saved[f] != schedule_key[f]]
+        saved = payload.get("schedule")
+        changed = [f for f in _SCHEDULE_FIELDS if isinstance(saved, dict) and f in saved and saved[f] != schedule_key[f]]
         if changed:
             what = ", ".join(f"{f}={saved[f]!r} (now {schedule_key[f]!r})" for f in changed)
             raise QATError(f"{ckpt_path}: cannot resume a different schedule: {what}")
-        base.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        step = resumed_from = int(payload["step"])
-        losses = list(payload.get("losses", []))
+        step = resumed_from = check_resume_payload(payload, ckpt_path, total)
+        for what, target in (("model", base), ("optimizer", optimizer), ("scheduler", scheduler)):
+            try:
+                target.load_state_dict(payload[what])
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                detail = " ".join(str(exc).split())[:300]
+                raise QATError(f"{ckpt_path}: its {what} state does not fit this run ({type(exc).__name__}: {detail})") from None
+        losses = [float(v) for v in payload.get("losses", [])]  # checked: one finite number per step
         states = payload.get("rng") or []
         if len(states) == world:
-            set_rng_state(states[rank])
+            try:
+                set_rng_state(states[rank])
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                raise QATError(f"{ckpt_path}: its RNG state of rank {rank} is damaged ({type(exc).__name__}: {str(exc)[:200]})") from None
     else:
         torch.manual_seed(config.seed + rank)
 

@@ -171,6 +171,22 @@ def test_cosine_schedule_and_sampler():
     assert list(a) != list(EpochSampler(10, rank=0, world_size=2, seed=1))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("weight_decay", -5.0, "weight_decay must be a finite number >= 0"),  # was trained with: weights pushed outwards
+    ("range_lr", -1.0, "range_lr must be a finite number > 0"),  # was: learned ranges moved uphill
+    ("min_lr_ratio", -1.0, r"min_lr_ratio must be a finite number in \[0, 1\]"),  # was: a negative LR at the end
+    ("grad_clip", -1.0, "grad_clip must be a finite number > 0"),  # was: every gradient's sign flipped
+    ("warmup_steps", -1, "warmup_steps must be an integer >= 0"),
+    ("epochs", float("inf"), "epochs must be a finite number > 0"),  # was an OverflowError in train()
+    ("batch_size", 0, "batch_size must be an integer >= 1"),
+    ("max_steps", 2.5, "max_steps must be an integer >= 1"),
+    ("shuffle", "no", "shuffle must be True or False"),
+])
+def test_train_config_refuses_out_of_bounds_values(field, value, message):
+    with pytest.raises(qat.QATError, match=message):
+        TrainConfig(**{field: value})
+
+
 def test_bad_config():
     with pytest.raises(qat.QATError, match="task"):
         TrainConfig(task="segmentation")

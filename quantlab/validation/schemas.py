@@ -39,6 +39,13 @@ def _plain_file_name(value: str, where: str, error: Type[Exception]) -> str:
     return value
 
 
+def _name_part(value: Any, where: str, error: Type[Exception]) -> None:
+    """A calibrator name or row source: the run's file names are built from it (``scales.<calibrator>.<source>.json``,
+    ``autoprecision.<calibrator>/``), so a separator would point them outside the run folder."""
+    if value is not None and (not value or value in (".", "..") or any(c in value for c in "/\\\x00")):
+        raise error(f"{where} must be a name (no path separators), got {value!r}"[:300])
+
+
 # -- quantization config (inside scales files, checkpoints and compare run.json) --------------------
 def _check_quantizer_spec(raw: Any, where: str, error: Type[Exception]) -> None:
     f = Fields(raw, where, error)
@@ -173,7 +180,10 @@ def check_run_info(data: Any, where: str, error: Type[Exception] = FileFormatErr
     if task is not None:
         task.string("name", max_len=200)
         task.obj("params")
-    f.strings("calibrators")
+    for i, name in enumerate(f.strings("calibrators") or []):
+        _name_part(name, f"{where}: calibrators[{i}]", error)
+    for i, name in enumerate(f.strings("algorithms") or []):  # the full pipeline's source, "ptq+<algorithm>+..."
+        _name_part(name, f"{where}: algorithms[{i}]", error)
     precisions = f.strings("precisions") or []
     for p in precisions:
         if p not in PRECISIONS:
@@ -193,13 +203,14 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
     f.string("run_id", max_len=200)
     f.string("metric", max_len=400)
     f.boolean("higher_is_better")
-    f.string("best_calibrator", max_len=200)
-    f.string("best_source", max_len=400)
+    _name_part(f.string("best_calibrator", max_len=200), f"{where}: best_calibrator", error)
+    _name_part(f.string("best_source", max_len=400), f"{where}: best_source", error)
     for i, row in enumerate(f.array("rows") or []):
         r = Fields(row, f"{where}: rows[{i}]", error)
         r.string("precision", required=True, nullable=False, choices=PRECISIONS)
-        r.string("calibrator", max_len=200)
-        r.string("source", max_len=400)  # "ptq+cle+bias-correction+adaround": one per algorithm prefix
+        _name_part(r.string("calibrator", max_len=200), f"{where}: rows[{i}]: calibrator", error)
+        # "ptq+cle+bias-correction+adaround": one per algorithm prefix
+        _name_part(r.string("source", max_len=400), f"{where}: rows[{i}]: source", error)
         r.string("metric", required=True, nullable=False, max_len=400)
         r.number("value", finite=False, text_nonfinite=True)
         r.number("delta", finite=False, text_nonfinite=True)
@@ -215,8 +226,8 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
         for i, row in enumerate(f.array(name) or []):
             r = Fields(row, f"{where}: {name}[{i}]", error)
             r.string("precision", required=True, nullable=False, choices=PRECISIONS)
-            r.string("calibrator", max_len=200)
-            r.string("source", max_len=50)
+            _name_part(r.string("calibrator", max_len=200), f"{where}: {name}[{i}]: calibrator", error)
+            _name_part(r.string("source", max_len=50), f"{where}: {name}[{i}]: source", error)
             r.integer("n", low=0)
             r.integer("batch_size", low=1)
             for key in ("runtime", "label", "status", "note", "onnx_file", "onnx_sha256"):

@@ -88,6 +88,20 @@ def test_a_compare_run_json_with_a_bad_quant_config_is_refused():
     check_run_info({"metric": "top1", "quant_config": ql.int8_config().to_dict()}, "run.json")
 
 
+@pytest.mark.parametrize("document, check, message", [
+    ({"metric": "top1", "calibrators": ["x/../../evil"]}, "check_run_info", r"calibrators\[0\] must be a name"),
+    ({"rows": [{"precision": "int8", "metric": "top1", "calibrator": "max", "source": "ptq/../../x"}]}, "check_results",
+     r"rows\[0\]: source must be a name"),
+    ({"best_calibrator": ".."}, "check_results", "best_calibrator must be a name"),
+])
+def test_run_file_names_from_a_run_folder_cannot_leave_it(document, check, message):
+    # autoprecision wrote autoprecision.<calibrator>/ from these: "x/../../evil" put it beside the run folder.
+    from quantlab import validation
+
+    with pytest.raises(FileFormatError, match=message):
+        getattr(validation, check)(document, "run.json")
+
+
 def test_pathological_json_is_refused_before_parsing(tmp_path):
     deep = "[" * 400_000 + "]" * 400_000
     assert nesting_depth(deep) == 400_000

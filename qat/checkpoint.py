@@ -7,6 +7,7 @@ loadable with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -63,6 +64,48 @@ def load_checkpoint(path: Union[str, Path], map_location: Optional[Union[str, to
         raise QATError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise QATError(f"{path}: not a quantlab QAT checkpoint")
-    if int(payload.get("version", 0)) > FORMAT_VERSION:
-        raise QATError(f"{path}: checkpoint version {payload.get('version')} is newer than this quantlab reads")
+    version = payload.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise QATError(f"{path}: checkpoint version {version!r} is not one this quantlab reads (1..{FORMAT_VERSION})")
     return payload
+
+
+def check_resume_payload(payload: Dict[str, Any], path: Union[str, Path], total_steps: int) -> int:
+    """Checks the fields the loop resumes from (the file may be damaged or edited); returns the step.
+
+    Args:
+        payload: From :func:`load_checkpoint`.
+        path: The file, for messages.
+        total_steps: The schedule's length: a checkpoint is written at a step in ``0..total_steps``.
+
+    Raises:
+        QATError: one line naming the file and the field: a missing or mistyped field, a step
+            outside the schedule, losses that are not one finite number per step, NaN/Inf weights.
+    """
+
+    def fail(message: str) -> QATError:
+        return QATError(f"{path}: {message}")
+
+    for key in ("model", "optimizer", "scheduler", "schedule"):
+        if not isinstance(payload.get(key), dict):
+            raise fail(f"{key} must be a dict, got {type(payload.get(key)).__name__}: the checkpoint is damaged")
+    step = payload.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total_steps:
+        raise fail(f"step must be an integer in 0..{total_steps} (the schedule's steps), got {step!r}"[:300])
+    if "losses" in payload:  # one per step, carried into the resumed run's record
+        losses = payload["losses"]
+        if not isinstance(losses, list) or len(losses) != step or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in losses):
+            shown = f"{len(losses)} value(s)" if isinstance(losses, list) else type(losses).__name__
+            raise fail(f"losses must be one finite number per step ({step}), got {shown}")
+    scheduler = payload["scheduler"]
+    if scheduler.get("last_epoch") != step or not isinstance(scheduler.get("base_lrs"), list) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in scheduler["base_lrs"]):
+        raise fail(f"scheduler must hold last_epoch = step ({step}) and finite base_lrs, got last_epoch "
+                   f"{scheduler.get('last_epoch')!r}, base_lrs {scheduler.get('base_lrs')!r}"[:300])
+    if not isinstance(payload.get("rng", []), list):
+        raise fail(f"rng must be a list (one state per rank), got {type(payload.get('rng')).__name__}")
+    for name, tensor in payload["model"].items():  # (a module's _extra_state may be any value: load_state_dict takes it)
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise fail(f"model[{name!r}] holds NaN/Inf values: the checkpoint is damaged"[:300])
+    return step

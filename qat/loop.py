@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from quantlab.batching import call_model, model_device, split_batch, to_device
 from quantlab.qat import ddp
 from quantlab.qat.bn_fold import freeze_bn_stats
-from quantlab.qat.checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from quantlab.qat.checkpoint import CHECKPOINT_FILE, check_resume_payload, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from quantlab.qat.errors import NonFiniteLossError, QATError
 from quantlab.qat.loop_graphs import LoopGraphs, check_mode, eager_reason
 from quantlab.qat.sync_bn import synced_batchnorm
@@ -104,17 +104,43 @@ class TrainConfig:
             raise QATError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise QATError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise QATError(f"lr must be a positive number, got {self.lr}")
-        if not self.epochs > 0:
-            raise QATError(f"epochs must be > 0, got {self.epochs}")
-        for name in ("max_steps", "checkpoint_every"):
+        if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+            raise QATError(f"lr must be a positive number, got {self.lr!r}")
+        if not (_is_number(self.epochs) and 0 < self.epochs < math.inf):
+            raise QATError(f"epochs must be a finite number > 0, got {self.epochs!r}")
+        # Negative values were taken as they came: a negative weight decay or range LR trains the
+        # other way, a negative min_lr_ratio ends the cosine at a negative LR, a negative clip flips gradients.
+        for name, ok, wanted in (("weight_decay", lambda v: v >= 0, ">= 0"), ("range_lr", lambda v: v > 0, "> 0"),
+                                 ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise QATError(f"{name} must be >= 1, got {value}")
+            if not (_is_number(value) and math.isfinite(value) and ok(value)):
+                raise QATError(f"{name} must be a finite number {wanted}, got {value!r}")
+        if self.grad_clip is not None and not (_is_number(self.grad_clip) and 0 < self.grad_clip < math.inf):
+            raise QATError(f"grad_clip must be a finite number > 0 (or None), got {self.grad_clip!r}")
+        for name in ("max_steps", "checkpoint_every", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise QATError(f"{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(self.seed):
+            raise QATError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("warmup_steps",) + (("freeze_bn_after",) if self.freeze_bn_after is not None else ()):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise QATError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("shuffle", "sync_batchnorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise QATError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,19 +341,25 @@ def train(
         if ckpt_path is None:
             raise QATError("resume needs a checkpoint folder")
         payload = load_checkpoint(ckpt_path, map_location=device)
-        saved = payload.get("schedule", {})
-        changed = [f for f in _SCHEDULE_FIELDS if f in saved and saved[f] != schedule_key[f]]
+        saved = payload.get("schedule")
+        changed = [f for f in _SCHEDULE_FIELDS if isinstance(saved, dict) and f in saved and saved[f] != schedule_key[f]]
         if changed:
             what = ", ".join(f"{f}={saved[f]!r} (now {schedule_key[f]!r})" for f in changed)
             raise QATError(f"{ckpt_path}: cannot resume a different schedule: {what}")
-        base.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        step = resumed_from = int(payload["step"])
-        losses = list(payload.get("losses", []))
+        step = resumed_from = check_resume_payload(payload, ckpt_path, total)
+        for what, target in (("model", base), ("optimizer", optimizer), ("scheduler", scheduler)):
+            try:
+                target.load_state_dict(payload[what])
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                detail = " ".join(str(exc).split())[:300]
+                raise QATError(f"{ckpt_path}: its {what} state does not fit this run ({type(exc).__name__}: {detail})") from None
+        losses = [float(v) for v in payload.get("losses", [])]  # checked: one finite number per step
         states = payload.get("rng") or []
         if len(states) == world:
-            set_rng_state(states[rank])
+            try:
+                set_rng_state(states[rank])
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+                raise QATError(f"{ckpt_path}: its RNG state of rank {rank} is damaged ({type(exc).__name__}: {str(exc)[:200]})") from None
     else:
         torch.manual_seed(config.seed + rank)
 

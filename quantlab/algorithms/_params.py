@@ -66,7 +66,8 @@ def check_params(algorithms: Union[str, Sequence[str], None],
 
     Raises:
         AlgorithmError: one line: an unknown algorithm, parameters of an algorithm that is
-            not selected, or a name the algorithm does not declare (naming the known ones).
+            not selected, a name the algorithm does not declare (naming the known ones), or a
+            value its ``check`` refuses (out of bounds, not one of the choices).
     """
     selected = {a.name: a for a in parse_algorithms(algorithms)}
     out: Dict[str, Dict[str, Any]] = {}
@@ -81,6 +82,8 @@ def check_params(algorithms: Union[str, Sequence[str], None],
                 known = ", ".join(sorted(algorithm.params)) or "none"
                 raise AlgorithmError(f"unknown parameter {key!r} of algorithm {algorithm.name!r}; its parameters: {known}")
             typed[key] = _typed(algorithm, key, value)
+        if algorithm.check is not None:
+            algorithm.check(typed)  # the bounds run() would refuse, refused before any stage runs
         out[algorithm.name] = typed
     return out
 

@@ -74,20 +74,42 @@ def finish(model: nn.Module, entries: Sequence[Dict[str, Any]]) -> Dict[str, Any
     return report
 
 
+def _untied_modules(details: Mapping[str, Any]) -> List[str]:
+    """The module names of a SmoothQuant report's ``untie.modules``, checked (the report is read from a checkpoint)."""
+    untie = details.get("untie")
+    if untie is None:
+        return []
+    where = "smoothquant: the checkpoint's untie record"
+    if not isinstance(untie, Mapping):
+        raise AlgorithmError(f"{where} must be an object, got {type(untie).__name__}")
+    entries = untie.get("modules")
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise AlgorithmError(f"{where}: modules must be a list, got {type(entries).__name__}")
+    names = []
+    for i, entry in enumerate(entries):
+        name = entry.get("module") if isinstance(entry, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise AlgorithmError(f"{where}: modules[{i}] must be an object with a module name, got {entry!r}"[:300])
+        names.append(name)
+    return names
+
+
 def rebuild_untied(model: nn.Module, details: Mapping[str, Any]) -> None:
     """Redoes the unties recorded in a SmoothQuant report on the FP32 model (checkpoint loading), so the
     separate weights load into separate parameters instead of both into the shared one.
 
     Raises:
-        AlgorithmError: a recorded module is missing or has no weight.
+        AlgorithmError: the record is malformed (it comes from a file), or a recorded module
+            is missing or has no weight.
     """
-    entries = (details.get("untie") or {}).get("modules") or []
-    if not entries:
+    names = _untied_modules(details)
+    if not names:
         return
     modules = dict(model.named_modules())
     holders = parameter_holders(model)
-    for entry in entries:
-        name = str(entry.get("module"))
+    for name in names:
         module = modules.get(name)
         if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise AlgorithmError(f"smoothquant: the checkpoint untied the weight of '{name}', which "

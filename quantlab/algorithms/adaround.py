@@ -162,7 +162,19 @@ class ChannelSquaredError(torch.autograd.Function):
         return diff.mul_(2 * (grad / ctx.rest)), None, None
 
 
-@register_algorithm(NAME, Stage.REFINE, 10, needs_data=True, params=DEFAULTS,
+def check_params(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The parameters with defaults filled in, each checked (see :func:`adaround`).
+
+    Raises:
+        AlgorithmError: an unknown name or a bad value.
+    """
+    params = read_params(NAME, params, DEFAULTS)
+    if not params["warm_start"] < 1:
+        raise AlgorithmError(f"{NAME}: warm_start must be below 1, got {params['warm_start']}")
+    return params
+
+
+@register_algorithm(NAME, Stage.REFINE, 10, needs_data=True, params=DEFAULTS, check=check_params,
                     description="AdaRound: learns up/down rounding of each weight by layer-wise output reconstruction")
 def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     """Learns the rounding of every quantized layer's weight (see the module doc).
@@ -182,9 +194,7 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
         AlgorithmError: bad parameters, no quantized layer, NaN or Inf during a
             layer's reconstruction (naming the layer; the weights are left as they were).
     """
-    params = read_params(NAME, context.params, DEFAULTS)
-    if not params["warm_start"] < 1:
-        raise AlgorithmError(f"{NAME}: warm_start must be below 1, got {params['warm_start']}")
+    params = check_params(dict(context.params))
     layers = quantized_layers(model)
     reference = reference_of(model, layers, context)
     sample_bytes: Dict[str, int] = {}

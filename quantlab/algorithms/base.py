@@ -104,6 +104,9 @@ class Algorithm:
         params: Its parameters and their defaults (``{"iterations": 1000}``): the CLI
             and the config refuse other names and give values the default's type
             (:mod:`quantlab.algorithms.params`). None: not declared (any name accepted).
+        check: ``check(params)`` raises :class:`AlgorithmError` for values ``run`` would
+            refuse (bounds, choices, combinations): called by ``check_params`` before any
+            work, so a bad value is not found only after the stages before it have run.
     """
 
     name: str
@@ -114,6 +117,7 @@ class Algorithm:
     description: str = ""
     rebuild: Optional[Callable[[nn.Module, Dict[str, Any]], None]] = None
     params: Optional[Mapping[str, Any]] = None
+    check: Optional[Callable[[Mapping[str, Any]], Any]] = None
 
 
 _REGISTRY: Dict[str, Algorithm] = {}
@@ -121,7 +125,8 @@ _REGISTRY: Dict[str, Algorithm] = {}
 
 def register_algorithm(name: str, stage: Union[Stage, str], order: int, *, needs_data: bool = False,
                        description: str = "", rebuild: Optional[Callable[[nn.Module, Dict[str, Any]], None]] = None,
-                       params: Optional[Mapping[str, Any]] = None) -> Callable[[Callable[..., Dict[str, Any]]], Callable[..., Dict[str, Any]]]:
+                       params: Optional[Mapping[str, Any]] = None,
+                       check: Optional[Callable[[Mapping[str, Any]], Any]] = None) -> Callable[[Callable[..., Dict[str, Any]]], Callable[..., Dict[str, Any]]]:
     """Decorator registering ``fn(model, context) -> details`` as an algorithm (see :class:`Algorithm`)."""
 
     def decorator(fn: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
@@ -129,7 +134,7 @@ def register_algorithm(name: str, stage: Union[Stage, str], order: int, *, needs
         if key in _REGISTRY and _REGISTRY[key].run is not fn:
             raise ValueError(f"algorithm {name!r} is already registered")
         _REGISTRY[key] = Algorithm(key, Stage(stage), order, fn, needs_data, description, rebuild,
-                                   dict(params) if params is not None else None)
+                                   dict(params) if params is not None else None, check)
         return fn
 
     return decorator

@@ -101,7 +101,16 @@ def rebuild_biases(model: nn.Module, details: Dict[str, Any]) -> None:
         module.bias = nn.Parameter(torch.zeros(channels, device=weight.device, dtype=weight.dtype))
 
 
-@register_algorithm(NAME, Stage.REFINE, 20, needs_data=True, rebuild=rebuild_biases, params=DEFAULTS,
+def check_params(params: Dict[str, Any]) -> Dict[str, Any]:
+    """``mode`` checked, the default filled in.
+
+    Raises:
+        AlgorithmError: an unknown name or mode.
+    """
+    return read_params(NAME, params, DEFAULTS, {"mode": MODES})
+
+
+@register_algorithm(NAME, Stage.REFINE, 20, needs_data=True, rebuild=rebuild_biases, params=DEFAULTS, check=check_params,
                     description="empirical bias correction: adds E[y_fp32] - E[y_int8] per output channel to each bias")
 def bias_correction(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     """Corrects each quantized layer's bias from the calibration data (see the module doc).
@@ -113,7 +122,7 @@ def bias_correction(model: nn.Module, context: AlgorithmContext) -> Dict[str, An
         name, the L2 norm and the largest magnitude of the correction, the norm of
         the bias before, and whether a bias was created; ``skipped``: layer -> why.
     """
-    params = read_params(NAME, context.params, DEFAULTS, {"mode": MODES})
+    params = check_params(dict(context.params))
     layers = quantized_layers(model)
     reference = reference_of(model, layers, context)
     skipped: Dict[str, str] = {}

@@ -191,7 +191,7 @@ def fold_batchnorms(model: nn.Module) -> Dict[str, Any]:
     return details
 
 
-@register_algorithm("bn-fold", Stage.TRANSFORM, ORDER,
+@register_algorithm("bn-fold", Stage.TRANSFORM, ORDER, params={},
                     description="fold inference BatchNorms into the preceding Conv/Linear (exact)")
 def run_bn_fold(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     """The ``bn-fold`` transform (no parameters)."""

@@ -531,7 +531,8 @@ def cross_layer_equalize(model: nn.Module, *, relu6: str = "clamp", balance: str
     return details
 
 
-@register_algorithm("cle", Stage.TRANSFORM, ORDER,
+@register_algorithm("cle", Stage.TRANSFORM, ORDER, check=_check_params,
+                    params={"relu6": "clamp", "balance": "weights", "alpha": 0.5, "iterations": 100, "tolerance": 1e-4},
                     description="cross-layer equalization (DFQ): folds BatchNorms, equalizes weight (or activation) "
                                 "ranges of Conv/Linear pairs; ReLU6 clips become exact per-channel clamps")
 def run_cle(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ Parameters (``algorithm_params["smoothquant"]``):
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -63,6 +64,8 @@ def _params(params: Mapping[str, Any]) -> Tuple[Optional[float], Tuple[float, ..
     if unknown:
         raise AlgorithmError(f"smoothquant: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAMS)}")
     alpha = params.get("alpha")
+    if isinstance(alpha, bool):  # float(True) is 1.0: "alpha=true" must not pass for alpha 1
+        raise AlgorithmError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
     if alpha is not None:
         try:
             alpha = float(alpha)
@@ -71,6 +74,8 @@ def _params(params: Mapping[str, Any]) -> Tuple[Optional[float], Tuple[float, ..
         if not 0.0 <= alpha <= 1.0:
             raise AlgorithmError(f"smoothquant: alpha must be in [0, 1], got {alpha}")
     grid = params.get("grid", DEFAULT_GRID)
+    if isinstance(grid, bool) or (isinstance(grid, (list, tuple)) and any(isinstance(a, bool) for a in grid)):
+        raise AlgorithmError(f"smoothquant: grid must be a list of numbers in [0, 1], got {grid!r}")
     try:
         grid = tuple(float(a) for a in ([grid] if isinstance(grid, (int, float)) else grid))
     except (TypeError, ValueError):
@@ -81,7 +86,7 @@ def _params(params: Mapping[str, Any]) -> Tuple[Optional[float], Tuple[float, ..
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 16:
         raise AlgorithmError(f"smoothquant: samples must be an integer >= 16, got {samples!r}")
     tolerance = params.get("tolerance", 1e-3)
-    if not isinstance(tolerance, (int, float)) or not tolerance > 0:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < math.inf:
         raise AlgorithmError(f"smoothquant: tolerance must be a positive number, got {tolerance!r}")
     untie = params.get("untie", False)
     if not isinstance(untie, bool):
@@ -103,7 +108,7 @@ def _relative_change(new: Optional[torch.Tensor], old: Optional[torch.Tensor]) -
     return float((new.double() - old.double()).abs().max() / old.double().abs().max().clamp_min(1e-30))
 
 
-@register_algorithm("smoothquant", "transform", 20, needs_data=True, rebuild=rebuild_untied,
+@register_algorithm("smoothquant", "transform", 20, needs_data=True, rebuild=rebuild_untied, check=_params,
                     params={"alpha": None, "grid": list(DEFAULT_GRID), "samples": 256, "tolerance": 1e-3, "untie": False},
                     description="SmoothQuant: per-channel factors move activation outliers into the weights, "
                                 "folded into the preceding norm or linear where exact (alpha searched per group)")

@@ -16,7 +16,7 @@ import torch
 
 from quantlab.config import QuantConfig
 from quantlab.errors import FileFormatError, QuantlabError
-from quantlab.validation import Fields, parse_json_text
+from quantlab.validation import Fields, check_quant_config, parse_json_text
 
 FORMAT_NAME = "quantlab.checkpoint"
 FORMAT_VERSION = 1
@@ -165,7 +165,8 @@ def parse_metadata(metadata: Any, path: Path) -> Dict[str, Any]:
     digest = f.string("scales_sha256", max_len=64)
     if digest is not None and not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise _fail(path, "metadata: scales_sha256 must be 64 lower-case hex digits")
-    f.obj("config")
+    if f.obj("config") is not None:
+        check_quant_config(data["config"], f"{path}: metadata: config", CheckpointFormatError)
     return data
 
 

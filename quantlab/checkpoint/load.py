@@ -85,6 +85,28 @@ def _problems(expected: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor
     return problems
 
 
+def _tied_conflicts(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """Names the model ties into one parameter (an LM head tied to its embedding) whose checkpoint tensors differ.
+
+    ``load_state_dict`` copies each of them into the one parameter in turn, so the last wins
+    silently: a checkpoint saved after an untie (SmoothQuant's ``untie``) whose record of it is
+    gone would load lm_head's weight into the embedding too.
+    """
+    groups: Dict[int, List[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    problems = []
+    for names in groups.values():
+        present = sorted(n for n in names if n in tensors)
+        first = present[0] if present else None
+        for other in present[1:]:
+            a, b = tensors[first], tensors[other]
+            if a.shape == b.shape and a.dtype == b.dtype and not torch.equal(a, b):
+                problems.append(f"'{first}' and '{other}' are one tied parameter in the model but differ in the checkpoint "
+                                "(saved after an untie whose record is missing?)")
+    return problems
+
+
 def paired_scales(info: CheckpointInfo, scales: Optional[Union[PathLike, Scales]] = None) -> Scales:
     """The scales of a checkpoint: ``scales`` if given, else the file it names beside it (its SHA-256 checked).
 
@@ -131,10 +153,13 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, scales: Optional[Union[
         raise CheckpointMismatchError(f"load_checkpoint needs the FP32 model from its factory, but {type(model).__name__} already has quantizers")
     info, tensors = read_checkpoint(path)
     loaded_scales = paired_scales(info, scales) if with_scales else None  # a missing/altered pair fails before the model changes
-    rebuild_structure(model, info.transforms, info.config)
+    try:
+        rebuild_structure(model, info.transforms, info.config)
+    except AlgorithmError as exc:  # named with the file it came from
+        raise AlgorithmError(f"{path}: {exc}") from None
     expected = dict(model.state_dict())
     _add_refiner_biases(model, tensors, expected)
-    problems = _problems(expected, tensors)
+    problems = _problems(expected, tensors) or _tied_conflicts(model, tensors)
     if problems:
         shown = "\n  ".join(problems[:30]) + ("\n  ..." if len(problems) > 30 else "")
         raise CheckpointMismatchError(f"checkpoint {path} does not fit {type(model).__name__} ({len(problems)} problem(s)):\n  {shown}")

@@ -8,6 +8,7 @@ and returns nothing: the readers build their objects only from checked data.
 document                    reader                                      function
 ==========================  ==========================================  ========================
 scales file                 ``Scales.load`` / ``from_dict``             :func:`check_scales`
+a quantization config       scales files, checkpoints, ``run.json``     :func:`check_quant_config`
 compare ``run.json``        ``jobs.runs.load_run_info``                 :func:`check_run_info`
 compare ``results.json``    ``jobs.runs.read_results``                  :func:`check_results`
 QAT ``run.json``            ``qat.run.run_qat(resume=True)``            :func:`check_qat_run`
@@ -36,6 +37,63 @@ def _plain_file_name(value: str, where: str, error: Type[Exception]) -> str:
     if not value or "/" in value or "\\" in value or value in (".", "..") or "\x00" in value:
         raise error(f"{where} must be a plain file name inside the folder, got {value!r}")
     return value
+
+
+def _name_part(value: Any, where: str, error: Type[Exception]) -> None:
+    """A calibrator name or row source: the run's file names are built from it (``scales.<calibrator>.<source>.json``,
+    ``autoprecision.<calibrator>/``), so a separator would point them outside the run folder."""
+    if value is not None and (not value or value in (".", "..") or any(c in value for c in "/\\\x00")):
+        raise error(f"{where} must be a name (no path separators), got {value!r}"[:300])
+
+
+# -- quantization config (inside scales files, checkpoints and compare run.json) --------------------
+def _check_quantizer_spec(raw: Any, where: str, error: Type[Exception]) -> None:
+    f = Fields(raw, where, error)
+    check_num_bits(raw.get("num_bits", 8), where, error)
+    f.boolean("narrow_range")
+    f.boolean("per_channel")
+    f.integer("axis", low=-8, high=8)
+
+
+def _check_json_value(value: Any, where: str, error: Type[Exception], depth: int = 0) -> None:
+    """A parameter value: text, true/false, null, a finite number, or a list/object of them."""
+    if value is None or isinstance(value, (bool, str)):
+        return
+    if isinstance(value, (list, dict)) and depth < 4:
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            _check_json_value(item, f"{where}[{key!r}]", error, depth + 1)
+        return
+    check_number(value, where, error=error)
+
+
+def check_quant_config(raw: Any, where: str, error: Type[Exception] = FileFormatError) -> None:
+    """A :class:`quantlab.config.QuantConfig` as ``to_dict`` writes it: every field's type and bounds.
+
+    (``QuantConfig.from_dict`` refuses unknown fields and newer versions; it trusts the types.)
+    """
+    f = Fields(raw, where, error)
+    f.integer("version", low=1)
+    for role in ROLES:
+        spec = raw.get(role)
+        if spec is not None:
+            _check_quantizer_spec(spec, f"{where}: {role}", error)
+    f.strings("include")
+    f.strings("exclude")
+    f.string("calibrator", max_len=200)
+    params = f.obj("calibrator_params") or {}
+    for key, value in params.items():
+        _check_json_value(value, f"{where}: calibrator_params[{key!r}]", error)
+    f.integer("num_bins", low=128, high=MAX_BINS)
+    for i, name in enumerate(f.strings("algorithms") or []):
+        if not name.strip() or len(name) > 200:
+            raise error(f"{where}: algorithms[{i}] must be an algorithm name, got {name[:200]!r}")
+    algorithm_params = f.obj("algorithm_params") or {}
+    for name, values in algorithm_params.items():
+        if not isinstance(values, dict):
+            raise error(f"{where}: algorithm_params[{name!r}] must be an object, got {type_name(values)}")
+        for key, value in values.items():
+            _check_json_value(value, f"{where}: algorithm_params[{name!r}][{key!r}]", error)
 
 
 # -- scales -----------------------------------------------------------------------------------------
@@ -81,7 +139,8 @@ def check_scales(data: Any, where: str, *, format_name: str, max_version: int, e
     if calibrator is not None:
         calibrator.string("name", max_len=200)
         calibrator.obj("params")
-    f.obj("config")
+    if f.obj("config") is not None:
+        check_quant_config(data["config"], f"{where}: config", error)
     quantizers = f.array("quantizers") or []
     seen = set()
     for i, raw in enumerate(quantizers):
@@ -121,7 +180,10 @@ def check_run_info(data: Any, where: str, error: Type[Exception] = FileFormatErr
     if task is not None:
         task.string("name", max_len=200)
         task.obj("params")
-    f.strings("calibrators")
+    for i, name in enumerate(f.strings("calibrators") or []):
+        _name_part(name, f"{where}: calibrators[{i}]", error)
+    for i, name in enumerate(f.strings("algorithms") or []):  # the full pipeline's source, "ptq+<algorithm>+..."
+        _name_part(name, f"{where}: algorithms[{i}]", error)
     precisions = f.strings("precisions") or []
     for p in precisions:
         if p not in PRECISIONS:
@@ -131,7 +193,8 @@ def check_run_info(data: Any, where: str, error: Type[Exception] = FileFormatErr
     f.integer("layer_batches", low=0)
     f.integer("batch_size", low=1, high=1 << 24)
     f.obj("calibrator_params")
-    f.obj("quant_config")
+    if f.obj("quant_config") is not None:
+        check_quant_config(data["quant_config"], f"{where}: quant_config", error)
 
 
 def check_results(data: Any, where: str, error: Type[Exception] = FileFormatError) -> None:
@@ -140,13 +203,14 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
     f.string("run_id", max_len=200)
     f.string("metric", max_len=400)
     f.boolean("higher_is_better")
-    f.string("best_calibrator", max_len=200)
-    f.string("best_source", max_len=400)
+    _name_part(f.string("best_calibrator", max_len=200), f"{where}: best_calibrator", error)
+    _name_part(f.string("best_source", max_len=400), f"{where}: best_source", error)
     for i, row in enumerate(f.array("rows") or []):
         r = Fields(row, f"{where}: rows[{i}]", error)
         r.string("precision", required=True, nullable=False, choices=PRECISIONS)
-        r.string("calibrator", max_len=200)
-        r.string("source", max_len=400)  # "ptq+cle+bias-correction+adaround": one per algorithm prefix
+        _name_part(r.string("calibrator", max_len=200), f"{where}: rows[{i}]: calibrator", error)
+        # "ptq+cle+bias-correction+adaround": one per algorithm prefix
+        _name_part(r.string("source", max_len=400), f"{where}: rows[{i}]: source", error)
         r.string("metric", required=True, nullable=False, max_len=400)
         r.number("value", finite=False, text_nonfinite=True)
         r.number("delta", finite=False, text_nonfinite=True)
@@ -162,8 +226,8 @@ def check_results(data: Any, where: str, error: Type[Exception] = FileFormatErro
         for i, row in enumerate(f.array(name) or []):
             r = Fields(row, f"{where}: {name}[{i}]", error)
             r.string("precision", required=True, nullable=False, choices=PRECISIONS)
-            r.string("calibrator", max_len=200)
-            r.string("source", max_len=50)
+            _name_part(r.string("calibrator", max_len=200), f"{where}: {name}[{i}]: calibrator", error)
+            _name_part(r.string("source", max_len=50), f"{where}: {name}[{i}]: source", error)
             r.integer("n", low=0)
             r.integer("batch_size", low=1)
             for key in ("runtime", "label", "status", "note", "onnx_file", "onnx_sha256"):
@@ -254,6 +318,7 @@ __all__ = [
     "check_calibration_summary",
     "check_qat_manifest",
     "check_qat_run",
+    "check_quant_config",
     "check_quantizer_entry",
     "check_results",
     "check_run_info",

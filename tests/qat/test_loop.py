@@ -66,6 +66,39 @@ def test_resume_with_another_schedule_is_refused(tmp_path, fmnist_small, calib_l
         train(_prepared(calib_loader), data, TrainConfig(max_steps=2), checkpoint_dir=tmp_path / "none", resume=True)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.pop("model"), "model must be a dict, got NoneType"),
+    (lambda p: p.update(step="abc"), r"step must be an integer in 0\.\.2 .*got 'abc'"),
+    (lambda p: p.update(step=10**6), r"step must be an integer in 0\.\.2 .*got 1000000"),
+    (lambda p: p.update(losses="abc"), r"losses must be one finite number per step \(1\), got str"),
+    (lambda p: p["model"].pop(next(iter(p["model"]))), "its model state does not fit this run"),
+    (lambda p: p.update(optimizer={"x": 1}), "its optimizer state does not fit this run"),
+    (lambda p: p["scheduler"].update(base_lrs="abc"), "scheduler must hold last_epoch = step"),
+    (lambda p: p["rng"][0].update(python=5), "its RNG state of rank 0 is damaged"),
+    (lambda p: next(t for t in p["model"].values() if isinstance(t, torch.Tensor) and t.is_floating_point()).fill_(float("nan")), "holds NaN/Inf values"),
+    (lambda p: p.update(version="x"), "checkpoint version 'x' is not one this quantlab reads"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, fmnist_small, calib_loader, damage, message):
+    # Each failed as a bare KeyError/ValueError/RuntimeError/TypeError, or (step, losses) resumed a
+    # schedule that never was: steps=1000000 reported, three "losses" made of the letters of "abc".
+    train_set, _ = fmnist_small
+    data = Subset(train_set, range(64))
+    config = TrainConfig(max_steps=2, batch_size=32, checkpoint_every=1)
+
+    def stop_after_checkpoint(p):
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        train(_prepared(calib_loader), data, config, checkpoint_dir=tmp_path, progress=stop_after_checkpoint)
+    path = tmp_path / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    damage(payload)
+    torch.save(payload, path)
+    with pytest.raises(qat.QATError, match=message) as error:
+        train(_prepared(calib_loader), data, config, checkpoint_dir=tmp_path, resume=True)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
 class _PassesNaN(nn.Module):
     """A network whose output turns NaN when its input holds a NaN (the quantizers would clamp it)."""
 
@@ -136,6 +169,22 @@ def test_cosine_schedule_and_sampler():
     assert list(a) == list(EpochSampler(10, rank=0, world_size=2, seed=1))[2:]
     a.set_epoch(1)
     assert list(a) != list(EpochSampler(10, rank=0, world_size=2, seed=1))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("weight_decay", -5.0, "weight_decay must be a finite number >= 0"),  # was trained with: weights pushed outwards
+    ("range_lr", -1.0, "range_lr must be a finite number > 0"),  # was: learned ranges moved uphill
+    ("min_lr_ratio", -1.0, r"min_lr_ratio must be a finite number in \[0, 1\]"),  # was: a negative LR at the end
+    ("grad_clip", -1.0, "grad_clip must be a finite number > 0"),  # was: every gradient's sign flipped
+    ("warmup_steps", -1, "warmup_steps must be an integer >= 0"),
+    ("epochs", float("inf"), "epochs must be a finite number > 0"),  # was an OverflowError in train()
+    ("batch_size", 0, "batch_size must be an integer >= 1"),
+    ("max_steps", 2.5, "max_steps must be an integer >= 1"),
+    ("shuffle", "no", "shuffle must be True or False"),
+])
+def test_train_config_refuses_out_of_bounds_values(field, value, message):
+    with pytest.raises(qat.QATError, match=message):
+        TrainConfig(**{field: value})
 
 
 def test_bad_config():

@@ -210,6 +210,26 @@ def test_unknown_algorithm_in_checkpoint_is_refused(saved, monkeypatch):
         load_checkpoint(pretrained_fmnist_cnn(), folder / "model.max.safetensors")
 
 
+@pytest.mark.parametrize("untie, message", [
+    ([1], "untie record must be an object, got list"),
+    ({"modules": "fc"}, "untie record: modules must be a list, got str"),
+    ({"modules": [5]}, r"untie record: modules\[0\] must be an object with a module name, got 5"),
+])
+def test_a_malformed_untie_record_is_refused_naming_the_file(saved, untie, message):
+    # The record comes from the file: it failed as an AttributeError ("internal error" on the CLI).
+    folder, _, _, _ = saved
+    path = folder / "model.max.safetensors"
+
+    def add_smoothquant(header):
+        document = json.loads(header["__metadata__"]["quantlab"])
+        document["transforms"].append({"name": "smoothquant", "stage": "transform", "details": {"untie": untie}})
+        header["__metadata__"]["quantlab"] = json.dumps(document)
+
+    _rewrite(path, header_change=add_smoothquant)
+    with pytest.raises(AlgorithmError, match=f"^{path}: smoothquant: the checkpoint's {message}"):
+        load_checkpoint(pretrained_fmnist_cnn(), path)
+
+
 def test_not_a_checkpoint_is_refused(tmp_path):
     from safetensors.torch import save_file
 

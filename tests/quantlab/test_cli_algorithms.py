@@ -63,6 +63,30 @@ def test_bad_algorithm_flags_are_one_line_errors_before_any_work(algorithms, tmp
     assert not out.exists()  # refused before the folder was made
 
 
+@pytest.mark.parametrize("param, message", [
+    ("bias-correction.mode=foo", "bias-correction: mode must be one of empirical, weights, got 'foo'"),
+    ("adaround.warm_start=1.5", "adaround: warm_start must be below 1, got 1.5"),
+    ("adaround.iterations=0", "adaround: iterations must be a positive integer, got 0"),
+    ("cle.relu6=sometimes", "cle: relu6 must be one of"),
+    ("cle.iterations=1.5", "cle.iterations must be an integer"),
+    ("bn-fold.x=1", "unknown parameter 'x' of algorithm 'bn-fold'; its parameters: none"),
+])
+def test_built_in_algorithms_refuse_bad_values_before_any_stage_runs(tmp_path, capsys, monkeypatch, param, message):
+    # Each value was refused only when its algorithm ran: a bad bias-correction mode after the
+    # statistics pass and the whole of AdaRound. Now no stage runs at all.
+    import importlib
+
+    pipeline = importlib.import_module("quantlab.pipeline.run")  # the module (the package exports a function "run")
+    ran = []
+    monkeypatch.setattr(pipeline, "transform", lambda *a, **k: ran.append("transform"))
+    monkeypatch.setattr(pipeline, "collect", lambda *a, **k: ran.append("collect"))
+    out = tmp_path / "out"
+    assert main(_calibrate(out, "--algorithms", "bn-fold,cle,adaround,bias-correction", "--algorithm-param", param)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quantlab calibrate: error: ") and "\n" not in err and message in err, err
+    assert ran == [] and not out.exists()
+
+
 @pytest.mark.parametrize("command", ["compare", "qat"])
 def test_compare_and_qat_refuse_unknown_algorithms_too(algorithms, tmp_path, capsys, command):
     args = [command, "--model", MODEL, "--data", "fmnist:calib[:64]", "--eval", "fmnist:test[:64]", "--out", str(tmp_path / "o"),

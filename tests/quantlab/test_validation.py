@@ -60,6 +60,14 @@ def _entry(doc, key):
         (lambda d: d["statistics"]["stem.0"].update(bin_width=0), "bin_width must be > 0"),
         (lambda d: d["statistics"]["stem.0"].update(num_bins=10**9), "num_bins must be <="),
         (lambda d: d["statistics"]["stem.0"]["counts"].__setitem__(0, 10**30), r"counts\[0\] must be an integer"),
+        # The config's fields were taken as they came (7.5 bits, "no" as a true per_channel, "abc" as three patterns).
+        (lambda d: d["config"]["weight"].update(num_bits=7.5), "config: weight: num_bits must be an integer"),
+        (lambda d: d["config"]["weight"].update(per_channel="no"), "config: weight: per_channel must be true or false"),
+        (lambda d: d["config"].update(include="abc"), "config: include must be a list"),
+        (lambda d: d["config"].update(num_bins=10**12), "config: num_bins must be <="),
+        (lambda d: d["config"].update(algorithms=[3]), r"config: algorithms\[0\] must be a string"),
+        (lambda d: d["config"].update(algorithm_params={"adaround": {"lr": [1, "x", {"y": 10**400}]}}),
+         r"config: algorithm_params\['adaround'\]\['lr'\]\[2\]\['y'\] must be a finite number"),
     ],
 )
 def test_bad_values_in_a_scales_file_are_refused_naming_the_field(tmp_path, scales_doc, mutate, message):
@@ -70,6 +78,28 @@ def test_bad_values_in_a_scales_file_are_refused_naming_the_field(tmp_path, scal
     with pytest.raises(ScalesFormatError, match=message) as err:
         Scales.load(path)
     assert str(path) in str(err.value)
+
+
+def test_a_compare_run_json_with_a_bad_quant_config_is_refused():
+    from quantlab.validation import check_run_info
+
+    with pytest.raises(FileFormatError, match="run.json: quant_config: input: must be an object, got a string"):
+        check_run_info({"metric": "top1", "quant_config": {"input": "x"}}, "run.json")
+    check_run_info({"metric": "top1", "quant_config": ql.int8_config().to_dict()}, "run.json")
+
+
+@pytest.mark.parametrize("document, check, message", [
+    ({"metric": "top1", "calibrators": ["x/../../evil"]}, "check_run_info", r"calibrators\[0\] must be a name"),
+    ({"rows": [{"precision": "int8", "metric": "top1", "calibrator": "max", "source": "ptq/../../x"}]}, "check_results",
+     r"rows\[0\]: source must be a name"),
+    ({"best_calibrator": ".."}, "check_results", "best_calibrator must be a name"),
+])
+def test_run_file_names_from_a_run_folder_cannot_leave_it(document, check, message):
+    # autoprecision wrote autoprecision.<calibrator>/ from these: "x/../../evil" put it beside the run folder.
+    from quantlab import validation
+
+    with pytest.raises(FileFormatError, match=message):
+        getattr(validation, check)(document, "run.json")
 
 
 def test_pathological_json_is_refused_before_parsing(tmp_path):

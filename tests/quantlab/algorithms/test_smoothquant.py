@@ -267,3 +267,14 @@ def test_no_data_empty_data_and_bad_parameters_get_clear_errors():
                             ({"alhpa": 0.5}, "unknown parameter")):
         with pytest.raises(AlgorithmError, match=message):
             smooth(model, [torch.randn(4, 8)], **params)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("smoothquant.alpha=true", "alpha must be a number in"),  # was taken as alpha 1.0 (float(True))
+    ("smoothquant.grid=[0.5, true]", "grid must be a list of numbers"),  # was taken as [0.5, 1.0]
+])
+def test_booleans_are_not_numbers(item, message):
+    from quantlab.algorithms import check_params, parse_param_items
+
+    with pytest.raises(AlgorithmError, match=message):
+        check_params("smoothquant", parse_param_items([item]))

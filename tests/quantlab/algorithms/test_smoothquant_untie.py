@@ -118,6 +118,29 @@ def test_checkpoint_round_trip_redoes_the_untie(tmp_path):
     assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
 
 
+def test_a_checkpoint_whose_untie_record_is_gone_is_refused(tmp_path):
+    # Without the record the model's lm_head and embedding stay one parameter, and both of the
+    # checkpoint's different tensors were loaded into it: the embedding silently became lm_head's weight.
+    import json
+    import struct
+
+    from quantlab.checkpoint import CheckpointMismatchError, load_checkpoint, save_ptq_files
+
+    model, result = _quantized(token_batches())
+    save_ptq_files(result, model, tmp_path)
+    path = tmp_path / "model.max.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    document = json.loads(header["__metadata__"]["quantlab"])
+    document["transforms"][0]["details"].pop("untie")
+    header["__metadata__"]["quantlab"] = json.dumps(document)
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    with pytest.raises(CheckpointMismatchError, match="'lm_head.weight' and 'model.embed_tokens.weight' are one .*parameter"):
+        load_checkpoint(tiny_llama(), path)
+
+
 def test_onnx_export_carries_the_separate_lm_head_weight(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx

@@ -56,6 +56,7 @@ from quantlab.functional import scale_from_amax
 
 NAME = "adaround"
 ZETA, GAMMA = 1.1, -0.1
+MAX_ITERATIONS = 100_000  # the paper's runs take 10k-20k per layer
 DEFAULTS: Dict[str, Any] = {
     "iterations": 300,  # per layer (the paper: 10k at lr 1e-3; fewer, larger steps here)
     "lr": 1e-2,
@@ -171,6 +172,8 @@ def check_params(params: Dict[str, Any]) -> Dict[str, Any]:
     params = read_params(NAME, params, DEFAULTS)
     if not params["warm_start"] < 1:
         raise AlgorithmError(f"{NAME}: warm_start must be below 1, got {params['warm_start']}")
+    if params["iterations"] > MAX_ITERATIONS:  # the mini-batch indices of all iterations are drawn up front
+        raise AlgorithmError(f"{NAME}: iterations must be at most {MAX_ITERATIONS} per layer, got {params['iterations']}")
     return params
 
 

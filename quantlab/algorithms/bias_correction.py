@@ -86,21 +86,6 @@ def _add_to_bias(layer: QuantizedLayer, delta: torch.Tensor) -> bool:
     return created
 
 
-def rebuild_biases(model: nn.Module, details: Dict[str, Any]) -> None:
-    """Gives back, as zeros, the biases this algorithm created (``details`` of a run), so a
-    checkpoint of the corrected model loads into the FP32 model's structure."""
-    modules = dict(model.named_modules())
-    for entry in details.get("layers", []):
-        module = modules.get(str(entry.get("layer")))
-        if not entry.get("bias_created") or module is None or isinstance(getattr(module, "bias", None), torch.Tensor):
-            continue
-        weight = next((p for n, p in module.named_parameters() if n.endswith("weight") or n.endswith("original")), None)
-        if weight is None:
-            raise AlgorithmError(f"{NAME}: cannot give layer '{entry.get('layer')}' its bias back: it has no weight")
-        channels = int(entry.get("channels", weight.shape[0]))
-        module.bias = nn.Parameter(torch.zeros(channels, device=weight.device, dtype=weight.dtype))
-
-
 def check_params(params: Dict[str, Any]) -> Dict[str, Any]:
     """``mode`` checked, the default filled in.
 
@@ -110,7 +95,7 @@ def check_params(params: Dict[str, Any]) -> Dict[str, Any]:
     return read_params(NAME, params, DEFAULTS, {"mode": MODES})
 
 
-@register_algorithm(NAME, Stage.REFINE, 20, needs_data=True, rebuild=rebuild_biases, params=DEFAULTS, check=check_params,
+@register_algorithm(NAME, Stage.REFINE, 20, needs_data=True, params=DEFAULTS, check=check_params,
                     description="empirical bias correction: adds E[y_fp32] - E[y_int8] per output channel to each bias")
 def bias_correction(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
     """Corrects each quantized layer's bias from the calibration data (see the module doc).

@@ -67,6 +67,7 @@ def test_bad_algorithm_flags_are_one_line_errors_before_any_work(algorithms, tmp
     ("bias-correction.mode=foo", "bias-correction: mode must be one of empirical, weights, got 'foo'"),
     ("adaround.warm_start=1.5", "adaround: warm_start must be below 1, got 1.5"),
     ("adaround.iterations=0", "adaround: iterations must be a positive integer, got 0"),
+    ("adaround.iterations=1000000", "adaround: iterations must be at most 100000 per layer, got 1000000"),
     ("cle.relu6=sometimes", "cle: relu6 must be one of"),
     ("cle.iterations=1.5", "cle.iterations must be an integer"),
     ("bn-fold.x=1", "unknown parameter 'x' of algorithm 'bn-fold'; its parameters: none"),

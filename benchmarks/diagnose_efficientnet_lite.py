@@ -5,15 +5,17 @@ FP32 on ``photos:eval`` for: the whole INT8 model; weights only (every input qua
 off); activations only (BN folded, FP weights, every input INT8); each layer's input
 quantizer turned off alone (the per-layer gain); and the noise floors of the metric
 (FP16; FP32 with uniform noise of one input step added to the image; FP32 with only the
-image rounded to the stem's INT8 grid). Then
-experiments on the activation ranges, each followed by the same AdaRound + bias correction:
+image rounded to the stem's INT8 grid). Then experiments on the activation ranges, each followed by the same AdaRound + bias correction:
 ``local``: each input's amax chosen from multiples of its max by the mean squared error of
 its own layer's output (FP32 input and weights as reference, quantized weights in the loop);
 ``greedy``: in network order, each input's multiple chosen by the KL of the final logits
-on calibration crops.
+on calibration crops; ``block`` (``block1000``: 1,000 iterations): instead of the pipeline's
+layer-wise AdaRound, the rounding of each MBConv block's convs learned together against the
+FP32 block's output (BRECQ's unit), then bias correction.
 
-Example (the GPU call):
-    python benchmarks/diagnose_efficientnet_lite.py --device cuda --experiments local,greedy
+Examples (results: benchmarks/RESULTS.md):
+    python benchmarks/diagnose_efficientnet_lite.py --device cuda --per-layer --experiments local,greedy,block
+    python benchmarks/diagnose_efficientnet_lite.py --threads 2 --floors-only
 """
 from __future__ import annotations
 
@@ -77,6 +79,33 @@ def refined(model: torch.nn.Module, config: Any, loop: Callable, statistics: Any
     return {"refine_s": time.perf_counter() - start}
 
 
+def capture(net: torch.nn.Module, module: torch.nn.Module, calib: Sequence[torch.Tensor], samples: int,
+            what: str) -> torch.Tensor:
+    """The first ``samples`` of ``module``'s input (before its own quantizer) or output in ``net``,
+    each forward stopped right there."""
+    got: List[torch.Tensor] = []
+
+    def hook(mod: torch.nn.Module, args: Any, output: Any = None) -> None:
+        got.append((args[0] if what == "input" else output).detach().float().clone())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(hook, prepend=True) if what == "input" else module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            seen = 0
+            for x in calib:
+                try:
+                    net(x)
+                except _Stop:
+                    pass
+                seen += x.shape[0]
+                if seen >= samples:
+                    break
+    finally:
+        handle.remove()
+    return torch.cat(got)[:samples]
+
+
 def local_search(model: torch.nn.Module, ranges: Any, calib: Sequence[torch.Tensor], samples: int) -> Dict[str, float]:
     """Per input: the multiple of its max amax with the least squared error of its layer's output."""
     from quantlab.attach import quantization_disabled
@@ -86,26 +115,8 @@ def local_search(model: torch.nn.Module, ranges: Any, calib: Sequence[torch.Tens
     chosen: Dict[str, float] = {}
     refs = [r for r in input_quantizers(model) if r.module_name in ranges.inputs]
     for ref in refs:
-        captured: List[torch.Tensor] = []
-
-        def grab(module: torch.nn.Module, args: Any) -> None:
-            captured.append(args[0].detach())
-            raise _Stop
-
-        handle = ref.module.register_forward_pre_hook(grab, prepend=True)
-        try:
-            with torch.no_grad(), quantization_disabled(model):
-                seen = 0
-                for x in calib:
-                    try:
-                        model(x)
-                    except _Stop:
-                        pass
-                    seen += x.shape[0]
-                    if seen >= samples:
-                        break
-        finally:
-            handle.remove()
+        with quantization_disabled(model):
+            captured = [capture(model, ref.module, calib, samples, "input")]
         best, best_err = 1.0, float("inf")
         base = ranges.inputs[ref.module_name]
         with torch.no_grad():
@@ -160,35 +171,12 @@ def block_reconstruction(model: torch.nn.Module, calib: Sequence[torch.Tensor], 
     units += [("_conv_head", model._conv_head, reference._conv_head), ("_fc", model._fc, reference._fc)]
     report: Dict[str, Any] = {}
 
-    def capture(net: torch.nn.Module, module: torch.nn.Module, what: str) -> torch.Tensor:
-        got: List[torch.Tensor] = []
-
-        def hook(mod: torch.nn.Module, args: Any, output: Any = None) -> None:
-            got.append((args[0] if what == "input" else output).detach().float().clone())
-            raise _Stop
-
-        handle = module.register_forward_pre_hook(hook, prepend=True) if what == "input" else module.register_forward_hook(hook)
-        try:
-            with torch.no_grad():
-                seen = 0
-                for x in calib:
-                    try:
-                        net(x)
-                    except _Stop:
-                        pass
-                    seen += x.shape[0]
-                    if seen >= samples:
-                        break
-        finally:
-            handle.remove()
-        return torch.cat(got)[:samples]
-
     generator = torch.Generator(device="cpu").manual_seed(0)
     for name, unit, ref_unit in units:
         convs = [(n, l) for n, l in layers.items() if n == name or n.startswith(name + ".")]
-        x = capture(model, unit, "input")
+        x = capture(model, unit, calib, samples, "input")
         with quantization_disabled(reference):
-            y = capture(reference, ref_unit, "output")
+            y = capture(reference, ref_unit, calib, samples, "output")
         roundings = {}
         for n, l in convs:
             q = l.weight_quantizer
@@ -247,7 +235,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--algorithms", default="bn-fold,adaround,bias-correction")
     parser.add_argument("--adaround", default="", help="AdaRound parameters, e.g. iterations=10+max_samples=16")
     parser.add_argument("--per-layer", action="store_true", help="score each input quantizer turned off alone")
-    parser.add_argument("--experiments", default="", help="comma list of local, greedy")
+    parser.add_argument("--experiments", default="", help="comma list of local, greedy, block[ITERATIONS]")
     parser.add_argument("--local-samples", type=int, default=64)
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON")
     parser.add_argument("--floors-only", action="store_true", help="only the metric's floors (FP16, input noise, INT8 image)")
@@ -256,7 +244,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from bench_efficientnet_lite import parse_sets
     from examples.efficientnet_lite import build
-    from quantlab.attach import iter_quantizers, quantization_disabled
+    from quantlab.attach import iter_quantizers
+    from quantlab.pipeline.apply import apply as apply_ranges
     from quantlab.data.photos import PhotoCrops
     from quantlab.tensor_quantizer import Role
 
@@ -298,8 +287,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     # Activations only: BN folded, FP weights, every input INT8 (max).
     model, config, loop, statistics, ranges = prepared(fp32, ["bn-fold"], calib)
-    from quantlab.pipeline.apply import apply
-    apply(model, ranges)
+    apply_ranges(model, ranges)
     weight_names = [r.module_name for r in iter_quantizers(model) if r.role is Role.WEIGHT]
     saved = [(r.quantizer, r.quantizer.mode) for r in iter_quantizers(model) if r.role is Role.WEIGHT]
     for q, _ in saved:
@@ -352,7 +340,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif experiment.startswith("block"):
             # Block reconstruction instead of the pipeline's AdaRound, then bias correction.
             from quantlab.algorithms import AlgorithmContext, get_algorithm
-            from quantlab.pipeline.apply import apply as apply_ranges
             from quantlab.pipeline.refine import refinable_state
             apply_ranges(model, ranges)
             before_state = refinable_state(model)
@@ -372,7 +359,6 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise SystemExit(f"unknown experiment {experiment!r}")
         search_s = time.perf_counter() - start
         new_ranges = scaled(ranges, multiples)
-        from quantlab.pipeline.apply import apply as apply_ranges
         apply_ranges(model, new_ranges)
         before_refine = score(logits_of(model, evaluation), reference)
         refine_s = refined(model, config, loop, statistics, new_ranges)["refine_s"]

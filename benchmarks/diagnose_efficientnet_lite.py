@@ -11,7 +11,9 @@ its own layer's output (FP32 input and weights as reference, quantized weights i
 ``greedy``: in network order, each input's multiple chosen by the KL of the final logits
 on calibration crops; ``block`` (``block1000``: 1,000 iterations): instead of the pipeline's
 layer-wise AdaRound, the rounding of each MBConv block's convs learned together against the
-FP32 block's output (BRECQ's unit), then bias correction.
+FP32 block's output (BRECQ's unit), then bias correction; ``diversity``: the algorithms calibrated
+on the standard crops vs on crops that include half of the evaluation photos, both scored on the
+other half.
 
 Examples (results: benchmarks/RESULTS.md):
     python benchmarks/diagnose_efficientnet_lite.py --device cuda --per-layer --experiments local,greedy,block
@@ -220,6 +222,35 @@ def block_reconstruction(model: torch.nn.Module, calib: Sequence[torch.Tensor], 
     return report
 
 
+def calibration_diversity(fp32: torch.nn.Module, calib: Sequence[torch.Tensor], algorithms: Sequence[str],
+                          with_adaround: Callable[[Any], Any], batch_size: int, device: torch.device) -> Dict[str, Any]:
+    """Does calibration data closer to the evaluation photos close the gap? The evaluation photos
+    are split in two (alternate photos): the algorithms are run once on the standard calibration
+    crops and once on half of them plus crops of the first half of the evaluation photos; both
+    are scored on the other half (photos neither calibration set saw)."""
+    from quantlab.data.photos import PhotoCrops
+
+    crops = PhotoCrops("eval")
+    seen = [i for i, box in enumerate(crops.boxes) if box[0] % 2 == 0]
+    unseen = [i for i, box in enumerate(crops.boxes) if box[0] % 2 == 1]
+    evaluation = batches([crops[i] for i in unseen], len(unseen), batch_size, device)
+    reference = logits_of(fp32, evaluation)
+    standard = torch.cat(list(calib))
+    half = standard.shape[0] // 2
+    mixed_samples = torch.cat([standard[:half], torch.stack([crops[i] for i in seen[:half]]).to(device)])
+    # Interleaved, so every batch (and AdaRound's first max_samples) holds both kinds.
+    order = torch.stack([torch.arange(half), torch.arange(half) + half], 1).flatten()
+    mixed = list(mixed_samples[order.to(device)].split(batch_size))
+    out: Dict[str, Any] = {"eval_crops": len(unseen), "eval_photos": sorted({crops.boxes[i][0] for i in unseen}),
+                           "calibration_photos_added": sorted({crops.boxes[i][0] for i in seen[:half]})}
+    for name, data in (("standard_calibration", list(calib)), ("with_evaluation_like_photos", mixed)):
+        model, config, loop, statistics, ranges = prepared(fp32, algorithms, data)
+        refined(model, with_adaround(config), loop, statistics, ranges)
+        out[name] = score(logits_of(model, evaluation), reference)
+        del model
+    return out
+
+
 def scaled(ranges: Any, multiples: Dict[str, float]) -> Any:
     out = copy.copy(ranges)
     out.inputs = {k: v * multiples.get(k, 1.0) for k, v in ranges.inputs.items()}
@@ -235,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--algorithms", default="bn-fold,adaround,bias-correction")
     parser.add_argument("--adaround", default="", help="AdaRound parameters, e.g. iterations=10+max_samples=16")
     parser.add_argument("--per-layer", action="store_true", help="score each input quantizer turned off alone")
-    parser.add_argument("--experiments", default="", help="comma list of local, greedy, block[ITERATIONS]")
+    parser.add_argument("--experiments", default="", help="comma list of local, greedy, block[ITERATIONS], diversity")
     parser.add_argument("--local-samples", type=int, default=64)
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON")
     parser.add_argument("--floors-only", action="store_true", help="only the metric's floors (FP16, input noise, INT8 image)")
@@ -337,6 +368,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             multiples = local_search(model, ranges, calib, args.local_samples)
         elif experiment == "greedy":
             multiples = greedy_search(model, ranges, calib, calib_reference)
+        elif experiment == "diversity":
+            out[experiment] = calibration_diversity(fp32, calib, algorithms, with_adaround, args.batch_size, device)
+            print(json.dumps({experiment: out[experiment]}), file=sys.stderr, flush=True)
+            del model
+            continue
         elif experiment.startswith("block"):
             # Block reconstruction instead of the pipeline's AdaRound, then bias correction.
             from quantlab.algorithms import AlgorithmContext, get_algorithm

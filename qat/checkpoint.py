@@ -17,6 +17,7 @@ import torch
 
 from quantlab._io import atomic_path
 from quantlab.qat.errors import QATError
+from quantlab.validation.fields import is_number
 
 FORMAT_NAME = "quantlab.qat.checkpoint"
 FORMAT_VERSION = 1
@@ -94,13 +95,12 @@ def check_resume_payload(payload: Dict[str, Any], path: Union[str, Path], total_
         raise fail(f"step must be an integer in 0..{total_steps} (the schedule's steps), got {step!r}"[:300])
     if "losses" in payload:  # one per step, carried into the resumed run's record
         losses = payload["losses"]
-        if not isinstance(losses, list) or len(losses) != step or any(
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in losses):
+        if not isinstance(losses, list) or len(losses) != step or not _finite_numbers(losses):
             shown = f"{len(losses)} value(s)" if isinstance(losses, list) else type(losses).__name__
             raise fail(f"losses must be one finite number per step ({step}), got {shown}")
     scheduler = payload["scheduler"]
-    if scheduler.get("last_epoch") != step or not isinstance(scheduler.get("base_lrs"), list) or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in scheduler["base_lrs"]):
+    if scheduler.get("last_epoch") != step or not isinstance(scheduler.get("base_lrs"), list) \
+            or not _finite_numbers(scheduler["base_lrs"]):
         raise fail(f"scheduler must hold last_epoch = step ({step}) and finite base_lrs, got last_epoch "
                    f"{scheduler.get('last_epoch')!r}, base_lrs {scheduler.get('base_lrs')!r}"[:300])
     if not isinstance(payload.get("rng", []), list):
@@ -109,3 +109,8 @@ def check_resume_payload(payload: Dict[str, Any], path: Union[str, Path], total_
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise fail(f"model[{name!r}] holds NaN/Inf values: the checkpoint is damaged"[:300])
     return step
+
+
+def _finite_numbers(values: list) -> bool:
+    """Every value a finite int or float (not a bool)."""
+    return all(is_number(v) and math.isfinite(v) for v in values)

@@ -36,6 +36,7 @@ from quantlab.qat.checkpoint import CHECKPOINT_FILE, check_resume_payload, load_
 from quantlab.qat.errors import NonFiniteLossError, QATError
 from quantlab.qat.loop_graphs import LoopGraphs, check_mode, eager_reason
 from quantlab.qat.sync_bn import synced_batchnorm
+from quantlab.validation.fields import is_int, is_number
 from quantlab.sparsity.mask import iter_masks, reapply_masks
 
 TASKS = ("classification", "causal_lm")
@@ -104,28 +105,28 @@ class TrainConfig:
             raise QATError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise QATError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        if not (_is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+        if not (is_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise QATError(f"lr must be a positive number, got {self.lr!r}")
-        if not (_is_number(self.epochs) and 0 < self.epochs < math.inf):
+        if not (is_number(self.epochs) and 0 < self.epochs < math.inf):
             raise QATError(f"epochs must be a finite number > 0, got {self.epochs!r}")
         # Negative values were taken as they came: a negative weight decay or range LR trains the
         # other way, a negative min_lr_ratio ends the cosine at a negative LR, a negative clip flips gradients.
         for name, ok, wanted in (("weight_decay", lambda v: v >= 0, ">= 0"), ("range_lr", lambda v: v > 0, "> 0"),
                                  ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and ok(value)):
+            if not (is_number(value) and math.isfinite(value) and ok(value)):
                 raise QATError(f"{name} must be a finite number {wanted}, got {value!r}")
-        if self.grad_clip is not None and not (_is_number(self.grad_clip) and 0 < self.grad_clip < math.inf):
+        if self.grad_clip is not None and not (is_number(self.grad_clip) and 0 < self.grad_clip < math.inf):
             raise QATError(f"grad_clip must be a finite number > 0 (or None), got {self.grad_clip!r}")
         for name in ("max_steps", "checkpoint_every", "batch_size"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise QATError(f"{name} must be an integer >= 1, got {value!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise QATError(f"seed must be an integer, got {self.seed!r}")
         for name in ("warmup_steps",) + (("freeze_bn_after",) if self.freeze_bn_after is not None else ()):
             value = getattr(self, name)
-            if not _is_int(value) or value < 0:
+            if not is_int(value) or value < 0:
                 raise QATError(f"{name} must be an integer >= 0, got {value!r}")
         for name in ("shuffle", "sync_batchnorm"):
             if not isinstance(getattr(self, name), bool):
@@ -133,14 +134,6 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,9 +32,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
 ROLES = ("input", "weight")
 
 
+def _is_plain_name(value: str) -> bool:
+    """Not empty, not ``.``/``..``, no path separator or NUL: a name that stays inside its folder."""
+    return bool(value) and value not in (".", "..") and not any(c in value for c in "/\\\x00")
+
+
 def _plain_file_name(value: str, where: str, error: Type[Exception]) -> str:
     """A file name inside the folder (no separators, no ``..``): a manifest must not point elsewhere."""
-    if not value or "/" in value or "\\" in value or value in (".", "..") or "\x00" in value:
+    if not _is_plain_name(value):
         raise error(f"{where} must be a plain file name inside the folder, got {value!r}")
     return value
 
@@ -42,7 +47,7 @@ def _plain_file_name(value: str, where: str, error: Type[Exception]) -> str:
 def _name_part(value: Any, where: str, error: Type[Exception]) -> None:
     """A calibrator name or row source: the run's file names are built from it (``scales.<calibrator>.<source>.json``,
     ``autoprecision.<calibrator>/``), so a separator would point them outside the run folder."""
-    if value is not None and (not value or value in (".", "..") or any(c in value for c in "/\\\x00")):
+    if value is not None and not _is_plain_name(value):
         raise error(f"{where} must be a name (no path separators), got {value!r}"[:300])
 
 

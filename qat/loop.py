@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import time
 from pathlib import Path
@@ -432,5 +433,11 @@ def train(
     if config.checkpoint_every:
         last_good = write_checkpoint()
     base.eval()
+    cuda_graphs = graphs.report(step - (resumed_from or 0))
+    if train_model is not base and not isinstance(model, nn.parallel.DistributedDataParallel):
+        # The DDP wrapper made here sits in reference cycles: freed now, while the process group
+        # lives (a reducer outliving it aborts the process at exit, see quantlab.distributed.destroy).
+        del train_model, graphs
+        gc.collect()
     return TrainResult(steps=step, total_steps=total, losses=losses, seconds=time.perf_counter() - start_time,
-                       checkpoint=last_good, resumed_from=resumed_from, cuda_graphs=graphs.report(step - (resumed_from or 0)))
+                       checkpoint=last_good, resumed_from=resumed_from, cuda_graphs=cuda_graphs)

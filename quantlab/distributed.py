@@ -11,6 +11,7 @@ batching (:func:`quantlab.batching.shard_batches`), the QAT range checks in
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from typing import Any, List, Optional
 
@@ -203,6 +204,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def destroy() -> None:
-    """Leaves the process group, if this process joined one."""
+    """Leaves the process group, if this process joined one.
+
+    Collects garbage first: a dropped DistributedDataParallel wrapper sits in reference
+    cycles, and a reducer that outlives its process group aborts the process at exit
+    ("terminate called without an active exception", torch 2.13 with gloo, about 1 exit in 4).
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

@@ -2,7 +2,6 @@
 import os
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import TensorDataset
 
 
@@ -93,4 +92,4 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
                     "steps": result.steps, "weights": weights},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        ddp.destroy()

@@ -13,7 +13,11 @@ on calibration crops; ``block`` (``block1000``: 1,000 iterations): instead of th
 layer-wise AdaRound, the rounding of each MBConv block's convs learned together against the
 FP32 block's output (BRECQ's unit), then bias correction; ``diversity``: the algorithms calibrated
 on the standard crops vs on crops that include half of the evaluation photos, both scored on the
-other half.
+other half; ``pixels``: crops with whole pixel values and the stem's input grid pinned to the
+pixel grid (input quantization exact); ``bits9``: every activation on a 9-bit grid (what
+asymmetric UINT8 gives non-negative activations; not a TensorRT type); ``shift``: the
+non-negative inputs moved by half their range so the symmetric grid covers them (a fold in
+a TensorRT graph, simulated here).
 
 Examples (results: benchmarks/RESULTS.md):
     python benchmarks/diagnose_efficientnet_lite.py --device cuda --per-layer --experiments local,greedy,block
@@ -51,16 +55,25 @@ def input_quantizers(model: torch.nn.Module) -> List[Any]:
     return [ref for ref in iter_quantizers(model) if ref.role is Role.INPUT]
 
 
-def prepared(fp32: torch.nn.Module, algorithms: Sequence[str], calib: Sequence[torch.Tensor]) -> Any:
-    """A copy of ``fp32`` transformed (the config's transforms), quantizers attached, max ranges chosen."""
+def prepared(fp32: torch.nn.Module, algorithms: Sequence[str], calib: Sequence[torch.Tensor],
+             input_bits: int = 8) -> Any:
+    """A copy of ``fp32`` transformed (the config's transforms), quantizers attached, max ranges chosen.
+
+    ``input_bits`` other than 8 is for the ``bits9`` experiment only: the config refuses
+    more than 8 bits (TensorRT has no such type), so the spec is changed past its check.
+    """
     from quantlab.batching import forward_loop
-    from quantlab.config import int8_config
+    from quantlab.config import QuantizerSpec, int8_config
     from quantlab.pipeline.choose import choose_all
     from quantlab.pipeline.collect import collect
     from quantlab.pipeline.run import prepare
 
     model = copy.deepcopy(fp32)
     config = int8_config().replace(algorithms=tuple(algorithms))
+    if input_bits != 8:
+        spec = QuantizerSpec(num_bits=8, narrow_range=config.input.narrow_range)
+        object.__setattr__(spec, "num_bits", input_bits)
+        object.__setattr__(config, "input", spec)
     loop = forward_loop(calib)
     prepare(model, config, loop)
     statistics = collect(model, loop)
@@ -251,6 +264,70 @@ def calibration_diversity(fp32: torch.nn.Module, calib: Sequence[torch.Tensor], 
     return out
 
 
+def to_pixels(x: torch.Tensor) -> torch.Tensor:
+    """A ``(p - 127) / 128`` crop with whole pixel values, as an 8-bit image pipeline hands it over."""
+    return (torch.round(x * 128.0 + 127.0).clamp(0, 255) - 127.0) / 128.0
+
+
+def representation_experiment(name: str, fp32: torch.nn.Module, calib: Sequence[torch.Tensor],
+                              evaluation: Sequence[torch.Tensor], reference: torch.Tensor,
+                              algorithms: Sequence[str], with_adaround: Callable[[Any], Any]) -> Dict[str, Any]:
+    """``pixels``: crops with whole pixel values (FP32's reference on them too) and the stem's input amax
+    pinned to 127/128, so its INT8 grid (step 1/128) holds every pixel exactly; ``bits9``: every
+    activation on a 9-bit symmetric grid, the resolution asymmetric UINT8 (TF-Lite) gives the
+    non-negative ReLU6 outputs that TensorRT's symmetric INT8 covers with 0..127."""
+    out: Dict[str, Any] = {}
+    if name == "pixels":
+        calib = [to_pixels(x) for x in calib]
+        evaluation = [to_pixels(x) for x in evaluation]
+        pixel_reference = logits_of(fp32, evaluation)
+        out["fp32_pixels_vs_fp32"] = score(pixel_reference, reference)
+        reference = pixel_reference
+    model, config, loop, statistics, ranges = prepared(fp32, algorithms, calib, input_bits=9 if name == "bits9" else 8)
+    if name == "pixels":
+        stem = input_quantizers(model)[0].module_name
+        out["stem"] = {"layer": stem, "max_amax": ranges.inputs[stem], "pinned_amax": 127 / 128}
+        ranges.inputs[stem] = 127 / 128
+    out["refine_s"] = refined(model, with_adaround(config), loop, statistics, ranges)["refine_s"]
+    out.update(score(logits_of(model, evaluation), reference))
+    return out
+
+
+def shift_experiment(fp32: torch.nn.Module, calib: Sequence[torch.Tensor], evaluation: Sequence[torch.Tensor],
+                     reference: torch.Tensor, algorithms: Sequence[str],
+                     with_adaround: Callable[[Any], Any]) -> Dict[str, Any]:
+    """``shift``: every input that never goes below 0 on the calibration crops (ReLU6 outputs) is
+    quantized as ``q(x - m/2) + m/2`` with amax ``m/2`` (``m`` its max): the whole symmetric INT8
+    grid covers ``[0, m]``. In a TensorRT graph this is a fold, not an op: the producer's bias and
+    clip bounds move by ``-m/2``, the consumer's bias by ``+m/2 * sum(W)`` and its zero padding
+    becomes ``-m/2`` padding (on the grid: -127 steps). Simulated here in fake quantization."""
+    model, config, loop, statistics, ranges = prepared(fp32, algorithms, calib)
+    minima: Dict[str, float] = {}
+    handles = []
+    for ref in input_quantizers(model):
+        def hook(module: Any, args: Any, name: str = ref.module_name) -> None:
+            minima[name] = min(minima.get(name, float("inf")), float(args[0].min()))
+        handles.append(ref.module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for x in calib:
+            model(x)
+    for h in handles:
+        h.remove()
+    shifted = []
+    for ref in input_quantizers(model):
+        if minima.get(ref.module_name, -1.0) < 0 or ref.module_name not in ranges.inputs:
+            continue
+        half = ranges.inputs[ref.module_name] / 2
+        ranges.inputs[ref.module_name] = half
+        original = ref.quantizer.forward
+        ref.quantizer.forward = lambda x, f=original, s=half: f(x - s) + s
+        shifted.append(ref.module_name)
+    out: Dict[str, Any] = {"shifted_inputs": len(shifted), "inputs": len(input_quantizers(model))}
+    out["refine_s"] = refined(model, with_adaround(config), loop, statistics, ranges)["refine_s"]
+    out.update(score(logits_of(model, evaluation), reference))
+    return out
+
+
 def scaled(ranges: Any, multiples: Dict[str, float]) -> Any:
     out = copy.copy(ranges)
     out.inputs = {k: v * multiples.get(k, 1.0) for k, v in ranges.inputs.items()}
@@ -266,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--algorithms", default="bn-fold,adaround,bias-correction")
     parser.add_argument("--adaround", default="", help="AdaRound parameters, e.g. iterations=10+max_samples=16")
     parser.add_argument("--per-layer", action="store_true", help="score each input quantizer turned off alone")
-    parser.add_argument("--experiments", default="", help="comma list of local, greedy, block[ITERATIONS], diversity")
+    parser.add_argument("--experiments", default="", help="comma list of local, greedy, block[ITERATIONS], diversity, pixels, bits9, shift")
     parser.add_argument("--local-samples", type=int, default=64)
     parser.add_argument("--json", metavar="PATH", help="also write every number as JSON")
     parser.add_argument("--floors-only", action="store_true", help="only the metric's floors (FP16, input noise, INT8 image)")
@@ -368,6 +445,17 @@ def main(argv: Optional[List[str]] = None) -> None:
             multiples = local_search(model, ranges, calib, args.local_samples)
         elif experiment == "greedy":
             multiples = greedy_search(model, ranges, calib, calib_reference)
+        elif experiment == "shift":
+            del model
+            out[experiment] = shift_experiment(fp32, calib, evaluation, reference, algorithms, with_adaround)
+            print(json.dumps({experiment: out[experiment]}), file=sys.stderr, flush=True)
+            continue
+        elif experiment in ("pixels", "bits9"):
+            del model
+            out[experiment] = representation_experiment(experiment, fp32, calib, evaluation, reference, algorithms,
+                                                         with_adaround)
+            print(json.dumps({experiment: out[experiment]}), file=sys.stderr, flush=True)
+            continue
         elif experiment == "diversity":
             out[experiment] = calibration_diversity(fp32, calib, algorithms, with_adaround, args.batch_size, device)
             print(json.dumps({experiment: out[experiment]}), file=sys.stderr, flush=True)

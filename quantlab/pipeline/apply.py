@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from quantlab.algorithms.input_shift import input_range
 from quantlab.attach import (
     QuantizerRef,
     attach_quantizers,
@@ -95,7 +96,7 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
             zero_range.append(ref.module_name)
             ref.quantizer.off()
             continue
-        ref.quantizer.quantize_with(float(amax))
+        ref.quantizer.quantize_with(input_range(ref.module, float(amax)))
     if zero_range:
         warnings.warn(
             f"{len(zero_range)} quantized layer(s) saw only zeros at their input during calibration and keep "

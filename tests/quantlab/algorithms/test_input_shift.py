@@ -1,0 +1,166 @@
+"""input-shift: non-negative inputs moved by half their range; the FP32 function kept, the INT8
+grid used on both sides, the ONNX export valid, checkpoints round-trip, bad input refused."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import quantlab as ql
+from quantlab.algorithms import AlgorithmContext, AlgorithmError, get_algorithm
+from quantlab.algorithms.input_shift import SHIFT_BUFFER, rebuild_shifts
+from quantlab.config import int8_config
+from tests.quantlab.algorithms.nets import MobileBlockNet, SamePadConv2d
+
+
+def calibration(seed=3, batches=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(batches)]
+
+
+def loop_over(data):
+    def loop(m):
+        with torch.no_grad():
+            for x in data:
+                m(x)
+    return loop
+
+
+def shift(model, data):
+    return get_algorithm("input-shift").run(model, AlgorithmContext(forward_loop=loop_over(data)))
+
+
+class PaddedInside(nn.Module):
+    """ReLU -> a conv that zero-pads inside F.conv2d (cannot be shifted exactly) -> ReLU -> 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.relu = nn.ReLU()
+        self.padded = nn.Conv2d(4, 4, 3, padding=1)
+        self.pointwise = nn.Conv2d(4, 2, 1, bias=False)
+
+    def forward(self, x):
+        return self.pointwise(self.relu(self.padded(self.relu(self.stem(x)))))
+
+
+def test_the_fp32_function_is_kept_for_any_input():
+    model = MobileBlockNet(relu6_shared=False)
+    reference = copy.deepcopy(model)
+    details = shift(model, calibration())
+    # dw (after ReLU6, static zero padding), pw (after ReLU6), fc1 (after ReLU + pool), fc2 (after ReLU)
+    assert set(details["shifted"]) == {"dw", "pw", "fc1", "fc2"}
+    assert "stem" in details["skipped"] and "below 0" in details["skipped"]["stem"]
+    assert isinstance(model.dw.static_padding, nn.ConstantPad2d)
+    assert model.dw.static_padding.value == -details["shifted"]["dw"]
+    assert model.pw.bias is not None  # created: it had none
+    g = torch.Generator().manual_seed(11)
+    for x in (torch.randn(4, 3, 12, 12, generator=g) * 3, torch.zeros(2, 3, 12, 12)):
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_conv_padding_inside_is_left_alone_and_said_so():
+    torch.manual_seed(0)
+    model = PaddedInside().eval()
+    reference = copy.deepcopy(model)
+    details = shift(model, calibration())
+    assert "zero-pads its input inside" in details["skipped"]["padded"]
+    assert set(details["shifted"]) == {"pointwise"}
+    assert not hasattr(model.padded, SHIFT_BUFFER)
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def chain(seed=0):
+    """1x1 conv -> ReLU6 -> depthwise (static zero padding) -> ReLU6 -> 1x1 -> ReLU -> pool -> Linear."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU6(), SamePadConv2d(16, 16, 3, groups=16), nn.ReLU6(),
+                         nn.Conv2d(16, 24, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+
+
+@pytest.mark.parametrize("calibrator", ["max", "percentile"])
+def test_the_shifted_input_uses_both_halves_of_the_grid_and_int8_error_falls(calibrator):
+    data = calibration(batches=4)
+    reference, plain, shifted = chain(), chain(), chain()
+    ql.quantize(plain, int8_config(calibrator, algorithms=("bias-correction",)), forward_loop=loop_over(data))
+    ql.quantize(shifted, int8_config(calibrator, algorithms=("input-shift", "bias-correction")), forward_loop=loop_over(data))
+    moved = [r for r in ql.iter_quantizers(shifted) if r.role == "input" and hasattr(r.module, SHIFT_BUFFER)]
+    assert [r.module_name for r in moved] == ["2", "4", "8"]
+    for ref in moved:
+        # Whatever the calibrator chose: the range is the shift, so the input's zeros sit on -127 exactly.
+        assert float(ref.quantizer.amax) == float(getattr(ref.module, SHIFT_BUFFER))
+    g = torch.Generator().manual_seed(5)
+    test = [torch.randn(16, 3, 12, 12, generator=g) for _ in range(4)]
+    with torch.no_grad():
+        errors = {name: float(sum(((m(x) - reference(x)) ** 2).sum() for x in test))
+                  for name, m in (("plain", plain), ("shifted", shifted))}
+    assert errors["shifted"] < 0.7 * errors["plain"], errors
+
+
+def test_export_passes_the_tensorrt_check_and_matches_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from quantlab.export.check import check_model
+    from quantlab.export.qdq import export_int8
+    from tests.export.helpers import ort_logits
+
+    data = calibration()
+    model = MobileBlockNet(relu6_shared=False)
+    ql.quantize(model, int8_config("max", algorithms=("bn-fold", "input-shift", "bias-correction")), forward_loop=loop_over(data))
+    result = export_int8(model, tmp_path / "shift.int8.onnx", data[0][:2])
+    report = check_model(result.path)
+    assert report.ok, [str(f) for f in report.errors]
+    with torch.no_grad():
+        expected = torch.cat([model(x) for x in data]).numpy()
+    got = ort_logits(result.path, torch.cat(data))
+    assert np.abs(got - expected).max() < 2e-2 * max(1.0, float(np.abs(expected).max()))
+
+
+def test_checkpoint_round_trip_rebuilds_the_shifts(tmp_path):
+    from quantlab.checkpoint import load_checkpoint, save_ptq_files
+    from quantlab.ptq import run_ptq
+
+    data = calibration()
+    model = MobileBlockNet(relu6_shared=False)
+    result = run_ptq(model, [(x, None) for x in data], "max",
+                     config=int8_config("max", algorithms=("bn-fold", "input-shift", "bias-correction")))
+    save_ptq_files(result, model, tmp_path)
+    rebuilt = load_checkpoint(MobileBlockNet(relu6_shared=False), tmp_path / "model.max.safetensors")
+    x = calibration(seed=9, batches=1)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    assert float(getattr(rebuilt.dw, SHIFT_BUFFER)) == float(getattr(model.dw, SHIFT_BUFFER))
+
+
+def test_bad_input_gets_a_clear_error():
+    from quantlab.algorithms import check_params
+
+    with pytest.raises(AlgorithmError, match="'input-shift' needs 'bias-correction'"):
+        check_params(("bn-fold", "input-shift"), {})
+    with pytest.raises(AlgorithmError, match="needs 'bias-correction'"):
+        ql.quantize(MobileBlockNet(), int8_config("max", algorithms=("input-shift",)), forward_loop=loop_over(calibration()))
+    with pytest.raises(AlgorithmError, match="needs calibration data"):
+        get_algorithm("input-shift").run(MobileBlockNet(), AlgorithmContext(forward_loop=None))
+    with pytest.raises(AlgorithmError, match="takes no parameters"):
+        get_algorithm("input-shift").run(MobileBlockNet(), AlgorithmContext(forward_loop=loop_over(calibration()),
+                                                                           params={"alpha": 1}))
+    signed = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)).eval()  # no input is ever non-negative
+    with pytest.raises(AlgorithmError, match="no layer of Sequential has a non-negative input"):
+        shift(signed, calibration())
+    nan = calibration(batches=1)
+    nan[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(AlgorithmError, match="not finite"):
+        shift(nn.Sequential(nn.ReLU(), nn.Conv2d(3, 2, 1)).eval(), nan)
+    for record in ({}, {"shifted": {"dw": float("nan")}}, {"shifted": {"dw": -1.0}}, {"shifted": {"nope": 1.0}},
+                   {"shifted": {"dw": True}}):
+        with pytest.raises(AlgorithmError, match="input-shift"):
+            rebuild_shifts(MobileBlockNet(), record)
+
+
+def test_any_conv_subclass_is_shifted():
+    model = nn.Sequential(nn.ReLU(), SamePadConv2d(3, 4, 3)).eval()
+    reference = copy.deepcopy(model)
+    details = shift(model, calibration())
+    assert set(details["shifted"]) == {"1"}
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)

@@ -164,3 +164,21 @@ def test_any_conv_subclass_is_shifted():
     assert set(details["shifted"]) == {"1"}
     x = torch.randn(2, 3, 12, 12)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compare_gives_no_row_to_a_prefix_that_lacks_bias_correction(tmp_path):
+    from quantlab.data import load_data
+    from quantlab.jobs.compare import run_compare
+    from quantlab.models import pretrained_fmnist_cnn
+    from quantlab.store import RunStore
+
+    calib = load_data("fmnist:calib[:128]", batch_size=64)
+    eval_data = load_data("fmnist:test[:128]", batch_size=64)
+    config = int8_config("max", algorithms=("input-shift", "bias-correction"))
+    result = run_compare(pretrained_fmnist_cnn(), calib, eval_data, calibrators="max", precisions="fp32,int8",
+                         config=config, layer_batches=1, store=RunStore(tmp_path / "runs.sqlite"), run_dir=tmp_path / "run",
+                         describe={"model": "quantlab.models.fmnist:pretrained_fmnist_cnn", "data": "fmnist:calib[:128]",
+                                   "eval_data": "fmnist:test[:128]", "batch_size": 64})
+    assert list(result.variants) == ["ptq", "ptq+input-shift+bias-correction"]
+    shifted = result.variants["ptq+input-shift+bias-correction"].ptq.transforms[0]
+    assert shifted.name == "input-shift" and shifted.details["shifted"]

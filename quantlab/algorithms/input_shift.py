@@ -72,9 +72,23 @@ def _why_not(module: nn.Module) -> str:
     if padded:
         return "zero-pads its input inside the convolution (padding would have to become -shift)"
     static = getattr(module, "static_padding", None)
-    if static is not None and not isinstance(static, (nn.Identity, nn.ZeroPad2d)):
-        return f"its static_padding is a {type(static).__name__}"
+    if static is not None and not isinstance(static, nn.ZeroPad2d) and not _is_identity(static):
+        return f"its static_padding is a {type(static).__name__} that changes its input"
     return ""
+
+
+def _is_identity(module: nn.Module) -> bool:
+    """Whether ``module`` hands a probe back unchanged (models bring their own Identity classes:
+    EfficientNet's ``static_padding`` of a 1x1 conv is ``efficientnet_lite_pytorch.utils.Identity``)."""
+    if isinstance(module, nn.Identity):
+        return True
+    probe = torch.arange(48, dtype=torch.float32).reshape(1, 3, 4, 4) - 20.0
+    try:
+        with torch.no_grad():
+            out = module(probe)
+    except Exception:  # noqa: BLE001 - anything that cannot take the probe is not an identity
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == probe.shape and bool(torch.equal(out, probe))
 
 
 def _weight_sums(module: nn.Module) -> torch.Tensor:

@@ -182,3 +182,24 @@ def test_compare_gives_no_row_to_a_prefix_that_lacks_bias_correction(tmp_path):
     assert list(result.variants) == ["ptq", "ptq+input-shift+bias-correction"]
     shifted = result.variants["ptq+input-shift+bias-correction"].ptq.transforms[0]
     assert shifted.name == "input-shift" and shifted.details["shifted"]
+
+
+class OwnIdentity(nn.Module):
+    """A model's own identity class (EfficientNet-Lite's 1x1 convs hold one as ``static_padding``)."""
+
+    def forward(self, x):
+        return x
+
+
+class DoublingPad(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+def test_a_static_padding_that_passes_the_input_through_is_shifted_and_one_that_changes_it_is_not():
+    first, second = SamePadConv2d(3, 4, 1), SamePadConv2d(4, 2, 1)
+    first.static_padding, second.static_padding = OwnIdentity(), DoublingPad()
+    model = nn.Sequential(nn.ReLU(), first, nn.ReLU(), second).eval()
+    details = shift(model, calibration())
+    assert set(details["shifted"]) == {"1"}
+    assert "changes its input" in details["skipped"]["3"]

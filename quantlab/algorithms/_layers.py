@@ -131,6 +131,19 @@ def hooks(layers: Sequence[QuantizedLayer], hook: Callable[[QuantizedLayer, Tupl
 
 
 @contextlib.contextmanager
+def pre_hooks_off(module: nn.Module) -> Iterator[None]:
+    """Calls of ``module`` skip its forward pre-hooks: for inputs captured after them (``hooks``'s
+    args), which must not pass them twice. The input quantizer's hook would do no harm twice (it is
+    idempotent on its grid), but ``input-shift``'s would subtract its shift again."""
+    saved = module._forward_pre_hooks
+    module._forward_pre_hooks = type(saved)()
+    try:
+        yield
+    finally:
+        module._forward_pre_hooks = saved
+
+
+@contextlib.contextmanager
 def fp32_reference(model: nn.Module, layers: Sequence[QuantizedLayer],
                    reference: Optional[Mapping[str, torch.Tensor]], *, whole_model: bool = True) -> Iterator[nn.Module]:
     """Runs ``model`` as the FP32 model: every quantizer off and, where ``reference``

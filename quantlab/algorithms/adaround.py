@@ -46,6 +46,7 @@ from quantlab.algorithms._layers import (
     layers_in_float,
     output_channel_dim,
     output_channels,
+    pre_hooks_off,
     quantized_layers,
     read_params,
     reference_of,
@@ -220,7 +221,8 @@ def adaround(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
                 skipped[layer.name] = "its input or output is not a single tensor"
                 continue
             captured = time.perf_counter()
-            report, weight = _reconstruct(layer, inputs, targets, params, generator)
+            with pre_hooks_off(layer.module):  # the inputs were captured after the layer's pre-hooks
+                report, weight = _reconstruct(layer, inputs, targets, params, generator)
             del inputs, targets
             if weight is not None:
                 with torch.no_grad():

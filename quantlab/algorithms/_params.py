@@ -66,8 +66,9 @@ def check_params(algorithms: Union[str, Sequence[str], None],
 
     Raises:
         AlgorithmError: one line: an unknown algorithm, an algorithm selected without one it
-            requires, parameters of an algorithm that is not selected, a name the algorithm does not declare (naming the known ones), or a
-            value its ``check`` refuses (out of bounds, not one of the choices).
+            requires, parameters of an algorithm that is not selected, a name the algorithm
+            does not declare (naming the known ones), or a value its ``check`` refuses (out of
+            bounds, not one of the choices).
     """
     selected = {a.name: a for a in parse_algorithms(algorithms)}
     for algorithm in selected.values():

@@ -19,8 +19,8 @@
   :data:`FIDELITY_MAX_ELEMENTS` kept FP32 output values.
 * With PTQ algorithms in the config (``config.algorithms``), INT8 runs once per
   prefix of the pipeline (``ptq``, ``ptq+cle``, ``ptq+cle+bias-correction``, ...; not
-  one that lacks an algorithm another in it requires): each is its own row per calibrator (``source``), so the user sees what each stage
-  buys; :attr:`CompareResult.variants` keeps each one's PTQ result and model.
+  one that lacks an algorithm another in it requires): each is its own row per
+  calibrator (``source``), so the user sees what each stage buys; :attr:`CompareResult.variants` keeps each one's PTQ result and model.
 
 This is measurement only: nothing is recorded or written. The compare job
 (:func:`quantlab.jobs.compare.run_compare`) records the rows as they come (the

@@ -1,6 +1,5 @@
 """A cross-layer-equalized INT8 model exports to a Q/DQ ONNX that passes the TensorRT placement
 check and matches PyTorch fake quantization in ONNX Runtime (per-channel clamps become Min/Max)."""
-import numpy as np
 import pytest
 import torch
 
@@ -9,9 +8,7 @@ pytest.importorskip("onnxruntime")
 
 import quantlab  # noqa: E402
 from quantlab.config import int8_config  # noqa: E402
-from quantlab.export.check import check_model  # noqa: E402
-from quantlab.export.qdq import export_int8  # noqa: E402
-from tests.export.helpers import ort_logits  # noqa: E402
+from tests.export.helpers import assert_exports_and_matches_onnxruntime  # noqa: E402
 from tests.quantlab.algorithms.nets import MobileBlockNet  # noqa: E402
 
 
@@ -26,10 +23,4 @@ def test_equalized_model_exports_and_matches_in_onnxruntime(tmp_path):
                 m(x)
 
     quantlab.quantize(model, int8_config("max").replace(algorithms=("cle",)), forward_loop=loop)
-    result = export_int8(model, tmp_path / "cle.int8.onnx", data[0][:2])
-    report = check_model(result.path)
-    assert report.ok, [str(f) for f in report.errors]
-    with torch.no_grad():
-        expected = torch.cat([model(x) for x in data]).numpy()
-    got = ort_logits(result.path, torch.cat(data))
-    assert np.abs(got - expected).max() < 2e-2 * max(1.0, float(np.abs(expected).max()))
+    assert_exports_and_matches_onnxruntime(model, data, tmp_path / "cle.int8.onnx")

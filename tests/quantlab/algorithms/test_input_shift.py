@@ -2,7 +2,6 @@
 grid used on both sides, the ONNX export valid, checkpoints round-trip, bad input refused."""
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -105,20 +104,12 @@ def test_the_shifted_input_uses_both_halves_of_the_grid_and_int8_error_falls(cal
 
 def test_export_passes_the_tensorrt_check_and_matches_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
-    from quantlab.export.check import check_model
-    from quantlab.export.qdq import export_int8
-    from tests.export.helpers import ort_logits
+    from tests.export.helpers import assert_exports_and_matches_onnxruntime
 
     data = calibration()
     model = MobileBlockNet(relu6_shared=False)
     ql.quantize(model, int8_config("max", algorithms=("bn-fold", "input-shift", "bias-correction")), forward_loop=loop_over(data))
-    result = export_int8(model, tmp_path / "shift.int8.onnx", data[0][:2])
-    report = check_model(result.path)
-    assert report.ok, [str(f) for f in report.errors]
-    with torch.no_grad():
-        expected = torch.cat([model(x) for x in data]).numpy()
-    got = ort_logits(result.path, torch.cat(data))
-    assert np.abs(got - expected).max() < 2e-2 * max(1.0, float(np.abs(expected).max()))
+    assert_exports_and_matches_onnxruntime(model, data, tmp_path / "shift.int8.onnx")
 
 
 def test_checkpoint_round_trip_rebuilds_the_shifts(tmp_path):

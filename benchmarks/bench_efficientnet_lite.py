@@ -123,6 +123,8 @@ def _summary(details: Dict[str, Any]) -> str:
                 f"{len(details.get('skipped', []))} skipped")
     if "folded" in details:
         return f"{len(details['folded'])} BatchNorms folded, {len(details['not_folded'])} not"
+    if "shifted" in details:
+        return f"{len(details['shifted'])} of {details.get('layers')} inputs shifted"
     return ""
 
 

@@ -65,17 +65,11 @@ def check_params(algorithms: Union[str, Sequence[str], None],
     """Checks per-algorithm parameters against the selected algorithms; returns them typed.
 
     Raises:
-        AlgorithmError: one line: an unknown algorithm, an algorithm selected without one it
-            requires, parameters of an algorithm that is not selected, a name the algorithm
+        AlgorithmError: one line: an unknown algorithm, parameters of an algorithm that is not selected, a name the algorithm
             does not declare (naming the known ones), or a value its ``check`` refuses (out of
             bounds, not one of the choices).
     """
     selected = {a.name: a for a in parse_algorithms(algorithms)}
-    for algorithm in selected.values():
-        missing = [r for r in algorithm.requires if r not in selected]
-        if missing:
-            raise AlgorithmError(f"{algorithm.name!r} needs {', '.join(map(repr, missing))} in the same run "
-                                 f"(selected: {', '.join(selected)})")
     out: Dict[str, Dict[str, Any]] = {}
     for name, values in (params or {}).items():
         algorithm = get_algorithm(name)  # unknown: names the known algorithms

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
@@ -107,8 +107,6 @@ class Algorithm:
         check: ``check(params)`` raises :class:`AlgorithmError` for values ``run`` would
             refuse (bounds, choices, combinations): called by ``check_params`` before any
             work, so a bad value is not found only after the stages before it have run.
-        requires: Algorithms that must be selected with this one (``check_params`` refuses
-            the selection otherwise, naming them).
     """
 
     name: str
@@ -120,7 +118,6 @@ class Algorithm:
     rebuild: Optional[Callable[[nn.Module, Dict[str, Any]], None]] = None
     params: Optional[Mapping[str, Any]] = None
     check: Optional[Callable[[Mapping[str, Any]], Any]] = None
-    requires: Tuple[str, ...] = ()
 
 
 _REGISTRY: Dict[str, Algorithm] = {}
@@ -129,8 +126,7 @@ _REGISTRY: Dict[str, Algorithm] = {}
 def register_algorithm(name: str, stage: Union[Stage, str], order: int, *, needs_data: bool = False,
                        description: str = "", rebuild: Optional[Callable[[nn.Module, Dict[str, Any]], None]] = None,
                        params: Optional[Mapping[str, Any]] = None,
-                       check: Optional[Callable[[Mapping[str, Any]], Any]] = None,
-                       requires: Sequence[str] = ()) -> Callable[[Callable[..., Dict[str, Any]]], Callable[..., Dict[str, Any]]]:
+                       check: Optional[Callable[[Mapping[str, Any]], Any]] = None) -> Callable[[Callable[..., Dict[str, Any]]], Callable[..., Dict[str, Any]]]:
     """Decorator registering ``fn(model, context) -> details`` as an algorithm (see :class:`Algorithm`)."""
 
     def decorator(fn: Callable[..., Dict[str, Any]]) -> Callable[..., Dict[str, Any]]:
@@ -138,7 +134,7 @@ def register_algorithm(name: str, stage: Union[Stage, str], order: int, *, needs
         if key in _REGISTRY and _REGISTRY[key].run is not fn:
             raise ValueError(f"algorithm {name!r} is already registered")
         _REGISTRY[key] = Algorithm(key, Stage(stage), order, fn, needs_data, description, rebuild,
-                                   dict(params) if params is not None else None, check, tuple(requires))
+                                   dict(params) if params is not None else None, check)
         return fn
 
     return decorator

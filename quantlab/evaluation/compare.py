@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from quantlab.algorithms import check_params, get_algorithm, parse_algorithms
+from quantlab.algorithms import check_params, parse_algorithms
 from quantlab.api import load_scales
 from quantlab.attach import is_quantized
 from quantlab.config import QuantConfig, int8_config
@@ -329,10 +329,7 @@ def compare(
     # ptq, ptq+first, ptq+first+second, ...: each prefix of the pipeline is its own INT8 row.
     ordered = tuple(a.name for a in parse_algorithms(config.algorithms))
     check_params(ordered, {n: dict(p) for n, p in config.algorithm_params})  # before any work
-    # A prefix lacking an algorithm that one of its own requires (input-shift without
-    # bias-correction) would be refused: it gets no row.
-    prefixes = [p for p in (ordered[:i] for i in range(len(ordered) + 1))
-                if all(r in p for name in p for r in get_algorithm(name).requires)]
+    prefixes = [ordered[:i] for i in range(len(ordered) + 1)]
 
     def stage(name: str, total: int) -> Optional[Callable[[int], None]]:
         return (lambda done: progress(name, done, total)) if progress is not None else None

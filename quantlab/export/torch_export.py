@@ -32,6 +32,7 @@ import onnx
 import torch
 from torch import nn
 
+from quantlab.algorithms.input_shift import shifts_in_bias
 from quantlab.attach import iter_quantizers
 from quantlab.batching import main_tensor
 from quantlab.export.errors import ExportError
@@ -329,6 +330,8 @@ def export_in_eval(
                 from quantlab.attach import quantization_disabled
 
                 stack.enter_context(quantization_disabled(model))
+            # input-shift's c * sum(W_int8) as one constant bias (computed before the Q/DQ forwards go in).
+            stack.enter_context(shifts_in_bias(model))
             stack.enter_context(export_forwards(model, exporter))
             return run_exporter(
                 model, example_batch(example_inputs), exporter=exporter, opset=opset,

@@ -133,3 +133,21 @@ def test_a_nan_during_the_reconstruction_names_the_layer():
     targets = torch.full((32, 16, 16, 16), float("nan"), device="cuda")
     with pytest.raises(AlgorithmError, match="NaN or Inf in the reconstruction of layer '2'"):
         _reconstruct(layer, inputs, targets, dict(DEFAULTS, **PARAMS), torch.Generator().manual_seed(0))
+
+
+def test_graphed_adaround_learns_through_input_shift_hooks():
+    # input-shift's output hook adds c * sum(W) with the weight the layer computes with: inside the
+    # captured iteration that is AdaRound's soft weight, so the graph must replay the hook's reduction
+    # too. The shifted model's INT8 error stays below the unshifted one's, graphed as eager.
+    from tests.quantlab.algorithms.test_input_shift import chain
+
+    data = [x.cuda() for x in batches(4)]
+    reference = chain().cuda()
+    errors = {}
+    for name, algorithms in (("plain", ("adaround",)), ("shifted", ("input-shift", "adaround"))):
+        model = chain().cuda()
+        config = ql.int8_config("max", algorithms=algorithms, algorithm_params={"adaround": {"iterations": 50}})
+        ql.quantize(model, config, forward_loop=forward_loop(data))
+        with torch.no_grad():
+            errors[name] = float(sum(((model(x) - reference(x)) ** 2).sum() for x in batches(2)))
+    assert errors["shifted"] < 0.8 * errors["plain"], errors

@@ -8,7 +8,8 @@ calibrator's element-wise operations in the same order, so every squared error
 Only the weighted sums may round differently (a matrix product instead of a
 product then a sum; another order); a choice is kept only where that cannot
 matter (see :mod:`.many`): a sum of non-negative terms is 0 only if every term
-is, and a single term is the same in both.
+is, and a single term is the same in both. On a GPU one kernel scores every candidate at once
+with the same float operations (:mod:`.mse_cuda`); the blocks are the fallback.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from .base import HistogramStats, register_batched_calibrator
 from .many import EPS, chunk_budget, pack_counts, ragged, segment_any, segment_min, segment_pick, split_trivial
 from .mse import _validate
+from .mse_cuda import mse_scores
 
 #: On accelerators MSE chunks are this many times the shared chunk budget: its blocks are computed in place (one
 #: block alive), and on an H200 its time for ResNet-50's 54 histograms fell from 42 ms at 2**23
@@ -87,9 +89,40 @@ def mse_many(
     seg, pos = ragged(counts, device)
     searched_t = torch.tensor(searched, dtype=torch.int64).to(device)
     candidates = torch.take(centres, searched_t[seg] * width + start_bin + stride * pos)
+    qmax = float((1 << (num_bits - 1)) - 1)
+    errors = mse_scores(c_used, w_used, used_count, searched_t[seg], candidates, qmax)
+    if errors is None:  # no GPU kernel: the same scores by torch ops, block by block
+        errors = _block_scores(c_used, w_used, candidates, counts, used_host, searched, qmax, device)
+
+    # First minimum per histogram (torch.argmin's pick), and whether rounding could move it.
+    segments = len(searched)
+    column = pos
+    best = segment_min(errors, seg, segments)
+    big = torch.iinfo(torch.int64).max
+    first_min = torch.full((segments,), big, dtype=torch.int64, device=device).scatter_reduce_(
+        0, seg, torch.where(errors == best[seg], column, big), reduce="amin", include_self=True)
+    is_first = column == first_min[seg]
+    terms_used = torch.tensor(used_host, dtype=torch.float64).to(device)[seg]
+    bound = _SUM_BOUND * (terms_used + 1.0) * EPS * errors
+    # Exact in any order: a sum of non-negative terms is 0 only if every term is; one term is itself.
+    exact = (errors == 0) | (terms_used <= 1)
+    first_bound = segment_pick(bound, is_first, seg, segments)
+    first_exact = segment_pick(exact, is_first, seg, segments) > 0
+    close = ((~is_first) & ~(exact & first_exact[seg])
+             & ((errors - best[seg]).abs() <= bound + first_bound[seg]))
+    unsure = segment_any(close | torch.isnan(errors), seg, segments) | ~torch.isfinite(best)
+    chosen = segment_pick(candidates, is_first, seg, segments)
+    for r, (amax, doubt) in zip(searched, torch.stack([chosen, unsure.to(torch.float64)], dim=1).tolist()):
+        if not doubt:
+            out[rows[r]] = amax
+    return out
+
+
+def _block_scores(c_used: torch.Tensor, w_used: torch.Tensor, candidates: torch.Tensor, counts: List[int],
+                  used_host: List[int], searched: List[int], qmax: float, device: torch.device) -> torch.Tensor:
+    """Each candidate's weighted squared error by torch ops on ``[histograms, candidates, used bins]`` blocks."""
     errors = torch.empty(candidates.numel() + 1, dtype=torch.float64, device=device)  # last: a dump slot
     offsets = np.cumsum([0] + counts[:-1]).tolist()
-    qmax = float((1 << (num_bits - 1)) - 1)
     # Every chunk's indices built on the host and copied once: a copy per chunk from pageable
     # memory would wait for the chunks queued before it, serializing host and GPU.
     budget = chunk_budget(device) * (1 if device.type == "cpu" else MSE_CHUNK_FACTOR)
@@ -124,30 +157,7 @@ def mse_many(
         torch.sub(c, squares, out=squares).pow_(2)
         errors.scatter_(0, dest, torch.bmm(squares, w.transpose(1, 2)).reshape(-1))
         del c, w, squares
-    errors = errors[:-1]
-
-    # First minimum per histogram (torch.argmin's pick), and whether rounding could move it.
-    segments = len(searched)
-    column = pos
-    best = segment_min(errors, seg, segments)
-    big = torch.iinfo(torch.int64).max
-    first_min = torch.full((segments,), big, dtype=torch.int64, device=device).scatter_reduce_(
-        0, seg, torch.where(errors == best[seg], column, big), reduce="amin", include_self=True)
-    is_first = column == first_min[seg]
-    terms_used = torch.tensor(used_host, dtype=torch.float64).to(device)[seg]
-    bound = _SUM_BOUND * (terms_used + 1.0) * EPS * errors
-    # Exact in any order: a sum of non-negative terms is 0 only if every term is; one term is itself.
-    exact = (errors == 0) | (terms_used <= 1)
-    first_bound = segment_pick(bound, is_first, seg, segments)
-    first_exact = segment_pick(exact, is_first, seg, segments) > 0
-    close = ((~is_first) & ~(exact & first_exact[seg])
-             & ((errors - best[seg]).abs() <= bound + first_bound[seg]))
-    unsure = segment_any(close | torch.isnan(errors), seg, segments) | ~torch.isfinite(best)
-    chosen = segment_pick(candidates, is_first, seg, segments)
-    for r, (amax, doubt) in zip(searched, torch.stack([chosen, unsure.to(torch.float64)], dim=1).tolist()):
-        if not doubt:
-            out[rows[r]] = amax
-    return out
+    return errors[:-1]
 
 
 def _chunks(counts: List[int], used: List[int], budget: int) -> List[Tuple[List[int], int, int]]:

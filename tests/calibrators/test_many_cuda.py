@@ -77,3 +77,52 @@ def test_pack_counts_index_copy_matches_row_copies():
     assert torch.equal(a, b)
     for row, c in zip(a, counts):
         assert torch.equal(row[: c.numel()], c.to(torch.float64))
+
+
+def _mse_inputs(stats):
+    """The packed rows and candidates ``mse_many`` scores, for the default parameters."""
+    from quantlab.calibrators.many import ragged
+
+    bins = pack_counts([s.counts for s in stats])
+    width = bins.shape[1]
+    used = bins != 0
+    most = int(used.sum(dim=1).max())
+    centres = torch.zeros(len(stats), most, dtype=torch.float64, device="cuda")
+    weights = torch.zeros_like(centres)
+    for r, s in enumerate(stats):
+        edges = torch.arange(width + 1, dtype=torch.float64, device="cuda") * float(s.bin_width)
+        mids = ((edges[:-1] + edges[1:]) / 2)[used[r]]
+        centres[r, : mids.numel()] = mids
+        weights[r, : mids.numel()] = bins[r][used[r]]
+        assert s.num_bins > 128
+    counts = [s.num_bins - 128 for s in stats]
+    seg, pos = ragged(counts, torch.device("cuda"))
+    all_centres = torch.stack([(torch.arange(width, dtype=torch.float64, device="cuda") + 0.5) * float(s.bin_width)
+                               for s in stats])
+    candidates = all_centres[seg, 128 + pos]
+    return centres, weights, used.sum(dim=1), seg, candidates, counts
+
+
+def test_the_mse_kernel_scores_each_candidate_as_the_torch_ops_do(model_like):
+    # Each squared error is the same float (same IEEE operations); only the weighted sums' order
+    # differs: the two scores agree within the bound mse_many's tie check uses.
+    from quantlab.calibrators.mse_cuda import mse_scores
+    from quantlab.calibrators.mse_many import _block_scores
+
+    stats = model_like[:12]
+    centres, weights, used, seg, candidates, counts = _mse_inputs(stats)
+    fused = mse_scores(centres, weights, used, seg, candidates, 127.0)
+    assert fused is not None, "the NVRTC kernel did not compile on this GPU"
+    blocks = _block_scores(centres, weights, candidates, counts, used.tolist(), list(range(len(stats))), 127.0,
+                           torch.device("cuda"))
+    terms = used[seg].double()
+    bound = 4.0 * (terms + 1.0) * torch.finfo(torch.float64).eps * blocks.abs()
+    assert bool((blocks > 0).any()) and bool(((fused - blocks).abs() <= bound).all())
+
+
+def test_mse_without_the_kernel_gives_the_same_amax(model_like, monkeypatch):
+    import quantlab.calibrators.mse_many as mse_many
+
+    monkeypatch.setattr(mse_many, "mse_scores", lambda *args: None)  # the torch-op blocks on the GPU
+    assert_same("mse", model_like)
+    assert_same("mse", on_gpu(list(H.invalid().values())))

@@ -19,7 +19,7 @@ exported graph ``c * sum(W_int8)`` is a constant folded into the bias
 Why the weight the layer computes with, not the float one: folded with float ``W`` the
 INT8 layer's error is ``(W_int8 - W)(x - c)``, and ``x - c`` is far from 0 on most of a
 ReLU6 output (its mass sits at 0, i.e. at ``-c``). That constant term dominated AdaRound's
-reconstruction loss (EfficientNet-Lite1: 10x the loss of the unshifted layers by the head)
+reconstruction loss (EfficientNet-Lite1: 8-10x the loss of the form below by the last layers)
 and cost the extra bit its gain (90.5% top-1 agreement, as without the shift). With
 ``sum(W_int8)`` the error is ``(W_int8 - W) x``, as without the shift, plus the finer
 input grid; AdaRound's rounding moves the constant with it. The model keeps the FP32
@@ -45,6 +45,7 @@ against 91.4% / 90.9% without the shift.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -77,12 +78,12 @@ def _add_weight_sums(module: nn.Module, args: Tuple[Any, ...], output: torch.Ten
     if getattr(module, _IN_BIAS, False):
         return None
     added = _weight_sums(module.weight) * getattr(module, SHIFT_BUFFER).to(output.dtype)
-    return output + added.to(output.dtype).reshape(_channel_shape(module, output))
+    return output + added.to(output.dtype).reshape(_channel_shape(module))
 
 
-def _channel_shape(module: nn.Module, output: torch.Tensor) -> Tuple[int, ...]:
-    """The shape that broadcasts one value per output channel over ``output`` (Conv: the dim before
-    the spatial ones, batched or not; Linear: the last)."""
+def _channel_shape(module: nn.Module) -> Tuple[int, ...]:
+    """The shape that broadcasts one value per output channel over the layer's output (Conv: the
+    dim before the spatial ones, batched or not; Linear: the last)."""
     if isinstance(module, nn.Linear):
         return (-1,)
     spatial = len(module.kernel_size)
@@ -181,8 +182,10 @@ def input_range(module: nn.Module, chosen: float) -> float:
     return float(shift) if isinstance(shift, torch.Tensor) else chosen
 
 
-def measure_input_ranges(model: nn.Module, names: List[str], forward_loop: Any) -> Dict[str, Tuple[float, float]]:
-    """``(min, max)`` of each named layer's input over the calibration data."""
+def measure_input_ranges(model: nn.Module, names: List[str], forward_loop: Any,
+                         probes: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, Tuple[float, float]]:
+    """``(min, max)`` of each named layer's input over the calibration data; with ``probes``, also
+    the first two samples of each layer's first input (for :func:`_keeps_function`)."""
     modules = dict(model.named_modules())
     lows: Dict[str, torch.Tensor] = {}
     highs: Dict[str, torch.Tensor] = {}
@@ -195,6 +198,8 @@ def measure_input_ranges(model: nn.Module, names: List[str], forward_loop: Any) 
                 low, high = x.detach().min().float(), x.detach().max().float()
                 lows[name] = torch.minimum(lows[name], low) if name in lows else low
                 highs[name] = torch.maximum(highs[name], high) if name in highs else high
+                if probes is not None and name not in probes and len(args) == 1:
+                    probes[name] = x.detach()[:2].clone()
         return record
 
     for name in names:
@@ -206,6 +211,26 @@ def measure_input_ranges(model: nn.Module, names: List[str], forward_loop: Any) 
         for handle in handles:
             handle.remove()
     return {name: (float(lows[name]), float(highs[name])) for name in names if name in lows}
+
+
+def _keeps_function(module: nn.Module, shift: float, probe: Optional[torch.Tensor]) -> str:
+    """"" if a shifted copy of ``module`` gives its outputs on ``probe`` (calibration inputs), else why
+    not: the output hook assumes the layer returns ``W x + b`` of its input, which a subclass's own
+    ``forward`` need not (an activation after the convolution, a second input)."""
+    if probe is None:
+        return "its input could not be probed (not a single tensor)"
+    trial = copy.deepcopy(module)
+    shift_layer(trial, shift)
+    with torch.no_grad():
+        want, got = module(probe), trial(probe)
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        return f"{type(module).__name__}'s output is not one tensor"
+    error = float((got.double() - want.double()).abs().max())
+    scale = float(want.double().abs().max()) + shift * float(_weight_sums(module.weight.detach()).double().abs().max())
+    if not error <= 1e-4 * max(1.0, scale):
+        return (f"shifting its input changed {type(module).__name__}'s output by up to {error:.3g} on calibration "
+                "data: its forward is not W x + b of its input")
+    return ""
 
 
 def rebuild_shifts(model: nn.Module, details: Mapping[str, Any]) -> None:
@@ -252,7 +277,8 @@ def input_shift(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
             skipped[name] = why
         else:
             eligible.append(name)
-    ranges = measure_input_ranges(model, eligible, context.forward_loop)
+    probes: Dict[str, torch.Tensor] = {}
+    ranges = measure_input_ranges(model, eligible, context.forward_loop, probes)
     shifted: Dict[str, float] = {}
     for name in eligible:
         if name not in ranges:
@@ -267,6 +293,10 @@ def input_shift(model: nn.Module, context: AlgorithmContext) -> Dict[str, Any]:
             continue
         if high <= 0.0:
             skipped[name] = "its input is all zeros"
+            continue
+        why = _keeps_function(layers[name], high / 2, probes.get(name))
+        if why:
+            skipped[name] = why
             continue
         shifted[name] = high / 2
         shift_layer(layers[name], high / 2)

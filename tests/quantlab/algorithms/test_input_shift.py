@@ -267,3 +267,21 @@ def test_adaround_calls_the_layer_without_its_pre_hooks_on_captured_inputs():
             bare = layer(x - getattr(layer, SHIFT_BUFFER))
         assert len(layer._forward_pre_hooks) == 1  # restored
         torch.testing.assert_close(bare, hooked, rtol=0, atol=0)
+
+
+class ConvThenReLU(nn.Conv2d):
+    """A Conv2d subclass whose own forward adds an activation: its output is not W x + b."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_a_subclass_whose_forward_is_not_affine_is_not_shifted_and_the_function_is_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ReLU(), ConvThenReLU(3, 4, 1), nn.Conv2d(4, 2, 1)).eval()
+    reference = copy.deepcopy(model)
+    details = shift(model, calibration())
+    assert "not W x + b" in details["skipped"]["1"], details["skipped"]
+    assert set(details["shifted"]) == {"2"}
+    x = torch.randn(2, 3, 12, 12) * 3
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)

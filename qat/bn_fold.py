@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from quantlab.algorithms.bn_fold import bn_scale_shift
+from quantlab.algorithms.input_shift import SHIFT_BUFFER
 from quantlab.attach import weight_quantizer
 from quantlab.qat.errors import QATError
 
@@ -127,8 +128,11 @@ def _conv_type(conv: nn.Module) -> Optional[type]:
 
 
 def _can_fold(conv: nn.Module, bn: nn.Module) -> bool:
+    # A conv whose input input-shift moved adds shift * sum(W) after its output (a hook the folded
+    # module would not carry, and which would land after the BatchNorm): it keeps its own BatchNorm.
     return (
         _conv_type(conv) is not None
+        and not hasattr(conv, SHIFT_BUFFER)
         and isinstance(bn, _BN_TYPES)
         and bn.track_running_stats
         and bn.running_var is not None
@@ -225,6 +229,7 @@ def fold_conv_bn(
             raise QATError(
                 f"cannot fold BatchNorm '{bn_name}' into '{conv_name}': need a plain Conv1d/2d/3d followed by a "
                 "BatchNorm with running statistics and matching channels"
+                + (" (and the conv's input is moved by input-shift)" if hasattr(conv, SHIFT_BUFFER) else "")
             )
         cls = _FOLDED_TYPES[_conv_type(conv)]
         folded = cls.__new__(cls)

@@ -143,3 +143,26 @@ def test_freeze_bn_stats_on_plain_batchnorm_survives_model_train():
     assert torch.equal(model.dw_bn.running_mean, mean)
     model.eval()
     assert torch.allclose(out, model(x), atol=1e-6)
+
+
+def test_a_conv_whose_input_is_shifted_keeps_its_batchnorm():
+    # input-shift adds shift * sum(W) after the conv's output: folded with its BatchNorm that would
+    # land after the BatchNorm (and the folded module would drop the hooks). Such a conv is not paired.
+    from quantlab.algorithms import AlgorithmContext, get_algorithm
+
+    model = randomize_bn(tiny_cnn()).eval()
+    data = [torch.randn(8, 1, 28, 28) for _ in range(2)]
+
+    def loop(m):
+        with torch.no_grad():
+            for x in data:
+                m(x)
+
+    details = get_algorithm("input-shift").run(model, AlgorithmContext(forward_loop=loop))
+    assert "pw" in details["shifted"]
+    reference = copy.deepcopy(model)
+    assert find_conv_bn_pairs(model) == [("stem.0", "stem.1"), ("dw", "dw_bn")]
+    fold_conv_bn(model)
+    torch.testing.assert_close(model(data[0]), reference(data[0]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(qat.QATError, match="moved by input-shift"):
+        fold_conv_bn(model, [("pw", "pw_bn")])

@@ -44,8 +44,22 @@ MAX_BINS = 4096
 _THREADS = 512  # the pass keeps MAX_BINS / _THREADS <= 16 re-binned counts per thread
 # Values above the running range collected per batch before falling back to a second read.
 OVERFLOW_CAPACITY = 4096
+# Defaults of HistogramKernels (measured on the H200: benchmarks/RESULTS.md, issue 18).
+UNROLL = 4
+GROUP_VOTE = True
+LOAD = 2
+MIN_ELEMENTS_PER_BLOCK = 2048
 
 _SOURCE = r"""
+// QL_LOAD 0: plain loads; 1: through the read-only cache (__ldg); 2: streaming, evict first (__ldcs).
+#if QL_LOAD == 1
+#define QL_LOAD_VECTOR(p) __ldg(p)
+#elif QL_LOAD == 2
+#define QL_LOAD_VECTOR(p) __ldcs(p)
+#else
+#define QL_LOAD_VECTOR(p) (*(p))
+#endif
+
 // KIND 0: float32, 1: float16, 2: bfloat16. Values are handled as the float32 bits of |x|:
 // for non-negative floats (Inf and NaN included) unsigned order is numeric order, NaN last.
 __device__ __forceinline__ unsigned f16_abs_as_f32_bits(unsigned short h) {
@@ -118,19 +132,61 @@ __device__ __forceinline__ unsigned block_max(unsigned m) {
 #define DONE 1
 #define OVERFLOW 2
 
-// Calls f(bits) for every value of x this thread handles (start at `first`, step `stride`):
-// the 16-byte vectors, then the scalar tail. Grid-stride for the passes, block-stride for the
-// last block's re-read.
-template <int KIND, typename F>
-__device__ __forceinline__ void for_each_value(const void* x, long long n, long long first, long long stride, F f) {
+// Calls fast(bits) for every value of x this thread handles (start at `first`, step `stride`):
+// the 16-byte vectors, then the scalar tail; grid-stride for the passes, block-stride for the
+// last block's re-read. fast returns whether the value also needs slow(bits) (in the pass: above
+// the range, rare once the range has settled). slow may use warp-wide operations: every active
+// lane calls it on the same value slots. With QL_GROUP_VOTE the warp votes once per QL_UNROLL
+// loaded vectors (and then runs slow on all of them), else once per value.
+// QL_UNROLL vectors are loaded before any is counted, so each thread keeps that many 16-byte
+// loads in flight: with one, the loop waited on every load (1.3-2.0 TB/s on large activations
+// on the H100). Neither changes the counts: only which thread counts which value, and when.
+template <int KIND, typename F, typename G>
+__device__ __forceinline__ void for_each_value(const void* x, long long n, long long first, long long stride,
+                                               F fast, G slow) {
     const int PER = Vec<KIND>::PER;
     const long long nvec = n / PER;
+    const uint4* v = (const uint4*)x;
     unsigned vals[8];
-    for (long long i = first; i < nvec; i += stride) {
-        decode<KIND>(((const uint4*)x)[i], vals);
-        for (int k = 0; k < PER; ++k) f(vals[k]);
+    long long i = first;
+    for (; i + (QL_UNROLL - 1) * stride < nvec; i += QL_UNROLL * stride) {
+        uint4 loaded[QL_UNROLL];
+#pragma unroll
+        for (int u = 0; u < QL_UNROLL; ++u) loaded[u] = QL_LOAD_VECTOR(v + i + u * stride);
+        bool any = false;
+#pragma unroll
+        for (int u = 0; u < QL_UNROLL; ++u) {
+            decode<KIND>(loaded[u], vals);
+            for (int k = 0; k < PER; ++k) {
+#if QL_GROUP_VOTE
+                any |= fast(vals[k]);
+#else
+                if (__any_sync(__activemask(), fast(vals[k]))) slow(vals[k]);
+#endif
+            }
+        }
+        if (QL_GROUP_VOTE && __any_sync(__activemask(), any)) {
+            for (int u = 0; u < QL_UNROLL; ++u) {
+                decode<KIND>(loaded[u], vals);
+                for (int k = 0; k < PER; ++k) slow(vals[k]);
+            }
+        }
     }
-    for (long long i = nvec * PER + first; i < n; i += stride) f(scalar_at<KIND>(x, i));
+    for (; i < nvec; i += stride) {
+        decode<KIND>(v[i], vals);
+        for (int k = 0; k < PER; ++k)
+            if (__any_sync(__activemask(), fast(vals[k]))) slow(vals[k]);
+    }
+    for (long long j = nvec * PER + first; j < n; j += stride) {
+        const unsigned bits = scalar_at<KIND>(x, j);
+        if (__any_sync(__activemask(), fast(bits))) slow(bits);
+    }
+}
+
+// for_each_value with nothing to do beyond f.
+template <int KIND, typename F>
+__device__ __forceinline__ void for_each(const void* x, long long n, long long first, long long stride, F f) {
+    for_each_value<KIND>(x, n, first, stride, [&](unsigned bits) { f(bits); return false; }, [](unsigned) {});
 }
 
 // Also empties the state (a tensor's first batch: fresh or reused after a read).
@@ -147,20 +203,23 @@ __device__ void absmax_impl(const void* x, int n, unsigned* meta, float* amax, i
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     unsigned m = 0;
-    for_each_value<KIND>(x, n, first, stride, [&](unsigned bits) { m = max(m, bits); });
+    for_each<KIND>(x, n, first, stride, [&](unsigned bits) { m = max(m, bits); });
     m = block_max(m);
     if (threadIdx.x == 0 && m) atomicMax(&meta[BATCH_MAX], m);
 }
 
-// Counts one value: in range -> the block's histogram; above the range (at this exponent) ->
-// the overflow list (warp-aggregated append; once the list is full only the count grows).
-__device__ __forceinline__ void count_value(unsigned bits, float scale, float top, unsigned* hist,
-                                            bool collect_overflow, unsigned* meta, float* overflow,
-                                            int capacity, bool* full) {
+// Counts one value if it is in range (the block's histogram); returns whether it lies above the
+// range at this exponent.
+__device__ __forceinline__ bool count_in_range(unsigned bits, float scale, float top, unsigned* hist) {
     const float s = ceilf(__uint_as_float(bits) * scale);  // 0 for zeros, else 1 + bin; NaN fails all
     if (s >= 1.0f && s <= top) atomicAdd(&hist[(int)s - 1], 1u);
-    if (!collect_overflow) return;
-    const bool over = s > top;
+    return s > top;
+}
+
+// Appends a value above the range to the overflow list (warp-aggregated: every active lane calls
+// this for the same value slot; once the list is full only the count grows).
+__device__ __forceinline__ void list_over(unsigned bits, bool over, unsigned* meta, float* overflow,
+                                          int capacity, bool* full) {
     const unsigned active = __activemask();
     const unsigned mask = __ballot_sync(active, over);
     if (!over) return;
@@ -200,10 +259,15 @@ __device__ void pass_impl(const void* x, int n, unsigned* meta, float* amax, int
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     unsigned m = 0;
-    for_each_value<KIND>(x, n, first, stride, [&](unsigned bits) {
-        m = max(m, bits);
-        count_value(bits, scale, top, hist, collect, meta, overflow, capacity, &full);
-    });
+    for_each_value<KIND>(
+        x, n, first, stride,
+        [&](unsigned bits) {
+            m = max(m, bits);
+            return count_in_range(bits, scale, top, hist) && collect;
+        },
+        [&](unsigned bits) {
+            list_over(bits, ceilf(__uint_as_float(bits) * scale) > top, meta, overflow, capacity, &full);
+        });
     m = block_max(m);  // ends with a barrier: the block's histogram is complete
     if (threadIdx.x == 0 && m && collect) atomicMax(&meta[BATCH_MAX], m);
     for (int i = threadIdx.x; i < size; i += blockDim.x)
@@ -249,7 +313,7 @@ __device__ void pass_impl(const void* x, int n, unsigned* meta, float* amax, int
     } else if (!max_known) {  // the list overflowed: this block counts every value above the old range
         for (int i = threadIdx.x; i < size; i += blockDim.x) hist[i] = 0u;
         __syncthreads();
-        for_each_value<KIND>(x, n, threadIdx.x, blockDim.x, [&](unsigned bits) {
+        for_each<KIND>(x, n, threadIdx.x, blockDim.x, [&](unsigned bits) {
             const float v = __uint_as_float(bits);
             if (ceilf(v * scale) > top) {
                 const float s = ceilf(v * new_scale);
@@ -269,11 +333,11 @@ __device__ void pass_impl(const void* x, int n, unsigned* meta, float* amax, int
 }
 
 #define QL_KERNELS(SUFFIX, KIND)                                                                   \
-extern "C" __global__ void ql_absmax_##SUFFIX(const void* x, int n, unsigned* meta, float* amax, \
+extern "C" __global__ void __launch_bounds__(QL_THREADS) ql_absmax_##SUFFIX(const void* x, int n, unsigned* meta, float* amax, \
         int* exponent, double* counts, int size, int min_e) {                                      \
     absmax_impl<KIND>(x, n, meta, amax, exponent, counts, size, min_e);                            \
 }                                                                                                  \
-extern "C" __global__ void ql_pass_##SUFFIX(const void* x, int n, unsigned* meta, float* amax,    \
+extern "C" __global__ void __launch_bounds__(QL_THREADS) ql_pass_##SUFFIX(const void* x, int n, unsigned* meta, float* amax,    \
         int* exponent, double* counts, float* overflow, int size, int size_log2, int min_e,        \
         int max_e, int capacity, int max_known) {                                                  \
     pass_impl<KIND>(x, n, meta, amax, exponent, counts, overflow, size, size_log2, min_e, max_e,  \
@@ -289,19 +353,28 @@ _SUFFIX = {0: "f32", 1: "f16", 2: "bf16"}
 _PASSES = ("absmax", "pass")
 
 
-def _compile(device: torch.device) -> Dict[str, "ctypes.c_void_p"]:
+def source_defines(unroll: int, group_vote: bool, load: int) -> str:
+    """The macros that set _SOURCE's launch-independent options (see HistogramKernels)."""
+    # __launch_bounds__(QL_THREADS) caps the registers so that a block of _THREADS always launches
+    # (unrolled half-precision loads otherwise asked for more than 128 per thread: a launch error).
+    return (f"#define QL_THREADS {_THREADS}\n#define QL_UNROLL {int(unroll)}\n#define QL_GROUP_VOTE {int(group_vote)}\n"
+            f"#define QL_LOAD {int(load)}\n")
+
+
+def _compile(device: torch.device, unroll: int, group_vote: bool, load: int) -> Dict[str, "ctypes.c_void_p"]:
     """CUfunction handles of every kernel in _SOURCE, compiled once with NVRTC for ``device``."""
     from torch.cuda import _utils
 
     names = [f"ql_{p}_{s}" for p in _PASSES for s in _SUFFIX.values()]
+    source = source_defines(unroll, group_vote, load) + _SOURCE
     with torch.cuda.device(device):
         try:  # one NVRTC program holds every kernel
-            compiled = _utils._nvrtc_compile(_SOURCE, names[0])
+            compiled = _utils._nvrtc_compile(source, names[0])
             binary = compiled[0] if isinstance(compiled, tuple) else compiled
             loaded = _utils._cuda_load_module(binary, names)
             return {name: loaded[name].func for name in names}
         except (AttributeError, TypeError):  # other PyTorch versions: the public-ish wrapper, per kernel
-            return {name: torch.cuda._compile_kernel(_SOURCE, name).func for name in names}
+            return {name: torch.cuda._compile_kernel(source, name).func for name in names}
 
 
 _LAUNCH = None
@@ -328,7 +401,7 @@ class _Launch:
     def __call__(self, blocks: int, shared: int, stream: int) -> None:
         error = _launch_fn()(self.func, blocks, 1, 1, _THREADS, 1, 1, shared, ctypes.c_void_p(stream), self.array, None)
         if error:
-            raise RuntimeError(f"CUDA error {error} launching a quantlab statistics kernel")
+            raise RuntimeError(f"CUDA error {error} launching a quantlab statistics kernel ({blocks} blocks of {_THREADS})")
 
 
 def _current_stream(device: torch.device) -> int:
@@ -340,16 +413,36 @@ def _current_stream(device: torch.device) -> int:
 
 
 class HistogramKernels:
-    """The compiled kernels of one device."""
+    """The compiled kernels of one device.
 
-    def __init__(self, device: torch.device) -> None:
-        self.functions = _compile(device)
-        # Blocks per multiprocessor (QUANTLAB_STATS_BLOCKS_PER_SM; measured in benchmarks/RESULTS.md):
-        # each block adds its shared histogram to the global counts once, so fewer blocks mean
-        # fewer atomics, more mean more loads in flight.
-        per_sm = int(os.environ.get("QUANTLAB_STATS_BLOCKS_PER_SM", "2"))
-        self.blocks = max(1, per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
+    Args:
+        device: The CUDA device.
+        unroll: 16-byte loads each thread issues before counting them.
+        group_vote: The warp asks once per ``unroll`` loaded vectors, not per value,
+            whether a value lies above the range.
+        load: How the loads go: 0 plain, 1 read-only cache (``__ldg``), 2 streaming (``__ldcs``).
+        blocks_per_sm: Most blocks per multiprocessor (default QUANTLAB_STATS_BLOCKS_PER_SM
+            or 2): each block adds its shared histogram to the global counts once, so fewer
+            blocks mean fewer global atomics, more mean more loads in flight.
+        min_elements_per_block: Fewest elements a block counts: a small activation gets
+            fewer blocks, each adding its histogram once (the adds cost about as much as
+            reading a few MB).
+    """
+
+    def __init__(self, device: torch.device, *, unroll: int = UNROLL, blocks_per_sm: Optional[int] = None,
+                 min_elements_per_block: int = MIN_ELEMENTS_PER_BLOCK, group_vote: bool = GROUP_VOTE,
+                 load: int = LOAD) -> None:
+        self.functions = _compile(device, unroll, group_vote, load)
+        if blocks_per_sm is None:
+            blocks_per_sm = int(os.environ.get("QUANTLAB_STATS_BLOCKS_PER_SM", "2"))
+        self.blocks = max(1, blocks_per_sm) * torch.cuda.get_device_properties(device).multi_processor_count
+        self.min_elements_per_block = max(1, min_elements_per_block)
         _launch_fn()
+
+    def blocks_for(self, elements: int, per_vector: int) -> int:
+        """Blocks for one launch over ``elements`` values (``per_vector`` in 16 bytes)."""
+        per_block = max(per_vector * _THREADS, self.min_elements_per_block)
+        return max(1, min(self.blocks, -(-elements // per_block)))
 
 
 class FusedHistogram:
@@ -403,8 +496,7 @@ class FusedHistogram:
                 return self.update(x, first)
         kind = _KINDS[x.dtype]
         absmax, one_pass = self._launches_for(kind)
-        per = 4 if kind == 0 else 8
-        blocks = max(1, min(self.kernels.blocks, -(-x.numel() // (per * _THREADS))))
+        blocks = self.kernels.blocks_for(x.numel(), 4 if kind == 0 else 8)
         stream = _current_stream(x.device)
         self.x.value, self.n.value, self.max_known.value = x.data_ptr(), x.numel(), int(first)
         if first:

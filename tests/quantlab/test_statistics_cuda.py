@@ -3,6 +3,8 @@
 CI has no GPU, so these run on the GPU machine (benchmarks/RESULTS.md records the run); the same
 cases without the kernels run everywhere in test_statistics.py.
 """
+import functools
+
 import pytest
 import torch
 
@@ -54,6 +56,32 @@ def test_fused_kernels_equal_host_path(kernels, case):
     fused = collect(batches, sync_free=True, device="cuda")
     assert fused._device._kernels.kernels is kernels  # the fused path ran, not the torch ops
     assert fused.num_batches == host.num_batches and fused.num_elements == host.num_elements
+    hs, fs = host.stats(), fused.stats()
+    assert (fs.bin_width, fs.amax) == (hs.bin_width, hs.amax)
+    assert torch.equal(fs.counts.cpu(), hs.counts)
+
+
+@functools.lru_cache(maxsize=None)
+def launch_setting(unroll, blocks_per_sm, min_elements, group_vote, load):
+    return histogram_cuda.HistogramKernels(torch.device("cuda"), unroll=unroll, blocks_per_sm=blocks_per_sm,
+                                           min_elements_per_block=min_elements, group_vote=group_vote, load=load)
+
+
+@pytest.mark.parametrize("setting", [(1, 2, 1, False, 0), (2, 1, 1, True, 1), (4, 2, 2048, False, 0), (4, 2, 2048, True, 0),
+                                     (8, 1, 1 << 18, True, 2), (3, 4, 5000, True, 1)])
+@pytest.mark.parametrize("case", ["post-ReLU, growing and shrinking range", "leading zeros, odd sizes (vector tail)",
+                                  "range jumps, list overflows (second read)", "float16", "bfloat16"])
+def test_every_launch_setting_counts_the_same(monkeypatch, case, setting):
+    # Loads in flight, block counts, how the warp votes on values above the range and the load
+    # instruction change which thread counts which value (and the unrolled loop's remainder),
+    # never the counts.
+    kernels = launch_setting(*setting)
+    index = torch.cuda.current_device()
+    monkeypatch.setitem(histogram_cuda._CACHE, index, kernels)
+    batches = cases()[case]
+    fused = collect(batches, sync_free=True, device="cuda")
+    assert fused._device._kernels.kernels is kernels
+    host = collect(batches, sync_free=False)
     hs, fs = host.stats(), fused.stats()
     assert (fs.bin_width, fs.amax) == (hs.bin_width, hs.amax)
     assert torch.equal(fs.counts.cpu(), hs.counts)

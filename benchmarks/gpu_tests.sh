@@ -9,7 +9,7 @@ cp -r tests pyproject.toml /tmp/ql/
   tests/qat/test_graphed.py tests/qat/test_sync_free_cuda.py tests/quantlab/test_statistics_cuda.py \
   tests/calibrators/test_many_cuda.py tests/calibrators/test_entropy.py tests/calibrators/test_mse.py \
   tests/calibrators/test_percentile.py tests/runtimes/test_cusparselt.py tests/jobs/test_compare_sparse_cuda.py \
-  tests/quantlab/algorithms/test_adaround_cuda.py tests/qat/test_loop_graphs_cuda.py "$@") \
+  tests/quantlab/algorithms/test_adaround_cuda.py tests/qat/test_loop_graphs_cuda.py tests/quantlab/test_ptq_cuda.py "$@") \
   > "$OUT/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$OUT/tests.log"
 grep -E "passed|failed|FAILED|ERROR" "$OUT/tests.log" | tail -20

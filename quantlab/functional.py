@@ -115,7 +115,9 @@ def amax_of_weight(weight: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
     # The infinity norm is max |w| in one reduction (abs() then amax() was two kernels and a
     # weight-sized temporary, per weight per QAT step with recomputed ranges); same values.
     if spec.axis is None:
-        return torch.linalg.vector_norm(w, ord=float("inf")).to(torch.float32)
-    axis = spec.axis % w.dim()
-    dims = [d for d in range(w.dim()) if d != axis]
-    return torch.linalg.vector_norm(w, ord=float("inf"), dim=dims).to(torch.float32) if dims else w.abs().to(torch.float32)
+        amax = torch.linalg.vector_norm(w, ord=float("inf"))
+    else:
+        axis = spec.axis % w.dim()
+        dims = [d for d in range(w.dim()) if d != axis]
+        amax = torch.linalg.vector_norm(w, ord=float("inf"), dim=dims) if dims else w.abs()
+    return amax if amax.dtype == torch.float32 else amax.to(torch.float32)

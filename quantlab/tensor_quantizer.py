@@ -79,6 +79,11 @@ class TensorQuantizer(nn.Module):
             with torch.no_grad():
                 self.amax.fill_(float(amax))  # a kernel argument: no host-to-device copy, no sync
             return
+        if (isinstance(amax, torch.Tensor) and amax.shape == self.amax.shape and amax.dtype == torch.float32
+                and amax.device == self.amax.device):
+            with torch.no_grad():  # the common case (measured weight ranges): one copy, no conversion
+                self.amax.copy_(amax)
+            return
         value = torch.as_tensor(amax, dtype=torch.float32, device=self.amax.device)
         if value.shape != self.amax.shape:
             raise ValueError(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,17 +33,52 @@ from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer
 from quantlab.validation.model_ranges import zero_weight_range_problems
 
 
+def _flat_on_host(amaxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The amax tensors (one device) end to end as one float32 CPU tensor: one copy, a few ops in all
+    (per-quantizer ops cost 10-50 us each on a GPU host, and a model has a hundred quantizers)."""
+    with torch.no_grad():  # learned ranges require grad
+        scalars = [a for a in amaxes if a.dim() == 0]
+        if len(scalars) == len(amaxes):
+            flat = torch.stack(amaxes)
+        else:
+            flat = torch.cat([a.reshape(-1) for a in amaxes])
+        return (flat if flat.dtype == torch.float32 else flat.to(torch.float32)).cpu()
+
+
+def _by_device(quantizers: Sequence[TensorQuantizer]) -> Dict[torch.device, List[int]]:
+    groups: Dict[torch.device, List[int]] = {}
+    for i, q in enumerate(quantizers):
+        groups.setdefault(q.amax.device, []).append(i)
+    return groups
+
+
 def amax_on_host(quantizers: List[TensorQuantizer]) -> List[torch.Tensor]:
     """Every quantizer's amax as a CPU tensor: one copy per device instead of one sync per quantizer."""
     out: List[Optional[torch.Tensor]] = [None] * len(quantizers)
-    by_device: Dict[torch.device, List[int]] = {}
-    for i, q in enumerate(quantizers):
-        by_device.setdefault(q.amax.device, []).append(i)
-    for indices in by_device.values():
-        flat = torch.cat([quantizers[i].amax.detach().reshape(-1).to(torch.float32) for i in indices]).cpu()
+    for indices in _by_device(quantizers).values():
+        flat = _flat_on_host([quantizers[i].amax for i in indices])
         for i, part in zip(indices, flat.split([quantizers[i].amax.numel() for i in indices])):
             out[i] = part.reshape(quantizers[i].amax.shape)
     return out  # type: ignore[return-value]
+
+
+def amax_values(quantizers: Sequence[TensorQuantizer]) -> Tuple[List[Union[float, List[float]]], List[bool]]:
+    """Every quantizer's amax as Python values (a float, or a list per channel), and whether each
+    is all finite: one copy per device, no per-quantizer tensor ops."""
+    values: List[Any] = [None] * len(quantizers)
+    finite = [True] * len(quantizers)
+    for indices in _by_device(quantizers).values():
+        flat = _flat_on_host([quantizers[i].amax for i in indices])
+        all_finite = bool(torch.isfinite(flat).all())
+        listed = flat.tolist()
+        position = 0
+        for i in indices:
+            amax = quantizers[i].amax
+            part = listed[position:position + amax.numel()]
+            position += amax.numel()
+            values[i] = part if amax.dim() else part[0]
+            finite[i] = all_finite or all(math.isfinite(v) for v in part)
+    return values, finite
 
 
 def measure_weight_ranges(model: nn.Module, refs: Optional[Sequence[QuantizerRef]] = None) -> None:
@@ -76,8 +111,8 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
     if weights or not all(r.quantizer.mode is QuantizerMode.QUANTIZE for r in weight_refs):
         measure_weight_ranges(model, weight_refs)
         # One read-back for every weight range, not a synchronizing check per quantizer.
-        for ref, amax in zip(weight_refs, amax_on_host([r.quantizer for r in weight_refs])):
-            if not bool(torch.isfinite(amax).all()):
+        for ref, finite in zip(weight_refs, amax_values([r.quantizer for r in weight_refs])[1]):
+            if not finite:
                 raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
             ref.quantizer.quantize_with(verified=True)
     unreached: List[str] = []
@@ -139,23 +174,23 @@ def scales_of(
     kept_float = float_layers(model, refs)
     reused = {e.key: e for e in weights_from.entries if e.role is Role.WEIGHT} if weights_from is not None else {}
     read = [r for r in refs if not (r.role is Role.WEIGHT and r.key in reused)]
-    on_host = dict(zip((r.key for r in read), amax_on_host([r.quantizer for r in read])))
+    on_host = dict(zip((r.key for r in read), zip(*amax_values([r.quantizer for r in read]))))
     for ref in refs:
         if ref.key in reused:
             if ref.module_name not in kept_float:
                 entries.append(reused[ref.key])
             continue
-        amax = on_host[ref.key]
+        amax, finite = on_host[ref.key]
         q = ref.quantizer
         if ref.module_name in kept_float:
             continue
-        if not bool(torch.isfinite(amax).all()) or (ref.role is Role.INPUT and q.mode is QuantizerMode.OFF):
+        if not finite or (ref.role is Role.INPUT and q.mode is QuantizerMode.OFF):
             continue
         entries.append(
             QuantizerScale(
                 module=ref.module_name,
                 role=ref.role.value,
-                amax=amax.tolist() if q.spec.axis is not None else float(amax),
+                amax=amax,
                 num_bits=q.spec.num_bits,
                 narrow_range=q.spec.narrow_range,
                 axis=q.spec.axis,

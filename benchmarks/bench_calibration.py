@@ -80,6 +80,7 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
     fp32_times: List[float] = []
     fp32_graph_times: List[float] = []
     stats_times: List[float] = []
+    stats_eager_times: List[float] = []
     quantlab.quantize(model, quantlab.int8_config())  # attach only
     with C.PeakMemory(device=device) as mem:
         for _ in range(args.repeats):
@@ -90,6 +91,9 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
                         fp32_graph_times.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
             stats_times.append(C.timed(lambda: collect_statistics(model, forward_loop(wl.batches(device)),
                                                                   cuda_graphs=not args.no_cuda_graphs), device)[0])
+            if device.type == "cuda" and not args.no_cuda_graphs:  # the pass never graphed, for reference
+                stats_eager_times.append(C.timed(lambda: collect_statistics(model, forward_loop(wl.batches(device)),
+                                                                            cuda_graphs=False), device)[0])
         calib_times: Dict[str, float] = {}
         calib_all: Dict[str, List[float]] = {}
         amax: Dict[str, Dict[str, float]] = {}
@@ -110,6 +114,7 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
         "fp32_all": fp32_times,
         "fp32_graph_all": fp32_graph_times,
         "stats_all": stats_times,
+        "stats_eager_all": stats_eager_times,
         "calib_seconds": calib_times,
         "calib_all": calib_all,
         "ptq_calibrators_all": ptq_all,
@@ -487,6 +492,10 @@ def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], 
             lines.append(f"- {name} on these {c['tensors']} histograms: per-tensor loop {_spread(c['per_tensor_all'], 1e3)} ms, "
                          f"choose_many {_spread(c['batched_all'], 1e3)} ms (min/median/max); identical amax "
                          f"{c['identical']}/{c['tensors']}; left to the per-tensor form {c['left_to_per_tensor']}")
+        if q.get("stats_eager_all"):
+            eager = st.median(q["stats_eager_all"])
+            lines.append(f"- Statistics pass never graphed (`cuda_graphs=False`, for reference): {eager:.3f} s = "
+                         f"{eager / q['fp32_seconds']:.2f}x FP32 inference (runs: {', '.join(f'{t:.3f}' for t in q['stats_eager_all'])})")
         if q.get("fp32_graph_all"):
             graphed = st.median(q["fp32_graph_all"])
             lines.append(f"- FP32 inference replayed as CUDA graphs (for reference): {graphed:.3f} s; statistics pass / that "

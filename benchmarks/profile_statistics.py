@@ -181,6 +181,27 @@ def calibrator_profile(model, device) -> str:
             + f"\n\ncProfile of all four, by own time:\n\n```\n{text.getvalue()[-4000:]}\n```\n")
 
 
+def host_profile(model, wl, device, samples: int) -> str:
+    """Where the host time of one pass goes (Python level, by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from quantlab import collect_statistics
+    from quantlab.batching import forward_loop
+
+    collect_statistics(model, forward_loop(wl.batches(device)))
+    profiler = cProfile.Profile()
+    C.sync(device)
+    profiler.enable()
+    collect_statistics(model, forward_loop(wl.batches(device)))
+    C.sync(device)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    return f"### cProfile of one statistics pass ({samples} samples), by own time\n\n```\n{text.getvalue()[-7000:]}\n```\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     C.add_common_args(parser)
@@ -207,6 +228,8 @@ def main() -> None:
         out.append(f"### Phases of one pass, {args.model}, {args.samples} samples, batch {args.batch_size} (median ms)\n\n"
                    + C.markdown_table(["phase", "ms"], phase_times(model, wl, device)))
         out.append(calibrator_profile(model, device))
+        if args.host_profile:
+            out.append(host_profile(model, wl, device, args.samples))
         C.emit("\n".join(out), args.append)
         return
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -226,21 +249,8 @@ def main() -> None:
     key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     out.append(f"### torch.profiler, one statistics pass ({args.samples} samples), sorted by {key}\n\n```\n"
                + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=48) + "\n```\n")
-    if args.host_profile:  # where the host time of one pass goes (Python level)
-        import cProfile
-        import io
-        import pstats
-
-        collect_statistics(model, forward_loop(wl.batches(device)))
-        profiler = cProfile.Profile()
-        C.sync(device)
-        profiler.enable()
-        collect_statistics(model, forward_loop(wl.batches(device)))
-        C.sync(device)
-        profiler.disable()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-        out.append(f"### cProfile of one statistics pass ({args.samples} samples), by own time\n\n```\n{text.getvalue()[-6000:]}\n```\n")
+    if args.host_profile:
+        out.append(host_profile(model, wl, device, args.samples))
     C.emit("\n".join(out), args.append)
 
 

@@ -73,6 +73,10 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
     from quantlab.calibrators import get_calibrator
 
     device = torch.device(args.device)
+    if args.graph_min_batches is not None:  # where graphs start to pay: measured by forcing them
+        from quantlab import cuda_graphs
+
+        cuda_graphs.MIN_BATCHES = args.graph_min_batches
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
     run_batches(model, iter([next(iter(wl.batches(device)))]))  # warm-up: kernels, allocator
@@ -401,6 +405,8 @@ def run(args: argparse.Namespace) -> str:
                 common += ["--modelopt-cuda-ext"]
             if args.no_cuda_graphs:
                 common += ["--no-cuda-graphs"]
+            if args.graph_min_batches is not None:
+                common += ["--graph-min-batches", str(args.graph_min_batches)]
             common += ["--calib-repeats", str(args.calib_repeats)]
             if args.compare_per_tensor and samples == sample_counts[0]:  # the same histograms' shapes: once per model
                 common += ["--compare-per-tensor"]
@@ -544,6 +550,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="JIT-build Model Optimizer's CUDA fake-quant extension (untimed) instead of its PyTorch fallback")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="quantlab: run the statistics pass eagerly (no CUDA-graph replay)")
+    parser.add_argument("--graph-min-batches", type=int, default=None,
+                        help="quantlab: graph passes of at least this many batches (default quantlab.cuda_graphs.MIN_BATCHES)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per tool process")
     # worker-only
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

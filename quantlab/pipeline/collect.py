@@ -16,7 +16,8 @@ from torch import nn
 
 from quantlab import distributed
 from quantlab.attach import iter_quantizers
-from quantlab.cuda_graphs import MIN_BATCHES, graphed_forward
+from quantlab import cuda_graphs as graph_replay  # MIN_BATCHES read per pass (benchmarks set it)
+from quantlab.cuda_graphs import graphed_forward
 from quantlab.histogram_merge import merge_across_ranks
 from quantlab.pipeline.types import Statistics
 from quantlab.statistics import HistogramCollector, flush_all
@@ -66,7 +67,7 @@ def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group
 
 def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graphs: bool) -> None:
     expected = getattr(forward_loop, "expected_batches", None)
-    if expected is not None and expected < MIN_BATCHES:
+    if expected is not None and expected < graph_replay.MIN_BATCHES:
         cuda_graphs = False
     quantizers = [ref.quantizer for ref in iter_quantizers(model)]
     saved = [(q, q.mode) for q in quantizers]

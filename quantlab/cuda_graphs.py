@@ -39,9 +39,12 @@ _LOG = logging.getLogger(__name__)
 MAX_GRAPHS = 4
 # Passes known to be shorter run eagerly. The first call of a signature runs eagerly, the second
 # is captured (~30 ms for ResNet-50: its Python forward with the GPU idle, plus instantiation)
-# and replays save ~2.4 ms a batch of 64 there (H100): 8 batches measured 1.45x FP32 with graphs
-# against 1.29x eager, 16 batches 1.26x against 1.29x.
-MIN_BATCHES = 16
+# and replays save what the host spends per batch beyond the GPU's time, which is little once the
+# pass is GPU-bound. H100 (hooks then costlier): 8 batches 1.45x FP32 with graphs against 1.29x
+# eager, 16 batches 1.26x against 1.29x. H200 after the cheaper kernel and read-backs: 16 batches
+# 1.19x graphed against 1.16x eager (ResNet-50), 1.06x against 1.05x (BERT-base); so only passes
+# of 24 batches or more are graphed (benchmarks/RESULTS.md, issue 18).
+MIN_BATCHES = 24
 
 
 def _signature(args: tuple, kwargs: dict, device: torch.device) -> Tuple[Optional[Hashable], List[Any]]:

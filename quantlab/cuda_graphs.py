@@ -41,10 +41,11 @@ MAX_GRAPHS = 4
 # is captured (~30 ms for ResNet-50: its Python forward with the GPU idle, plus instantiation)
 # and replays save what the host spends per batch beyond the GPU's time, which is little once the
 # pass is GPU-bound. H100 (hooks then costlier): 8 batches 1.45x FP32 with graphs against 1.29x
-# eager, 16 batches 1.26x against 1.29x. H200 after the cheaper kernel and read-backs: 16 batches
-# 1.19x graphed against 1.16x eager (ResNet-50), 1.06x against 1.05x (BERT-base); so only passes
-# of 24 batches or more are graphed (benchmarks/RESULTS.md, issue 18).
-MIN_BATCHES = 24
+# eager, 16 batches 1.26x against 1.29x. H200 after the cheaper kernel and read-backs (ResNet-50,
+# batches of 64): 16 batches 1.25x graphed against 1.17x eager, 24 batches 1.20x against 1.16x,
+# 32 batches 1.16x against 1.21-1.33x; BERT-base at 16 batches 1.06x against 1.05x. So only passes
+# of 32 batches or more are graphed (benchmarks/RESULTS.md, issue 18).
+MIN_BATCHES = 32
 
 
 def _signature(args: tuple, kwargs: dict, device: torch.device) -> Tuple[Optional[Hashable], List[Any]]:

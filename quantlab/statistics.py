@@ -448,7 +448,8 @@ class HistogramCollector:
         On the device path the error is raised when the statistics are next
         read (it names the module and the range of batches since the last read).
         """
-        x = x.detach()
+        if x.requires_grad:  # only the values are read (a detach per layer per batch is host time)
+            x = x.detach()
         if x.numel() == 0:
             return
         if self.sync_free if self.sync_free is not None else x.is_cuda:

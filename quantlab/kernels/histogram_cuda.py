@@ -404,12 +404,20 @@ class _Launch:
             raise RuntimeError(f"CUDA error {error} launching a quantlab statistics kernel ({blocks} blocks of {_THREADS})")
 
 
-def _current_stream(device: torch.device) -> int:
-    """The raw handle of the current stream (PyTorch's private getter: no Stream object per call)."""
-    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if getter is not None:
-        return getter(device.index if device.index is not None else torch.cuda.current_device())
-    return torch.cuda.current_stream(device).cuda_stream
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_GET_DEVICE = getattr(torch._C, "_cuda_getDevice", None)
+
+
+def _current_index() -> int:
+    """The current CUDA device's index (PyTorch's C getter where it has one: no lazy-init check)."""
+    return _GET_DEVICE() if _GET_DEVICE is not None else torch.cuda.current_device()
+
+
+def _stream_of(index: int) -> int:
+    """The raw handle of device ``index``'s current stream (PyTorch's private getter: no Stream object per call)."""
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(index)
+    return torch.cuda.current_stream(index).cuda_stream
 
 
 class HistogramKernels:
@@ -491,14 +499,18 @@ class FusedHistogram:
             first: The first batch since the state was created or read: the state is emptied
                 and the batch max taken in a separate pass first, so nothing falls above the range.
         """
-        if x.device.index != torch.cuda.current_device():  # the kernels run in the data's context
-            with torch.cuda.device(x.device):
+        # This runs per quantized layer per batch: plain integer device indices, no torch.device
+        # objects (each Python-level call here is host time a GPU-bound pass can hide, a host-bound one cannot).
+        index = x.get_device()
+        if index != _current_index():  # the kernels run in the data's context
+            with torch.cuda.device(index):
                 return self.update(x, first)
         kind = _KINDS[x.dtype]
         absmax, one_pass = self._launches_for(kind)
-        blocks = self.kernels.blocks_for(x.numel(), 4 if kind == 0 else 8)
-        stream = _current_stream(x.device)
-        self.x.value, self.n.value, self.max_known.value = x.data_ptr(), x.numel(), int(first)
+        n = x.numel()
+        blocks = self.kernels.blocks_for(n, 4 if kind == 0 else 8)
+        stream = _stream_of(index)
+        self.x.value, self.n.value, self.max_known.value = x.data_ptr(), n, int(first)
         if first:
             absmax(blocks, 0, stream)
         one_pass(blocks, 4 * self.size, stream)

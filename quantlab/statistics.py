@@ -320,13 +320,19 @@ class _DeviceAccumulator:
 def read_scalars(accumulators: "Sequence[_DeviceAccumulator]") -> List[List[float]]:
     """``(amax, exponent, sum of counts)`` of many accumulators on one device: a few
     stacked kernels and ONE read-back, instead of a synchronizing read per tensor."""
-    return read_many(accumulators)[0]
+    return read_many(accumulators, counts=False)[0]
 
 
-def read_many(accumulators: "Sequence[_DeviceAccumulator]") -> "tuple[List[List[float]], Optional[List[torch.Tensor]]]":
+def read_many(accumulators: "Sequence[_DeviceAccumulator]",
+              counts: bool = True) -> "tuple[List[List[float]], Optional[List[torch.Tensor]]]":
     """:func:`read_scalars`, and where every state has the same bins, their int64 counts with the
     zeros in bin 0 as rows of one tensor (for :meth:`_DeviceAccumulator.read`): a dozen ops for a
-    whole model instead of a few per tensor (each costs 10-50 us of a GPU host's time)."""
+    whole model instead of a few per tensor (each costs 10-50 us of a GPU host's time).
+
+    Args:
+        accumulators: States on one device.
+        counts: Also convert the counts (False: the scalars only, counts None).
+    """
     if not accumulators:
         return [], []
     if len({a.amax.dtype for a in accumulators}) == 1:
@@ -341,7 +347,7 @@ def read_many(accumulators: "Sequence[_DeviceAccumulator]") -> "tuple[List[List[
     else:
         counted = torch.stack([a.counts.sum() for a in accumulators])
     scalars = torch.stack([amax, exponent, counted], dim=1).tolist()
-    if block is None:
+    if block is None or not counts:
         return scalars, None
     rows = block.to(torch.int64)
     zeros = [a.elements - int(values[2]) for a, values in zip(accumulators, scalars)]

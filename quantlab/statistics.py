@@ -297,42 +297,28 @@ class _DeviceAccumulator:
         """``(amax, bin width, int64 counts trimmed to the host path's length)``: one read-back.
 
         Args:
-            scalars: ``(amax, exponent, sum of counts)`` already read back with
-                those of other tensors (:func:`read_scalars`); else read here.
-            counts: This state's counts already converted, zeros included in bin 0
-                (:func:`read_many`); else converted here.
+            scalars, counts: This state's ``(amax, exponent, sum of counts)`` and converted
+                counts, already read back with those of other tensors (:func:`read_many`);
+                else read here.
 
         Raises:
             ValueError: the running max is NaN or Inf (a non-finite value was seen).
         """
-        amax, exponent, counted = read_scalars([self])[0] if scalars is None else scalars
+        if scalars is None or counts is None:
+            [scalars], [counts] = read_many([self])
+        amax, exponent = scalars[0], scalars[1]
         if not math.isfinite(amax):
             raise ValueError("non-finite")
         width = math.ldexp(1.0, int(exponent))
         needed = max(1, math.ceil(amax / width))
-        if counts is not None:
-            return amax, width, counts[:needed]
-        counts = self.counts[:needed].to(torch.int64)
-        counts[0] += self.elements - int(counted)
-        return amax, width, counts
+        return amax, width, counts[:needed]
 
 
-def read_scalars(accumulators: "Sequence[_DeviceAccumulator]") -> List[List[float]]:
-    """``(amax, exponent, sum of counts)`` of many accumulators on one device: a few
-    stacked kernels and ONE read-back, instead of a synchronizing read per tensor."""
-    return read_many(accumulators, counts=False)[0]
-
-
-def read_many(accumulators: "Sequence[_DeviceAccumulator]",
-              counts: bool = True) -> "tuple[List[List[float]], Optional[List[torch.Tensor]]]":
-    """:func:`read_scalars`, and where every state has the same bins, their int64 counts with the
-    zeros in bin 0 as rows of one tensor (for :meth:`_DeviceAccumulator.read`): a dozen ops for a
-    whole model instead of a few per tensor (each costs 10-50 us of a GPU host's time).
-
-    Args:
-        accumulators: States on one device.
-        counts: Also convert the counts (False: the scalars only, counts None).
-    """
+def read_many(accumulators: "Sequence[_DeviceAccumulator]") -> "tuple[List[List[float]], List[torch.Tensor]]":
+    """``(amax, exponent, sum of counts)`` of many accumulators on one device, and their counts as
+    int64 with the zeros in bin 0 (the elements the histogram did not count): ONE read-back and,
+    where every state has the same bins (the usual case), a dozen ops for a whole model instead of
+    a few per tensor (each costs 10-50 us of a GPU host's time)."""
     if not accumulators:
         return [], []
     if len({a.amax.dtype for a in accumulators}) == 1:
@@ -347,12 +333,15 @@ def read_many(accumulators: "Sequence[_DeviceAccumulator]",
     else:
         counted = torch.stack([a.counts.sum() for a in accumulators])
     scalars = torch.stack([amax, exponent, counted], dim=1).tolist()
-    if block is None or not counts:
-        return scalars, None
-    rows = block.to(torch.int64)
     zeros = [a.elements - int(values[2]) for a, values in zip(accumulators, scalars)]
-    rows[:, 0] += torch.tensor(zeros, dtype=torch.int64).to(rows.device, non_blocking=True)
-    return scalars, list(rows.unbind(0))
+    if block is None:  # bins differ: one tensor at a time
+        rows = [a.counts.to(torch.int64) for a in accumulators]
+        for row, z in zip(rows, zeros):
+            row[0] += z
+        return scalars, rows
+    ints = block.to(torch.int64)
+    ints[:, 0] += torch.tensor(zeros, dtype=torch.int64).to(ints.device, non_blocking=True)
+    return scalars, list(ints.unbind(0))
 
 
 def flush_all(collectors: "Sequence[HistogramCollector]") -> None:
@@ -366,11 +355,11 @@ def flush_all(collectors: "Sequence[HistogramCollector]") -> None:
     for collector in collectors:
         if collector._device is not None:
             by_device.setdefault(collector._device.counts.device, []).append(collector)
-    read: Dict[int, Tuple[List[float], Optional[torch.Tensor]]] = {}
+    read: Dict[int, Tuple[List[float], torch.Tensor]] = {}
     for group in by_device.values():
         scalars, counts = read_many([c._device for c in group])
-        for i, collector in enumerate(group):
-            read[id(collector)] = (scalars[i], None if counts is None else counts[i])
+        for collector, values, row in zip(group, scalars, counts):
+            read[id(collector)] = (values, row)
     for collector in collectors:
         if id(collector) in read:
             collector.flush(*read[id(collector)])
@@ -551,8 +540,8 @@ class HistogramCollector:
         """Folds the device path's pending batches into the host-side state (one read-back).
 
         Args:
-            scalars: This tensor's values from :func:`read_scalars` (see :func:`flush_all`).
-            counts: Its converted counts from :func:`read_many`.
+            scalars, counts: This tensor's values and converted counts from :func:`read_many`
+                (see :func:`flush_all`).
 
         Raises:
             NonFiniteActivationError: a NaN/Inf reached this tensor in one of those batches.

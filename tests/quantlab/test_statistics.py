@@ -209,15 +209,17 @@ def test_flush_all_reads_back_once_and_equals_flushing_one_by_one():
     batches[2][1] = torch.zeros(50)  # a tensor that also saw only zeros in one batch
 
     def collectors(num_bins):
-        made = [HistogramCollector(num_bins, name=f"layer{k}", sync_free=True) for k in range(4)]
+        sizes = num_bins if isinstance(num_bins, list) else [num_bins] * 4
+        made = [HistogramCollector(n, name=f"layer{k}", sync_free=True) for k, n in enumerate(sizes)]
         for c, xs in zip(made, batches):
             for x in xs:
                 c.update(x)
         return made
 
-    for num_bins in (128, 96):  # a power of two, and not (float64 state)
+    # A power of two, not one (float64 state), and bins differing between tensors (read one by one).
+    for num_bins in (128, 96, [128, 64, 128, 256]):
         together, alone = collectors(num_bins), collectors(num_bins)
-        flush_all(together + [HistogramCollector(num_bins)])  # an empty one is skipped
+        flush_all(together + [HistogramCollector(128)])  # an empty one is skipped
         for a, b in zip(together, alone):
             b.flush()
             assert a._device is None and (a._amax, a._bin_width, a._num_batches) == (b._amax, b._bin_width, b._num_batches)

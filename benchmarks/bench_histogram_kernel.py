@@ -70,12 +70,19 @@ def activations(model: torch.nn.Module, batch: Any) -> List[torch.Tensor]:
     return [t.contiguous() for t in seen]
 
 
-def kernel_table(tensors: List[torch.Tensor], variants: List[Variant], repeats: int) -> List[List[Any]]:
+def fresh_state(kernels: Any, device: torch.device) -> Tuple[Any, torch.Tensor]:
+    """An empty statistics state of 2 x 2048 bins (the default) bound to ``kernels``, and its counts."""
     from quantlab.kernels import histogram_cuda as H
     from quantlab.statistics import _MAX_EXPONENT, _MIN_EXPONENT
 
+    amax = torch.zeros((), dtype=torch.float32, device=device)
+    exponent = torch.full((), _MIN_EXPONENT, dtype=torch.int32, device=device)
+    counts = torch.zeros(4096, dtype=torch.float64, device=device)
+    return H.FusedHistogram(kernels, amax, exponent, counts, 12, _MIN_EXPONENT, _MAX_EXPONENT), counts
+
+
+def kernel_table(tensors: List[torch.Tensor], variants: List[Variant], repeats: int) -> List[List[Any]]:
     device = tensors[0].device
-    size, size_log2 = 4096, 12
     total_bytes = sum(t.numel() * t.element_size() for t in tensors)
     rows, reference = [], None
     read_ms = C.median_time(lambda: [t.amax() for t in tensors], repeats=repeats, warmup=2, device=device) * 1e3
@@ -87,14 +94,9 @@ def kernel_table(tensors: List[torch.Tensor], variants: List[Variant], repeats: 
         except Exception as error:  # a variant that does not compile: say so, measure the others
             rows.append([label(variant), "", "", "", f"FAILED: {str(error)[:200]}"])
             continue
-        states = []
-        for t in tensors:
-            amax = torch.zeros((), dtype=torch.float32, device=device)
-            exponent = torch.full((), _MIN_EXPONENT, dtype=torch.int32, device=device)
-            counts = torch.zeros(size, dtype=torch.float64, device=device)
-            fused = H.FusedHistogram(kernels, amax, exponent, counts, size_log2, _MIN_EXPONENT, _MAX_EXPONENT)
+        states = [fresh_state(kernels, device) for _ in tensors]
+        for (fused, _), t in zip(states, tensors):
             fused.update(t, first=True)
-            states.append((fused, counts))
 
         def one_batch() -> None:
             for (fused, _), t in zip(states, tensors):
@@ -115,9 +117,6 @@ def kernel_table(tensors: List[torch.Tensor], variants: List[Variant], repeats: 
 
 def per_tensor_table(tensors: List[torch.Tensor], variants: List[Variant], repeats: int) -> List[List[Any]]:
     """Per activation size: the kernel's time with each variant (microseconds)."""
-    from quantlab.kernels import histogram_cuda as H
-    from quantlab.statistics import _MAX_EXPONENT, _MIN_EXPONENT
-
     device = tensors[0].device
     by_size: Dict[int, torch.Tensor] = {}
     for t in tensors:
@@ -132,9 +131,7 @@ def per_tensor_table(tensors: List[torch.Tensor], variants: List[Variant], repea
             except Exception:  # reported in the first table
                 row.append("-")
                 continue
-            fused = H.FusedHistogram(kernels, torch.zeros((), device=device),
-                                     torch.full((), _MIN_EXPONENT, dtype=torch.int32, device=device),
-                                     torch.zeros(4096, dtype=torch.float64, device=device), 12, _MIN_EXPONENT, _MAX_EXPONENT)
+            fused, _ = fresh_state(kernels, device)
             fused.update(t, first=True)
             row.append(f"{C.median_time(lambda: fused.update(t, first=False), repeats=repeats, warmup=2, device=device) * 1e6:.1f}")
         rows.append(row)

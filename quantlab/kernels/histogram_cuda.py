@@ -333,13 +333,15 @@ __device__ void pass_impl(const void* x, int n, unsigned* meta, float* amax, int
 }
 
 #define QL_KERNELS(SUFFIX, KIND)                                                                   \
-extern "C" __global__ void __launch_bounds__(QL_THREADS) ql_absmax_##SUFFIX(const void* x, int n, unsigned* meta, float* amax, \
-        int* exponent, double* counts, int size, int min_e) {                                      \
+extern "C" __global__ void __launch_bounds__(QL_THREADS) ql_absmax_##SUFFIX(                      \
+        const void* x, int n, unsigned* meta, float* amax, int* exponent, double* counts, int size, \
+        int min_e) {                                                                               \
     absmax_impl<KIND>(x, n, meta, amax, exponent, counts, size, min_e);                            \
 }                                                                                                  \
-extern "C" __global__ void __launch_bounds__(QL_THREADS) ql_pass_##SUFFIX(const void* x, int n, unsigned* meta, float* amax,    \
-        int* exponent, double* counts, float* overflow, int size, int size_log2, int min_e,        \
-        int max_e, int capacity, int max_known) {                                                  \
+extern "C" __global__ void __launch_bounds__(QL_THREADS) ql_pass_##SUFFIX(                        \
+        const void* x, int n, unsigned* meta, float* amax, int* exponent, double* counts,         \
+        float* overflow, int size, int size_log2, int min_e, int max_e, int capacity,              \
+        int max_known) {                                                                           \
     pass_impl<KIND>(x, n, meta, amax, exponent, counts, overflow, size, size_log2, min_e, max_e,  \
                     capacity, max_known);                                                          \
 }

@@ -16,8 +16,7 @@ from torch import nn
 
 from quantlab import distributed
 from quantlab.attach import iter_quantizers
-from quantlab import cuda_graphs as graph_replay  # MIN_BATCHES read per pass (benchmarks set it)
-from quantlab.cuda_graphs import graphed_forward
+from quantlab import cuda_graphs as graph_replay  # MIN_BATCHES read per pass: benchmarks set it
 from quantlab.histogram_merge import merge_across_ranks
 from quantlab.pipeline.types import Statistics
 from quantlab.statistics import HistogramCollector, flush_all
@@ -79,7 +78,7 @@ def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graph
     if training:
         model.eval()
     try:
-        with torch.no_grad(), graphed_forward(model, enabled=cuda_graphs):
+        with torch.no_grad(), graph_replay.graphed_forward(model, enabled=cuda_graphs):
             forward_loop(model)
     finally:
         for m in training:

@@ -181,6 +181,68 @@ def calibrator_profile(model, device) -> str:
             + f"\n\ncProfile of all four, by own time:\n\n```\n{text.getvalue()[-4000:]}\n```\n")
 
 
+def device_breakdown(model, device, repeats: int = 5) -> str:
+    """Each calibrator (``choose_many`` on the pass's histograms) and all four as run_ptq runs them:
+    wall ms against the GPU's own kernel time, kernel launches and host syncs, from torch.profiler."""
+    import statistics as st
+
+    from quantlab.calibrators import choose_many
+    from quantlab.pipeline import statistics_of
+    from quantlab.ptq import parse_calibrators, run_calibrators
+
+    names = parse_calibrators("all")
+    stats = list(statistics_of(model).histograms.values())
+    jobs = {f"choose_many({name!r})": (lambda name=name: choose_many(name, stats)) for name in names}
+    jobs["run_calibrators(all four)"] = lambda: run_calibrators(model, names)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    syncing = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item")
+    rows = []
+    for label, job in jobs.items():
+        job()  # warm-up: kernels compiled, caches filled
+        wall = st.median(C.timed(job, device)[0] for _ in range(repeats)) * 1e3
+        with torch.profiler.profile(activities=activities) as prof:
+            job()
+            C.sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(e.time_range.end - e.time_range.start for e in kernels) / 1e3
+        launches = sum(1 for e in prof.events() if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+        ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+        syncs = sum(1 for e in prof.events() if e.name in syncing[:1] or e.name in syncing[1:3])
+        rows.append([label, f"{wall:.2f}", f"{busy:.2f}", len(kernels), launches, ops, syncs])
+    return ("### Calibrators: wall time vs the GPU's own time (torch.profiler; wall = median of "
+            f"{repeats})\n\n" + C.markdown_table(
+                ["job", "wall ms", "GPU kernel ms", "kernels", "launch calls", "top-level aten ops", "syncs"], rows))
+
+
+def end_to_end(model, wl, device, repeats: int = 5) -> str:
+    """The pass and all four calibrators back to back in one timed region, against FP32 inference."""
+    import statistics as st
+
+    from quantlab import collect_statistics, quantization_disabled
+    from quantlab.batching import forward_loop
+    from quantlab.ptq import parse_calibrators, run_calibrators
+
+    names = parse_calibrators("all")
+
+    def both() -> None:
+        collect_statistics(model, forward_loop(wl.batches(device)))
+        run_calibrators(model, names)
+
+    def fp32() -> None:
+        with torch.no_grad(), quantization_disabled(model):
+            run_batches(model, wl.batches(device))
+
+    times: Dict[str, List[float]] = {"FP32": [], "pass + four calibrators": []}
+    for _ in range(repeats):  # interleaved, so drifts of the host hit both alike
+        times["FP32"].append(C.timed(fp32, device)[0])
+        times["pass + four calibrators"].append(C.timed(both, device)[0])
+    base = st.median(times["FP32"])
+    rows = [[k, f"{min(v) * 1e3:.1f}", f"{st.median(v) * 1e3:.1f}", f"{max(v) * 1e3:.1f}", f"{st.median(v) / base:.3f}x"]
+            for k, v in times.items()]
+    return "### End to end, one timed region\n\n" + C.markdown_table(["job", "min ms", "median ms", "max ms", "/ FP32"], rows)
+
+
 def host_profile(model, wl, device, samples: int) -> str:
     """Where the host time of one pass goes (Python level, by own time)."""
     import cProfile
@@ -228,6 +290,8 @@ def main() -> None:
         out.append(f"### Phases of one pass, {args.model}, {args.samples} samples, batch {args.batch_size} (median ms)\n\n"
                    + C.markdown_table(["phase", "ms"], phase_times(model, wl, device)))
         out.append(calibrator_profile(model, device))
+        out.append(device_breakdown(model, device))
+        out.append(end_to_end(model, wl, device))
         if args.host_profile:
             out.append(host_profile(model, wl, device, args.samples))
         C.emit("\n".join(out), args.append)

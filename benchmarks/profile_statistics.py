@@ -181,6 +181,18 @@ def calibrator_profile(model, device) -> str:
             + f"\n\ncProfile of all four, by own time:\n\n```\n{text.getvalue()[-4000:]}\n```\n")
 
 
+def _without_entropy_kernels(job):
+    """Runs ``job`` with the entropy calibrator's CUDA kernels off (its torch-op form), for comparison."""
+    from quantlab.calibrators import entropy_cuda
+
+    saved = entropy_cuda.screen, entropy_cuda.exact
+    entropy_cuda.screen = entropy_cuda.exact = lambda *args: None
+    try:
+        return job()
+    finally:
+        entropy_cuda.screen, entropy_cuda.exact = saved
+
+
 def device_breakdown(model, device, repeats: int = 5) -> str:
     """Each calibrator (``choose_many`` on the pass's histograms) and all four as run_ptq runs them:
     wall ms against the GPU's own kernel time, kernel launches and host syncs, from torch.profiler."""
@@ -193,6 +205,8 @@ def device_breakdown(model, device, repeats: int = 5) -> str:
     names = parse_calibrators("all")
     stats = list(statistics_of(model).histograms.values())
     jobs = {f"choose_many({name!r})": (lambda name=name: choose_many(name, stats)) for name in names}
+    jobs["choose_many('entropy'), torch ops (kernels off)"] = lambda: _without_entropy_kernels(
+        lambda: choose_many("entropy", stats))
     jobs["run_calibrators(all four)"] = lambda: run_calibrators(model, names)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])

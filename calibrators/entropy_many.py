@@ -18,14 +18,19 @@ sums' error bounds allow (or both scores are exact in any order: integer
 ``q`` and at most one non-zero term), and if the winner screens within
 ``tol / 2`` of the best (so the per-tensor form re-evaluates it too).
 Otherwise the per-tensor form decides.
+
+On a GPU two kernels (:mod:`.entropy_cuda`) screen every candidate and score the near set
+term by term with the same operations, the near set chosen on the device: nothing is read
+back until the choice.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
+from . import entropy_cuda
 from .base import HistogramStats, register_batched_calibrator
 from .entropy import _EPS, _validate, _xlogx
 from .many import chunk_budget, integer_rows, pack_counts, ragged, segment_any, segment_min, segment_pick, spans, split_trivial
@@ -44,7 +49,8 @@ _SUM_BOUND = 8.0
 def entropy_many(
     stats: Sequence[HistogramStats], *, num_bits: int = 8, start_bin: int = 128, stride: int = 1
 ) -> List[Optional[float]]:
-    """:func:`~.entropy.entropy_calibrator` for every histogram at once: three read-backs in all.
+    """:func:`~.entropy.entropy_calibrator` for every histogram at once: one read-back on a GPU
+    with the kernels of :mod:`.entropy_cuda`, three with torch ops.
 
     Raises:
         ValueError: For ``num_bits < 2``, ``start_bin < 1`` or ``stride < 1``.
@@ -54,50 +60,90 @@ def entropy_many(
     if not rows:
         return out
     levels = 1 << (num_bits - 1)
-    raw = pack_counts([stats[t].counts for t in rows])
+    p = prepare_rows([stats[t] for t in rows], levels, start_bin, stride)
+    raw, bins, cum_b, total, seg, thresholds, tol = p.raw, p.bins, p.cum_b, p.total, p.seg, p.thresholds, p.tol
+    num_rows, width = raw.shape
+    screened = entropy_cuda.screen(bins, cum_b, p.cum_n, p.cum_blogb, total, p.log_total, seg, thresholds, levels)
+    if screened is None:
+        screened = _screen(bins, cum_b, p.cum_n, p.cum_blogb, total, p.log_total, seg, thresholds, levels)
+
+    decided = integer_rows(raw)
+    nonzero = (raw != 0).any(dim=1)
+    searchable = decided & nonzero
+    if width > 1:  # the per-tensor form needs a positive count past bin 0 (rows of one bin excepted)
+        searchable &= ~p.several | (raw[:, 1:] > 0).any(dim=1)
+    best = segment_min(screened, seg, num_rows)
+    unscreenable = torch.isnan(best) | segment_any(torch.isnan(screened), seg, num_rows)
+    near = (screened <= best[seg] + _NEAR * tol[seg]) & (searchable & torch.isfinite(best))[seg]
+    flags = torch.stack([decided, nonzero, searchable, torch.isinf(best), unscreenable], dim=1).to(torch.int64)
+
+    scored = entropy_cuda.exact(bins, cum_b, p.cum_n, total, seg, thresholds, near, levels, _SUM_BOUND * _EPS)
+    if scored is not None:  # every candidate scored on the device (inf outside the near set): one read-back
+        last, unsure = _last_minimum(*scored, screened, seg, thresholds, best, tol, num_rows)
+        host = torch.cat([flags, last[:, None], unsure.to(torch.int64)[:, None]], dim=1).tolist()
+        _settle_early(out, stats, rows, [h[:5] for h in host], start_bin, stride)
+        _settle_searched(out, stats, rows, [h[:5] for h in host], [h[5:] for h in host])
+        return out
+
+    near_index = torch.nonzero(near)[:, 0]  # read-back 1
+    near_seg = seg[near_index]
+    near_thr = thresholds[near_index]
+    host = torch.cat([flags.reshape(-1), near_thr]).tolist()  # read-back 2
+    flags_host = [host[5 * r: 5 * r + 5] for r in range(num_rows)]
+    widths = host[5 * num_rows:]
+    _settle_early(out, stats, rows, flags_host, start_bin, stride)
+    if not widths:
+        return out
+    divergence, bound, exact = _exact(bins, cum_b, total, near_seg, near_thr, widths, levels)
+    last, unsure = _last_minimum(divergence, bound, exact, screened[near_index], near_seg, near_thr, best, tol, num_rows)
+    _settle_searched(out, stats, rows, flags_host, torch.stack([last, unsure.to(torch.int64)], dim=1).tolist())  # read-back 3
+    return out
+
+
+class Rows(NamedTuple):
+    """The histograms packed for scoring, and every candidate threshold of every row."""
+
+    raw: torch.Tensor  #: ``[rows, width]`` float64 counts, zero-padded
+    bins: torch.Tensor  #: the same with the reference's bin-0 quirk
+    several: torch.Tensor  #: rows of more than one bin
+    cum_b: torch.Tensor  #: ``[rows, width + 1]`` prefix sums of ``bins`` (exact: integers below 2**53)
+    cum_n: torch.Tensor  #: prefix counts of non-empty bins
+    cum_blogb: torch.Tensor  #: prefix sums of ``b log b``
+    total: torch.Tensor  #: ``[rows]`` count totals
+    log_total: torch.Tensor
+    tol: torch.Tensor  #: the per-tensor screening tolerance, row by row
+    seg: torch.Tensor  #: ``[candidates]`` row of each candidate
+    thresholds: torch.Tensor  #: ``[candidates]`` its threshold bin
+
+
+def prepare_rows(stats: Sequence[HistogramStats], levels: int, start_bin: int, stride: int) -> Rows:
+    """Packs histograms (1-D counts on one device) and lists their candidates: device work only, no read-back."""
+    raw = pack_counts([s.counts for s in stats])
     device = raw.device
     num_rows, width = raw.shape
-    num_bins = [stats[t].num_bins for t in rows]
-
+    num_bins = [s.num_bins for s in stats]
     # The reference's bin-0 quirk (bins[0] = bins[1]) where a row has more than one bin.
     several = torch.tensor([n > 1 for n in num_bins], dtype=torch.bool).to(device)
     bins = raw.clone()
     if width > 1:
         bins[:, 0] = torch.where(several, raw[:, 1], raw[:, 0])
     zero = torch.zeros(num_rows, 1, dtype=torch.float64, device=device)
-    cum_b = torch.cat([zero, torch.cumsum(bins, dim=1)], dim=1)  # exact: integer sums below 2**53
+    cum_b = torch.cat([zero, torch.cumsum(bins, dim=1)], dim=1)
     cum_n = torch.cat([zero, torch.cumsum((bins > 0).to(torch.float64), dim=1)], dim=1)
     cum_blogb = torch.cat([zero, torch.cumsum(_xlogx(bins), dim=1)], dim=1)
-    total = cum_b[:, -1]
+    total = cum_b[:, -1].contiguous()
     log_total = torch.log(total)
-    # The per-tensor screening tolerance, row by row.
     log_abs_max = torch.where(bins > 0, torch.log(bins).abs(), 0.0).amax(dim=1)
     bins_and_levels = torch.tensor([n + levels for n in num_bins], dtype=torch.float64).to(device)
     tol = 64.0 * _EPS * bins_and_levels * (log_abs_max + log_total.abs() + 1.0)
+    seg, pos = ragged([len(range(start_bin, n + 1, stride)) for n in num_bins], device)
+    return Rows(raw, bins, several, cum_b, cum_n, cum_blogb, total, log_total, tol, seg, start_bin + stride * pos)
 
-    # Every candidate threshold of every row with candidates, flat.
-    counts = [len(range(start_bin, n + 1, stride)) for n in num_bins]
-    seg, pos = ragged(counts, device)
-    thresholds = start_bin + stride * pos
-    screened = _screen(bins, cum_b, cum_n, cum_blogb, total, log_total, seg, thresholds, levels)
 
-    decided = integer_rows(raw)
-    nonzero = (raw != 0).any(dim=1)
-    searchable = decided & nonzero
-    if width > 1:  # the per-tensor form needs a positive count past bin 0 (rows of one bin excepted)
-        searchable &= ~several | (raw[:, 1:] > 0).any(dim=1)
-    best = segment_min(screened, seg, num_rows)
-    unscreenable = torch.isnan(best) | segment_any(torch.isnan(screened), seg, num_rows)
-    near = (screened <= best[seg] + _NEAR * tol[seg]) & (searchable & torch.isfinite(best))[seg]
-    near_index = torch.nonzero(near)[:, 0]  # read-back 1
-    near_seg = seg[near_index]
-    near_thr = thresholds[near_index]
-    flags = torch.stack([decided, nonzero, searchable, torch.isinf(best), unscreenable], dim=1).to(torch.int64)
-    host = torch.cat([flags.reshape(-1), near_thr]).tolist()  # read-back 2
-    flags_host = [host[5 * r: 5 * r + 5] for r in range(num_rows)]
-    widths = host[5 * num_rows:]
-
-    for r, (ok, any_nonzero, search, all_impossible, nan) in enumerate(flags_host):
+def _settle_early(out: List[Optional[float]], stats: Sequence[HistogramStats], rows: List[int],
+                  flags: List[List[int]], start_bin: int, stride: int) -> None:
+    """The answers that need no divergence: empty rows, rows too coarse to search, every candidate impossible."""
+    for r, (ok, any_nonzero, search, all_impossible, nan) in enumerate(flags):
         t, s = rows[r], stats[rows[r]]
         if not ok:
             continue  # not integer counts below 2**53: the per-tensor form decides
@@ -110,29 +156,41 @@ def entropy_many(
         elif all_impossible:
             # Every candidate scores inf: the last threshold wins (last argmin of all-inf).
             out[t] = range(start_bin, s.num_bins + 1, stride)[-1] * float(s.bin_width)
-    if not widths:
-        return out
 
-    divergence, bound, exact = _exact(bins, cum_b, total, near_seg, near_thr, widths, levels)
 
-    # The last minimum per row, and whether rounding or the near set could move it.
-    low = segment_min(divergence, near_seg, num_rows)
-    last = torch.full((num_rows,), -1, dtype=torch.int64, device=device).scatter_reduce_(
-        0, near_seg, torch.where(divergence == low[near_seg], near_thr, -1), reduce="amax", include_self=True)
-    is_last = near_thr == last[near_seg]
-    last_bound = segment_pick(bound, is_last, near_seg, num_rows)
-    last_exact = segment_pick(exact, is_last, near_seg, num_rows) > 0
-    last_screened = segment_pick(screened[near_index], is_last, near_seg, num_rows)
-    close = ((~is_last) & torch.isfinite(divergence) & ~(exact & last_exact[near_seg])
-             & ((divergence - low[near_seg]).abs() <= bound + last_bound[near_seg]))
-    unsure = (segment_any(close | torch.isnan(divergence), near_seg, num_rows) | ~torch.isfinite(low)
-              | (last_screened > best + _BAND * tol))
-    for r, (threshold, doubt) in enumerate(torch.stack([last, unsure.to(torch.int64)], dim=1).tolist()):  # read-back 3
+def _settle_searched(out: List[Optional[float]], stats: Sequence[HistogramStats], rows: List[int],
+                     flags: List[List[int]], chosen: List[List[int]]) -> None:
+    """The searched rows' last minimum where rounding cannot have moved it (``chosen``: threshold, doubt)."""
+    for r, (threshold, doubt) in enumerate(chosen):
         t = rows[r]
-        ok, _, search, all_impossible, nan = flags_host[r]
+        ok, _, search, all_impossible, nan = flags[r]
         if out[t] is None and ok and search and not all_impossible and not nan and threshold > 0 and not doubt:
             out[t] = int(threshold) * float(stats[t].bin_width)
-    return out
+
+
+def _last_minimum(divergence, bound, exact, screened, seg, thresholds, best, tol, num_rows):
+    """Each row's last minimum of the term-by-term scores, and whether rounding or the near set could move it.
+
+    ``divergence``, ``bound``, ``exact``, ``screened``, ``seg`` and ``thresholds`` describe the
+    scored candidates (the near set, or every candidate with ``inf`` outside it: an infinite
+    score is never a row's finite minimum nor a close rival, and an all-infinite row is unsure).
+
+    Returns:
+        ``(last, unsure)``: the threshold (``-1`` for a row without scores) and a flag per row.
+    """
+    device = divergence.device
+    low = segment_min(divergence, seg, num_rows)
+    last = torch.full((num_rows,), -1, dtype=torch.int64, device=device).scatter_reduce_(
+        0, seg, torch.where(divergence == low[seg], thresholds, -1), reduce="amax", include_self=True)
+    is_last = thresholds == last[seg]
+    last_bound = segment_pick(bound, is_last, seg, num_rows)
+    last_exact = segment_pick(exact, is_last, seg, num_rows) > 0
+    last_screened = segment_pick(screened, is_last, seg, num_rows)
+    close = ((~is_last) & torch.isfinite(divergence) & ~(exact & last_exact[seg])
+             & ((divergence - low[seg]).abs() <= bound + last_bound[seg]))
+    unsure = (segment_any(close | torch.isnan(divergence), seg, num_rows) | ~torch.isfinite(low)
+              | (last_screened > best + _BAND * tol))
+    return last, unsure
 
 
 def _screen(bins, cum_b, cum_n, cum_blogb, total, log_total, seg, thresholds, levels) -> torch.Tensor:

@@ -10,19 +10,17 @@ own IEEE rounding (``__ddiv_rn``/``__dmul_rn``/``__dsub_rn``: the compiler may n
 them), so every squared error is the same float as there; only the weighted sum is taken
 in another order (``fma`` in bin order), which :mod:`.mse_many`'s tie bound already covers.
 
-Compiled at run time with NVRTC through PyTorch's ``torch.cuda._compile_kernel`` (PyTorch's
-CUDA builds ship it); where that is missing or fails, :func:`mse_scores` returns None and
+Compiled at run time (:mod:`._nvrtc`); where that is missing or fails, :func:`mse_scores` returns None and
 the torch-op form runs.
 """
 from __future__ import annotations
 
-import logging
-import threading
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 
-_LOG = logging.getLogger(__name__)
+from ._nvrtc import compiled, launch
+
 _THREADS = 256
 
 _SOURCE = r"""
@@ -48,23 +46,6 @@ extern "C" __global__ void ql_mse_scores(const double* centres, const double* we
 }
 """
 
-_KERNELS: Dict[int, Any] = {}  # device index -> the compiled kernel, or None where it failed
-_LOCK = threading.Lock()
-
-
-def _kernel(device: torch.device) -> Optional[Any]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _LOCK:
-        if index not in _KERNELS:
-            try:
-                with torch.cuda.device(index):
-                    _KERNELS[index] = torch.cuda._compile_kernel(_SOURCE, "ql_mse_scores")
-            except Exception as error:  # noqa: BLE001 - no NVRTC, an old PyTorch: the torch ops run instead
-                _LOG.debug("mse kernel unavailable on cuda:%d (%s); using torch ops", index, error)
-                _KERNELS[index] = None
-        return _KERNELS[index]
-
-
 def mse_scores(centres: torch.Tensor, weights: torch.Tensor, used: torch.Tensor, row_of: torch.Tensor,
                candidates: torch.Tensor, qmax: float) -> Optional[torch.Tensor]:
     """Each candidate's weighted squared error, or None where the kernel cannot run.
@@ -81,7 +62,7 @@ def mse_scores(centres: torch.Tensor, weights: torch.Tensor, used: torch.Tensor,
     n = candidates.numel()
     if device.type != "cuda" or n == 0 or n >= 2**31 or centres.shape[1] >= 2**31:
         return None
-    kernel = _kernel(device)
+    kernel = compiled(_SOURCE, "ql_mse_scores", device)
     if kernel is None:
         return None
     tensors = [t.contiguous() for t in (centres, weights, used, row_of, candidates)]
@@ -89,10 +70,8 @@ def mse_scores(centres: torch.Tensor, weights: torch.Tensor, used: torch.Tensor,
             or tensors[2].dtype != torch.int64 or tensors[3].dtype != torch.int64:
         return None
     errors = torch.empty(n, dtype=torch.float64, device=device)
-    with torch.cuda.device(device):
-        kernel(grid=((n + _THREADS - 1) // _THREADS, 1, 1), block=(_THREADS, 1, 1),
-               args=[*tensors, int(centres.shape[1]), int(n), float(qmax), 1.0 / float(qmax), errors],
-               stream=torch.cuda.current_stream(device))
+    launch(kernel, device, (n + _THREADS - 1) // _THREADS, _THREADS,
+           [*tensors, int(centres.shape[1]), int(n), float(qmax), 1.0 / float(qmax), errors])
     return errors
 
 

@@ -28,9 +28,10 @@ def sources() -> Iterator[Tuple[str, str]]:
     sys.path.insert(0, str(ROOT))
     from quantlab.kernels import histogram_cuda as H
 
-    text = (ROOT / "calibrators" / "mse_cuda.py").read_text()
-    start = text.index('_SOURCE = r"""') + len('_SOURCE = r"""')
-    yield "calibrators/mse_cuda.py", text[start:text.index('"""', start)]
+    for name in ("mse_cuda.py", "entropy_cuda.py"):
+        text = (ROOT / "calibrators" / name).read_text()
+        start = text.index('_SOURCE = r"""') + len('_SOURCE = r"""')
+        yield f"calibrators/{name}", text[start:text.index('"""', start)]
     for unroll, vote, load in itertools.product((1, 4, 8), (0, 1), (0, 1, 2)):
         defines = H.source_defines(unroll, bool(vote), load)
         yield f"histogram_cuda (unroll {unroll}, group vote {vote}, load {load})", defines + H._SOURCE

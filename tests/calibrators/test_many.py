@@ -117,6 +117,44 @@ def test_when_rounding_could_decide_the_per_tensor_form_does(module, monkeypatch
     assert_same(name, stats)
 
 
+def _kernel_flow_by_torch_ops(monkeypatch):
+    """entropy_cuda's two kernels as the torch ops compute them: entropy_many then takes its GPU flow
+    (every candidate scored, inf outside the near set, one read-back) on the CPU."""
+    from quantlab.calibrators import entropy_cuda
+
+    def exact(bins, cum_b, cum_n, total, seg, thresholds, near, levels, sum_bound):
+        divergence = torch.full(thresholds.shape, math.inf, dtype=torch.float64)
+        bound = torch.zeros_like(divergence)
+        is_exact = torch.zeros(thresholds.shape, dtype=torch.bool)
+        index = torch.nonzero(near)[:, 0]
+        if index.numel():
+            divergence[index], bound[index], is_exact[index] = entropy_many_module._exact(
+                bins, cum_b, total, seg[index], thresholds[index], thresholds[index].tolist(), levels)
+        return divergence, bound, is_exact
+
+    monkeypatch.setattr(entropy_cuda, "screen", entropy_many_module._screen)
+    monkeypatch.setattr(entropy_cuda, "exact", exact)
+
+
+@pytest.mark.parametrize("params", PARAMS["entropy"], ids=str)
+def test_entropy_gpu_flow_gives_the_same_amax(params, monkeypatch, realistic):
+    _kernel_flow_by_torch_ops(monkeypatch)
+    assert_same("entropy", realistic, **params)
+    assert_same("entropy", list(H.degenerate().values()) + list(H.invalid().values()), **params)
+    for label, stats in H.degenerate().items():
+        assert batched("entropy", [stats], **params) == per_tensor("entropy", [stats], **params), label
+
+
+def test_entropy_gpu_flow_leaves_doubtful_searches_to_the_per_tensor_form(monkeypatch):
+    _kernel_flow_by_torch_ops(monkeypatch)
+    stats = H.realistic(5, seed=4, low=200, high=400)
+    assert all(a is not None for a in get_batched_calibrator("entropy")(stats))
+    monkeypatch.setattr(entropy_many_module, "_SUM_BOUND", math.inf)
+    monkeypatch.setattr(entropy_many_module, "_NEAR", 1e300)
+    assert get_batched_calibrator("entropy")(stats) == [None] * 5
+    assert_same("entropy", stats)
+
+
 @pytest.mark.parametrize("name", ["max", "percentile", "entropy", "mse"])
 def test_bad_parameters_raise_like_the_per_tensor_form(name, realistic):
     bad = {"max": {"num_bits": 8, "unknown": 1}, "percentile": {"percentile": 0.0},

@@ -126,3 +126,45 @@ def test_mse_without_the_kernel_gives_the_same_amax(model_like, monkeypatch):
     monkeypatch.setattr(mse_many, "mse_scores", lambda *args: None)  # the torch-op blocks on the GPU
     assert_same("mse", model_like)
     assert_same("mse", on_gpu(list(H.invalid().values())))
+
+
+def test_the_entropy_kernels_score_as_the_torch_ops_do(model_like):
+    # Screening: the same formula, the sum over levels in another order: well within the tolerance.
+    # Term by term: the same IEEE operations, only q's total and the term sum in another order:
+    # the two scores agree within the sum of their error bounds, and agree on inf and exactness.
+    from quantlab.calibrators import entropy_cuda
+    from quantlab.calibrators.entropy_many import _EPS, _SUM_BOUND, _exact, _screen, prepare_rows
+
+    p = prepare_rows(model_like[:12], 128, 128, 1)
+    args = (p.bins, p.cum_b, p.cum_n, p.cum_blogb, p.total, p.log_total, p.seg, p.thresholds, 128)
+    fused = entropy_cuda.screen(*args)
+    assert fused is not None, "the NVRTC kernel did not compile on this GPU"
+    ops = _screen(*args)
+    finite = torch.isfinite(ops)
+    assert torch.equal(finite, torch.isfinite(fused)) and bool(finite.any())
+    assert bool(((fused - ops).abs()[finite] <= p.tol[p.seg][finite]).all())
+
+    near = torch.zeros_like(finite)
+    near[::37] = True  # a spread of candidates, good and bad
+    scored = entropy_cuda.exact(p.bins, p.cum_b, p.cum_n, p.total, p.seg, p.thresholds, near, 128, _SUM_BOUND * _EPS)
+    assert scored is not None
+    divergence, bound, exact = scored
+    index = torch.nonzero(near)[:, 0]
+    want, want_bound, want_exact = _exact(p.bins, p.cum_b, p.total, p.seg[index], p.thresholds[index],
+                                          p.thresholds[index].tolist(), 128)
+    got, got_bound = divergence[index], bound[index]
+    both = torch.isfinite(want)
+    assert torch.equal(both, torch.isfinite(got)) and bool(both.any())
+    assert bool(((got - want).abs()[both] <= (want_bound + got_bound)[both]).all())
+    assert bool(((got_bound - want_bound).abs() <= 1e-6 * want_bound).all())
+    assert torch.equal(exact[index], want_exact)
+    assert bool(torch.isinf(divergence[~near]).all()) and not bool(exact[~near].any())
+
+
+def test_entropy_without_the_kernels_gives_the_same_amax(model_like, monkeypatch):
+    from quantlab.calibrators import entropy_cuda
+
+    monkeypatch.setattr(entropy_cuda, "screen", lambda *args: None)  # the torch-op flow on the GPU
+    monkeypatch.setattr(entropy_cuda, "exact", lambda *args: None)
+    assert_same("entropy", model_like)
+    assert_same("entropy", on_gpu(list(H.degenerate().values()) + list(H.invalid().values())))

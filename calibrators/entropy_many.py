@@ -123,7 +123,7 @@ def prepare_rows(stats: Sequence[HistogramStats], levels: int, start_bin: int, s
     num_rows, width = raw.shape
     num_bins = [s.num_bins for s in stats]
     # The reference's bin-0 quirk (bins[0] = bins[1]) where a row has more than one bin.
-    several = torch.tensor([n > 1 for n in num_bins], dtype=torch.bool).to(device)
+    several = torch.tensor([n > 1 for n in num_bins], dtype=torch.bool).to(device, non_blocking=True)
     bins = raw.clone()
     if width > 1:
         bins[:, 0] = torch.where(several, raw[:, 1], raw[:, 0])
@@ -134,7 +134,7 @@ def prepare_rows(stats: Sequence[HistogramStats], levels: int, start_bin: int, s
     total = cum_b[:, -1].contiguous()
     log_total = torch.log(total)
     log_abs_max = torch.where(bins > 0, torch.log(bins).abs(), 0.0).amax(dim=1)
-    bins_and_levels = torch.tensor([n + levels for n in num_bins], dtype=torch.float64).to(device)
+    bins_and_levels = torch.tensor([n + levels for n in num_bins], dtype=torch.float64).to(device, non_blocking=True)
     tol = 64.0 * _EPS * bins_and_levels * (log_abs_max + log_total.abs() + 1.0)
     seg, pos = ragged([len(range(start_bin, n + 1, stride)) for n in num_bins], device)
     return Rows(raw, bins, several, cum_b, cum_n, cum_blogb, total, log_total, tol, seg, start_bin + stride * pos)
@@ -232,7 +232,7 @@ def _exact(bins, cum_b, total, seg, thresholds, widths, levels):
     """
     device = bins.device
     order = np.argsort(np.asarray(widths, dtype=np.int64), kind="stable")
-    order_t = torch.from_numpy(order).to(device)
+    order_t = torch.from_numpy(order).to(device, non_blocking=True)
     sorted_widths = [widths[k] for k in order]
     divergence = torch.empty(len(widths), dtype=torch.float64, device=device)
     bound = torch.empty_like(divergence)

@@ -107,10 +107,12 @@ def ragged(lengths: Sequence[int], device: torch.device) -> Tuple[torch.Tensor, 
     entries, row by row. Built on the device from one small copy (no read-back):
     a marker at each row's start, counted up by a cumsum.
     """
+    # Host-to-device copies are non_blocking throughout the batched forms: from pageable memory
+    # the driver stages the bytes at once, and a blocking copy would wait for all queued GPU work.
     starts = np.cumsum([0] + list(lengths[:-1]), dtype=np.int64)
     total = int(sum(lengths))
-    starts_t = torch.from_numpy(starts).to(device)
-    inside = torch.from_numpy(starts[starts < total]).to(device)  # empty trailing rows start past the end
+    starts_t = torch.from_numpy(starts).to(device, non_blocking=True)
+    inside = torch.from_numpy(starts[starts < total]).to(device, non_blocking=True)  # empty trailing rows start past the end
     markers = torch.zeros(total, dtype=torch.int64, device=device)
     markers.scatter_add_(0, inside, torch.ones_like(inside))  # empty rows add their marker to the next row's
     row = torch.cumsum(markers, 0) - 1
@@ -146,7 +148,7 @@ def pack_counts(counts: Sequence[torch.Tensor], *, row_copies: Optional[bool] = 
     for rows in by_dtype.values():
         flat = torch.cat([counts[r].detach().reshape(-1) for r in rows]).to(torch.float64)
         row, position = ragged([lengths[r] for r in rows], device)
-        row_ids = torch.tensor(rows, dtype=torch.int64).to(device)
+        row_ids = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
         out.index_copy_(0, row_ids[row] * width + position, flat)
     return out.view(len(counts), width)
 

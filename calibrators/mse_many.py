@@ -71,7 +71,7 @@ def mse_many(
         return out
 
     # Bin centres exactly as HistogramStats.edges and the per-tensor form compute them.
-    bin_width = torch.tensor([float(stats[t].bin_width) for t in rows], dtype=torch.float64).to(device)
+    bin_width = torch.tensor([float(stats[t].bin_width) for t in rows], dtype=torch.float64).to(device, non_blocking=True)
     edges = torch.arange(width + 1, dtype=torch.float64, device=device)[None, :] * bin_width[:, None]
     centres = (edges[:, :-1] + edges[:, 1:]) / 2
     # Used bins compacted to the left of each row, in bin order (padding: centre 0, weight 0).
@@ -87,7 +87,7 @@ def mse_many(
     # Candidates of all searched rows in one flat list, histogram by histogram.
     counts = [len(range(start_bin, stats[rows[r]].num_bins, stride)) for r in searched]
     seg, pos = ragged(counts, device)
-    searched_t = torch.tensor(searched, dtype=torch.int64).to(device)
+    searched_t = torch.tensor(searched, dtype=torch.int64).to(device, non_blocking=True)
     candidates = torch.take(centres, searched_t[seg] * width + start_bin + stride * pos)
     qmax = float((1 << (num_bits - 1)) - 1)
     errors = mse_scores(c_used, w_used, used_count, searched_t[seg], candidates, qmax)
@@ -102,7 +102,7 @@ def mse_many(
     first_min = torch.full((segments,), big, dtype=torch.int64, device=device).scatter_reduce_(
         0, seg, torch.where(errors == best[seg], column, big), reduce="amin", include_self=True)
     is_first = column == first_min[seg]
-    terms_used = torch.tensor(used_host, dtype=torch.float64).to(device)[seg]
+    terms_used = torch.tensor(used_host, dtype=torch.float64).to(device, non_blocking=True)[seg]
     bound = _SUM_BOUND * (terms_used + 1.0) * EPS * errors
     # Exact in any order: a sum of non-negative terms is 0 only if every term is; one term is itself.
     exact = (errors == 0) | (terms_used <= 1)
@@ -137,9 +137,9 @@ def _block_scores(c_used: torch.Tensor, w_used: torch.Tensor, candidates: torch.
         flat_parts.append(flat.reshape(-1))
         dest_parts.append(np.where(k <= limit, flat, candidates.numel()).reshape(-1))
         row_parts.append(np.array([searched[g] for g in group], dtype=np.int64))
-    flat_all = torch.from_numpy(np.concatenate(flat_parts)).to(device)
-    dest_all = torch.from_numpy(np.concatenate(dest_parts)).to(device)
-    rows_all = torch.from_numpy(np.concatenate(row_parts)).to(device)
+    flat_all = torch.from_numpy(np.concatenate(flat_parts)).to(device, non_blocking=True)
+    dest_all = torch.from_numpy(np.concatenate(dest_parts)).to(device, non_blocking=True)
+    rows_all = torch.from_numpy(np.concatenate(row_parts)).to(device, non_blocking=True)
     at = row_at = 0
     for group, first, size in chunks:
         n = len(group) * size

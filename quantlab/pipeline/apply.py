@@ -29,7 +29,7 @@ from quantlab.functional import amax_of_weight
 from quantlab.pipeline.types import Ranges
 from quantlab.scales import QuantizerScale, Scales
 from quantlab.statistics import HistogramCollector
-from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer
+from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer, quantize_all_with
 from quantlab.validation.model_ranges import zero_weight_range_problems
 
 
@@ -89,7 +89,7 @@ def measure_weight_ranges(model: nn.Module, refs: Optional[Sequence[QuantizerRef
 
 
 def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
-          refs: Optional[Sequence[QuantizerRef]] = None) -> List[str]:
+          refs: Optional[Sequence[QuantizerRef]] = None, stored: Optional[Dict[str, Any]] = None) -> List[str]:
     """Makes the model fake-quantize with ``ranges`` (inputs) and its weights' ranges.
 
     Args:
@@ -99,6 +99,9 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
         weights: Measure the weights' ranges again (False keeps those the model
             holds, when the weights have not changed since they were measured).
         refs: The model's quantizers, if the caller already listed them.
+        stored: Filled with quantizer key -> the range it now holds (as its float32
+            buffer holds it: a float, or a list per channel) for every range stored
+            here, for :func:`scales_of` without reading them back.
 
     Returns:
         The layers whose inputs stay in floating point (unreached).
@@ -111,12 +114,16 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
     if weights or not all(r.quantizer.mode is QuantizerMode.QUANTIZE for r in weight_refs):
         measure_weight_ranges(model, weight_refs)
         # One read-back for every weight range, not a synchronizing check per quantizer.
-        for ref, finite in zip(weight_refs, amax_values([r.quantizer for r in weight_refs])[1]):
+        for ref, value, finite in zip(weight_refs, *amax_values([r.quantizer for r in weight_refs])):
             if not finite:
                 raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
             ref.quantizer.quantize_with(verified=True)
+            if stored is not None:
+                stored[ref.key] = value
     unreached: List[str] = []
     zero_range: List[str] = []
+    quantized: List[QuantizerRef] = []
+    amaxes: List[float] = []
     for ref in refs:
         if ref.role is not Role.INPUT:
             continue
@@ -131,7 +138,12 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
             zero_range.append(ref.module_name)
             ref.quantizer.off()
             continue
-        ref.quantizer.quantize_with(input_range(ref.module, float(amax)))
+        quantized.append(ref)
+        amaxes.append(input_range(ref.module, float(amax)))
+    quantize_all_with([ref.quantizer for ref in quantized], amaxes)
+    if stored is not None:
+        held = torch.tensor(amaxes, dtype=torch.float32).tolist()  # a host tensor: no device involved
+        stored.update((ref.key, value) for ref, value in zip(quantized, held))
     if zero_range:
         warnings.warn(
             f"{len(zero_range)} quantized layer(s) saw only zeros at their input during calibration and keep "
@@ -156,6 +168,7 @@ def scales_of(
     statistics: Optional[Dict[str, HistogramStats]] = None,
     refs: Optional[Sequence[QuantizerRef]] = None,
     weights_from: Optional[Scales] = None,
+    held: Optional[Dict[str, Any]] = None,
 ) -> Scales:
     """A :class:`Scales` snapshot of the ranges the model holds now.
 
@@ -168,13 +181,18 @@ def scales_of(
         refs: The model's quantizers, if the caller already listed them.
         weights_from: A snapshot taken since the weights' ranges last changed:
             its weight entries are reused instead of read back again.
+        held: Quantizer key -> the range :func:`apply` just stored (its ``stored``):
+            used instead of reading those ranges back from the device.
     """
     entries = []
     refs = list(iter_quantizers(model)) if refs is None else list(refs)
     kept_float = float_layers(model, refs)
     reused = {e.key: e for e in weights_from.entries if e.role is Role.WEIGHT} if weights_from is not None else {}
-    read = [r for r in refs if not (r.role is Role.WEIGHT and r.key in reused)]
+    known = {r.key: (held[r.key], True) for r in refs
+             if held and r.key in held and r.key not in reused and r.quantizer.mode is QuantizerMode.QUANTIZE}
+    read = [r for r in refs if not (r.role is Role.WEIGHT and r.key in reused) and r.key not in known]
     on_host = dict(zip((r.key for r in read), zip(*amax_values([r.quantizer for r in read]))))
+    on_host.update(known)
     for ref in refs:
         if ref.key in reused:
             if ref.module_name not in kept_float:

@@ -126,10 +126,11 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Dict[str, Range
         result.refinements[name] = refine(model, ranges, refiners, forward_loop, config, reference_state=before)
         # Weight ranges do not depend on the calibrator unless refiners changed the weights.
         same_weights = index > 0 and not refiners
-        apply(model, ranges, weights=not same_weights, refs=refs)
+        stored: Dict[str, Any] = {}
+        apply(model, ranges, weights=not same_weights, refs=refs, stored=stored)
         previous = result.scales[name] = scales_of(
             model, calibrator=name, calibrator_params=ranges.params, statistics=saved_statistics, refs=refs,
-            weights_from=previous if same_weights else None)
+            weights_from=previous if same_weights else None, held=stored)
         if refiners:
             result.refined_weights[name] = refinable_state(model)
         if result.transforms or result.refinements[name]:  # the ranges fit the changed weights: say so in the file

@@ -134,3 +134,27 @@ def test_later_calibrators_keep_the_weight_ranges():
     apply(model, ranges)  # ...unless asked
     redone = scales_of(model)
     assert redone.get("0", "weight").amax == [2 * a for a in first.get("0", "weight").amax]
+
+
+def test_run_ptq_scales_are_what_the_quantizers_hold():
+    """run_ptq records each calibrator's ranges from the values it stored (no read-back): the
+    same floats as reading the model's float32 buffers, weights per channel included."""
+    from quantlab.pipeline import apply, choose, scales_of, statistics_of
+    from quantlab.ptq import run_ptq
+
+    torch.manual_seed(3)
+    model, data = model_and_data()
+    result = run_ptq(model, data, ["mse", "percentile", "entropy"])
+    statistics = statistics_of(model)
+    for name, recorded in result.scales.items():
+        stored: dict = {}
+        apply(model, choose(statistics, name), stored=stored)
+        assert {k: type(v) for k, v in stored.items()} == {"0:input": float, "0:weight": list, "2:input": float,
+                                                          "2:weight": list}
+        read = scales_of(model)  # every range read back from the buffers
+        assert [(e.module, e.role, e.amax) for e in recorded.entries] == [(e.module, e.role, e.amax) for e in read.entries]
+        assert scales_of(model, held=stored).entries == read.entries
+    # 1/3 is not a float32: the recorded value is the buffer's rounding of it, not the double.
+    stored = {}
+    apply(model, ql.pipeline.types.Ranges(calibrator="x", params={}, inputs={"0": 1 / 3, "2": 0.5}), stored=stored)
+    assert stored["0:input"] == model[0].input_quantizer.amax.item() != 1 / 3

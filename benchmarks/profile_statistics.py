@@ -252,7 +252,7 @@ def device_breakdown(model, device, repeats: int = 5) -> str:
             + "\n\nrun_calibrators by caller:\n\n" + C.markdown_table(["innermost quantlab frame", "aten ops", "syncs"], rows_by_caller))
 
 
-def end_to_end(model, wl, device, repeats: int = 5) -> str:
+def end_to_end(model, wl, device, repeats: int = 7) -> str:
     """The pass and all four calibrators back to back in one timed region, against FP32 inference."""
     import statistics as st
 
@@ -270,10 +270,24 @@ def end_to_end(model, wl, device, repeats: int = 5) -> str:
         with torch.no_grad(), quantization_disabled(model):
             run_batches(model, wl.batches(device))
 
-    times: Dict[str, List[float]] = {"FP32": [], "pass + four calibrators": []}
-    for _ in range(repeats):  # interleaved, so drifts of the host hit both alike
-        times["FP32"].append(C.timed(fp32, device)[0])
-        times["pass + four calibrators"].append(C.timed(both, device)[0])
+    from quantlab import statistics
+
+    def both_counted_per_layer() -> None:  # a tensor feeding several layers read once per layer (as before)
+        statistics.COPY_SHARED_INPUTS = False
+        try:
+            both()
+        finally:
+            statistics.COPY_SHARED_INPUTS = True
+
+    def pass_only() -> None:
+        collect_statistics(model, forward_loop(wl.batches(device)))
+
+    jobs = {"FP32": fp32, "pass + four calibrators": both,
+            "pass + four calibrators, shared inputs counted per layer": both_counted_per_layer, "pass alone": pass_only}
+    times: Dict[str, List[float]] = {name: [] for name in jobs}
+    for _ in range(repeats):  # interleaved, so drifts of the host hit all alike
+        for name, job in jobs.items():
+            times[name].append(C.timed(job, device)[0])
     base = st.median(times["FP32"])
     rows = [[k, f"{min(v) * 1e3:.1f}", f"{st.median(v) * 1e3:.1f}", f"{max(v) * 1e3:.1f}", f"{st.median(v) / base:.3f}x"]
             for k, v in times.items()]

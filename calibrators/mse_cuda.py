@@ -46,6 +46,11 @@ extern "C" __global__ void ql_mse_scores(const double* centres, const double* we
 }
 """
 
+def available(device: torch.device) -> bool:
+    """Whether :func:`mse_scores` runs its kernel on ``device``."""
+    return device.type == "cuda" and compiled(_SOURCE, "ql_mse_scores", device) is not None
+
+
 def mse_scores(centres: torch.Tensor, weights: torch.Tensor, used: torch.Tensor, row_of: torch.Tensor,
                candidates: torch.Tensor, qmax: float) -> Optional[torch.Tensor]:
     """Each candidate's weighted squared error, or None where the kernel cannot run.
@@ -75,4 +80,4 @@ def mse_scores(centres: torch.Tensor, weights: torch.Tensor, used: torch.Tensor,
     return errors
 
 
-__all__ = ["mse_scores"]
+__all__ = ["available", "mse_scores"]

@@ -21,6 +21,7 @@ import torch
 from .base import HistogramStats, register_batched_calibrator
 from .many import EPS, chunk_budget, pack_counts, ragged, segment_any, segment_min, segment_pick, split_trivial
 from .mse import _validate
+from . import mse_cuda
 from .mse_cuda import mse_scores
 
 #: On accelerators MSE chunks are this many times the shared chunk budget: its blocks are computed in place (one
@@ -39,7 +40,8 @@ _SUM_BOUND = 4.0
 def mse_many(
     stats: Sequence[HistogramStats], *, num_bits: int = 8, start_bin: int = 128, stride: int = 1
 ) -> List[Optional[float]]:
-    """:func:`~.mse.mse_calibrator` for every histogram at once: two read-backs in all.
+    """:func:`~.mse.mse_calibrator` for every histogram at once: one read-back with the
+    GPU kernel of :mod:`.mse_cuda`, two with torch ops.
 
     Raises:
         ValueError: For ``num_bits < 2``, ``start_bin < 1`` or ``stride < 1``.
@@ -54,28 +56,69 @@ def mse_many(
     used = bins != 0
     valid = (torch.isfinite(bins) & (bins >= 0)).all(dim=1)
     used_count = used.sum(dim=1)
+    qmax = float((1 << (num_bits - 1)) - 1)
+    if mse_cuda.available(device):
+        # The kernel walks each row's own used bins: every row is scored (the answers of rows that
+        # need no search are ignored), so nothing is read back before the one read-back at the end.
+        searched = list(range(num_rows))
+        counts = [len(range(start_bin, stats[t].num_bins, stride)) for t in rows]
+        chosen, unsure = _search(stats, rows, bins, used, used_count, searched, counts, width, start_bin, stride,
+                                 qmax, None)
+        for r, (ok, n_used, amax, doubt) in enumerate(torch.stack(
+                [valid.to(torch.float64), used_count.to(torch.float64), chosen, unsure.to(torch.float64)], dim=1).tolist()):
+            _settle(out, stats[rows[r]], rows[r], ok, int(n_used), start_bin, amax, doubt)
+        return out
     searched: List[int] = []  # packed rows with candidates
     used_host: List[int] = []
     for r, (ok, n_used) in enumerate(torch.stack([valid.to(torch.int64), used_count], dim=1).tolist()):
-        s = stats[rows[r]]
-        if not ok:
-            continue  # negative or non-finite counts: the per-tensor form decides
-        if n_used == 0:
-            out[rows[r]] = 0.0
-        elif s.num_bins <= start_bin:
-            out[rows[r]] = float(s.amax)
-        else:
+        if _settle(out, stats[rows[r]], rows[r], ok, n_used, start_bin, None, True):
             searched.append(r)
             used_host.append(int(n_used))
     if not searched:
         return out
+    counts = [len(range(start_bin, stats[rows[r]].num_bins, stride)) for r in searched]
+    chosen, unsure = _search(stats, rows, bins, used, used_count, searched, counts, max(used_host), start_bin, stride,
+                             qmax, used_host)
+    for r, (amax, doubt) in zip(searched, torch.stack([chosen, unsure.to(torch.float64)], dim=1).tolist()):
+        if not doubt:
+            out[rows[r]] = amax
+    return out
 
+
+def _settle(out: List[Optional[float]], s: HistogramStats, t: int, ok: float, n_used: int, start_bin: int,
+            amax: Optional[float], doubt: float) -> bool:
+    """Answers histogram ``t`` where no search is needed, or from its search (``amax`` unless in ``doubt``).
+
+    Returns:
+        Whether it needs a search (valid counts, some used bin, more bins than ``start_bin``).
+    """
+    if not ok:
+        return False  # negative or non-finite counts: the per-tensor form decides
+    if n_used == 0:
+        out[t] = 0.0
+    elif s.num_bins <= start_bin:
+        out[t] = float(s.amax)
+    else:
+        if amax is not None and not doubt:
+            out[t] = amax
+        return True
+    return False
+
+
+def _search(stats, rows, bins, used, used_count, searched, counts, most, start_bin, stride, qmax, used_host):
+    """The first minimum of every searched row's candidates and whether rounding could move it.
+
+    ``most``: columns of the compacted bins (at least any searched row's used bins);
+    ``used_host``: those counts on the host (the torch-op blocks size their chunks with them),
+    or None for the kernel.
+    """
+    device = bins.device
+    num_rows, width = bins.shape
     # Bin centres exactly as HistogramStats.edges and the per-tensor form compute them.
     bin_width = torch.tensor([float(stats[t].bin_width) for t in rows], dtype=torch.float64).to(device, non_blocking=True)
     edges = torch.arange(width + 1, dtype=torch.float64, device=device)[None, :] * bin_width[:, None]
     centres = (edges[:, :-1] + edges[:, 1:]) / 2
     # Used bins compacted to the left of each row, in bin order (padding: centre 0, weight 0).
-    most = max(used_host)
     position = torch.cumsum(used, dim=1) - 1
     row_ids = torch.arange(num_rows, dtype=torch.int64, device=device)[:, None]
     dest = torch.where(used, row_ids * most + position, num_rows * most).reshape(-1)  # the last slot takes the unused
@@ -85,13 +128,15 @@ def mse_many(
     w_used = w_used[:-1].view(num_rows, most)
 
     # Candidates of all searched rows in one flat list, histogram by histogram.
-    counts = [len(range(start_bin, stats[rows[r]].num_bins, stride)) for r in searched]
     seg, pos = ragged(counts, device)
     searched_t = torch.tensor(searched, dtype=torch.int64).to(device, non_blocking=True)
     candidates = torch.take(centres, searched_t[seg] * width + start_bin + stride * pos)
-    qmax = float((1 << (num_bits - 1)) - 1)
-    errors = mse_scores(c_used, w_used, used_count, searched_t[seg], candidates, qmax)
-    if errors is None:  # no GPU kernel: the same scores by torch ops, block by block
+    errors = None
+    if used_host is None:
+        errors = mse_scores(c_used, w_used, used_count, searched_t[seg], candidates, qmax)
+    if errors is None:  # no GPU kernel (or no candidate at all): the same scores by torch ops, block by block
+        if used_host is None:
+            used_host = used_count[searched_t].tolist()
         errors = _block_scores(c_used, w_used, candidates, counts, used_host, searched, qmax, device)
 
     # First minimum per histogram (torch.argmin's pick), and whether rounding could move it.
@@ -102,7 +147,7 @@ def mse_many(
     first_min = torch.full((segments,), big, dtype=torch.int64, device=device).scatter_reduce_(
         0, seg, torch.where(errors == best[seg], column, big), reduce="amin", include_self=True)
     is_first = column == first_min[seg]
-    terms_used = torch.tensor(used_host, dtype=torch.float64).to(device, non_blocking=True)[seg]
+    terms_used = used_count.to(torch.float64)[searched_t][seg]
     bound = _SUM_BOUND * (terms_used + 1.0) * EPS * errors
     # Exact in any order: a sum of non-negative terms is 0 only if every term is; one term is itself.
     exact = (errors == 0) | (terms_used <= 1)
@@ -111,11 +156,7 @@ def mse_many(
     close = ((~is_first) & ~(exact & first_exact[seg])
              & ((errors - best[seg]).abs() <= bound + first_bound[seg]))
     unsure = segment_any(close | torch.isnan(errors), seg, segments) | ~torch.isfinite(best)
-    chosen = segment_pick(candidates, is_first, seg, segments)
-    for r, (amax, doubt) in zip(searched, torch.stack([chosen, unsure.to(torch.float64)], dim=1).tolist()):
-        if not doubt:
-            out[rows[r]] = amax
-    return out
+    return segment_pick(candidates, is_first, seg, segments), unsure
 
 
 def _block_scores(c_used: torch.Tensor, w_used: torch.Tensor, candidates: torch.Tensor, counts: List[int],

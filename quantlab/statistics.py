@@ -33,6 +33,7 @@ import copy
 import math
 import os
 import threading
+import weakref
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -90,6 +91,9 @@ _MIN_EXPONENT, _MAX_EXPONENT = -126, 126
 _KERNEL_CHUNK = 1 << 30
 # QUANTLAB_FUSED_STATISTICS=0 keeps the torch ops on both paths (for comparison and as an escape hatch).
 FUSED_KERNELS = os.environ.get("QUANTLAB_FUSED_STATISTICS", "1") != "0"
+# A tensor that feeds several quantized layers is counted once per batch and copied to the others
+# (see _counted); QUANTLAB_COPY_SHARED_INPUTS=0 counts it for every layer (benchmarks compare both).
+COPY_SHARED_INPUTS = os.environ.get("QUANTLAB_COPY_SHARED_INPUTS", "1") != "0"
 
 
 class NotCapturable(RuntimeError):
@@ -130,6 +134,21 @@ def capturing() -> Iterator[List[Tuple["_DeviceAccumulator", int]]]:
         for accumulator, elements in recorded:
             accumulator.batches -= 1
             accumulator.elements -= elements
+
+
+# Per thread, the accumulator that counted each tensor last: (weak reference to the tensor, its
+# version then, the accumulator, its batch count after it). A tensor that feeds several quantized
+# layers (a residual block's input into its first convolution and the shortcut; a transformer's
+# hidden states into Q, K and V) is then read once per batch: the other layers copy the counts.
+_COUNTED = threading.local()
+_COUNTED_LIMIT = 4096  # entries kept before the dead ones are dropped
+
+
+def _counted() -> Dict[int, Tuple[Any, int, "_DeviceAccumulator", int]]:
+    table = getattr(_COUNTED, "table", None)
+    if table is None:
+        table = _COUNTED.table = {}
+    return table
 
 
 def _capturing_on(device: torch.device) -> bool:
@@ -190,6 +209,7 @@ class _DeviceAccumulator:
         self.batches = 0
         self.elements = 0
         self._stale = False  # reset() was called: clear the device state before the next batch
+        self.mirror_of: Optional["_DeviceAccumulator"] = None  # the state copied at the latest batch
         self.in_graph = False  # a captured CUDA graph writes into this state
         # The fused kernels (quantlab.kernels.histogram_cuda) where they apply: one read per batch.
         # Both paths update amax, exponent and counts in place, so batches may take either.
@@ -218,9 +238,10 @@ class _DeviceAccumulator:
         copied = object.__new__(type(self))
         memo[id(self)] = copied
         for key, value in self.__dict__.items():
-            if key not in ("_kernels", "_index"):
+            if key not in ("_kernels", "_index", "mirror_of"):
                 copied.__dict__[key] = copy.deepcopy(value, memo)
         copied._index = None
+        copied.mirror_of = None
         copied.in_graph = False
         copied._kernels = copied._fused_kernels() if self._kernels is not None else None
         return copied
@@ -236,9 +257,18 @@ class _DeviceAccumulator:
         """
         self.batches = self.elements = 0
         self._stale = True
+        self.mirror_of = None
 
     def update(self, x: torch.Tensor) -> None:
         recording = _recording()
+        table = _counted()
+        source = self._same_as(x, table.get(id(x))) if COPY_SHARED_INPUTS else None
+        if source is not None:  # this very batch was just counted into an equal state: copy the result
+            with torch.no_grad():
+                torch._foreach_copy_([self.amax, self.exponent, self.counts], [source.amax, source.exponent, source.counts])
+            self._finish(x, recording)
+            self.mirror_of = source
+            return
         if recording is not None:  # only the fused kernel on an existing state, on the captured device
             if (self._kernels is None or not histogram_cuda.takes(x) or self.batches == 0
                     or x.numel() >= _KERNEL_CHUNK or not _capturing_on(x.device)):
@@ -251,12 +281,41 @@ class _DeviceAccumulator:
                 self.amax.zero_()
                 self.exponent.fill_(_MIN_EXPONENT)
             self._update_torch_ops(x)
+        self._finish(x, recording)
+        self.mirror_of = None
+        if len(table) >= _COUNTED_LIMIT:
+            for key in [k for k, entry in table.items() if entry[0]() is None]:
+                del table[key]
+        table[id(x)] = (weakref.ref(x), x._version, self, self.batches)
+
+    def _finish(self, x: torch.Tensor, recording: Optional[List[Tuple["_DeviceAccumulator", int]]]) -> None:
         self._stale = False
         self.batches += 1
         self.elements += x.numel()
         if recording is not None:  # after the launch: a failed one leaves nothing to take back
             self.in_graph = True
             recording.append((self, x.numel()))
+
+    def _same_as(self, x: torch.Tensor, entry: Optional[Tuple[Any, int, "_DeviceAccumulator", int]]
+                 ) -> Optional["_DeviceAccumulator"]:
+        """The accumulator whose state equals what this one's would be after counting ``x``, if any.
+
+        That is another accumulator whose latest batch was this same tensor object, unchanged
+        since (the same version), and whose state before that batch equalled this one's: both
+        were empty, or this one has copied that one's state at every batch since. Only then is
+        copying exact; in any other case (another tensor, an in-place change, a layer that
+        diverged once) the batch is counted here.
+        """
+        if entry is None:
+            return None
+        ref, version, source, batches = entry
+        if source is self or ref() is not x or x._version != version or source.batches != batches:
+            return None
+        if source.size != self.size or source.amax.dtype != self.amax.dtype or source.counts.device != self.counts.device:
+            return None
+        if self.batches == 0 and batches == 1:
+            return source
+        return source if self.mirror_of is source and self.batches == batches - 1 else None
 
     def _update_fused(self, x: torch.Tensor) -> None:
         assert self._kernels is not None
@@ -351,6 +410,7 @@ def flush_all(collectors: "Sequence[HistogramCollector]") -> None:
         NonFiniteActivationError: for the first collector (in order) that saw a NaN/Inf;
             the collectors before it are flushed, the ones after it keep their pending batches.
     """
+    _counted().clear()  # the pass is over: no tensor of it is handed to a layer again
     by_device: Dict[torch.device, List["HistogramCollector"]] = {}
     for collector in collectors:
         if collector._device is not None:

@@ -72,11 +72,15 @@ def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graph
     saved = [(q, q.mode) for q in quantizers]
     for q in quantizers:
         q.collect()  # inputs gather fresh statistics, weights stay in floating point
-    # Every module in eval mode for the pass (model.eval(), so overrides of train() run), then each
+    # Every module in eval mode for the pass (model.eval() where a module overrides train()), then each
     # put back as it was (model.train(flag) would also flip submodules the caller set differently).
-    training = [m for m in model.modules() if m.training]
-    if training:
+    modules = list(model.modules())
+    training = [m for m in modules if m.training]
+    if any(type(m).train is not nn.Module.train for m in modules):
         model.eval()
+    else:  # what model.eval() does where no module overrides train(), without its walk per module
+        for m in training:
+            m.training = False
     try:
         with torch.no_grad(), graph_replay.graphed_forward(model, enabled=cuda_graphs):
             forward_loop(model)

@@ -136,6 +136,43 @@ def _kernel_flow_by_torch_ops(monkeypatch):
     monkeypatch.setattr(entropy_cuda, "exact", exact)
 
 
+def _mse_kernel_by_torch_ops(monkeypatch):
+    """mse_cuda's kernel as torch ops (each candidate's weighted squared error over its row's used
+    bins): mse_many then takes its GPU flow (every row scored, one read-back) on the CPU."""
+    from quantlab.calibrators import mse_cuda
+
+    def scores(c_used, w_used, used, row_of, candidates, qmax):
+        out = torch.empty(candidates.numel(), dtype=torch.float64)
+        columns = torch.arange(c_used.shape[1])[None, :]
+        for lo in range(0, candidates.numel(), 128):
+            rows = row_of[lo:lo + 128]
+            c, w = c_used[rows], w_used[rows] * (columns < used[rows][:, None])
+            scale = (candidates[lo:lo + 128] / qmax)[:, None]
+            fq = (c / scale).round_().clamp_(max=qmax).mul_(scale)
+            out[lo:lo + 128] = ((c - fq) ** 2 * w).sum(dim=1)
+        return out
+
+    monkeypatch.setattr(mse_cuda, "available", lambda device: True)
+    monkeypatch.setattr(mse_many_module, "mse_scores", scores)
+
+
+@pytest.mark.parametrize("params", PARAMS["mse"], ids=str)
+def test_mse_gpu_flow_gives_the_same_amax(params, monkeypatch):
+    _mse_kernel_by_torch_ops(monkeypatch)
+    stats = H.realistic(6, seed=11, low=150, high=1500)
+    assert_same("mse", stats, **params)
+    assert_same("mse", list(H.degenerate().values()) + list(H.invalid().values()), **params)
+    assert all(a is not None for a in get_batched_calibrator("mse")(stats, **params))
+
+
+def test_mse_gpu_flow_without_candidates_or_kernel_falls_back(monkeypatch):
+    _mse_kernel_by_torch_ops(monkeypatch)
+    monkeypatch.setattr(mse_many_module, "mse_scores", lambda *args: None)  # e.g. too many candidates for it
+    assert_same("mse", H.realistic(4, seed=12, low=150, high=600))
+    few_bins = H.realistic(3, seed=13, low=20, high=100)  # no candidate at all (start_bin 128)
+    assert_same("mse", few_bins)
+
+
 @pytest.mark.parametrize("params", PARAMS["entropy"], ids=str)
 def test_entropy_gpu_flow_gives_the_same_amax(params, monkeypatch, realistic):
     _kernel_flow_by_torch_ops(monkeypatch)

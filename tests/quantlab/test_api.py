@@ -158,3 +158,27 @@ def test_run_ptq_scales_are_what_the_quantizers_hold():
     stored = {}
     apply(model, ql.pipeline.types.Ranges(calibrator="x", params={}, inputs={"0": 1 / 3, "2": 0.5}), stored=stored)
     assert stored["0:input"] == model[0].input_quantizer.amax.item() != 1 / 3
+
+
+def test_the_pass_runs_in_eval_mode_and_restores_every_flag():
+    from quantlab.pipeline import collect
+
+    class Frozen(nn.BatchNorm1d):
+        calls = []
+
+        def train(self, mode=True):  # an override: the pass must go through model.eval() to honour it
+            Frozen.calls.append(mode)
+            return super().train(mode)
+
+    for bn_type in (nn.BatchNorm1d, Frozen):
+        model = nn.Sequential(nn.Linear(6, 8), bn_type(8), nn.ReLU(), nn.Linear(8, 3))
+        ql.quantize(model, ql.int8_config())
+        model[3].eval()  # a caller's own mix of modes
+        flags = {name: m.training for name, m in model.named_modules()}
+        before = model[1].running_mean.clone()
+        seen = []
+        collect(model, lambda m: (seen.append([x.training for x in m.modules()]), m(torch.randn(16, 6))))
+        assert not any(seen[0])  # every module in eval mode during the pass
+        assert torch.equal(model[1].running_mean, before)  # so BatchNorm kept its statistics
+        assert {name: m.training for name, m in model.named_modules()} == flags
+    assert Frozen.calls and Frozen.calls[0] is False

@@ -221,3 +221,14 @@ def test_a_model_calibrated_with_device_statistics_deep_copies():
     assert torch.equal(clone(x), model(x))
     assert ql.collected_statistics(clone).keys() == ql.collected_statistics(model).keys()
     assert all(r.quantizer.collector is None or r.quantizer.collector._spare is None for r in ql.iter_quantizers(clone))
+
+
+def test_attached_quantizers_take_the_mode_of_their_layer():
+    import quantlab as ql
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    model[1].eval()
+    ql.quantize(model, ql.int8_config())
+    for layer in model:
+        assert all(m.training is layer.training for m in layer.modules())

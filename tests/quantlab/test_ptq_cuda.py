@@ -69,3 +69,44 @@ def test_non_finite_input_on_cuda_names_the_layer():
     ql.quantize(model, ql.int8_config())
     with pytest.raises(NonFiniteActivationError, match="'0'"):
         run_ptq(model, data, ["max"])
+
+
+class SharedInputs(nn.Module):
+    """A block input feeding two convolutions (as a residual block's first convolution and its
+    shortcut) and hidden states feeding three linears (as Q, K and V)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1, bias=False)
+        self.q, self.k, self.v = (nn.Linear(8 * 14 * 14, 10) for _ in range(3))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        f = torch.flatten(torch.relu(self.a(h) + self.b(h)), 1)
+        return self.q(f) + self.k(f) * self.v(f)
+
+
+def test_a_tensor_feeding_several_layers_is_read_once_and_counted_for_each(monkeypatch):
+    from quantlab.kernels import histogram_cuda
+
+    model = SharedInputs().cuda().eval()
+    seen = {}
+    for name, layer in model.named_children():
+        layer.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].detach().cpu()))
+    ql.quantize(model, ql.int8_config())
+    launches = []
+    original = histogram_cuda.FusedHistogram.update
+    monkeypatch.setattr(histogram_cuda.FusedHistogram, "update", lambda self, x, first: (launches.append(1), original(self, x, first)))
+    result = run_ptq(model, batches("cuda"), EXACT)
+    assert len(launches) == 3 * 4  # three distinct tensors per batch, not six
+    for name in EXACT:
+        for module, inputs in seen.items():
+            reference = HistogramCollector(2048, sync_free=False)
+            for x in inputs:
+                reference.update(x)
+            stats, theirs = reference.stats(), result.scales[name].statistics[module]
+            assert (theirs.bin_width, theirs.amax) == (stats.bin_width, stats.amax)
+            assert torch.equal(theirs.counts.cpu(), stats.counts), module
+            chosen = float(get_calibrator(name)(stats, num_bits=8))
+            assert result.scales[name].get(module, "input").amax == float(torch.tensor(chosen, dtype=torch.float32))

@@ -352,3 +352,44 @@ def test_a_failed_capture_leaves_random_numbers_working(kernels, where):
     torch.randn(8, device="cuda")  # raised "Offset increment outside graph capture" before
     torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5, training=True)
     assert torch.randn(4, device="cuda", generator=g).isfinite().all()
+
+
+class _SharedInputs(torch.nn.Module):
+    """A block input into two convolutions and a pooled tensor into three linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.a, self.b = torch.nn.Conv2d(16, 16, 1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.q, self.k, self.v = (torch.nn.Linear(16, 10) for _ in range(3))
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        p = torch.relu(self.a(y) + self.b(y)).mean(dim=(2, 3))
+        return self.q(p) + self.k(p) * self.v(p)
+
+
+def test_graphed_pass_with_shared_inputs_equals_every_layer_counted_alone(kernels, monkeypatch):
+    import copy
+
+    import quantlab
+    from quantlab import collect_statistics, statistics
+
+    torch.manual_seed(0)
+    model = _SharedInputs().cuda().eval()
+    quantlab.quantize(model, quantlab.int8_config())
+    alone = copy.deepcopy(model)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    batches = [torch.randn(16, 3, 12, 12, device="cuda", generator=g) * (1 + i) for i in range(6)]
+    batches.append(torch.randn(7, 3, 12, 12, device="cuda", generator=g))
+    monkeypatch.setattr(statistics, "COPY_SHARED_INPUTS", False)
+    collect_statistics(alone, lambda m: [m(x) for x in batches], cuda_graphs=False)
+    monkeypatch.setattr(statistics, "COPY_SHARED_INPUTS", True)
+    monkeypatch.setattr(quantlab.cuda_graphs, "MIN_BATCHES", 1)
+    counts = collect_statistics(model, lambda m: [m(x) for x in batches])
+    assert set(counts.values()) == {7}
+    ours, theirs = _stats(model), _stats(alone)
+    assert ours.keys() == theirs.keys() and len(ours) == 6
+    for name in ours:
+        assert ours[name][:2] == theirs[name][:2], name
+        assert torch.equal(ours[name][2], theirs[name][2]), name

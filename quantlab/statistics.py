@@ -197,13 +197,18 @@ class _DeviceAccumulator:
         # size is a power of two and the data is at most float32.
         power_of_two = num_bins & (num_bins - 1) == 0
         exact32 = power_of_two and x.dtype != torch.float64
-        self.amax = torch.zeros((), dtype=torch.float32 if exact32 else torch.float64, device=device)
+        # One buffer holds the whole state (amax at byte 0, exponent at byte 8, counts from byte 16),
+        # so a layer that copies another's state (a shared input, see _same_as) does it in one copy.
+        self.state = torch.zeros(16 + 8 * self.size, dtype=torch.uint8, device=device)
+        amax_dtype = torch.float32 if exact32 else torch.float64
+        self.amax = self.state[: amax_dtype.itemsize].view(amax_dtype)[0]
         # log2(size) when size is a power of two: the exponent then comes from amax alone.
         self.size_log2 = self.size.bit_length() - 1 if power_of_two else None
         # Below any real exponent: until the first non-zero value the histogram is empty (zeros
         # are counted at read time), so whatever the first shift does is harmless.
-        self.exponent = torch.full((), _MIN_EXPONENT, dtype=torch.int32, device=device)
-        self.counts = torch.zeros(self.size, dtype=torch.float64, device=device)
+        self.exponent = self.state[8:12].view(torch.int32)[0]
+        self.exponent.fill_(_MIN_EXPONENT)
+        self.counts = self.state[16:].view(torch.float64)
         self._index: Optional[torch.Tensor] = None  # bin numbers, for the torch ops' re-binning
         self._zero = torch.zeros((), dtype=self.amax.dtype, device=device)
         self.batches = 0
@@ -264,8 +269,7 @@ class _DeviceAccumulator:
         table = _counted()
         source = self._same_as(x, table.get(id(x))) if COPY_SHARED_INPUTS else None
         if source is not None:  # this very batch was just counted into an equal state: copy the result
-            with torch.no_grad():
-                torch._foreach_copy_([self.amax, self.exponent, self.counts], [source.amax, source.exponent, source.counts])
+            self.state.copy_(source.state)
             self._finish(x, recording)
             self.mirror_of = source
             return
@@ -311,7 +315,7 @@ class _DeviceAccumulator:
         ref, version, source, batches = entry
         if source is self or ref() is not x or x._version != version or source.batches != batches:
             return None
-        if source.size != self.size or source.amax.dtype != self.amax.dtype or source.counts.device != self.counts.device:
+        if source.size != self.size or source.amax.dtype != self.amax.dtype or source.state.device != self.state.device:
             return None
         if self.batches == 0 and batches == 1:
             return source

@@ -111,13 +111,14 @@ class _PerChannelFakeQuantize(torch.autograd.Function):
 
 def amax_of_weight(weight: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
     """Max of ``|weight|`` per channel along ``spec.axis`` (or over all, per-tensor)."""
-    w = weight.detach()
     # The infinity norm is max |w| in one reduction (abs() then amax() was two kernels and a
     # weight-sized temporary, per weight per QAT step with recomputed ranges); same values.
-    if spec.axis is None:
-        amax = torch.linalg.vector_norm(w, ord=float("inf"))
-    else:
-        axis = spec.axis % w.dim()
-        dims = [d for d in range(w.dim()) if d != axis]
-        amax = torch.linalg.vector_norm(w, ord=float("inf"), dim=dims) if dims else w.abs()
-    return amax if amax.dtype == torch.float32 else amax.to(torch.float32)
+    # No gradient flows into a range: no_grad rather than a detach (one operation less per weight).
+    with torch.no_grad():
+        if spec.axis is None:
+            amax = torch.linalg.vector_norm(weight, ord=float("inf"))
+        else:
+            axis = spec.axis % weight.dim()
+            dims = [d for d in range(weight.dim()) if d != axis]
+            amax = torch.linalg.vector_norm(weight, ord=float("inf"), dim=dims) if dims else weight.abs()
+        return amax if amax.dtype == torch.float32 else amax.to(torch.float32)

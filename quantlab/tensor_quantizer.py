@@ -211,3 +211,21 @@ def quantize_all_with(quantizers: Sequence[TensorQuantizer], amaxes: Sequence[fl
             torch._foreach_copy_([q.amax for q, _ in pairs], list(values.unbind(0)))
     for q in quantizers:
         q.quantize_with(verified=True)
+
+
+def store_ranges(quantizers: Sequence[TensorQuantizer], amaxes: Sequence[torch.Tensor]) -> None:
+    """:meth:`TensorQuantizer.set_amax` for many quantizers with tensor ranges (e.g. measured weights).
+
+    Ranges of the quantizer's shape, dtype and device go in with one multi-tensor copy per
+    device instead of a copy each; the others through :meth:`~TensorQuantizer.set_amax`.
+    """
+    by_device = {}
+    for q, amax in zip(quantizers, amaxes):
+        if (isinstance(amax, torch.Tensor) and amax.shape == q.amax.shape and amax.dtype == torch.float32
+                and amax.device == q.amax.device and q.amax.dtype == torch.float32):
+            by_device.setdefault(q.amax.device, []).append((q.amax, amax))
+        else:
+            q.set_amax(amax)
+    with torch.no_grad():
+        for pairs in by_device.values():
+            torch._foreach_copy_([dst for dst, _ in pairs], [src for _, src in pairs])

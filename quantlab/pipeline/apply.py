@@ -29,7 +29,7 @@ from quantlab.functional import amax_of_weight
 from quantlab.pipeline.types import Ranges
 from quantlab.scales import QuantizerScale, Scales
 from quantlab.statistics import HistogramCollector
-from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer, quantize_all_with
+from quantlab.tensor_quantizer import QuantizerMode, Role, TensorQuantizer, quantize_all_with, store_ranges
 from quantlab.validation.model_ranges import zero_weight_range_problems
 
 
@@ -41,7 +41,7 @@ def _flat_on_host(amaxes: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(scalars) == len(amaxes):
             flat = torch.stack(amaxes)
         else:
-            flat = torch.cat([a.reshape(-1) for a in amaxes])
+            flat = torch.cat([a if a.dim() == 1 else a.reshape(-1) for a in amaxes])
         return (flat if flat.dtype == torch.float32 else flat.to(torch.float32)).cpu()
 
 
@@ -83,9 +83,9 @@ def amax_values(quantizers: Sequence[TensorQuantizer]) -> Tuple[List[Union[float
 
 def measure_weight_ranges(model: nn.Module, refs: Optional[Sequence[QuantizerRef]] = None) -> None:
     """Sets every weight quantizer's range to max |w| (per channel) of the weight it quantizes."""
-    for ref in iter_quantizers(model) if refs is None else refs:
-        if ref.role is Role.WEIGHT:
-            ref.quantizer.set_amax(amax_of_weight(original_weight(ref.module), ref.quantizer.spec))
+    weights = [ref for ref in (iter_quantizers(model) if refs is None else refs) if ref.role is Role.WEIGHT]
+    store_ranges([ref.quantizer for ref in weights],
+                 [amax_of_weight(original_weight(ref.module), ref.quantizer.spec) for ref in weights])
 
 
 def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,

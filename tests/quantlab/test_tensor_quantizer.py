@@ -46,3 +46,18 @@ def test_per_channel_quantizers_take_the_one_at_a_time_path():
     q = quantizers(2, channels=3)
     with pytest.raises(ValueError, match="shape"):  # a scalar for a per-channel buffer: set_amax's own check
         quantize_all_with(q, [1.0, 2.0])
+
+
+def test_store_ranges_copies_matching_tensors_and_sets_the_rest():
+    from quantlab.tensor_quantizer import store_ranges
+
+    per_channel = quantizers(2, channels=3)
+    scalar = quantizers(1)
+    ranges = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, 6.0], dtype=torch.float64), 7.5]
+    before = [q.amax._version for q in per_channel]
+    store_ranges(per_channel + scalar, ranges)
+    assert per_channel[0].amax.tolist() == [1.0, 2.0, 3.0] and per_channel[0].amax._version > before[0]
+    assert per_channel[1].amax.tolist() == [4.0, 5.0, 6.0] and per_channel[1].amax.dtype == torch.float32
+    assert scalar[0].amax.item() == 7.5
+    with pytest.raises(ValueError, match="shape"):
+        store_ranges(per_channel[:1], [torch.ones(4)])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import fnmatch
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -44,7 +45,7 @@ class QuantizerRef:
     module: nn.Module
     quantizer: TensorQuantizer
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return f"{self.module_name}:{self.role.value}"
 

@@ -224,32 +224,9 @@ def device_breakdown(model, device, repeats: int = 5) -> str:
         ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
         syncs = sum(1 for e in prof.events() if e.name in syncing[:1] or e.name in syncing[1:3])
         rows.append([label, f"{wall:.2f}", f"{busy:.2f}", len(kernels), launches, ops, syncs])
-    # Where run_calibrators' operations and syncs come from (the innermost quantlab frame of each).
-    with torch.profiler.profile(activities=activities, with_stack=True) as prof:
-        jobs["run_calibrators(all four)"]()
-        C.sync(device)
-    by_caller: Dict[str, List[int]] = {}
-    for e in prof.events():
-        sync = e.name in syncing
-        ancestors = []
-        parent = e.cpu_parent
-        while parent is not None:
-            ancestors.append(parent.name)
-            parent = parent.cpu_parent
-        top = e.name.startswith("aten::") and not any(a.startswith("aten::") for a in ancestors)
-        if not (top or sync):
-            continue
-        frames = [a for a in ancestors if ("quantlab" in a or "calibrators" in a) and ".py(" in a]
-        caller = frames[0].split("/")[-1] if frames else "(no quantlab frame)"
-        counts = by_caller.setdefault(caller, [0, 0])
-        counts[0] += top
-        counts[1] += sync
-    callers = sorted(by_caller.items(), key=lambda kv: -(kv[1][0] + 20 * kv[1][1]))[:25]
-    rows_by_caller = [[name[-90:], ops, syncs] for name, (ops, syncs) in callers]
     return ("### Calibrators: wall time vs the GPU's own time (torch.profiler; wall = median of "
             f"{repeats})\n\n" + C.markdown_table(
-                ["job", "wall ms", "GPU kernel ms", "kernels", "launch calls", "top-level aten ops", "syncs"], rows)
-            + "\n\nrun_calibrators by caller:\n\n" + C.markdown_table(["innermost quantlab frame", "aten ops", "syncs"], rows_by_caller))
+                ["job", "wall ms", "GPU kernel ms", "kernels", "launch calls", "top-level aten ops", "syncs"], rows))
 
 
 def end_to_end(model, wl, device, repeats: int = 7) -> str:
@@ -340,9 +317,10 @@ def main() -> None:
         collect_statistics(model, forward_loop(wl.batches(device)))  # warm-up: kernels compiled, state allocated
         out.append(f"### Phases of one pass, {args.model}, {args.samples} samples, batch {args.batch_size} (median ms)\n\n"
                    + C.markdown_table(["phase", "ms"], phase_times(model, wl, device)))
+        # End to end before any torch.profiler run: a CUDA profiler session leaves launches slower after it.
+        out.append(end_to_end(model, wl, device))
         out.append(calibrator_profile(model, device))
         out.append(device_breakdown(model, device))
-        out.append(end_to_end(model, wl, device))
         if args.host_profile:
             out.append(host_profile(model, wl, device, args.samples))
         C.emit("\n".join(out), args.append)

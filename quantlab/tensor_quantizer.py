@@ -20,6 +20,12 @@ from quantlab.functional import _tracing, fake_quantize, scale_from_amax
 from quantlab.statistics import HistogramCollector
 
 
+# Plain attributes (mode, collector) are set past nn.Module.__setattr__, which first checks whether
+# the value is a parameter, buffer or module: a few microseconds per call, and a run changes the
+# mode of every quantizer of the model several times.
+_set = object.__setattr__
+
+
 class QuantizerMode(str, enum.Enum):
     """What a quantizer does with the tensor passing through it."""
 
@@ -101,18 +107,19 @@ class TensorQuantizer(nn.Module):
         if mode is QuantizerMode.COLLECT:
             self.collect()
             return
-        self._mode = mode
+        _set(self, "_mode", mode)
 
     def collect(self) -> None:
         """Starts a statistics pass: an input quantizer gathers fresh statistics; a weight
         quantizer stays off (weights are measured directly, not collected)."""
         if self.role is not Role.INPUT:
-            self._mode = QuantizerMode.OFF
+            _set(self, "_mode", QuantizerMode.OFF)
             return
-        previous, self.collector = self.collector, HistogramCollector(self.num_bins, name=self.name)
+        previous = self.collector
+        _set(self, "collector", HistogramCollector(self.num_bins, name=self.name))
         if previous is not None:
             self.collector.reuse_device_state(previous)
-        self._mode = QuantizerMode.COLLECT
+        _set(self, "_mode", QuantizerMode.COLLECT)
 
     def quantize_with(self, amax=None, *, verified: bool = False) -> None:
         """Starts fake-quantizing, with a new range or the one stored.
@@ -135,18 +142,18 @@ class TensorQuantizer(nn.Module):
         if amax is not None:
             self.set_amax(amax)
         if verified:
-            self._mode = QuantizerMode.QUANTIZE
+            _set(self, "_mode", QuantizerMode.QUANTIZE)
         else:
             self.set_mode(QuantizerMode.QUANTIZE)
 
     def off(self) -> None:
         """Passes tensors through unchanged (floating point) until switched again."""
-        self._mode = QuantizerMode.OFF
+        _set(self, "_mode", QuantizerMode.OFF)
 
     def restore(self, mode: "QuantizerMode | str") -> None:
         """Returns to a mode this quantizer held before (saved by the caller), without checks:
         the range and statistics it needed are still here. Statistics are not restarted."""
-        self._mode = QuantizerMode(mode)
+        _set(self, "_mode", QuantizerMode(mode))
 
     def fixed_scale(self) -> Optional[torch.Tensor]:
         """The scale for the current amax, cached until amax changes (None if amax is learned).

@@ -138,6 +138,8 @@ def pack_counts(counts: Sequence[torch.Tensor], *, row_copies: Optional[bool] = 
         row_copies: Copy row by row (default on the CPU, where there are no
             launches to save) rather than with one index copy per dtype.
     """
+    if any(c.is_inference() for c in counts):  # no version counter: a change in place would go unseen
+        return _pack(counts, row_copies)
     key = (tuple((id(c), c._version) for c in counts), row_copies)
     last = _LAST_PACKED[0]
     if last is not None and last[0] == key and all(ref() is c for ref, c in zip(last[1], counts)):

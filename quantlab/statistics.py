@@ -266,8 +266,9 @@ class _DeviceAccumulator:
 
     def update(self, x: torch.Tensor) -> None:
         recording = _recording()
-        table = _counted()
-        source = self._same_as(x, table.get(id(x))) if COPY_SHARED_INPUTS else None
+        # An inference tensor has no version counter, so an in-place change could not be seen: never shared.
+        table = _counted() if COPY_SHARED_INPUTS and not x.is_inference() else None
+        source = None if table is None else self._same_as(x, table.get(id(x)))
         if source is not None:  # this very batch was just counted into an equal state: copy the result
             self.state.copy_(source.state)
             self._finish(x, recording)
@@ -287,6 +288,8 @@ class _DeviceAccumulator:
             self._update_torch_ops(x)
         self._finish(x, recording)
         self.mirror_of = None
+        if table is None:
+            return
         if len(table) >= _COUNTED_LIMIT:
             for key in [k for k, entry in table.items() if entry[0]() is None]:
                 del table[key]

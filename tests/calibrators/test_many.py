@@ -253,3 +253,19 @@ def test_spans_stay_within_the_budget():
     assert chunks[0][0] == 0 and chunks[-1][1] == len(columns)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))
     assert all((hi - lo) * columns[lo] <= 15 or hi - lo == 1 for lo, hi in chunks)
+
+
+def test_packing_again_reuses_the_matrix_until_a_count_changes():
+    stats = H.realistic(5, seed=14)
+    counts = [s.counts for s in stats]
+    first = pack_counts(counts, row_copies=False)
+    assert pack_counts(counts, row_copies=False) is first
+    assert pack_counts(counts, row_copies=True) is not first  # another way of packing: packed again
+    counts[2][0] += 1  # a change in place: its version moves on
+    again = pack_counts(counts, row_copies=False)
+    assert again is not first and again[2, 0] == first[2, 0] + 1
+    assert pack_counts([c.clone() for c in counts], row_copies=False) is not again  # other tensors, same values
+    with torch.inference_mode():
+        frozen = [c.clone() for c in counts]
+    assert torch.equal(pack_counts(frozen), pack_counts(frozen))  # inference tensors: never cached, still right
+    assert_same("percentile", [HistogramStats(c, s.bin_width, s.amax) for c, s in zip(frozen, stats)])

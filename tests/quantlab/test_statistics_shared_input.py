@@ -140,3 +140,12 @@ def test_non_finite_values_are_reported_for_every_layer_that_saw_them():
     for layer in layers:
         with pytest.raises(NonFiniteActivationError, match=layer.name):
             layer.flush()
+
+
+def test_inference_tensors_are_never_shared(counted):
+    """An inference tensor has no version counter (an in-place change would go unseen): each layer counts it."""
+    with torch.inference_mode():
+        xs = batches(10)
+        layers = run([[(0, x), (1, x)] for x in xs], 2)
+    assert len(counted) == 2 * len(xs)
+    assert [stats_of(c) for c in layers] == [alone([x.clone() for x in xs])] * 2

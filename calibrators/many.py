@@ -140,7 +140,10 @@ def pack_counts(counts: Sequence[torch.Tensor], *, row_copies: Optional[bool] = 
     """
     if any(c.is_inference() for c in counts):  # no version counter: a change in place would go unseen
         return _pack(counts, row_copies)
-    key = (tuple((id(c), c._version) for c in counts), row_copies)
+    device = counts[0].device
+    # The stream too: the matrix is ready on the stream that packed it, not necessarily on another.
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+    key = (tuple((id(c), c._version) for c in counts), row_copies, stream)
     last = _LAST_PACKED[0]
     if last is not None and last[0] == key and all(ref() is c for ref, c in zip(last[1], counts)):
         return last[2]

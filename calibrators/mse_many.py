@@ -118,7 +118,12 @@ def _search(stats, rows, bins, used, used_count, searched, counts, most, start_b
     bin_width = torch.tensor([float(stats[t].bin_width) for t in rows], dtype=torch.float64).to(device, non_blocking=True)
     edges = torch.arange(width + 1, dtype=torch.float64, device=device)[None, :] * bin_width[:, None]
     centres = (edges[:, :-1] + edges[:, 1:]) / 2
-    # Used bins compacted to the left of each row, in bin order (padding: centre 0, weight 0).
+    # Used bins of the searched rows compacted to the left of each row, in bin order (padding:
+    # centre 0, weight 0); ``most`` columns hold every searched row's, not necessarily the others'.
+    if len(searched) < num_rows:
+        is_searched = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        is_searched[torch.tensor(searched, dtype=torch.int64).to(device, non_blocking=True)] = True
+        used = used & is_searched[:, None]
     position = torch.cumsum(used, dim=1) - 1
     row_ids = torch.arange(num_rows, dtype=torch.int64, device=device)[:, None]
     dest = torch.where(used, row_ids * most + position, num_rows * most).reshape(-1)  # the last slot takes the unused

@@ -136,15 +136,15 @@ def capturing() -> Iterator[List[Tuple["_DeviceAccumulator", int]]]:
             accumulator.elements -= elements
 
 
-# Per thread, the accumulator that counted each tensor last: (weak reference to the tensor, its
-# version then, the accumulator, its batch count after it). A tensor that feeds several quantized
+# Per thread, the accumulator that counted each tensor last: (weak references to the tensor and to
+# the accumulator, the tensor's version then, the accumulator's batch count and generation after it). A tensor that feeds several quantized
 # layers (a residual block's input into its first convolution and the shortcut; a transformer's
 # hidden states into Q, K and V) is then read once per batch: the other layers copy the counts.
 _COUNTED = threading.local()
 _COUNTED_LIMIT = 4096  # entries kept before the dead ones are dropped
 
 
-def _counted() -> Dict[int, Tuple[Any, int, "_DeviceAccumulator", int]]:
+def _counted() -> Dict[int, Tuple[Any, int, Any, int, int]]:
     table = getattr(_COUNTED, "table", None)
     if table is None:
         table = _COUNTED.table = {}
@@ -214,7 +214,9 @@ class _DeviceAccumulator:
         self.batches = 0
         self.elements = 0
         self._stale = False  # reset() was called: clear the device state before the next batch
-        self.mirror_of: Optional["_DeviceAccumulator"] = None  # the state copied at the latest batch
+        # (accumulator, its generation) whose state this one copied at its latest batch
+        self.mirror_of: Optional[Tuple["_DeviceAccumulator", int]] = None
+        self.generation = 0  # advanced by reset(): the state starts another history
         self.in_graph = False  # a captured CUDA graph writes into this state
         # The fused kernels (quantlab.kernels.histogram_cuda) where they apply: one read per batch.
         # Both paths update amax, exponent and counts in place, so batches may take either.
@@ -263,16 +265,20 @@ class _DeviceAccumulator:
         self.batches = self.elements = 0
         self._stale = True
         self.mirror_of = None
+        self.generation += 1  # whoever copied this state before copied another history
 
     def update(self, x: torch.Tensor) -> None:
         recording = _recording()
-        # An inference tensor has no version counter, so an in-place change could not be seen: never shared.
-        table = _counted() if COPY_SHARED_INPUTS and not x.is_inference() else None
+        # Never shared: an inference tensor (no version counter, so an in-place change could not be
+        # seen), nor inside a CUDA graph capture (a replay would copy whether or not the two states
+        # are still equal then: another call between replays may have fed only one of the layers).
+        shared = COPY_SHARED_INPUTS and recording is None and not x.is_inference()
+        table = _counted() if shared else None
         source = None if table is None else self._same_as(x, table.get(id(x)))
         if source is not None:  # this very batch was just counted into an equal state: copy the result
             self.state.copy_(source.state)
             self._finish(x, recording)
-            self.mirror_of = source
+            self.mirror_of = (source, source.generation)
             return
         if recording is not None:  # only the fused kernel on an existing state, on the captured device
             if (self._kernels is None or not histogram_cuda.takes(x) or self.batches == 0
@@ -290,10 +296,12 @@ class _DeviceAccumulator:
         self.mirror_of = None
         if table is None:
             return
-        if len(table) >= _COUNTED_LIMIT:
-            for key in [k for k, entry in table.items() if entry[0]() is None]:
+        if len(table) >= _COUNTED_LIMIT:  # drop the dead; if most are alive, start over (sharing is only a saving)
+            for key in [k for k, entry in table.items() if entry[0]() is None or entry[2]() is None]:
                 del table[key]
-        table[id(x)] = (weakref.ref(x), x._version, self, self.batches)
+            if len(table) >= _COUNTED_LIMIT // 2:
+                table.clear()
+        table[id(x)] = (weakref.ref(x), x._version, weakref.ref(self), self.batches, self.generation)
 
     def _finish(self, x: torch.Tensor, recording: Optional[List[Tuple["_DeviceAccumulator", int]]]) -> None:
         self._stale = False
@@ -303,26 +311,27 @@ class _DeviceAccumulator:
             self.in_graph = True
             recording.append((self, x.numel()))
 
-    def _same_as(self, x: torch.Tensor, entry: Optional[Tuple[Any, int, "_DeviceAccumulator", int]]
-                 ) -> Optional["_DeviceAccumulator"]:
+    def _same_as(self, x: torch.Tensor, entry: Optional[Tuple[Any, int, Any, int, int]]) -> Optional["_DeviceAccumulator"]:
         """The accumulator whose state equals what this one's would be after counting ``x``, if any.
 
         That is another accumulator whose latest batch was this same tensor object, unchanged
         since (the same version), and whose state before that batch equalled this one's: both
         were empty, or this one has copied that one's state at every batch since. Only then is
         copying exact; in any other case (another tensor, an in-place change, a layer that
-        diverged once) the batch is counted here.
+        diverged once, a state emptied by a read since) the batch is counted here.
         """
         if entry is None:
             return None
-        ref, version, source, batches = entry
-        if source is self or ref() is not x or x._version != version or source.batches != batches:
+        ref, version, source_ref, batches, generation = entry
+        source = source_ref()
+        if (source is None or source is self or ref() is not x or x._version != version
+                or source.batches != batches or source.generation != generation):
             return None
         if source.size != self.size or source.amax.dtype != self.amax.dtype or source.state.device != self.state.device:
             return None
         if self.batches == 0 and batches == 1:
             return source
-        return source if self.mirror_of is source and self.batches == batches - 1 else None
+        return source if self.mirror_of == (source, generation) and self.batches == batches - 1 else None
 
     def _update_fused(self, x: torch.Tensor) -> None:
         assert self._kernels is not None

@@ -269,3 +269,22 @@ def test_packing_again_reuses_the_matrix_until_a_count_changes():
         frozen = [c.clone() for c in counts]
     assert torch.equal(pack_counts(frozen), pack_counts(frozen))  # inference tensors: never cached, still right
     assert_same("percentile", [HistogramStats(c, s.bin_width, s.amax) for c, s in zip(frozen, stats)])
+
+
+def test_mse_rows_left_out_of_the_search_do_not_spill_into_the_others():
+    """Rows that need no search (too few bins, or invalid counts) may use more bins than any searched
+    row: only the searched rows are compacted, so the others cannot overwrite them (a regression:
+    the torch-op path once raised an index error or chose another row's amax)."""
+    few_bins_all_used = H._stats(np.arange(1, 101))  # 100 bins, all used, no search (start_bin 128)
+    sparse = np.zeros(200, dtype=np.int64)
+    sparse[[3, 9, 50, 77, 120, 130, 150, 170, 180, 199]] = [5, 1, 9, 2, 7, 1, 3, 8, 2, 6]
+    half = np.zeros(100, dtype=np.int64)
+    half[::2] = np.arange(1, 51)
+    cases = [
+        [few_bins_all_used, H._stats(sparse)],
+        [H._stats(half), H._stats(sparse[:150]), H._stats(np.r_[sparse, np.zeros(40, dtype=np.int64)])],
+        [H._stats(np.r_[np.arange(1, 101), [-1]]), H._stats(sparse)],  # an invalid row with many used bins
+    ]
+    for stats in cases:
+        assert_same("mse", stats)
+        assert_same("mse", stats, start_bin=50)

@@ -149,3 +149,51 @@ def test_inference_tensors_are_never_shared(counted):
         layers = run([[(0, x), (1, x)] for x in xs], 2)
     assert len(counted) == 2 * len(xs)
     assert [stats_of(c) for c in layers] == [alone([x.clone() for x in xs])] * 2
+
+
+def test_a_source_read_mid_pass_starts_another_history():
+    """Reading a layer's statistics mid-pass empties its device state (reset): a layer that copied
+    it before must not copy it again, nor may an old table entry for a tensor it counted before."""
+    x0, x1, x2 = batches(11, n=3)
+    a, b = HistogramCollector(256, sync_free=True), HistogramCollector(256, sync_free=True)
+    a.update(x0)
+    b.update(x0)  # copies a
+    _ = a.amax  # read mid-pass: a's device state is folded in and emptied
+    a.update(x1)
+    a.update(x2)
+    b.update(x2)  # a's state holds x1 + x2 now; b must count x2 itself
+    flush_all([a, b])
+    assert stats_of(b) == alone([x0, x2])
+    assert stats_of(a) == alone([x0, x1, x2])
+
+    x3, x4 = batches(12, n=2)
+    a, b = HistogramCollector(256, sync_free=True), HistogramCollector(256, sync_free=True)
+    a.update(x3)
+    _ = a.amax  # the entry for x3 says "a, after one batch": true again below, for another tensor
+    a.update(x4)
+    b.update(x3)
+    flush_all([a, b])
+    assert stats_of(b) == alone([x3])
+
+
+def test_no_sharing_inside_a_cuda_graph_capture(counted, monkeypatch):
+    """Inside a capture a copy would be replayed whether or not the states are still equal then, so
+    every layer counts its own batch (here the capture is simulated on the CPU)."""
+    xs = batches(13, n=3)
+    a, b = HistogramCollector(256, sync_free=True), HistogramCollector(256, sync_free=True)
+    a.update(xs[0])
+    b.update(xs[0])  # eager: copied
+    assert len(counted) == 1
+    recorded = []
+    monkeypatch.setattr(statistics, "_recording", lambda: recorded)
+    monkeypatch.setattr(statistics, "_capturing_on", lambda device: True)
+    for acc in (a._device, b._device):  # let the CPU state take the "captured" path: the torch ops
+        monkeypatch.setattr(acc, "_kernels", type("K", (), {"update": lambda self, x, first: None})())
+    monkeypatch.setattr(statistics.histogram_cuda, "takes", lambda x: False)
+    with pytest.raises(statistics.NotCapturable):  # not the fused kernel: refused, as before
+        a.update(xs[1])
+    monkeypatch.setattr(statistics.histogram_cuda, "takes", lambda x: True)
+    a.update(xs[1])
+    b.update(xs[1])  # no copy: b would have raised or counted, never copied
+    assert [acc for acc, _ in recorded] == [a._device, b._device]
+    assert b._device.mirror_of is None

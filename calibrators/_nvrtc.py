@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,6 +30,13 @@ def compiled(source: str, name: str, device: torch.device) -> Optional[Any]:
                 _LOG.debug("kernel %s unavailable on cuda:%d (%s); using torch ops", name, index, error)
                 _COMPILED[key] = None
         return _COMPILED[key]
+
+
+def kernel_args(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> Optional[List[torch.Tensor]]:
+    """``tensors`` made contiguous for a kernel's pointer arguments, or None if one has another dtype."""
+    if any(t.dtype != dtype for t, dtype in zip(tensors, dtypes)):
+        return None
+    return [t.contiguous() for t in tensors]
 
 
 def launch(kernel: Any, device: torch.device, blocks: int, threads: int, args: list) -> None:

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._nvrtc import compiled, launch
+from ._nvrtc import compiled, kernel_args, launch
 
 #: Threads per block of both kernels (the exact kernel's block reduction assumes a power of two).
 _THREADS = 128
@@ -161,13 +161,10 @@ ql_entropy_exact(const double* bins, const double* cum_b, const double* cum_n, c
 
 
 def _ready(device: torch.device, levels: int, n: int, name: str) -> Optional[object]:
-    if device.type != "cuda" or n == 0 or n >= 2**31 or not 1 <= levels <= MAX_LEVELS:
+    # The screen kernel's int thread index must not overflow in the last block.
+    if device.type != "cuda" or n == 0 or n >= 2**31 - _THREADS or not 1 <= levels <= MAX_LEVELS:
         return None
     return compiled(_SOURCE, name, device)
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return t.contiguous() if t.dtype == dtype else None
 
 
 def screen(bins: torch.Tensor, cum_b: torch.Tensor, cum_n: torch.Tensor, cum_blogb: torch.Tensor,
@@ -186,13 +183,11 @@ def screen(bins: torch.Tensor, cum_b: torch.Tensor, cum_n: torch.Tensor, cum_blo
     device = thresholds.device
     n = thresholds.numel()
     kernel = _ready(device, levels, n, "ql_entropy_screen")
-    doubles = [_as(t, torch.float64) for t in (bins, cum_b, cum_n, cum_blogb, total, log_total)]
-    longs = [_as(t, torch.int64) for t in (seg, thresholds)]
-    if kernel is None or any(t is None for t in doubles + longs):
+    tensors = kernel_args((bins, cum_b, cum_n, cum_blogb, total, log_total, seg, thresholds), [torch.float64] * 6 + [torch.int64] * 2)
+    if kernel is None or tensors is None:
         return None
     out = torch.empty(n, dtype=torch.float64, device=device)
-    launch(kernel, device, (n + _THREADS - 1) // _THREADS, _THREADS,
-           [*doubles, *longs, int(bins.shape[1]), int(levels), int(n), out])
+    launch(kernel, device, (n + _THREADS - 1) // _THREADS, _THREADS, [*tensors, int(bins.shape[1]), int(levels), int(n), out])
     return out
 
 
@@ -208,14 +203,13 @@ def exact(bins: torch.Tensor, cum_b: torch.Tensor, cum_n: torch.Tensor, total: t
     device = thresholds.device
     n = thresholds.numel()
     kernel = _ready(device, levels, n, "ql_entropy_exact")
-    doubles = [_as(t, torch.float64) for t in (bins, cum_b, cum_n, total)]
-    longs = [_as(t, torch.int64) for t in (seg, thresholds)]
-    if kernel is None or any(t is None for t in doubles + longs):
+    tensors = kernel_args((bins, cum_b, cum_n, total, seg, thresholds), [torch.float64] * 4 + [torch.int64] * 2)
+    if kernel is None or tensors is None:
         return None
     divergence = torch.empty(n, dtype=torch.float64, device=device)
     bound = torch.empty(n, dtype=torch.float64, device=device)
     is_exact = torch.empty(n, dtype=torch.uint8, device=device)
-    launch(kernel, device, n, _THREADS, [*doubles, *longs, near.to(torch.uint8).contiguous(), int(bins.shape[1]),
+    launch(kernel, device, n, _THREADS, [*tensors, near.to(torch.uint8).contiguous(), int(bins.shape[1]),
                                          int(levels), int(n), float(sum_bound), divergence, bound, is_exact])
     return divergence, bound, is_exact.bool()
 

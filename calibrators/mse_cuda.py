@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from ._nvrtc import compiled, launch
+from ._nvrtc import compiled, kernel_args, launch
 
 _THREADS = 256
 
@@ -70,9 +70,9 @@ def mse_scores(centres: torch.Tensor, weights: torch.Tensor, used: torch.Tensor,
     kernel = compiled(_SOURCE, "ql_mse_scores", device)
     if kernel is None:
         return None
-    tensors = [t.contiguous() for t in (centres, weights, used, row_of, candidates)]
-    if tensors[0].dtype != torch.float64 or tensors[1].dtype != torch.float64 or tensors[4].dtype != torch.float64 \
-            or tensors[2].dtype != torch.int64 or tensors[3].dtype != torch.int64:
+    f64, i64 = torch.float64, torch.int64
+    tensors = kernel_args((centres, weights, used, row_of, candidates), (f64, f64, i64, i64, f64))
+    if tensors is None:
         return None
     errors = torch.empty(n, dtype=torch.float64, device=device)
     launch(kernel, device, (n + _THREADS - 1) // _THREADS, _THREADS,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -187,7 +187,7 @@ class TensorQuantizer(nn.Module):
         return f"{self.role.value}, {self.spec.num_bits}-bit, {axis}, narrow={self.spec.narrow_range}, mode={self.mode.value}"
 
 
-def quantize_all_with(quantizers: Sequence[TensorQuantizer], amaxes: Sequence[float]) -> None:
+def quantize_all_with(quantizers: Sequence[TensorQuantizer], amaxes: Sequence[float]) -> List[float]:
     """:meth:`TensorQuantizer.quantize_with` for many quantizers with Python float ranges.
 
     Where several per-tensor quantizers share a device, their ranges go there in one
@@ -195,29 +195,34 @@ def quantize_all_with(quantizers: Sequence[TensorQuantizer], amaxes: Sequence[fl
     costs 10-50 us of a GPU host's time, and a model has dozens of input quantizers). The
     stored values are the same: float32 roundings of the given floats.
 
+    Returns:
+        The ranges as the float32 buffers now hold them (rounded on the host: no read-back).
+
     Raises:
         CalibrationError: a range is NaN or infinite (checked before any is stored).
     """
     for q, amax in zip(quantizers, amaxes):
         if not math.isfinite(float(amax)):
             raise CalibrationError(f"quantizer '{q.name}' ({q.role.value}): amax {amax} is not finite")
-    by_device = {}
-    for q, amax in zip(quantizers, amaxes):
+    rounded = torch.tensor([float(amax) for amax in amaxes], dtype=torch.float32)
+    by_device: Dict[torch.device, List[int]] = {}
+    for i, q in enumerate(quantizers):
         if q.amax.dim() == 0 and q.amax.dtype == torch.float32:
-            by_device.setdefault(q.amax.device, []).append((q, float(amax)))
+            by_device.setdefault(q.amax.device, []).append(i)
         else:
-            q.set_amax(float(amax))
+            q.set_amax(float(amaxes[i]))
     with torch.no_grad():
-        for device, pairs in by_device.items():
-            if len(pairs) == 1:
-                pairs[0][0].set_amax(pairs[0][1])
+        for device, indices in by_device.items():
+            if len(indices) == 1:
+                quantizers[indices[0]].set_amax(float(amaxes[indices[0]]))
                 continue
-            values = torch.tensor([amax for _, amax in pairs], dtype=torch.float32)
+            values = rounded[indices]
             if device.type != "cpu":  # from pageable memory the bytes are staged at once: no wait for the device
                 values = values.to(device, non_blocking=True)
-            torch._foreach_copy_([q.amax for q, _ in pairs], list(values.unbind(0)))
+            torch._foreach_copy_([quantizers[i].amax for i in indices], list(values.unbind(0)))
     for q in quantizers:
         q.quantize_with(verified=True)
+    return rounded.tolist()
 
 
 def store_ranges(quantizers: Sequence[TensorQuantizer], amaxes: Sequence[torch.Tensor]) -> None:

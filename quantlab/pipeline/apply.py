@@ -37,8 +37,7 @@ def _flat_on_host(amaxes: Sequence[torch.Tensor]) -> torch.Tensor:
     """The amax tensors (one device) end to end as one float32 CPU tensor: one copy, a few ops in all
     (per-quantizer ops cost 10-50 us each on a GPU host, and a model has a hundred quantizers)."""
     with torch.no_grad():  # learned ranges require grad
-        scalars = [a for a in amaxes if a.dim() == 0]
-        if len(scalars) == len(amaxes):
+        if all(a.dim() == 0 for a in amaxes):
             flat = torch.stack(amaxes)
         else:
             flat = torch.cat([a if a.dim() == 1 else a.reshape(-1) for a in amaxes])
@@ -140,9 +139,8 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
             continue
         quantized.append(ref)
         amaxes.append(input_range(ref.module, float(amax)))
-    quantize_all_with([ref.quantizer for ref in quantized], amaxes)
+    held = quantize_all_with([ref.quantizer for ref in quantized], amaxes)
     if stored is not None:
-        held = torch.tensor(amaxes, dtype=torch.float32).tolist()  # a host tensor: no device involved
         stored.update((ref.key, value) for ref, value in zip(quantized, held))
     if zero_range:
         warnings.warn(

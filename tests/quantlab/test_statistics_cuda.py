@@ -190,6 +190,34 @@ def _stats(model):
             for k, s in collected_statistics(model).items()}
 
 
+def _assert_same_statistics(model, reference, layers=None):
+    """Every input's max, bin width and counts equal between two models' passes (and how many inputs)."""
+    ours, theirs = _stats(model), _stats(reference)
+    assert ours.keys() == theirs.keys()
+    if layers is not None:
+        assert len(ours) == layers
+    for name in ours:
+        assert ours[name][:2] == theirs[name][:2], name
+        assert torch.equal(ours[name][2], theirs[name][2]), name
+
+
+def _shared_against_alone(model, forward_loop, monkeypatch, layers):
+    """A pass with shared inputs copied (graphed where it can be) against every layer counting its own (eager)."""
+    import copy
+
+    import quantlab
+    from quantlab import collect_statistics, statistics
+
+    quantlab.quantize(model, quantlab.int8_config())
+    alone = copy.deepcopy(model)
+    monkeypatch.setattr(statistics, "COPY_SHARED_INPUTS", False)
+    collect_statistics(alone, forward_loop, cuda_graphs=False)
+    monkeypatch.setattr(statistics, "COPY_SHARED_INPUTS", True)
+    counts = collect_statistics(model, forward_loop)
+    _assert_same_statistics(model, alone, layers)
+    return counts
+
+
 @pytest.mark.parametrize("sync_in_forward", [False, True])
 def test_graphed_statistics_pass_equals_eager(kernels, sync_in_forward):
     from quantlab import collect_statistics
@@ -207,11 +235,7 @@ def test_graphed_statistics_pass_equals_eager(kernels, sync_in_forward):
     assert counts == eager_counts and set(counts.values()) == {7}
     for a, b in zip(outputs, eager_outputs):  # replay outputs are copies, not the graph's buffers
         torch.testing.assert_close(a, b)
-    ours, theirs = _stats(graphed_model), _stats(eager_model)
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        assert ours[name][:2] == theirs[name][:2], name
-        assert torch.equal(ours[name][2], theirs[name][2]), name
+    _assert_same_statistics(graphed_model, eager_model)
 
 
 def test_collect_statistics_uses_graphs_by_default(kernels):
@@ -370,29 +394,13 @@ class _SharedInputs(torch.nn.Module):
 
 
 def test_graphed_pass_with_shared_inputs_equals_every_layer_counted_alone(kernels, monkeypatch):
-    import copy
-
-    import quantlab
-    from quantlab import collect_statistics, statistics
-
     torch.manual_seed(0)
     model = _SharedInputs().cuda().eval()
-    quantlab.quantize(model, quantlab.int8_config())
-    alone = copy.deepcopy(model)
     g = torch.Generator(device="cuda").manual_seed(3)
     batches = [torch.randn(16, 3, 12, 12, device="cuda", generator=g) * (1 + i) for i in range(6)]
     batches.append(torch.randn(7, 3, 12, 12, device="cuda", generator=g))
-    monkeypatch.setattr(statistics, "COPY_SHARED_INPUTS", False)
-    collect_statistics(alone, lambda m: [m(x) for x in batches], cuda_graphs=False)
-    monkeypatch.setattr(statistics, "COPY_SHARED_INPUTS", True)
-    monkeypatch.setattr(quantlab.cuda_graphs, "MIN_BATCHES", 1)
-    counts = collect_statistics(model, lambda m: [m(x) for x in batches])
+    counts = _shared_against_alone(model, lambda m: [m(x) for x in batches], monkeypatch, layers=6)
     assert set(counts.values()) == {7}
-    ours, theirs = _stats(model), _stats(alone)
-    assert ours.keys() == theirs.keys() and len(ours) == 6
-    for name in ours:
-        assert ours[name][:2] == theirs[name][:2], name
-        assert torch.equal(ours[name][2], theirs[name][2]), name
 
 
 class _AuxHead(torch.nn.Module):
@@ -411,24 +419,9 @@ class _AuxHead(torch.nn.Module):
 def test_graph_replays_with_a_data_flow_that_changes_between_calls(kernels, monkeypatch):
     # A copy between two layers' states must not be captured: a replay after an eager call that fed
     # only one of them would copy a state made of batches the other never saw.
-    import copy
-
-    import quantlab
-    from quantlab import collect_statistics, statistics
-
     torch.manual_seed(0)
     model = _AuxHead().cuda().eval()
-    quantlab.quantize(model, quantlab.int8_config())
-    alone = copy.deepcopy(model)
     g = torch.Generator(device="cuda").manual_seed(4)
     calls = [(torch.randn(16, 3, 12, 12, device="cuda", generator=g) * (1 + i), aux)
              for i, aux in enumerate([True, True, False, True, True, False, True])]
-    monkeypatch.setattr(statistics, "COPY_SHARED_INPUTS", False)
-    collect_statistics(alone, lambda m: [m(x, aux=aux) for x, aux in calls], cuda_graphs=False)
-    monkeypatch.setattr(statistics, "COPY_SHARED_INPUTS", True)
-    collect_statistics(model, lambda m: [m(x, aux=aux) for x, aux in calls])
-    ours, theirs = _stats(model), _stats(alone)
-    assert ours.keys() == theirs.keys() and len(ours) == 3
-    for name in ours:
-        assert ours[name][:2] == theirs[name][:2], name
-        assert torch.equal(ours[name][2], theirs[name][2]), name
+    _shared_against_alone(model, lambda m: [m(x, aux=aux) for x, aux in calls], monkeypatch, layers=3)

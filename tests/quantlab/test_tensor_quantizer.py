@@ -61,3 +61,9 @@ def test_store_ranges_copies_matching_tensors_and_sets_the_rest():
     assert scalar[0].amax.item() == 7.5
     with pytest.raises(ValueError, match="shape"):
         store_ranges(per_channel[:1], [torch.ones(4)])
+
+
+def test_quantize_all_with_returns_what_the_buffers_hold():
+    q = quantizers(3)
+    held = quantize_all_with(q, [1 / 3, 2.0, 0.1])
+    assert held == [x.amax.item() for x in q] and held[0] != 1 / 3

@@ -112,16 +112,32 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
         ptq_all = [C.timed(lambda: run_calibrators(model, list(QUANTLAB_CALIBRATORS)), device)[0]
                    for _ in range(args.calib_repeats)]
 
-        def pass_and_calibrators() -> None:  # as run_ptq runs them, back to back: one timed region
+        from quantlab.pipeline import run as run_pipeline
+
+        def pass_and_calibrators() -> None:  # two calls, back to back: the pass read back at its end
             collect_statistics(model, forward_loop(wl.batches(device)))
             run_calibrators(model, list(QUANTLAB_CALIBRATORS))
 
+        def as_run_ptq() -> None:  # one call (run_ptq's pipeline): the calibrators enqueued behind the pass
+            run_pipeline(model, forward_loop(wl.batches(device)), list(QUANTLAB_CALIBRATORS))
+
+        def after_a_pause() -> None:  # the device idle first: does what ran before the pass matter?
+            C.sync(device)
+            time.sleep(0.3)
+
         fp32_beside: List[float] = []
         end_to_end: List[float] = []
-        for _ in range(args.repeats):  # interleaved with FP32 inference, so host drift hits both
+        run_ptq_times: List[float] = []
+        paused_times: List[float] = []
+        for _ in range(args.repeats):  # interleaved with FP32 inference, so host drift hits all
             with quantlab.quantization_disabled(model):
                 fp32_beside.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
             end_to_end.append(C.timed(pass_and_calibrators, device)[0])
+            with quantlab.quantization_disabled(model):
+                run_batches(model, wl.batches(device))
+            run_ptq_times.append(C.timed(as_run_ptq, device)[0])
+            after_a_pause()
+            paused_times.append(C.timed(as_run_ptq, device)[0])
     result = {
         "tool": "quantlab",
         "fp32_seconds": st.median(fp32_times),
@@ -135,6 +151,8 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
         "ptq_calibrators_all": ptq_all,
         "fp32_beside_all": fp32_beside,
         "end_to_end_all": end_to_end,
+        "run_ptq_all": run_ptq_times,
+        "run_ptq_paused_all": paused_times,
         "amax": amax,
         **_memory_fields(mem),
     }
@@ -508,6 +526,13 @@ def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], 
             lines.append(f"- **End to end** (pass + four calibrators in one timed region, interleaved with FP32 inference): "
                          f"{e2e:.4f} s vs FP32 {base:.4f} s = **{e2e / base:.2f}x** (target <= 1.3x; runs "
                          f"{', '.join(f'{t:.4f}' for t in q['end_to_end_all'])}; FP32 {', '.join(f'{t:.4f}' for t in q['fp32_beside_all'])})")
+        if q.get("run_ptq_all"):
+            base = st.median(q["fp32_beside_all"])
+            for key, label in (("run_ptq_all", "right after FP32 inference"), ("run_ptq_paused_all", "after 0.3 s idle")):
+                t = st.median(q[key])
+                lines.append(f"- **As run_ptq runs it** (one pipeline call: the calibrators enqueued behind the pass, one "
+                             f"read-back), {label}: {t:.4f} s = **{t / base:.2f}x** FP32 (target <= 1.3x; runs "
+                             f"{_spread(q[key])})")
         for name, c in (q.get("per_tensor") or {}).items():
             if name == "chunk_sweep":
                 lines.append("- choose_many seconds by chunk size (2^k elements), entropy / mse: " + "; ".join(

@@ -259,7 +259,13 @@ def end_to_end(model, wl, device, repeats: int = 7) -> str:
     def pass_only() -> None:
         collect_statistics(model, forward_loop(wl.batches(device)))
 
-    jobs = {"FP32": fp32, "pass + four calibrators": both,
+    from quantlab.pipeline import run as run_pipeline
+
+    def as_run_ptq() -> None:  # one pipeline call: the calibrators enqueued behind the pass
+        run_pipeline(model, forward_loop(wl.batches(device)), names)
+
+    jobs = {"FP32": fp32, "pass + four calibrators (as run_ptq: deferred)": as_run_ptq,
+            "pass + four calibrators (two calls)": both,
             "pass + four calibrators, shared inputs counted per layer": both_counted_per_layer, "pass alone": pass_only}
     times: Dict[str, List[float]] = {name: [] for name in jobs}
     for _ in range(repeats):  # interleaved, so drifts of the host hit all alike

@@ -7,30 +7,40 @@ Importing this package registers the built-in calibrators ``max``,
 from .base import (
     BatchedCalibrator,
     Calibrator,
+    HistogramBlock,
     HistogramStats,
+    PendingChoice,
     UnknownCalibratorError,
     get_batched_calibrator,
+    get_block_calibrator,
     get_calibrator,
     list_calibrators,
     register_batched_calibrator,
+    register_block_calibrator,
     register_calibrator,
 )
-from .many import choose_many
+from .many import BlockChoices, block_of, choose_many
 from . import entropy, max, mse, percentile  # noqa: F401,E402  (registers them)
 from . import entropy_many, mse_many, percentile_many  # noqa: F401,E402  (registers the batched forms)
 from .choose import choose_amax, choose_ranges  # noqa: E402
 
 __all__ = [
     "BatchedCalibrator",
+    "BlockChoices",
     "Calibrator",
+    "HistogramBlock",
     "HistogramStats",
+    "PendingChoice",
+    "block_of",
     "UnknownCalibratorError",
     "choose_amax",
     "choose_many",
     "choose_ranges",
     "get_batched_calibrator",
+    "get_block_calibrator",
     "get_calibrator",
     "list_calibrators",
     "register_batched_calibrator",
+    "register_block_calibrator",
     "register_calibrator",
 ]

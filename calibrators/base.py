@@ -7,7 +7,7 @@ can be re-run later on saved statistics, without a model or data.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 
@@ -38,6 +38,47 @@ class HistogramStats:
         return torch.arange(self.num_bins + 1, dtype=dtype, device=self.counts.device) * self.bin_width
 
 
+@dataclasses.dataclass(frozen=True)
+class HistogramBlock:
+    """Many histograms of one device as one matrix, their sizes still on the device.
+
+    What a statistics pass leaves on a GPU before anything is read back: the
+    block forms of the calibrators enqueue their work on it, so their host
+    work overlaps the pass's GPU work and one read-back serves them all. Row
+    ``r`` is the histogram whose :class:`HistogramStats` has ``num_bins[r]``
+    bins of width ``bin_width[r]``; its counts are ``counts[r, :num_bins[r]]``
+    (converted to float64 as ``counts.to(torch.float64)`` converts them) and
+    zeros after that.
+
+    Attributes:
+        counts: ``[rows, width]`` float64, ``width >= num_bins[r]`` for every row.
+        num_bins: ``[rows]`` int64.
+        bin_width: ``[rows]`` float64.
+    """
+
+    counts: torch.Tensor
+    num_bins: torch.Tensor
+    bin_width: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return int(self.counts.shape[0])
+
+
+class PendingChoice(NamedTuple):
+    """A block form's work, enqueued: what to read back, and how to finish from it on the host.
+
+    ``values`` is a ``[rows, k]`` float64 tensor on the block's device;
+    ``settle(rows, stats)`` takes its rows as Python lists and the
+    :class:`HistogramStats` of the block's rows, and returns what the batched
+    form would return for ``stats`` (an amax, or None where only the
+    per-tensor calibrator can decide).
+    """
+
+    values: torch.Tensor
+    settle: Callable[[List[List[float]], Sequence[HistogramStats]], List[Optional[float]]]
+
+
 class Calibrator(Protocol):
     """A calibrator maps statistics to an amax (a positive float)."""
 
@@ -58,6 +99,7 @@ class BatchedCalibrator(Protocol):
 
 _REGISTRY: Dict[str, Callable[..., float]] = {}
 _BATCHED: Dict[str, Callable[..., List[Optional[float]]]] = {}
+_BLOCK: Dict[str, Callable[..., PendingChoice]] = {}
 
 
 class UnknownCalibratorError(KeyError):
@@ -119,3 +161,26 @@ def register_batched_calibrator(name: str) -> Callable[[Callable[..., List[Optio
 def get_batched_calibrator(name: str) -> Optional[Callable[..., List[Optional[float]]]]:
     """The batched form registered under ``name``, or None."""
     return _BATCHED.get(name.lower())
+
+
+def register_block_calibrator(name: str) -> Callable[[Callable[..., PendingChoice]], Callable[..., PendingChoice]]:
+    """Decorator that registers ``fn(block, *, num_bits, **params) -> PendingChoice`` as the block form of ``name``.
+
+    A block form enqueues device work only (nothing read back) and validates
+    its parameters as the per-tensor calibrator does. Optional: without one,
+    the calibrator runs on the histograms after the read-back.
+    """
+
+    def decorator(fn: Callable[..., PendingChoice]) -> Callable[..., PendingChoice]:
+        key = name.lower()
+        if key in _BLOCK and _BLOCK[key] is not fn:
+            raise ValueError(f"block calibrator {name!r} is already registered")
+        _BLOCK[key] = fn
+        return fn
+
+    return decorator
+
+
+def get_block_calibrator(name: str) -> Optional[Callable[..., PendingChoice]]:
+    """The block form registered under ``name``, or None."""
+    return _BLOCK.get(name.lower())

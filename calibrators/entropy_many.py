@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import entropy_cuda
-from .base import HistogramStats, register_batched_calibrator
+from .base import HistogramBlock, HistogramStats, PendingChoice, register_batched_calibrator, register_block_calibrator
 from .entropy import _EPS, _validate, _xlogx
 from .many import chunk_budget, integer_rows, pack_counts, ragged, segment_any, segment_min, segment_pick, spans, split_trivial
 
@@ -60,12 +60,54 @@ def entropy_many(
     if not rows:
         return out
     levels = 1 << (num_bits - 1)
-    p = prepare_rows([stats[t] for t in rows], levels, start_bin, stride)
+    values, host = _enqueue(prepare_rows([stats[t] for t in rows], levels, start_bin, stride), levels)
+    return _settle(out, stats, rows, values.tolist() if host is None else host, start_bin, stride)
+
+
+@register_block_calibrator("entropy")
+def entropy_block(block: HistogramBlock, *, num_bits: int = 8, start_bin: int = 128, stride: int = 1) -> PendingChoice:
+    """:func:`entropy_many` on a :class:`HistogramBlock`: with the kernels, device work only.
+
+    Every row gets the candidates ``start_bin, start_bin + stride, ...`` up to the
+    block's width; those past the row's own bins screen as ``inf`` (never a
+    minimum, never near: as if absent), so each row's choice is its own.
+    Without the kernels the torch-op form runs here, reading back as it does.
+    """
+    _validate(num_bits, start_bin, stride)
+    levels = 1 << (num_bits - 1)
+    values, host = _enqueue(prepare_block(block, levels, start_bin, stride), levels)
+
+    def settle(read: List[List[float]], stats: Sequence[HistogramStats]) -> List[Optional[float]]:
+        out, rows = split_trivial(stats)
+        every = read if host is None else host
+        return _settle(out, stats, rows, [every[t] for t in rows], start_bin, stride)
+
+    return PendingChoice(values, settle)
+
+
+def _settle(out: List[Optional[float]], stats: Sequence[HistogramStats], rows: List[int], read: List[List[float]],
+            start_bin: int, stride: int) -> List[Optional[float]]:
+    """The answers from each row's five flags, its last minimum and its doubt (see :func:`_enqueue`)."""
+    _settle_early(out, stats, rows, [h[:5] for h in read], start_bin, stride)
+    _settle_searched(out, stats, rows, [h[:5] for h in read], [h[5:] for h in read])
+    return out
+
+
+def _enqueue(p: "Rows", levels: int) -> "tuple[torch.Tensor, Optional[List[List[float]]]]":
+    """Every row's flags (decided, non-zero, searchable, all impossible, unscreenable), last minimum and doubt.
+
+    Returns:
+        ``(values, None)`` with the kernels: a ``[rows, 7]`` tensor, nothing read back;
+        else ``(empty, the same rows as lists)``, read back on the way (the torch-op form needs
+        the near set's size on the host).
+    """
     raw, bins, cum_b, total, seg, thresholds, tol = p.raw, p.bins, p.cum_b, p.total, p.seg, p.thresholds, p.tol
     num_rows, width = raw.shape
     screened = entropy_cuda.screen(bins, cum_b, p.cum_n, p.cum_blogb, total, p.log_total, seg, thresholds, levels)
     if screened is None:
         screened = _screen(bins, cum_b, p.cum_n, p.cum_blogb, total, p.log_total, seg, thresholds, levels)
+    if p.valid is not None:  # a block's candidates past a row's own bins: absent
+        screened = torch.where(p.valid, screened, torch.inf)
 
     decided = integer_rows(raw)
     nonzero = (raw != 0).any(dim=1)
@@ -78,12 +120,9 @@ def entropy_many(
     flags = torch.stack([decided, nonzero, searchable, torch.isinf(best), unscreenable], dim=1).to(torch.int64)
 
     scored = entropy_cuda.exact(bins, cum_b, p.cum_n, total, seg, thresholds, near, levels, _SUM_BOUND * _EPS)
-    if scored is not None:  # every candidate scored on the device (inf outside the near set): one read-back
+    if scored is not None:  # every candidate scored on the device (inf outside the near set)
         last, unsure = _last_minimum(*scored, screened, seg, thresholds, best, tol, num_rows)
-        host = torch.cat([flags, last[:, None], unsure.to(torch.int64)[:, None]], dim=1).tolist()
-        _settle_early(out, stats, rows, [h[:5] for h in host], start_bin, stride)
-        _settle_searched(out, stats, rows, [h[:5] for h in host], [h[5:] for h in host])
-        return out
+        return torch.cat([flags, last[:, None], unsure.to(torch.int64)[:, None]], dim=1).to(torch.float64), None
 
     near_index = torch.nonzero(near)[:, 0]  # read-back 1
     near_seg = seg[near_index]
@@ -91,13 +130,12 @@ def entropy_many(
     host = torch.cat([flags.reshape(-1), near_thr]).tolist()  # read-back 2
     flags_host = [host[5 * r: 5 * r + 5] for r in range(num_rows)]
     widths = host[5 * num_rows:]
-    _settle_early(out, stats, rows, flags_host, start_bin, stride)
-    if not widths:
-        return out
-    divergence, bound, exact = _exact(bins, cum_b, total, near_seg, near_thr, widths, levels)
-    last, unsure = _last_minimum(divergence, bound, exact, screened[near_index], near_seg, near_thr, best, tol, num_rows)
-    _settle_searched(out, stats, rows, flags_host, torch.stack([last, unsure.to(torch.int64)], dim=1).tolist())  # read-back 3
-    return out
+    chosen: List[List[float]] = [[-1, 1]] * num_rows  # no near candidate: nothing searched
+    if widths:
+        divergence, bound, exact = _exact(bins, cum_b, total, near_seg, near_thr, widths, levels)
+        last, unsure = _last_minimum(divergence, bound, exact, screened[near_index], near_seg, near_thr, best, tol, num_rows)
+        chosen = torch.stack([last, unsure.to(torch.int64)], dim=1).tolist()  # read-back 3
+    return raw.new_empty(num_rows, 0), [f + c for f, c in zip(flags_host, chosen)]
 
 
 class Rows(NamedTuple):
@@ -114,16 +152,39 @@ class Rows(NamedTuple):
     tol: torch.Tensor  #: the per-tensor screening tolerance, row by row
     seg: torch.Tensor  #: ``[candidates]`` row of each candidate
     thresholds: torch.Tensor  #: ``[candidates]`` its threshold bin
+    valid: Optional[torch.Tensor] = None  #: ``[candidates]`` within its row's bins (None: all are)
 
 
 def prepare_rows(stats: Sequence[HistogramStats], levels: int, start_bin: int, stride: int) -> Rows:
     """Packs histograms (1-D counts on one device) and lists their candidates: device work only, no read-back."""
     raw = pack_counts([s.counts for s in stats])
     device = raw.device
-    num_rows, width = raw.shape
     num_bins = [s.num_bins for s in stats]
-    # The reference's bin-0 quirk (bins[0] = bins[1]) where a row has more than one bin.
     several = torch.tensor([n > 1 for n in num_bins], dtype=torch.bool).to(device, non_blocking=True)
+    bins_and_levels = torch.tensor([n + levels for n in num_bins], dtype=torch.float64).to(device, non_blocking=True)
+    seg, pos = ragged([len(range(start_bin, n + 1, stride)) for n in num_bins], device)
+    return _rows(raw, several, bins_and_levels, seg, start_bin + stride * pos, None)
+
+
+def prepare_block(block: HistogramBlock, levels: int, start_bin: int, stride: int) -> Rows:
+    """:func:`prepare_rows` for a block: every row gets the candidates up to the block's width,
+    those past its own bins marked invalid (sizes stay on the device)."""
+    raw = block.counts
+    num_rows, width = raw.shape
+    per_row = len(range(start_bin, width + 1, stride))
+    flat = torch.arange(num_rows * per_row, dtype=torch.int64, device=raw.device)
+    seg = torch.div(flat, per_row, rounding_mode="floor")
+    thresholds = start_bin + stride * (flat - seg * per_row)
+    valid = thresholds <= block.num_bins[seg]
+    return _rows(raw, block.num_bins > 1, (block.num_bins + levels).to(torch.float64), seg, thresholds, valid)
+
+
+def _rows(raw: torch.Tensor, several: torch.Tensor, bins_and_levels: torch.Tensor, seg: torch.Tensor,
+          thresholds: torch.Tensor, valid: Optional[torch.Tensor]) -> Rows:
+    """The prefix sums, totals and tolerances of packed rows (``several``: rows of more than one bin)."""
+    num_rows, width = raw.shape
+    device = raw.device
+    # The reference's bin-0 quirk (bins[0] = bins[1]) where a row has more than one bin.
     bins = raw.clone()
     if width > 1:
         bins[:, 0] = torch.where(several, raw[:, 1], raw[:, 0])
@@ -134,10 +195,8 @@ def prepare_rows(stats: Sequence[HistogramStats], levels: int, start_bin: int, s
     total = cum_b[:, -1].contiguous()
     log_total = torch.log(total)
     log_abs_max = torch.where(bins > 0, torch.log(bins).abs(), 0.0).amax(dim=1)
-    bins_and_levels = torch.tensor([n + levels for n in num_bins], dtype=torch.float64).to(device, non_blocking=True)
     tol = 64.0 * _EPS * bins_and_levels * (log_abs_max + log_total.abs() + 1.0)
-    seg, pos = ragged([len(range(start_bin, n + 1, stride)) for n in num_bins], device)
-    return Rows(raw, bins, several, cum_b, cum_n, cum_blogb, total, log_total, tol, seg, start_bin + stride * pos)
+    return Rows(raw, bins, several, cum_b, cum_n, cum_blogb, total, log_total, tol, seg, thresholds, valid)
 
 
 def _settle_early(out: List[Optional[float]], stats: Sequence[HistogramStats], rows: List[int],

@@ -19,12 +19,12 @@ exact in every order).
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .base import HistogramStats, get_batched_calibrator, get_calibrator
+from .base import HistogramBlock, HistogramStats, PendingChoice, get_batched_calibrator, get_block_calibrator, get_calibrator
 
 #: Elements of one ``[rows, columns]`` matrix per chunk of a batched form. On
 #: accelerators 8 Mi elements (64 MB in float64; a chunk keeps a handful alive)
@@ -81,6 +81,86 @@ def choose_many(name: str, stats: Sequence[HistogramStats], num_bits: int = 8, *
             for index, amax in zip(indices, chosen):
                 out[index] = amax
     return [float(per_tensor(s, num_bits=num_bits, **params)) if a is None else float(a) for s, a in zip(stats, out)]
+
+
+class BlockChoices:
+    """Calibrators' block forms enqueued on one :class:`HistogramBlock`: one read-back serves them all.
+
+    Construct (device work only, nothing read back), read :attr:`values` back
+    with whatever else the caller needs from the device, then :meth:`settle`
+    with the rows and the histograms they describe: the same amaxes as
+    :func:`choose_many` on those histograms, bit for bit. Calibrators without
+    a block form run in :meth:`settle`, on the histograms.
+
+    Args:
+        block: The histograms, sizes on the device.
+        calibrators: Name -> parameters.
+        num_bits: Bit width, the same for all.
+
+    Raises:
+        UnknownCalibratorError: For an unregistered name.
+        ValueError / TypeError: For parameters a calibrator rejects (as the per-tensor form raises them).
+    """
+
+    def __init__(self, block: HistogramBlock, calibrators: Mapping[str, Mapping[str, Any]], num_bits: int = 8) -> None:
+        # name -> (bit width, other parameters): a calibrator's own num_bits overrides the shared one
+        self.calibrators: Dict[str, Tuple[int, Dict[str, Any]]] = {}
+        for name, params in calibrators.items():
+            params = dict(params)
+            self.calibrators[name.lower()] = (int(params.pop("num_bits", num_bits)), params)
+        self.rows = block.rows
+        self._pending: Dict[str, PendingChoice] = {}
+        for name, (bits, params) in self.calibrators.items():
+            per_tensor = get_calibrator(name)
+            form = get_block_calibrator(name)
+            if form is None:
+                continue
+            try:
+                self._pending[name] = form(block, num_bits=bits, **params)
+            except TypeError:  # parameters its signature lacks: raise the per-tensor form's own error
+                per_tensor(HistogramStats(torch.zeros(1, dtype=torch.int64), 1.0, 0.0), num_bits=bits, **params)
+                raise
+        self._columns: Dict[str, Tuple[int, int]] = {}  # name -> its columns of values
+        for name, pending in self._pending.items():
+            start = max((hi for _, hi in self._columns.values()), default=0)
+            self._columns[name] = (start, start + int(pending.values.shape[1]))
+        device = block.counts.device
+        self.values = (torch.cat([p.values for p in self._pending.values()], dim=1) if self._pending
+                       else torch.zeros(self.rows, 0, dtype=torch.float64, device=device))
+
+    def settle(self, read: Sequence[Sequence[float]], stats: Sequence[Optional[HistogramStats]]) -> Dict[str, List[float]]:
+        """Every calibrator's amax per row (0.0 where ``stats`` is None: nothing non-zero seen).
+
+        Args:
+            read: :attr:`values` as Python lists, row by row.
+            stats: The histogram of each row.
+        """
+        empty = HistogramStats(torch.zeros(0, dtype=torch.int64), 1.0, 0.0)  # answers 0.0 everywhere
+        filled = [empty if s is None else s for s in stats]
+        out: Dict[str, List[float]] = {}
+        for name, (bits, params) in self.calibrators.items():
+            pending = self._pending.get(name)
+            if pending is None:
+                out[name] = choose_many(name, filled, num_bits=bits, **params)
+                continue
+            lo, hi = self._columns[name]
+            chosen = pending.settle([list(row[lo:hi]) for row in read], filled)
+            per_tensor = get_calibrator(name)
+            out[name] = [float(per_tensor(s, num_bits=bits, **params)) if a is None else float(a)
+                         for s, a in zip(filled, chosen)]
+        return out
+
+
+def block_of(stats: Sequence[HistogramStats], width: Optional[int] = None) -> HistogramBlock:
+    """Histograms (1-D counts on one device) as a :class:`HistogramBlock`, zero-padded to ``width`` columns."""
+    counts = pack_counts([s.counts for s in stats])
+    device = counts.device
+    width = max(1, counts.shape[1], width or 0)  # at least one column: a block's rows are never empty
+    if width > counts.shape[1]:
+        counts = torch.nn.functional.pad(counts, (0, width - counts.shape[1]))
+    num_bins = torch.tensor([s.num_bins for s in stats], dtype=torch.int64).to(device, non_blocking=True)
+    bin_width = torch.tensor([float(s.bin_width) for s in stats], dtype=torch.float64).to(device, non_blocking=True)
+    return HistogramBlock(counts, num_bins, bin_width)
 
 
 def split_trivial(stats: Sequence[HistogramStats]) -> Tuple[List[Optional[float]], List[int]]:

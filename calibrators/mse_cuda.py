@@ -29,11 +29,16 @@ extern "C" __global__ void ql_mse_scores(const double* centres, const double* we
                                          double qmax, double inv_qmax, double* errors) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
+    const double candidate = candidates[i];
+    if (candidate != candidate) {  // NaN: an absent candidate (past its row's bins in a block), never chosen
+        errors[i] = __longlong_as_double(0x7ff0000000000000LL);
+        return;
+    }
     const long long row = row_of[i];
     const double* c = centres + row * (long long)width;
     const double* w = weights + row * (long long)width;
     // candidate / qmax as PyTorch computes a tensor divided by a scalar on CUDA: times the reciprocal.
-    const double scale = __dmul_rn(candidates[i], inv_qmax);
+    const double scale = __dmul_rn(candidate, inv_qmax);
     const long long count = used[row];
     double total = 0.0;
     for (long long j = 0; j < count; ++j) {
@@ -60,7 +65,7 @@ def mse_scores(centres: torch.Tensor, weights: torch.Tensor, used: torch.Tensor,
         weights: ``[rows, width]`` float64, their counts.
         used: ``[rows]`` int64, how many bins of each row are used.
         row_of: ``[n]`` int64, the row of each candidate.
-        candidates: ``[n]`` float64 amax candidates.
+        candidates: ``[n]`` float64 amax candidates; a NaN one scores ``inf`` (absent).
         qmax: The largest quantized magnitude (127 for 8 bits).
     """
     device = candidates.device

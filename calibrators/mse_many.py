@@ -13,12 +13,12 @@ with the same float operations (:mod:`.mse_cuda`); the blocks are the fallback.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .base import HistogramStats, register_batched_calibrator
+from .base import HistogramBlock, HistogramStats, PendingChoice, register_batched_calibrator, register_block_calibrator
 from .many import EPS, chunk_budget, pack_counts, ragged, segment_any, segment_min, segment_pick, split_trivial
 from .mse import _validate
 from . import mse_cuda
@@ -52,6 +52,51 @@ def mse_many(
         return out
     bins = pack_counts([stats[t].counts for t in rows])
     device = bins.device
+    bin_width = torch.tensor([float(stats[t].bin_width) for t in rows], dtype=torch.float64).to(device, non_blocking=True)
+    num_bins = [stats[t].num_bins for t in rows]
+    values, host = _enqueue(bins, bin_width, None, num_bins, num_bits, start_bin, stride)
+    return _settle_all(out, stats, rows, values.tolist() if host is None else host, start_bin)
+
+
+@register_block_calibrator("mse")
+def mse_block(block: HistogramBlock, *, num_bits: int = 8, start_bin: int = 128, stride: int = 1) -> PendingChoice:
+    """:func:`mse_many` on a :class:`HistogramBlock`: with the kernel, device work only.
+
+    Every row is scored at the candidates ``start_bin, start_bin + stride, ...``
+    below the block's width; those past the row's own bins are NaN candidates,
+    which the kernel scores ``inf`` without work (never a minimum, never a
+    close rival). Without the kernel the torch-op form runs here, reading back.
+    """
+    _validate(num_bits, start_bin, stride)
+    values, host = _enqueue(block.counts, block.bin_width, block.num_bins, None, num_bits, start_bin, stride)
+
+    def settle(read: List[List[float]], stats: Sequence[HistogramStats]) -> List[Optional[float]]:
+        out, rows = split_trivial(stats)
+        every = read if host is None else host
+        return _settle_all(out, stats, rows, [every[t] for t in rows], start_bin)
+
+    return PendingChoice(values, settle)
+
+
+def _settle_all(out: List[Optional[float]], stats: Sequence[HistogramStats], rows: List[int],
+                read: List[List[float]], start_bin: int) -> List[Optional[float]]:
+    """Each row's answer from ``(valid, used bins, amax, doubt)`` (amax None: not searched)."""
+    for r, (ok, n_used, amax, doubt) in enumerate(read):
+        _settle(out, stats[rows[r]], rows[r], ok, int(n_used), start_bin, amax, doubt)
+    return out
+
+
+def _enqueue(bins: torch.Tensor, bin_width: torch.Tensor, sizes: Optional[torch.Tensor], num_bins: Optional[List[int]],
+             num_bits: int, start_bin: int, stride: int) -> "tuple[torch.Tensor, Optional[List[List[Any]]]]":
+    """Every row's ``(valid, used bins, chosen amax, doubt)``.
+
+    The rows' bin counts are ``num_bins`` (host) or ``sizes`` (device, a block's).
+
+    Returns:
+        ``(values, None)`` with the kernel: a ``[rows, 4]`` tensor, nothing read back; else
+        ``(empty, rows as lists)``, read back on the way (the blocks are sized on the host).
+    """
+    device = bins.device
     num_rows, width = bins.shape
     used = bins != 0
     valid = (torch.isfinite(bins) & (bins >= 0)).all(dim=1)
@@ -60,29 +105,38 @@ def mse_many(
     if mse_cuda.available(device):
         # The kernel walks each row's own used bins: every row is scored (the answers of rows that
         # need no search are ignored), so nothing is read back before the one read-back at the end.
-        searched = list(range(num_rows))
-        counts = [len(range(start_bin, stats[t].num_bins, stride)) for t in rows]
-        chosen, unsure = _search(stats, rows, bins, used, used_count, searched, counts, width, start_bin, stride,
-                                 qmax, None)
-        for r, (ok, n_used, amax, doubt) in enumerate(torch.stack(
-                [valid.to(torch.float64), used_count.to(torch.float64), chosen, unsure.to(torch.float64)], dim=1).tolist()):
-            _settle(out, stats[rows[r]], rows[r], ok, int(n_used), start_bin, amax, doubt)
-        return out
+        if sizes is None:
+            seg, pos = ragged([len(range(start_bin, n, stride)) for n in num_bins], device)
+            limit = None
+        else:  # a block: the same candidates for every row, those past its bins NaN
+            per_row = len(range(start_bin, width, stride))
+            flat = torch.arange(num_rows * per_row, dtype=torch.int64, device=device)
+            seg = torch.div(flat, per_row, rounding_mode="floor")
+            pos = flat - seg * per_row
+            limit = sizes
+        chosen, unsure = _search(bins, bin_width, used, used_count, None, seg, pos, width, start_bin, stride, qmax,
+                                 None, limit)
+        return torch.stack([valid.to(torch.float64), used_count.to(torch.float64), chosen,
+                            unsure.to(torch.float64)], dim=1), None
+    if num_bins is None:
+        num_bins = [int(n) for n in sizes.tolist()]
     searched: List[int] = []  # packed rows with candidates
     used_host: List[int] = []
+    read: List[List[Any]] = []
     for r, (ok, n_used) in enumerate(torch.stack([valid.to(torch.int64), used_count], dim=1).tolist()):
-        if _settle(out, stats[rows[r]], rows[r], ok, n_used, start_bin, None, True):
+        read.append([ok, n_used, None, True])
+        if ok and n_used and num_bins[r] > start_bin:  # what _settle searches
             searched.append(r)
             used_host.append(int(n_used))
     if not searched:
-        return out
-    counts = [len(range(start_bin, stats[rows[r]].num_bins, stride)) for r in searched]
-    chosen, unsure = _search(stats, rows, bins, used, used_count, searched, counts, max(used_host), start_bin, stride,
-                             qmax, used_host)
+        return bins.new_empty(num_rows, 0), read
+    counts = [len(range(start_bin, num_bins[r], stride)) for r in searched]
+    seg, pos = ragged(counts, device)
+    chosen, unsure = _search(bins, bin_width, used, used_count, searched, seg, pos, max(used_host), start_bin, stride,
+                             qmax, (counts, used_host), None)
     for r, (amax, doubt) in zip(searched, torch.stack([chosen, unsure.to(torch.float64)], dim=1).tolist()):
-        if not doubt:
-            out[rows[r]] = amax
-    return out
+        read[r][2:] = [amax, doubt]
+    return bins.new_empty(num_rows, 0), read
 
 
 def _settle(out: List[Optional[float]], s: HistogramStats, t: int, ok: float, n_used: int, start_bin: int,
@@ -105,22 +159,24 @@ def _settle(out: List[Optional[float]], s: HistogramStats, t: int, ok: float, n_
     return False
 
 
-def _search(stats, rows, bins, used, used_count, searched, counts, most, start_bin, stride, qmax, used_host):
+def _search(bins, bin_width, used, used_count, searched, seg, pos, most, start_bin, stride, qmax, blocks, limit):
     """The first minimum of every searched row's candidates and whether rounding could move it.
 
-    ``most``: columns of the compacted bins (at least any searched row's used bins);
-    ``used_host``: those counts on the host (the torch-op blocks size their chunks with them),
-    or None for the kernel.
+    ``searched``: the packed rows with candidates (None: every row); ``seg``/``pos``: the
+    row (among the searched) and position of every candidate; ``most``: columns of the
+    compacted bins (at least any searched row's used bins); ``blocks``: ``(candidates per
+    searched row, used bins per searched row)`` on the host for the torch-op blocks, or None
+    for the kernel; ``limit``: per row, the bins a candidate must lie below (a block's sizes:
+    the others are absent), or None.
     """
     device = bins.device
     num_rows, width = bins.shape
     # Bin centres exactly as HistogramStats.edges and the per-tensor form compute them.
-    bin_width = torch.tensor([float(stats[t].bin_width) for t in rows], dtype=torch.float64).to(device, non_blocking=True)
     edges = torch.arange(width + 1, dtype=torch.float64, device=device)[None, :] * bin_width[:, None]
     centres = (edges[:, :-1] + edges[:, 1:]) / 2
     # Used bins of the searched rows compacted to the left of each row, in bin order (padding:
     # centre 0, weight 0); ``most`` columns hold every searched row's, not necessarily the others'.
-    if len(searched) < num_rows:
+    if searched is not None and len(searched) < num_rows:
         is_searched = torch.zeros(num_rows, dtype=torch.bool, device=device)
         is_searched[torch.tensor(searched, dtype=torch.int64).to(device, non_blocking=True)] = True
         used = used & is_searched[:, None]
@@ -133,32 +189,39 @@ def _search(stats, rows, bins, used, used_count, searched, counts, most, start_b
     w_used = w_used[:-1].view(num_rows, most)
 
     # Candidates of all searched rows in one flat list, histogram by histogram.
-    seg, pos = ragged(counts, device)
-    searched_t = torch.tensor(searched, dtype=torch.int64).to(device, non_blocking=True)
-    candidates = torch.take(centres, searched_t[seg] * width + start_bin + stride * pos)
+    searched_t = (torch.arange(num_rows, dtype=torch.int64, device=device) if searched is None
+                  else torch.tensor(searched, dtype=torch.int64).to(device, non_blocking=True))
+    column = start_bin + stride * pos
+    candidates = torch.take(centres, searched_t[seg] * width + column)
+    if limit is not None:  # absent candidates: NaN, scored inf by the kernel
+        candidates = torch.where(column < limit[searched_t[seg]], candidates, torch.nan)
     errors = None
-    if used_host is None:
+    if blocks is None:
         errors = mse_scores(c_used, w_used, used_count, searched_t[seg], candidates, qmax)
     if errors is None:  # no GPU kernel (or no candidate at all): the same scores by torch ops, block by block
-        if used_host is None:
+        counts, used_host = blocks if blocks is not None else (None, None)
+        if counts is None:  # the kernel failed to launch: size the blocks on the host
+            counts = torch.bincount(seg, minlength=len(searched_t)).tolist()
             used_host = used_count[searched_t].tolist()
-        errors = _block_scores(c_used, w_used, candidates, counts, used_host, searched, qmax, device)
+        errors = _block_scores(c_used, w_used, candidates, counts, used_host, searched_t.tolist(), qmax, device)
+        if limit is not None:
+            errors = torch.where(torch.isnan(candidates), torch.inf, errors)
 
     # First minimum per histogram (torch.argmin's pick), and whether rounding could move it.
-    segments = len(searched)
-    column = pos
+    segments = len(searched_t)
     best = segment_min(errors, seg, segments)
     big = torch.iinfo(torch.int64).max
     first_min = torch.full((segments,), big, dtype=torch.int64, device=device).scatter_reduce_(
-        0, seg, torch.where(errors == best[seg], column, big), reduce="amin", include_self=True)
-    is_first = column == first_min[seg]
+        0, seg, torch.where(errors == best[seg], pos, big), reduce="amin", include_self=True)
+    is_first = pos == first_min[seg]
     terms_used = used_count.to(torch.float64)[searched_t][seg]
     bound = _SUM_BOUND * (terms_used + 1.0) * EPS * errors
     # Exact in any order: a sum of non-negative terms is 0 only if every term is; one term is itself.
     exact = (errors == 0) | (terms_used <= 1)
     first_bound = segment_pick(bound, is_first, seg, segments)
     first_exact = segment_pick(exact, is_first, seg, segments) > 0
-    close = ((~is_first) & ~(exact & first_exact[seg])
+    # An infinite score is never within a bound of a finite best (an absent candidate scores inf).
+    close = ((~is_first) & torch.isfinite(errors) & ~(exact & first_exact[seg])
              & ((errors - best[seg]).abs() <= bound + first_bound[seg]))
     unsure = segment_any(close | torch.isnan(errors), seg, segments) | ~torch.isfinite(best)
     return segment_pick(candidates, is_first, seg, segments), unsure

@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .base import HistogramStats, register_batched_calibrator
+from .base import HistogramBlock, HistogramStats, PendingChoice, register_batched_calibrator, register_block_calibrator
 from .many import integer_rows, pack_counts, split_trivial
 
 
@@ -21,21 +21,47 @@ def percentile_many(stats: Sequence[HistogramStats], *, num_bits: int = 8, perce
     Raises:
         ValueError: If ``percentile`` is not in ``(0, 100]``.
     """
-    p = float(percentile)
-    if not (0.0 < p <= 100.0):  # also rejects NaN; the same message as the per-tensor form
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    p = _checked(percentile)
     out, rows = split_trivial(stats)
     if not rows:
         return out
-    bins = pack_counts([stats[t].counts for t in rows])
+    return _settle(out, stats, rows, _enqueue(pack_counts([stats[t].counts for t in rows]), p).tolist())
+
+
+@register_block_calibrator("percentile")
+def percentile_block(block: HistogramBlock, *, num_bits: int = 8, percentile: float = 99.99) -> PendingChoice:
+    """:func:`percentile_many` on a :class:`HistogramBlock` (a row's zeros past its bins keep its cumsum flat)."""
+    p = _checked(percentile)
+    values = _enqueue(block.counts, p)
+
+    def settle(read: List[List[float]], stats: Sequence[HistogramStats]) -> List[Optional[float]]:
+        out, rows = split_trivial(stats)
+        return _settle(out, stats, rows, [read[t] for t in rows])
+
+    return PendingChoice(values, settle)
+
+
+def _checked(percentile: float) -> float:
+    p = float(percentile)
+    if not (0.0 < p <= 100.0):  # also rejects NaN; the same message as the per-tensor form
+        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+    return p
+
+
+def _enqueue(bins: torch.Tensor, p: float) -> torch.Tensor:
+    """Per row: the search's index, whether the total is positive, whether the counts are exact integers."""
     cumulative = torch.cumsum(bins, dim=1)
     total = cumulative[:, -1]
     # p / 100 * total, rounded once as the per-tensor form's Python arithmetic rounds it.
     threshold = total * (p / 100.0)
     index = torch.searchsorted(cumulative, threshold[:, None], right=False)[:, 0]
     decided = integer_rows(bins)
-    flags = torch.stack([index.to(torch.float64), (total > 0).to(torch.float64), decided.to(torch.float64)], dim=1)
-    for t, (idx, positive, ok) in zip(rows, flags.tolist()):
+    return torch.stack([index.to(torch.float64), (total > 0).to(torch.float64), decided.to(torch.float64)], dim=1)
+
+
+def _settle(out: List[Optional[float]], stats: Sequence[HistogramStats], rows: List[int],
+            read: List[List[float]]) -> List[Optional[float]]:
+    for t, (idx, positive, ok) in zip(rows, read):
         if not ok:
             continue
         s = stats[t]

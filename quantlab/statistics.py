@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from quantlab.calibrators import HistogramStats
+from quantlab.calibrators import HistogramBlock, HistogramStats
 from quantlab.errors import NonFiniteActivationError
 from quantlab.kernels import histogram_cpu, histogram_cuda
 
@@ -396,27 +396,97 @@ def read_many(accumulators: "Sequence[_DeviceAccumulator]") -> "tuple[List[List[
     a few per tensor (each costs 10-50 us of a GPU host's time)."""
     if not accumulators:
         return [], []
+    staged = _stage(accumulators)
+    if staged is not None:
+        scalars, ints = staged
+        return scalars.tolist(), list(ints.unbind(0))
+    scalars = _scalars(accumulators).tolist()  # bins differ: one tensor at a time
+    rows = [a.counts.to(torch.int64) for a in accumulators]
+    for row, a, values in zip(rows, accumulators, scalars):
+        row[0] += a.elements - int(values[2])
+    return scalars, rows
+
+
+def _scalars(accumulators: "Sequence[_DeviceAccumulator]", block: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[n, 3]`` float64 on the device: each state's amax, exponent and sum of counts."""
     if len({a.amax.dtype for a in accumulators}) == 1:
         amax = torch.stack([a.amax for a in accumulators]).double()
     else:
         amax = torch.stack([a.amax.double() for a in accumulators])
     exponent = torch.stack([a.exponent for a in accumulators]).double()
-    block = None
-    if len({a.counts.numel() for a in accumulators}) == 1:
-        block = torch.stack([a.counts for a in accumulators])
-        counted = block.sum(dim=1)
-    else:
-        counted = torch.stack([a.counts.sum() for a in accumulators])
-    scalars = torch.stack([amax, exponent, counted], dim=1).tolist()
-    zeros = [a.elements - int(values[2]) for a, values in zip(accumulators, scalars)]
-    if block is None:  # bins differ: one tensor at a time
-        rows = [a.counts.to(torch.int64) for a in accumulators]
-        for row, z in zip(rows, zeros):
-            row[0] += z
-        return scalars, rows
+    counted = block.sum(dim=1) if block is not None else torch.stack([a.counts.sum() for a in accumulators])
+    return torch.stack([amax, exponent, counted], dim=1)
+
+
+def _stage(accumulators: "Sequence[_DeviceAccumulator]") -> "Optional[tuple[torch.Tensor, torch.Tensor]]":
+    """States of the same bins as ``(scalars [n, 3] float64, counts [n, bins] int64 with the zeros in
+    bin 0)`` on their device, nothing read back; None where the bins differ."""
+    if len({a.counts.numel() for a in accumulators}) != 1:
+        return None
+    block = torch.stack([a.counts for a in accumulators])
+    scalars = _scalars(accumulators, block)
     ints = block.to(torch.int64)
-    ints[:, 0] += torch.tensor(zeros, dtype=torch.int64).to(ints.device, non_blocking=True)
-    return scalars, list(ints.unbind(0))
+    elements = torch.tensor([a.elements for a in accumulators], dtype=torch.int64).to(ints.device, non_blocking=True)
+    # The zeros: what the histogram did not count (int() of the exact float64 sum, as on the host).
+    ints[:, 0] += elements - scalars[:, 2].to(torch.int64)
+    return scalars, ints
+
+
+class PendingFlush:
+    """The end of a pass, enqueued: every collector's device state as one block, read back later.
+
+    :func:`defer_flush` builds it with device work only, so the calibrators' block
+    forms can be enqueued behind the pass before anything waits for the device;
+    :meth:`complete` then flushes every collector from the one read-back of
+    :attr:`scalars` (with whatever else the caller read in the same copy).
+
+    Attributes:
+        collectors: The collectors, row by row.
+        scalars: ``[rows, 3]`` float64 on the device: amax, exponent, sum of counts.
+        block: The counts as a :class:`~quantlab.calibrators.HistogramBlock` (the rows' sizes
+            on the device, computed as :meth:`_DeviceAccumulator.read` computes them).
+    """
+
+    def __init__(self, collectors: "Sequence[HistogramCollector]", accumulators: "Sequence[_DeviceAccumulator]",
+                 scalars: torch.Tensor, ints: torch.Tensor) -> None:
+        self.collectors = list(collectors)
+        self._states = [(a, a.generation, a.batches) for a in accumulators]
+        self.scalars = scalars
+        self._ints = ints
+        width = ints.shape[1]
+        # bin width 2**exponent from its bit pattern (exact; the exponents stay within float64's normal range)
+        bin_width = ((scalars[:, 1].to(torch.int64) + 1023) << 52).view(torch.float64)
+        needed = torch.ceil(scalars[:, 0] / bin_width)  # max(1, ceil(amax / width)), as read() computes it
+        needed = torch.where(torch.isfinite(needed), needed, 1.0).clamp_(1.0, float(width))  # a NaN/Inf is reported later
+        self.block = HistogramBlock(ints.to(torch.float64), needed.to(torch.int64), bin_width)
+
+    def complete(self, scalars: Sequence[Sequence[float]]) -> None:
+        """Flushes every collector whose state is still the one staged, with its row of ``scalars`` (read back).
+
+        Raises:
+            NonFiniteActivationError: as :func:`flush_all`, for the first collector that saw a NaN/Inf.
+        """
+        for r, (collector, (state, generation, batches)) in enumerate(zip(self.collectors, self._states)):
+            # A collector read (and flushed) since, or counting again, is not this state any more.
+            if collector._device is state and state.generation == generation and state.batches == batches:
+                collector.flush(scalars[r], self._ints[r])
+
+
+def defer_flush(collectors: "Sequence[HistogramCollector]") -> Optional[PendingFlush]:
+    """:func:`flush_all` without its read-back, where every collector with batches holds them only on
+    one device in states of the same bins (a pass's usual end); None otherwise (nothing done)."""
+    with_batches = [c for c in collectors if c.num_batches]
+    if not with_batches or any(c._device is None or c._num_batches or c._counts is not None or c._zeros
+                                or c._amax for c in with_batches):
+        return None
+    accumulators = [c._device for c in with_batches]
+    if len({a.counts.device for a in accumulators}) != 1:
+        return None
+    staged = _stage(accumulators)
+    if staged is None:
+        return None
+    _counted().clear()  # the pass is over: no tensor of it is handed to a layer again
+    return PendingFlush(with_batches, accumulators, *staged)
 
 
 def flush_all(collectors: "Sequence[HistogramCollector]") -> None:

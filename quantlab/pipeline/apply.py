@@ -88,7 +88,8 @@ def measure_weight_ranges(model: nn.Module, refs: Optional[Sequence[QuantizerRef
 
 
 def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
-          refs: Optional[Sequence[QuantizerRef]] = None, stored: Optional[Dict[str, Any]] = None) -> List[str]:
+          refs: Optional[Sequence[QuantizerRef]] = None, stored: Optional[Dict[str, Any]] = None,
+          weights_measured: bool = False) -> List[str]:
     """Makes the model fake-quantize with ``ranges`` (inputs) and its weights' ranges.
 
     Args:
@@ -101,6 +102,9 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
         stored: Filled with quantizer key -> the range it now holds (as its float32
             buffer holds it: a float, or a list per channel) for every range stored
             here, for :func:`scales_of` without reading them back.
+        weights_measured: :func:`measure_weight_ranges` has just stored the weights'
+            ranges (enqueued earlier, e.g. behind a deferred pass): check and use
+            them instead of measuring again.
 
     Returns:
         The layers whose inputs stay in floating point (unreached).
@@ -110,8 +114,9 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
     """
     refs = list(iter_quantizers(model)) if refs is None else list(refs)
     weight_refs = [r for r in refs if r.role is Role.WEIGHT]
-    if weights or not all(r.quantizer.mode is QuantizerMode.QUANTIZE for r in weight_refs):
-        measure_weight_ranges(model, weight_refs)
+    if weights or weights_measured or not all(r.quantizer.mode is QuantizerMode.QUANTIZE for r in weight_refs):
+        if not weights_measured:
+            measure_weight_ranges(model, weight_refs)
         # One read-back for every weight range, not a synchronizing check per quantizer.
         for ref, value, finite in zip(weight_refs, *amax_values([r.quantizer for r in weight_refs])):
             if not finite:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
+import torch
+
 from quantlab import distributed
-from quantlab.calibrators import choose_ranges, get_calibrator
+from quantlab.calibrators import BlockChoices, choose_ranges, get_calibrator
 from quantlab.pipeline.types import Ranges, Statistics
 
 Calibrators = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
@@ -52,6 +54,8 @@ def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any =
     wanted = calibrator_params(calibrators)
     for name in wanted:
         get_calibrator(name)
+    if statistics.pending is not None and group is None:
+        return _choose_behind_the_pass(statistics, wanted)
     names = list(statistics.histograms)
     rank, size = distributed.group_rank(group), distributed.group_size(group)
     mine_names = names[rank::size]
@@ -81,3 +85,29 @@ def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any =
         name: Ranges(calibrator=name, params=params, inputs={n: chosen[name][n] for n in names}, seconds=seconds[name])
         for name, params in wanted.items()
     }
+
+
+def _choose_behind_the_pass(statistics: Statistics, wanted: Dict[str, Dict[str, Any]]) -> Dict[str, Ranges]:
+    """Every calibrator's block form enqueued behind a deferred pass, then ONE read-back for the
+    statistics and all the choices (the host's work overlaps the pass's GPU work).
+
+    The same ranges as :func:`choose_ranges` on the histograms, bit for bit.
+    """
+    start = time.perf_counter()
+    pending = statistics.pending
+    assert pending is not None
+    choices = BlockChoices(pending.flush.block, wanted, num_bits=statistics.num_bits)
+    read = torch.cat([pending.flush.scalars, choices.values], dim=1).tolist()  # waits for the pass
+    statistics.complete([row[:3] for row in read])  # raises a NaN/Inf the pass saw
+    histograms = statistics.histograms
+    rows = [histograms.get(name) for name in pending.names]
+    chosen = choices.settle([row[3:] for row in read], rows)
+    seconds = (time.perf_counter() - start) / max(1, len(wanted))  # one shared wait: split evenly
+    out: Dict[str, Ranges] = {}
+    for name, params in wanted.items():
+        by_row = {key: (0.0 if stats is None else min(float(amax), float(stats.amax)))
+                  for key, stats, amax in zip(pending.names, rows, chosen[name])}
+        # Every tensor the statistics hold, in their order (0.0 for one that saw only zeros), as choose_ranges.
+        inputs = {key: by_row.get(key, 0.0) for key in histograms}
+        out[name] = Ranges(calibrator=name, params=params, inputs=inputs, seconds=seconds)
+    return out

@@ -18,13 +18,13 @@ from quantlab import distributed
 from quantlab.attach import iter_quantizers
 from quantlab import cuda_graphs as graph_replay  # MIN_BATCHES read per pass: benchmarks set it
 from quantlab.histogram_merge import merge_across_ranks
-from quantlab.pipeline.types import Statistics
-from quantlab.statistics import HistogramCollector, flush_all
+from quantlab.pipeline.types import PendingStatistics, Statistics
+from quantlab.statistics import HistogramCollector, defer_flush, flush_all
 from quantlab.tensor_quantizer import Role
 
 
 def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group: Any = None,
-            cuda_graphs: bool = True) -> Statistics:
+            cuda_graphs: bool = True, defer: bool = False) -> Statistics:
     """Runs ``forward_loop(model)`` once with every input quantizer collecting statistics.
 
     Args:
@@ -40,6 +40,12 @@ def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group
             nor when ``forward_loop.expected_batches`` (set by
             :func:`quantlab.batching.forward_loop` for sized data) is below
             ``MIN_BATCHES``: a capture costs more than so few replays save.
+        defer: Leave the pass's end on the device where the statistics are there
+            (no process group): nothing waits for the device here, and ``choose``
+            enqueues the calibrators behind the pass, so their host work overlaps
+            the pass's GPU work and one read-back serves all (see
+            :attr:`Statistics.pending`). A NaN/Inf is then reported when the
+            statistics are first read.
 
     Returns:
         The statistics of every input tensor.
@@ -49,8 +55,9 @@ def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group
     """
     start = time.perf_counter()
     error: Optional[BaseException] = None
+    pending: Optional[PendingStatistics] = None
     try:
-        _pass(model, forward_loop, cuda_graphs)
+        pending = _pass(model, forward_loop, cuda_graphs, defer and group is None)
     except Exception as exc:  # noqa: BLE001 - under a group, re-raised on every rank below
         if group is None:
             raise
@@ -59,16 +66,18 @@ def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group
         distributed.raise_if_any_rank_failed(error, "the statistics pass", group)
         collectors = [_collector_of(ref.quantizer) for ref in iter_quantizers(model) if ref.role is Role.INPUT]
         merge_across_ranks(collectors, group, distributed.comm_device(group))
-    statistics = statistics_of(model)
+    statistics = statistics_of(model, pending)
     statistics.seconds = time.perf_counter() - start
     return statistics
 
 
-def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graphs: bool) -> None:
+def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graphs: bool,
+          defer: bool = False) -> Optional[PendingStatistics]:
     expected = getattr(forward_loop, "expected_batches", None)
     if expected is not None and expected < graph_replay.MIN_BATCHES:
         cuda_graphs = False
-    quantizers = [ref.quantizer for ref in iter_quantizers(model)]
+    refs = list(iter_quantizers(model))
+    quantizers = [ref.quantizer for ref in refs]
     saved = [(q, q.mode) for q in quantizers]
     for q in quantizers:
         q.collect()  # inputs gather fresh statistics, weights stay in floating point
@@ -93,8 +102,15 @@ def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graph
             else:
                 q.off()  # an input's range comes from the statistics, chosen next
     # On the GPU the statistics stay on the device during the pass; fold them in now (one
-    # read-back for all tensors), which is also where a NaN/Inf seen on the way is reported.
-    flush_all([q.collector for q in quantizers if q.role is Role.INPUT and q.collector is not None])
+    # read-back for all tensors), which is also where a NaN/Inf seen on the way is reported;
+    # or, deferred, stage them as one block on the device and read them back with the ranges.
+    inputs = [ref for ref in refs if ref.role is Role.INPUT and ref.quantizer.collector is not None]
+    pending = defer_flush([ref.quantizer.collector for ref in inputs]) if defer else None
+    if pending is None:
+        flush_all([ref.quantizer.collector for ref in inputs])
+        return None
+    names = {id(ref.quantizer.collector): ref.module_name for ref in inputs}
+    return PendingStatistics(pending, {names[id(c)]: c for c in pending.collectors})
 
 
 def _collector_of(quantizer: Any) -> HistogramCollector:
@@ -103,8 +119,12 @@ def _collector_of(quantizer: Any) -> HistogramCollector:
     return quantizer.collector
 
 
-def statistics_of(model: nn.Module) -> Statistics:
-    """The statistics the model's input quantizers hold (from the last pass or loaded scales)."""
+def statistics_of(model: nn.Module, pending: Optional[PendingStatistics] = None) -> Statistics:
+    """The statistics the model's input quantizers hold (from the last pass or loaded scales).
+
+    With ``pending`` (a deferred pass's end) the histograms of its collectors are
+    left on the device, read when first needed.
+    """
     histograms: Dict[str, Any] = {}
     batches: Dict[str, int] = {}
     num_bits = 8
@@ -115,6 +135,6 @@ def statistics_of(model: nn.Module) -> Statistics:
         collector = ref.quantizer.collector
         count = 0 if collector is None else collector.num_batches
         batches[ref.module_name] = count
-        if count:
+        if count and (pending is None or ref.module_name not in pending.collectors):
             histograms[ref.module_name] = collector.stats()
-    return Statistics(histograms=histograms, batches=batches, num_bits=num_bits)
+    return Statistics(histograms=histograms, batches=batches, num_bits=num_bits, pending=pending)

@@ -100,21 +100,29 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
     algorithms = parse_algorithms(config.algorithms)
     check_params(config.algorithms, {name: dict(p) for name, p in config.algorithm_params})
     transforms = prepare(model, config, forward_loop)
-    statistics = collect(model, forward_loop, group=group, cuda_graphs=cuda_graphs)
+    # Deferred: the calibrators are enqueued behind the pass, whose end is read back with the ranges.
+    statistics = collect(model, forward_loop, group=group, cuda_graphs=cuda_graphs, defer=True)
     if statistics.num_batches == 0:
         raise CalibrationError("calibration data is empty: no batch reached the model")
+    refiners = [a for a in algorithms if a.stage is Stage.REFINE]
+    if not refiners:  # the weights stay as they are: their ranges are enqueued behind the pass too
+        measure_weight_ranges(model)
     chosen = choose_all(statistics, wanted, group=group)
     result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds,
                        calibrate_seconds={}, transforms=transforms)
-    refiners = [a for a in algorithms if a.stage is Stage.REFINE]
-    return apply_each(model, statistics, chosen, result, refiners=refiners, forward_loop=forward_loop, config=config)
+    return apply_each(model, statistics, chosen, result, refiners=refiners, forward_loop=forward_loop, config=config,
+                      weights_measured=not refiners)
 
 
 def apply_each(model: nn.Module, statistics: Statistics, chosen: Dict[str, Ranges], result: PTQResult, *,
                refiners: Sequence[Algorithm] = (), forward_loop: Optional[Callable[[nn.Module], Any]] = None,
-               config: Optional[QuantConfig] = None) -> PTQResult:
+               config: Optional[QuantConfig] = None, weights_measured: bool = False) -> PTQResult:
     """refine -> apply for each calibrator's ranges in turn; fills ``result``'s scales,
-    seconds, refinements and refined weights. The model is left with the last calibrator's."""
+    seconds, refinements and refined weights. The model is left with the last calibrator's.
+
+    ``weights_measured``: the weights' ranges were just stored (:func:`measure_weight_ranges`)
+    and the weights have not changed since (no refiners).
+    """
     before = refinable_state(model) if refiners and len(chosen) > 1 else None
     refs = list(iter_quantizers(model))  # listed once for every calibrator
     previous: Optional[Scales] = None
@@ -127,7 +135,8 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Dict[str, Range
         # Weight ranges do not depend on the calibrator unless refiners changed the weights.
         same_weights = index > 0 and not refiners
         stored: Dict[str, Any] = {}
-        apply(model, ranges, weights=not same_weights, refs=refs, stored=stored)
+        apply(model, ranges, weights=not same_weights, refs=refs, stored=stored,
+              weights_measured=weights_measured and index == 0)
         previous = result.scales[name] = scales_of(
             model, calibrator=name, calibrator_params=ranges.params, statistics=saved_statistics, refs=refs,
             weights_from=previous if same_weights else None, held=stored)

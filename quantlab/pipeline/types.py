@@ -7,22 +7,47 @@ from typing import Any, Dict, List, Optional
 from quantlab.calibrators import HistogramStats
 
 
-@dataclasses.dataclass
 class Statistics:
     """The result of one statistics pass (``collect``), the input of ``choose``.
 
     Attributes:
         histograms: Input tensor (by module name) -> its statistics, for every
-            tensor that received data; None for one that saw only zeros.
+            tensor that received data; None for one that saw only zeros. Where
+            the pass left them on the device (``pending``), reading this waits
+            for the device once.
         batches: Input tensor -> batches it saw (0: no calibration batch reached it).
         num_bits: Integer width of the activations (from the quantizers' spec).
         seconds: Wall time of the pass (merge across ranks included).
+        pending: The pass's end still on the device (``collect(..., defer=True)``):
+            ``choose`` enqueues the calibrators behind it and reads everything back at once.
     """
 
-    histograms: Dict[str, Optional[HistogramStats]]
-    batches: Dict[str, int]
-    num_bits: int = 8
-    seconds: float = 0.0
+    def __init__(self, histograms: Optional[Dict[str, Optional[HistogramStats]]] = None,
+                 batches: Optional[Dict[str, int]] = None, num_bits: int = 8, seconds: float = 0.0,
+                 pending: Optional["PendingStatistics"] = None) -> None:
+        self._histograms = dict(histograms or {})
+        self.batches = dict(batches or {})
+        self.num_bits = num_bits
+        self.seconds = seconds
+        self.pending = pending
+
+    @property
+    def histograms(self) -> Dict[str, Optional[HistogramStats]]:
+        if self.pending is not None:
+            self.complete(self.pending.flush.scalars.tolist())
+        return self._histograms
+
+    def complete(self, scalars: List[List[float]]) -> None:
+        """Finishes a pending pass's end from its scalars, read back (raises what the pass would have raised)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        try:
+            pending.flush.complete(scalars)
+        except BaseException:
+            self.pending = pending  # the statistics are not there: reading again raises again
+            raise
+        self._histograms.update({name: c.stats() for name, c in pending.collectors.items()})
 
     @property
     def num_batches(self) -> int:
@@ -37,6 +62,18 @@ class Statistics:
     def saved(self) -> Dict[str, HistogramStats]:
         """The histograms worth saving with the scales (tensors that saw non-zero values)."""
         return {name: stats for name, stats in self.histograms.items() if stats is not None}
+
+
+@dataclasses.dataclass
+class PendingStatistics:
+    """A pass's end on the device: the block of every collector's state, by input tensor."""
+
+    flush: Any  #: :class:`quantlab.statistics.PendingFlush`
+    collectors: Dict[str, Any]  #: input tensor -> its collector, in the block's row order
+    names: List[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.names = list(self.collectors)
 
 
 @dataclasses.dataclass

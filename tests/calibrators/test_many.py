@@ -150,7 +150,7 @@ def _mse_kernel_by_torch_ops(monkeypatch):
             scale = (candidates[lo:lo + 128] / qmax)[:, None]
             fq = (c / scale).round_().clamp_(max=qmax).mul_(scale)
             out[lo:lo + 128] = ((c - fq) ** 2 * w).sum(dim=1)
-        return out
+        return torch.where(torch.isnan(candidates), math.inf, out)  # the kernel scores a NaN (absent) candidate inf
 
     monkeypatch.setattr(mse_cuda, "available", lambda device: True)
     monkeypatch.setattr(mse_many_module, "mse_scores", scores)

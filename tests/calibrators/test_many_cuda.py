@@ -171,3 +171,33 @@ def test_entropy_without_the_kernels_gives_the_same_amax(model_like, monkeypatch
     monkeypatch.setattr(entropy_cuda, "exact", lambda *args: None)
     assert_same("entropy", model_like)
     assert_same("entropy", on_gpu(list(H.degenerate().values()) + list(H.invalid().values())))
+
+
+# -- block forms: sizes on the device, one read-back (what run_ptq's deferred pass uses) ---------------
+@pytest.mark.parametrize("name,params", CASES)
+def test_block_forms_on_a_4096_wide_block(name, params, model_like):
+    from tests.calibrators.test_block import assert_same_from_block
+
+    assert_same_from_block(name, model_like, 4096, **params)
+    assert_same_from_block(name, on_gpu(H.realistic(24, seed=31, low=130, high=4096, samples=(300, 300_000))), 4096,
+                           **params)
+    cases = list(on_gpu(list(H.degenerate().values()) + list(H.invalid().values())))
+    assert_same_from_block(name, cases, 4200, **params)
+
+
+def test_block_forms_read_nothing_back_before_the_read_back(model_like):
+    """With the kernels every block form's work is enqueued only: no op that reads a value back
+    (``item``/``_local_scalar_dense``, a stream synchronize) before ``values`` is read."""
+    from quantlab.calibrators.many import BlockChoices, block_of
+
+    block = block_of(model_like, 4096)
+    torch.cuda.synchronize()
+    with torch.autograd.profiler.profile(use_device="cuda") as prof:
+        choices = BlockChoices(block, {"percentile": {}, "entropy": {}, "mse": {}, "max": {}})
+    copies = [e for e in prof.function_events if e.name in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero",
+                                                          "cudaStreamSynchronize", "cudaDeviceSynchronize")]
+    assert copies == [], [e.name for e in copies]
+    assert choices.values.shape == (len(model_like), 3 + 7 + 4)
+    got = choices.settle(choices.values.tolist(), model_like)
+    for name in ("percentile", "entropy", "mse", "max"):
+        assert [bits(a) for a in got[name]] == per_tensor(name, model_like), name

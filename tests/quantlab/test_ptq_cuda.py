@@ -110,3 +110,26 @@ def test_a_tensor_feeding_several_layers_is_read_once_and_counted_for_each(monke
             assert torch.equal(theirs.counts.cpu(), stats.counts), module
             chosen = float(get_calibrator(name)(stats, num_bits=8))
             assert result.scales[name].get(module, "input").amax == float(torch.tensor(chosen, dtype=torch.float32))
+
+
+def test_the_deferred_run_equals_the_pass_read_back_at_its_end():
+    """run_ptq enqueues the calibrators behind the pass and reads back once; collecting with the
+    read-back at the pass's end, then run_calibrators, must give the same scales and statistics."""
+    from quantlab.pipeline import collect
+    from quantlab.ptq import run_calibrators
+
+    names = ["max", "percentile", "entropy", "mse"]
+    deferred_model = cnn().cuda()
+    ql.quantize(deferred_model, ql.int8_config())
+    deferred = run_ptq(deferred_model, batches("cuda"), names).scales
+    model = cnn().cuda()
+    ql.quantize(model, ql.int8_config())
+    statistics = collect(model, lambda m: [m(x) for x in batches("cuda")])
+    assert statistics.pending is None
+    read_at_end, _ = run_calibrators(model, names)
+    for name in names:
+        assert deferred[name].as_dict() == read_at_end[name].as_dict(), name
+        for module, theirs in read_at_end[name].statistics.items():
+            ours = deferred[name].statistics[module]
+            assert (ours.amax, ours.bin_width) == (theirs.amax, theirs.bin_width)
+            assert torch.equal(ours.counts, theirs.counts)

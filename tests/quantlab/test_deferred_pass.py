@@ -1,0 +1,129 @@
+"""A pass whose end stays on the device (collect(..., defer=True), what run_ptq does): the calibrators'
+block forms are enqueued behind it and one read-back serves the statistics and every choice. The
+ranges and statistics must equal those of the pass read back at its end, bit for bit (CPU, the
+device path forced; test_ptq_cuda.py runs it on a GPU)."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import quantlab as ql
+import quantlab.tensor_quantizer as tensor_quantizer
+from quantlab.errors import NonFiniteActivationError
+from quantlab.pipeline import choose_all, collect
+from quantlab.ptq import run_ptq
+from quantlab.statistics import HistogramCollector
+
+from tests.calibrators.test_many import _kernel_flow_by_torch_ops, _mse_kernel_by_torch_ops  # noqa: E402
+
+NAMES = ["max", "percentile", "entropy", "mse"]
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 6 * 6, 10)).eval()
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 3, 16, 16, generator=g) * s for s in (1.0, 3.0, 0.5, 7.0)]
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    """Every collector on the device path (as on a GPU), here on the CPU."""
+    monkeypatch.setattr(tensor_quantizer, "HistogramCollector", functools.partial(HistogramCollector, sync_free=True))
+
+
+@pytest.fixture(params=["torch ops", "kernel flows"])
+def flows(request, monkeypatch):
+    if request.param == "kernel flows":  # nothing read back before the one read-back
+        _kernel_flow_by_torch_ops(monkeypatch)
+        _mse_kernel_by_torch_ops(monkeypatch)
+    return request.param
+
+
+def scales_of(result):
+    return {name: (s.as_dict(), {k: (v.amax, v.bin_width, v.counts.tolist()) for k, v in s.statistics.items()})
+            for name, s in result.scales.items()}
+
+
+def reference():
+    """The same run with the host path (read back per batch): no device state to defer."""
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    return scales_of(run_ptq(model, batches(), NAMES))
+
+
+def test_run_ptq_deferred_equals_the_pass_read_back_at_its_end(device_path, flows):
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    got = scales_of(run_ptq(model, batches(), NAMES))
+    assert got == reference()
+    assert all(v[0] for v in got.values())
+
+
+def test_the_deferred_pass_reads_nothing_back_until_choose(device_path, flows, monkeypatch):
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    reads = []
+    original = HistogramCollector.flush
+    def spy(self, *args, **kwargs):
+        if self._device is not None:  # a read-back of pending batches
+            reads.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(HistogramCollector, "flush", spy)
+    statistics = collect(model, lambda m: [m(x) for x in batches()], defer=True)
+    assert statistics.pending is not None and reads == []
+    assert statistics.batches == {"0": 4, "2": 4, "5": 4}
+    chosen = choose_all(statistics, NAMES)
+    assert statistics.pending is None and sorted(reads) == ["0", "2", "5"]
+    assert list(chosen) == NAMES and all(list(r.inputs) == ["0", "2", "5"] for r in chosen.values())
+
+
+def test_reading_the_histograms_completes_a_deferred_pass(device_path):
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    statistics = collect(model, lambda m: [m(x) for x in batches()], defer=True)
+    histograms = statistics.histograms  # no choose: read back here
+    assert statistics.pending is None and sorted(histograms) == ["0", "2", "5"]
+    assert all(h is not None and h.counts.dtype == torch.int64 for h in histograms.values())
+    again = choose_all(statistics, ["entropy"])["entropy"].inputs  # the ordinary path from here on
+    assert sorted(again) == ["0", "2", "5"]
+
+
+def test_a_collector_read_before_choose_is_not_flushed_twice(device_path):
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    statistics = collect(model, lambda m: [m(x) for x in batches()], defer=True)
+    early = ql.iter_quantizers(model)
+    first = next(r for r in early if r.role == "input" and r.module_name == "2")
+    before = first.quantizer.collector.stats()  # reads that one back on its own
+    chosen = choose_all(statistics, NAMES)
+    after = statistics.histograms["2"]
+    assert (after.amax, after.bin_width, after.counts.tolist()) == (before.amax, before.bin_width, before.counts.tolist())
+    assert first.quantizer.collector.num_batches == 4
+    assert chosen["max"].inputs["2"] == float(before.amax)
+
+
+def test_a_non_finite_activation_is_reported_by_the_read_back(device_path):
+    model = cnn()
+    data = batches()
+    data[2][0, 0, 0, 0] = float("nan")
+    ql.quantize(model, ql.int8_config())
+    with pytest.raises(NonFiniteActivationError, match="'0'"):
+        run_ptq(model, data, NAMES)
+
+
+def test_a_layer_with_other_bins_reads_back_at_the_end_as_before(device_path):
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    for ref in ql.iter_quantizers(model):
+        if ref.role == "input" and ref.module_name == "2":
+            ref.quantizer.num_bins = 1024
+    statistics = collect(model, lambda m: [m(x) for x in batches()], defer=True)
+    assert statistics.pending is None  # states of different sizes: flushed at the end of the pass
+    assert sorted(statistics.histograms) == ["0", "2", "5"]

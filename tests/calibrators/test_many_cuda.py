@@ -186,16 +186,15 @@ def test_block_forms_on_a_4096_wide_block(name, params, model_like):
 
 
 def test_block_forms_read_nothing_back_before_the_read_back(model_like):
-    """With the kernels every block form's work is enqueued only: no op that reads a value back
-    (``item``/``_local_scalar_dense``, a stream synchronize) before ``values`` is read."""
+    """With the kernels every block form's work is enqueued only: no device-to-host copy, no op that
+    reads a value back (``item``/``_local_scalar_dense``, ``nonzero``) before ``values`` is read."""
     from quantlab.calibrators.many import BlockChoices, block_of
 
     block = block_of(model_like, 4096)
     torch.cuda.synchronize()
     with torch.autograd.profiler.profile(use_device="cuda") as prof:
         choices = BlockChoices(block, {"percentile": {}, "entropy": {}, "mse": {}, "max": {}})
-    copies = [e for e in prof.function_events if e.name in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero",
-                                                          "cudaStreamSynchronize", "cudaDeviceSynchronize")]
+    copies = [e for e in prof.function_events if "DtoH" in e.name or e.name in ("aten::item", "aten::_local_scalar_dense", "aten::nonzero")]
     assert copies == [], [e.name for e in copies]
     assert choices.values.shape == (len(model_like), 3 + 7 + 4)
     got = choices.settle(choices.values.tolist(), model_like)

@@ -153,6 +153,74 @@ def phase_times(model, wl, device, repeats: int = 3) -> List[List[Any]]:
     return [[name, f"{st.median(values):.2f}"] for name, values in rows.items()]
 
 
+def run_ptq_phases(model, wl, device, repeats: int = 5) -> List[List[Any]]:
+    """Host clock and GPU events through one run_ptq-style pipeline call (the calibrators enqueued behind
+    the pass, one read-back): where the host waits and what is left after the read-back (median ms)."""
+    import statistics as st
+
+    from quantlab.batching import forward_loop
+    from quantlab.calibrators import BlockChoices
+    from quantlab.pipeline import choose as choose_module
+    from quantlab.pipeline import run as run_pipeline
+    from quantlab.pipeline.types import Statistics
+
+    rows: Dict[str, List[float]] = {}
+    marks: Dict[str, float] = {}
+    events: Dict[str, Any] = {}
+
+    def add(name: str, value: float) -> None:
+        rows.setdefault(name, []).append(value * 1000)
+
+    def event(name: str) -> None:
+        events[name] = torch.cuda.Event(enable_timing=True)
+        events[name].record()
+
+    class Marked(BlockChoices):
+        def __init__(self, *args, **kwargs):
+            marks["choose"] = time.perf_counter()
+            super().__init__(*args, **kwargs)
+            marks["enqueued"] = time.perf_counter()
+            event("calibrators")
+
+    complete = Statistics.complete
+
+    def marked_complete(self, scalars):
+        marks.setdefault("read", time.perf_counter())
+        return complete(self, scalars)
+
+    choose_module.BlockChoices, Statistics.complete = Marked, marked_complete
+    try:
+        for _ in range(repeats):
+            marks.clear()
+            loop = forward_loop(wl.batches(device))
+
+            def timed_loop(m, loop=loop):
+                marks["loop"] = time.perf_counter()
+                loop(m)
+                marks["batches"] = time.perf_counter()
+                event("pass")
+
+            timed_loop.expected_batches = loop.expected_batches
+            C.sync(device)
+            event("start")
+            start = time.perf_counter()
+            run_pipeline(model, timed_loop, ["max", "percentile", "entropy", "mse"])
+            end = time.perf_counter()
+            C.sync(device)
+            add("host: setup until the first batch", marks["loop"] - start)
+            add("host: batches enqueued", marks["batches"] - marks["loop"])
+            add("host: pass end, weights' ranges, until choose", marks["choose"] - marks["batches"])
+            add("host: calibrators enqueued (block forms)", marks["enqueued"] - marks["choose"])
+            add("host: waiting for the read-back", marks["read"] - marks["enqueued"])
+            add("host: after the read-back (statistics, settle, apply, scales)", end - marks["read"])
+            add("host: total", end - start)
+            add("GPU: pass done at", events["start"].elapsed_time(events["pass"]) / 1000)
+            add("GPU: calibrators done at", events["start"].elapsed_time(events["calibrators"]) / 1000)
+    finally:
+        choose_module.BlockChoices, Statistics.complete = BlockChoices, complete
+    return [[name, f"{st.median(values):.2f}", f"{min(values):.2f}", f"{max(values):.2f}"] for name, values in rows.items()]
+
+
 def calibrator_profile(model, device) -> str:
     """Seconds per calibrator on the statistics the model holds, then where one run's host time goes."""
     import cProfile
@@ -323,6 +391,8 @@ def main() -> None:
         collect_statistics(model, forward_loop(wl.batches(device)))  # warm-up: kernels compiled, state allocated
         out.append(f"### Phases of one pass, {args.model}, {args.samples} samples, batch {args.batch_size} (median ms)\n\n"
                    + C.markdown_table(["phase", "ms"], phase_times(model, wl, device)))
+        out.append(f"### One run_ptq call, {args.model}, {args.samples} samples (ms: median, min, max)\n\n"
+                   + C.markdown_table(["phase", "median", "min", "max"], run_ptq_phases(model, wl, device)))
         # End to end before any torch.profiler run: a CUDA profiler session leaves launches slower after it.
         out.append(end_to_end(model, wl, device))
         out.append(calibrator_profile(model, device))

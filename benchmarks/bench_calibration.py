@@ -532,7 +532,7 @@ def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], 
                 t = st.median(q[key])
                 lines.append(f"- **As run_ptq runs it** (one pipeline call: the calibrators enqueued behind the pass, one "
                              f"read-back), {label}: {t:.4f} s = **{t / base:.2f}x** FP32 (target <= 1.3x; runs "
-                             f"{_spread(q[key])})")
+                             f"{', '.join(f'{v:.4f}' for v in q[key])})")
         for name, c in (q.get("per_tensor") or {}).items():
             if name == "chunk_sweep":
                 lines.append("- choose_many seconds by chunk size (2^k elements), entropy / mse: " + "; ".join(

@@ -159,10 +159,13 @@ def run_ptq_phases(model, wl, device, repeats: int = 5) -> List[List[Any]]:
     import statistics as st
 
     from quantlab.batching import forward_loop
+    import importlib
+
     from quantlab.calibrators import BlockChoices
-    from quantlab.pipeline import choose as choose_module
     from quantlab.pipeline import run as run_pipeline
     from quantlab.pipeline.types import Statistics
+
+    choose_module = importlib.import_module("quantlab.pipeline.choose")  # the package exports a function of that name
 
     rows: Dict[str, List[float]] = {}
     marks: Dict[str, float] = {}

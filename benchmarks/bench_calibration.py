@@ -125,19 +125,52 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
             C.sync(device)
             time.sleep(0.3)
 
+        import gc
+
+        collections: List[List[Any]] = []  # (generation, ms) of each garbage collection inside a timed run_ptq
+
+        def garbage_collected(phase: str, info: Dict[str, Any], clock: Dict[str, float] = {}) -> None:
+            if phase == "start":
+                clock["start"] = time.perf_counter()
+            elif collections:
+                collections[-1].append((info["generation"], (time.perf_counter() - clock["start"]) * 1e3))
+
+        def watched(job) -> float:  # the run, with the collections and new device segments during it
+            collections.append([])
+            segments = torch.cuda.memory_stats(device).get("segment.all.allocated", 0) if device.type == "cuda" else 0
+            gc.callbacks.append(garbage_collected)
+            try:
+                seconds = C.timed(job, device)[0]
+            finally:
+                gc.callbacks.remove(garbage_collected)
+            grown = (torch.cuda.memory_stats(device).get("segment.all.allocated", 0) - segments) if device.type == "cuda" else 0
+            collections[-1] = [seconds, grown, collections[-1]]
+            return seconds
+
+        def gc_paused() -> None:  # the same call with Python's cyclic garbage collector held off
+            gc.disable()
+            try:
+                as_run_ptq()
+            finally:
+                gc.enable()
+
         fp32_beside: List[float] = []
         end_to_end: List[float] = []
         run_ptq_times: List[float] = []
         paused_times: List[float] = []
+        no_gc_times: List[float] = []
         for _ in range(args.repeats):  # interleaved with FP32 inference, so host drift hits all
             with quantlab.quantization_disabled(model):
                 fp32_beside.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
             end_to_end.append(C.timed(pass_and_calibrators, device)[0])
             with quantlab.quantization_disabled(model):
                 run_batches(model, wl.batches(device))
-            run_ptq_times.append(C.timed(as_run_ptq, device)[0])
+            run_ptq_times.append(watched(as_run_ptq))
             after_a_pause()
-            paused_times.append(C.timed(as_run_ptq, device)[0])
+            paused_times.append(watched(as_run_ptq))
+            with quantlab.quantization_disabled(model):
+                run_batches(model, wl.batches(device))
+            no_gc_times.append(C.timed(gc_paused, device)[0])
     result = {
         "tool": "quantlab",
         "fp32_seconds": st.median(fp32_times),
@@ -153,6 +186,8 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
         "end_to_end_all": end_to_end,
         "run_ptq_all": run_ptq_times,
         "run_ptq_paused_all": paused_times,
+        "run_ptq_no_gc_all": no_gc_times,
+        "run_ptq_watched": collections,
         "amax": amax,
         **_memory_fields(mem),
     }
@@ -528,11 +563,16 @@ def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], 
                          f"{', '.join(f'{t:.4f}' for t in q['end_to_end_all'])}; FP32 {', '.join(f'{t:.4f}' for t in q['fp32_beside_all'])})")
         if q.get("run_ptq_all"):
             base = st.median(q["fp32_beside_all"])
-            for key, label in (("run_ptq_all", "right after FP32 inference"), ("run_ptq_paused_all", "after 0.3 s idle")):
+            for key, label in (("run_ptq_all", "right after FP32 inference"), ("run_ptq_paused_all", "after 0.3 s idle"),
+                               ("run_ptq_no_gc_all", "right after FP32 inference, Python's GC held off")):
                 t = st.median(q[key])
                 lines.append(f"- **As run_ptq runs it** (one pipeline call: the calibrators enqueued behind the pass, one "
                              f"read-back), {label}: {t:.4f} s = **{t / base:.2f}x** FP32 (target <= 1.3x; runs "
                              f"{', '.join(f'{v:.4f}' for v in q[key])})")
+        if q.get("run_ptq_watched"):
+            lines.append("- Garbage collections and new device segments inside each watched run_ptq call (seconds, "
+                         "segments, [(generation, ms)]): " + "; ".join(
+                             f"{w[0]:.4f} s, {w[1]} seg, {[(g, round(ms, 1)) for g, ms in w[2]]}" for w in q["run_ptq_watched"]))
         for name, c in (q.get("per_tensor") or {}).items():
             if name == "chunk_sweep":
                 lines.append("- choose_many seconds by chunk size (2^k elements), entropy / mse: " + "; ".join(

@@ -178,7 +178,9 @@ def input_range(module: nn.Module, chosen: float) -> float:
     input was moved. The moved input's zeros (ReLU's most common value, and the padding) sit at
     ``-shift``: only ``amax == shift`` puts them on the grid (-127) exactly; any other range
     rounds every one of them the same way, an error that adds up instead of averaging out."""
-    shift = getattr(module, SHIFT_BUFFER, None)
+    # The buffer dict itself: getattr on a module without the buffer raises inside nn.Module (slow,
+    # and this runs once per input quantizer per calibrator).
+    shift = module.__dict__.get("_buffers", {}).get(SHIFT_BUFFER)
     return float(shift) if isinstance(shift, torch.Tensor) else chosen
 
 

@@ -100,6 +100,7 @@ class BatchedCalibrator(Protocol):
 _REGISTRY: Dict[str, Callable[..., float]] = {}
 _BATCHED: Dict[str, Callable[..., List[Optional[float]]]] = {}
 _BLOCK: Dict[str, Callable[..., PendingChoice]] = {}
+_COSTLY: set = set()  # block forms whose device work is worth a read-back of its own (see block_form_is_costly)
 
 
 class UnknownCalibratorError(KeyError):
@@ -163,12 +164,18 @@ def get_batched_calibrator(name: str) -> Optional[Callable[..., List[Optional[fl
     return _BATCHED.get(name.lower())
 
 
-def register_block_calibrator(name: str) -> Callable[[Callable[..., PendingChoice]], Callable[..., PendingChoice]]:
+def register_block_calibrator(name: str, *, costly: bool = False) -> Callable[[Callable[..., PendingChoice]], Callable[..., PendingChoice]]:
     """Decorator that registers ``fn(block, *, num_bits, **params) -> PendingChoice`` as the block form of ``name``.
 
     A block form enqueues device work only (nothing read back) and validates
     its parameters as the per-tensor calibrator does. Optional: without one,
     the calibrator runs on the histograms after the read-back.
+
+    Args:
+        name: The calibrator's name.
+        costly: Its device work takes long enough (milliseconds on a GPU) that a
+            caller does better to read the others back first and finish them on
+            the host meanwhile.
     """
 
     def decorator(fn: Callable[..., PendingChoice]) -> Callable[..., PendingChoice]:
@@ -176,9 +183,16 @@ def register_block_calibrator(name: str) -> Callable[[Callable[..., PendingChoic
         if key in _BLOCK and _BLOCK[key] is not fn:
             raise ValueError(f"block calibrator {name!r} is already registered")
         _BLOCK[key] = fn
+        if costly:
+            _COSTLY.add(key)
         return fn
 
     return decorator
+
+
+def block_form_is_costly(name: str) -> bool:
+    """Whether ``name``'s block form was registered as ``costly``."""
+    return name.lower() in _COSTLY
 
 
 def get_block_calibrator(name: str) -> Optional[Callable[..., PendingChoice]]:

@@ -64,7 +64,7 @@ def entropy_many(
     return _settle(out, stats, rows, values.tolist() if host is None else host, start_bin, stride)
 
 
-@register_block_calibrator("entropy")
+@register_block_calibrator("entropy", costly=True)  # a few ms of GPU work for a model
 def entropy_block(block: HistogramBlock, *, num_bits: int = 8, start_bin: int = 128, stride: int = 1) -> PendingChoice:
     """:func:`entropy_many` on a :class:`HistogramBlock`: with the kernels, device work only.
 

@@ -58,7 +58,7 @@ def mse_many(
     return _settle_all(out, stats, rows, values.tolist() if host is None else host, start_bin)
 
 
-@register_block_calibrator("mse")
+@register_block_calibrator("mse", costly=True)  # a few ms of GPU work for a model
 def mse_block(block: HistogramBlock, *, num_bits: int = 8, start_bin: int = 128, stride: int = 1) -> PendingChoice:
     """:func:`mse_many` on a :class:`HistogramBlock`: with the kernel, device work only.
 

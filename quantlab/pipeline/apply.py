@@ -67,16 +67,26 @@ def amax_values(quantizers: Sequence[TensorQuantizer]) -> Tuple[List[Union[float
     values: List[Any] = [None] * len(quantizers)
     finite = [True] * len(quantizers)
     for indices in _by_device(quantizers).values():
-        flat = _flat_on_host([quantizers[i].amax for i in indices])
-        all_finite = bool(torch.isfinite(flat).all())
-        listed = flat.tolist()
-        position = 0
-        for i in indices:
-            amax = quantizers[i].amax
-            part = listed[position:position + amax.numel()]
-            position += amax.numel()
-            values[i] = part if amax.dim() else part[0]
-            finite[i] = all_finite or all(math.isfinite(v) for v in part)
+        group = [quantizers[i] for i in indices]
+        for i, value, ok in zip(indices, *split_amax_values(group, _flat_on_host([q.amax for q in group]))):
+            values[i], finite[i] = value, ok
+    return values, finite
+
+
+def split_amax_values(quantizers: Sequence[TensorQuantizer], flat_on_host: torch.Tensor) -> Tuple[List[Any], List[bool]]:
+    """The quantizers' ranges from ``flat_on_host`` (a CPU tensor of all their amax values end to end,
+    as read back): each as a float or a list per channel, and whether it is all finite."""
+    values: List[Any] = []
+    finite: List[bool] = []
+    all_finite = bool(torch.isfinite(flat_on_host).all())
+    flat = flat_on_host.tolist()
+    position = 0
+    for q in quantizers:
+        amax = q.amax
+        part = list(flat[position:position + amax.numel()])
+        position += amax.numel()
+        values.append(part if amax.dim() else part[0])
+        finite.append(all_finite or all(math.isfinite(v) for v in part))
     return values, finite
 
 
@@ -89,7 +99,7 @@ def measure_weight_ranges(model: nn.Module, refs: Optional[Sequence[QuantizerRef
 
 def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
           refs: Optional[Sequence[QuantizerRef]] = None, stored: Optional[Dict[str, Any]] = None,
-          weights_measured: bool = False) -> List[str]:
+          weights_measured: bool = False, weight_values: Optional[torch.Tensor] = None) -> List[str]:
     """Makes the model fake-quantize with ``ranges`` (inputs) and its weights' ranges.
 
     Args:
@@ -105,6 +115,9 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
         weights_measured: :func:`measure_weight_ranges` has just stored the weights'
             ranges (enqueued earlier, e.g. behind a deferred pass): check and use
             them instead of measuring again.
+        weight_values: With ``weights_measured``, those ranges already read back (a CPU
+            float32 tensor of every weight quantizer's amax end to end, in the order of
+            ``refs``): no read-back here.
 
     Returns:
         The layers whose inputs stay in floating point (unreached).
@@ -118,7 +131,10 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
         if not weights_measured:
             measure_weight_ranges(model, weight_refs)
         # One read-back for every weight range, not a synchronizing check per quantizer.
-        for ref, value, finite in zip(weight_refs, *amax_values([r.quantizer for r in weight_refs])):
+        weight_quantizers = [r.quantizer for r in weight_refs]
+        read = (split_amax_values(weight_quantizers, weight_values) if weights_measured and weight_values is not None
+                else amax_values(weight_quantizers))
+        for ref, value, finite in zip(weight_refs, *read):
             if not finite:
                 raise CalibrationError(f"the weights of '{ref.module_name}' contain NaN or Inf: no range can be chosen")
             ref.quantizer.quantize_with(verified=True)

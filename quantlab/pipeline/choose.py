@@ -9,12 +9,12 @@ all-gather gives all ranks every range.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 
 from quantlab import distributed
-from quantlab.calibrators import BlockChoices, choose_ranges, get_calibrator
+from quantlab.calibrators import BlockChoices, block_form_is_costly, choose_ranges, get_calibrator
 from quantlab.pipeline.types import Ranges, Statistics
 
 Calibrators = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
@@ -35,7 +35,8 @@ def choose(statistics: Statistics, calibrator: str, params: Optional[Mapping[str
     return choose_all(statistics, {calibrator: dict(params or {})}, group=group)[calibrator.lower()]
 
 
-def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any = None) -> Dict[str, Ranges]:
+def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any = None,
+               extra: Sequence[torch.Tensor] = ()) -> Mapping[str, Ranges]:
     """The ranges every calibrator chooses from the same statistics.
 
     Args:
@@ -44,9 +45,13 @@ def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any =
         group: A process group: collective; the work is split by tensor over
             the ranks and every rank gets every range. A failure on one rank
             is raised on every rank.
+        extra: Device tensors to read back with the statistics of a deferred pass
+            (:class:`ChoicesBehindThePass`'s ``extra_values``); ignored otherwise.
 
     Returns:
-        Calibrator name -> :class:`Ranges`, in the order given.
+        Calibrator name -> :class:`Ranges`, in the order given (behind a deferred
+        pass, a :class:`ChoicesBehindThePass`: the costly calibrators' ranges are
+        read back when first asked for).
 
     Raises:
         UnknownCalibratorError: for an unregistered name (before any work).
@@ -55,7 +60,7 @@ def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any =
     for name in wanted:
         get_calibrator(name)
     if statistics.pending is not None and group is None:
-        return _choose_behind_the_pass(statistics, wanted)
+        return ChoicesBehindThePass(statistics, wanted, extra)
     names = list(statistics.histograms)
     rank, size = distributed.group_rank(group), distributed.group_size(group)
     mine_names = names[rank::size]
@@ -87,27 +92,91 @@ def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any =
     }
 
 
-def _choose_behind_the_pass(statistics: Statistics, wanted: Dict[str, Dict[str, Any]]) -> Dict[str, Ranges]:
-    """Every calibrator's block form enqueued behind a deferred pass, then ONE read-back for the
-    statistics and all the choices (the host's work overlaps the pass's GPU work).
+class ChoicesBehindThePass(Mapping[str, Ranges]):
+    """The ranges every calibrator chooses behind a deferred pass (``collect(..., defer=True)``).
 
+    Every block form is enqueued behind the pass before anything waits for the
+    device, so the host's work overlaps the pass's GPU work. Two read-backs:
+    the statistics, the light calibrators' results and ``extra`` (e.g. the
+    weights' ranges) as soon as the pass is done; the costly calibrators'
+    (:func:`~quantlab.calibrators.block_form_is_costly`) when one of their
+    ranges is first asked for, so a caller can finish the others on the host
+    while the device still computes them (:attr:`ready` says which are in).
     The same ranges as :func:`choose_ranges` on the histograms, bit for bit.
+
+    Args:
+        statistics: A deferred pass's statistics (``pending`` set).
+        wanted: Calibrator name -> parameters, in order.
+        extra: Tensors (any shapes, one device) read back with the first copy, end to end
+            as one float32 CPU tensor in :attr:`extra_values`.
+
+    Raises:
+        NonFiniteActivationError: a NaN/Inf reached a quantized layer during the pass.
     """
-    start = time.perf_counter()
-    pending = statistics.pending
-    assert pending is not None
-    choices = BlockChoices(pending.flush.block, wanted, num_bits=statistics.num_bits)
-    read = torch.cat([pending.flush.scalars, choices.values], dim=1).tolist()  # waits for the pass
-    statistics.complete([row[:3] for row in read])  # raises a NaN/Inf the pass saw
-    histograms = statistics.histograms
-    rows = [histograms.get(name) for name in pending.names]
-    chosen = choices.settle([row[3:] for row in read], rows)
-    seconds = (time.perf_counter() - start) / max(1, len(wanted))  # one shared wait: split evenly
-    out: Dict[str, Ranges] = {}
-    for name, params in wanted.items():
-        by_row = {key: (0.0 if stats is None else min(float(amax), float(stats.amax)))
-                  for key, stats, amax in zip(pending.names, rows, chosen[name])}
-        # Every tensor the statistics hold, in their order (0.0 for one that saw only zeros), as choose_ranges.
-        inputs = {key: by_row.get(key, 0.0) for key in histograms}
-        out[name] = Ranges(calibrator=name, params=params, inputs=inputs, seconds=seconds)
-    return out
+
+    def __init__(self, statistics: Statistics, wanted: Dict[str, Dict[str, Any]],
+                 extra: Sequence[torch.Tensor] = ()) -> None:
+        start = time.perf_counter()
+        pending = statistics.pending
+        assert pending is not None
+        self._wanted = dict(wanted)
+        self._statistics = statistics
+        self._names = pending.names
+        block = pending.flush.block
+        costly = {name: params for name, params in wanted.items() if block_form_is_costly(name)}
+        light = BlockChoices(block, {name: params for name, params in wanted.items() if name not in costly},
+                             num_bits=statistics.num_bits)
+        first = [torch.cat([pending.flush.scalars, light.values], dim=1)]
+        if extra:
+            first.append(torch.cat([t.detach().reshape(-1).to(torch.float32) for t in extra]))
+        copies, done = _copy_to_host(first)  # no wait yet: the costly forms go in behind it
+        self._costly = BlockChoices(block, costly, num_bits=statistics.num_bits) if costly else None
+        if done is not None:
+            done.synchronize()  # the pass (and the light forms) are done; the costly ones still run
+        read = copies[0].tolist()
+        self.extra_values: Optional[torch.Tensor] = copies[1] if extra else None
+        statistics.complete([row[:3] for row in read])  # raises a NaN/Inf the pass saw
+        self._rows = [statistics.histograms.get(name) for name in self._names]
+        self._ranges: Dict[str, Ranges] = {}
+        self._add(light.settle([row[3:] for row in read], self._rows), time.perf_counter() - start)
+
+    @property
+    def ready(self) -> List[str]:
+        """The calibrators whose ranges are in, in the order wanted."""
+        return [name for name in self._wanted if name in self._ranges]
+
+    def __getitem__(self, name: str) -> Ranges:
+        if name not in self._ranges and name in self._wanted and self._costly is not None:
+            start = time.perf_counter()
+            chosen = self._costly.settle(self._costly.values.tolist(), self._rows)  # waits for the costly forms
+            self._costly = None
+            self._add(chosen, time.perf_counter() - start)
+        return self._ranges[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._wanted)
+
+    def __len__(self) -> int:
+        return len(self._wanted)
+
+    def _add(self, chosen: Dict[str, List[float]], seconds: float) -> None:
+        histograms = self._statistics.histograms
+        for name, amaxes in chosen.items():
+            by_row = {key: (0.0 if stats is None else min(float(amax), float(stats.amax)))
+                      for key, stats, amax in zip(self._names, self._rows, amaxes)}
+            # Every tensor the statistics hold, in their order (0.0 for one that saw only zeros), as choose_ranges.
+            inputs = {key: by_row.get(key, 0.0) for key in histograms}
+            self._ranges[name] = Ranges(calibrator=name, params=self._wanted[name], inputs=inputs,
+                                        seconds=seconds / max(1, len(chosen)))  # one shared wait: split evenly
+
+
+def _copy_to_host(tensors: List[torch.Tensor]) -> "tuple[List[torch.Tensor], Optional[torch.cuda.Event]]":
+    """Copies to the host without waiting (pinned memory, an event to wait on) from a CUDA device."""
+    if not tensors[0].is_cuda:
+        return [t.cpu() for t in tensors], None
+    copies = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for copy, t in zip(copies, tensors):
+        copy.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(tensors[0].device))
+    return copies, done

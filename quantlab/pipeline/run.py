@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from quantlab.pipeline.refine import refinable_state, refine, restore_refinable_
 from quantlab.pipeline.transform import transform
 from quantlab.pipeline.types import Ranges, Statistics
 from quantlab.scales import Scales
+from quantlab.tensor_quantizer import Role
 
 
 @dataclasses.dataclass
@@ -105,30 +106,49 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
     if statistics.num_batches == 0:
         raise CalibrationError("calibration data is empty: no batch reached the model")
     refiners = [a for a in algorithms if a.stage is Stage.REFINE]
+    weight_ranges: List[torch.Tensor] = []
     if not refiners:  # the weights stay as they are: their ranges are enqueued behind the pass too
-        measure_weight_ranges(model)
-    chosen = choose_all(statistics, wanted, group=group)
+        weights = [ref for ref in iter_quantizers(model) if ref.role is Role.WEIGHT]
+        measure_weight_ranges(model, weights)
+        weight_ranges = [ref.quantizer.amax for ref in weights]
+    # Behind a deferred pass the weights' ranges come back with the statistics (one read-back for both).
+    chosen = choose_all(statistics, wanted, group=group, extra=weight_ranges)
     result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds,
                        calibrate_seconds={}, transforms=transforms)
     return apply_each(model, statistics, chosen, result, refiners=refiners, forward_loop=forward_loop, config=config,
-                      weights_measured=not refiners)
+                      weights_measured=not refiners, weight_values=getattr(chosen, "extra_values", None))
 
 
-def apply_each(model: nn.Module, statistics: Statistics, chosen: Dict[str, Ranges], result: PTQResult, *,
+def apply_each(model: nn.Module, statistics: Statistics, chosen: Mapping[str, Ranges], result: PTQResult, *,
                refiners: Sequence[Algorithm] = (), forward_loop: Optional[Callable[[nn.Module], Any]] = None,
-               config: Optional[QuantConfig] = None, weights_measured: bool = False) -> PTQResult:
+               config: Optional[QuantConfig] = None, weights_measured: bool = False,
+               weight_values: Optional[torch.Tensor] = None) -> PTQResult:
     """refine -> apply for each calibrator's ranges in turn; fills ``result``'s scales,
-    seconds, refinements and refined weights. The model is left with the last calibrator's.
+    seconds, refinements and refined weights (in the order of ``chosen``). The model is
+    left with the last calibrator's.
 
-    ``weights_measured``: the weights' ranges were just stored (:func:`measure_weight_ranges`)
-    and the weights have not changed since (no refiners).
+    Args:
+        weights_measured: The weights' ranges were just stored (:func:`measure_weight_ranges`)
+            and the weights have not changed since (no refiners).
+        weight_values: Those ranges, already read back (see :func:`apply`).
+
+    Without refiners, calibrators whose ranges are in (``chosen.ready``, behind a deferred
+    pass) are applied first, so the host works on them while the device still computes the
+    others; the last one wanted is applied last all the same.
     """
+    names = list(chosen)
+    order = names
+    ready = getattr(chosen, "ready", None)
+    if ready is not None and not refiners and len(names) > 1:
+        first = [n for n in ready if n != names[-1]]
+        order = first + [n for n in names if n not in first]
     before = refinable_state(model) if refiners and len(chosen) > 1 else None
     refs = list(iter_quantizers(model))  # listed once for every calibrator
     previous: Optional[Scales] = None
     saved_statistics = statistics.saved()
-    for index, (name, ranges) in enumerate(chosen.items()):
+    for index, name in enumerate(order):
         start = time.perf_counter()
+        ranges = chosen[name]
         if before is not None and index:
             restore_refinable_state(model, before)  # every calibrator refines the same weights
         result.refinements[name] = refine(model, ranges, refiners, forward_loop, config, reference_state=before)
@@ -136,7 +156,7 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Dict[str, Range
         same_weights = index > 0 and not refiners
         stored: Dict[str, Any] = {}
         apply(model, ranges, weights=not same_weights, refs=refs, stored=stored,
-              weights_measured=weights_measured and index == 0)
+              weights_measured=weights_measured and index == 0, weight_values=weight_values)
         previous = result.scales[name] = scales_of(
             model, calibrator=name, calibrator_params=ranges.params, statistics=saved_statistics, refs=refs,
             weights_from=previous if same_weights else None, held=stored)
@@ -146,4 +166,8 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Dict[str, Range
             previous.algorithms = {"transforms": [r.to_dict() for r in result.transforms],
                                    "refinements": [r.to_dict() for r in result.refinements[name]]}
         result.calibrate_seconds[name] = ranges.seconds + time.perf_counter() - start
+    if order != names:  # back in the order wanted
+        result.scales = {n: result.scales[n] for n in names}
+        result.calibrate_seconds = {n: result.calibrate_seconds[n] for n in names}
+        result.refinements = {n: result.refinements[n] for n in names}
     return result

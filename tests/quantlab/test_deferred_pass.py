@@ -127,3 +127,50 @@ def test_a_layer_with_other_bins_reads_back_at_the_end_as_before(device_path):
     statistics = collect(model, lambda m: [m(x) for x in batches()], defer=True)
     assert statistics.pending is None  # states of different sizes: flushed at the end of the pass
     assert sorted(statistics.histograms) == ["0", "2", "5"]
+
+
+def test_light_ranges_are_in_before_the_costly_ones_are_read(device_path, monkeypatch):
+    _kernel_flow_by_torch_ops(monkeypatch)
+    _mse_kernel_by_torch_ops(monkeypatch)
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    statistics = collect(model, lambda m: [m(x) for x in batches()], defer=True)
+    chosen = choose_all(statistics, ["entropy", "max", "mse", "percentile"])
+    assert chosen.ready == ["max", "percentile"]  # entropy and mse: read back when first asked for
+    assert list(chosen) == ["entropy", "max", "mse", "percentile"]
+    assert chosen["entropy"].calibrator == "entropy" and chosen.ready == ["entropy", "max", "mse", "percentile"]
+
+
+@pytest.mark.parametrize("names", [["entropy", "max", "mse", "percentile"], ["max", "percentile", "entropy", "mse"]])
+def test_the_model_is_left_with_the_last_calibrator_wanted(device_path, names):
+    """Ranges already in are applied first (the host works while the device computes the rest), but the
+    scales keep the order wanted and the model ends with the last calibrator's ranges."""
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    result = run_ptq(model, batches(), names)
+    assert list(result.scales) == names and list(result.calibrate_seconds) == names
+    last = result.scales[names[-1]]
+    for ref in ql.iter_quantizers(model):
+        held = ref.quantizer.amax
+        want = last.get(ref.module_name, ref.role).amax
+        assert (held.tolist() if held.dim() else float(held)) == want, (ref.module_name, ref.role)
+    reference_model = cnn()
+    ql.quantize(reference_model, ql.int8_config())
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(tensor_quantizer, "HistogramCollector", HistogramCollector)  # the host path
+    try:
+        want = scales_of(run_ptq(reference_model, batches(), names))
+    finally:
+        monkeypatch.undo()
+    assert scales_of(result) == want
+
+
+def test_a_non_finite_weight_read_back_with_the_statistics_is_reported(device_path):
+    from quantlab.errors import CalibrationError
+
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    with torch.no_grad():  # the last layer: its output feeds no quantized layer, so the pass itself is fine
+        model[5].parametrizations.weight.original[0, 0] = float("inf")
+    with pytest.raises(CalibrationError, match="weights of '5' contain NaN or Inf"):
+        run_ptq(model, batches(), NAMES)

@@ -135,19 +135,24 @@ class BlockChoices:
             read: :attr:`values` as Python lists, row by row.
             stats: The histogram of each row.
         """
-        empty = HistogramStats(torch.zeros(0, dtype=torch.int64), 1.0, 0.0)  # answers 0.0 everywhere
+        # A row without statistics is never shown to a calibrator (as choose_ranges never does): a
+        # placeholder without bins stands in for the block forms' settle, and its answer is 0.0.
+        empty = HistogramStats(torch.zeros(0, dtype=torch.int64), 1.0, 0.0)
         filled = [empty if s is None else s for s in stats]
+        seen = [r for r, s in enumerate(stats) if s is not None]
         out: Dict[str, List[float]] = {}
         for name, (bits, params) in self.calibrators.items():
             pending = self._pending.get(name)
+            answers: List[Optional[float]] = [None] * len(filled)
             if pending is None:
-                out[name] = choose_many(name, filled, num_bits=bits, **params)
-                continue
-            lo, hi = self._columns[name]
-            chosen = pending.settle([list(row[lo:hi]) for row in read], filled)
+                for r, amax in zip(seen, choose_many(name, [filled[r] for r in seen], num_bits=bits, **params)):
+                    answers[r] = amax
+            else:
+                lo, hi = self._columns[name]
+                answers = pending.settle([list(row[lo:hi]) for row in read], filled)
             per_tensor = get_calibrator(name)
-            out[name] = [float(per_tensor(s, num_bits=bits, **params)) if a is None else float(a)
-                         for s, a in zip(filled, chosen)]
+            out[name] = [0.0 if stats[r] is None else float(per_tensor(filled[r], num_bits=bits, **params))
+                         if answers[r] is None else float(answers[r]) for r in range(len(filled))]
         return out
 
 

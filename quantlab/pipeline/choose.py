@@ -59,7 +59,8 @@ def choose_all(statistics: Statistics, calibrators: Calibrators, *, group: Any =
     wanted = calibrator_params(calibrators)
     for name in wanted:
         get_calibrator(name)
-    if statistics.pending is not None and group is None:
+    # num_bits is the statistics' own: the ordinary path rejects it as a parameter, so it decides such a call.
+    if statistics.pending is not None and group is None and not any("num_bits" in p for p in wanted.values()):
         return ChoicesBehindThePass(statistics, wanted, extra)
     names = list(statistics.histograms)
     rank, size = distributed.group_rank(group), distributed.group_size(group)
@@ -107,8 +108,8 @@ class ChoicesBehindThePass(Mapping[str, Ranges]):
     Args:
         statistics: A deferred pass's statistics (``pending`` set).
         wanted: Calibrator name -> parameters, in order.
-        extra: Tensors (any shapes, one device) read back with the first copy, end to end
-            as one float32 CPU tensor in :attr:`extra_values`.
+        extra: Tensors (any shapes) read back with the first copy, end to end as one float32
+            CPU tensor in :attr:`extra_values`; None there unless all are on the block's device.
 
     Raises:
         NonFiniteActivationError: a NaN/Inf reached a quantized layer during the pass.
@@ -127,6 +128,7 @@ class ChoicesBehindThePass(Mapping[str, Ranges]):
         light = BlockChoices(block, {name: params for name, params in wanted.items() if name not in costly},
                              num_bits=statistics.num_bits)
         first = [torch.cat([pending.flush.scalars, light.values], dim=1)]
+        extra = list(extra) if all(t.device == block.counts.device for t in extra) else []
         if extra:
             first.append(torch.cat([t.detach().reshape(-1).to(torch.float32) for t in extra]))
         copies, done = _copy_to_host(first)  # no wait yet: the costly forms go in behind it
@@ -138,7 +140,9 @@ class ChoicesBehindThePass(Mapping[str, Ranges]):
         statistics.complete([row[:3] for row in read])  # raises a NaN/Inf the pass saw
         self._rows = [statistics.histograms.get(name) for name in self._names]
         self._ranges: Dict[str, Ranges] = {}
-        self._add(light.settle([row[3:] for row in read], self._rows), time.perf_counter() - start)
+        # The wait for the pass is every calibrator's: each gets an even share of it.
+        self._shared = (time.perf_counter() - start) / max(1, len(wanted))
+        self._add(light.settle([row[3:] for row in read], self._rows), 0.0)
 
     @property
     def ready(self) -> List[str]:
@@ -167,7 +171,7 @@ class ChoicesBehindThePass(Mapping[str, Ranges]):
             # Every tensor the statistics hold, in their order (0.0 for one that saw only zeros), as choose_ranges.
             inputs = {key: by_row.get(key, 0.0) for key in histograms}
             self._ranges[name] = Ranges(calibrator=name, params=self._wanted[name], inputs=inputs,
-                                        seconds=seconds / max(1, len(chosen)))  # one shared wait: split evenly
+                                        seconds=self._shared + seconds / max(1, len(chosen)))
 
 
 def _copy_to_host(tensors: List[torch.Tensor]) -> "tuple[List[torch.Tensor], Optional[torch.cuda.Event]]":

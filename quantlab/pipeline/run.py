@@ -166,8 +166,8 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Mapping[str, Ra
             previous.algorithms = {"transforms": [r.to_dict() for r in result.transforms],
                                    "refinements": [r.to_dict() for r in result.refinements[name]]}
         result.calibrate_seconds[name] = ranges.seconds + time.perf_counter() - start
-    if order != names:  # back in the order wanted
-        result.scales = {n: result.scales[n] for n in names}
-        result.calibrate_seconds = {n: result.calibrate_seconds[n] for n in names}
-        result.refinements = {n: result.refinements[n] for n in names}
+    if order != names:  # back in the order wanted (entries of other calibrators kept, first)
+        for field in ("scales", "calibrate_seconds", "refinements"):
+            held = getattr(result, field)
+            setattr(result, field, {**{k: v for k, v in held.items() if k not in names}, **{n: held[n] for n in names}})
     return result

@@ -30,22 +30,28 @@ class Statistics:
         self.num_bits = num_bits
         self.seconds = seconds
         self.pending = pending
+        self._failure: Optional[BaseException] = None  # what completing a pending pass raised
 
     @property
     def histograms(self) -> Dict[str, Optional[HistogramStats]]:
         if self.pending is not None:
             self.complete(self.pending.flush.scalars.tolist())
+        if self._failure is not None:
+            raise self._failure
         return self._histograms
 
     def complete(self, scalars: List[List[float]]) -> None:
-        """Finishes a pending pass's end from its scalars, read back (raises what the pass would have raised)."""
+        """Finishes a pending pass's end from its scalars, read back (raises what the pass would have raised,
+        and again on every later read: the failing tensor's statistics are gone)."""
         pending, self.pending = self.pending, None
         if pending is None:
+            if self._failure is not None:
+                raise self._failure
             return
         try:
             pending.flush.complete(scalars)
-        except BaseException:
-            self.pending = pending  # the statistics are not there: reading again raises again
+        except BaseException as exc:
+            self._failure = exc
             raise
         self._histograms.update({name: c.stats() for name, c in pending.collectors.items()})
 

@@ -174,3 +174,72 @@ def test_a_non_finite_weight_read_back_with_the_statistics_is_reported(device_pa
         model[5].parametrizations.weight.original[0, 0] = float("inf")
     with pytest.raises(CalibrationError, match="weights of '5' contain NaN or Inf"):
         run_ptq(model, batches(), NAMES)
+
+
+def test_a_non_finite_activation_is_raised_again_on_every_later_read(device_path):
+    model = cnn()
+    data = batches()
+    data[1][0, 0, 0, 0] = float("nan")
+    ql.quantize(model, ql.int8_config())
+    statistics = collect(model, lambda m: [m(x) for x in data], defer=True)
+    for _ in range(2):  # the failing tensor's statistics are gone: never a silent 0.0 range instead
+        with pytest.raises(NonFiniteActivationError, match="'0'"):
+            choose_all(statistics, ["max"])
+    with pytest.raises(NonFiniteActivationError, match="'0'"):
+        statistics.histograms  # noqa: B018
+
+
+class ZeroedInput(nn.Module):
+    """A linear layer whose input is always zero: its statistics are None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.first, self.second = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.second(self.first(x) * 0.0)
+
+
+def test_a_calibrator_without_a_block_form_never_sees_a_tensor_without_statistics(device_path, monkeypatch):
+    from quantlab.calibrators import base
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    # Fails on a histogram without bins, as a user's calibrator may: it must never be handed one.
+    base.register_calibrator("first-peak")(lambda stats, *, num_bits=8: (int(stats.counts.argmax()) + 1) * stats.bin_width)
+    data = [torch.randn(5, 6, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+
+    def run(sync_free):
+        model = ZeroedInput()
+        ql.quantize(model, ql.int8_config())
+        monkeypatch.setattr(tensor_quantizer, "HistogramCollector", functools.partial(HistogramCollector, sync_free=sync_free))
+        with pytest.warns(UserWarning, match="saw only zeros"):
+            return scales_of(run_ptq(model, data, ["first-peak", "entropy"]))
+
+    assert run(True) == run(False)
+
+
+def test_extra_tensors_from_another_device_are_not_read_with_the_statistics(device_path):
+    from quantlab.pipeline.choose import ChoicesBehindThePass
+
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    statistics = collect(model, lambda m: [m(x) for x in batches()], defer=True)
+    chosen = ChoicesBehindThePass(statistics, {"max": {}}, [torch.ones(2), torch.empty(3, device="meta")])
+    assert chosen.extra_values is None and chosen["max"].inputs  # the caller reads those itself
+    statistics = collect(model, lambda m: [m(x) for x in batches()], defer=True)
+    chosen = ChoicesBehindThePass(statistics, {"max": {}}, [torch.ones(2), torch.full((2, 1), 3.0)])
+    assert chosen.extra_values.tolist() == [1.0, 1.0, 3.0, 3.0]
+
+
+def test_num_bits_as_a_calibrator_parameter_is_rejected_as_on_the_ordinary_path(device_path):
+    model = cnn()
+    ql.quantize(model, ql.int8_config())
+    deferred = collect(model, lambda m: [m(x) for x in batches()], defer=True)
+    with pytest.raises(TypeError, match="num_bits") as got:
+        choose_all(deferred, {"entropy": {"num_bits": 4}})
+    ordinary = collect(model, lambda m: [m(x) for x in batches()])
+    with pytest.raises(TypeError, match="num_bits") as want:
+        choose_all(ordinary, {"entropy": {"num_bits": 4}})
+    assert str(got.value) == str(want.value)
+

@@ -43,9 +43,9 @@ def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group
         defer: Leave the pass's end on the device where the statistics are there
             (no process group): nothing waits for the device here, and ``choose``
             enqueues the calibrators behind the pass, so their host work overlaps
-            the pass's GPU work and one read-back serves all (see
-            :attr:`Statistics.pending`). A NaN/Inf is then reported when the
-            statistics are first read.
+            the pass's GPU work and the statistics come back with the first
+            ranges (see :attr:`Statistics.pending`, :class:`~quantlab.pipeline.choose.ChoicesBehindThePass`).
+            A NaN/Inf is then reported when the statistics are first read.
 
     Returns:
         The statistics of every input tensor.
@@ -103,7 +103,7 @@ def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graph
                 q.off()  # an input's range comes from the statistics, chosen next
     # On the GPU the statistics stay on the device during the pass; fold them in now (one
     # read-back for all tensors), which is also where a NaN/Inf seen on the way is reported;
-    # or, deferred, stage them as one block on the device and read them back with the ranges.
+    # or, deferred, stage them as one block on the device and read them back with the first ranges.
     inputs = [ref for ref in refs if ref.role is Role.INPUT and ref.quantizer.collector is not None]
     pending = defer_flush([ref.quantizer.collector for ref in inputs]) if defer else None
     if pending is None:

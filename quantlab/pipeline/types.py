@@ -19,7 +19,7 @@ class Statistics:
         num_bits: Integer width of the activations (from the quantizers' spec).
         seconds: Wall time of the pass (merge across ranks included).
         pending: The pass's end still on the device (``collect(..., defer=True)``):
-            ``choose`` enqueues the calibrators behind it and reads everything back at once.
+            ``choose`` enqueues the calibrators behind it and reads the statistics back with the first ranges.
     """
 
     def __init__(self, histograms: Optional[Dict[str, Optional[HistogramStats]]] = None,

@@ -23,7 +23,7 @@ from .base import (
 from .many import BlockChoices, block_of, choose_many
 from . import entropy, max, mse, percentile  # noqa: F401,E402  (registers them)
 from . import entropy_many, mse_many, percentile_many  # noqa: F401,E402  (registers the batched forms)
-from .choose import choose_amax, choose_ranges  # noqa: E402
+from .choose import capped_ranges, choose_amax, choose_ranges  # noqa: E402
 
 __all__ = [
     "BatchedCalibrator",
@@ -35,6 +35,7 @@ __all__ = [
     "block_of",
     "UnknownCalibratorError",
     "block_form_is_costly",
+    "capped_ranges",
     "choose_amax",
     "choose_many",
     "choose_ranges",

@@ -43,5 +43,11 @@ def choose_ranges(name: str, statistics: Mapping[str, Optional[HistogramStats]],
     """
     seen: List[str] = [key for key, stats in statistics.items() if stats is not None]
     chosen = choose_many(name, [statistics[key] for key in seen], num_bits=num_bits, **dict(params or {}))
-    capped = {key: min(float(amax), float(statistics[key].amax)) for key, amax in zip(seen, chosen)}  # type: ignore[union-attr]
-    return {key: capped.get(key, 0.0) for key in statistics}
+    return capped_ranges(statistics, dict(zip(seen, chosen)))
+
+
+def capped_ranges(statistics: Mapping[str, Optional[HistogramStats]], chosen: Mapping[str, float]) -> Dict[str, float]:
+    """Tensor name -> ``chosen`` amax capped at the observed max, in the order of ``statistics``
+    (0.0 for a tensor without statistics or without a choice)."""
+    return {key: 0.0 if stats is None or key not in chosen else min(float(chosen[key]), float(stats.amax))
+            for key, stats in statistics.items()}

@@ -33,7 +33,8 @@ import torch
 from . import entropy_cuda
 from .base import HistogramBlock, HistogramStats, PendingChoice, register_batched_calibrator, register_block_calibrator
 from .entropy import _EPS, _validate, _xlogx
-from .many import chunk_budget, integer_rows, pack_counts, ragged, segment_any, segment_min, segment_pick, spans, split_trivial
+from .many import (block_choice, chunk_budget, even_rows, integer_rows, pack_counts, ragged, segment_any, segment_min,
+                   segment_pick, spans, split_trivial)
 
 #: Near set: screened within this many ``tol`` of the best (the per-tensor form uses 1).
 _NEAR = 4.0
@@ -76,13 +77,7 @@ def entropy_block(block: HistogramBlock, *, num_bits: int = 8, start_bin: int = 
     _validate(num_bits, start_bin, stride)
     levels = 1 << (num_bits - 1)
     values, host = _enqueue(prepare_block(block, levels, start_bin, stride), levels)
-
-    def settle(read: List[List[float]], stats: Sequence[HistogramStats]) -> List[Optional[float]]:
-        out, rows = split_trivial(stats)
-        every = read if host is None else host
-        return _settle(out, stats, rows, [every[t] for t in rows], start_bin, stride)
-
-    return PendingChoice(values, settle)
+    return block_choice(values, lambda out, stats, rows, read: _settle(out, stats, rows, read, start_bin, stride), host)
 
 
 def _settle(out: List[Optional[float]], stats: Sequence[HistogramStats], rows: List[int], read: List[List[float]],
@@ -171,10 +166,8 @@ def prepare_block(block: HistogramBlock, levels: int, start_bin: int, stride: in
     those past its own bins marked invalid (sizes stay on the device)."""
     raw = block.counts
     num_rows, width = raw.shape
-    per_row = len(range(start_bin, width + 1, stride))
-    flat = torch.arange(num_rows * per_row, dtype=torch.int64, device=raw.device)
-    seg = torch.div(flat, per_row, rounding_mode="floor")
-    thresholds = start_bin + stride * (flat - seg * per_row)
+    seg, pos = even_rows(num_rows, len(range(start_bin, width + 1, stride)), raw.device)
+    thresholds = start_bin + stride * pos
     valid = thresholds <= block.num_bins[seg]
     return _rows(raw, block.num_bins > 1, (block.num_bins + levels).to(torch.float64), seg, thresholds, valid)
 

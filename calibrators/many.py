@@ -80,7 +80,14 @@ def choose_many(name: str, stats: Sequence[HistogramStats], num_bits: int = 8, *
                 raise
             for index, amax in zip(indices, chosen):
                 out[index] = amax
-    return [float(per_tensor(s, num_bits=num_bits, **params)) if a is None else float(a) for s, a in zip(stats, out)]
+    return decide_rest(name, stats, out, num_bits, params)
+
+
+def decide_rest(name: str, stats: Sequence[HistogramStats], answers: Sequence[Optional[float]], num_bits: int,
+                params: Mapping[str, Any]) -> List[float]:
+    """``answers`` as floats, the per-tensor calibrator deciding where they are None."""
+    per_tensor = get_calibrator(name)
+    return [float(per_tensor(s, num_bits=num_bits, **params)) if a is None else float(a) for s, a in zip(stats, answers)]
 
 
 class BlockChoices:
@@ -150,10 +157,31 @@ class BlockChoices:
             else:
                 lo, hi = self._columns[name]
                 answers = pending.settle([list(row[lo:hi]) for row in read], filled)
-            per_tensor = get_calibrator(name)
-            out[name] = [0.0 if stats[r] is None else float(per_tensor(filled[r], num_bits=bits, **params))
-                         if answers[r] is None else float(answers[r]) for r in range(len(filled))]
+            decided = decide_rest(name, [filled[r] for r in seen], [answers[r] for r in seen], bits, params)
+            out[name] = [0.0] * len(filled)
+            for r, amax in zip(seen, decided):
+                out[name][r] = amax
         return out
+
+
+def block_choice(values: torch.Tensor, finish: Any, read_already: Optional[List[List[Any]]] = None) -> PendingChoice:
+    """A block form's :class:`PendingChoice`: ``values`` to read back (or the rows ``read_already``, where
+    the form had to read on the way) and ``finish(out, stats, rows, read)``, the batched form's own
+    settling of its non-trivial ``rows`` (:func:`split_trivial`) from their rows of ``read``."""
+
+    def settle(read: List[List[float]], stats: Sequence[HistogramStats]) -> List[Optional[float]]:
+        out, rows = split_trivial(stats)
+        every = read if read_already is None else read_already
+        return finish(out, stats, rows, [every[t] for t in rows])
+
+    return PendingChoice(values, settle)
+
+
+def even_rows(num_rows: int, per_row: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ragged` for rows of ``per_row`` elements each, built on the device (no copy at all)."""
+    flat = torch.arange(num_rows * per_row, dtype=torch.int64, device=device)
+    row = torch.div(flat, max(1, per_row), rounding_mode="floor")
+    return row, flat - row * per_row
 
 
 def block_of(stats: Sequence[HistogramStats], width: Optional[int] = None) -> HistogramBlock:

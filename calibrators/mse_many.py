@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .base import HistogramBlock, HistogramStats, PendingChoice, register_batched_calibrator, register_block_calibrator
-from .many import EPS, chunk_budget, pack_counts, ragged, segment_any, segment_min, segment_pick, split_trivial
+from .many import (EPS, block_choice, chunk_budget, even_rows, pack_counts, ragged, segment_any, segment_min, segment_pick,
+                   split_trivial)
 from .mse import _validate
 from . import mse_cuda
 from .mse_cuda import mse_scores
@@ -69,13 +70,7 @@ def mse_block(block: HistogramBlock, *, num_bits: int = 8, start_bin: int = 128,
     """
     _validate(num_bits, start_bin, stride)
     values, host = _enqueue(block.counts, block.bin_width, block.num_bins, None, num_bits, start_bin, stride)
-
-    def settle(read: List[List[float]], stats: Sequence[HistogramStats]) -> List[Optional[float]]:
-        out, rows = split_trivial(stats)
-        every = read if host is None else host
-        return _settle_all(out, stats, rows, [every[t] for t in rows], start_bin)
-
-    return PendingChoice(values, settle)
+    return block_choice(values, lambda out, stats, rows, read: _settle_all(out, stats, rows, read, start_bin), host)
 
 
 def _settle_all(out: List[Optional[float]], stats: Sequence[HistogramStats], rows: List[int],
@@ -109,10 +104,7 @@ def _enqueue(bins: torch.Tensor, bin_width: torch.Tensor, sizes: Optional[torch.
             seg, pos = ragged([len(range(start_bin, n, stride)) for n in num_bins], device)
             limit = None
         else:  # a block: the same candidates for every row, those past its bins NaN
-            per_row = len(range(start_bin, width, stride))
-            flat = torch.arange(num_rows * per_row, dtype=torch.int64, device=device)
-            seg = torch.div(flat, per_row, rounding_mode="floor")
-            pos = flat - seg * per_row
+            seg, pos = even_rows(num_rows, len(range(start_bin, width, stride)), device)
             limit = sizes
         chosen, unsure = _search(bins, bin_width, used, used_count, None, seg, pos, width, start_bin, stride, qmax,
                                  None, limit)

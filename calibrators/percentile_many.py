@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .base import HistogramBlock, HistogramStats, PendingChoice, register_batched_calibrator, register_block_calibrator
-from .many import integer_rows, pack_counts, split_trivial
+from .many import block_choice, integer_rows, pack_counts, split_trivial
 
 
 @register_batched_calibrator("percentile")
@@ -31,14 +31,7 @@ def percentile_many(stats: Sequence[HistogramStats], *, num_bits: int = 8, perce
 @register_block_calibrator("percentile")
 def percentile_block(block: HistogramBlock, *, num_bits: int = 8, percentile: float = 99.99) -> PendingChoice:
     """:func:`percentile_many` on a :class:`HistogramBlock` (a row's zeros past its bins keep its cumsum flat)."""
-    p = _checked(percentile)
-    values = _enqueue(block.counts, p)
-
-    def settle(read: List[List[float]], stats: Sequence[HistogramStats]) -> List[Optional[float]]:
-        out, rows = split_trivial(stats)
-        return _settle(out, stats, rows, [read[t] for t in rows])
-
-    return PendingChoice(values, settle)
+    return block_choice(_enqueue(block.counts, _checked(percentile)), _settle)
 
 
 def _checked(percentile: float) -> float:

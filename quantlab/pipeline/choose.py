@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 import torch
 
 from quantlab import distributed
-from quantlab.calibrators import BlockChoices, block_form_is_costly, choose_ranges, get_calibrator
+from quantlab.calibrators import BlockChoices, block_form_is_costly, capped_ranges, choose_ranges, get_calibrator
 from quantlab.pipeline.types import Ranges, Statistics
 
 Calibrators = Union[str, Sequence[str], Mapping[str, Mapping[str, Any]]]
@@ -166,10 +166,8 @@ class ChoicesBehindThePass(Mapping[str, Ranges]):
     def _add(self, chosen: Dict[str, List[float]], seconds: float) -> None:
         histograms = self._statistics.histograms
         for name, amaxes in chosen.items():
-            by_row = {key: (0.0 if stats is None else min(float(amax), float(stats.amax)))
-                      for key, stats, amax in zip(self._names, self._rows, amaxes)}
             # Every tensor the statistics hold, in their order (0.0 for one that saw only zeros), as choose_ranges.
-            inputs = {key: by_row.get(key, 0.0) for key in histograms}
+            inputs = capped_ranges(histograms, dict(zip(self._names, amaxes)))
             self._ranges[name] = Ranges(calibrator=name, params=self._wanted[name], inputs=inputs,
                                         seconds=self._shared + seconds / max(1, len(chosen)))
 

@@ -118,8 +118,18 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
             collect_statistics(model, forward_loop(wl.batches(device)))
             run_calibrators(model, list(QUANTLAB_CALIBRATORS))
 
+        from _phases import PipelineMarks
+
+        marks = PipelineMarks(device)
+        phases: List[Dict[str, float]] = []  # per watched run_ptq call: where its time went (ms)
+
         def as_run_ptq() -> None:  # one call (run_ptq's pipeline): the calibrators enqueued behind the pass
             run_pipeline(model, forward_loop(wl.batches(device)), list(QUANTLAB_CALIBRATORS))
+
+        def as_run_ptq_marked() -> None:  # the same call, with host-clock marks and GPU events at its phases
+            marks.start()
+            run_pipeline(model, marks.loop(forward_loop(wl.batches(device))), list(QUANTLAB_CALIBRATORS))
+            phases.append(marks.finish())
 
         def after_a_pause() -> None:  # the device idle first: does what ran before the pass matter?
             C.sync(device)
@@ -165,9 +175,10 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
             end_to_end.append(C.timed(pass_and_calibrators, device)[0])
             with quantlab.quantization_disabled(model):
                 run_batches(model, wl.batches(device))
-            run_ptq_times.append(watched(as_run_ptq))
-            after_a_pause()
-            paused_times.append(watched(as_run_ptq))
+            with marks:
+                run_ptq_times.append(watched(as_run_ptq_marked))
+                after_a_pause()
+                paused_times.append(watched(as_run_ptq_marked))
             with quantlab.quantization_disabled(model):
                 run_batches(model, wl.batches(device))
             no_gc_times.append(C.timed(gc_paused, device)[0])
@@ -188,6 +199,7 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
         "run_ptq_paused_all": paused_times,
         "run_ptq_no_gc_all": no_gc_times,
         "run_ptq_watched": collections,
+        "run_ptq_phases": phases,
         "amax": amax,
         **_memory_fields(mem),
     }
@@ -511,6 +523,18 @@ def _spread(values: List[float], scale: float = 1.0) -> str:
     return f"{min(values) * scale:.4g} / {st.median(values) * scale:.4g} / {max(values) * scale:.4g}"
 
 
+def _phase_table(phases: List[Dict[str, float]], watched: List[List[Any]]) -> str:
+    """The watched run_ptq calls side by side, slowest first: which phase a slow call lost its time in."""
+    order = sorted(range(len(phases)), key=lambda i: -phases[i].get("host: total", 0.0))
+    names = list(phases[0]) if phases else []
+    header = ["phase, ms"] + [f"run {i + 1}" for i in order]
+    rows = [[name] + [f"{phases[i].get(name, float('nan')):.2f}" for i in order] for name in names]
+    if watched and len(watched) == len(phases):
+        rows.append(["timed (s), with syncs"] + [f"{watched[i][0]:.4f}" for i in order])
+    return ("\n- Phases of each watched run_ptq call (in run order: odd right after FP32 inference, even after 0.3 s "
+            "idle), slowest first:\n\n" + C.markdown_table(header, rows))
+
+
 def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], device: torch.device) -> str:
     out = [f"### {model_name}, {samples} samples, {device}\n"]
     rows = []
@@ -573,6 +597,8 @@ def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], 
             lines.append("- Garbage collections and new device segments inside each watched run_ptq call (seconds, "
                          "segments, [(generation, ms)]): " + "; ".join(
                              f"{w[0]:.4f} s, {w[1]} seg, {[(g, round(ms, 1)) for g, ms in w[2]]}" for w in q["run_ptq_watched"]))
+        if q.get("run_ptq_phases"):
+            lines.append(_phase_table(q["run_ptq_phases"], q.get("run_ptq_watched") or []))
         for name, c in (q.get("per_tensor") or {}).items():
             if name == "chunk_sweep":
                 lines.append("- choose_many seconds by chunk size (2^k elements), entropy / mse: " + "; ".join(

@@ -158,69 +158,18 @@ def run_ptq_phases(model, wl, device, repeats: int = 5) -> List[List[Any]]:
     the pass, one read-back): where the host waits and what is left after the read-back (median ms)."""
     import statistics as st
 
+    from _phases import PipelineMarks
     from quantlab.batching import forward_loop
-    import importlib
-
-    from quantlab.calibrators import BlockChoices
     from quantlab.pipeline import run as run_pipeline
-    from quantlab.pipeline.types import Statistics
-
-    choose_module = importlib.import_module("quantlab.pipeline.choose")  # the package exports a function of that name
 
     rows: Dict[str, List[float]] = {}
-    marks: Dict[str, float] = {}
-    events: Dict[str, Any] = {}
-
-    def add(name: str, value: float) -> None:
-        rows.setdefault(name, []).append(value * 1000)
-
-    def event(name: str) -> None:
-        events[name] = torch.cuda.Event(enable_timing=True)
-        events[name].record()
-
-    class Marked(BlockChoices):
-        def __init__(self, *args, **kwargs):
-            marks["choose"] = time.perf_counter()
-            super().__init__(*args, **kwargs)
-            marks["enqueued"] = time.perf_counter()
-            event("calibrators")
-
-    complete = Statistics.complete
-
-    def marked_complete(self, scalars):
-        marks.setdefault("read", time.perf_counter())
-        return complete(self, scalars)
-
-    choose_module.BlockChoices, Statistics.complete = Marked, marked_complete
-    try:
+    with PipelineMarks(device) as marks:
         for _ in range(repeats):
-            marks.clear()
-            loop = forward_loop(wl.batches(device))
-
-            def timed_loop(m, loop=loop):
-                marks["loop"] = time.perf_counter()
-                loop(m)
-                marks["batches"] = time.perf_counter()
-                event("pass")
-
-            timed_loop.expected_batches = loop.expected_batches
             C.sync(device)
-            event("start")
-            start = time.perf_counter()
-            run_pipeline(model, timed_loop, ["max", "percentile", "entropy", "mse"])
-            end = time.perf_counter()
-            C.sync(device)
-            add("host: setup until the first batch", marks["loop"] - start)
-            add("host: batches enqueued", marks["batches"] - marks["loop"])
-            add("host: pass end, weights' ranges, until choose", marks["choose"] - marks["batches"])
-            add("host: calibrators enqueued (block forms)", marks["enqueued"] - marks["choose"])
-            add("host: waiting for the read-back", marks["read"] - marks["enqueued"])
-            add("host: after the read-back (statistics, settle, apply, scales)", end - marks["read"])
-            add("host: total", end - start)
-            add("GPU: pass done at", events["start"].elapsed_time(events["pass"]) / 1000)
-            add("GPU: calibrators done at", events["start"].elapsed_time(events["calibrators"]) / 1000)
-    finally:
-        choose_module.BlockChoices, Statistics.complete = BlockChoices, complete
+            marks.start()
+            run_pipeline(model, marks.loop(forward_loop(wl.batches(device))), ["max", "percentile", "entropy", "mse"])
+            for name, ms in marks.finish().items():
+                rows.setdefault(name, []).append(ms)
     return [[name, f"{st.median(values):.2f}", f"{min(values):.2f}", f"{max(values):.2f}"] for name, values in rows.items()]
 
 

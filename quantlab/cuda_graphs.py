@@ -9,9 +9,9 @@ kernels included, as one CUDA graph leaves only the GPU work.
 How: while :func:`graphed_forward` is active, ``model.forward`` (an instance
 attribute, removed afterwards; nothing is patched globally) runs the first
 call of each input signature (shapes, dtypes, devices and the non-tensor
-arguments) eagerly, captures the second into a graph and replays it from then
-on, copying the inputs into the graph's own input buffers and returning clones
-of its outputs. The statistics accumulators refuse to be captured unless their
+arguments) and the next few (``EAGER_CALLS`` in all) eagerly, captures the one
+after into a graph and replays it from then on, copying the inputs into the
+graph's own input buffers and returning clones of its outputs. The statistics accumulators refuse to be captured unless their
 state already exists on the device (see ``quantlab.statistics.capturing``); on
 any failure to capture (a host sync in the forward, data-dependent shapes, a
 layer seen for the first time), that signature stays eager. Python code inside
@@ -37,15 +37,19 @@ _LOG = logging.getLogger(__name__)
 
 # Input signatures captured per pass at most (each graph holds its own input buffers).
 MAX_GRAPHS = 4
-# Passes known to be shorter run eagerly. The first call of a signature runs eagerly, the second
-# is captured (~30 ms for ResNet-50: its Python forward with the GPU idle, plus instantiation)
-# and replays save what the host spends per batch beyond the GPU's time, which is little once the
-# pass is GPU-bound. H100 (hooks then costlier): 8 batches 1.45x FP32 with graphs against 1.29x
-# eager, 16 batches 1.26x against 1.29x. H200 after the cheaper kernel and read-backs (ResNet-50,
-# batches of 64): 16 batches 1.25x graphed against 1.17x eager, 24 batches 1.20x against 1.16x,
-# 32 batches 1.16x against 1.21-1.33x; BERT-base at 16 batches 1.06x against 1.05x. So only passes
-# of 32 batches or more are graphed (benchmarks/RESULTS.md, issue 18).
-MIN_BATCHES = 32
+# Passes known to be shorter run eagerly: a capture costs about one eager forward of host time plus
+# instantiation, and replays save what the host spends per batch beyond the GPU's time. Measured on
+# the H200 (ResNet-50, batches of 64, run_ptq interleaved with FP32, benchmarks/RESULTS.md, issue 18):
+# with the capture at the 4th call and no wait for the device before it, 16 batches take 177.8-187.5 ms
+# graphed (median 178.5) against 178.9-181.8 ms eager, and the host has enqueued them after 33-47 ms
+# instead of 140-155 ms (so a slower host no longer stretches the pass); 8 batches lose with graphs
+# (median 105 ms against 99 ms). BERT-base at 8 batches: 329 against 331 ms.
+MIN_BATCHES = 16
+# Calls of a signature run eagerly before the next one is captured. The first warms up the allocator,
+# cuDNN/cuBLAS plans and the statistics state; the others let the host get ahead of the GPU (a pass
+# is GPU-bound), so the capture's host time (the Python forward in capture mode plus instantiation)
+# overlaps GPU work already queued instead of leaving the GPU idle.
+EAGER_CALLS = 3
 
 
 def _signature(args: tuple, kwargs: dict, device: torch.device) -> Tuple[Optional[Hashable], List[Any]]:
@@ -117,7 +121,7 @@ class GraphedForward:
             self.replays += 1
             return graph.replay(leaves)
         self.seen[key] = self.seen.get(key, 0) + 1
-        if self.seen[key] == 1:  # warm-up: allocator, cuDNN/cuBLAS plans, statistics state
+        if self.seen[key] <= EAGER_CALLS:  # warm-up (allocator, plans, statistics state), then a lead on the GPU
             return self.forward(*args, **kwargs)
         graph = self._capture(args, kwargs)
         self.graphs[key] = graph
@@ -133,7 +137,9 @@ class GraphedForward:
         static_args, static_kwargs = pytree.tree_unflatten(
             [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.device)
+        # The capture stream follows the work queued so far (the inputs' copies among it); no wait for the
+        # device, which keeps running the eager calls queued before while the host captures.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             # capture_begin/end directly: torch.cuda.graph() would first run gc.collect() and
             # empty_cache(), a cost per capture that a pass of a few batches does not repay.

@@ -221,15 +221,15 @@ def _shared_against_alone(model, forward_loop, monkeypatch, layers):
 @pytest.mark.parametrize("sync_in_forward", [False, True])
 def test_graphed_statistics_pass_equals_eager(kernels, sync_in_forward):
     from quantlab import collect_statistics
-    from quantlab.cuda_graphs import graphed_forward
+    from quantlab.cuda_graphs import EAGER_CALLS, graphed_forward
 
     graphed_model, eager_model, batches = _graph_case(sync_in_forward)
     outputs = []
     with graphed_forward(graphed_model) as graphed:
         counts = collect_statistics(graphed_model, lambda m: [outputs.append(m(x)["logits"]) for x in batches], cuda_graphs=False)
     assert "forward" not in graphed_model.__dict__  # restored
-    # 6 batches of 16: eager, captured (replayed at once), 4 replays; the odd last batch eager.
-    assert graphed.replays == (0 if sync_in_forward else 5)
+    # 6 batches of 16: EAGER_CALLS eager, then captured (replayed at once) and replays; the odd last batch eager.
+    assert graphed.replays == (0 if sync_in_forward else 6 - EAGER_CALLS)
     eager_outputs = []
     eager_counts = collect_statistics(eager_model, lambda m: [eager_outputs.append(m(x)["logits"]) for x in batches], cuda_graphs=False)
     assert counts == eager_counts and set(counts.values()) == {7}

@@ -38,13 +38,14 @@ _LOG = logging.getLogger(__name__)
 # Input signatures captured per pass at most (each graph holds its own input buffers).
 MAX_GRAPHS = 4
 # Passes known to be shorter run eagerly: a capture costs about one eager forward of host time plus
-# instantiation, and replays save what the host spends per batch beyond the GPU's time. Measured on
-# the H200 (ResNet-50, batches of 64, run_ptq interleaved with FP32, benchmarks/RESULTS.md, issue 18):
-# with the capture at the 4th call and no wait for the device before it, 16 batches take 177.8-187.5 ms
-# graphed (median 178.5) against 178.9-181.8 ms eager, and the host has enqueued them after 33-47 ms
-# instead of 140-155 ms (so a slower host no longer stretches the pass); 8 batches lose with graphs
-# (median 105 ms against 99 ms). BERT-base at 8 batches: 329 against 331 ms.
-MIN_BATCHES = 16
+# instantiation and the graph's own device memory (new segments per pass), and replays save what the
+# host spends per batch beyond the GPU's time, little once the pass is GPU-bound. H200, ResNet-50,
+# batches of 64, run_ptq (benchmarks/RESULTS.md, issue 18, 2026-12-03): with the capture at the 4th
+# call and no wait for the device, 16 batches took 177.8-187.5 ms graphed (median 178.5) against
+# 178.9-181.8 ms eager on one host, but 178-262 ms (median 200-205) on another, where the capture's
+# cost varied from run to run; 8 batches lose (median 105 against 99 ms). Earlier: 32 batches 1.16x
+# FP32 graphed against 1.21-1.33x eager. So only passes of 32 batches or more are graphed.
+MIN_BATCHES = 32
 # Calls of a signature run eagerly before the next one is captured. The first warms up the allocator,
 # cuDNN/cuBLAS plans and the statistics state; the others let the host get ahead of the GPU (a pass
 # is GPU-bound), so the capture's host time (the Python forward in capture mode plus instantiation)

@@ -590,8 +590,8 @@ def _section(model_name: str, samples: int, results: Dict[str, Dict[str, Any]], 
             for key, label in (("run_ptq_all", "right after FP32 inference"), ("run_ptq_paused_all", "after 0.3 s idle"),
                                ("run_ptq_no_gc_all", "right after FP32 inference, Python's GC held off")):
                 t = st.median(q[key])
-                lines.append(f"- **As run_ptq runs it** (one pipeline call: the calibrators enqueued behind the pass, one "
-                             f"read-back), {label}: {t:.4f} s = **{t / base:.2f}x** FP32 (target <= 1.3x; runs "
+                lines.append(f"- **As run_ptq runs it** (one pipeline call: the calibrators enqueued behind the pass, "
+                             f"the statistics read back with the first ranges), {label}: {t:.4f} s = **{t / base:.2f}x** FP32 (target <= 1.3x; runs "
                              f"{', '.join(f'{v:.4f}' for v in q[key])})")
         if q.get("run_ptq_watched"):
             lines.append("- Garbage collections and new device segments inside each watched run_ptq call (seconds, "

@@ -155,7 +155,8 @@ def phase_times(model, wl, device, repeats: int = 3) -> List[List[Any]]:
 
 def run_ptq_phases(model, wl, device, repeats: int = 5) -> List[List[Any]]:
     """Host clock and GPU events through one run_ptq-style pipeline call (the calibrators enqueued behind
-    the pass, one read-back): where the host waits and what is left after the read-back (median ms)."""
+    the pass, the statistics read back with the first ranges): where the host waits and what is left
+    after the read-back (median, min, max ms)."""
     import statistics as st
 
     from _phases import PipelineMarks

@@ -11,12 +11,12 @@ attribute, removed afterwards; nothing is patched globally) runs the first
 call of each input signature (shapes, dtypes, devices and the non-tensor
 arguments) and the next few (``EAGER_CALLS`` in all) eagerly, captures the one
 after into a graph and replays it from then on, copying the inputs into the
-graph's own input buffers and returning clones of its outputs. The statistics accumulators refuse to be captured unless their
-state already exists on the device (see ``quantlab.statistics.capturing``); on
-any failure to capture (a host sync in the forward, data-dependent shapes, a
-layer seen for the first time), that signature stays eager. Python code inside
-the forward does not run on replay: the statistics counters are advanced by the
-recorded amounts instead.
+graph's own input buffers and returning clones of its outputs. The statistics
+accumulators refuse to be captured unless their state already exists on the
+device (see ``quantlab.statistics.capturing``); on any failure to capture (a host
+sync in the forward, data-dependent shapes, a layer seen for the first time),
+that signature stays eager. Python code inside the forward does not run on
+replay: the statistics counters are advanced by the recorded amounts instead.
 """
 from __future__ import annotations
 

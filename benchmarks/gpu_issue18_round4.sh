@@ -1,4 +1,5 @@
-# GPU run for issue 18, the deferred pass (run_ptq enqueues the calibrators behind the pass, one read-back):
+# GPU run for issue 18, the deferred pass (run_ptq enqueues the calibrators behind the pass; the statistics
+# come back with the first ranges):
 # every CUDA test, then calibration all-inclusive vs FP32 inference (bench_calibration: the two-call flow and
 # run_ptq's one call, right after FP32 and after an idle pause), then the phases profile.
 #   bash benchmarks/gpu_issue18_round4.sh   (repo root as cwd; results under $OUT)

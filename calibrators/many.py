@@ -128,9 +128,10 @@ class BlockChoices:
                 per_tensor(HistogramStats(torch.zeros(1, dtype=torch.int64), 1.0, 0.0), num_bits=bits, **params)
                 raise
         self._columns: Dict[str, Tuple[int, int]] = {}  # name -> its columns of values
+        start = 0
         for name, pending in self._pending.items():
-            start = max((hi for _, hi in self._columns.values()), default=0)
-            self._columns[name] = (start, start + int(pending.values.shape[1]))
+            end = start + int(pending.values.shape[1])
+            self._columns[name], start = (start, end), end
         device = block.counts.device
         self.values = (torch.cat([p.values for p in self._pending.values()], dim=1) if self._pending
                        else torch.zeros(self.rows, 0, dtype=torch.float64, device=device))

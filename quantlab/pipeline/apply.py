@@ -83,7 +83,7 @@ def split_amax_values(quantizers: Sequence[TensorQuantizer], flat_on_host: torch
     position = 0
     for q in quantizers:
         amax = q.amax
-        part = list(flat[position:position + amax.numel()])
+        part = flat[position:position + amax.numel()]
         position += amax.numel()
         values.append(part if amax.dim() else part[0])
         finite.append(all_finite or all(math.isfinite(v) for v in part))

@@ -76,10 +76,11 @@ class PendingStatistics:
 
     flush: Any  #: :class:`quantlab.statistics.PendingFlush`
     collectors: Dict[str, Any]  #: input tensor -> its collector, in the block's row order
-    names: List[str] = dataclasses.field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.names = list(self.collectors)
+    @property
+    def names(self) -> List[str]:
+        """The input tensors, in the block's row order."""
+        return list(self.collectors)
 
 
 @dataclasses.dataclass

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
 from quantlab.config import QuantConfig
@@ -52,9 +53,17 @@ class QuantizerRef:
 
 def _input_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
     quantizer = module.__dict__["_modules"].get("input_quantizer")
-    if quantizer is None or quantizer.mode is QuantizerMode.OFF:
+    if quantizer is None:
+        return None
+    mode = quantizer._mode  # the attribute, not the property: this runs per layer per batch
+    if mode is QuantizerMode.OFF:
         return None
     if args:
+        if mode is QuantizerMode.COLLECT and _calls_plainly(quantizer):
+            # What the quantizer's forward does in this mode (TensorQuantizer's contract), without a
+            # module call: a statistics pass makes this call per quantized layer per batch.
+            quantizer.observe(args[0])
+            return None
         return (quantizer(args[0]),) + tuple(args[1:]), kwargs
     for key, value in kwargs.items():  # called as module(input=x)
         if isinstance(value, torch.Tensor):
@@ -62,6 +71,14 @@ def _input_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
             kwargs[key] = quantizer(value)
             return args, kwargs
     return None
+
+
+def _calls_plainly(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs its forward alone: no hooks of its own nor global ones."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module_globals._global_forward_hooks
+                or _module_globals._global_forward_pre_hooks or _module_globals._global_backward_hooks
+                or _module_globals._global_backward_pre_hooks)
 
 
 def is_input_hook(hook: Any) -> bool:
@@ -256,6 +273,87 @@ def _quantized_weight_name(module: nn.Module, quantizer: TensorQuantizer) -> str
         if any(p is quantizer for p in plist):
             return name
     raise KeyError(f"{type(module).__name__} has no parametrization holding this weight quantizer")
+
+
+# The attribute of a parametrized class that holds its direct-read subclass per tensor name.
+_DIRECT_ATTR = "_quantlab_direct_reads"
+
+
+def _direct_read_class(cls: type, tensor_name: str) -> Optional[type]:
+    """The subclass of the parametrized class ``cls`` whose ``tensor_name`` is read directly while
+    its only parametrization is a weight quantizer that is off (None if ``cls`` has no such property).
+
+    Kept on ``cls`` (torch makes one parametrized class per module; deep copies share it), and
+    rebuilt where a class copied from ``cls`` (:func:`_own_class`) brought along another's.
+    """
+    parametrized = cls.__dict__.get(tensor_name)
+    if not isinstance(parametrized, property) or parametrized.fget is None:
+        return None
+    classes = cls.__dict__.get(_DIRECT_ATTR)
+    if classes is None or classes.get("__base__") is not cls:
+        classes = {"__base__": cls}
+        setattr(cls, _DIRECT_ATTR, classes)
+    if tensor_name in classes:
+        return classes[tensor_name]
+    evaluate = parametrized.fget
+
+    def read(self: nn.Module) -> torch.Tensor:
+        plist = self.__dict__["_modules"]["parametrizations"]._modules[tensor_name]
+        chain = plist._modules
+        if len(chain) == 1:
+            (only,) = chain.values()
+            # Off, a quantizer returns its input itself (TensorQuantizer.forward): the stored tensor.
+            if isinstance(only, TensorQuantizer) and only._mode is QuantizerMode.OFF:
+                original = plist._parameters.get("original")
+                if original is not None:
+                    return original
+        return evaluate(self)
+
+    def deep_copy(self: nn.Module, memo: Dict[int, Any]) -> nn.Module:
+        replica = cls.__deepcopy__(self, memo)
+        if type(replica) is direct:  # a copy made inside the block keeps the usual class
+            replica.__class__ = cls
+        return replica
+
+    direct = type(cls.__name__, (cls,), {tensor_name: property(read, parametrized.fset), "__deepcopy__": deep_copy,
+                                         "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    classes[tensor_name] = direct
+    return direct
+
+
+@contextlib.contextmanager
+def direct_weight_reads(model: nn.Module, refs: Optional[Iterable[QuantizerRef]] = None) -> Iterator[nn.Module]:
+    """Inside the block, a quantized weight read while its quantizer is off is the stored tensor, read directly.
+
+    Reading a parametrized weight runs torch's parametrization machinery (a property,
+    the ParametrizationList and the quantizer's module call), several microseconds of
+    host time per layer per forward, to return the stored tensor itself when the weight
+    quantizer is off and is the tensor's only parametrization. A statistics pass reads
+    every weight in that state once per batch; on a GPU host that time can make the pass
+    host-bound. Inside the block each quantized module takes a subclass of its class
+    whose weight property returns the stored tensor in exactly that state and runs the
+    parametrizations in any other (a quantizer switched on, a 2:4 mask stacked on the
+    weight), so every read returns what it would return outside. Each module's class is
+    put back on exit; a deep copy made inside has the usual class.
+
+    Args:
+        model: The quantized model.
+        refs: Its quantizers, if the caller already listed them (saves a walk of the module tree).
+    """
+    swapped: List[Tuple[nn.Module, type]] = []
+    try:
+        for ref in iter_quantizers(model) if refs is None else refs:
+            if ref.role is not Role.WEIGHT:
+                continue
+            module, cls = ref.module, type(ref.module)
+            direct = _direct_read_class(cls, _quantized_weight_name(module, ref.quantizer))
+            if direct is not None:
+                module.__class__ = direct
+                swapped.append((module, cls))
+        yield model
+    finally:
+        for module, cls in reversed(swapped):
+            module.__class__ = cls
 
 
 def set_mode(model: nn.Module, mode: "QuantizerMode | str", *, role: "Optional[Role | str]" = None,

@@ -102,14 +102,18 @@ class NotCapturable(RuntimeError):
 
 # While this thread captures a CUDA graph (quantlab.cuda_graphs): the (accumulator, elements) of
 # every update. Per thread, as the capture itself is (capture_error_mode="thread_local").
-_CAPTURE = threading.local()
+class _CaptureState(threading.local):
+    recorded: Optional[List[Tuple["_DeviceAccumulator", int]]] = None  # a class default: read per layer per batch
+
+
+_CAPTURE = _CaptureState()
 # Advanced whenever an accumulator that a graph writes into is read and recycled: graphs captured
 # before must not be replayed after (quantlab.cuda_graphs checks it).
 _EPOCH = [0]
 
 
 def _recording() -> Optional[List[Tuple["_DeviceAccumulator", int]]]:
-    return getattr(_CAPTURE, "recorded", None)
+    return _CAPTURE.recorded
 
 
 def epoch() -> int:
@@ -140,15 +144,17 @@ def capturing() -> Iterator[List[Tuple["_DeviceAccumulator", int]]]:
 # the accumulator, the tensor's version then, the accumulator's batch count and generation after it). A tensor that feeds several quantized
 # layers (a residual block's input into its first convolution and the shortcut; a transformer's
 # hidden states into Q, K and V) is then read once per batch: the other layers copy the counts.
-_COUNTED = threading.local()
+class _CountedTable(threading.local):
+    def __init__(self) -> None:  # runs once in each thread that uses it
+        self.table: Dict[int, Tuple[Any, int, Any, int, int]] = {}
+
+
+_COUNTED = _CountedTable()
 _COUNTED_LIMIT = 4096  # entries kept before the dead ones are dropped
 
 
 def _counted() -> Dict[int, Tuple[Any, int, Any, int, int]]:
-    table = getattr(_COUNTED, "table", None)
-    if table is None:
-        table = _COUNTED.table = {}
-    return table
+    return _COUNTED.table
 
 
 def _capturing_on(device: torch.device) -> bool:
@@ -192,7 +198,7 @@ class _DeviceAccumulator:
 
     def __init__(self, num_bins: int, x: torch.Tensor) -> None:
         self.size = 2 * num_bins
-        device = x.device
+        self.device = device = x.device
         # amax / size must round like the host path's float64 division: exact in float32 when
         # size is a power of two and the data is at most float32.
         power_of_two = num_bins & (num_bins - 1) == 0
@@ -254,7 +260,7 @@ class _DeviceAccumulator:
         return copied
 
     def accepts(self, x: torch.Tensor) -> bool:
-        return x.device == self.counts.device and (x.dtype != torch.float64 or self.amax.dtype == torch.float64)
+        return x.device == self.device and (x.dtype != torch.float64 or self.amax.dtype == torch.float64)
 
     def reset(self) -> None:
         """Marks the state empty, for the next pass (reusing it saves ~0.5 ms of host time).

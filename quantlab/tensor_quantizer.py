@@ -174,12 +174,23 @@ class TensorQuantizer(nn.Module):
         return scale
 
     # -- forward ---------------------------------------------------------------------------
+    def observe(self, x: torch.Tensor) -> None:
+        """Adds ``x`` to the statistics being collected (if any); ``x`` itself is left as it is."""
+        if self.collector is not None:
+            self.collector.update(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantizes ``x`` in QUANTIZE mode; otherwise returns ``x`` itself, observing it in COLLECT mode.
+
+        A subclass may change what QUANTIZE does, never the other two modes: ``x`` is then
+        returned unchanged, and the input hook and :func:`quantlab.attach.direct_weight_reads`
+        skip the call entirely there (it costs host time per layer per batch).
+        """
         mode = self._mode  # the attribute, not the property: this runs per layer per batch
         if mode is QuantizerMode.QUANTIZE:
             return fake_quantize(x, self.amax, self.spec, scale=self.fixed_scale())
-        if mode is QuantizerMode.COLLECT and self.collector is not None:
-            self.collector.update(x)
+        if mode is QuantizerMode.COLLECT:
+            self.observe(x)
         return x
 
     def extra_repr(self) -> str:

@@ -232,3 +232,64 @@ def test_attached_quantizers_take_the_mode_of_their_layer():
     ql.quantize(model, ql.int8_config())
     for layer in model:
         assert all(m.training is layer.training for m in layer.modules())
+
+
+class Doubled(nn.Module):
+    """A parametrization stacked on a quantized weight (as a 2:4 mask is)."""
+
+    def forward(self, w):
+        return 2 * w
+
+
+def test_direct_weight_reads_return_what_a_read_returns_outside_and_put_each_class_back():
+    from quantlab.attach import direct_weight_reads
+
+    x = torch.randn(6, 4)
+    model = calibrate_on(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), [x])
+    parametrize.register_parametrization(model[2], "weight", Doubled())  # [quantizer, Doubled]
+    classes = [type(m) for m in model]
+    quantized = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    with direct_weight_reads(model):
+        assert type(model[0]) is not classes[0] and isinstance(model[0], classes[0])
+        # quantizers on: the parametrizations run, as outside
+        assert torch.equal(model[0].weight, quantized[0]) and torch.equal(model[2].weight, quantized[1])
+        with ql.quantization_disabled(model):
+            assert model[0].weight is model[0].parametrizations.weight.original  # read directly
+            assert torch.equal(model[2].weight, 2 * model[2].parametrizations.weight.original)  # not the only one
+        clone = copy.deepcopy(model)
+    assert [type(m) for m in model] == classes and type(clone[0]) is classes[0]
+    assert torch.equal(model[0].weight, quantized[0]) and torch.equal(clone(x), model(x))
+    ql.remove_quantizers(clone)  # the copy's class is torch's again: removal leaves a plain layer
+    assert type(clone[0]) is nn.Linear and torch.equal(model[0].weight, quantized[0])
+
+
+def test_direct_weight_reads_put_the_classes_back_when_the_block_raises():
+    from quantlab.attach import direct_weight_reads
+
+    model = calibrate_on(nn.Sequential(nn.Linear(4, 4)), [torch.randn(3, 4)])
+    cls = type(model[0])
+    with pytest.raises(RuntimeError, match="inside"):
+        with direct_weight_reads(model):
+            raise RuntimeError("inside")
+    assert type(model[0]) is cls
+
+
+def test_a_statistics_pass_reads_the_weights_directly_and_runs_the_input_quantizers_own_hooks():
+    from quantlab import collect_statistics
+
+    model = nn.Sequential(PaddingConv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    ql.quantize(model, ql.int8_config())
+    seen, hooked, classes = [], [], [type(m) for m in model]
+    model[2].input_quantizer.register_forward_hook(lambda mod, args, out: hooked.append(args[0].shape))
+
+    def forward_loop(m):
+        seen.append([m[i].weight is m[i].parametrizations.weight.original for i in (0, 2)])
+        for _ in range(2):
+            m(torch.randn(2, 3, 6, 6))
+
+    assert collect_statistics(model, forward_loop) == {"0": 2, "2": 2}
+    assert seen == [[True, True]] and hooked == [torch.Size([2, 4, 6, 6])] * 2  # its hook: the module call
+    # every element of both batches counted, through the hook's direct call (layer 0) and the module call (2)
+    counted = {name: int(stats.counts.sum()) for name, stats in ql.collected_statistics(model).items()}
+    assert counted == {"0": 2 * 2 * 3 * 36, "2": 2 * 2 * 4 * 36}
+    assert [type(m) for m in model] == classes  # torch's parametrized classes again

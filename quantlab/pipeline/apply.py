@@ -3,6 +3,7 @@ back, a :class:`~quantlab.scales.Scales` snapshot of what the model holds.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -140,43 +141,112 @@ def apply(model: nn.Module, ranges: Ranges, *, weights: bool = True,
             ref.quantizer.quantize_with(verified=True)
             if stored is not None:
                 stored[ref.key] = value
-    unreached: List[str] = []
+    plan = plan_inputs(refs, ranges)
+    for ref in plan.off:
+        ref.quantizer.off()
+    held = quantize_all_with([ref.quantizer for ref in plan.quantized], plan.amaxes)
+    if stored is not None:
+        stored.update((ref.key, value) for ref, value in zip(plan.quantized, held))
+    return plan.unreached
+
+
+@dataclasses.dataclass
+class InputPlan:
+    """What :func:`apply` does with each input quantizer for one calibrator's ranges.
+
+    Attributes:
+        quantized: The input quantizers that get a range, in the model's order.
+        amaxes: Their ranges as Python floats: the calibrator's, or the layer's input shift.
+        off: The input quantizers left in floating point.
+        unreached: Their layers that no calibration batch reached.
+    """
+
+    quantized: List[QuantizerRef]
+    amaxes: List[float]
+    off: List[QuantizerRef]
+    unreached: List[str]
+
+
+def plan_inputs(refs: Sequence[QuantizerRef], ranges: Ranges) -> InputPlan:
+    """Decides, without changing anything, what each input quantizer gets from ``ranges``; warns about
+    the inputs left in floating point (no data reached them, or only zeros: a zero range would
+    quantize every value to 0, see validation/numeric.py).
+
+    Raises:
+        CalibrationError: the calibrator chose a NaN or infinite range.
+    """
+    plan = InputPlan([], [], [], [])
     zero_range: List[str] = []
-    quantized: List[QuantizerRef] = []
-    amaxes: List[float] = []
     for ref in refs:
         if ref.role is not Role.INPUT:
             continue
         amax = ranges.inputs.get(ref.module_name)
         if amax is None:
-            unreached.append(ref.module_name)
-            ref.quantizer.off()
+            plan.unreached.append(ref.module_name)
+            plan.off.append(ref)
             continue
         if not math.isfinite(amax):
             raise CalibrationError(f"calibrator {ranges.calibrator!r} chose amax {amax} for the input of '{ref.module_name}'")
-        if not amax > 0:  # only zeros seen: a zero range would quantize every value to 0 (validation/numeric.py)
+        if not amax > 0:
             zero_range.append(ref.module_name)
-            ref.quantizer.off()
+            plan.off.append(ref)
             continue
-        quantized.append(ref)
-        amaxes.append(input_range(ref.module, float(amax)))
-    held = quantize_all_with([ref.quantizer for ref in quantized], amaxes)
-    if stored is not None:
-        stored.update((ref.key, value) for ref, value in zip(quantized, held))
+        plan.quantized.append(ref)
+        plan.amaxes.append(input_range(ref.module, float(amax)))
+    for amax, ref in zip(plan.amaxes, plan.quantized):  # an input shift is checked as quantize_all_with checks
+        if not math.isfinite(amax):
+            raise CalibrationError(f"quantizer '{ref.quantizer.name}' ({ref.role.value}): amax {amax} is not finite")
     if zero_range:
         warnings.warn(
             f"{len(zero_range)} quantized layer(s) saw only zeros at their input during calibration and keep "
             "floating-point inputs (a zero range would turn every value into 0): "
             + ", ".join(zero_range[:10]) + (" ..." if len(zero_range) > 10 else ""),
-            stacklevel=2,
+            stacklevel=3,
         )
-    if unreached:
+    if plan.unreached:
         warnings.warn(
-            f"{len(unreached)} quantized layer(s) received no calibration data and keep floating-point inputs: "
-            + ", ".join(unreached[:10]) + (" ..." if len(unreached) > 10 else ""),
-            stacklevel=2,
+            f"{len(plan.unreached)} quantized layer(s) received no calibration data and keep floating-point inputs: "
+            + ", ".join(plan.unreached[:10]) + (" ..." if len(plan.unreached) > 10 else ""),
+            stacklevel=3,
         )
-    return unreached
+    return plan
+
+
+def planned_scales(model: nn.Module, ranges: Ranges, *, refs: Sequence[QuantizerRef], weights_from: Scales,
+                   statistics: Dict[str, HistogramStats], calibrator: str = "",
+                   calibrator_params: Optional[Dict[str, Any]] = None) -> Optional[Scales]:
+    """What :func:`apply` with ``ranges`` (weights kept) and then :func:`scales_of` would return, without
+    applying anything: the model keeps the ranges it holds. ``calibrator``, ``calibrator_params``
+    and ``statistics`` are recorded as :func:`scales_of` records them.
+
+    For a run of several calibrators, whose every calibrator but the one left in the model needs
+    only its Scales (applying stores a range in every quantizer: host time after the statistics
+    are read back, which nothing overlaps). Needs the state those two calls would find and leave:
+    every weight quantizing with the range ``weights_from`` holds for it, and no layer kept in
+    floating point; None otherwise (the caller applies).
+
+    Raises:
+        CalibrationError: as :func:`apply`, for a NaN or infinite range.
+    """
+    if weights_from.float_layers:
+        return None
+    weight_entries = {e.key: e for e in weights_from.entries if e.role is Role.WEIGHT}
+    if any(r.role is Role.WEIGHT and (r.key not in weight_entries or r.quantizer.mode is not QuantizerMode.QUANTIZE)
+           for r in refs):
+        return None
+    plan = plan_inputs(refs, ranges)
+    # The float32 roundings the quantizers' buffers would hold (as quantize_all_with returns them).
+    held = dict(zip((r.key for r in plan.quantized), torch.tensor(plan.amaxes, dtype=torch.float32).tolist()))
+    entries = []
+    for ref in refs:
+        if ref.role is Role.WEIGHT:
+            entries.append(weight_entries[ref.key])
+        elif ref.key in held:
+            spec = ref.quantizer.spec
+            entries.append(QuantizerScale(module=ref.module_name, role=ref.role.value, amax=held[ref.key],
+                                          num_bits=spec.num_bits, narrow_range=spec.narrow_range, axis=spec.axis))
+    return Scales(entries=entries, calibrator=calibrator, calibrator_params=dict(calibrator_params or {}),
+                  statistics=dict(statistics), config=get_config(model), float_layers=[], model=type(model).__name__)
 
 
 def scales_of(

@@ -9,13 +9,13 @@ ends with the statistics one process would have built from all the data.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from quantlab import distributed
-from quantlab.attach import iter_quantizers
+from quantlab.attach import QuantizerRef, direct_weight_reads, iter_quantizers
 from quantlab import cuda_graphs as graph_replay  # MIN_BATCHES read per pass: benchmarks set it
 from quantlab.histogram_merge import merge_across_ranks
 from quantlab.pipeline.types import PendingStatistics, Statistics
@@ -24,7 +24,7 @@ from quantlab.tensor_quantizer import Role
 
 
 def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group: Any = None,
-            cuda_graphs: bool = True, defer: bool = False) -> Statistics:
+            cuda_graphs: bool = True, defer: bool = False, refs: Optional[Sequence[QuantizerRef]] = None) -> Statistics:
     """Runs ``forward_loop(model)`` once with every input quantizer collecting statistics.
 
     Args:
@@ -46,6 +46,8 @@ def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group
             the pass's GPU work and the statistics come back with the first
             ranges (see :attr:`Statistics.pending`, :class:`~quantlab.pipeline.choose.ChoicesBehindThePass`).
             A NaN/Inf is then reported when the statistics are first read.
+        refs: The model's quantizers, if the caller already listed them (each walk of a large
+            model's module tree is host time before the first batch or after the last).
 
     Returns:
         The statistics of every input tensor.
@@ -56,27 +58,27 @@ def collect(model: nn.Module, forward_loop: Callable[[nn.Module], Any], *, group
     start = time.perf_counter()
     error: Optional[BaseException] = None
     pending: Optional[PendingStatistics] = None
+    refs = list(iter_quantizers(model)) if refs is None else list(refs)
     try:
-        pending = _pass(model, forward_loop, cuda_graphs, defer and group is None)
+        pending = _pass(model, refs, forward_loop, cuda_graphs, defer and group is None)
     except Exception as exc:  # noqa: BLE001 - under a group, re-raised on every rank below
         if group is None:
             raise
         error = exc
     if group is not None:
         distributed.raise_if_any_rank_failed(error, "the statistics pass", group)
-        collectors = [_collector_of(ref.quantizer) for ref in iter_quantizers(model) if ref.role is Role.INPUT]
+        collectors = [_collector_of(ref.quantizer) for ref in refs if ref.role is Role.INPUT]
         merge_across_ranks(collectors, group, distributed.comm_device(group))
-    statistics = statistics_of(model, pending)
+    statistics = statistics_of(model, pending, refs)
     statistics.seconds = time.perf_counter() - start
     return statistics
 
 
-def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graphs: bool,
+def _pass(model: nn.Module, refs: Sequence[QuantizerRef], forward_loop: Callable[[nn.Module], Any], cuda_graphs: bool,
           defer: bool = False) -> Optional[PendingStatistics]:
     expected = getattr(forward_loop, "expected_batches", None)
     if expected is not None and expected < graph_replay.MIN_BATCHES:
         cuda_graphs = False
-    refs = list(iter_quantizers(model))
     quantizers = [ref.quantizer for ref in refs]
     saved = [(q, q.mode) for q in quantizers]
     for q in quantizers:
@@ -91,7 +93,8 @@ def _pass(model: nn.Module, forward_loop: Callable[[nn.Module], Any], cuda_graph
         for m in training:
             m.training = False
     try:
-        with torch.no_grad(), graph_replay.graphed_forward(model, enabled=cuda_graphs):
+        # Weights stay in floating point: read directly, not through the (off) weight quantizers.
+        with torch.no_grad(), direct_weight_reads(model, refs), graph_replay.graphed_forward(model, enabled=cuda_graphs):
             forward_loop(model)
     finally:
         for m in training:
@@ -119,16 +122,18 @@ def _collector_of(quantizer: Any) -> HistogramCollector:
     return quantizer.collector
 
 
-def statistics_of(model: nn.Module, pending: Optional[PendingStatistics] = None) -> Statistics:
+def statistics_of(model: nn.Module, pending: Optional[PendingStatistics] = None,
+                  refs: Optional[Sequence[QuantizerRef]] = None) -> Statistics:
     """The statistics the model's input quantizers hold (from the last pass or loaded scales).
 
     With ``pending`` (a deferred pass's end) the histograms of its collectors are
-    left on the device, read when first needed.
+    left on the device, read when first needed. ``refs``: the model's quantizers, if
+    the caller already listed them.
     """
     histograms: Dict[str, Any] = {}
     batches: Dict[str, int] = {}
     num_bits = 8
-    for ref in iter_quantizers(model):
+    for ref in iter_quantizers(model) if refs is None else refs:
         if ref.role is not Role.INPUT:
             continue
         num_bits = ref.quantizer.spec.num_bits

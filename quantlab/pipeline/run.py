@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from quantlab.algorithms import Algorithm, AlgorithmReport, Stage, check_params, parse_algorithms
-from quantlab.attach import attach_quantizers, get_config, is_quantized, iter_quantizers
+from quantlab.attach import QuantizerRef, attach_quantizers, get_config, is_quantized, iter_quantizers
 from quantlab.calibrators import get_calibrator
 from quantlab.config import QuantConfig, int8_config
 from quantlab.errors import CalibrationError
-from quantlab.pipeline.apply import apply, measure_weight_ranges, scales_of
+from quantlab.pipeline.apply import apply, measure_weight_ranges, planned_scales, scales_of
 from quantlab.pipeline.choose import Calibrators, calibrator_params, choose_all
 from quantlab.pipeline.collect import collect
 from quantlab.pipeline.refine import refinable_state, refine, restore_refinable_state
@@ -101,14 +101,16 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
     algorithms = parse_algorithms(config.algorithms)
     check_params(config.algorithms, {name: dict(p) for name, p in config.algorithm_params})
     transforms = prepare(model, config, forward_loop)
+    # The quantizers, listed once for every stage (a walk of a large model's module tree costs ~1 ms of host time).
+    refs = list(iter_quantizers(model))
     # Deferred: the calibrators are enqueued behind the pass, whose end is read back with the ranges.
-    statistics = collect(model, forward_loop, group=group, cuda_graphs=cuda_graphs, defer=True)
+    statistics = collect(model, forward_loop, group=group, cuda_graphs=cuda_graphs, defer=True, refs=refs)
     if statistics.num_batches == 0:
         raise CalibrationError("calibration data is empty: no batch reached the model")
     refiners = [a for a in algorithms if a.stage is Stage.REFINE]
     weight_ranges: List[torch.Tensor] = []
     if not refiners:  # the weights stay as they are: their ranges are enqueued behind the pass too
-        weights = [ref for ref in iter_quantizers(model) if ref.role is Role.WEIGHT]
+        weights = [ref for ref in refs if ref.role is Role.WEIGHT]
         measure_weight_ranges(model, weights)
         weight_ranges = [ref.quantizer.amax for ref in weights]
     # Behind a deferred pass the weights' ranges come back with the statistics (one read-back for both).
@@ -116,13 +118,13 @@ def run(model: nn.Module, forward_loop: Callable[[nn.Module], Any], calibrators:
     result = PTQResult(scales={}, num_batches=statistics.num_batches, statistics_seconds=statistics.seconds,
                        calibrate_seconds={}, transforms=transforms)
     return apply_each(model, statistics, chosen, result, refiners=refiners, forward_loop=forward_loop, config=config,
-                      weights_measured=not refiners, weight_values=getattr(chosen, "extra_values", None))
+                      weights_measured=not refiners, weight_values=getattr(chosen, "extra_values", None), refs=refs)
 
 
 def apply_each(model: nn.Module, statistics: Statistics, chosen: Mapping[str, Ranges], result: PTQResult, *,
                refiners: Sequence[Algorithm] = (), forward_loop: Optional[Callable[[nn.Module], Any]] = None,
                config: Optional[QuantConfig] = None, weights_measured: bool = False,
-               weight_values: Optional[torch.Tensor] = None) -> PTQResult:
+               weight_values: Optional[torch.Tensor] = None, refs: Optional[Sequence[QuantizerRef]] = None) -> PTQResult:
     """refine -> apply for each calibrator's ranges in turn; fills ``result``'s scales,
     seconds, refinements and refined weights (in the order of ``chosen``). The model is
     left with the last calibrator's.
@@ -131,6 +133,7 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Mapping[str, Ra
         weights_measured: The weights' ranges were just stored (:func:`measure_weight_ranges`)
             and the weights have not changed since (no refiners).
         weight_values: Those ranges, already read back (see :func:`apply`).
+        refs: The model's quantizers, if the caller already listed them.
 
     Without refiners, calibrators whose ranges are in (``chosen.ready``, behind a deferred
     pass) are applied first, so the host works on them while the device still computes the
@@ -143,7 +146,7 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Mapping[str, Ra
         first = [n for n in ready if n != names[-1]]
         order = first + [n for n in names if n not in first]
     before = refinable_state(model) if refiners and len(chosen) > 1 else None
-    refs = list(iter_quantizers(model))  # listed once for every calibrator
+    refs = list(iter_quantizers(model)) if refs is None else list(refs)  # listed once for every calibrator
     previous: Optional[Scales] = None
     saved_statistics = statistics.saved()
     for index, name in enumerate(order):
@@ -154,12 +157,19 @@ def apply_each(model: nn.Module, statistics: Statistics, chosen: Mapping[str, Ra
         result.refinements[name] = refine(model, ranges, refiners, forward_loop, config, reference_state=before)
         # Weight ranges do not depend on the calibrator unless refiners changed the weights.
         same_weights = index > 0 and not refiners
-        stored: Dict[str, Any] = {}
-        apply(model, ranges, weights=not same_weights, refs=refs, stored=stored,
-              weights_measured=weights_measured and index == 0, weight_values=weight_values)
-        previous = result.scales[name] = scales_of(
-            model, calibrator=name, calibrator_params=ranges.params, statistics=saved_statistics, refs=refs,
-            weights_from=previous if same_weights else None, held=stored)
+        # Between the first calibrator (which stores the weights' ranges) and the one left in the model,
+        # only the Scales are wanted: built from the ranges, with nothing stored in the quantizers.
+        planned = None
+        if same_weights and index < len(order) - 1 and previous is not None:
+            planned = planned_scales(model, ranges, refs=refs, weights_from=previous, statistics=saved_statistics,
+                                     calibrator=name, calibrator_params=ranges.params)
+        if planned is None:
+            stored: Dict[str, Any] = {}
+            apply(model, ranges, weights=not same_weights, refs=refs, stored=stored,
+                  weights_measured=weights_measured and index == 0, weight_values=weight_values)
+            planned = scales_of(model, calibrator=name, calibrator_params=ranges.params, statistics=saved_statistics,
+                                refs=refs, weights_from=previous if same_weights else None, held=stored)
+        previous = result.scales[name] = planned
         if refiners:
             result.refined_weights[name] = refinable_state(model)
         if result.transforms or result.refinements[name]:  # the ranges fit the changed weights: say so in the file

@@ -182,3 +182,58 @@ def test_the_pass_runs_in_eval_mode_and_restores_every_flag():
         assert torch.equal(model[1].running_mean, before)  # so BatchNorm kept its statistics
         assert {name: m.training for name, m in model.named_modules()} == flags
     assert Frozen.calls and Frozen.calls[0] is False
+
+
+class WithIdleLayers(nn.Module):
+    """One layer every batch reaches, one that sees only zeros, one never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.zeros, self.unused = nn.Linear(4, 2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))), self.zeros(torch.zeros(x.shape[0], 4))
+
+
+def test_calibrators_not_left_in_the_model_get_the_scales_applying_them_gives(monkeypatch):
+    """run_ptq builds the Scales of the calibrators between the first and the last from their ranges, without
+    storing them in the quantizers: the same Scales as applying each (unreached and all-zero inputs included)."""
+    import importlib
+
+    from quantlab.pipeline import apply, choose, scales_of, statistics_of
+
+    pipeline_run = importlib.import_module("quantlab.pipeline.run")  # the module (the package exports its function)
+    built = []
+    planned = pipeline_run.planned_scales
+    monkeypatch.setattr(pipeline_run, "planned_scales", lambda *a, **k: built.append(planned(*a, **k)) or built[-1])
+    from quantlab.ptq import run_ptq
+
+    torch.manual_seed(5)
+    model = WithIdleLayers()
+    names = ["max", "percentile", "entropy", "mse"]
+    with pytest.warns(UserWarning, match="only zeros|no calibration data"):
+        result = run_ptq(model, [torch.randn(16, 6) for _ in range(3)], names)
+    assert len(built) == 2 and all(s is not None for s in built)  # the two in the middle
+    statistics = statistics_of(model)
+    for name in names:
+        ranges = choose(statistics, name)
+        with pytest.warns(UserWarning):
+            apply(model, ranges)
+        applied = scales_of(model, calibrator=name, calibrator_params=ranges.params, statistics=statistics.saved())
+        recorded = result.scales[name]
+        assert recorded.entries == applied.entries and {e.module for e in recorded.entries} == {"a", "b", "zeros", "unused"}
+        assert not any(e.role == "input" and e.module in ("zeros", "unused") for e in recorded.entries)
+        for field in ("calibrator", "calibrator_params", "float_layers", "config", "model", "algorithms"):
+            assert getattr(recorded, field) == getattr(applied, field), field
+        assert recorded.statistics.keys() == applied.statistics.keys() == {"a", "b"}
+
+
+def test_a_calibrator_in_the_middle_of_a_run_that_chooses_nan_is_reported(monkeypatch):
+    from quantlab.calibrators import base as registry
+    from quantlab.ptq import run_ptq
+
+    monkeypatch.setitem(registry._REGISTRY, "always_nan", lambda *args, **kwargs: float("nan"))
+    model, data = model_and_data()
+    with pytest.raises(CalibrationError, match="'always_nan' chose amax nan for the input of '0'"):
+        run_ptq(model, data, ["max", "always_nan", "entropy"])

@@ -80,6 +80,9 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
     run_batches(model, iter([next(iter(wl.batches(device)))]))  # warm-up: kernels, allocator
+    # FP32 inference runs the model as the user has it: a copy without quantizers (no input hooks, no
+    # weight parametrizations; before 2026-12-03 the quantized model with its quantizers off was timed).
+    fp32_model = copy.deepcopy(model)
 
     fp32_times: List[float] = []
     fp32_graph_times: List[float] = []
@@ -88,11 +91,10 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
     quantlab.quantize(model, quantlab.int8_config())  # attach only
     with C.PeakMemory(device=device) as mem:
         for _ in range(args.repeats):
-            with quantlab.quantization_disabled(model):
-                fp32_times.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
-                if device.type == "cuda" and not args.no_cuda_graphs:  # the same forward as graphs, for reference
-                    with torch.no_grad(), graphed_forward(model):
-                        fp32_graph_times.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
+            fp32_times.append(C.timed(lambda: run_batches(fp32_model, wl.batches(device)), device)[0])
+            if device.type == "cuda" and not args.no_cuda_graphs:  # the same forward as graphs, for reference
+                with torch.no_grad(), graphed_forward(fp32_model):
+                    fp32_graph_times.append(C.timed(lambda: run_batches(fp32_model, wl.batches(device)), device)[0])
             stats_times.append(C.timed(lambda: collect_statistics(model, forward_loop(wl.batches(device)),
                                                                   cuda_graphs=not args.no_cuda_graphs), device)[0])
             if device.type == "cuda" and not args.no_cuda_graphs:  # the pass never graphed, for reference
@@ -170,17 +172,14 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
         paused_times: List[float] = []
         no_gc_times: List[float] = []
         for _ in range(args.repeats):  # interleaved with FP32 inference, so host drift hits all
-            with quantlab.quantization_disabled(model):
-                fp32_beside.append(C.timed(lambda: run_batches(model, wl.batches(device)), device)[0])
+            fp32_beside.append(C.timed(lambda: run_batches(fp32_model, wl.batches(device)), device)[0])
             end_to_end.append(C.timed(pass_and_calibrators, device)[0])
-            with quantlab.quantization_disabled(model):
-                run_batches(model, wl.batches(device))
+            run_batches(fp32_model, wl.batches(device))
             with marks:
                 run_ptq_times.append(watched(as_run_ptq_marked))
                 after_a_pause()
                 paused_times.append(watched(as_run_ptq_marked))
-            with quantlab.quantization_disabled(model):
-                run_batches(model, wl.batches(device))
+            run_batches(fp32_model, wl.batches(device))
             no_gc_times.append(C.timed(gc_paused, device)[0])
     result = {
         "tool": "quantlab",

@@ -1,6 +1,7 @@
 """Why the same statistics pass takes 0.17 s in one run and 0.26 s in the next (issue 18): per batch, when
-the host finished enqueuing it and when the GPU finished running it, for FP32 inference and run_ptq's one
-call interleaved. A GPU that finishes a batch before the host has enqueued the next one sat idle (the pass
+the host finished enqueuing it and when the GPU finished running it, for FP32 inference (the model without
+quantizers) and run_ptq's one call (as it is, with the per-layer host path it had before 2026-12-03, and
+graphed) interleaved. A GPU that finishes a batch before the host has enqueued the next one sat idle (the pass
 was host-bound there); batches that take the GPU longer point at the device instead.
 
     python benchmarks/diagnose_pass_spread.py --device cuda --model resnet50 --samples 1024 --repeats 12
@@ -8,11 +9,13 @@ was host-bound there); batches that take the GPU longer point at the device inst
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import statistics as st
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -53,6 +56,26 @@ class BatchMarks:
                 "host-bound batches": host_bound}
 
 
+@contextlib.contextmanager
+def per_layer_path_as_before() -> Iterator[None]:
+    """The statistics pass's per-layer host path before 2026-12-03 (same statistics): weights read through
+    torch's parametrizations, the input quantizer called as a module from the hook. (The collectors' cheaper
+    thread-local lookups of the same day stay: a fraction of a microsecond per layer.)"""
+    import importlib
+
+    from quantlab import attach
+
+    collect = importlib.import_module("quantlab.pipeline.collect")  # the module (the package exports its function)
+
+    direct, plainly = collect.direct_weight_reads, attach._calls_plainly
+    collect.direct_weight_reads = lambda model, refs=None: contextlib.nullcontext(model)
+    attach._calls_plainly = lambda module: False
+    try:
+        yield
+    finally:
+        collect.direct_weight_reads, attach._calls_plainly = direct, plainly
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     C.add_common_args(parser)
@@ -72,6 +95,7 @@ def main() -> None:
     wl = make_workload(args.model, args.samples, args.batch_size)
     model = wl.build().to(device)
     run_batches(model, iter([next(iter(wl.batches(device)))]))
+    fp32_model = copy.deepcopy(model)  # FP32 inference: the model without quantizers, as the user has it
     quantlab.quantize(model, quantlab.int8_config())
     calibrators = ["max", "percentile", "entropy", "mse"]
     run_pipeline(model, forward_loop(wl.batches(device)), calibrators)  # warm-up: kernels compiled
@@ -80,15 +104,18 @@ def main() -> None:
     rows: List[List[Any]] = []
     totals: Dict[str, List[float]] = {}
     for repeat in range(args.repeats):
-        for job in ("FP32", "run_ptq", "run_ptq, graphed, captured at call 2", "run_ptq, graphed, captured at call 4"):
+        for job in ("FP32", "run_ptq", "run_ptq, per-layer path as before 2026-12-03", "run_ptq, graphed, captured at call 4"):
             C.sync(device)
             marks.start()
             start = time.perf_counter()
             if job == "FP32":
-                with quantlab.quantization_disabled(model), torch.no_grad():
+                with torch.no_grad():
                     for batch in wl.batches(device):
-                        call(model, batch)
+                        call(fp32_model, batch)
                         marks.mark()
+            elif "as before" in job:
+                with per_layer_path_as_before():
+                    run_pipeline(model, forward_loop(wl.batches(device), progress=marks.mark), calibrators)
             else:  # graphed: every batch after the first replays one CUDA graph (one launch instead of hundreds)
                 graph_replay.MIN_BATCHES = 1 if "graphed" in job else default_min_batches
                 graph_replay.EAGER_CALLS = int(job[-1]) - 1 if "graphed" in job else default_eager_calls

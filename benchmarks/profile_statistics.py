@@ -6,6 +6,7 @@ pieces of ``HistogramCollector.update`` timed alone on a ReLU-like activation.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -105,9 +106,10 @@ def device_path_checks(device: torch.device) -> list:
     return rows
 
 
-def phase_times(model, wl, device, repeats: int = 3) -> List[List[Any]]:
-    """Host clock through one statistics pass and one FP32 pass: setup, enqueueing the batches,
-    waiting for the GPU, and the read-back at the end (median ms of ``repeats``)."""
+def phase_times(model, fp32_model, wl, device, repeats: int = 3) -> List[List[Any]]:
+    """Host clock through one statistics pass and one FP32 pass (``fp32_model``: the model without
+    quantizers): setup, enqueueing the batches, waiting for the GPU, and the read-back at the end
+    (median ms of ``repeats``)."""
     import statistics as st
 
     from quantlab import collect_statistics
@@ -143,13 +145,13 @@ def phase_times(model, wl, device, repeats: int = 3) -> List[List[Any]]:
         start = time.perf_counter()
         with torch.no_grad():
             for batch in wl.batches(device):
-                model(batch) if not isinstance(batch, dict) else model(**batch)
+                fp32_model(batch) if not isinstance(batch, dict) else fp32_model(**batch)
         enqueued = time.perf_counter()
         C.sync(device)
         end = time.perf_counter()
-        add("FP32 (quantizers off): batches enqueued (host)", enqueued - start)
-        add("FP32 (quantizers off): GPU still busy after that", end - enqueued)
-        add("FP32 (quantizers off): total", end - start)
+        add("FP32 (no quantizers): batches enqueued (host)", enqueued - start)
+        add("FP32 (no quantizers): GPU still busy after that", end - enqueued)
+        add("FP32 (no quantizers): total", end - start)
     return [[name, f"{st.median(values):.2f}"] for name, values in rows.items()]
 
 
@@ -250,11 +252,12 @@ def device_breakdown(model, device, repeats: int = 5) -> str:
                 ["job", "wall ms", "GPU kernel ms", "kernels", "launch calls", "top-level aten ops", "syncs"], rows))
 
 
-def end_to_end(model, wl, device, repeats: int = 7) -> str:
-    """The pass and all four calibrators back to back in one timed region, against FP32 inference."""
+def end_to_end(model, fp32_model, wl, device, repeats: int = 7) -> str:
+    """The pass and all four calibrators back to back in one timed region, against FP32 inference
+    (``fp32_model``: the model as the user has it, without quantizers)."""
     import statistics as st
 
-    from quantlab import collect_statistics, quantization_disabled
+    from quantlab import collect_statistics
     from quantlab.batching import forward_loop
     from quantlab.ptq import parse_calibrators, run_calibrators
 
@@ -265,8 +268,7 @@ def end_to_end(model, wl, device, repeats: int = 7) -> str:
         run_calibrators(model, names)
 
     def fp32() -> None:
-        with torch.no_grad(), quantization_disabled(model):
-            run_batches(model, wl.batches(device))
+        run_batches(fp32_model, wl.batches(device))
 
     from quantlab import statistics
 
@@ -340,14 +342,15 @@ def main() -> None:
         wl = make_workload(args.model, args.samples, args.batch_size)
         model = wl.build().to(device)
         run_batches(model, iter([next(iter(wl.batches(device)))]))
+        fp32_model = copy.deepcopy(model)  # FP32 inference: the model without quantizers, as the user has it
         quantlab.quantize(model, quantlab.int8_config())
         collect_statistics(model, forward_loop(wl.batches(device)))  # warm-up: kernels compiled, state allocated
         out.append(f"### Phases of one pass, {args.model}, {args.samples} samples, batch {args.batch_size} (median ms)\n\n"
-                   + C.markdown_table(["phase", "ms"], phase_times(model, wl, device)))
+                   + C.markdown_table(["phase", "ms"], phase_times(model, fp32_model, wl, device)))
         out.append(f"### One run_ptq call, {args.model}, {args.samples} samples (ms: median, min, max)\n\n"
                    + C.markdown_table(["phase", "median", "min", "max"], run_ptq_phases(model, wl, device)))
         # End to end before any torch.profiler run: a CUDA profiler session leaves launches slower after it.
-        out.append(end_to_end(model, wl, device))
+        out.append(end_to_end(model, fp32_model, wl, device))
         out.append(calibrator_profile(model, device))
         out.append(device_breakdown(model, device))
         if args.host_profile:

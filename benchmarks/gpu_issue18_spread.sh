@@ -1,5 +1,5 @@
 # GPU run for issue 18: where a slow statistics pass loses its time (per batch: host enqueue vs GPU done),
-# FP32 and run_ptq (eager, and graphed with the capture at the 2nd or the 4th call) interleaved, ResNet-50 at
+# FP32 (no quantizers) and run_ptq (eager, eager with the per-layer host path before 2026-12-03, graphed) interleaved, ResNet-50 at
 # 512 and 1,024 samples, BERT-base at 512; optionally the CUDA tests of the statistics pass and graphs first.
 #   bash benchmarks/gpu_issue18_spread.sh   (repo root as cwd; results under $OUT; env TESTS=1, REPEATS)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

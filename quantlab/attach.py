@@ -74,11 +74,12 @@ def _input_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
 
 
 def _calls_plainly(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs its forward alone: no hooks of its own nor global ones."""
+    """Whether calling ``module`` runs its class's forward alone: no hooks of its own nor global ones,
+    no ``forward`` set on the instance (a wrapper, e.g. accelerate's hooks)."""
     return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or _module_globals._global_forward_hooks
                 or _module_globals._global_forward_pre_hooks or _module_globals._global_backward_hooks
-                or _module_globals._global_backward_pre_hooks)
+                or _module_globals._global_backward_pre_hooks or "forward" in module.__dict__)
 
 
 def is_input_hook(hook: Any) -> bool:
@@ -275,8 +276,10 @@ def _quantized_weight_name(module: nn.Module, quantizer: TensorQuantizer) -> str
     raise KeyError(f"{type(module).__name__} has no parametrization holding this weight quantizer")
 
 
-# The attribute of a parametrized class that holds its direct-read subclass per tensor name.
+# The attribute of a parametrized class that holds its direct-read subclass per tensor name, and the
+# attribute that marks such a subclass (with the class it stands in for).
 _DIRECT_ATTR = "_quantlab_direct_reads"
+_DIRECT_OF = "_quantlab_direct_read_of"
 
 
 def _direct_read_class(cls: type, tensor_name: str) -> Optional[type]:
@@ -287,8 +290,8 @@ def _direct_read_class(cls: type, tensor_name: str) -> Optional[type]:
     rebuilt where a class copied from ``cls`` (:func:`_own_class`) brought along another's.
     """
     parametrized = cls.__dict__.get(tensor_name)
-    if not isinstance(parametrized, property) or parametrized.fget is None:
-        return None
+    if not isinstance(parametrized, property) or parametrized.fget is None or _DIRECT_OF in cls.__dict__:
+        return None  # not torch's parametrized class, or already a direct-read one (a block inside another)
     classes = cls.__dict__.get(_DIRECT_ATTR)
     if classes is None or classes.get("__base__") is not cls:
         classes = {"__base__": cls}
@@ -302,8 +305,10 @@ def _direct_read_class(cls: type, tensor_name: str) -> Optional[type]:
         chain = plist._modules
         if len(chain) == 1:
             (only,) = chain.values()
-            # Off, a quantizer returns its input itself (TensorQuantizer.forward): the stored tensor.
-            if isinstance(only, TensorQuantizer) and only._mode is QuantizerMode.OFF:
+            # Off, a quantizer returns its input itself (TensorQuantizer.forward): the stored tensor, unless
+            # a hook or a wrapper on the calls that would compute it must see them run.
+            if (isinstance(only, TensorQuantizer) and only._mode is QuantizerMode.OFF and _calls_plainly(only)
+                    and _calls_plainly(plist)):
                 original = plist._parameters.get("original")
                 if original is not None:
                     return original
@@ -316,7 +321,7 @@ def _direct_read_class(cls: type, tensor_name: str) -> Optional[type]:
         return replica
 
     direct = type(cls.__name__, (cls,), {tensor_name: property(read, parametrized.fset), "__deepcopy__": deep_copy,
-                                         "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+                                         _DIRECT_OF: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
     classes[tensor_name] = direct
     return direct
 
@@ -333,8 +338,11 @@ def direct_weight_reads(model: nn.Module, refs: Optional[Iterable[QuantizerRef]]
     host-bound. Inside the block each quantized module takes a subclass of its class
     whose weight property returns the stored tensor in exactly that state and runs the
     parametrizations in any other (a quantizer switched on, a 2:4 mask stacked on the
-    weight), so every read returns what it would return outside. Each module's class is
-    put back on exit; a deep copy made inside has the usual class.
+    weight, a hook on those calls), so every read returns what it would return outside.
+    Each module's class is put back on exit; a deep copy made inside has the usual class;
+    a block inside another changes nothing more. Inside the block, parametrizations of
+    these modules must not be registered or removed (torch would change the stand-in
+    class, which is put away on exit): a statistics pass does neither.
 
     Args:
         model: The quantized model.

@@ -293,3 +293,41 @@ def test_a_statistics_pass_reads_the_weights_directly_and_runs_the_input_quantiz
     counted = {name: int(stats.counts.sum()) for name, stats in ql.collected_statistics(model).items()}
     assert counted == {"0": 2 * 2 * 3 * 36, "2": 2 * 2 * 4 * 36}
     assert [type(m) for m in model] == classes  # torch's parametrized classes again
+
+
+def test_a_pass_runs_hooks_and_wrappers_on_the_quantizers_calls_it_would_otherwise_skip():
+    """Direct weight reads and the hook's direct statistics call step aside where something watches those calls."""
+    from quantlab import collect_statistics
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    ql.quantize(model, ql.int8_config())
+    seen = {"weight quantizer": 0, "weight parametrizations": 0, "input forward": 0}
+    model[0].parametrizations.weight[0].register_forward_hook(lambda *a: seen.__setitem__("weight quantizer", seen["weight quantizer"] + 1))
+    model[2].parametrizations.weight.register_forward_hook(
+        lambda *a: seen.__setitem__("weight parametrizations", seen["weight parametrizations"] + 1))
+    quantizer = model[2].input_quantizer
+    plain_forward = quantizer.forward
+
+    def wrapped(x):  # a wrapper set on the instance (as accelerate's hooks are)
+        seen["input forward"] += 1
+        return plain_forward(x)
+
+    quantizer.forward = wrapped
+    assert collect_statistics(model, lambda m: [m(torch.randn(3, 4)) for _ in range(2)]) == {"0": 2, "2": 2}
+    assert seen == {"weight quantizer": 2, "weight parametrizations": 2, "input forward": 2}
+
+
+def test_direct_weight_reads_inside_another_block_change_nothing_more():
+    from quantlab.attach import direct_weight_reads
+
+    model = calibrate_on(nn.Sequential(nn.Linear(4, 4)), [torch.randn(3, 4)])
+    cls = type(model[0])
+    with ql.quantization_disabled(model), direct_weight_reads(model):
+        outer = type(model[0])
+        with direct_weight_reads(model):
+            assert type(model[0]) is outer
+            clone = copy.deepcopy(model)
+        assert type(model[0]) is outer and model[0].weight is model[0].parametrizations.weight.original
+    assert type(model[0]) is cls and type(clone[0]) is cls
+    ql.remove_quantizers(clone)
+    assert type(clone[0]) is nn.Linear

@@ -14,8 +14,9 @@ inputs.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -246,3 +247,16 @@ def export_onnx(model: nn.Module, example: Any, input_names: List[str], path: st
         model, args, path, input_names=input_names, output_names=["output"],
         dynamic_axes=axes, opset_version=17, dynamo=False,
     )
+
+
+def quantized_model(wl: "Workload", device: torch.device, *, fp32_copy: bool = False) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """The workload's model on ``device`` after one warm-up batch (kernels, allocator), with quantizers
+    attached (off until calibrated); with ``fp32_copy``, also a copy taken before, without quantizers:
+    FP32 inference as the user runs it (no input hooks, no weight parametrizations)."""
+    import quantlab
+
+    model = wl.build().to(device)
+    run_batches(model, iter([next(iter(wl.batches(device)))]))
+    fp32 = copy.deepcopy(model) if fp32_copy else None
+    quantlab.quantize(model, quantlab.int8_config())
+    return model, fp32

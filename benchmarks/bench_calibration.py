@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from _models import MODELS, make_workload, run_batches  # noqa: E402
+from _models import MODELS, make_workload, quantized_model, run_batches  # noqa: E402
 
 QUANTLAB_CALIBRATORS = ("max", "percentile", "entropy", "mse")
 HIST_METHODS = ("entropy", "percentile", "mse")
@@ -78,17 +78,14 @@ def worker_quantlab(args: argparse.Namespace) -> Dict[str, Any]:
 
         cuda_graphs.MIN_BATCHES = args.graph_min_batches
     wl = make_workload(args.model, args.samples, args.batch_size)
-    model = wl.build().to(device)
-    run_batches(model, iter([next(iter(wl.batches(device)))]))  # warm-up: kernels, allocator
-    # FP32 inference runs the model as the user has it: a copy without quantizers (no input hooks, no
-    # weight parametrizations; before 2026-12-03 the quantized model with its quantizers off was timed).
-    fp32_model = copy.deepcopy(model)
+    # FP32 inference runs the model as the user has it: a copy without quantizers (before 2026-12-03 the
+    # quantized model with its quantizers off was timed).
+    model, fp32_model = quantized_model(wl, device, fp32_copy=True)
 
     fp32_times: List[float] = []
     fp32_graph_times: List[float] = []
     stats_times: List[float] = []
     stats_eager_times: List[float] = []
-    quantlab.quantize(model, quantlab.int8_config())  # attach only
     with C.PeakMemory(device=device) as mem:
         for _ in range(args.repeats):
             fp32_times.append(C.timed(lambda: run_batches(fp32_model, wl.batches(device)), device)[0])

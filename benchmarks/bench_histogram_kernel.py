@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from _models import make_workload, run_batches  # noqa: E402
+from _models import make_workload, quantized_model, run_batches  # noqa: E402
 
 Variant = Tuple[int, int, int, int, int]
 LOADS = {0: "plain", 1: "__ldg", 2: "__ldcs"}
@@ -155,9 +155,7 @@ def pass_table(args: argparse.Namespace, device: torch.device, variants: List[Va
         except Exception:  # reported in the first table
             variants.remove(variant)
             continue
-        model = wl.build().to(device)
-        run_batches(model, iter([next(iter(wl.batches(device)))]))
-        quantlab.quantize(model, quantlab.int8_config())
+        model, _ = quantized_model(wl, device)
         collect_statistics(model, forward_loop(wl.batches(device)))  # binds this variant's kernels
         models.append(model)
     H._CACHE.pop(index, None)

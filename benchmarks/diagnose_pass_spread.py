@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import statistics as st
 import sys
 import time
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from _models import call, make_workload, run_batches  # noqa: E402
+from _models import call, make_workload, quantized_model  # noqa: E402
 
 
 class BatchMarks:
@@ -87,16 +86,12 @@ def main() -> None:
     device = C.setup_torch(args)
     if device.type != "cuda":
         raise SystemExit("needs a CUDA device (GPU events)")
-    import quantlab
     from quantlab import cuda_graphs as graph_replay
     from quantlab.batching import forward_loop
     from quantlab.pipeline import run as run_pipeline
 
     wl = make_workload(args.model, args.samples, args.batch_size)
-    model = wl.build().to(device)
-    run_batches(model, iter([next(iter(wl.batches(device)))]))
-    fp32_model = copy.deepcopy(model)  # FP32 inference: the model without quantizers, as the user has it
-    quantlab.quantize(model, quantlab.int8_config())
+    model, fp32_model = quantized_model(wl, device, fp32_copy=True)
     calibrators = ["max", "percentile", "entropy", "mse"]
     run_pipeline(model, forward_loop(wl.batches(device)), calibrators)  # warm-up: kernels compiled
     default_min_batches, default_eager_calls = graph_replay.MIN_BATCHES, graph_replay.EAGER_CALLS

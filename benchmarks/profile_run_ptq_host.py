@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
-from _models import make_workload, run_batches  # noqa: E402
+from _models import make_workload, quantized_model  # noqa: E402
 
 
 def main() -> None:
@@ -29,14 +29,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5)
     args = parser.parse_args()
     device = C.setup_torch(args)
-    import quantlab
     from quantlab.batching import forward_loop
     from quantlab.pipeline import run as run_pipeline
 
     wl = make_workload(args.model, args.samples, args.batch_size)
-    model = wl.build().to(device)
-    run_batches(model, iter([next(iter(wl.batches(device)))]))
-    quantlab.quantize(model, quantlab.int8_config())
+    model, _ = quantized_model(wl, device)
     calibrators = ["max", "percentile", "entropy", "mse"]
     for _ in range(2):  # warm-up: kernels compiled, statistics state allocated
         run_pipeline(model, forward_loop(wl.batches(device)), calibrators)

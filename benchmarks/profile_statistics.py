@@ -6,7 +6,6 @@ pieces of ``HistogramCollector.update`` timed alone on a ReLU-like activation.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from _models import make_workload, run_batches  # noqa: E402
+from _models import make_workload, quantized_model, run_batches  # noqa: E402
 
 
 def pieces(device: torch.device, shape, repeats: int) -> list:
@@ -333,17 +332,13 @@ def main() -> None:
     parser.add_argument("--phases", action="store_true", help="only the host-clock phases of a pass vs FP32 (skips the rest)")
     args = parser.parse_args()
     device = C.setup_torch(args)
-    import quantlab
     from quantlab import collect_statistics
     from quantlab.batching import forward_loop
 
     out = [C.machine_header("Profile of the statistics pass", {"device": str(device)})]
     if args.phases:
         wl = make_workload(args.model, args.samples, args.batch_size)
-        model = wl.build().to(device)
-        run_batches(model, iter([next(iter(wl.batches(device)))]))
-        fp32_model = copy.deepcopy(model)  # FP32 inference: the model without quantizers, as the user has it
-        quantlab.quantize(model, quantlab.int8_config())
+        model, fp32_model = quantized_model(wl, device, fp32_copy=True)
         collect_statistics(model, forward_loop(wl.batches(device)))  # warm-up: kernels compiled, state allocated
         out.append(f"### Phases of one pass, {args.model}, {args.samples} samples, batch {args.batch_size} (median ms)\n\n"
                    + C.markdown_table(["phase", "ms"], phase_times(model, fp32_model, wl, device)))
@@ -363,9 +358,7 @@ def main() -> None:
     out.append(f"### device path on {device} vs host path on the CPU\n\n" + C.markdown_table(
         ["case", "accumulator", "counts, width, amax", "synchronizing call in update()"], device_path_checks(device)))
     wl = make_workload(args.model, args.samples, args.batch_size)
-    model = wl.build().to(device)
-    run_batches(model, iter([next(iter(wl.batches(device)))]))
-    quantlab.quantize(model, quantlab.int8_config())
+    model, _ = quantized_model(wl, device)
     collect_statistics(model, forward_loop(iter([next(iter(wl.batches(device)))])))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:

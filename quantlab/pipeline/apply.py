@@ -242,11 +242,24 @@ def planned_scales(model: nn.Module, ranges: Ranges, *, refs: Sequence[Quantizer
         if ref.role is Role.WEIGHT:
             entries.append(weight_entries[ref.key])
         elif ref.key in held:
-            spec = ref.quantizer.spec
-            entries.append(QuantizerScale(module=ref.module_name, role=ref.role.value, amax=held[ref.key],
-                                          num_bits=spec.num_bits, narrow_range=spec.narrow_range, axis=spec.axis))
+            entries.append(_entry(ref, held[ref.key]))
+    return _snapshot(model, entries, calibrator, calibrator_params, statistics, float_layers=[])
+
+
+def _entry(ref: QuantizerRef, amax: Any) -> QuantizerScale:
+    """The scales entry of ``ref``'s quantizer holding ``amax``."""
+    spec = ref.quantizer.spec
+    return QuantizerScale(module=ref.module_name, role=ref.role.value, amax=amax, num_bits=spec.num_bits,
+                          narrow_range=spec.narrow_range, axis=spec.axis)
+
+
+def _snapshot(model: nn.Module, entries: List[QuantizerScale], calibrator: str,
+              calibrator_params: Optional[Dict[str, Any]], statistics: Dict[str, HistogramStats],
+              float_layers: List[str]) -> Scales:
+    """The :class:`Scales` of ``model`` with these entries (what :func:`scales_of` and :func:`planned_scales` return)."""
     return Scales(entries=entries, calibrator=calibrator, calibrator_params=dict(calibrator_params or {}),
-                  statistics=dict(statistics), config=get_config(model), float_layers=[], model=type(model).__name__)
+                  statistics=dict(statistics), config=get_config(model), float_layers=float_layers,
+                  model=type(model).__name__)
 
 
 def scales_of(
@@ -288,21 +301,11 @@ def scales_of(
                 entries.append(reused[ref.key])
             continue
         amax, finite = on_host[ref.key]
-        q = ref.quantizer
         if ref.module_name in kept_float:
             continue
-        if not finite or (ref.role is Role.INPUT and q.mode is QuantizerMode.OFF):
+        if not finite or (ref.role is Role.INPUT and ref.quantizer.mode is QuantizerMode.OFF):
             continue
-        entries.append(
-            QuantizerScale(
-                module=ref.module_name,
-                role=ref.role.value,
-                amax=amax,
-                num_bits=q.spec.num_bits,
-                narrow_range=q.spec.narrow_range,
-                axis=q.spec.axis,
-            )
-        )
+        entries.append(_entry(ref, amax))
     if statistics is None:
         statistics = {}
         for ref in refs:
@@ -310,15 +313,7 @@ def scales_of(
                 stats = ref.quantizer.collector.stats()
                 if stats is not None:
                     statistics[ref.module_name] = stats
-    return Scales(
-        entries=entries,
-        calibrator=calibrator,
-        calibrator_params=dict(calibrator_params or {}),
-        statistics=dict(statistics),
-        config=get_config(model),
-        float_layers=kept_float,
-        model=type(model).__name__,
-    )
+    return _snapshot(model, entries, calibrator, calibrator_params, statistics, float_layers=kept_float)
 
 
 def apply_scales(model: nn.Module, scales: Union[str, Path, Scales], *, strict: bool = True) -> nn.Module:

@@ -224,6 +224,7 @@ class _DeviceAccumulator:
         self.mirror_of: Optional[Tuple["_DeviceAccumulator", int]] = None
         self.generation = 0  # advanced by reset(): the state starts another history
         self.in_graph = False  # a captured CUDA graph writes into this state
+        self._weak_self = weakref.ref(self)  # what the shared-input table holds (made once, not per batch)
         # The fused kernels (quantlab.kernels.histogram_cuda) where they apply: one read per batch.
         # Both paths update amax, exponent and counts in place, so batches may take either.
         self._kernels = self._fused_kernels()
@@ -251,8 +252,9 @@ class _DeviceAccumulator:
         copied = object.__new__(type(self))
         memo[id(self)] = copied
         for key, value in self.__dict__.items():
-            if key not in ("_kernels", "_index", "mirror_of"):
+            if key not in ("_kernels", "_index", "mirror_of", "_weak_self"):
                 copied.__dict__[key] = copy.deepcopy(value, memo)
+        copied._weak_self = weakref.ref(copied)  # deepcopy keeps a weak reference as it is: the original's
         copied._index = None
         copied.mirror_of = None
         copied.in_graph = False
@@ -274,7 +276,9 @@ class _DeviceAccumulator:
         self.generation += 1  # whoever copied this state before copied another history
 
     def update(self, x: torch.Tensor) -> None:
+        # This runs per quantized layer per batch: each step is host time a host-bound pass pays for.
         recording = _recording()
+        n = x.numel()
         # Never shared: an inference tensor (no version counter, so an in-place change could not be
         # seen), nor inside a CUDA graph capture (a replay would copy whether or not the two states
         # are still equal then: another call between replays may have fed only one of the layers).
@@ -283,22 +287,22 @@ class _DeviceAccumulator:
         source = None if table is None else self._same_as(x, table.get(id(x)))
         if source is not None:  # this very batch was just counted into an equal state: copy the result
             self.state.copy_(source.state)
-            self._finish(x, recording)
+            self._finish(n, recording)
             self.mirror_of = (source, source.generation)
             return
         if recording is not None:  # only the fused kernel on an existing state, on the captured device
             if (self._kernels is None or not histogram_cuda.takes(x) or self.batches == 0
-                    or x.numel() >= _KERNEL_CHUNK or not _capturing_on(x.device)):
+                    or n >= _KERNEL_CHUNK or not _capturing_on(x.device)):
                 raise NotCapturable("statistics update not capturable (first batch, other device, or not the fused kernel)")
         if self._kernels is not None and histogram_cuda.takes(x):
-            self._update_fused(x)  # clears a stale state itself (first batch)
+            self._update_fused(x, n)  # clears a stale state itself (first batch)
         else:
             if self._stale:
                 self.counts.zero_()
                 self.amax.zero_()
                 self.exponent.fill_(_MIN_EXPONENT)
             self._update_torch_ops(x)
-        self._finish(x, recording)
+        self._finish(n, recording)
         self.mirror_of = None
         if table is None:
             return
@@ -307,15 +311,15 @@ class _DeviceAccumulator:
                 del table[key]
             if len(table) >= _COUNTED_LIMIT // 2:
                 table.clear()
-        table[id(x)] = (weakref.ref(x), x._version, weakref.ref(self), self.batches, self.generation)
+        table[id(x)] = (weakref.ref(x), x._version, self._weak_self, self.batches, self.generation)
 
-    def _finish(self, x: torch.Tensor, recording: Optional[List[Tuple["_DeviceAccumulator", int]]]) -> None:
+    def _finish(self, elements: int, recording: Optional[List[Tuple["_DeviceAccumulator", int]]]) -> None:
         self._stale = False
         self.batches += 1
-        self.elements += x.numel()
+        self.elements += elements
         if recording is not None:  # after the launch: a failed one leaves nothing to take back
             self.in_graph = True
-            recording.append((self, x.numel()))
+            recording.append((self, elements))
 
     def _same_as(self, x: torch.Tensor, entry: Optional[Tuple[Any, int, Any, int, int]]) -> Optional["_DeviceAccumulator"]:
         """The accumulator whose state equals what this one's would be after counting ``x``, if any.
@@ -339,10 +343,10 @@ class _DeviceAccumulator:
             return source
         return source if self.mirror_of == (source, generation) and self.batches == batches - 1 else None
 
-    def _update_fused(self, x: torch.Tensor) -> None:
+    def _update_fused(self, x: torch.Tensor, n: int) -> None:
         assert self._kernels is not None
-        if x.numel() < _KERNEL_CHUNK:
-            self._kernels.update(x, first=self.batches == 0)
+        if n < _KERNEL_CHUNK:
+            self._kernels.update(x, first=self.batches == 0, elements=n)
             return
         # Chunks of one batch are exact as separate batches: the final counts at the final width
         # do not depend on how the values were grouped.

@@ -479,6 +479,7 @@ class FusedHistogram:
         self._tensors = (amax, exponent, counts)  # the addresses below stay valid while these live
         self._range = [ctypes.c_int(v) for v in (size_log2, min_exponent, max_exponent)]
         self._launches: Dict[int, Tuple[_Launch, _Launch]] = {}
+        self._blocks: Dict[int, int] = {}  # (elements, 16-byte vector width) -> blocks per launch, as computed
 
     def _launches_for(self, kind: int) -> Tuple[_Launch, _Launch]:
         if kind not in self._launches:  # built on first use of a dtype
@@ -493,24 +494,31 @@ class FusedHistogram:
             )
         return self._launches[kind]
 
-    def update(self, x: torch.Tensor, first: bool) -> None:
+    def update(self, x: torch.Tensor, first: bool, elements: Optional[int] = None) -> None:
         """Adds one batch that :func:`takes` accepts, of fewer than 2**31 elements.
 
         Args:
             x: The batch.
             first: The first batch since the state was created or read: the state is emptied
                 and the batch max taken in a separate pass first, so nothing falls above the range.
+            elements: ``x.numel()``, if the caller has it.
         """
         # This runs per quantized layer per batch: plain integer device indices, no torch.device
         # objects (each Python-level call here is host time a GPU-bound pass can hide, a host-bound one cannot).
         index = x.get_device()
         if index != _current_index():  # the kernels run in the data's context
             with torch.cuda.device(index):
-                return self.update(x, first)
+                return self.update(x, first, elements)
         kind = _KINDS[x.dtype]
-        absmax, one_pass = self._launches_for(kind)
-        n = x.numel()
-        blocks = self.kernels.blocks_for(n, 4 if kind == 0 else 8)
+        launches = self._launches.get(kind)
+        absmax, one_pass = launches if launches is not None else self._launches_for(kind)
+        n = x.numel() if elements is None else elements
+        key = 2 * n + (kind != 0)  # the vector width: 4 float32 or 8 half-precision values in 16 bytes
+        blocks = self._blocks.get(key)
+        if blocks is None:
+            if len(self._blocks) >= 256:  # shapes that keep changing: start over
+                self._blocks.clear()
+            blocks = self._blocks[key] = self.kernels.blocks_for(n, 4 if kind == 0 else 8)
         stream = _stream_of(index)
         self.x.value, self.n.value, self.max_known.value = x.data_ptr(), n, int(first)
         if first:

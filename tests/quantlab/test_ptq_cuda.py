@@ -97,7 +97,8 @@ def test_a_tensor_feeding_several_layers_is_read_once_and_counted_for_each(monke
     ql.quantize(model, ql.int8_config())
     launches = []
     original = histogram_cuda.FusedHistogram.update
-    monkeypatch.setattr(histogram_cuda.FusedHistogram, "update", lambda self, x, first: (launches.append(1), original(self, x, first)))
+    monkeypatch.setattr(histogram_cuda.FusedHistogram, "update",
+                        lambda self, x, first, elements=None: (launches.append(1), original(self, x, first, elements)))
     result = run_ptq(model, batches("cuda"), EXACT)
     assert len(launches) == 3 * 4  # three distinct tensors per batch, not six
     for name in EXACT:

@@ -188,7 +188,7 @@ def test_no_sharing_inside_a_cuda_graph_capture(counted, monkeypatch):
     monkeypatch.setattr(statistics, "_recording", lambda: recorded)
     monkeypatch.setattr(statistics, "_capturing_on", lambda device: True)
     for acc in (a._device, b._device):  # let the CPU state take the "captured" path: the torch ops
-        monkeypatch.setattr(acc, "_kernels", type("K", (), {"update": lambda self, x, first: None})())
+        monkeypatch.setattr(acc, "_kernels", type("K", (), {"update": lambda self, x, first, elements=None: None})())
     monkeypatch.setattr(statistics.histogram_cuda, "takes", lambda x: False)
     with pytest.raises(statistics.NotCapturable):  # not the fused kernel: refused, as before
         a.update(xs[1])

@@ -38,14 +38,16 @@ _LOG = logging.getLogger(__name__)
 # Input signatures captured per pass at most (each graph holds its own input buffers).
 MAX_GRAPHS = 4
 # Passes known to be shorter run eagerly: a capture costs about one eager forward of host time plus
-# instantiation and the graph's own device memory (new segments per pass), and replays save what the
-# host spends per batch beyond the GPU's time, little once the pass is GPU-bound. H200, ResNet-50,
-# batches of 64, run_ptq (benchmarks/RESULTS.md, issue 18, 2026-12-03): with the capture at the 4th
-# call and no wait for the device, 16 batches took 177.8-187.5 ms graphed (median 178.5) against
-# 178.9-181.8 ms eager on one host, but 178-262 ms (median 200-205) on another, where the capture's
-# cost varied from run to run; 8 batches lose (median 105 against 99 ms). Earlier: 32 batches 1.16x
-# FP32 graphed against 1.21-1.33x eager. So only passes of 32 batches or more are graphed.
-MIN_BATCHES = 32
+# instantiation (~1 ms) and the graph's own device memory, and the GPU idles through it unless the host
+# is ahead; replays save what the host spends per batch beyond the GPU's time. H200, ResNet-50, batches
+# of 64, run_ptq, medians with graphs against eager (benchmarks/RESULTS.md, issue 18, 2026-12-03): 8
+# batches lose on three hosts of four (97.7/105.1/96.3/95.5 against 98.9/95.6/94.9/94.4 ms); 16 batches
+# graphed 196.4/181.1/178.0/194.4/177.1/184.1/194.1 against 196.7/180.9/179.6/182.4/178.8/182.2/194.5 ms
+# eager on seven hosts (lower on four; the worst calls of slow hosts 217.5 against 277.3 ms), and with
+# 6 ms of host time added per batch (a slower host) 188.5 against 209.2 ms. Capturing only where the GPU
+# was seen waiting on the host (events after each call, a probe of the GPU's own time per call) cost
+# more host time per call than it saved: 187.8 and 199.8 ms on two of those hosts.
+MIN_BATCHES = 16
 # Calls of a signature run eagerly before the next one is captured. The first warms up the allocator,
 # cuDNN/cuBLAS plans and the statistics state; the others let the host get ahead of the GPU (a pass
 # is GPU-bound), so the capture's host time (the Python forward in capture mode plus instantiation)
@@ -101,9 +103,10 @@ class GraphedForward:
         self.device = device
         self.seen: Dict[Hashable, int] = {}
         self.graphs: Dict[Hashable, Optional[_Graph]] = {}  # None: capture failed, stays eager
-        with torch.cuda.device(device):
-            self.pool = torch.cuda.graph_pool_handle()
-            self.stream = torch.cuda.Stream(device)
+        # The graphs' memory pool and capture stream, made at the first capture, not before the pass's
+        # first batch (while the GPU waits for it).
+        self.pool: Any = None
+        self.stream: Optional[torch.cuda.Stream] = None
         self.epoch = statistics.epoch()
         self.replays = 0
 
@@ -137,6 +140,10 @@ class GraphedForward:
         it = iter(inputs)
         static_args, static_kwargs = pytree.tree_unflatten(
             [next(it) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
+        if self.stream is None:
+            with torch.cuda.device(self.device):
+                self.pool = torch.cuda.graph_pool_handle()
+                self.stream = torch.cuda.Stream(self.device)
         graph = torch.cuda.CUDAGraph()
         # The capture stream follows the work queued so far (the inputs' copies among it); no wait for the
         # device, which keeps running the eager calls queued before while the host captures.
@@ -160,23 +167,28 @@ class GraphedForward:
         return _Graph(inputs, graph, outputs, recorded)
 
 
-def _foreign_hooks(model: nn.Module) -> bool:
-    """Whether forward hooks other than quantlab's input hooks are registered (they would run only
-    while capturing, not on replays)."""
+def _graphable_device(model: nn.Module) -> Optional[torch.device]:
+    """The CUDA device holding all of ``model``'s parameters and buffers, or None: they are spread over
+    several devices or off CUDA, or forward hooks other than quantlab's input hooks are registered
+    (they would run only while capturing, not on replays).
+
+    One walk of the module tree for both questions: it runs before the pass's first batch, while the
+    GPU waits (two walks cost ~1.5 ms of a GPU host's time on a ResNet-50).
+    """
     from torch.nn.modules import module as module_globals
 
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
-        return True
+        return None
+    devices = set()
     for m in model.modules():
         if m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return True
-        if any(not is_input_hook(hook) for hook in m._forward_pre_hooks.values()):
-            return True
-    return False
-
-
-def _single_cuda_device(model: nn.Module) -> Optional[torch.device]:
-    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+            return None
+        if m._forward_pre_hooks and any(not is_input_hook(hook) for hook in m._forward_pre_hooks.values()):
+            return None
+        for tensors in (m._parameters, m._buffers):
+            for t in tensors.values():
+                if t is not None:
+                    devices.add(t.device)
     if len(devices) != 1:
         return None
     (device,) = devices
@@ -190,8 +202,8 @@ def graphed_forward(model: nn.Module, enabled: bool = True) -> Iterator[Optional
     A no-op (yields None) if disabled, off CUDA, for a model spread over several
     devices, or with forward hooks of its own (they would not run on replays).
     """
-    device = _single_cuda_device(model) if enabled and torch.cuda.is_available() else None
-    if device is None or _foreign_hooks(model):
+    device = _graphable_device(model) if enabled and torch.cuda.is_available() else None
+    if device is None:
         yield None
         return
     had_own = "forward" in model.__dict__

@@ -15,6 +15,9 @@ against its median (the idle gap at the capture).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import statistics as st
 import sys
 import time
@@ -26,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
-from _models import call, make_workload, quantized_model  # noqa: E402
-from diagnose_pass_spread import BatchMarks  # noqa: E402
+from diagnose_pass_spread import (BatchMarks, CALIBRATORS, add_pass_args, fp32_inference,  # noqa: E402
+                                  pass_setup, per_job_table)
 
 
 class CaptureClock:
@@ -84,33 +87,19 @@ def device_allocs(device: torch.device) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    C.add_common_args(parser)
-    parser.add_argument("--model", default="resnet50", help="resnet50 or bert-base")
-    parser.add_argument("--samples", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=8)
+    add_pass_args(parser, repeats=8)
     parser.add_argument("--host-delay-ms", type=float, default=0.0,
                         help="host time added after every batch of every job (busy wait): a slower host")
     parser.add_argument("--profile", action="store_true", help="cProfile every capture; print the top functions")
     args = parser.parse_args()
-    device = C.setup_torch(args)
-    if device.type != "cuda":
-        raise SystemExit("needs a CUDA device (GPU events)")
     from quantlab import cuda_graphs as graph_replay
     from quantlab.batching import forward_loop
     from quantlab.pipeline import run as run_pipeline
 
-    import cProfile
-    import io
-    import pstats
-
+    device, wl, model, fp32_model = pass_setup(args)
     profiler = cProfile.Profile() if args.profile else None
     clock = CaptureClock(profiler)
     clock.install()
-    wl = make_workload(args.model, args.samples, args.batch_size)
-    model, fp32_model = quantized_model(wl, device, fp32_copy=True)
-    calibrators = ["max", "percentile", "entropy", "mse"]
-    run_pipeline(model, forward_loop(wl.batches(device)), calibrators)  # warm-up: kernels compiled
     settings = ("MIN_BATCHES", "EAGER_CALLS")
     defaults = {name: getattr(graph_replay, name) for name in settings}
     never = 10 ** 9
@@ -138,15 +127,12 @@ def main() -> None:
             marks.start()
             start = time.perf_counter()
             if job == "FP32":
-                with torch.no_grad():
-                    for batch in wl.batches(device):
-                        call(fp32_model, batch)
-                        after_batch()
+                fp32_inference(fp32_model, wl, device, after_batch)
             else:
                 for name, value in setting.items():
                     setattr(graph_replay, name, value)
                 try:
-                    run_pipeline(model, forward_loop(wl.batches(device), progress=after_batch), calibrators)
+                    run_pipeline(model, forward_loop(wl.batches(device), progress=after_batch), CALIBRATORS)
                 finally:
                     for name, value in defaults.items():
                         setattr(graph_replay, name, value)
@@ -167,11 +153,7 @@ def main() -> None:
     text = (C.machine_header("What a CUDA-graph capture costs in the statistics pass", {"device": str(device)})
             + f"\n### {args.model}, {args.samples} samples, batch {args.batch_size}, jobs interleaved,"
             f" {args.host_delay_ms:g} ms of extra host time per batch\n\n"
-            + C.markdown_table(header, rows)
-            + "\n\nPer job, ms (min / median / max) and median / FP32's median:\n\n"
-            + C.markdown_table(["job", "min", "median", "max", "/ FP32"], [
-                [job, f"{min(t):.1f}", f"{st.median(t):.1f}", f"{max(t):.1f}", f"{st.median(t) / st.median(totals['FP32']):.3f}x"]
-                for job, t in totals.items()]))
+            + C.markdown_table(header, rows) + per_job_table(totals))
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)

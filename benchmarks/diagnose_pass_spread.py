@@ -14,7 +14,7 @@ import statistics as st
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -75,25 +75,59 @@ def per_layer_path_as_before() -> Iterator[None]:
         collect.direct_weight_reads, attach._calls_plainly = direct, plainly
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+CALIBRATORS = ["max", "percentile", "entropy", "mse"]
+
+
+def add_pass_args(parser: argparse.ArgumentParser, repeats: int) -> None:
+    """The options of a run that interleaves FP32 inference and run_ptq on one workload."""
     C.add_common_args(parser)
     parser.add_argument("--model", default="resnet50", help="resnet50 or bert-base")
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=12)
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=repeats)
+
+
+def pass_setup(args: argparse.Namespace) -> Tuple[torch.device, Any, torch.nn.Module, torch.nn.Module]:
+    """The CUDA device, the workload, its quantized model (warmed up by one run_ptq: kernels compiled) and
+    an FP32 copy without quantizers."""
+    from quantlab.batching import forward_loop
+    from quantlab.pipeline import run as run_pipeline
+
     device = C.setup_torch(args)
     if device.type != "cuda":
         raise SystemExit("needs a CUDA device (GPU events)")
+    wl = make_workload(args.model, args.samples, args.batch_size)
+    model, fp32_model = quantized_model(wl, device, fp32_copy=True)
+    run_pipeline(model, forward_loop(wl.batches(device)), CALIBRATORS)
+    return device, wl, model, fp32_model
+
+
+def fp32_inference(fp32_model: torch.nn.Module, wl: Any, device: torch.device, after_batch: Callable[[], Any]) -> None:
+    """FP32 inference over the workload's batches, ``after_batch()`` after each."""
+    with torch.no_grad():
+        for batch in wl.batches(device):
+            call(fp32_model, batch)
+            after_batch()
+
+
+def per_job_table(totals: Dict[str, List[float]]) -> str:
+    """Per job, ms (min / median / max) and median / FP32's median, as a markdown section."""
+    fp32 = st.median(totals["FP32"])
+    return ("\n\nPer job, ms (min / median / max) and median / FP32's median:\n\n"
+            + C.markdown_table(["job", "min", "median", "max", "/ FP32"], [
+                [job, f"{min(t):.1f}", f"{st.median(t):.1f}", f"{max(t):.1f}", f"{st.median(t) / fp32:.3f}x"]
+                for job, t in totals.items()]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_pass_args(parser, repeats=12)
+    args = parser.parse_args()
     from quantlab import cuda_graphs as graph_replay
     from quantlab.batching import forward_loop
     from quantlab.pipeline import run as run_pipeline
 
-    wl = make_workload(args.model, args.samples, args.batch_size)
-    model, fp32_model = quantized_model(wl, device, fp32_copy=True)
-    calibrators = ["max", "percentile", "entropy", "mse"]
-    run_pipeline(model, forward_loop(wl.batches(device)), calibrators)  # warm-up: kernels compiled
+    device, wl, model, fp32_model = pass_setup(args)
     default_min_batches, default_eager_calls = graph_replay.MIN_BATCHES, graph_replay.EAGER_CALLS
     marks = BatchMarks()
     rows: List[List[Any]] = []
@@ -104,17 +138,14 @@ def main() -> None:
             marks.start()
             start = time.perf_counter()
             if job == "FP32":
-                with torch.no_grad():
-                    for batch in wl.batches(device):
-                        call(fp32_model, batch)
-                        marks.mark()
+                fp32_inference(fp32_model, wl, device, marks.mark)
             elif "as before" in job:
                 with per_layer_path_as_before():
-                    run_pipeline(model, forward_loop(wl.batches(device), progress=marks.mark), calibrators)
+                    run_pipeline(model, forward_loop(wl.batches(device), progress=marks.mark), CALIBRATORS)
             else:  # graphed: every batch after the first replays one CUDA graph (one launch instead of hundreds)
                 graph_replay.MIN_BATCHES = 1 if "graphed" in job else default_min_batches
                 graph_replay.EAGER_CALLS = int(job[-1]) - 1 if "graphed" in job else default_eager_calls
-                run_pipeline(model, forward_loop(wl.batches(device), progress=marks.mark), calibrators)
+                run_pipeline(model, forward_loop(wl.batches(device), progress=marks.mark), CALIBRATORS)
                 graph_replay.MIN_BATCHES, graph_replay.EAGER_CALLS = default_min_batches, default_eager_calls
             C.sync(device)
             total = time.perf_counter() - start
@@ -125,11 +156,7 @@ def main() -> None:
               "GPU ms/batch, median", "GPU ms/batch, max", "batches done < 0.5 ms after enqueued (host-bound)"]
     text = (C.machine_header("Where a slow statistics pass loses its time", {"device": str(device)})
             + f"\n### {args.model}, {args.samples} samples, batch {args.batch_size}, FP32 and run_ptq interleaved\n\n"
-            + C.markdown_table(header, rows)
-            + "\n\nPer job, ms (min / median / max) and median / FP32's median:\n\n"
-            + C.markdown_table(["job", "min", "median", "max", "/ FP32"], [
-                [job, f"{min(t):.1f}", f"{st.median(t):.1f}", f"{max(t):.1f}", f"{st.median(t) / st.median(totals['FP32']):.3f}x"]
-                for job, t in totals.items()]))
+            + C.markdown_table(header, rows) + per_job_table(totals))
     C.emit(text, args.append)
 
 

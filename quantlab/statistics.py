@@ -199,6 +199,7 @@ class _DeviceAccumulator:
     def __init__(self, num_bins: int, x: torch.Tensor) -> None:
         self.size = 2 * num_bins
         self.device = device = x.device
+        self.device_index = x.get_device()  # -1 on the CPU
         # amax / size must round like the host path's float64 division: exact in float32 when
         # size is a power of two and the data is at most float32.
         power_of_two = num_bins & (num_bins - 1) == 0
@@ -262,7 +263,9 @@ class _DeviceAccumulator:
         return copied
 
     def accepts(self, x: torch.Tensor) -> bool:
-        return x.device == self.device and (x.dtype != torch.float64 or self.amax.dtype == torch.float64)
+        """Whether ``x`` can be added here: same device, and float64 only into a float64 range."""
+        # Device indices, not torch.device objects: this runs per layer per batch.
+        return x.get_device() == self.device_index and (x.dtype is not torch.float64 or self.amax.dtype is torch.float64)
 
     def reset(self) -> None:
         """Marks the state empty, for the next pass (reusing it saves ~0.5 ms of host time).
@@ -275,27 +278,44 @@ class _DeviceAccumulator:
         self.mirror_of = None
         self.generation += 1  # whoever copied this state before copied another history
 
-    def update(self, x: torch.Tensor) -> None:
-        # This runs per quantized layer per batch: each step is host time a host-bound pass pays for.
-        recording = _recording()
-        n = x.numel()
+    def update(self, x: torch.Tensor, elements: Optional[int] = None) -> None:
+        """Adds one batch (``elements``: ``x.numel()``, if the caller has it).
+
+        This runs per quantized layer per batch, and a host-bound pass pays for each of its
+        Python-level steps: the common batch (not captured, the fused kernel on the current
+        device) takes one straight path to the launch, without helper calls or torch.device objects.
+        """
+        recording = _CAPTURE.recorded
+        n = x.numel() if elements is None else elements
         # Never shared: an inference tensor (no version counter, so an in-place change could not be
         # seen), nor inside a CUDA graph capture (a replay would copy whether or not the two states
         # are still equal then: another call between replays may have fed only one of the layers).
-        shared = COPY_SHARED_INPUTS and recording is None and not x.is_inference()
-        table = _counted() if shared else None
-        source = None if table is None else self._same_as(x, table.get(id(x)))
-        if source is not None:  # this very batch was just counted into an equal state: copy the result
-            self.state.copy_(source.state)
-            self._finish(n, recording)
-            self.mirror_of = (source, source.generation)
-            return
+        table = _COUNTED.table if COPY_SHARED_INPUTS and recording is None and not x.is_inference() else None
+        if table is not None:
+            entry = table.get(id(x))
+            source = None if entry is None else self._same_as(x, entry)
+            if source is not None:  # this very batch was just counted into an equal state: copy the result
+                self.state.copy_(source.state)
+                self._finish(n, None)
+                self.mirror_of = (source, source.generation)
+                return
+        kernels = self._kernels
+        kind = None if kernels is None else histogram_cuda.KIND_OF.get(x.dtype)
+        address = x.data_ptr() if kind is not None and x.is_contiguous() else 1
         if recording is not None:  # only the fused kernel on an existing state, on the captured device
-            if (self._kernels is None or not histogram_cuda.takes(x) or self.batches == 0
-                    or n >= _KERNEL_CHUNK or not _capturing_on(x.device)):
+            if (address % 16 or self.batches == 0 or n >= _KERNEL_CHUNK or not _capturing_on(x.device)):
                 raise NotCapturable("statistics update not capturable (first batch, other device, or not the fused kernel)")
-        if self._kernels is not None and histogram_cuda.takes(x):
-            self._update_fused(x, n)  # clears a stale state itself (first batch)
+        if address % 16 == 0 and n < _KERNEL_CHUNK:  # the fused kernel (it clears a stale state itself)
+            index = x.get_device()
+            if index == histogram_cuda.current_index():
+                kernels.enqueue(address, n, kind, self.batches == 0, index)
+            else:
+                kernels.update(x, self.batches == 0, n)  # switches to the data's device
+        elif address % 16 == 0:
+            # Chunks of one batch are exact as separate batches: the final counts at the final width
+            # do not depend on how the values were grouped.
+            for i, chunk in enumerate(x.view(-1).split(_KERNEL_CHUNK)):
+                kernels.update(chunk, first=self.batches == 0 and i == 0)
         else:
             if self._stale:
                 self.counts.zero_()
@@ -342,16 +362,6 @@ class _DeviceAccumulator:
         if self.batches == 0 and batches == 1:
             return source
         return source if self.mirror_of == (source, generation) and self.batches == batches - 1 else None
-
-    def _update_fused(self, x: torch.Tensor, n: int) -> None:
-        assert self._kernels is not None
-        if n < _KERNEL_CHUNK:
-            self._kernels.update(x, first=self.batches == 0, elements=n)
-            return
-        # Chunks of one batch are exact as separate batches: the final counts at the final width
-        # do not depend on how the values were grouped.
-        for i, chunk in enumerate(x.view(-1).split(_KERNEL_CHUNK)):
-            self._kernels.update(chunk, first=self.batches == 0 and i == 0)
 
     def _update_torch_ops(self, x: torch.Tensor) -> None:
         # Half precision cannot hold |x| / width exactly: count in float32 (float64 stays).
@@ -601,19 +611,23 @@ class HistogramCollector:
         """
         if x.requires_grad:  # only the values are read (a detach per layer per batch is host time)
             x = x.detach()
-        if x.numel() == 0:
+        n = x.numel()
+        if n == 0:
+            return
+        accumulator = self._device
+        if accumulator is not None and accumulator.accepts(x):  # the common batch: straight on
+            accumulator.update(x, n)
             return
         if self.sync_free if self.sync_free is not None else x.is_cuda:
-            if _recording() is not None and (self._device is None or not self._device.accepts(x)):
+            if _recording() is not None:
                 raise NotCapturable(f"statistics of '{self.name}' start inside a CUDA graph capture")
-            if self._device is not None and not self._device.accepts(x):
+            if accumulator is not None:
                 self.flush()  # a batch of another dtype or device: fold in and start over
-            if self._device is None:
-                if self._spare is not None and self._spare.accepts(x):
-                    self._device, self._spare = self._spare, None
-                else:
-                    self._device = _DeviceAccumulator(self.num_bins, x)
-            self._device.update(x)
+            if self._spare is not None and self._spare.accepts(x):
+                self._device, self._spare = self._spare, None
+            else:
+                self._device = _DeviceAccumulator(self.num_bins, x)
+            self._device.update(x, n)
             return
         self._update_host(x)
 

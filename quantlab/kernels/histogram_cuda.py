@@ -38,7 +38,7 @@ import torch
 _LOG = logging.getLogger(__name__)
 
 # dtype -> the kernels' KIND template argument.
-_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KIND_OF = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Bins held in one block's shared memory (uint32 counts; float64 for the re-binning).
 MAX_BINS = 4096
 _THREADS = 512  # the pass keeps MAX_BINS / _THREADS <= 16 re-binned counts per thread
@@ -399,9 +399,10 @@ class _Launch:
         self.func = func
         self.args = args  # keeps the ctypes values alive
         self.array = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+        self.launch = _launch_fn()  # looked up here, not per launch: this runs per layer per batch
 
-    def __call__(self, blocks: int, shared: int, stream: int) -> None:
-        error = _launch_fn()(self.func, blocks, 1, 1, _THREADS, 1, 1, shared, ctypes.c_void_p(stream), self.array, None)
+    def __call__(self, blocks: int, shared: int, stream: "ctypes.c_void_p") -> None:
+        error = self.launch(self.func, blocks, 1, 1, _THREADS, 1, 1, shared, stream, self.array, None)
         if error:
             raise RuntimeError(f"CUDA error {error} launching a quantlab statistics kernel ({blocks} blocks of {_THREADS})")
 
@@ -410,7 +411,7 @@ _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _GET_DEVICE = getattr(torch._C, "_cuda_getDevice", None)
 
 
-def _current_index() -> int:
+def current_index() -> int:
     """The current CUDA device's index (PyTorch's C getter where it has one: no lazy-init check)."""
     return _GET_DEVICE() if _GET_DEVICE is not None else torch.cuda.current_device()
 
@@ -480,6 +481,8 @@ class FusedHistogram:
         self._range = [ctypes.c_int(v) for v in (size_log2, min_exponent, max_exponent)]
         self._launches: Dict[int, Tuple[_Launch, _Launch]] = {}
         self._blocks: Dict[int, int] = {}  # (elements, 16-byte vector width) -> blocks per launch, as computed
+        self._stream, self._stream_raw = ctypes.c_void_p(None), -1  # the latest launch's stream: handle, raw value
+        self._shared = 4 * self.size  # bytes of shared memory of the pass: one uint32 count per bin
 
     def _launches_for(self, kind: int) -> Tuple[_Launch, _Launch]:
         if kind not in self._launches:  # built on first use of a dtype
@@ -503,27 +506,35 @@ class FusedHistogram:
                 and the batch max taken in a separate pass first, so nothing falls above the range.
             elements: ``x.numel()``, if the caller has it.
         """
-        # This runs per quantized layer per batch: plain integer device indices, no torch.device
-        # objects (each Python-level call here is host time a GPU-bound pass can hide, a host-bound one cannot).
         index = x.get_device()
-        if index != _current_index():  # the kernels run in the data's context
+        if index != current_index():  # the kernels run in the data's context
             with torch.cuda.device(index):
                 return self.update(x, first, elements)
-        kind = _KINDS[x.dtype]
+        self.enqueue(x.data_ptr(), x.numel() if elements is None else elements, KIND_OF[x.dtype], first, index)
+
+    def enqueue(self, address: int, elements: int, kind: int, first: bool, index: int) -> None:
+        """:meth:`update` for a batch the caller has checked: its data at ``address`` (16-byte aligned,
+        contiguous), ``elements`` values (fewer than 2**31) of kind ``kind`` (:data:`KIND_OF`), on
+        device ``index``, the current device.
+
+        This runs per quantized layer per batch: plain integers, no torch.device objects (each
+        Python-level step here is host time a GPU-bound pass can hide, a host-bound one cannot).
+        """
         launches = self._launches.get(kind)
         absmax, one_pass = launches if launches is not None else self._launches_for(kind)
-        n = x.numel() if elements is None else elements
-        key = 2 * n + (kind != 0)  # the vector width: 4 float32 or 8 half-precision values in 16 bytes
+        key = 2 * elements + (kind != 0)  # the vector width: 4 float32 or 8 half-precision values in 16 bytes
         blocks = self._blocks.get(key)
         if blocks is None:
             if len(self._blocks) >= 256:  # shapes that keep changing: start over
                 self._blocks.clear()
-            blocks = self._blocks[key] = self.kernels.blocks_for(n, 4 if kind == 0 else 8)
-        stream = _stream_of(index)
-        self.x.value, self.n.value, self.max_known.value = x.data_ptr(), n, int(first)
+            blocks = self._blocks[key] = self.kernels.blocks_for(elements, 4 if kind == 0 else 8)
+        raw = _stream_of(index)
+        if raw != self._stream_raw:  # one ctypes handle per stream, not one per launch
+            self._stream, self._stream_raw = ctypes.c_void_p(raw), raw
+        self.x.value, self.n.value, self.max_known.value = address, elements, first
         if first:
-            absmax(blocks, 0, stream)
-        one_pass(blocks, 4 * self.size, stream)
+            absmax(blocks, 0, self._stream)
+        one_pass(blocks, self._shared, self._stream)
 
 
 _CACHE: Dict[int, Optional[HistogramKernels]] = {}
@@ -532,7 +543,7 @@ _LOCK = threading.Lock()
 
 def takes(x: torch.Tensor) -> bool:
     """Whether the kernels can read this batch in place (else the torch ops take it)."""
-    return x.dtype in _KINDS and x.is_contiguous() and x.data_ptr() % 16 == 0
+    return x.dtype in KIND_OF and x.is_contiguous() and x.data_ptr() % 16 == 0
 
 
 def kernels_for(device: torch.device) -> Optional[HistogramKernels]:

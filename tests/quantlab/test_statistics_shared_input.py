@@ -185,14 +185,13 @@ def test_no_sharing_inside_a_cuda_graph_capture(counted, monkeypatch):
     b.update(xs[0])  # eager: copied
     assert len(counted) == 1
     recorded = []
-    monkeypatch.setattr(statistics, "_recording", lambda: recorded)
+    monkeypatch.setattr(statistics._CAPTURE, "recorded", recorded)
     monkeypatch.setattr(statistics, "_capturing_on", lambda device: True)
-    for acc in (a._device, b._device):  # let the CPU state take the "captured" path: the torch ops
-        monkeypatch.setattr(acc, "_kernels", type("K", (), {"update": lambda self, x, first, elements=None: None})())
-    monkeypatch.setattr(statistics.histogram_cuda, "takes", lambda x: False)
-    with pytest.raises(statistics.NotCapturable):  # not the fused kernel: refused, as before
-        a.update(xs[1])
-    monkeypatch.setattr(statistics.histogram_cuda, "takes", lambda x: True)
+    monkeypatch.setattr(statistics.histogram_cuda, "current_index", lambda: -1)  # the CPU's "device index"
+    for acc in (a._device, b._device):  # let the CPU state take the "captured" path: the fused kernel's launch
+        monkeypatch.setattr(acc, "_kernels", type("K", (), {"enqueue": lambda self, *args: None})())
+    with pytest.raises(statistics.NotCapturable):  # not what the fused kernel reads (not contiguous): refused
+        a.update(xs[1].view(-1)[::2])
     a.update(xs[1])
     b.update(xs[1])  # no copy: b would have raised or counted, never copied
     assert [acc for acc, _ in recorded] == [a._device, b._device]

@@ -58,21 +58,21 @@ class BatchMarks:
 @contextlib.contextmanager
 def per_layer_path_as_before() -> Iterator[None]:
     """The statistics pass's per-layer host path before 2026-12-03 (same statistics): weights read through
-    torch's parametrizations, the input quantizer called as a module from the hook. (The collectors' cheaper
-    thread-local lookups of the same day stay: a fraction of a microsecond per layer.)"""
+    torch's parametrizations, the input hook run by nn.Module's slow path, the input quantizer called as a module
+    from the hook. (The collectors' leaner path of the same day stays: a microsecond or two per layer.)"""
     import importlib
 
     from quantlab import attach
 
     collect = importlib.import_module("quantlab.pipeline.collect")  # the module (the package exports its function)
 
-    direct, plainly = collect.direct_weight_reads, attach._calls_plainly
-    collect.direct_weight_reads = lambda model, refs=None: contextlib.nullcontext(model)
+    calls, plainly = collect.pass_calls, attach._calls_plainly
+    collect.pass_calls = lambda model, refs=None: contextlib.nullcontext(model)
     attach._calls_plainly = lambda module: False
     try:
         yield
     finally:
-        collect.direct_weight_reads, attach._calls_plainly = direct, plainly
+        collect.pass_calls, attach._calls_plainly = calls, plainly
 
 
 CALIBRATORS = ["max", "percentile", "entropy", "mse"]

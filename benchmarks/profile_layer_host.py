@@ -1,7 +1,7 @@
 """Host time per forward of the statistics pass against FP32, on an input so small that the GPU waits on the
 host (issue 18): the wall time of a forward is then its host work. Parts of the per-layer path are skipped one
-at a time (the statistics call, the kernel launch, the shared-input table) to see what each costs; then a
-cProfile of the pass's forwards. (It runs on the CPU too, where the forwards' compute is in the times and
+at a time (the statistics call, the kernel launch, the shared-input table, the input hook's move into the
+layers' forward) to see what each costs; then a cProfile of the pass's forwards. (It runs on the CPU too, where the forwards' compute is in the times and
 the statistics take the host path: a smoke test there.)
 
     python benchmarks/profile_layer_host.py --device cuda --model resnet50
@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import functools
+import importlib
 import io
 import pstats
 import statistics as st
@@ -60,10 +62,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = C.setup_torch(args)
-    from quantlab import statistics
+    from quantlab import pass_calls, statistics
     from quantlab.kernels import histogram_cuda
     from quantlab.pipeline import collect
     from quantlab.tensor_quantizer import TensorQuantizer
+
+    collect_module = importlib.import_module("quantlab.pipeline.collect")  # the package exports its function
 
     wl = make_workload(args.model, 1, 1)
     model, fp32_model = quantized_model(wl, device, fp32_copy=True)
@@ -98,8 +102,10 @@ def main() -> None:
                 return in_pass()
         return job
 
+    jobs["pass, input hook kept on the layers"] = without(
+        collect_module, "pass_calls", functools.partial(pass_calls.pass_calls, observe_in_forward=False))
     jobs["pass, shared-input table off"] = without(statistics, "COPY_SHARED_INPUTS", False)
-    jobs["pass, kernel launch skipped"] = without(histogram_cuda.FusedHistogram, "update", no_op)
+    jobs["pass, kernel launch skipped"] = without(histogram_cuda.FusedHistogram, "enqueue", no_op)
     jobs["pass, statistics call skipped (hook only)"] = without(TensorQuantizer, "observe", no_op)
     times: Dict[str, List[float]] = {job: [] for job in jobs}
     for _ in range(args.repeats):

@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import fnmatch
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -274,94 +274,6 @@ def _quantized_weight_name(module: nn.Module, quantizer: TensorQuantizer) -> str
         if any(p is quantizer for p in plist):
             return name
     raise KeyError(f"{type(module).__name__} has no parametrization holding this weight quantizer")
-
-
-# The attribute of a parametrized class that holds its direct-read subclass per tensor name, and the
-# attribute that marks such a subclass (with the class it stands in for).
-_DIRECT_ATTR = "_quantlab_direct_reads"
-_DIRECT_OF = "_quantlab_direct_read_of"
-
-
-def _direct_read_class(cls: type, tensor_name: str) -> Optional[type]:
-    """The subclass of the parametrized class ``cls`` whose ``tensor_name`` is read directly while
-    its only parametrization is a weight quantizer that is off (None if ``cls`` has no such property).
-
-    Kept on ``cls`` (torch makes one parametrized class per module; deep copies share it), and
-    rebuilt where a class copied from ``cls`` (:func:`_own_class`) brought along another's.
-    """
-    parametrized = cls.__dict__.get(tensor_name)
-    if not isinstance(parametrized, property) or parametrized.fget is None or _DIRECT_OF in cls.__dict__:
-        return None  # not torch's parametrized class, or already a direct-read one (a block inside another)
-    classes = cls.__dict__.get(_DIRECT_ATTR)
-    if classes is None or classes.get("__base__") is not cls:
-        classes = {"__base__": cls}
-        setattr(cls, _DIRECT_ATTR, classes)
-    if tensor_name in classes:
-        return classes[tensor_name]
-    evaluate = parametrized.fget
-
-    def read(self: nn.Module) -> torch.Tensor:
-        plist = self.__dict__["_modules"]["parametrizations"]._modules[tensor_name]
-        chain = plist._modules
-        if len(chain) == 1:
-            (only,) = chain.values()
-            # Off, a quantizer returns its input itself (TensorQuantizer.forward): the stored tensor, unless
-            # a hook or a wrapper on the calls that would compute it must see them run.
-            if (isinstance(only, TensorQuantizer) and only._mode is QuantizerMode.OFF and _calls_plainly(only)
-                    and _calls_plainly(plist)):
-                original = plist._parameters.get("original")
-                if original is not None:
-                    return original
-        return evaluate(self)
-
-    def deep_copy(self: nn.Module, memo: Dict[int, Any]) -> nn.Module:
-        replica = cls.__deepcopy__(self, memo)
-        if type(replica) is direct:  # a copy made inside the block keeps the usual class
-            replica.__class__ = cls
-        return replica
-
-    direct = type(cls.__name__, (cls,), {tensor_name: property(read, parametrized.fset), "__deepcopy__": deep_copy,
-                                         _DIRECT_OF: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-    classes[tensor_name] = direct
-    return direct
-
-
-@contextlib.contextmanager
-def direct_weight_reads(model: nn.Module, refs: Optional[Iterable[QuantizerRef]] = None) -> Iterator[nn.Module]:
-    """Inside the block, a quantized weight read while its quantizer is off is the stored tensor, read directly.
-
-    Reading a parametrized weight runs torch's parametrization machinery (a property,
-    the ParametrizationList and the quantizer's module call), several microseconds of
-    host time per layer per forward, to return the stored tensor itself when the weight
-    quantizer is off and is the tensor's only parametrization. A statistics pass reads
-    every weight in that state once per batch; on a GPU host that time can make the pass
-    host-bound. Inside the block each quantized module takes a subclass of its class
-    whose weight property returns the stored tensor in exactly that state and runs the
-    parametrizations in any other (a quantizer switched on, a 2:4 mask stacked on the
-    weight, a hook on those calls), so every read returns what it would return outside.
-    Each module's class is put back on exit; a deep copy made inside has the usual class;
-    a block inside another changes nothing more. Inside the block, parametrizations of
-    these modules must not be registered or removed (torch would change the stand-in
-    class, which is put away on exit): a statistics pass does neither.
-
-    Args:
-        model: The quantized model.
-        refs: Its quantizers, if the caller already listed them (saves a walk of the module tree).
-    """
-    swapped: List[Tuple[nn.Module, type]] = []
-    try:
-        for ref in iter_quantizers(model) if refs is None else refs:
-            if ref.role is not Role.WEIGHT:
-                continue
-            module, cls = ref.module, type(ref.module)
-            direct = _direct_read_class(cls, _quantized_weight_name(module, ref.quantizer))
-            if direct is not None:
-                module.__class__ = direct
-                swapped.append((module, cls))
-        yield model
-    finally:
-        for module, cls in reversed(swapped):
-            module.__class__ = cls
 
 
 def set_mode(model: nn.Module, mode: "QuantizerMode | str", *, role: "Optional[Role | str]" = None,

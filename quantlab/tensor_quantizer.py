@@ -183,7 +183,7 @@ class TensorQuantizer(nn.Module):
         """Fake-quantizes ``x`` in QUANTIZE mode; otherwise returns ``x`` itself, observing it in COLLECT mode.
 
         A subclass may change what QUANTIZE does, never the other two modes: ``x`` is then
-        returned unchanged, and the input hook and :func:`quantlab.attach.direct_weight_reads`
+        returned unchanged, and the input hook and :func:`quantlab.pass_calls.pass_calls`
         skip the call entirely there (it costs host time per layer per batch).
         """
         mode = self._mode  # the attribute, not the property: this runs per layer per batch

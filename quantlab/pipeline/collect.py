@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from quantlab import distributed
-from quantlab.attach import QuantizerRef, direct_weight_reads, iter_quantizers
+from quantlab.attach import QuantizerRef, iter_quantizers
+from quantlab.pass_calls import pass_calls
 from quantlab import cuda_graphs as graph_replay  # MIN_BATCHES read per pass: benchmarks set it
 from quantlab.histogram_merge import merge_across_ranks
 from quantlab.pipeline.types import PendingStatistics, Statistics
@@ -94,7 +95,7 @@ def _pass(model: nn.Module, refs: Sequence[QuantizerRef], forward_loop: Callable
             m.training = False
     try:
         # Weights stay in floating point: read directly, not through the (off) weight quantizers.
-        with torch.no_grad(), direct_weight_reads(model, refs), graph_replay.graphed_forward(model, enabled=cuda_graphs):
+        with torch.no_grad(), pass_calls(model, refs), graph_replay.graphed_forward(model, enabled=cuda_graphs):
             forward_loop(model)
     finally:
         for m in training:

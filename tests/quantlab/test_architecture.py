@@ -21,7 +21,7 @@ LAYERS = [
     # interrupts (SIGTERM/SIGHUP as KeyboardInterrupt) and devices (--device checks) depend on errors alone.
     ("core", ["quantlab.errors", "quantlab._io", "quantlab.roles", "quantlab.config", "quantlab.registry",
               "quantlab.kernels", "quantlab.statistics", "quantlab.histogram_merge", "quantlab.functional",
-              "quantlab.tensor_quantizer", "quantlab.attach", "quantlab.cuda_graphs", "quantlab.graph_capture", "quantlab.batching",
+              "quantlab.tensor_quantizer", "quantlab.attach", "quantlab.pass_calls", "quantlab.cuda_graphs", "quantlab.graph_capture", "quantlab.batching",
               "quantlab.scales", "quantlab.distributed", "quantlab.validation", "quantlab.outputs",
               "quantlab.interrupts", "quantlab.devices"]),
     # checkpoint: the weights PTQ algorithms changed, saved and rebuilt (it loads scales through the pipeline).

@@ -234,46 +234,6 @@ def test_attached_quantizers_take_the_mode_of_their_layer():
         assert all(m.training is layer.training for m in layer.modules())
 
 
-class Doubled(nn.Module):
-    """A parametrization stacked on a quantized weight (as a 2:4 mask is)."""
-
-    def forward(self, w):
-        return 2 * w
-
-
-def test_direct_weight_reads_return_what_a_read_returns_outside_and_put_each_class_back():
-    from quantlab.attach import direct_weight_reads
-
-    x = torch.randn(6, 4)
-    model = calibrate_on(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), [x])
-    parametrize.register_parametrization(model[2], "weight", Doubled())  # [quantizer, Doubled]
-    classes = [type(m) for m in model]
-    quantized = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
-    with direct_weight_reads(model):
-        assert type(model[0]) is not classes[0] and isinstance(model[0], classes[0])
-        # quantizers on: the parametrizations run, as outside
-        assert torch.equal(model[0].weight, quantized[0]) and torch.equal(model[2].weight, quantized[1])
-        with ql.quantization_disabled(model):
-            assert model[0].weight is model[0].parametrizations.weight.original  # read directly
-            assert torch.equal(model[2].weight, 2 * model[2].parametrizations.weight.original)  # not the only one
-        clone = copy.deepcopy(model)
-    assert [type(m) for m in model] == classes and type(clone[0]) is classes[0]
-    assert torch.equal(model[0].weight, quantized[0]) and torch.equal(clone(x), model(x))
-    ql.remove_quantizers(clone)  # the copy's class is torch's again: removal leaves a plain layer
-    assert type(clone[0]) is nn.Linear and torch.equal(model[0].weight, quantized[0])
-
-
-def test_direct_weight_reads_put_the_classes_back_when_the_block_raises():
-    from quantlab.attach import direct_weight_reads
-
-    model = calibrate_on(nn.Sequential(nn.Linear(4, 4)), [torch.randn(3, 4)])
-    cls = type(model[0])
-    with pytest.raises(RuntimeError, match="inside"):
-        with direct_weight_reads(model):
-            raise RuntimeError("inside")
-    assert type(model[0]) is cls
-
-
 def test_a_statistics_pass_reads_the_weights_directly_and_runs_the_input_quantizers_own_hooks():
     from quantlab import collect_statistics
 
@@ -315,19 +275,3 @@ def test_a_pass_runs_hooks_and_wrappers_on_the_quantizers_calls_it_would_otherwi
     quantizer.forward = wrapped
     assert collect_statistics(model, lambda m: [m(torch.randn(3, 4)) for _ in range(2)]) == {"0": 2, "2": 2}
     assert seen == {"weight quantizer": 2, "weight parametrizations": 2, "input forward": 2}
-
-
-def test_direct_weight_reads_inside_another_block_change_nothing_more():
-    from quantlab.attach import direct_weight_reads
-
-    model = calibrate_on(nn.Sequential(nn.Linear(4, 4)), [torch.randn(3, 4)])
-    cls = type(model[0])
-    with ql.quantization_disabled(model), direct_weight_reads(model):
-        outer = type(model[0])
-        with direct_weight_reads(model):
-            assert type(model[0]) is outer
-            clone = copy.deepcopy(model)
-        assert type(model[0]) is outer and model[0].weight is model[0].parametrizations.weight.original
-    assert type(model[0]) is cls and type(clone[0]) is cls
-    ql.remove_quantizers(clone)
-    assert type(clone[0]) is nn.Linear

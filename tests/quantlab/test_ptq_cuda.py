@@ -96,9 +96,9 @@ def test_a_tensor_feeding_several_layers_is_read_once_and_counted_for_each(monke
         layer.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].detach().cpu()))
     ql.quantize(model, ql.int8_config())
     launches = []
-    original = histogram_cuda.FusedHistogram.update
-    monkeypatch.setattr(histogram_cuda.FusedHistogram, "update",
-                        lambda self, x, first, elements=None: (launches.append(1), original(self, x, first, elements)))
+    original = histogram_cuda.FusedHistogram.enqueue
+    monkeypatch.setattr(histogram_cuda.FusedHistogram, "enqueue",
+                        lambda self, *args: (launches.append(1), original(self, *args)))
     result = run_ptq(model, batches("cuda"), EXACT)
     assert len(launches) == 3 * 4  # three distinct tensors per batch, not six
     for name in EXACT:

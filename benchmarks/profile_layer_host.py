@@ -1,8 +1,8 @@
 """Host time per forward of the statistics pass against FP32, on an input so small that the GPU waits on the
 host (issue 18): the wall time of a forward is then its host work. Parts of the per-layer path are skipped one
 at a time (the statistics call, the kernel launch, the shared-input table, the input hook's move into the
-layers' forward) to see what each costs; then a cProfile of the pass's forwards. (It runs on the CPU too, where the forwards' compute is in the times and
-the statistics take the host path: a smoke test there.)
+layers' forward) to see what each costs; then a cProfile of the pass's forwards. (It runs on the CPU too,
+where the forwards' compute is in the times and the statistics take the host path: a smoke test there.)
 
     python benchmarks/profile_layer_host.py --device cuda --model resnet50
 """

@@ -300,18 +300,17 @@ class _DeviceAccumulator:
                 self.mirror_of = (source, source.generation)
                 return
         kernels = self._kernels
-        kind = None if kernels is None else histogram_cuda.KIND_OF.get(x.dtype)
-        address = x.data_ptr() if kind is not None and x.is_contiguous() else 1
+        address = None if kernels is None else histogram_cuda.readable_address(x)  # None: not the fused kernel
         if recording is not None:  # only the fused kernel on an existing state, on the captured device
-            if (address % 16 or self.batches == 0 or n >= _KERNEL_CHUNK or not _capturing_on(x.device)):
+            if address is None or self.batches == 0 or n >= _KERNEL_CHUNK or not _capturing_on(x.device):
                 raise NotCapturable("statistics update not capturable (first batch, other device, or not the fused kernel)")
-        if address % 16 == 0 and n < _KERNEL_CHUNK:  # the fused kernel (it clears a stale state itself)
+        if address is not None and n < _KERNEL_CHUNK:  # the fused kernel (it clears a stale state itself)
             index = x.get_device()
             if index == histogram_cuda.current_index():
-                kernels.enqueue(address, n, kind, self.batches == 0, index)
+                kernels.enqueue(address, n, histogram_cuda.KIND_OF[x.dtype], self.batches == 0, index)
             else:
                 kernels.update(x, self.batches == 0, n)  # switches to the data's device
-        elif address % 16 == 0:
+        elif address is not None:
             # Chunks of one batch are exact as separate batches: the final counts at the final width
             # do not depend on how the values were grouped.
             for i, chunk in enumerate(x.view(-1).split(_KERNEL_CHUNK)):

@@ -498,7 +498,7 @@ class FusedHistogram:
         return self._launches[kind]
 
     def update(self, x: torch.Tensor, first: bool, elements: Optional[int] = None) -> None:
-        """Adds one batch that :func:`takes` accepts, of fewer than 2**31 elements.
+        """Adds one batch that :func:`readable_address` accepts, of fewer than 2**31 elements.
 
         Args:
             x: The batch.
@@ -541,9 +541,13 @@ _CACHE: Dict[int, Optional[HistogramKernels]] = {}
 _LOCK = threading.Lock()
 
 
-def takes(x: torch.Tensor) -> bool:
-    """Whether the kernels can read this batch in place (else the torch ops take it)."""
-    return x.dtype in KIND_OF and x.is_contiguous() and x.data_ptr() % 16 == 0
+def readable_address(x: torch.Tensor) -> Optional[int]:
+    """The address the kernels read this batch at in place, or None where they cannot (the torch ops take it):
+    float32/16 or bfloat16, contiguous, 16-byte aligned."""
+    if x.dtype not in KIND_OF or not x.is_contiguous():
+        return None
+    address = x.data_ptr()
+    return address if address % 16 == 0 else None
 
 
 def kernels_for(device: torch.device) -> Optional[HistogramKernels]:

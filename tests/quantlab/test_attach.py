@@ -159,9 +159,11 @@ def test_module_called_with_keyword_input():
         def forward(self, x):
             return self.fc(input=x)
 
-    model = KW()
-    calibrate_on(model, [torch.randn(4, 3)])
+    model, x = KW(), torch.randn(4, 3)
+    calibrate_on(model, [x])
     assert ql.iter_quantizers(model).__next__().quantizer.collector.num_batches == 1
+    # every element counted: in a pass the keyword input goes through the stand-in forward (quantlab.pass_calls)
+    assert int(ql.collected_statistics(model)["fc"].counts.sum()) == x.numel()
 
 
 def test_cuda_graph_option_is_a_no_op_on_the_cpu():

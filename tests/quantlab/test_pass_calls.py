@@ -139,9 +139,7 @@ def test_a_layer_with_a_forward_of_its_own_on_the_instance_keeps_the_hook_and_is
     assert int(ql.collected_statistics(model)["0"].counts.sum()) == x.numel()
 
 
-def test_a_keyword_input_is_observed_from_forward_too():
-    class KW(nn.Module):
-        def __init__(self):
+def __init__(self):
             super().__init__()
             self.fc = nn.Linear(3, 3)
 

@@ -139,18 +139,6 @@ def test_a_layer_with_a_forward_of_its_own_on_the_instance_keeps_the_hook_and_is
     assert int(ql.collected_statistics(model)["0"].counts.sum()) == x.numel()
 
 
-def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.fc(input=x)
-
-    x = torch.randn(4, 3)
-    model = calibrate_on(KW(), [x, x])
-    assert int(ql.collected_statistics(model)["fc"].counts.sum()) == 2 * x.numel()
-
-
 def test_a_copy_made_in_the_block_has_the_hook_and_hooks_registered_in_it_run_after_quantlabs_later():
     x = torch.randn(5, 4)
     model = calibrate_on(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), [x])

@@ -3,6 +3,7 @@ block forms are enqueued behind it and one read-back serves the statistics and e
 ranges and statistics must equal those of the pass read back at its end, bit for bit (CPU, the
 device path forced; test_ptq_cuda.py runs it on a GPU)."""
 import functools
+import math
 
 import pytest
 import torch
@@ -174,6 +175,30 @@ def test_a_non_finite_weight_read_back_with_the_statistics_is_reported(device_pa
         model[5].parametrizations.weight.original[0, 0] = float("inf")
     with pytest.raises(CalibrationError, match="weights of '5' contain NaN or Inf"):
         run_ptq(model, batches(), NAMES)
+
+
+def test_weight_ranges_read_back_are_split_and_checked_without_torch_cpu_ops(monkeypatch):
+    """BERT-base reads back ~85k weight ranges at once: the finiteness check must not be a torch CPU op (one that
+    size runs on the intra-op thread pool, 23-31 ms to wake on an H200 host), and must still find each bad one."""
+    from types import SimpleNamespace
+
+    from quantlab.pipeline.apply import split_amax_values
+
+    quantizers = [SimpleNamespace(amax=torch.zeros(n)) for n in (3072, 40000, 768)] + [SimpleNamespace(amax=torch.zeros(()))]
+    flat = torch.rand(3072 + 40000 + 768 + 1) + 0.5
+    flat[3072 + 39000] = float("nan")
+    flat[-1] = float("-inf")
+
+    def no_torch_cpu_op(*args, **kwargs):
+        raise AssertionError("a torch CPU op on the read-back")
+
+    monkeypatch.setattr(torch, "isfinite", no_torch_cpu_op)
+    values, finite = split_amax_values(quantizers, flat)
+    assert finite == [True, False, True, False]
+    assert [len(v) for v in values[:3]] == [3072, 40000, 768] and math.isinf(values[3])
+    assert values[0] == flat[:3072].tolist() and values[2] == flat[43072:43840].tolist()
+    values, finite = split_amax_values(quantizers[:1] + quantizers[2:3], torch.ones(3840))
+    assert finite == [True, True] and values[1] == [1.0] * 768
 
 
 def test_a_non_finite_activation_is_raised_again_on_every_later_read(device_path):

@@ -24,23 +24,14 @@ from _models import make_workload, quantized_model, run_batches  # noqa: E402
 CALIBRATORS = ["max", "percentile", "entropy", "mse"]
 
 
-def held_off(job: Callable[[], None]) -> Callable[[], None]:
+def around(job: Callable[[], None], before: Callable[[], None], after: Callable[[], None]) -> Callable[[], None]:
+    """``job`` with ``before()`` ahead of it and ``after()`` behind it, even if it raises."""
     def run() -> None:
-        gc.disable()
+        before()
         try:
             job()
         finally:
-            gc.enable()
-    return run
-
-
-def frozen(job: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        gc.freeze()
-        try:
-            job()
-        finally:
-            gc.unfreeze()
+            after()
     return run
 
 
@@ -69,10 +60,10 @@ def main() -> None:
 
         jobs: Dict[str, Callable[[], None]] = {
             "FP32 inference": fp32,
-            "FP32 inference, collector held off": held_off(fp32),
+            "FP32 inference, collector held off": around(fp32, gc.disable, gc.enable),
             "run_ptq": ptq,
-            "run_ptq, collector held off": held_off(ptq),
-            "run_ptq, collector frozen": frozen(ptq),
+            "run_ptq, collector held off": around(ptq, gc.disable, gc.enable),
+            "run_ptq, collector frozen": around(ptq, gc.freeze, gc.unfreeze),
             "run_ptq right after gc.collect()": ptq,  # the collection runs before, outside the timing
         }
         for job in jobs.values():  # warm-up: kernels compiled, allocator warm
